@@ -1,0 +1,13 @@
+"""Flax attention layers and their registry.
+
+`attention.names()`, `attention.build(name, **options)`, `attention.register(name)`; the layer contract is in
+DESIGN.md ("Attention layers"). Importing this package registers every variant.
+"""
+
+from attention.registry import build, get_class, names, options, register
+from attention.base import AttentionLayer
+
+# Variant modules register themselves on import.
+from attention import softmax  # noqa: F401  pylint: disable=unused-import
+
+__all__ = ["AttentionLayer", "build", "get_class", "names", "options", "register"]

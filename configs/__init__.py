@@ -1,0 +1,1 @@
+"""ml_collections experiment configs: `get_config(arg)` files, loaded with `--config path/to/file.py:arg`."""

@@ -1,0 +1,157 @@
+"""The one generic encoder: embeddings, positional encoding, pre-LN blocks with attention as the plug, pooling.
+
+Attention is built from the `attention` mapping (`{"name": ..., **options}`) through the registry, so every variant
+runs in the same encoder and its parameters sit under the same path (`block_<i>/attention/...`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+import attention as attention_lib
+from lra.models.embeddings import PositionalEncoding
+
+POOLINGS = ("cls", "mean", "none")
+
+
+class MlpBlock(nn.Module):
+  """Dense(mlp_dim) -> GELU -> dropout -> Dense(out)."""
+
+  mlp_dim: int
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    features = x.shape[-1]
+    y = nn.Dense(self.mlp_dim, kernel_init=nn.initializers.xavier_uniform(), name="wi")(x)
+    y = nn.gelu(y)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), name="wo")(y)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+  attention: Mapping[str, Any]
+  num_heads: int
+  qkv_dim: int
+  mlp_dim: int
+  dropout_rate: float
+  attention_dropout_rate: float
+  causal: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    options = dict(self.attention)
+    name = options.pop("name")
+    layer = attention_lib.build(name, num_heads=self.num_heads, qkv_dim=self.qkv_dim, causal=self.causal,
+                                dropout_rate=self.attention_dropout_rate, decode=self.decode, **options,
+                                name="attention")
+    y = nn.LayerNorm(name="ln_attention")(x)
+    y = layer(y, mask=mask, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(name="ln_mlp")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, name="mlp")(y, deterministic)
+    return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  """Token sequence `[B, L]` (+ padding mask, True = real token) -> `[B, emb_dim]` pooled or `[B, L, emb_dim]`.
+
+  Attributes:
+    vocab_size, max_length: input vocabulary and the longest sequence (without the CLS token).
+    pos_encoding: "learned", "sinusoidal" or "none".
+    pooling: "cls" (a learned CLS vector prepended before the positional encoding, as LRA), "mean" (masked mean over
+      real tokens) or "none" (return every position).
+    attention: `{"name": <registered variant>, **options}`.
+    causal / decode: passed to every attention layer (language modelling and autoregressive decoding).
+    remat: recompute each block's activations in the backward pass (memory for compute).
+  """
+
+  vocab_size: int
+  max_length: int
+  emb_dim: int = 512
+  num_layers: int = 4
+  num_heads: int = 8
+  qkv_dim: int = 512
+  mlp_dim: int = 1024
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  pos_encoding: str = "learned"
+  pooling: str = "cls"
+  attention: Mapping[str, Any] = ml_collections.FrozenConfigDict({"name": "softmax"})
+  causal: bool = False
+  decode: bool = False
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_BxL: jax.Array, mask_BxL: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"unknown pooling {self.pooling!r}; valid choices: {POOLINGS}")
+    if self.pooling == "cls" and self.causal:
+      raise ValueError("pooling='cls' prepends a token that a causal encoder could never attend from; use 'mean' or "
+                       "'none' with causal=True")
+    if inputs_BxL.ndim != 2:
+      raise ValueError(f"Encoder expects integer tokens of shape [batch, length], got shape {inputs_BxL.shape}")
+    if inputs_BxL.shape[1] > self.max_length and not self.decode:
+      raise ValueError(f"sequence length {inputs_BxL.shape[1]} exceeds the encoder's max_length={self.max_length}; "
+                       f"raise config.data.max_length or truncate the inputs")
+    deterministic = not train
+    if mask_BxL is None:
+      mask_BxL = jnp.ones(inputs_BxL.shape, bool)
+    mask_BxL = mask_BxL.astype(bool)
+
+    x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0),
+                 name="embed")(inputs_BxL)
+    max_length = self.max_length
+    if self.pooling == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.emb_dim))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.emb_dim)).astype(x.dtype), x], axis=1)
+      mask_BxL = jnp.concatenate([jnp.ones_like(mask_BxL[:, :1]), mask_BxL], axis=1)
+      max_length += 1
+    # During decoding the cache remembers how many positions were consumed, to offset the positional encoding.
+    decode_position = None
+    if self.decode:
+      initialized = self.has_variable("cache", "position")
+      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        decode_position = position.value
+        position.value = position.value + x.shape[1]
+    x = PositionalEncoding(self.pos_encoding, max_length, name="pos_encoding")(x, decode_position)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    for i in range(self.num_layers):
+      x = block_cls(attention=self.attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim, mlp_dim=self.mlp_dim,
+                    dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+                    causal=self.causal, decode=self.decode, name=f"block_{i}")(x, mask_BxL, deterministic)
+    x = nn.LayerNorm(name="ln_final")(x)
+
+    if self.pooling == "cls":
+      return x[:, 0]
+    if self.pooling == "mean":
+      weights = mask_BxL.astype(x.dtype)[..., None]
+      return jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    return x
+
+
+def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: int, max_length: int,
+                        **overrides: Any) -> Encoder:
+  """Builds the encoder from `config.model` (see configs/); `overrides` set fields such as pooling or causal."""
+  attention = model_config.attention
+  attention = dict(attention.to_dict() if hasattr(attention, "to_dict") else attention)
+  attention_lib.get_class(attention.get("name"))  # fail early, naming the valid choices
+  kwargs = dict(vocab_size=vocab_size, max_length=max_length, emb_dim=model_config.emb_dim,
+                num_layers=model_config.num_layers, num_heads=model_config.num_heads,
+                qkv_dim=model_config.qkv_dim, mlp_dim=model_config.mlp_dim,
+                dropout_rate=model_config.dropout_rate, attention_dropout_rate=model_config.attention_dropout_rate,
+                pos_encoding=model_config.pos_encoding, pooling=model_config.pooling,
+                attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False))
+  kwargs.update(overrides)
+  return Encoder(**kwargs)

@@ -1,0 +1,105 @@
+"""LRA ListOps: hierarchical list operations, 10-way classification of the value of a nested expression.
+
+Reads `basic_{train,val,test}.tsv` (header `Source\tTarget`) from `config.data.data_dir`: the LRA release's
+`listops-1000/` folder or the output of `scripts/make_listops.py`. With `data_dir=None` the dataset is generated
+once with the settings in `config.data.generate` into `config.data.cache_dir`. Tokens are the operators, `]` and
+the digits (parentheses carry no information and are dropped, as the length counts of the generator); sequences are
+truncated / padded to `config.data.max_length` and the mask comes from the pad token only.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from lra.models import SequenceClassifier, encoder_from_config
+from lra.tasks import cache, listops_generator
+from lra.tasks.base import ArrayDataset, ClassificationTask
+from lra.tasks.registry import register
+
+SPLIT_FILES = {"train": "basic_train.tsv", "validation": "basic_val.tsv", "test": "basic_test.tsv"}
+VOCAB = listops_generator.VOCAB
+PAD_ID = 0
+TOKEN_IDS = {token: i for i, token in enumerate(VOCAB)}
+
+
+def encode(source: str, max_length: int) -> np.ndarray:
+  """Token ids of one Source string, truncated / padded with PAD_ID to `max_length`."""
+  tokens = listops_generator.tokenize(source)
+  try:
+    ids = [TOKEN_IDS[t] for t in tokens[:max_length]]
+  except KeyError as e:
+    raise ValueError(f"unknown ListOps token {e.args[0]!r} in {source[:80]!r}...; valid tokens: {VOCAB[1:]}") from None
+  out = np.full((max_length,), PAD_ID, np.int16)
+  out[:len(ids)] = ids
+  return out
+
+
+def read_tsv(path: Path, max_length: int) -> dict[str, np.ndarray]:
+  """Reads one split file into `inputs [N, max_length]` and `targets [N]`."""
+  inputs, targets = [], []
+  with open(path, newline="") as f:
+    reader = csv.reader(f, delimiter="\t")
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["Source", "Target"]:
+      raise ValueError(f"{path}: expected a header 'Source<TAB>Target', got {header!r}")
+    for row in reader:
+      if not row:
+        continue
+      inputs.append(encode(row[0], max_length))
+      targets.append(int(row[1]))
+  if not inputs:
+    raise ValueError(f"{path} holds no examples")
+  return {"inputs": np.stack(inputs), "targets": np.asarray(targets, np.int32)}
+
+
+@register("listops")
+class ListOps(ClassificationTask):
+  """The ListOps task (Nangia & Bowman 2018, LRA settings)."""
+
+  num_classes = 10
+
+  def data_dir(self) -> Path:
+    """The folder holding the split files, generating them into the cache first when `data_dir` is None."""
+    data = self.config.data
+    if data.get("data_dir"):
+      path = Path(data.data_dir).expanduser()
+      missing = [str(path / f) for f in SPLIT_FILES.values() if not (path / f).exists()]
+      if missing:
+        raise FileNotFoundError(
+            f"ListOps files not found: {', '.join(missing)}. Generate them with "
+            f"`python scripts/make_listops.py --output_dir {path}`, point --config.data.data_dir at the LRA "
+            f"release's listops-1000 folder, or set --config.data.data_dir=None to generate into the cache dir.")
+      return path
+    gen = dict(data.generate)
+    path = cache.cache_dir(data) / "listops_generated" / cache.key_of(gen)
+    if not all((path / f).exists() for f in SPLIT_FILES.values()):
+      logging.info("Generating ListOps %s into %s", gen, path)
+      listops_generator.generate_listops(path, progress=True, **gen)
+    return path
+
+  def dataset(self, split: str) -> ArrayDataset:
+    if split not in SPLIT_FILES:
+      raise ValueError(f"unknown ListOps split {split!r}; valid choices: {tuple(SPLIT_FILES)}")
+    path = self.data_dir() / SPLIT_FILES[split]
+    max_length = self.config.data.max_length
+    key = cache.key_of("listops", cache.file_fingerprint(path), max_length)
+    arrays = cache.cached_arrays(cache.cache_dir(self.config.data) / "listops" / f"{split}_{key}.npz",
+                                 lambda: read_tsv(path, max_length))
+    # The mask comes from the pad token only (never from input values).
+    arrays["mask"] = arrays["inputs"] != PAD_ID
+    return ArrayDataset(arrays)
+
+  def model(self):
+    model_config = self.config.model
+    encoder = encoder_from_config(model_config, vocab_size=len(VOCAB), max_length=self.config.data.max_length)
+    return SequenceClassifier(encoder=encoder, num_classes=self.num_classes,
+                              head_mlp_dim=model_config.get("head_mlp_dim") or model_config.mlp_dim)
+
+  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    length = self.config.data.max_length
+    return {"inputs": np.zeros((batch_size, length), np.int16), "mask": np.ones((batch_size, length), bool),
+            "targets": np.zeros((batch_size,), np.int32)}

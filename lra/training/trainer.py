@@ -1,0 +1,254 @@
+"""The training loop: `train_and_evaluate(config, workdir)` for every task, and checkpoint evaluation.
+
+Resume order (the one place it is written down):
+  1. build task, model, optimizer and an initial state from `config.seed`;
+  2. if `<workdir>/checkpoints` has a checkpoint, restore the latest: state (step, params, optimizer state) and meta
+     (best validation value); the data position is the restored step, and dropout keys are folded from the step, so
+     the next batches and keys equal those of an uninterrupted run;
+  3. drop `metrics.jsonl` lines logged after that step (the crashed run may have logged past its last checkpoint);
+  4. train from the restored step to `config.train.num_steps`.
+The last step of every run is logged, evaluated and checkpointed, so a larger `num_steps` extends a finished run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from lra import tasks as tasks_lib
+from lra.tasks import pipeline
+from lra.training import checkpoints as checkpoints_lib
+from lra.training import metric_writers, optim, sharding
+
+# Rng streams given to the model: "dropout" for dropout, "attention" for variants that draw fresh randomness per
+# call (feature redraws, hash rotations). Evaluation gets a fixed "attention" key and no dropout.
+RNG_STREAMS = ("dropout", "attention")
+
+
+# optax.tree.norm replaced optax.global_norm (deprecated) in recent optax; keep both working.
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+class TrainState(train_state.TrainState):
+  """flax's TrainState plus the model's non-trainable collections (everything but params and cache)."""
+
+  model_state: Any = flax.struct.field(default_factory=dict)
+
+
+def _variables(params: Any, model_state: Any) -> dict:
+  return {"params": params, **model_state}
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *,
+               task: tasks_lib.Task) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update. Keys are folded from the step so a resumed run draws the same ones."""
+  step_key = jax.random.fold_in(key, state.step)
+  rngs = {name: jax.random.fold_in(step_key, i) for i, name in enumerate(RNG_STREAMS)}
+
+  def loss_fn(params):
+    outputs = state.apply_fn(_variables(params, state.model_state), batch, train=True, rngs=rngs)
+    return task.loss_and_metrics(outputs, batch)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads)
+  out = {name: total / jnp.maximum(weight, 1.0) for name, (total, weight) in metrics.items()}
+  out["loss"] = loss
+  out["grad_norm"] = _global_norm(grads)
+  return new_state, out
+
+
+def eval_step(params: Any, model_state: Any, batch: Mapping[str, jax.Array], *, apply_fn,
+              task: tasks_lib.Task) -> dict[str, tuple[jax.Array, jax.Array]]:
+  rngs = {"attention": jax.random.key(0)}
+  outputs = apply_fn(_variables(params, model_state), batch, train=False, rngs=rngs)
+  return task.loss_and_metrics(outputs, batch)[1]
+
+
+class Experiment:
+  """Everything built from a config: task, model, mesh, jitted steps, and the initial state."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    sharding.maybe_initialize_distributed(config.mesh.get("distributed", "auto"))
+    self.mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.train.batch_size, self.mesh)
+    sharding.check_batch_size(config.train.eval_batch_size, self.mesh, "config.train.eval_batch_size")
+    self.task = tasks_lib.build(config)
+    self.model: nn.Module = self.task.model()
+    self.tx = optim.make_optimizer(config.train)
+    self.batch_sharding = sharding.data_sharding(self.mesh)
+    self.replicated = sharding.replicated(self.mesh)
+    self.key = jax.random.key(config.seed)
+
+  def init_state(self) -> TrainState:
+    init_key, _ = jax.random.split(self.key)
+    dummy = {k: jnp.asarray(v) for k, v in self.task.dummy_batch(1).items()}
+
+    def init():
+      rngs = {"params": init_key, **{n: jax.random.fold_in(init_key, i + 1) for i, n in enumerate(RNG_STREAMS)}}
+      variables = dict(self.model.init(rngs, dummy, train=False))
+      params = variables.pop("params")
+      variables.pop("cache", None)
+      return TrainState.create(apply_fn=self.model.apply, params=params, tx=self.tx, model_state=variables)
+
+    return jax.jit(init, out_shardings=self.replicated)()
+
+  @functools.cached_property
+  def jit_train_step(self):
+    return jax.jit(functools.partial(train_step, task=self.task),
+                   in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                   out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+  @functools.cached_property
+  def jit_eval_step(self):
+    return jax.jit(functools.partial(eval_step, apply_fn=self.model.apply, task=self.task),
+                   in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+                   out_shardings=self.replicated)
+
+  def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
+    """Exact metrics over a whole split (or `config.train.num_eval_batches` batches)."""
+    dataset = self.task.dataset(split)
+    totals: dict[str, list[float]] = {}
+    for batch in pipeline.eval_batches(dataset, batch_size=self.config.train.eval_batch_size,
+                                       process_index=jax.process_index(), process_count=jax.process_count(),
+                                       max_batches=self.config.train.get("num_eval_batches")):
+      sums = self.jit_eval_step(state.params, state.model_state, sharding.to_global(batch, self.batch_sharding))
+      for name, (total, weight) in jax.device_get(sums).items():
+        acc = totals.setdefault(name, [0.0, 0.0])
+        acc[0] += float(total)
+        acc[1] += float(weight)
+    return {name: total / max(weight, 1e-12) for name, (total, weight) in totals.items()}
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+  if best is None:
+    return True
+  return value > best if mode == "max" else value < best
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _due(step: int, every: int | None, last: int) -> bool:
+  return step == last or bool(every) and step % every == 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict[str, float]]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final metrics by split."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  exp = Experiment(config)
+  train_cfg = config.train
+  num_steps = train_cfg.num_steps
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    _write_config(config, workdir)
+
+  ckpt = checkpoints_lib.Checkpoints(workdir, keep=train_cfg.keep_checkpoints)
+  state = exp.init_state()
+  meta: dict[str, Any] = {"step": 0, "best": None}
+  restored = ckpt.restore(state, "latest")
+  if restored is not None:
+    state, meta = restored
+    logging.info("Resumed from %s at step %d", workdir / checkpoints_lib.LATEST_DIR, meta["step"])
+  start_step = int(meta["step"])
+  writer = metric_writers.MetricWriter(workdir, enabled=is_writer)
+  writer.truncate_after(start_step)
+
+  train_batches = pipeline.TrainBatches(exp.task.dataset(exp.task.train_split), batch_size=train_cfg.batch_size,
+                                        seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  progress = metric_writers.Progress(start_step, num_steps, enabled=is_writer)
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  task = exp.task
+  final: dict[str, dict[str, float]] = {}
+
+  def flush(step: int) -> None:
+    """Fetches the pending per-step metrics, stops on a non-finite loss, logs their mean."""
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, fetched):
+      if not math.isfinite(float(m["loss"])):
+        raise FloatingPointError(f"non-finite training loss {float(m['loss'])} at step {s}; lower the learning "
+                                 f"rate or enable config.train.grad_clip_norm (last checkpoint: {ckpt.latest_step()})")
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    mean["learning_rate"] = float(optim.learning_rate_schedule(train_cfg)(step - 1))
+    pending.clear()
+    writer.write(step, "train", mean)
+    progress.update(step, {"loss": mean["loss"]})
+
+  t0 = time.monotonic()
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      batch = sharding.to_global(train_batches[step - 1], exp.batch_sharding)
+      state, metrics = exp.jit_train_step(state, batch, exp.key)
+      pending.append((step, metrics))
+      checkpoint_due = _due(step, train_cfg.checkpoint_every_steps, num_steps)
+      if _due(step, train_cfg.log_every_steps, num_steps) or checkpoint_due:
+        flush(step)
+      if _due(step, train_cfg.eval_every_steps, num_steps):
+        final[task.validation_split] = metrics_val = exp.evaluate(state, task.validation_split)
+        writer.write(step, task.validation_split, metrics_val)
+        progress.write(f"step {step} {task.validation_split}: " +
+                       " ".join(f"{k}={v:.4g}" for k, v in metrics_val.items()))
+        value = metrics_val[task.best_metric]
+        if _is_better(value, meta.get("best"), task.best_mode):
+          meta = {**meta, "best": value, "best_step": step}
+          ckpt.save_best(step, state, {**meta, "step": step})
+      if checkpoint_due:
+        meta = {**meta, "step": step}
+        ckpt.save_latest(step, state, meta)
+    flush(num_steps)
+    for split in task.eval_splits:
+      if split != task.validation_split or split not in final:
+        final[split] = exp.evaluate(state, split)
+        writer.write(int(state.step), split, final[split])
+    logging.info("Finished %d steps in %.1f s; final metrics %s", num_steps - start_step, time.monotonic() - t0,
+                 final)
+  finally:
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return final
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path, split: str,
+                        checkpoint: str | int = "best") -> dict[str, Any]:
+  """Restores `checkpoint` ("best", "latest" or a step) from `workdir`, evaluates `split`, writes
+  `<workdir>/eval_<split>.json` and returns its content."""
+  workdir = Path(workdir)
+  exp = Experiment(config)
+  valid = exp.task.eval_splits + (exp.task.train_split,)
+  if split not in valid:
+    raise ValueError(f"unknown split {split!r} for task {config.task!r}; valid choices: {valid}")
+  ckpt = checkpoints_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  try:
+    restored = ckpt.restore(exp.init_state(), checkpoint)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"no {checkpoint!r} checkpoint under {workdir}; train first with "
+                            f"`python train.py --config ... --workdir {workdir}`")
+  state, meta = restored
+  metrics = exp.evaluate(state, split)
+  result = {"split": split, "checkpoint": checkpoint, "step": int(meta["step"]), **metrics}
+  if jax.process_index() == 0:
+    (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+  return result

@@ -1,0 +1,114 @@
+"""The generic encoder: shapes for each pooling, padding invariance, remat equivalence, option errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lra.models import Encoder, SequenceClassifier, sinusoidal_table
+
+SMALL = dict(vocab_size=20, max_length=16, emb_dim=32, num_layers=2, num_heads=4, qkv_dim=32, mlp_dim=64,
+             dropout_rate=0.0, attention_dropout_rate=0.0)
+
+
+def _inputs(batch=3, length=10):
+  tokens = jax.random.randint(jax.random.key(0), (batch, length), 1, 20)
+  mask = jnp.arange(length)[None, :] < jnp.array([[6], [10], [1]])
+  return tokens, mask
+
+
+@pytest.mark.parametrize("pooling,shape", [("cls", (3, 32)), ("mean", (3, 32)), ("none", (3, 10, 32))])
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "none"])
+def test_shapes(pooling, shape, pos_encoding):
+  model = Encoder(**SMALL, pooling=pooling, pos_encoding=pos_encoding)
+  tokens, mask = _inputs()
+  variables = model.init(jax.random.key(1), tokens, mask)
+  assert model.apply(variables, tokens, mask).shape == shape
+  assert ("cls" in variables["params"]) == (pooling == "cls")
+  assert ("pos_embedding" in variables["params"].get("pos_encoding", {})) == (pos_encoding == "learned")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pooled_output_ignores_padded_tokens(pooling):
+  model = Encoder(**SMALL, pooling=pooling)
+  tokens, mask = _inputs()
+  variables = model.init(jax.random.key(1), tokens, mask)
+  other = jnp.where(mask, tokens, (tokens * 7 + 3) % 20)  # change only padded positions
+  assert not np.array_equal(tokens, other)
+  np.testing.assert_allclose(model.apply(variables, tokens, mask), model.apply(variables, other, mask), atol=1e-6)
+
+
+def test_remat_gives_same_values_and_gradients():
+  tokens, mask = _inputs()
+  plain, remat = Encoder(**SMALL), Encoder(**SMALL, remat=True)
+  variables = plain.init(jax.random.key(1), tokens, mask)
+
+  def loss(model):
+    return lambda p: jnp.sum(model.apply({"params": p}, tokens, mask, train=True) ** 2)
+
+  v1, g1 = jax.value_and_grad(loss(plain))(variables["params"])
+  v2, g2 = jax.value_and_grad(loss(remat))(variables["params"])
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+
+
+def test_attention_parameters_live_under_the_same_path():
+  model = Encoder(**SMALL)
+  tokens, mask = _inputs()
+  params = model.init(jax.random.key(1), tokens, mask)["params"]
+  assert set(params["block_0"]["attention"]) == {"query", "key", "value", "out"}
+
+
+def test_dropout_only_in_training():
+  model = Encoder(**{**SMALL, "dropout_rate": 0.3})
+  tokens, mask = _inputs()
+  variables = model.init(jax.random.key(1), tokens, mask)
+  a = model.apply(variables, tokens, mask, train=False)
+  b = model.apply(variables, tokens, mask, train=True, rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(a, b)
+
+
+def test_causal_decode_matches_parallel():
+  model = Encoder(**SMALL, pooling="none", causal=True)
+  tokens, _ = _inputs(batch=2, length=7)
+  variables = model.init(jax.random.key(1), tokens)
+  expected = model.apply(variables, tokens)
+  decoder = Encoder(**SMALL, pooling="none", causal=True, decode=True)
+  cache = decoder.init(jax.random.key(1), tokens)["cache"]
+  steps = []
+  for t in range(tokens.shape[1]):
+    y, mutated = decoder.apply({"params": variables["params"], "cache": cache}, tokens[:, t:t + 1],
+                               mutable=["cache"])
+    cache = mutated["cache"]
+    steps.append(y)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, atol=1e-5)
+
+
+def test_errors_name_the_bad_value():
+  tokens, mask = _inputs()
+  with pytest.raises(ValueError, match="unknown pooling 'max'"):
+    Encoder(**SMALL, pooling="max").init(jax.random.key(0), tokens, mask)
+  with pytest.raises(ValueError, match="unknown positional encoding 'rope'"):
+    Encoder(**SMALL, pos_encoding="rope").init(jax.random.key(0), tokens, mask)
+  with pytest.raises(ValueError, match="sequence length 10 exceeds .*max_length=8"):
+    Encoder(**{**SMALL, "max_length": 8}).init(jax.random.key(0), tokens, mask)
+  with pytest.raises(ValueError, match="pooling='cls'.*causal"):
+    Encoder(**SMALL, causal=True).init(jax.random.key(0), tokens, mask)
+  with pytest.raises(ValueError, match="unknown attention variant"):
+    Encoder(**SMALL, attention={"name": "nope"}).init(jax.random.key(0), tokens, mask)
+
+
+def test_sinusoidal_table_values():
+  table = sinusoidal_table(50, 8)
+  assert table.shape == (50, 8)
+  np.testing.assert_allclose(table[0, :4], 0.0)
+  np.testing.assert_allclose(table[0, 4:], 1.0)
+  np.testing.assert_allclose(table[:, :4] ** 2 + table[:, 4:] ** 2, 1.0, rtol=1e-6)
+
+
+def test_classifier_shape():
+  model = SequenceClassifier(encoder=Encoder(**SMALL), num_classes=10, head_mlp_dim=16)
+  tokens, mask = _inputs()
+  batch = {"inputs": tokens, "mask": mask}
+  variables = model.init(jax.random.key(0), batch)
+  assert model.apply(variables, batch).shape == (3, 10)
