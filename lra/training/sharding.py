@@ -17,7 +17,11 @@ _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE
 
 def maybe_initialize_distributed(mode: str | bool = "auto") -> None:
   """Calls `jax.distributed.initialize()` when asked (True) or, with "auto", when a multi-process launch is
-  detected from the environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, or several TPU workers)."""
+  detected from the environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, or several TPU workers).
+
+  A manual launch sets JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process (on
+  CPU also JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo).
+  """
   if mode is False or mode == "false":
     return
   if mode == "auto":
@@ -31,7 +35,13 @@ def maybe_initialize_distributed(mode: str | bool = "auto") -> None:
     raise ValueError(f"config.mesh.distributed must be 'auto', True or False, got {mode!r}")
   if jax.distributed.is_initialized():
     return
-  jax.distributed.initialize()
+  # jax reads JAX_COORDINATOR_ADDRESS itself; the process count and id are read here so a plain launch of N local
+  # processes (or any launcher that sets them) works where jax's cluster auto-detection does not apply.
+  kwargs = {}
+  for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(env):
+      kwargs[arg] = int(os.environ[env])
+  jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
 
 
