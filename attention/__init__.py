@@ -8,6 +8,11 @@ from attention.registry import build, get_class, names, options, register
 from attention.base import AttentionLayer
 
 # Variant modules register themselves on import.
-from attention import softmax  # noqa: F401  pylint: disable=unused-import
+# pylint: disable=unused-import
+from attention import softmax  # noqa: F401
+from attention import linear  # noqa: F401
+from attention import performer  # noqa: F401
+from attention import transnormer  # noqa: F401
+from attention import based  # noqa: F401
 
 __all__ = ["AttentionLayer", "build", "get_class", "names", "options", "register"]

@@ -4,3 +4,5 @@ Each kernel module holds the kernel, its pure-jnp reference and its custom_vjp; 
 "reference", "xla", "pallas", "interpret" or None (best available). The linear-attention and block-sparse cores land
 with their issues (see DESIGN.md "Functional cores").
 """
+
+from kernels.linear_attention import linear_attention

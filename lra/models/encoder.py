@@ -71,6 +71,9 @@ class Encoder(nn.Module):
       real tokens) or "none" (return every position).
     attention: `{"name": <registered variant>, **options}`.
     causal / decode: passed to every attention layer (language modelling and autoregressive decoding).
+    layer_options: per-layer attention options merged over `attention` (one mapping per layer), e.g. TransNormer's
+      DiagAttention in early layers. None uses the variant's `default_layer_options(num_layers)` if it defines one
+      (its paper's architecture), else the same options in every layer.
     remat: recompute each block's activations in the backward pass (memory for compute).
   """
 
@@ -89,6 +92,17 @@ class Encoder(nn.Module):
   causal: bool = False
   decode: bool = False
   remat: bool = False
+  layer_options: tuple[Mapping[str, Any], ...] | None = None
+
+  def attention_for_layers(self) -> list[ml_collections.FrozenConfigDict]:
+    """The attention sub-config of each layer."""
+    per_layer = self.layer_options
+    if per_layer is None:
+      default = getattr(attention_lib.get_class(self.attention["name"]), "default_layer_options", None)
+      per_layer = default(self.num_layers) if default else ({},) * self.num_layers
+    if len(per_layer) != self.num_layers:
+      raise ValueError(f"layer_options has {len(per_layer)} entries; expected one per layer ({self.num_layers})")
+    return [ml_collections.FrozenConfigDict({**dict(self.attention), **dict(o)}) for o in per_layer]
 
   @nn.compact
   def __call__(self, inputs_BxL: jax.Array, mask_BxL: jax.Array | None = None, *, train: bool = False) -> jax.Array:
@@ -127,8 +141,8 @@ class Encoder(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
     block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
-    for i in range(self.num_layers):
-      x = block_cls(attention=self.attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim, mlp_dim=self.mlp_dim,
+    for i, layer_attention in enumerate(self.attention_for_layers()):
+      x = block_cls(attention=layer_attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim, mlp_dim=self.mlp_dim,
                     dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
                     causal=self.causal, decode=self.decode, name=f"block_{i}")(x, mask_BxL, deterministic)
     x = nn.LayerNorm(name="ln_final")(x)
@@ -153,5 +167,8 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                 dropout_rate=model_config.dropout_rate, attention_dropout_rate=model_config.attention_dropout_rate,
                 pos_encoding=model_config.pos_encoding, pooling=model_config.pooling,
                 attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False))
+  layer_options = model_config.get("layer_options")
+  if layer_options is not None:
+    kwargs["layer_options"] = tuple(dict(o) for o in layer_options)
   kwargs.update(overrides)
   return Encoder(**kwargs)

@@ -59,12 +59,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
   step_key = jax.random.fold_in(key, state.step)
   rngs = {name: jax.random.fold_in(step_key, i) for i, name in enumerate(RNG_STREAMS)}
 
-  def loss_fn(params):
-    outputs = state.apply_fn(_variables(params, state.model_state), batch, train=True, rngs=rngs)
-    return task.loss_and_metrics(outputs, batch)
+  # Non-trainable collections (e.g. Performer's random features and their redraw counter) may change in training.
+  mutable = sorted(state.model_state)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads)
+  def loss_fn(params):
+    outputs, model_state = state.apply_fn(_variables(params, state.model_state), batch, train=True, rngs=rngs,
+                                          mutable=mutable)
+    loss, metrics = task.loss_and_metrics(outputs, batch)
+    return loss, (metrics, model_state)
+
+  (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads).replace(model_state={**state.model_state, **model_state})
   out = {name: total / jnp.maximum(weight, 1.0) for name, (total, weight) in metrics.items()}
   out["loss"] = loss
   out["grad_norm"] = _global_norm(grads)

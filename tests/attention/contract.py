@@ -45,7 +45,7 @@ def check_padding_by_gradient(name: str, *, length=12, features=16, num_real=7, 
 
 
 def check_causal_by_gradient(name: str, *, length=10, features=16, **options):
-  """d y_t / d x_s == 0 for every s > t (and the layer is not trivially local)."""
+  """d y_t / d x_s == 0 for every s > t (and some position depends on an earlier one)."""
   x = jax.random.normal(jax.random.key(7), (1, length, features))
   layer, variables = init_layer(name, x, causal=True, **options)
 
@@ -56,7 +56,7 @@ def check_causal_by_gradient(name: str, *, length=10, features=16, **options):
   dep = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # [L_out, L_in]
   future = np.triu(np.ones((length, length), bool), k=1)
   np.testing.assert_array_equal(dep[future], 0.0)
-  assert dep[-1, 0] > 0, "the last position should see the first"
+  assert np.tril(dep, -1).sum() > 0, "positions should see earlier positions"
 
 
 def check_decode_equals_parallel(name: str, *, batch=2, length=9, features=16, atol=1e-5, **options):
@@ -66,9 +66,10 @@ def check_decode_equals_parallel(name: str, *, batch=2, length=9, features=16, a
   expected = parallel_layer.apply(variables, x)
   decoder = attention.build(name, causal=True, decode=True, **options)
   cache = decoder.init(jax.random.key(0), x)["cache"]
+  # Fixed size: the recurrent family's cache must not grow with the sequence (checked by the caller if needed).
   outputs = []
   for t in range(length):
-    y_t, mutated = decoder.apply({"params": variables["params"], "cache": cache}, x[:, t:t + 1], mutable=["cache"])
+    y_t, mutated = decoder.apply({**variables, "cache": cache}, x[:, t:t + 1], mutable=["cache"])
     cache = mutated["cache"]
     outputs.append(y_t)
   np.testing.assert_allclose(np.concatenate(outputs, axis=1), expected, atol=atol, rtol=1e-5)

@@ -1,0 +1,46 @@
+"""Linear attention (Katharopoulos et al., 2020): softmax replaced by a feature map, `phi(q) (phi(k)^T v)`.
+
+`feature_map="elu"` is elu(x)+1 (the paper), `"relu"` is relu(x) (with a small floor so the normalizer stays
+positive). Cost and memory are linear in length (`kernels.linear_attention`); decoding keeps a fixed-size state.
+`dropout_rate` is accepted for the common interface but has nothing to act on: there are no attention weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attention.base import AttentionLayer
+from attention.recurrent import linear_mix
+from attention.registry import register
+
+FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "elu": lambda x: jax.nn.elu(x) + 1.0,
+    # The floor keeps phi(q)·z > 0 when every feature of a query is negative.
+    "relu": lambda x: jax.nn.relu(x) + 1e-3,
+}
+
+
+@register("linear")
+class LinearAttention(AttentionLayer):
+  """Attributes: feature_map ("elu" | "relu"), chunk_size and implementation of `kernels.linear_attention`."""
+
+  feature_map: str = "elu"
+  chunk_size: int = 64
+  implementation: str | None = None
+
+  supports_decode = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    self.check_inputs(x, mask)
+    if self.feature_map not in FEATURE_MAPS:
+      raise ValueError(f"unknown feature_map {self.feature_map!r}; valid choices: {tuple(FEATURE_MAPS)}")
+    q, k, v = self.project_qkv(x)
+    phi = FEATURE_MAPS[self.feature_map]
+    y = linear_mix(self, phi(q), phi(k), v, mask, causal=self.causal, normalize=True, chunk_size=self.chunk_size,
+                   implementation=self.implementation, decode=self.decode)
+    return self.project_out(y.astype(x.dtype), x.shape[-1])

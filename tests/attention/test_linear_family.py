@@ -1,0 +1,137 @@
+"""linear, performer, transnormer, based: layer and decode contracts, and each variant's own properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attention
+from attention.based import taylor_features
+from attention.performer import gaussian_orthogonal_random_matrix
+from attention.transnormer import srms_norm
+from lra.training import train_and_evaluate
+from lra.training.metric_writers import read_metrics
+from configs import common
+from tests.attention import contract
+from tests.conftest import tiny_listops_config
+
+VARIANTS = [
+    ("linear", {}), ("linear", {"feature_map": "relu"}),
+    ("performer", {}), ("performer", {"kernel": "relu", "num_features": 32}),
+    ("transnormer", {}), ("transnormer", {"mode": "diag", "block_size": 4}),
+    ("based", {"window": 4, "feature_dim": 4}),
+]
+IDS = [f"{n}-{'-'.join(map(str, o.values())) or 'default'}" for n, o in VARIANTS]
+
+
+@pytest.mark.parametrize("name,options", VARIANTS, ids=IDS)
+def test_layer_contract(name, options):
+  contract.check_shape(name, num_heads=2, **options)
+  contract.check_padding_by_gradient(name, num_heads=2, **options)
+  contract.check_causal_by_gradient(name, num_heads=2, **options)
+
+
+@pytest.mark.parametrize("name,options", VARIANTS, ids=IDS)
+def test_decode_equals_parallel_with_a_fixed_size_cache(name, options):
+  contract.check_decode_equals_parallel(name, num_heads=2, **options)
+  sizes = []
+  for length in (8, 32):
+    cache = attention.build(name, causal=True, decode=True, num_heads=2, **options).init(
+        jax.random.key(0), jnp.ones((1, length, 16)))["cache"]
+    sizes.append(sum(x.size for x in jax.tree.leaves(cache)))
+  assert sizes[0] == sizes[1], f"{name}'s cache grows with the sequence: {sizes}"
+
+
+@pytest.mark.parametrize("name,options", VARIANTS, ids=IDS)
+def test_jit_value_and_grad(name, options):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  layer, variables = contract.init_layer(name, x, num_heads=2, **options)
+
+  @jax.jit
+  def f(params, x):
+    return jnp.sum(layer.apply({**variables, "params": params}, x) ** 2)
+
+  value, grads = jax.value_and_grad(f)(variables["params"], x)
+  assert np.isfinite(value)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def _performer_vs_softmax_error(num_features, seed):
+  x = jax.random.normal(jax.random.key(100), (2, 16, 32)) * 0.5
+  softmax = attention.build("softmax", num_heads=2, implementation="reference")
+  params = softmax.init(jax.random.key(1), x)["params"]
+  want = softmax.apply({"params": params}, x)
+  performer = attention.build("performer", num_heads=2, num_features=num_features)
+  state = performer.init(jax.random.key(seed), x)["attention_state"]  # fresh features per seed, same params
+  got = performer.apply({"params": params, "attention_state": state}, x)
+  return float(jnp.sqrt(jnp.mean((got - want) ** 2)))
+
+
+def test_performer_error_falls_as_features_grow():
+  errors = [np.mean([_performer_vs_softmax_error(m, s) for s in range(6)]) for m in (8, 64, 512)]
+  assert errors[0] > errors[1] > errors[2], errors
+  assert errors[2] < 0.35 * errors[0], errors
+
+
+def test_orthogonal_features_are_orthogonal_within_blocks():
+  w = np.asarray(gaussian_orthogonal_random_matrix(jax.random.key(0), 20, 8))
+  assert w.shape == (20, 8)
+  for start in (0, 8):  # complete blocks of `dim` rows
+    gram = w[start:start + 8] @ w[start:start + 8].T
+    np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0.0, atol=1e-4)
+  # Row norms are chi-distributed like Gaussian rows (mean ~ sqrt(8)), not 1.
+  assert 1.5 < np.linalg.norm(w, axis=1).mean() < 4.0
+
+
+def test_performer_redraws_features_at_the_interval():
+  x = jnp.ones((1, 4, 16))
+  layer = attention.build("performer", num_heads=2, num_features=8, feature_redraw_interval=2)
+  variables = layer.init(jax.random.key(0), x)
+  projections = []
+  for step in range(4):
+    _, mutated = layer.apply(variables, x, deterministic=False, rngs={"attention": jax.random.key(10 + step)},
+                             mutable=["attention_state"])
+    variables = {**variables, **mutated}
+    projections.append(np.asarray(variables["attention_state"]["projection"]))
+  # Calls 0 and 1 keep the init features; call 2 redraws; call 3 keeps them.
+  np.testing.assert_array_equal(projections[0], projections[1])
+  assert not np.allclose(projections[1], projections[2])
+  np.testing.assert_array_equal(projections[2], projections[3])
+  # Evaluation never redraws.
+  y1 = layer.apply(variables, x)
+  np.testing.assert_array_equal(y1, layer.apply(variables, x))
+
+
+def test_taylor_features_expand_exp():
+  q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 6))
+  s = float(jnp.sum(q * k) / jnp.sqrt(6.0))
+  got = float(jnp.sum(taylor_features(q) * taylor_features(k)))
+  np.testing.assert_allclose(got, 1 + s + s * s / 2, rtol=1e-5)
+
+
+def test_srms_norm_has_unit_rms():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 12)) * 7.0
+  np.testing.assert_allclose(jnp.sqrt(jnp.mean(srms_norm(x) ** 2, axis=-1)), 1.0, rtol=1e-4)
+
+
+def test_transnormer_default_schedule_is_diag_then_norm():
+  cls = attention.get_class("transnormer")
+  assert [o["mode"] for o in cls.default_layer_options(4)] == ["diag", "diag", "norm", "norm"]
+
+
+def test_unknown_options_name_the_choices():
+  x = jnp.ones((1, 4, 16))
+  for name, bad in [("linear", {"feature_map": "tanh"}), ("performer", {"kernel": "exp"}),
+                    ("transnormer", {"mode": "full"})]:
+    with pytest.raises(ValueError, match="valid choices"):
+      attention.build(name, num_heads=2, **bad).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("name", ["linear", "performer", "transnormer", "based"])
+def test_listops_training_lowers_the_loss(name, data_cache, tmp_path):
+  config = tiny_listops_config(data_cache, num_steps=40, learning_rate=0.02, log_every_steps=10,
+                               eval_every_steps=40, checkpoint_every_steps=40)
+  config.model.attention = common.attention_config(name)
+  train_and_evaluate(config, tmp_path)
+  losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+  assert losses[-1] < losses[0] - 0.05, losses
