@@ -15,23 +15,10 @@ import ml_collections
 
 import attention as attention_lib
 from lra.models.embeddings import PositionalEncoding
+from lra.models.mlp import MlpBlock
+from lra.models.reversible import ReversibleBlocks
 
 POOLINGS = ("cls", "mean", "none")
-
-
-class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> dropout -> Dense(out)."""
-
-  mlp_dim: int
-  dropout_rate: float = 0.1
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    features = x.shape[-1]
-    y = nn.Dense(self.mlp_dim, kernel_init=nn.initializers.xavier_uniform(), name="wi")(x)
-    y = nn.gelu(y)
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), name="wo")(y)
 
 
 class EncoderBlock(nn.Module):
@@ -75,6 +62,8 @@ class Encoder(nn.Module):
       DiagAttention in early layers. None uses the variant's `default_layer_options(num_layers)` if it defines one
       (its paper's architecture), else the same options in every layer.
     remat: recompute each block's activations in the backward pass (memory for compute).
+    reversible: RevNet residuals whose backward pass rebuilds activations (lra/models/reversible.py), so activation
+      memory does not grow with depth. A different function from the ordinary pre-LN stack (two streams).
   """
 
   vocab_size: int
@@ -92,6 +81,7 @@ class Encoder(nn.Module):
   causal: bool = False
   decode: bool = False
   remat: bool = False
+  reversible: bool = False
   layer_options: tuple[Mapping[str, Any], ...] | None = None
 
   def attention_for_layers(self) -> list[ml_collections.FrozenConfigDict]:
@@ -140,11 +130,19 @@ class Encoder(nn.Module):
     x = PositionalEncoding(self.pos_encoding, max_length, name="pos_encoding")(x, decode_position)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
-    block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
-    for i, layer_attention in enumerate(self.attention_for_layers()):
-      x = block_cls(attention=layer_attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim, mlp_dim=self.mlp_dim,
-                    dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-                    causal=self.causal, decode=self.decode, name=f"block_{i}")(x, mask_BxL, deterministic)
+    if self.reversible:
+      if self.decode:
+        raise ValueError("reversible=True has no decode path; use the ordinary encoder for decoding")
+      x = ReversibleBlocks(tuple(self.attention_for_layers()), self.num_heads, self.qkv_dim, self.mlp_dim,
+                           self.dropout_rate, self.attention_dropout_rate, self.causal, name="reversible")(
+                               x, mask_BxL, deterministic)
+    else:
+      block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+      for i, layer_attention in enumerate(self.attention_for_layers()):
+        x = block_cls(attention=layer_attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
+                      mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                      attention_dropout_rate=self.attention_dropout_rate, causal=self.causal, decode=self.decode,
+                      name=f"block_{i}")(x, mask_BxL, deterministic)
     x = nn.LayerNorm(name="ln_final")(x)
 
     if self.pooling == "cls":
@@ -166,7 +164,8 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                 qkv_dim=model_config.qkv_dim, mlp_dim=model_config.mlp_dim,
                 dropout_rate=model_config.dropout_rate, attention_dropout_rate=model_config.attention_dropout_rate,
                 pos_encoding=model_config.pos_encoding, pooling=model_config.pooling,
-                attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False))
+                attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False),
+                reversible=model_config.get("reversible", False))
   layer_options = model_config.get("layer_options")
   if layer_options is not None:
     kwargs["layer_options"] = tuple(dict(o) for o in layer_options)
