@@ -22,7 +22,8 @@ POOLINGS = ("cls", "mean", "none")
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)); post-LN (`post_ln=True`, the original Transformer and the
+  Grassmann paper): LN(x + Attn(x)), then LN(x + MLP(x))."""
 
   attention: Mapping[str, Any]
   num_heads: int
@@ -32,6 +33,7 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float
   causal: bool = False
   decode: bool = False
+  post_ln: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
@@ -40,12 +42,14 @@ class EncoderBlock(nn.Module):
     layer = attention_lib.build(name, num_heads=self.num_heads, qkv_dim=self.qkv_dim, causal=self.causal,
                                 dropout_rate=self.attention_dropout_rate, decode=self.decode, **options,
                                 name="attention")
-    y = nn.LayerNorm(name="ln_attention")(x)
-    y = layer(y, mask=mask, deterministic=deterministic)
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = nn.LayerNorm(name="ln_mlp")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, name="mlp")(y, deterministic)
-    return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    mlp = MlpBlock(self.mlp_dim, self.dropout_rate, name="mlp")
+    ln_attention, ln_mlp = nn.LayerNorm(name="ln_attention"), nn.LayerNorm(name="ln_mlp")
+    dropout = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
+    if self.post_ln:
+      x = ln_attention(x + dropout(layer(x, mask=mask, deterministic=deterministic)))
+      return ln_mlp(x + dropout(mlp(x, deterministic)))
+    x = x + dropout(layer(ln_attention(x), mask=mask, deterministic=deterministic))
+    return x + dropout(mlp(ln_mlp(x), deterministic))
 
 
 class Encoder(nn.Module):
@@ -64,6 +68,7 @@ class Encoder(nn.Module):
     remat: recompute each block's activations in the backward pass (memory for compute).
     reversible: RevNet residuals whose backward pass rebuilds activations (lra/models/reversible.py), so activation
       memory does not grow with depth. A different function from the ordinary pre-LN stack (two streams).
+    post_ln: post-LN blocks (LayerNorm after each residual, no final LayerNorm) instead of pre-LN.
   """
 
   vocab_size: int
@@ -82,6 +87,7 @@ class Encoder(nn.Module):
   decode: bool = False
   remat: bool = False
   reversible: bool = False
+  post_ln: bool = False
   layer_options: tuple[Mapping[str, Any], ...] | None = None
 
   def attention_for_layers(self) -> list[ml_collections.FrozenConfigDict]:
@@ -131,8 +137,8 @@ class Encoder(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
     if self.reversible:
-      if self.decode:
-        raise ValueError("reversible=True has no decode path; use the ordinary encoder for decoding")
+      if self.decode or self.post_ln:
+        raise ValueError("reversible=True supports neither decode nor post_ln; use the ordinary encoder for those")
       x = ReversibleBlocks(tuple(self.attention_for_layers()), self.num_heads, self.qkv_dim, self.mlp_dim,
                            self.dropout_rate, self.attention_dropout_rate, self.causal, name="reversible")(
                                x, mask_BxL, deterministic)
@@ -142,8 +148,9 @@ class Encoder(nn.Module):
         x = block_cls(attention=layer_attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
                       mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                       attention_dropout_rate=self.attention_dropout_rate, causal=self.causal, decode=self.decode,
-                      name=f"block_{i}")(x, mask_BxL, deterministic)
-    x = nn.LayerNorm(name="ln_final")(x)
+                      post_ln=self.post_ln, name=f"block_{i}")(x, mask_BxL, deterministic)
+    if not self.post_ln:
+      x = nn.LayerNorm(name="ln_final")(x)
 
     if self.pooling == "cls":
       return x[:, 0]
@@ -165,7 +172,7 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                 dropout_rate=model_config.dropout_rate, attention_dropout_rate=model_config.attention_dropout_rate,
                 pos_encoding=model_config.pos_encoding, pooling=model_config.pooling,
                 attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False),
-                reversible=model_config.get("reversible", False))
+                reversible=model_config.get("reversible", False), post_ln=model_config.get("post_ln", False))
   layer_options = model_config.get("layer_options")
   if layer_options is not None:
     kwargs["layer_options"] = tuple(dict(o) for o in layer_options)
