@@ -15,5 +15,6 @@ from attention import performer  # noqa: F401
 from attention import transnormer  # noqa: F401
 from attention import based  # noqa: F401
 from attention import grassmann  # noqa: F401
+from attention import sparse  # noqa: F401
 
 __all__ = ["AttentionLayer", "build", "get_class", "names", "options", "register"]

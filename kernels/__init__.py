@@ -6,3 +6,4 @@ with their issues (see DESIGN.md "Functional cores").
 """
 
 from kernels.linear_attention import linear_attention
+from kernels.block_sparse import block_sparse_attention

@@ -1,0 +1,157 @@
+"""Fixed-pattern sparse attention: local, Sparse Transformer, Longformer and BigBird on one block-sparse core.
+
+Each variant builds a static block layout (`attention.sparse_layouts`) for the padded length and calls
+`kernels.block_sparse_attention`, whose "xla" implementation gathers only the allowed key blocks, so memory grows with
+the number of allowed blocks rather than with length squared. Patterns are applied at block granularity: every size
+option (`window`, `stride`, `c`, `num_global_blocks`, `num_random_blocks`) counts blocks of `block_size` tokens, so a
+paper's token window `w` is `w / block_size` blocks here, and a global block makes all of its tokens global.
+
+Lengths that are not a multiple of `block_size` are padded internally with zero queries/keys/values; the padded keys
+are masked out (as are the caller's padded keys, through `mask`) and the padded outputs are dropped. `dropout_rate`
+is applied to the attention weights of the allowed blocks.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import ClassVar, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention import sparse_layouts
+from attention.base import AttentionLayer
+from attention.registry import register
+from kernels.block_sparse import IMPLEMENTATIONS, block_sparse_attention
+
+
+class BlockSparseAttention(AttentionLayer):
+  """Shared machinery of the sparse variants (not registered itself): subclasses provide `layout`.
+
+  Attributes (besides the common ones of `AttentionLayer`):
+    block_size: tokens per block; lengths are padded to a multiple of it internally.
+    implementation: `kernels.block_sparse_attention`'s implementation; None = best available.
+  """
+
+  block_size: int = 32
+  implementation: str | None = None
+
+  def layout(self, num_blocks: int) -> np.ndarray:
+    """The bool `[num_heads or 1, num_blocks, num_blocks]` block layout."""
+    raise NotImplementedError
+
+  def check_options(self) -> None:
+    name = type(self).__name__
+    if self.block_size < 1:
+      raise ValueError(f"{name}: block_size must be >= 1, got block_size={self.block_size}")
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"{name}: unknown implementation {self.implementation!r}; valid choices: {IMPLEMENTATIONS}")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    self.check_inputs(x, mask)
+    self.check_options()
+    q, k, v = self.project_qkv(x)
+    batch, length = x.shape[:2]
+    pad = -length % self.block_size
+    kv_mask_BxL = None if mask is None else mask.astype(bool)
+    if pad:
+      q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+      real = jnp.ones((batch, length), bool) if kv_mask_BxL is None else kv_mask_BxL
+      kv_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng("dropout")
+    layout_HxNxN = self.layout((length + pad) // self.block_size)
+    y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
+                               implementation=self.implementation, kv_mask=kv_mask_BxL,
+                               dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+    return self.project_out(y[:, :length], x.shape[-1])
+
+
+@register("local")
+class LocalAttention(BlockSparseAttention):
+  """Local (banded) attention: each block attends to `window` blocks around it (odd `window`; `window=1` is LRA's
+  block-diagonal local attention); causal: to itself and the `window - 1` blocks before it."""
+
+  window: int = 3
+
+  def layout(self, num_blocks: int) -> np.ndarray:
+    return sparse_layouts.local_layout(num_blocks, window=self.window, causal=self.causal)
+
+
+@register("sparse_transformer")
+class SparseTransformerAttention(BlockSparseAttention):
+  """Sparse Transformer (Child et al., 2019), "strided" or "fixed" pattern, with the two attention heads of the paper
+  merged (every head attends to the union). `stride` (the paper's l) and `c` count blocks: the defaults with
+  block_size=32 are l=128 and c=32 tokens. Causal as in the paper, or bidirectional (mirrored pattern) for encoders."""
+
+  pattern: Literal["strided", "fixed"] = "strided"
+  stride: int = 4
+  c: int = 1
+
+  PATTERNS: ClassVar[tuple[str, ...]] = ("strided", "fixed")
+
+  def layout(self, num_blocks: int) -> np.ndarray:
+    if self.pattern == "strided":
+      return sparse_layouts.strided_layout(num_blocks, stride=self.stride, causal=self.causal)
+    if self.pattern == "fixed":
+      return sparse_layouts.fixed_layout(num_blocks, stride=self.stride, c=self.c, causal=self.causal)
+    raise ValueError(f"SparseTransformerAttention: unknown pattern {self.pattern!r}; valid choices: {self.PATTERNS}")
+
+
+@register("longformer")
+class LongformerAttention(BlockSparseAttention):
+  """Longformer (Beltagy et al., 2020): a sliding window of `window` blocks plus `num_global_blocks` global blocks at
+  the start (covering a CLS token at position 0). The last `num_dilated_heads` heads dilate their window by
+  `dilation` (the paper dilates 2 heads in upper layers). Global tokens make it non-causal; with
+  `num_global_blocks=0` it can be causal (the paper's autoregressive language models)."""
+
+  window: int = 3
+  num_global_blocks: int = 1
+  dilation: int = 1
+  num_dilated_heads: int = 2
+
+  supports_causal = False
+  not_causal_reason = ("global tokens see and are seen by every position, future ones included; set "
+                       "num_global_blocks=0 for the causal sliding-window Longformer")
+
+  def check_inputs(self, x: jax.Array, mask: jax.Array | None) -> None:
+    if self.causal and self.num_global_blocks == 0:
+      # The paper's causal sliding window: check everything else as for a non-causal layer.
+      return super(LongformerAttention, self.clone(parent=None, causal=False)).check_inputs(x, mask)
+    return super().check_inputs(x, mask)
+
+  def layout(self, num_blocks: int) -> np.ndarray:
+    if self.dilation > 1 and not 0 <= self.num_dilated_heads <= self.num_heads:
+      raise ValueError(f"LongformerAttention: num_dilated_heads must be in [0, num_heads={self.num_heads}], got "
+                       f"{self.num_dilated_heads}")
+    dilated = min(self.num_dilated_heads, self.num_heads)
+    dilations = [1] * (self.num_heads - dilated) + [self.dilation] * dilated
+    return sparse_layouts.longformer_layout(num_blocks, window=self.window, num_global_blocks=self.num_global_blocks,
+                                            dilation=dilations if self.dilation > 1 else 1, causal=self.causal)
+
+
+@register("bigbird")
+class BigBirdAttention(BlockSparseAttention):
+  """BigBird-ITC (Zaheer et al., 2020): a window of `window` blocks, `num_global_blocks` global blocks at the start and
+  `num_random_blocks` random blocks per row and head. The random blocks are fixed per layer: drawn on the host from
+  `seed` and the layer's module path, so layers differ and the same model always gets the same pattern."""
+
+  block_size: int = 64
+  window: int = 3
+  num_global_blocks: int = 2
+  num_random_blocks: int = 3
+  seed: int = 0
+
+  supports_causal = False
+  not_causal_reason = "global tokens see and are seen by every position, and random blocks reach into the future"
+
+  def layout(self, num_blocks: int) -> np.ndarray:
+    path = self.path if self.scope is not None else ()  # unbound (e.g. for plotting): the root's pattern
+    path_hash = zlib.crc32("/".join(map(str, path)).encode())
+    return sparse_layouts.bigbird_layout(num_blocks, window=self.window, num_global_blocks=self.num_global_blocks,
+                                         num_random_blocks=self.num_random_blocks, num_heads=self.num_heads,
+                                         seed=(self.seed, path_hash))

@@ -1,0 +1,141 @@
+"""The sparse variants (local, sparse_transformer, longformer, bigbird): layer contract, the attended pattern equals
+the layout, non-causal variants refuse causal=True, option errors, and a short ListOps run lowers the loss."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attention
+from configs import common
+from kernels.block_sparse import expand_layout
+from lra.training import train_and_evaluate
+from lra.training.metric_writers import read_metrics
+from tests.attention import contract
+from tests.conftest import tiny_listops_config
+
+SPARSE = ("bigbird", "local", "longformer", "sparse_transformer")
+
+# (name, options, causal supported). Block sizes 4 and 5 against the contract's lengths 12 and 10 cover lengths that
+# are a multiple of the block size and lengths padded internally. The "fixed" pattern's causality is checked exactly
+# by `test_outputs_depend_exactly_on_the_layout`.
+CASES = [
+    ("local", dict(block_size=5, window=3), True),
+    ("sparse_transformer", dict(pattern="strided", block_size=2, stride=3), True),
+    ("longformer", dict(block_size=4, window=1, num_global_blocks=1), False),
+    ("longformer", dict(block_size=4, window=3, num_global_blocks=0, dilation=2, num_dilated_heads=1), True),
+    ("bigbird", dict(block_size=5, window=1, num_global_blocks=1, num_random_blocks=1), False),
+]
+
+
+@pytest.mark.parametrize("name,options,causal", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_contract(name, options, causal):
+  contract.check_shape(name, num_heads=2, **options)
+  contract.check_padding_by_gradient(name, num_heads=2, **options)
+  if causal:
+    contract.check_causal_by_gradient(name, num_heads=2, **options)
+  else:
+    with pytest.raises(ValueError, match="cannot be causal.*global tokens see and are seen by every position"):
+      contract.init_layer(name, jnp.ones((1, 8, 16)), causal=True, num_heads=2, **options)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("local", dict(block_size=3, window=3)),
+    ("sparse_transformer", dict(pattern="fixed", block_size=2, stride=3, c=1, causal=True)),
+    ("longformer", dict(block_size=2, window=3, num_global_blocks=1, dilation=2, num_dilated_heads=1)),
+    ("bigbird", dict(block_size=2, window=1, num_global_blocks=1, num_random_blocks=2)),
+])
+def test_outputs_depend_exactly_on_the_layout(name, options):
+  """d y_i / d x_j != 0 exactly where some head's token-level layout (and causality) lets i see j."""
+  length, block = 13, options["block_size"]  # 13 is not a multiple of any block size used here
+  x = jax.random.normal(jax.random.key(0), (1, length, 8))
+  layer, variables = contract.init_layer(name, x, num_heads=2, **options)
+  jac = jax.jit(jax.jacrev(lambda x: layer.apply(variables, x)[0]))(x)  # [L, F, 1, L, F]
+  dep = np.abs(np.asarray(jac[:, :, 0])).sum(axis=(1, 3)) > 0
+  num_blocks = -(-length // block)
+  allowed = expand_layout(layer.bind(variables).layout(num_blocks), block).any(axis=0)[:length, :length]
+  if options.get("causal"):
+    allowed &= np.tril(np.ones((length, length), bool))
+  np.testing.assert_array_equal(dep, allowed)
+  assert not allowed.all(), "the pattern should be sparse at this size"
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_xla_equals_reference(name):
+  x = jax.random.normal(jax.random.key(1), (2, 13, 8))
+  mask = jnp.arange(13)[None, :] < jnp.array([[9], [13]])
+  options = dict(num_heads=2, block_size=3)
+  layer, variables = contract.init_layer(name, x, implementation="xla", **options)
+  reference = attention.build(name, implementation="reference", **options)
+  got = jax.jit(lambda x: layer.apply(variables, x, mask=mask))(x)
+  want = jax.jit(lambda x: reference.apply(variables, x, mask=mask))(x)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_applies_to_the_weights_in_training_only():
+  x = jax.random.normal(jax.random.key(3), (1, 8, 8))
+  layer, variables = contract.init_layer("local", x, num_heads=2, block_size=4, dropout_rate=0.5)
+  train = layer.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
+  assert not np.allclose(layer.apply(variables, x), train)
+
+
+def _bigbird_layout_at(name: str, seed: int = 0) -> np.ndarray:
+  """The 16-block layout of a BigBird layer named `name` inside a parent module."""
+  class Parent(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      child = attention.build("bigbird", num_heads=2, block_size=2, seed=seed, name=name)
+      child(x)
+      return child.layout(16)
+
+  return Parent().init_with_output(jax.random.key(0), jnp.ones((1, 4, 8)))[0]
+
+
+def test_bigbird_random_blocks_are_fixed_per_layer_and_differ_between_layers():
+  first = _bigbird_layout_at("block_0")
+  np.testing.assert_array_equal(first, _bigbird_layout_at("block_0"))
+  assert not np.array_equal(first, _bigbird_layout_at("block_1"))
+  assert not np.array_equal(first, _bigbird_layout_at("block_0", seed=1))
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("sparse_transformer", dict(pattern="dilated"),
+     r"unknown pattern 'dilated'; valid choices: \('strided', 'fixed'\)"),
+    ("local", dict(window=2), "window must be odd"),
+    ("local", dict(block_size=0), "block_size must be >= 1, got block_size=0"),
+    ("local", dict(implementation="pallas"), "implementation='pallas' is not available yet"),
+    ("local", dict(implementation="triton"), "unknown implementation 'triton'"),
+    ("longformer", dict(dilation=2, num_dilated_heads=3), r"num_dilated_heads must be in \[0, num_heads=2\], got 3"),
+])
+def test_option_errors_name_the_values(name, options, match):
+  with pytest.raises(ValueError, match=match):
+    contract.init_layer(name, jnp.ones((1, 8, 16)), num_heads=2, **options)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_attention_config_has_typed_defaults(name):
+  config = common.attention_config(name)
+  assert config.name == name
+  for key, value in config.items():
+    assert value is not None or key == "implementation", (name, key)
+  attention.build(name, **{k: v for k, v in config.to_dict().items() if k != "name"})
+
+
+SMOKE = {  # small blocks so that a 48-token ListOps sequence really is sparse
+    "local": dict(block_size=8, window=3),
+    "sparse_transformer": dict(pattern="fixed", block_size=8, stride=2, c=1),
+    "longformer": dict(block_size=8, window=1, num_global_blocks=1),
+    "bigbird": dict(block_size=8, window=1, num_global_blocks=1, num_random_blocks=1),
+}
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_listops_training_lowers_the_loss(name, data_cache, tmp_path):
+  config = tiny_listops_config(data_cache, num_steps=20, learning_rate=0.02, log_every_steps=5,
+                               eval_every_steps=1000, checkpoint_every_steps=1000, num_eval_batches=1)
+  config.model.attention = common.attention_config(name, **SMOKE[name])
+  train_and_evaluate(config, tmp_path)
+  losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
