@@ -1,6 +1,7 @@
 r"""Evaluates a checkpoint: `python eval.py --workdir runs/x --split test [--config ...] [--checkpoint latest]`.
 
-Without --config the run's own `<workdir>/config.json` is used. Writes `<workdir>/eval_<split>.json`.
+Without --config the run's own `<workdir>/config.json` is used. Writes `<workdir>/eval_<split>.json` for each split
+(`--split validation,test` evaluates both).
 """
 
 import json
@@ -16,7 +17,7 @@ from lra.training import evaluate_checkpoint
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: <workdir>/config.json).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
-_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (validation, test, ...).")
+_SPLIT = flags.DEFINE_list("split", ["test"], "Split(s) to evaluate, comma separated (validation,test).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -35,8 +36,9 @@ def main(argv):
       raise app.UsageError(f"{path} not found: pass --config or point --workdir at a training run")
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
   checkpoint = int(_CHECKPOINT.value) if _CHECKPOINT.value.isdigit() else _CHECKPOINT.value
-  result = evaluate_checkpoint(config, _WORKDIR.value, _SPLIT.value, checkpoint)
-  print(json.dumps(result, indent=2))
+  for split in _SPLIT.value:
+    result = evaluate_checkpoint(config, _WORKDIR.value, split, checkpoint)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

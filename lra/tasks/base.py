@@ -66,6 +66,10 @@ class Task(abc.ABC):
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     """A batch of the right shapes and dtypes, for initialisation."""
 
+  def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics derived from the exact split-level means (e.g. perplexity = exp(mean token loss))."""
+    return metrics
+
 
 class ClassificationTask(Task):
   """Sequence classification: `batch["targets"]` are class ids; cross-entropy loss, accuracy."""

@@ -136,7 +136,8 @@ class Experiment:
         acc = totals.setdefault(name, [0.0, 0.0])
         acc[0] += float(total)
         acc[1] += float(weight)
-    return {name: total / max(weight, 1e-12) for name, (total, weight) in totals.items()}
+    return self.task.finalize_metrics(
+        {name: total / max(weight, 1e-12) for name, (total, weight) in totals.items()})
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -192,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       if not math.isfinite(float(m["loss"])):
         raise FloatingPointError(f"non-finite training loss {float(m['loss'])} at step {s}; lower the learning "
                                  f"rate or enable config.train.grad_clip_norm (last checkpoint: {ckpt.latest_step()})")
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    mean = task.finalize_metrics({k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]})
     mean["learning_rate"] = float(optim.learning_rate_schedule(train_cfg)(step - 1))
     pending.clear()
     writer.write(step, "train", mean)

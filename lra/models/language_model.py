@@ -1,0 +1,34 @@
+"""Causal language model: the encoder run causally over every position, then next-token logits."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lra.models.encoder import Encoder
+
+
+class LanguageModel(nn.Module):
+  """`batch["inputs"] [B, L]` -> logits `[B, L, vocab]`. The encoder must be causal with pooling "none".
+
+  tie_embeddings: the output layer is the transposed token embedding (plus a bias), as Press & Wolf (2017).
+  """
+
+  encoder: Encoder
+  vocab_size: int
+  tie_embeddings: bool = True
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
+    if not self.encoder.causal or self.encoder.pooling != "none":
+      raise ValueError(f"LanguageModel needs a causal encoder with pooling='none', got causal={self.encoder.causal}, "
+                       f"pooling={self.encoder.pooling!r}")
+    hidden_BxLxF = self.encoder(batch["inputs"], batch.get("mask"), train=train)
+    if self.tie_embeddings:
+      embedding_VxF = self.encoder.variables["params"]["embed"]["embedding"]
+      bias = self.param("output_bias", nn.initializers.zeros, (self.vocab_size,))
+      return jnp.einsum("blf,vf->blv", hidden_BxLxF, embedding_VxF.astype(hidden_BxLxF.dtype)) + bias
+    return nn.Dense(self.vocab_size, name="output")(hidden_BxLxF)
