@@ -37,6 +37,8 @@ from lra.training import metric_writers, optim, sharding
 # Rng streams given to the model: "dropout" for dropout, "attention" for variants that draw fresh randomness per
 # call (feature redraws, hash rotations). Evaluation gets a fixed "attention" key and no dropout.
 RNG_STREAMS = ("dropout", "attention")
+# The one logged value that is not reproducible (wall clock); resumed runs match uninterrupted ones in all others.
+STEPS_PER_SECOND = "steps_per_second"
 
 
 # optax.tree.norm replaced optax.global_norm (deprecated) in recent optax; keep both working.
@@ -195,11 +197,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                  f"rate or enable config.train.grad_clip_norm (last checkpoint: {ckpt.latest_step()})")
     mean = task.finalize_metrics({k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]})
     mean["learning_rate"] = float(optim.learning_rate_schedule(train_cfg)(step - 1))
+    now = time.monotonic()
+    # Wall-clock throughput since the last log line (the first one includes compilation).
+    mean[STEPS_PER_SECOND] = len(pending) / max(now - last_flush[0], 1e-9)
+    last_flush[0] = now
     pending.clear()
     writer.write(step, "train", mean)
     progress.update(step, {"loss": mean["loss"]})
 
   t0 = time.monotonic()
+  last_flush = [t0]
   try:
     for step in range(start_step + 1, num_steps + 1):
       batch = sharding.to_global(train_batches[step - 1], exp.batch_sharding)
@@ -220,6 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       if checkpoint_due:
         meta = {**meta, "step": step}
         ckpt.save_latest(step, state, meta)
+      if not pending:  # keep evaluation and checkpointing out of the next throughput figure
+        last_flush[0] = time.monotonic()
     flush(num_steps)
     for split in task.eval_splits:
       if split != task.validation_split or split not in final:
