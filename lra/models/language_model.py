@@ -14,7 +14,9 @@ from lra.models.encoder import Encoder
 class LanguageModel(nn.Module):
   """`batch["inputs"] [B, L]` -> logits `[B, L, vocab]`. The encoder must be causal with pooling "none".
 
-  tie_embeddings: the output layer is the transposed token embedding (plus a bias), as Press & Wolf (2017).
+  tie_embeddings: the output layer is the transposed token embedding (plus a bias), as Press & Wolf (2017),
+    scaled by 1/sqrt(emb_dim): the encoder's embedding is initialised with unit variance (as LRA), so unscaled logits
+    would start with a standard deviation of ~sqrt(emb_dim) and a loss far above log(vocab).
   """
 
   encoder: Encoder
@@ -30,5 +32,6 @@ class LanguageModel(nn.Module):
     if self.tie_embeddings:
       embedding_VxF = self.encoder.variables["params"]["embed"]["embedding"]
       bias = self.param("output_bias", nn.initializers.zeros, (self.vocab_size,))
-      return jnp.einsum("blf,vf->blv", hidden_BxLxF, embedding_VxF.astype(hidden_BxLxF.dtype)) + bias
+      scale = hidden_BxLxF.shape[-1] ** -0.5
+      return jnp.einsum("blf,vf->blv", hidden_BxLxF, embedding_VxF.astype(hidden_BxLxF.dtype)) * scale + bias
     return nn.Dense(self.vocab_size, name="output")(hidden_BxLxF)
