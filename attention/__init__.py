@@ -16,5 +16,9 @@ from attention import transnormer  # noqa: F401
 from attention import based  # noqa: F401
 from attention import grassmann  # noqa: F401
 from attention import sparse  # noqa: F401
+from attention import reformer  # noqa: F401
+from attention import linformer  # noqa: F401
+from attention import synthesizer  # noqa: F401
+from attention import sinkhorn  # noqa: F401
 
 __all__ = ["AttentionLayer", "build", "get_class", "names", "options", "register"]
