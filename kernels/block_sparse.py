@@ -9,11 +9,16 @@ queries of block `i` may attend to the keys of block `j` in head `h`. The softma
                (`[H, N, K]`, K = the most allowed blocks in any row) built from the static layout: memory grows with
                the number of allowed blocks, `O(L * K * block_size)`, not with `L^2`. Plain autodiff gives the
                backward pass (the gather's transpose is a scatter-add), with the same memory scaling;
-  "pallas"/"interpret" arrive with the kernels issue; asking for them raises until then.
-None picks the best available: "xla" for now. Scores, softmax and the weighted sum accumulate in float32 whatever the
-input dtype; the output has the dtype of `q`. The layout must be concrete (numpy, or a jax array outside `jit`
-tracing): it decides the shapes of the gathers. `block_sparse_attention` jits its work with the layout, block size,
-causal flag, scale and dropout rate as static arguments, so an eager call compiles once per configuration.
+  "pallas"     the flash-style kernels of `kernels.block_sparse_pallas` (online softmax over the allowed key tiles
+               only, custom_vjp backward from the saved log-sum-exp) for the current backend: TPU (Mosaic TPU) or
+               GPU (Mosaic GPU, Hopper; bfloat16/float16, tiles and head_dim multiples of 64); no dropout;
+  "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them).
+None picks "pallas" on GPU/TPU when the call fits the kernel (no dropout, tile constraints met) and "xla"
+otherwise (CPU included). `block_sizes` (`BlockSizes`) sets the kernel tiles. Scores, softmax and the weighted sum
+accumulate in float32 whatever the input dtype; the output has the dtype of `q`. The layout must be concrete
+(numpy, or a jax array outside `jit` tracing): it decides the shapes of the gathers and the kernels' index tables.
+`block_sparse_attention` jits its work with the layout, block size, causal flag, scale, dropout rate and kernel
+options as static arguments, so an eager call compiles once per configuration.
 Dropout (`dropout_rate` with a `dropout_rng`) acts on the normalized weights of the allowed keys.
 """
 
@@ -24,6 +29,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kernels import block_sparse_pallas
+from kernels.block_sparse_pallas import BlockSizes
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -145,10 +153,34 @@ def block_sparse_attention_xla(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxL
   return out.astype(q_BxLxHxD.dtype)
 
 
+def _resolve(implementation, q, block_size: int, block_sizes, dropout: bool):
+  """(implementation, kernel backend or None) for this call; None picks "pallas" where the kernel applies."""
+  backend = block_sparse_pallas.accelerator_backend()
+  if implementation == "interpret":
+    return "interpret", "tpu"
+  if implementation == "pallas":
+    if backend is None:
+      raise ValueError(f"block_sparse_attention implementation='pallas' needs a GPU or TPU backend, got "
+                       f"{jax.default_backend()!r}; use implementation='interpret' to run the kernels on CPU")
+    if dropout:
+      raise ValueError("block_sparse_attention implementation='pallas' has no attention dropout; use 'xla' (or None, "
+                       "which falls back to it) when dropout_rate > 0")
+    return "pallas", backend
+  if implementation is None:
+    if backend is None or dropout:
+      return "xla", None
+    try:
+      block_sparse_pallas.check_supported(q.shape, q.dtype, block_size, block_sizes, backend)
+    except ValueError:
+      return "xla", None
+    return "pallas", backend
+  return implementation, None
+
+
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, block_size: int,
                            causal: bool = False, scale: float | None = None, implementation: str | None = None,
                            kv_mask: jax.Array | None = None, dropout_rate: float = 0.0,
-                           dropout_rng: jax.Array | None = None) -> jax.Array:
+                           dropout_rng: jax.Array | None = None, block_sizes: BlockSizes | None = None) -> jax.Array:
   """Block-sparse softmax attention on `[batch, length, heads, head_dim]` tensors (see the module docstring).
 
   Args:
@@ -156,14 +188,15 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, 
     scale: score scale (a Python float: it is static); None means `head_dim ** -0.5`.
     kv_mask: optional bool `[batch, length]`, True = a real key that may be attended (padding is False).
     dropout_rate, dropout_rng: dropout on the attention weights (applied only when both are given).
+    block_sizes: kernel tiles of the "pallas"/"interpret" implementations (`BlockSizes`); None = backend defaults.
   """
   layout = _concrete_layout(layout)
   _check(q, k, v, layout, block_size, kv_mask, implementation)
-  if implementation in ("pallas", "interpret"):
-    raise ValueError(f"block_sparse_attention implementation={implementation!r} is not available yet (the Pallas "
-                     f"kernel comes with the kernels issue); use 'xla' or 'reference'")
+  dropout = dropout_rate > 0.0 and dropout_rng is not None
+  implementation, backend = _resolve(implementation, q, block_size, block_sizes, dropout)
   return _jitted_attention(q, k, v, _StaticLayout(layout), kv_mask, dropout_rng, block_size=block_size,
-                           causal=causal, scale=scale, implementation=implementation, dropout_rate=dropout_rate)
+                           causal=causal, scale=scale, implementation=implementation, dropout_rate=dropout_rate,
+                           block_sizes=block_sizes, backend=backend)
 
 
 class _StaticLayout:
@@ -182,14 +215,18 @@ class _StaticLayout:
 
 # One compiled computation per (layout, options, shapes): eager callers (tests, notebooks) then pay one compilation
 # instead of dispatching dozens of small ops; under an outer jit this simply inlines.
-@functools.partial(jax.jit, static_argnames=("block_size", "causal", "scale", "implementation", "dropout_rate"),
-                   static_argnums=3)
+@functools.partial(jax.jit, static_argnames=("block_size", "causal", "scale", "implementation", "dropout_rate",
+                                             "block_sizes", "backend"), static_argnums=3)
 def _jitted_attention(q, k, v, layout: _StaticLayout, kv_mask, dropout_rng, *, block_size, causal, scale,
-                      implementation, dropout_rate):
+                      implementation, dropout_rate, block_sizes, backend):
+  if implementation in ("pallas", "interpret"):
+    return block_sparse_pallas.block_sparse_attention_pallas(
+        q, k, v, layout.layout, block_size=block_size, causal=causal, scale=scale, kv_mask=kv_mask,
+        block_sizes=block_sizes, backend=backend, interpret=implementation == "interpret")
   fn = block_sparse_attention_reference if implementation == "reference" else block_sparse_attention_xla
   return fn(q, k, v, layout.layout, block_size=block_size, causal=causal, scale=scale, kv_mask=kv_mask,
             dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_xla",
+__all__ = ["BlockSizes", "block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_xla",
            "expand_layout", "gather_tables"]

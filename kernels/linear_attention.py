@@ -5,7 +5,11 @@ Inputs are already feature-mapped (`q`, `k` non-negative for normalized attentio
   "reference"  the quadratic form `(q k^T) v` with a causal mask: the ground truth in tests, O(L^2) memory;
   "xla"        chunked: quadratic inside chunks of `chunk_size`, the `[D, Dv]` state carried across chunks by
                `lax.scan` (causal) or a single sum (non-causal): memory linear in length;
-  "pallas"     arrives with the kernels issue; asking for it raises until then.
+  "pallas"     the chunked kernels of `kernels.linear_attention_pallas` (state carried across chunks on chip,
+               custom_vjp backward running the recursion in reverse) for the current backend: TPU (Mosaic TPU) or
+               GPU (Mosaic GPU, Hopper; bfloat16/float16, chunk a multiple of 64, feature and value dims 64 or 128);
+  "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them).
+None picks "pallas" on GPU/TPU when the call fits the kernel and "xla" otherwise (CPU included).
 Accumulation is float32 whatever the input dtype; the output has the dtype of `v`.
 """
 
@@ -14,6 +18,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from kernels import linear_attention_pallas
+from kernels.linear_attention_pallas import ChunkSizes
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
 DEFAULT_EPS = 1e-6
@@ -94,9 +101,20 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, 
                      chunk_size: int = 64, implementation: str | None = None, eps: float = DEFAULT_EPS) -> jax.Array:
   """Linear attention on `[batch, length, heads, dim]` feature-mapped q, k and values v (see module docstring)."""
   _check(q, k, v, chunk_size, implementation)
+  backend = linear_attention_pallas.accelerator_backend()
+  if implementation == "pallas" and backend is None:
+    raise ValueError(f"linear_attention implementation='pallas' needs a GPU or TPU backend, got "
+                     f"{jax.default_backend()!r}; use implementation='interpret' to run the kernels on CPU")
+  if implementation is None and backend is not None:
+    try:
+      linear_attention_pallas.check_supported(q.shape, v.shape, jnp.result_type(q, k, v), chunk_size, backend)
+      implementation = "pallas"
+    except ValueError:
+      implementation = "xla"
   if implementation in ("pallas", "interpret"):
-    raise ValueError(f"linear_attention implementation={implementation!r} is not available yet (the Pallas kernel "
-                     f"comes with the kernels issue); use 'xla' or 'reference'")
+    return linear_attention_pallas.linear_attention_pallas(
+        q, k, v, causal=causal, normalize=normalize, eps=eps, chunk_sizes=ChunkSizes(chunk_size),
+        backend="tpu" if implementation == "interpret" else backend, interpret=implementation == "interpret")
   if implementation == "reference":
     return linear_attention_reference(q, k, v, causal=causal, normalize=normalize, eps=eps)
   return linear_attention_xla(q, k, v, causal=causal, normalize=normalize, chunk_size=chunk_size, eps=eps)

@@ -1,0 +1,212 @@
+"""kernels.block_sparse_pallas: the Pallas kernels against the dense reference (values and gradients), run on CPU
+in interpret mode: the TPU kernels with `interpret=True` (and once under the TPU interpreter's race detector), the
+Mosaic GPU kernels under the GPU interpreter. Plus the host-side index tables, tile validation and dispatch.
+
+Shapes are small (interpret mode executes every grid step through callbacks or a while loop on CPU); lowering at
+realistic sizes is `test_lowering.py`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attention
+from kernels import block_sparse_attention, block_sparse_pallas
+from kernels.block_sparse import block_sparse_attention_reference
+from kernels.block_sparse_pallas import (BlockSizes, block_sparse_attention_pallas, check_supported, make_tables,
+                                         tile_layout)
+
+# float32: kernel and reference both accumulate in float32 and differ in summation order (online softmax, tile
+# order). bfloat16: the probabilities fed to the second matmul are rounded to bfloat16 in the kernel but not in
+# the reference, and outputs/gradients are bfloat16 (8 mantissa bits): about 1% of the magnitudes (which are O(1)).
+TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+GRAD_TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-4), jnp.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+
+
+def _qkv(shape, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return [jax.random.normal(key, shape, dtype) for key in keys]
+
+
+def _random_layout(heads, n, seed, density=0.5):
+  layout = np.random.default_rng(seed).random((heads, n, n)) < density
+  layout[0, n // 2] = False  # a query block that sees nothing
+  layout[-1, 0, 0] = True  # and one that sees something
+  return layout
+
+
+def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, backend="tpu", interpret=True,
+             block_sizes=None, batch=2, heads=2):
+  q, k, v, ct = _qkv((batch, length, heads, head_dim), dtype, seed=length + head_dim)
+  kv_mask = None
+  if masked:  # row 0 loses the last block_size + 3 keys (a partial tile and a whole one), row 1 keeps all
+    kv_mask = jnp.arange(length)[None, :] < jnp.array([[length - block_size - 3]] + [[length]] * (batch - 1))
+
+  def fwd(impl):
+    if impl == "reference":
+      return lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, block_size=block_size, causal=causal,
+                                                              kv_mask=kv_mask)
+    return lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, causal=causal,
+                                                         kv_mask=kv_mask, block_sizes=block_sizes, backend=backend,
+                                                         interpret=interpret)
+
+  def value_and_grads(q, k, v):
+    def loss(impl):
+      def f(q, k, v):
+        out = fwd(impl)(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
+      return f
+    return [jax.value_and_grad(loss(impl), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+            for impl in ("reference", "kernel")]
+
+  # GPU interpret mode runs io_callbacks and cannot be jitted with them more cheaply; the TPU kernels jit once.
+  run = value_and_grads if backend == "gpu" else jax.jit(value_and_grads)
+  ((_, want), want_grads), ((_, got), got_grads) = run(q, k, v)
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **TOL[dtype])
+  for g, w in zip(got_grads, want_grads):
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **GRAD_TOL[dtype])
+
+
+TPU_GRID = [  # (length, block_size, block_sizes, head_dim, layout heads, causal, kv_mask, dtype)
+    (64, 16, None, 32, 2, True, True, jnp.float32),
+    (64, 16, BlockSizes(block_q=8, block_kv=16), 64, 1, True, False, jnp.float32),  # several q tiles per block
+    (96, 32, BlockSizes(block_q=32, block_kv=16), 128, 2, False, True, jnp.float32),  # several kv tiles per block
+    (128, 32, None, 64, 1, True, True, jnp.bfloat16),
+    (64, 16, None, 128, 2, False, False, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("length,block_size,block_sizes,head_dim,layout_heads,causal,masked,dtype", TPU_GRID)
+def test_tpu_kernels_in_interpret_mode_match_reference(length, block_size, block_sizes, head_dim, layout_heads,
+                                                       causal, masked, dtype):
+  layout = _random_layout(layout_heads, length // block_size, seed=length + head_dim)
+  _compare(length, block_size, layout, head_dim, causal, masked, dtype, block_sizes=block_sizes)
+
+
+GPU_GRID = [  # Mosaic GPU kernels: bfloat16, tiles and head_dim multiples of 64
+    (192, 64, 64, 2, True, True),
+    (128, 128, 128, 1, False, False),  # a 128-token layout block refined to 64-token tiles
+]
+
+
+@pytest.mark.parametrize("length,block_size,head_dim,layout_heads,causal,masked", GPU_GRID)
+def test_gpu_kernels_in_gpu_interpret_mode_match_reference(length, block_size, head_dim, layout_heads, causal,
+                                                           masked):
+  layout = _random_layout(layout_heads, length // block_size, seed=length)
+  _compare(length, block_size, layout, head_dim, causal, masked, jnp.bfloat16, backend="gpu", batch=1,
+           heads=layout_heads)
+
+
+def test_empty_layout_and_fully_masked_rows_give_zero_with_zero_gradients():
+  q, k, v, _ = _qkv((2, 32, 2, 32), jnp.float32)
+  layout = np.stack([np.zeros((2, 2), bool), np.ones((2, 2), bool)])  # head 0 sees nothing at all
+  kv_mask = jnp.array([[False] * 32, [True] * 32])  # batch row 0 has no real key at all
+
+  @jax.jit
+  def value_and_grads(q, k, v):
+    f = lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=16, causal=True,  # noqa: E731
+                                               kv_mask=kv_mask, implementation="interpret")
+    return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+
+  out, grads = value_and_grads(q, k, v)
+  out, grads = np.asarray(out), [np.asarray(g) for g in grads]
+  np.testing.assert_array_equal(out[:, :, 0], 0.0)
+  np.testing.assert_array_equal(out[0], 0.0)
+  assert np.abs(out[1, :, 1]).sum() > 0
+  for g in grads:  # nothing of head 0 or of batch row 0 reaches the output
+    assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(g[:, :, 0], 0.0)
+    np.testing.assert_array_equal(g[0], 0.0)
+
+
+def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
+  """The TPU interpreter simulates DMAs, the pipeline and two cores sharing the "parallel" grid axes."""
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter  # noqa: PLC0415
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  q, k, v, _ = _qkv((1, 32, 1, 32), jnp.float32)
+  layout = np.array([[[True, False], [True, True]]])
+  kv_mask = jnp.arange(32)[None, :] < 29
+  params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+  f = lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=16, causal=True,  # noqa: E731
+                                                     kv_mask=kv_mask, interpret=params)
+  got, grads = jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+  assert not tpu_interpreter.races.races_found
+  want = jax.value_and_grad(lambda *a: jnp.sum(block_sparse_attention_reference(
+      *a, layout, block_size=16, causal=True, kv_mask=kv_mask) ** 2), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got, want[0], rtol=1e-5)
+  for g, w in zip(grads, want[1]):
+    np.testing.assert_allclose(g, w, **GRAD_TOL[jnp.float32])
+
+
+def test_tables_list_allowed_tiles_in_order_and_their_transpose():
+  layout = np.array([[[True, False, True], [False, False, False], [True, True, True]]])
+  t = make_tables(layout, block_size=4, block_q=4, block_kv=4, causal=False)
+  assert (t.kv_width, t.q_width, t.num_q_tiles, t.num_kv_tiles) == (3, 2, 3, 3)
+  np.testing.assert_array_equal(t.kv_count, [2, 0, 3])
+  # Padding repeats the last listed tile (no new copy); an empty list points at tile 0.
+  np.testing.assert_array_equal(t.kv_index.reshape(3, 3), [[0, 2, 2], [0, 0, 0], [0, 1, 2]])
+  np.testing.assert_array_equal(t.q_count, [2, 1, 2])
+  np.testing.assert_array_equal(t.q_index.reshape(3, 2), [[0, 2], [2, 2], [0, 2]])
+
+  causal = make_tables(layout, block_size=4, block_q=4, block_kv=4, causal=True)
+  np.testing.assert_array_equal(causal.kv_count, [1, 0, 3])  # tile (0, 2) lies wholly in the future
+
+  # Refinement: 8-token blocks in 4-token query tiles and 8-token kv tiles, causal.
+  tiles = tile_layout(np.ones((1, 2, 2), bool), block_size=8, block_q=4, block_kv=8, causal=True)
+  np.testing.assert_array_equal(tiles[0], [[True, False], [True, False], [True, True], [True, True]])
+
+
+def test_block_sizes_and_backend_constraints_are_validated():
+  shape = (1, 128, 2, 64)
+  with pytest.raises(ValueError, match="block_q=12 must divide the layout block_size=16"):
+    check_supported(shape, jnp.float32, 16, BlockSizes(block_q=12), "tpu")
+  with pytest.raises(ValueError, match="block_kv must be a positive integer, got block_kv=0"):
+    check_supported(shape, jnp.float32, 16, BlockSizes(block_kv=0), "tpu")
+  with pytest.raises(ValueError, match="block_q=4 must be a multiple of 8 on TPU"):
+    check_supported(shape, jnp.float32, 16, BlockSizes(block_q=4), "tpu")
+  assert check_supported(shape, jnp.float32, 192, None, "tpu") == (64, 64)  # largest divisor up to 128
+  assert check_supported(shape, jnp.bfloat16, 128, None, "gpu") == (64, 64)
+  with pytest.raises(ValueError, match="block_q=32 must be a multiple of 64 .* on GPU"):
+    check_supported(shape, jnp.bfloat16, 32, BlockSizes(block_q=32, block_kv=32), "gpu")
+  with pytest.raises(ValueError, match="head_dim=32 must be 64 or 128 on GPU"):
+    check_supported((1, 128, 2, 32), jnp.bfloat16, 64, None, "gpu")
+  with pytest.raises(ValueError, match="dtype=float32 is not supported by the GPU kernel"):
+    check_supported(shape, jnp.float32, 64, None, "gpu")
+
+
+def _uses_pallas(fn, *args) -> bool:
+  """Whether tracing `fn` reaches a Pallas kernel: `pallas_call` (TPU kernels) or `mpmd_map` (Mosaic GPU kernels)."""
+  # A fresh function each time: make_jaxpr caches traces per function, and the dispatch happens while tracing.
+  jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+  return "pallas_call" in jaxpr or "mpmd_map" in jaxpr
+
+
+def test_default_implementation_is_the_kernel_on_accelerators_and_xla_on_cpu(monkeypatch):
+  q, k, v, _ = _qkv((1, 128, 2, 64), jnp.bfloat16)
+  layout = _random_layout(2, 2, seed=0)
+  f = lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=64, causal=True)  # noqa: E731
+  assert jax.default_backend() == "cpu" and not _uses_pallas(f, q, k, v)
+  monkeypatch.setattr(block_sparse_pallas, "accelerator_backend", lambda: "tpu")
+  assert _uses_pallas(f, q, k, v)
+  # Outside the kernel's reach (dropout; on GPU a 32-token block), None falls back to xla; "pallas" says why.
+  drop = lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=64, dropout_rate=0.1,  # noqa: E731
+                                                dropout_rng=jax.random.key(0))
+  assert not _uses_pallas(drop, q, k, v)
+  with pytest.raises(ValueError, match="'pallas' has no attention dropout"):
+    block_sparse_attention(q, k, v, layout, block_size=64, dropout_rate=0.1, dropout_rng=jax.random.key(0),
+                           implementation="pallas")
+  monkeypatch.setattr(block_sparse_pallas, "accelerator_backend", lambda: "gpu")
+  assert _uses_pallas(f, q, k, v)
+  small = np.ones((1, 4, 4), bool)
+  assert not _uses_pallas(lambda q, k, v: block_sparse_attention(q, k, v, small, block_size=32), q, k, v)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+def test_layer_implementation_option_reaches_the_kernel(implementation):
+  x = jnp.ones((1, 40, 32))
+  layer = attention.build("local", num_heads=2, block_size=16, window=3, implementation=implementation)
+  params = jax.eval_shape(layer.init, jax.random.key(1), x)
+  assert _uses_pallas(layer.apply, params, x) == (implementation == "interpret")

@@ -1,0 +1,70 @@
+"""The Pallas kernels lower for TPU (Mosaic TPU) and CUDA (Mosaic GPU) from this CPU-only machine.
+
+`jax.export` traces and lowers `jax.value_and_grad` of each kernel at realistic shapes (4K tokens, head dims 64 and
+128, bfloat16) for the accelerator platform: this runs the Pallas-to-Mosaic lowering (block shapes, tiling rules,
+shared-memory allocation, wgmma operand checks) without hardware and without executing anything. The module must
+hold the forward and the backward kernels: as many custom calls as kernels, each named by its kernel.
+What it cannot catch: errors of the device compilers that run later (Mosaic TPU's layout passes in libtpu, ptxas).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.block_sparse_pallas import block_sparse_attention_pallas
+from kernels.linear_attention_pallas import linear_attention_pallas
+
+LENGTH = 4096
+PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", "mosaic_gpu_v2")}
+
+
+def _export(fn, backend, *specs):
+  platform, target = PLATFORMS[backend]
+  exported = jax.export.export(jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2))), platforms=[platform],
+                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*specs)
+  return exported.mlir_module(), target
+
+
+def _assert_kernels(module: str, target: str, names: list[str]) -> None:
+  assert len(re.findall(rf"custom_call @{target}\(", module)) == len(names)
+  for name in names:
+    assert re.search(rf"\b{name}\b", module), name
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_block_sparse_forward_and_backward_lower(backend, head_dim):
+  block_size = 128
+  layout = np.random.default_rng(0).random((2, LENGTH // block_size, LENGTH // block_size)) < 0.1
+
+  def loss(q, k, v, kv_mask):
+    out = block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, causal=True, kv_mask=kv_mask,
+                                        backend=backend)
+    return jnp.sum(out.astype(jnp.float32))
+
+  spec = jax.ShapeDtypeStruct((2, LENGTH, 2, head_dim), jnp.bfloat16)
+  module, target = _export(loss, backend, spec, spec, spec, jax.ShapeDtypeStruct((2, LENGTH), jnp.bool_))
+  _assert_kernels(module, target, ["block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv"])
+
+
+CAUSAL_KERNELS = {"tpu": ["linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dkv"],
+                  "gpu": ["linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dk",
+                          "linear_attention_bwd_dv"]}
+NONCAUSAL_KERNELS = ["linear_attention_fwd_state", "linear_attention_fwd", "linear_attention_bwd_state",
+                     "linear_attention_bwd"]
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_attention_forward_and_backward_lower(backend, head_dim, causal):
+  def loss(q, k, v):
+    return jnp.sum(linear_attention_pallas(q, k, v, causal=causal, normalize=True, backend=backend)
+                   .astype(jnp.float32))
+
+  spec = jax.ShapeDtypeStruct((2, LENGTH, 2, head_dim), jnp.bfloat16)
+  module, target = _export(loss, backend, spec, spec, spec)
+  _assert_kernels(module, target, CAUSAL_KERNELS[backend] if causal else NONCAUSAL_KERNELS)
