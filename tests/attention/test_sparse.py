@@ -104,7 +104,7 @@ def test_bigbird_random_blocks_are_fixed_per_layer_and_differ_between_layers():
      r"unknown pattern 'dilated'; valid choices: \('strided', 'fixed'\)"),
     ("local", dict(window=2), "window must be odd"),
     ("local", dict(block_size=0), "block_size must be >= 1, got block_size=0"),
-    ("local", dict(implementation="pallas"), "implementation='pallas' is not available yet"),
+    ("local", dict(implementation="pallas"), "implementation='pallas' needs a GPU or TPU backend, got 'cpu'"),
     ("local", dict(implementation="triton"), "unknown implementation 'triton'"),
     ("longformer", dict(dilation=2, num_dilated_heads=3), r"num_dilated_heads must be in \[0, num_heads=2\], got 3"),
 ])
