@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from typing import Any, Mapping
+import itertools
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -70,3 +71,9 @@ def attention_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   for key, value in options.items():
     config[key] = ml_collections.FieldReference(value, field_type=str) if value is None else value
   return config
+
+
+def sweep_grid(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+  """The product of `{"dotted.config.key": [values...]}` as a list of override dicts (a config's `get_sweep()`)."""
+  keys = list(axes)
+  return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]

@@ -4,5 +4,10 @@ from lra.tasks.base import ArrayDataset, ClassificationTask, Metrics, Task
 from lra.tasks.registry import build, get, names, register
 from lra.tasks import listops  # noqa: F401  (registers "listops")
 from lra.tasks import wikitext2  # noqa: F401  (registers "wikitext2")
+from lra.tasks import snli  # noqa: F401  (registers "snli")
+from lra.tasks import text  # noqa: F401  (registers "text")
+from lra.tasks import retrieval  # noqa: F401  (registers "retrieval")
+from lra.tasks import image  # noqa: F401  (registers "image")
+from lra.tasks import pathfinder  # noqa: F401  (registers "pathfinder" and "pathx")
 
 __all__ = ["ArrayDataset", "ClassificationTask", "Metrics", "Task", "build", "get", "names", "register"]

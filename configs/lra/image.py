@@ -1,0 +1,82 @@
+r"""LRA Image: CIFAR-10 as sequences of 1,024 grayscale pixels (vocabulary 256), 10 classes.
+
+Defaults are the official LRA Image settings (lra_benchmarks/image/configs/cifar10/base_cifar10_config.py with
+transformer_base.py): 1 layer, emb 128, 8 heads, qkv 64, MLP 128 (classifier hidden 128), dropout 0.3, attention
+dropout 0.2, CLS pooling, learned positions, batch 256, 35,000 steps (200 epochs of 45,000 images), Adam(b2=0.98,
+eps=1e-9), no weight decay, learning rate 5e-4 with one epoch (175 steps) of warmup then cosine decay. Splits: train =
+first 90% of the training set, validation = last 10%, test = test. Differences: LRA's cosine ends one warmup later
+than the run (a negligible difference); LRA evaluated every epoch, we every 10. Its padding mask `inputs > 0` hid black
+pixels; here the mask is all True.
+
+Data: `--config.data.data_dir` = a folder with the CIFAR-10 python pickles (cifar-10-python.tar.gz or its extracted
+cifar-10-batches-py/) or class folders {train,test}/<class>/<n>.jpg|png (archive or extracted); without it, TFDS
+`cifar10` if tensorflow_datasets is installed. ../shared/data/cifar10 holds a JPEG re-encoding: lossy, so accuracies on
+it are close to, not equal to, those on the official data -- say so where you report them.
+
+Command lines:
+
+  # A few minutes on a laptop CPU: small model, few steps.
+  python train.py --config configs/lra/image.py:runlocal --workdir runs/image_local --config.data.data_dir=../shared/data/cifar10
+  # Full size, any registered attention variant:
+  python train.py --config configs/lra/image.py:attention=performer --workdir runs/image_performer \
+      --config.data.data_dir=/path/to/cifar10
+  python eval.py --workdir runs/image_performer --split test
+  # The learning-rate / warmup grid of get_sweep(), one workdir per point:
+  python scripts/sweep.py --config configs/lra/image.py --workdir runs/sweep_image \
+      --config.data.data_dir=/path/to/cifar10
+
+Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+STEPS_PER_EPOCH = 45_000 // 256
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
+
+  config = ml_collections.ConfigDict()
+  config.task = "image"
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict(dict(
+      num_layers=1, emb_dim=128, num_heads=8, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,
+      dropout_rate=0.3, attention_dropout_rate=0.2, pos_encoding="learned", pooling="cls", remat=False))
+  config.model.attention = common.attention_config(args.attention)
+
+  config.data = ml_collections.ConfigDict(dict(
+      data_dir=ml_collections.FieldReference(None, field_type=str),
+      cache_dir="~/.cache/efficient_attention"))
+
+  config.train = ml_collections.ConfigDict(dict(
+      num_steps=200 * STEPS_PER_EPOCH, batch_size=256, eval_batch_size=256,
+      optimizer="adamw", learning_rate=5e-4, schedule="cosine", warmup_steps=STEPS_PER_EPOCH,
+      weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9, grad_clip_norm=ml_collections.FieldReference(None, field_type=float),
+      log_every_steps=50, eval_every_steps=10 * STEPS_PER_EPOCH,
+      num_eval_batches=ml_collections.FieldReference(None, field_type=int),
+      checkpoint_every_steps=10 * STEPS_PER_EPOCH, keep_checkpoints=3))
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+
+  if args.runlocal:
+    # Two heads and batch 16: softmax over 1,024 x 1,024 scores is the CPU's bottleneck.
+    config.model.update(num_layers=1, emb_dim=64, num_heads=2, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,
+                        dropout_rate=0.1, attention_dropout_rate=0.0)
+    # Evaluations see the first 1,000 images of each split.
+    config.train.update(num_steps=300, batch_size=16, eval_batch_size=50, num_eval_batches=20, learning_rate=1e-3,
+                        warmup_steps=30, weight_decay=0.0, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
+                        log_every_steps=25, eval_every_steps=150, checkpoint_every_steps=150)
+  return config
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+  """Learning rate x warmup around the defaults (x0.5, x1, x2; x1, x5)."""
+  train = get_config(arg).train
+  return common.sweep_grid({
+      "train.learning_rate": [train.learning_rate * f for f in (0.5, 1.0, 2.0)],
+      "train.warmup_steps": [train.warmup_steps * f for f in (1, 5)]})

@@ -1,0 +1,149 @@
+"""SNLI (Bowman et al., 2015): 3-way natural language inference with a two-tower sentence encoder.
+
+Reads `snli_1.0_{train,dev,test}.jsonl` (or `.jsonl.gz`) from `config.data.data_dir`, drops pairs without a gold
+label (`gold_label == "-"`), lowercases and splits words and punctuation, and builds the word vocabulary from the
+training source only (`<pad>` = 0, `<unk>` = 1). Each sentence is truncated / padded to `config.data.max_length`.
+The model is one shared encoder applied to premise and hypothesis, `[u, v, u*v, |u-v|]`, an MLP and 3 classes.
+
+`config.data.train_source`: "train" (the official training split, the default) or "dev" (for machines that only have
+dev and test: the dev pairs are shuffled with `config.seed` and split into training and validation by
+`config.data.validation_fraction`; test stays the official test split). Results from "dev" training are not
+comparable to published SNLI numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from lra.models import encoder_from_config
+from lra.models.heads import DualEncoderMatcher
+from lra.tasks import cache
+from lra.tasks.base import ArrayDataset, ClassificationTask
+from lra.tasks.registry import register
+
+LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+FILES = {"train": "snli_1.0_train", "dev": "snli_1.0_dev", "test": "snli_1.0_test"}
+PAD, UNK = "<pad>", "<unk>"
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def tokenize(sentence: str) -> list[str]:
+  return _TOKEN.findall(sentence.lower())
+
+
+def find_file(data_dir: Path, source: str) -> Path:
+  candidates = [data_dir / f"{FILES[source]}.jsonl", data_dir / f"{FILES[source]}.jsonl.gz"]
+  for path in candidates:
+    if path.exists():
+      return path
+  raise FileNotFoundError(
+      f"SNLI {source} split not found: tried {', '.join(map(str, candidates))}. Download SNLI 1.0 (snli_1.0.zip) and "
+      f"point --config.data.data_dir at the folder holding the jsonl files"
+      + ("; with only dev and test available, set --config.data.train_source=dev" if source == "train" else ""))
+
+
+def read_pairs(path: Path) -> list[tuple[list[str], list[str], int]]:
+  """(premise tokens, hypothesis tokens, label) for every pair with a gold label."""
+  opener = gzip.open if path.suffix == ".gz" else open
+  pairs = []
+  with opener(path, "rt", encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      example = json.loads(line)
+      label = example.get("gold_label")
+      if label not in LABELS:  # "-": annotators did not agree
+        continue
+      pairs.append((tokenize(example["sentence1"]), tokenize(example["sentence2"]), LABELS[label]))
+  if not pairs:
+    raise ValueError(f"{path} holds no labelled pairs")
+  return pairs
+
+
+def encode(pairs, vocab: dict[str, int], max_length: int) -> dict[str, np.ndarray]:
+  n = len(pairs)
+  arrays = {"inputs1": np.zeros((n, max_length), np.int32), "inputs2": np.zeros((n, max_length), np.int32),
+            "targets": np.asarray([p[2] for p in pairs], np.int32)}
+  unk = vocab[UNK]
+  for i, (premise, hypothesis, _) in enumerate(pairs):
+    for key, tokens in (("inputs1", premise), ("inputs2", hypothesis)):
+      ids = [vocab.get(t, unk) for t in tokens[:max_length]]
+      arrays[key][i, :len(ids)] = ids
+  return arrays
+
+
+@register("snli")
+class SNLI(ClassificationTask):
+  """Premise/hypothesis classification into entailment, neutral, contradiction."""
+
+  num_classes = 3
+
+  @functools.cached_property
+  def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
+    data = self.config.data
+    source = data.get("train_source", "train")
+    if source not in ("train", "dev"):
+      raise ValueError(f"config.data.train_source must be 'train' or 'dev', got {source!r}")
+    data_dir = Path(data.data_dir).expanduser() if data.get("data_dir") else None
+    if data_dir is None:
+      raise FileNotFoundError("config.data.data_dir is not set: point it at the folder holding snli_1.0_*.jsonl(.gz)")
+    paths = {s: find_file(data_dir, s) for s in ((source, "test") if source == "dev" else ("train", "dev", "test"))}
+    fraction = float(data.get("validation_fraction", 0.1))
+    key = cache.key_of("snli", [cache.file_fingerprint(p) for p in paths.values()], source, data.max_length,
+                       fraction, self.config.seed)
+
+    def make():
+      pairs = {s: read_pairs(p) for s, p in paths.items()}
+      if source == "dev":
+        order = np.random.default_rng(self.config.seed).permutation(len(pairs["dev"]))
+        n_val = max(1, int(round(fraction * len(order))))
+        splits = {"train": [pairs["dev"][i] for i in order[n_val:]],
+                  "validation": [pairs["dev"][i] for i in order[:n_val]], "test": pairs["test"]}
+      else:
+        splits = {"train": pairs["train"], "validation": pairs["dev"], "test": pairs["test"]}
+      vocab = {PAD: 0, UNK: 1}
+      for premise, hypothesis, _ in splits["train"]:  # vocabulary from the training pairs only
+        for token in premise + hypothesis:
+          vocab.setdefault(token, len(vocab))
+      out = {f"{s}/{k}": v for s, ps in splits.items() for k, v in encode(ps, vocab, data.max_length).items()}
+      out["vocab_size"] = np.asarray(len(vocab))
+      return out
+
+    flat = cache.cached_arrays(cache.cache_dir(data) / "snli" / f"{key}.npz", make)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in flat.items():
+      if "/" in name:
+        split, field = name.split("/")
+        out.setdefault(split, {})[field] = value
+    out["_meta"] = {"vocab_size": flat["vocab_size"]}
+    return out
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self._arrays["_meta"]["vocab_size"])
+
+  def dataset(self, split: str) -> ArrayDataset:
+    if split not in ("train", "validation", "test"):
+      raise ValueError(f"unknown SNLI split {split!r}; valid choices: ('train', 'validation', 'test')")
+    arrays = dict(self._arrays[split])
+    arrays["mask1"], arrays["mask2"] = arrays["inputs1"] != 0, arrays["inputs2"] != 0  # from the pad token only
+    return ArrayDataset(arrays)
+
+  def model(self):
+    model_config = self.config.model
+    encoder = encoder_from_config(model_config, vocab_size=self.vocab_size, max_length=self.config.data.max_length)
+    return DualEncoderMatcher(encoder=encoder, num_classes=self.num_classes,
+                              head_mlp_dim=model_config.get("head_mlp_dim") or model_config.mlp_dim,
+                              abs_difference=True)
+
+  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    length = self.config.data.max_length
+    ids, mask = np.zeros((batch_size, length), np.int32), np.ones((batch_size, length), bool)
+    return {"inputs1": ids, "inputs2": ids, "mask1": mask, "mask2": mask,
+            "targets": np.zeros((batch_size,), np.int32)}
