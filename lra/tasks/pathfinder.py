@@ -67,10 +67,10 @@ def _load_image(path: Path, resolution: int) -> np.ndarray | None:
   if path.stat().st_size == 0:
     return None
   with Image.open(path) as image:
-    pixels_ = np.asarray(image.convert("L"))
-  if pixels_.shape != (resolution, resolution):
-    raise ValueError(f"{path}: expected a {resolution}x{resolution} image, got {pixels_.shape}")
-  return pixels_
+    array = np.asarray(image.convert("L"))
+  if array.shape != (resolution, resolution):
+    raise ValueError(f"{path}: expected a {resolution}x{resolution} image, got {array.shape}")
+  return array
 
 
 def read_folder(folder: Path, resolution: int) -> dict[str, np.ndarray]:

@@ -52,9 +52,9 @@ def cifar_folders(tmp_path_factory):
     for c, name in enumerate(image.CLASSES):
       (tree / split / name).mkdir(parents=True)
       for n in range(count):
-        pixels_ = rgb[(c * 4 + n) % 40]
-        Image.fromarray(pixels_).save(tree / split / name / f"{n:04d}.png")
-        images[(split, name, n)] = pixels_
+        array = rgb[(c * 4 + n) % 40]
+        Image.fromarray(array).save(tree / split / name / f"{n:04d}.png")
+        images[(split, name, n)] = array
   archive_dir = root / "archive"
   archive_dir.mkdir()
   with tarfile.open(archive_dir / "CIFAR-10-images_png.tar.gz", "w:gz") as tar:
