@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(
       num_layers=1, emb_dim=128, num_heads=8, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,
-      dropout_rate=0.3, attention_dropout_rate=0.2, pos_encoding="learned", pooling="cls", remat=False))
+      dropout_rate=0.3, attention_dropout_rate=0.2, pos_encoding="learned", pooling="cls", remat=False,
+      reversible=False, post_ln=False))
   config.model.attention = common.attention_config(args.attention)
 
   config.data = ml_collections.ConfigDict(dict(

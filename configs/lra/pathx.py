@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(
       num_layers=1, emb_dim=32, num_heads=2, qkv_dim=16, mlp_dim=32, head_mlp_dim=32,
-      dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="learned", pooling="mean", remat=False))
+      dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="learned", pooling="mean", remat=False,
+      reversible=False, post_ln=False))
   config.model.attention = common.attention_config(args.attention)
 
   config.data = ml_collections.ConfigDict(dict(

@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(
       num_layers=4, emb_dim=128, num_heads=4, qkv_dim=128, mlp_dim=512, head_mlp_dim=512,
-      dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="sinusoidal", pooling="cls", remat=False))
+      dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="sinusoidal", pooling="cls", remat=False,
+      reversible=False, post_ln=False))
   config.model.attention = common.attention_config(args.attention)
 
   config.data = ml_collections.ConfigDict(dict(

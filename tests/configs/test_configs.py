@@ -36,6 +36,8 @@ def test_config_file_loads(path):
     for section in ("model", "data", "train", "mesh"):
       assert section in config, section
     assert config.model.attention.name == "softmax"
+    # Encoder options every config exposes, so dotted overrides work on every task.
+    assert {"remat", "reversible", "post_ln", "pooling", "pos_encoding"} <= set(config.model), sorted(config.model)
   for name in attention.names():
     config = module.get_config(f"runlocal,attention={name}")
     assert config.model.attention.name == name
