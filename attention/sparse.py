@@ -61,13 +61,10 @@ class BlockSparseAttention(AttentionLayer):
       q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
       real = jnp.ones((batch, length), bool) if kv_mask_BxL is None else kv_mask_BxL
       kv_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
-    dropout_rng = None
-    if not deterministic and self.dropout_rate > 0.0:
-      dropout_rng = self.make_rng("dropout")
     layout_HxNxN = self.layout((length + pad) // self.block_size)
     y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
                                implementation=self.implementation, kv_mask=kv_mask_BxL,
-                               dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+                               dropout_rate=self.dropout_rate, dropout_rng=self.dropout_rng(deterministic))
     return self.project_out(y[:, :length], x.shape[-1])
 
 
@@ -85,20 +82,28 @@ class LocalAttention(BlockSparseAttention):
 @register("sparse_transformer")
 class SparseTransformerAttention(BlockSparseAttention):
   """Sparse Transformer (Child et al., 2019), "strided" or "fixed" pattern, with the two attention heads of the paper
-  merged (every head attends to the union). `stride` (the paper's l) and `c` count blocks: the defaults with
-  block_size=32 are l=128 and c=32 tokens. Causal as in the paper, or bidirectional (mirrored pattern) for encoders."""
+  merged (every head attends to the union). `stride` (the paper's l) and `c` count blocks. Causal as in the paper, or
+  bidirectional (mirrored pattern) for encoders.
+
+  Cost: a row sees about `stride` (bidirectional: `2 * stride`) neighbouring blocks plus `num_blocks / stride`
+  strided (or summary, times `c`) blocks, so the total is O(N * (stride + N / stride)) blocks of `block_size^2` scores
+  for N blocks. `stride=None` (default) uses `sparse_layouts.default_stride(N)` = round(sqrt(N)) of the padded length,
+  the paper's l ~ sqrt(n): O(N * sqrt(N)) blocks, i.e. n*sqrt(n) in tokens. A fixed `stride` gives
+  O(N^2 / stride) blocks: linear per row, quadratic overall, as the length grows."""
 
   pattern: Literal["strided", "fixed"] = "strided"
-  stride: int = 4
+  stride: int | None = None
   c: int = 1
 
   PATTERNS: ClassVar[tuple[str, ...]] = ("strided", "fixed")
 
   def layout(self, num_blocks: int) -> np.ndarray:
+    # The automatic stride never goes below c (a chunk must hold its summary blocks); a set stride is checked as is.
+    stride = max(sparse_layouts.default_stride(num_blocks), self.c) if self.stride is None else self.stride
     if self.pattern == "strided":
-      return sparse_layouts.strided_layout(num_blocks, stride=self.stride, causal=self.causal)
+      return sparse_layouts.strided_layout(num_blocks, stride=stride, causal=self.causal)
     if self.pattern == "fixed":
-      return sparse_layouts.fixed_layout(num_blocks, stride=self.stride, c=self.c, causal=self.causal)
+      return sparse_layouts.fixed_layout(num_blocks, stride=stride, c=self.c, causal=self.causal)
     raise ValueError(f"SparseTransformerAttention: unknown pattern {self.pattern!r}; valid choices: {self.PATTERNS}")
 
 

@@ -46,6 +46,13 @@ def local_layout(num_blocks: int, *, window: int = 3, causal: bool = False) -> n
   return _window(num_blocks, window, causal)[None]
 
 
+def default_stride(num_blocks: int) -> int:
+  """The Sparse Transformer's default stride in blocks: round(sqrt(num_blocks)), at least 1 (the paper's l ~ sqrt(n),
+  which makes a row's ~stride + num_blocks / stride blocks, and the whole layout O(N sqrt N) blocks)."""
+  _check_positive(num_blocks=num_blocks)
+  return max(1, int(round(float(np.sqrt(num_blocks)))))
+
+
 def strided_layout(num_blocks: int, *, stride: int, causal: bool = True) -> np.ndarray:
   """Sparse Transformer "strided" (Child et al., 2019), heads merged: A1 = the `stride` previous blocks
   (`i - stride < j <= i`), A2 = every `stride`-th block before (`(i - j) % stride == 0`). Bidirectional: the
@@ -118,4 +125,4 @@ def bigbird_layout(num_blocks: int, *, window: int = 3, num_global_blocks: int =
   return layout
 
 
-__all__ = ["bigbird_layout", "fixed_layout", "local_layout", "longformer_layout", "strided_layout"]
+__all__ = ["bigbird_layout", "default_stride", "fixed_layout", "local_layout", "longformer_layout", "strided_layout"]

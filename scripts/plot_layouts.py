@@ -26,14 +26,15 @@ from attention import sparse_layouts as sl  # noqa: E402
 def layouts(args: argparse.Namespace) -> dict[str, np.ndarray]:
   """`{title: [heads, N, N]}` for every pattern with the command-line sizes."""
   n = args.num_blocks
+  stride = sl.default_stride(n) if args.stride is None else args.stride
   return {
       f"local (window={args.window})": sl.local_layout(n, window=args.window),
       f"local causal (window={args.window})": sl.local_layout(n, window=args.window, causal=True),
-      f"sparse_transformer strided causal (stride={args.stride})": sl.strided_layout(n, stride=args.stride),
-      f"sparse_transformer fixed causal (stride={args.stride}, c={args.c})":
-          sl.fixed_layout(n, stride=args.stride, c=args.c),
-      f"sparse_transformer fixed bidirectional (stride={args.stride}, c={args.c})":
-          sl.fixed_layout(n, stride=args.stride, c=args.c, causal=False),
+      f"sparse_transformer strided causal (stride={stride})": sl.strided_layout(n, stride=stride),
+      f"sparse_transformer fixed causal (stride={stride}, c={args.c})":
+          sl.fixed_layout(n, stride=stride, c=args.c),
+      f"sparse_transformer fixed bidirectional (stride={stride}, c={args.c})":
+          sl.fixed_layout(n, stride=stride, c=args.c, causal=False),
       f"longformer (window={args.window}, global={args.num_global_blocks}, dilation 1 | {args.dilation})":
           sl.longformer_layout(n, window=args.window, num_global_blocks=args.num_global_blocks,
                                dilation=[1, args.dilation]),
@@ -63,7 +64,8 @@ def main() -> None:
   parser.add_argument("--out_dir", default="layouts", help="folder for the PNG files")
   parser.add_argument("--num_blocks", type=int, default=32)
   parser.add_argument("--window", type=int, default=3, help="sliding window in blocks (odd)")
-  parser.add_argument("--stride", type=int, default=4, help="Sparse Transformer stride l, in blocks")
+  parser.add_argument("--stride", type=int, default=None,
+                      help="Sparse Transformer stride l, in blocks (default: round(sqrt(num_blocks)), the paper's l)")
   parser.add_argument("--c", type=int, default=1, help="Sparse Transformer fixed summary blocks per chunk")
   parser.add_argument("--num_global_blocks", type=int, default=2)
   parser.add_argument("--num_random_blocks", type=int, default=3)

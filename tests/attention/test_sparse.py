@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import attention
+from attention import sparse_layouts
 from configs import common
 from kernels.block_sparse import expand_layout
 from lra.training import train_and_evaluate
@@ -104,7 +105,7 @@ def test_bigbird_random_blocks_are_fixed_per_layer_and_differ_between_layers():
      r"unknown pattern 'dilated'; valid choices: \('strided', 'fixed'\)"),
     ("local", dict(window=2), "window must be odd"),
     ("local", dict(block_size=0), "block_size must be >= 1, got block_size=0"),
-    ("local", dict(implementation="pallas"), "implementation='pallas' needs a GPU or TPU backend, got 'cpu'"),
+    ("local", dict(implementation="pallas"), "implementation=.pallas. cannot run on .*no Pallas kernel"),
     ("local", dict(implementation="triton"), "unknown implementation 'triton'"),
     ("longformer", dict(dilation=2, num_dilated_heads=3), r"num_dilated_heads must be in \[0, num_heads=2\], got 3"),
 ])
@@ -139,3 +140,12 @@ def test_listops_training_lowers_the_loss(name, data_cache, tmp_path):
   losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
+
+
+def test_sparse_transformer_stride_defaults_to_the_square_root_of_the_blocks():
+  layer = attention.build("sparse_transformer", num_heads=2, block_size=4)
+  np.testing.assert_array_equal(layer.layout(64), sparse_layouts.strided_layout(64, stride=8, causal=False))
+  set_stride = attention.build("sparse_transformer", num_heads=2, block_size=4, stride=3, causal=True)
+  np.testing.assert_array_equal(set_stride.layout(64), sparse_layouts.strided_layout(64, stride=3, causal=True))
+  fixed = attention.build("sparse_transformer", num_heads=2, block_size=4, pattern="fixed", c=2)
+  np.testing.assert_array_equal(fixed.layout(100), sparse_layouts.fixed_layout(100, stride=10, c=2, causal=False))

@@ -109,3 +109,10 @@ def test_errors_name_the_values():
     sl.longformer_layout(8, dilation=[1, 0])
   with pytest.raises(ValueError, match="num_random_blocks=-1"):
     sl.bigbird_layout(8, num_random_blocks=-1)
+
+
+def test_default_stride_is_about_the_square_root_of_the_blocks():
+  assert [sl.default_stride(n) for n in (1, 2, 16, 64, 100, 256)] == [1, 1, 4, 8, 10, 16]
+  # n*sqrt(n): the widest row of the strided layout at the default stride grows like sqrt(N), not like N.
+  widths = [sl.strided_layout(n, stride=sl.default_stride(n), causal=False)[0].sum(-1).max() for n in (64, 256)]
+  assert widths[1] <= 2.2 * widths[0], widths

@@ -1,4 +1,4 @@
-"""kernels.block_sparse_pallas: the Pallas kernels against the dense reference (values and gradients), run on CPU
+"""kernels.block_sparse.pallas_tpu / pallas_gpu: the Pallas kernels against the dense reference (values and gradients), run on CPU
 in interpret mode: the TPU kernels with `interpret=True` (and once under the TPU interpreter's race detector), the
 Mosaic GPU kernels under the GPU interpreter. Plus the host-side index tables, tile validation and dispatch.
 
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import attention
-from kernels import block_sparse_attention, block_sparse_pallas
-from kernels.block_sparse import block_sparse_attention_reference
-from kernels.block_sparse_pallas import (BlockSizes, block_sparse_attention_pallas, check_supported, make_tables,
-                                         tile_layout)
+from kernels import block_sparse_attention
+from kernels.block_sparse import block_sparse_attention_reference, dropout_seed
+from kernels.block_sparse.common import BlockSizes
+from kernels.block_sparse.pallas_tpu import block_sparse_attention_pallas, check_supported
+from kernels.block_sparse.tables import make_tables, tile_layout
 
 # float32: kernel and reference both accumulate in float32 and differ in summation order (online softmax, tile
 # order). bfloat16: the probabilities fed to the second matmul are rounded to bfloat16 in the kernel but not in
@@ -37,19 +38,22 @@ def _random_layout(heads, n, seed, density=0.5):
 
 
 def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, backend="tpu", interpret=True,
-             block_sizes=None, batch=2, heads=2):
+             block_sizes=None, batch=2, heads=2, dropout=0.0):
   q, k, v, ct = _qkv((batch, length, heads, head_dim), dtype, seed=length + head_dim)
   kv_mask = None
   if masked:  # row 0 loses the last block_size + 3 keys (a partial tile and a whole one), row 1 keeps all
     kv_mask = jnp.arange(length)[None, :] < jnp.array([[length - block_size - 3]] + [[length]] * (batch - 1))
 
+  seed = dropout_seed(jax.random.key(11)) if dropout else None
+  drop = dict(dropout_rate=dropout, dropout_seed=seed)
+
   def fwd(impl):
     if impl == "reference":
       return lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, block_size=block_size, causal=causal,
-                                                              kv_mask=kv_mask)
+                                                              kv_mask=kv_mask, **drop)
     return lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, causal=causal,
                                                          kv_mask=kv_mask, block_sizes=block_sizes, backend=backend,
-                                                         interpret=interpret)
+                                                         interpret=interpret, **drop)
 
   def value_and_grads(q, k, v):
     def loss(impl):
@@ -70,34 +74,54 @@ def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, bac
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **GRAD_TOL[dtype])
 
 
-TPU_GRID = [  # (length, block_size, block_sizes, head_dim, layout heads, causal, kv_mask, dtype)
-    (64, 16, None, 32, 2, True, True, jnp.float32),
-    (64, 16, BlockSizes(block_q=8, block_kv=16), 64, 1, True, False, jnp.float32),  # several q tiles per block
-    (96, 32, BlockSizes(block_q=32, block_kv=16), 128, 2, False, True, jnp.float32),  # several kv tiles per block
-    (128, 32, None, 64, 1, True, True, jnp.bfloat16),
-    (64, 16, None, 128, 2, False, False, jnp.bfloat16),
+TPU_GRID = [  # (length, block_size, block_sizes, head_dim, layout heads, causal, kv_mask, dtype, layout, dropout)
+    (64, 16, None, 32, 2, True, True, jnp.float32, "random", 0.0),
+    (64, 16, BlockSizes(block_q=8, block_kv=16), 64, 1, True, False, jnp.float32, "random", 0.0),  # q tiles per block
+    (96, 32, BlockSizes(block_q=32, block_kv=16), 128, 2, False, True, jnp.float32, "random", 0.0),  # kv tiles
+    (128, 32, None, 64, 1, True, True, jnp.bfloat16, "random", 0.0),
+    (64, 16, None, 128, 2, False, False, jnp.bfloat16, "random", 0.0),
+    # Global rows and columns (first and last blocks): a dense group and a sparse group per kernel; dropout on.
+    (128, 8, None, 32, 2, False, True, jnp.float32, "global", 0.25),
+    (64, 8, None, 32, 1, True, True, jnp.float32, "random", 0.25),
 ]
 
 
-@pytest.mark.parametrize("length,block_size,block_sizes,head_dim,layout_heads,causal,masked,dtype", TPU_GRID)
+def _layout(kind, heads, n, seed):
+  if kind == "random":
+    return _random_layout(heads, n, seed)
+  layout = np.random.default_rng(seed).random((heads, n, n)) < 0.1
+  layout |= np.eye(n, dtype=bool)[None]
+  for g in (0, 1, n - 1):
+    layout[:, g, :] = True
+    layout[:, :, g] = True
+  return layout
+
+
+@pytest.mark.parametrize("length,block_size,block_sizes,head_dim,layout_heads,causal,masked,dtype,kind,dropout",
+                         TPU_GRID)
 def test_tpu_kernels_in_interpret_mode_match_reference(length, block_size, block_sizes, head_dim, layout_heads,
-                                                       causal, masked, dtype):
-  layout = _random_layout(layout_heads, length // block_size, seed=length + head_dim)
-  _compare(length, block_size, layout, head_dim, causal, masked, dtype, block_sizes=block_sizes)
+                                                       causal, masked, dtype, kind, dropout):
+  layout = _layout(kind, layout_heads, length // block_size, seed=length + head_dim)
+  if kind == "global":  # the grid really splits: a global row no longer widens the sparse rows' lists
+    tables = make_tables(layout, block_size, 8, 8, causal)
+    assert len(tables.kv_groups) == 2 and len(tables.q_groups) == 2
+    assert tables.kv_groups[0].width < tables.num_kv_tiles // 2
+  _compare(length, block_size, layout, head_dim, causal, masked, dtype, block_sizes=block_sizes, dropout=dropout)
 
 
 GPU_GRID = [  # Mosaic GPU kernels: bfloat16, tiles and head_dim multiples of 64
-    (192, 64, 64, 2, True, True),
-    (128, 128, 128, 1, False, False),  # a 128-token layout block refined to 64-token tiles
+    (192, 64, 64, 2, True, True, "random", 0.0),
+    (128, 128, 128, 1, False, False, "random", 0.0),  # a 128-token layout block refined to 64-token tiles
+    (256, 64, 64, 1, False, True, "global", 0.25),  # dense and sparse groups, dropout regenerated in the backward
 ]
 
 
-@pytest.mark.parametrize("length,block_size,head_dim,layout_heads,causal,masked", GPU_GRID)
+@pytest.mark.parametrize("length,block_size,head_dim,layout_heads,causal,masked,kind,dropout", GPU_GRID)
 def test_gpu_kernels_in_gpu_interpret_mode_match_reference(length, block_size, head_dim, layout_heads, causal,
-                                                           masked):
-  layout = _random_layout(layout_heads, length // block_size, seed=length)
+                                                           masked, kind, dropout):
+  layout = _layout(kind, layout_heads, length // block_size, seed=length)
   _compare(length, block_size, layout, head_dim, causal, masked, jnp.bfloat16, backend="gpu", batch=1,
-           heads=layout_heads)
+           heads=layout_heads, dropout=dropout)
 
 
 def test_empty_layout_and_fully_masked_rows_give_zero_with_zero_gradients():
@@ -142,17 +166,28 @@ def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
 
 
 def test_tables_list_allowed_tiles_in_order_and_their_transpose():
-  layout = np.array([[[True, False, True], [False, False, False], [True, True, True]]])
+  layout = np.array([[[True, False, True, False], [False, False, False, False], [True, True, True, True],
+                      [False, False, False, True]]])
   t = make_tables(layout, block_size=4, block_q=4, block_kv=4, causal=False)
-  assert (t.kv_width, t.q_width, t.num_q_tiles, t.num_kv_tiles) == (3, 2, 3, 3)
-  np.testing.assert_array_equal(t.kv_count, [2, 0, 3])
+  assert (t.num_q_tiles, t.num_kv_tiles) == (4, 4)
+  # Query tiles: the full row 2 is its own (dense) group; the others are listed at width 2, not 4.
+  (sparse, dense) = t.kv_groups
+  np.testing.assert_array_equal(sparse.ids, [0, 1, 3])
+  assert sparse.width == 2 and dense.width == 4
+  np.testing.assert_array_equal(sparse.count, [2, 0, 1])
   # Padding repeats the last listed tile (no new copy); an empty list points at tile 0.
-  np.testing.assert_array_equal(t.kv_index.reshape(3, 3), [[0, 2, 2], [0, 0, 0], [0, 1, 2]])
-  np.testing.assert_array_equal(t.q_count, [2, 1, 2])
-  np.testing.assert_array_equal(t.q_index.reshape(3, 2), [[0, 2], [2, 2], [0, 2]])
+  np.testing.assert_array_equal(sparse.index.reshape(3, 2), [[0, 2], [0, 0], [3, 3]])
+  np.testing.assert_array_equal(dense.ids, [2])
+  np.testing.assert_array_equal(dense.index, [0, 1, 2, 3])
+  # Key tiles (transposed lists): column 2 is seen by rows 0 and 2, column 3 by rows 2 and 3.
+  (only,) = t.q_groups
+  np.testing.assert_array_equal(only.ids, [0, 1, 2, 3])
+  np.testing.assert_array_equal(only.count, [2, 1, 2, 2])
+  np.testing.assert_array_equal(only.index.reshape(4, 2), [[0, 2], [2, 2], [0, 2], [2, 3]])
 
   causal = make_tables(layout, block_size=4, block_q=4, block_kv=4, causal=True)
-  np.testing.assert_array_equal(causal.kv_count, [1, 0, 3])  # tile (0, 2) lies wholly in the future
+  counts = {int(i): int(c) for g in causal.kv_groups for i, c in zip(g.ids, g.count)}
+  assert counts == {0: 1, 1: 0, 2: 3, 3: 1}  # tile (0, 2) lies wholly in the future, as do (2, 3)
 
   # Refinement: 8-token blocks in 4-token query tiles and 8-token kv tiles, causal.
   tiles = tile_layout(np.ones((1, 2, 2), bool), block_size=8, block_q=4, block_kv=8, causal=True)
@@ -182,26 +217,6 @@ def _uses_pallas(fn, *args) -> bool:
   # A fresh function each time: make_jaxpr caches traces per function, and the dispatch happens while tracing.
   jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
   return "pallas_call" in jaxpr or "mpmd_map" in jaxpr
-
-
-def test_default_implementation_is_the_kernel_on_accelerators_and_xla_on_cpu(monkeypatch):
-  q, k, v, _ = _qkv((1, 128, 2, 64), jnp.bfloat16)
-  layout = _random_layout(2, 2, seed=0)
-  f = lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=64, causal=True)  # noqa: E731
-  assert jax.default_backend() == "cpu" and not _uses_pallas(f, q, k, v)
-  monkeypatch.setattr(block_sparse_pallas, "accelerator_backend", lambda: "tpu")
-  assert _uses_pallas(f, q, k, v)
-  # Outside the kernel's reach (dropout; on GPU a 32-token block), None falls back to xla; "pallas" says why.
-  drop = lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=64, dropout_rate=0.1,  # noqa: E731
-                                                dropout_rng=jax.random.key(0))
-  assert not _uses_pallas(drop, q, k, v)
-  with pytest.raises(ValueError, match="'pallas' has no attention dropout"):
-    block_sparse_attention(q, k, v, layout, block_size=64, dropout_rate=0.1, dropout_rng=jax.random.key(0),
-                           implementation="pallas")
-  monkeypatch.setattr(block_sparse_pallas, "accelerator_backend", lambda: "gpu")
-  assert _uses_pallas(f, q, k, v)
-  small = np.ones((1, 4, 4), bool)
-  assert not _uses_pallas(lambda q, k, v: block_sparse_attention(q, k, v, small, block_size=32), q, k, v)
 
 
 @pytest.mark.parametrize("implementation", ["xla", "interpret"])

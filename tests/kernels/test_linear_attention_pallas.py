@@ -1,6 +1,7 @@
-"""kernels.linear_attention_pallas: the chunked Pallas kernels against the quadratic reference (values and gradients)
-on CPU: the TPU kernels in interpret mode (and once under the TPU interpreter's race detector), the Mosaic GPU
-kernels under the GPU interpreter. Plus validation and dispatch. Lowering at realistic sizes: `test_lowering.py`.
+"""kernels.linear_attention's Pallas kernels against the quadratic reference (values and gradients) on CPU: the TPU
+kernels in interpret mode (and once under the TPU interpreter's race detector), the Mosaic GPU kernels under the GPU
+interpreter. Plus validation and the choice at lowering time (implementation=None and "pallas", exported for cuda/tpu
+from this CPU host). Lowering at realistic sizes: `test_lowering.py`.
 """
 
 import jax
@@ -8,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import logging
+import re
+
 import attention
-from kernels import linear_attention
-from kernels.linear_attention import linear_attention_reference
-from kernels import linear_attention_pallas as linear_attention_pallas_module
-from kernels.linear_attention_pallas import ChunkSizes, check_supported, linear_attention_pallas
+from kernels import linear_attention, platform
+from kernels.linear_attention import ChunkSizes, check_supported, linear_attention_pallas, linear_attention_reference
 
 # Relative to the largest magnitude of the compared tensor (elementwise relative error is meaningless where terms
 # cancel). float32: summation order only. bfloat16: the kernels round the intra-chunk scores and the carried state
@@ -111,7 +113,7 @@ def test_constraints_are_validated():
     check_supported(shape, shape, jnp.bfloat16, 32, "gpu")
   with pytest.raises(ValueError, match="features=32 must be 64 or 128 on GPU"):
     check_supported((1, 128, 2, 32), shape, jnp.bfloat16, 64, "gpu")
-  with pytest.raises(ValueError, match="dtype=float32 is not supported by the GPU kernel"):
+  with pytest.raises(ValueError, match="dtype=float32: the Mosaic GPU kernels take only bfloat16/float16"):
     check_supported(shape, shape, jnp.float32, 64, "gpu")
   with pytest.raises(ValueError, match="chunk must be a positive integer, got chunk=0"):
     ChunkSizes(0).resolve("tpu")
@@ -123,22 +125,70 @@ def test_constraints_are_validated():
 
 def _uses_pallas(fn, *args) -> bool:
   """Whether tracing `fn` reaches a Pallas kernel: `pallas_call` (TPU kernels) or `mpmd_map` (Mosaic GPU kernels)."""
-  # A fresh function each time: make_jaxpr caches traces per function, and the dispatch happens while tracing.
   jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
   return "pallas_call" in jaxpr or "mpmd_map" in jaxpr
 
 
-def test_default_implementation_is_the_kernel_on_accelerators_and_xla_on_cpu(monkeypatch):
-  q, k, v, _ = _inputs(128, 64, 64, jnp.bfloat16)
+TARGETS = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}
+
+
+def _lowered(fn, platform_name, *args) -> str:
+  """The StableHLO text of `jax.grad` of `fn` exported for `platform_name` (nothing runs)."""
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform_name],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(*args)
+  return exported.mlir_module()
+
+
+def _custom_calls(module: str) -> set[str]:
+  return set(re.findall(r"custom_call @(\w+)\(", module))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_default_implementation_is_chosen_where_the_program_is_lowered(causal, caplog):
+  """implementation=None: the cuda/tpu programs hold the kernels (forward and backward), the CPU program none, and
+  nothing is logged for a call every kernel can serve."""
+  spec = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+  f = lambda q, k, v: linear_attention(q, k, v, causal=causal)  # noqa: E731
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    for name, target in TARGETS.items():
+      module = _lowered(f, name, spec, spec, spec)
+      assert _custom_calls(module) == {target}, name
+      assert re.search(r"linear_attention_fwd", module) and re.search(r"linear_attention_bwd", module), name
+    assert not _custom_calls(_lowered(f, "cpu", spec, spec, spec))
+  assert not [r for r in caplog.records if "linear_attention" in r.getMessage()]
+
+
+def test_a_call_the_gpu_kernel_cannot_serve_falls_back_on_cuda_only_and_says_why(caplog):
+  spec = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)  # Mosaic GPU takes only bfloat16/float16
   f = lambda q, k, v: linear_attention(q, k, v, causal=True)  # noqa: E731
-  assert jax.default_backend() == "cpu" and not _uses_pallas(f, q, k, v)
-  monkeypatch.setattr(linear_attention_pallas_module, "accelerator_backend", lambda: "gpu")
-  assert _uses_pallas(f, q, k, v)
-  # Outside the GPU kernel's reach (float32, a 32-wide chunk), None falls back to xla.
-  assert not _uses_pallas(f, *(x.astype(jnp.float32) for x in (q, k, v)))
-  assert not _uses_pallas(lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=32), q, k, v)
-  monkeypatch.setattr(linear_attention_pallas_module, "accelerator_backend", lambda: "tpu")
-  assert _uses_pallas(f, *(x.astype(jnp.float32) for x in (q, k, v)))
+  platform._logged.clear()  # noqa: SLF001  (other tests may have logged this reason already)
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    assert not _custom_calls(_lowered(f, "cpu", spec, spec, spec))
+    assert _custom_calls(_lowered(f, "tpu", spec, spec, spec)) == {"tpu_custom_call"}
+    assert not caplog.records  # lowering for CPU and TPU says nothing about the GPU's constraints
+    assert not _custom_calls(_lowered(f, "cuda", spec, spec, spec))
+    _lowered(f, "cuda", spec, spec, spec)  # once per (op, platform, reason)
+  messages = [r.getMessage() for r in caplog.records]
+  assert len(messages) == 1, messages
+  assert re.match(r"kernels\.linear_attention: Pallas kernel cannot serve this call on cuda \(dtype=float32: .*"
+                  r"bfloat16.*\); using xla$", messages[0]), messages[0]
+
+
+def test_explicit_pallas_never_falls_back():
+  bf16 = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+  f32 = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)
+  f = lambda q, k, v: linear_attention(q, k, v, causal=True, implementation="pallas")  # noqa: E731
+  assert _custom_calls(_lowered(f, "cuda", bf16, bf16, bf16)) == {"mosaic_gpu_v2"}
+  assert _custom_calls(_lowered(f, "tpu", f32, f32, f32)) == {"tpu_custom_call"}
+  with pytest.raises(ValueError, match=r"implementation='pallas' cannot run on cuda: dtype=float32: .*bfloat16"):
+    _lowered(f, "cuda", f32, f32, f32)
+  with pytest.raises(ValueError, match=r"implementation='pallas' cannot run on cpu: .*implementation='interpret'"):
+    _lowered(f, "cpu", bf16, bf16, bf16)
+  chunk32 = lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=12, implementation="pallas")  # noqa
+  with pytest.raises(ValueError, match=r"no kernel for this call \(tpu: chunk=12 must be a multiple of 8"):
+    _lowered(chunk32, "tpu", bf16, bf16, bf16)
 
 
 @pytest.mark.parametrize("implementation", ["xla", "interpret"])

@@ -1,9 +1,10 @@
 """The Pallas kernels lower for TPU (Mosaic TPU) and CUDA (Mosaic GPU) from this CPU-only machine.
 
-`jax.export` traces and lowers `jax.value_and_grad` of each kernel at realistic shapes (4K tokens, head dims 64 and
-128, bfloat16) for the accelerator platform: this runs the Pallas-to-Mosaic lowering (block shapes, tiling rules,
-shared-memory allocation, wgmma operand checks) without hardware and without executing anything. The module must
-hold the forward and the backward kernels: as many custom calls as kernels, each named by its kernel.
+`jax.export` traces and lowers `jax.value_and_grad` of each op's public entry with `implementation="pallas"` (the
+kernel of the platform the program is lowered for, `kernels.platform.require_kernel`) at realistic shapes (4K tokens,
+head dims 64 and 128, bfloat16) for the accelerator platform: this runs the Pallas-to-Mosaic lowering (block shapes,
+tiling rules, shared-memory allocation, wgmma operand checks) without hardware and without executing anything. The
+module must hold the forward and the backward kernels: as many custom calls as kernels, each named by its kernel.
 What it cannot catch: errors of the device compilers that run later (Mosaic TPU's layout passes in libtpu, ptxas).
 """
 
@@ -14,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.block_sparse_pallas import block_sparse_attention_pallas
-from kernels.linear_attention_pallas import linear_attention_pallas
+from kernels import block_sparse_attention, linear_attention
 
 LENGTH = 4096
 PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", "mosaic_gpu_v2")}
@@ -28,8 +28,8 @@ def _export(fn, backend, *specs):
   return exported.mlir_module(), target
 
 
-def _assert_kernels(module: str, target: str, names: list[str]) -> None:
-  assert len(re.findall(rf"custom_call @{target}\(", module)) == len(names)
+def _assert_kernels(module: str, target: str, names: list[str], calls: int | None = None) -> None:
+  assert len(re.findall(rf"custom_call @{target}\(", module)) == (len(names) if calls is None else calls)
   for name in names:
     assert re.search(rf"\b{name}\b", module), name
 
@@ -41,18 +41,23 @@ def test_block_sparse_forward_and_backward_lower(backend, head_dim):
   layout = np.random.default_rng(0).random((2, LENGTH // block_size, LENGTH // block_size)) < 0.1
 
   def loss(q, k, v, kv_mask):
-    out = block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, causal=True, kv_mask=kv_mask,
-                                        backend=backend)
+    out = block_sparse_attention(q, k, v, layout, block_size=block_size, causal=True, kv_mask=kv_mask,
+                                 implementation="pallas")
     return jnp.sum(out.astype(jnp.float32))
 
   spec = jax.ShapeDtypeStruct((2, LENGTH, 2, head_dim), jnp.bfloat16)
   module, target = _export(loss, backend, spec, spec, spec, jax.ShapeDtypeStruct((2, LENGTH), jnp.bool_))
-  _assert_kernels(module, target, ["block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv"])
+  # One call per kernel and row group (a dense group of wide rows is its own call: kernels.block_sparse.tables).
+  from kernels.block_sparse.tables import make_tables  # noqa: PLC0415
+  tables = make_tables(layout, block_size, 64 if backend == "gpu" else 128, 64 if backend == "gpu" else 128, True)
+  _assert_kernels(module, target, ["block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv"],
+                  calls=2 * len(tables.kv_groups) + len(tables.q_groups))
 
 
 CAUSAL_KERNELS = {"tpu": ["linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dkv"],
                   "gpu": ["linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dk",
                           "linear_attention_bwd_dv"]}
+CHUNK = {"tpu": 128, "gpu": 64}  # each backend's preferred chunk (MXU width; wgmma rows of one warpgroup)
 NONCAUSAL_KERNELS = ["linear_attention_fwd_state", "linear_attention_fwd", "linear_attention_bwd_state",
                      "linear_attention_bwd"]
 
@@ -62,8 +67,8 @@ NONCAUSAL_KERNELS = ["linear_attention_fwd_state", "linear_attention_fwd", "line
 @pytest.mark.parametrize("causal", [True, False])
 def test_linear_attention_forward_and_backward_lower(backend, head_dim, causal):
   def loss(q, k, v):
-    return jnp.sum(linear_attention_pallas(q, k, v, causal=causal, normalize=True, backend=backend)
-                   .astype(jnp.float32))
+    return jnp.sum(linear_attention(q, k, v, causal=causal, normalize=True, chunk_size=CHUNK[backend],
+                                    implementation="pallas").astype(jnp.float32))
 
   spec = jax.ShapeDtypeStruct((2, LENGTH, 2, head_dim), jnp.bfloat16)
   module, target = _export(loss, backend, spec, spec, spec)

@@ -1,28 +1,15 @@
-"""Pallas kernels for chunked linear attention (see `kernels.linear_attention` for the maths and the reference).
+"""TPU (Mosaic TPU) kernels of chunked linear attention; the maths is in `kernels.linear_attention.pallas`.
 
-Per chunk of `C` positions, with `A = q k^T` (lower-triangular when causal) and the running state `S = sum k^T v`
-(`[F, D]`) and normalizer `z = sum k` (`[F]`) of the earlier chunks:
-  num = A v + q S,   den = A 1 + q z,   out = num / (den + eps)   (normalize=False: out = num).
-The backward pass works on `gn = g / r` and `gd = -(g . out) / r` (r = den + eps; gn = g, gd = 0 without the
-normalizer), i.e. the cotangent of the augmented value `[v, 1]`, with `dA = gn v^T + gd` (masked like A):
-  dq = dA k + gn S^T + gd z          (forward over chunks: S, z of the earlier chunks)
-  dk = dA^T q + v P^T + y            (reverse over chunks: P = sum q^T gn, y = sum gd q of the later chunks)
-  dv = A^T gn + k P
-Causal: one forward kernel and two backward kernels (dq walking forward, dk/dv walking backward), each carrying its
-state across the sequential chunk axis in on-chip scratch. Non-causal: every query sees the total state, so a state
-kernel reduces `S, z` (and in the backward pass `P, y`) over the chunks and a parallel kernel applies them.
-
-Backends: "tpu" (`pl.pallas_call`, grid `(batch, heads, chunks)`, chunk axis "arbitrary" for the carried state,
-state in VMEM scratch; `interpret=True` runs the same kernels on CPU) and "gpu" (Mosaic GPU, see
-`kernels.linear_attention_pallas_gpu`). Accumulation is float32; matmul operands keep the input dtype (the state is
-rounded to it where it feeds a matmul, as the chunked kernels of flash-linear-attention do).
+`pl.pallas_call` over the grid `(batch, heads, chunks)`: the chunk axis is "arbitrary" where a state is carried across
+chunks (held in VMEM scratch), "parallel" where a kernel only applies a reduced state. `interpret=True` runs the same
+kernels on CPU. Causal: one forward kernel and two backward kernels (dq walking forward, dk/dv walking backward).
+Non-causal: a state kernel reduces `S, z` (and in the backward pass `P, y`) over the chunks, then a parallel kernel
+applies them. Matmul operands keep the input dtype with float32 accumulation; states and normalizers are float32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,50 +17,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-Backend = Literal["tpu", "gpu"]
-_LANES = 128  # per-row scalars travel lane-broadcast, [C, 128], as in jax's TPU attention kernels
+from kernels.linear_attention.params import LANES as _LANES
+from kernels.linear_attention.params import KernelParams
+
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkSizes:
-  """`chunk`: positions per chunk (the intra-chunk `[C, C]` block). None picks the backend default: 128 on TPU (the
-  MXU width), 64 on GPU (the wgmma rows of one warpgroup)."""
-
-  chunk: int | None = None
-
-  def resolve(self, backend: Backend) -> int:
-    chunk = (128 if backend == "tpu" else 64) if self.chunk is None else self.chunk
-    if not isinstance(chunk, int) or chunk < 1:
-      raise ValueError(f"chunk must be a positive integer, got chunk={chunk}")
-    return chunk
-
-
-def accelerator_backend() -> Backend | None:
-  """The kernel backend of the default JAX backend: "tpu", "gpu" (Mosaic GPU), or None (no kernel: CPU)."""
-  platform = jax.default_backend()
-  return "tpu" if platform == "tpu" else "gpu" if platform in ("gpu", "cuda") else None
-
-
-def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> None:
-  """Raises ValueError naming the value and the constraint the backend's kernel imposes."""
-  features, head_dim = q_shape[-1], v_shape[-1]
-  if backend == "tpu":
-    if chunk % 8:
-      raise ValueError(f"{chunk=} must be a multiple of 8 on TPU (sublane tiling of the [chunk, dim] blocks)")
-    if head_dim > _LANES and head_dim % _LANES:
-      raise ValueError(f"{head_dim=} must be <= {_LANES} or a multiple of {_LANES} on TPU")
-  else:
-    if chunk % 64:
-      raise ValueError(f"{chunk=} must be a multiple of 64 on GPU (wgmma tiles of one warpgroup)")
-    for name, value in (("features", features), ("head_dim", head_dim)):
-      if value % 64 or value > 128:
-        raise ValueError(f"{name}={value} must be 64 or 128 on GPU (swizzled wgmma operands; the state blocks and "
-                         f"the double-buffered chunk tiles must fit in registers and shared memory)")
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-      raise ValueError(f"dtype={jnp.dtype(dtype).name} is not supported by the GPU kernel (wgmma operands): "
-                       f"use bfloat16 or float16, or implementation='xla'")
 
 
 def _lanes(x_Cx128: jax.Array, width: int) -> jax.Array:
@@ -224,16 +172,6 @@ def _grad_kernel(k_ref, v_ref, gn_ref, s_ref, p_ref, *rest, normalize: bool):
 # TPU wrappers ([B, H, Lp, *] tensors, Lp a multiple of the chunk).
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  causal: bool
-  normalize: bool
-  eps: float
-  chunk: int
-  backend: Backend
-  interpret: object
-
-
 def _spec(chunk: int, dim: int, reverse_of: int | None = None):
   if reverse_of is None:
     return pl.BlockSpec((None, None, chunk, dim), lambda b, h, c: (b, h, c, 0))
@@ -244,7 +182,8 @@ def _whole(shape):  # a per-(batch, head) block resident across the chunk axis
   return pl.BlockSpec((None, None, *shape), lambda b, h, c: (b, h, 0, 0))
 
 
-def _call(st: _Static, kernel, grid, in_specs, out_specs, out_shape, scratch, sequential: bool, name: str):
+def _call(st: KernelParams, kernel, grid, in_specs, out_specs, out_shape, scratch, sequential: bool,
+          name: str):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
       compiler_params=pltpu.CompilerParams(
@@ -252,7 +191,8 @@ def _call(st: _Static, kernel, grid, in_specs, out_specs, out_shape, scratch, se
       interpret=st.interpret, name=name)
 
 
-def _tpu_forward(st: _Static, q, k, v):
+def forward(st: KernelParams, q, k, v):
+  """[B, H, Lp, *] -> (o, r = den + eps [B, H, Lp] or None, states for the backward pass)."""
   b, h, length, f = q.shape
   d, c = v.shape[-1], st.chunk
   grid = (b, h, length // c)
@@ -282,7 +222,7 @@ def _tpu_forward(st: _Static, q, k, v):
   return o, r, states
 
 
-def _tpu_backward(st: _Static, q, k, v, gn, gd, states):
+def backward(st: KernelParams, q, k, v, gn, gd, states):
   """gn: [B,H,Lp,D] (input dtype); gd: [B,H,Lp] float32 or None."""
   b, h, length, f = q.shape
   d, c = v.shape[-1], st.chunk
@@ -324,70 +264,4 @@ def _tpu_backward(st: _Static, q, k, v, gn, gd, states):
                "linear_attention_bwd")(*args)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# custom_vjp glue.
-
-
-def _forward(st: _Static, q, k, v):
-  if st.backend == "gpu":
-    from kernels import linear_attention_pallas_gpu as gpu  # noqa: PLC0415
-    return gpu.forward(st, q, k, v)
-  return _tpu_forward(st, q, k, v)
-
-
-def _backward(st: _Static, q, k, v, gn, gd, states):
-  if st.backend == "gpu":
-    from kernels import linear_attention_pallas_gpu as gpu  # noqa: PLC0415
-    return gpu.backward(st, q, k, v, gn, gd, states)
-  return _tpu_backward(st, q, k, v, gn, gd, states)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _linear(st: _Static, q, k, v):
-  return _forward(st, q, k, v)[0]
-
-
-def _linear_fwd(st, q, k, v):
-  o, r, states = _forward(st, q, k, v)
-  return o, (q, k, v, o, r, states)
-
-
-def _linear_bwd(st, res, g):
-  q, k, v, o, r, states = res
-  if st.normalize:
-    g32 = _f32(g)
-    gn = (g32 / r[..., None]).astype(q.dtype)
-    gd = -jnp.sum(g32 * _f32(o), axis=-1) / r
-  else:
-    gn, gd = g.astype(q.dtype), None
-  return tuple(_backward(st, q, k, v, gn, gd, states))
-
-
-_linear.defvjp(_linear_fwd, _linear_bwd)
-
-
-def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, causal: bool,
-                            normalize: bool = True, eps: float = 1e-6, chunk_sizes: ChunkSizes | None = None,
-                            backend: Backend = "tpu", interpret=False) -> jax.Array:
-  """Linear attention through the Pallas kernels of `backend`, `[B, L, H, *]` in, `[B, L, H, D]` (dtype of v) out.
-
-  The length is zero-padded to a multiple of the chunk (zero rows add nothing to the states; their outputs are
-  dropped). Shapes are assumed checked by `kernels.linear_attention`; the kernel constraints are checked here.
-  """
-  chunk = (chunk_sizes or ChunkSizes()).resolve(backend)
-  dtype = jnp.result_type(q_BxLxHxF.dtype, k_BxLxHxF.dtype, v_BxLxHxD.dtype)
-  check_supported(q_BxLxHxF.shape, v_BxLxHxD.shape, dtype, chunk, backend)
-  length = q_BxLxHxF.shape[1]
-  pad = -length % chunk
-
-  def prep(x):  # [B, L, H, *] -> [B, H, Lp, *] in the common dtype
-    x = jnp.swapaxes(x.astype(dtype), 1, 2)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else x
-
-  st = _Static(causal=bool(causal), normalize=bool(normalize), eps=float(eps), chunk=chunk, backend=backend,
-               interpret=interpret)
-  out = _linear(st, prep(q_BxLxHxF), prep(k_BxLxHxF), prep(v_BxLxHxD))
-  return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxD.dtype)
-
-
-__all__ = ["ChunkSizes", "accelerator_backend", "check_supported", "linear_attention_pallas"]
+__all__ = ["backward", "forward"]

@@ -1,13 +1,14 @@
-"""Mosaic GPU (Hopper) kernels of block-sparse attention; see `kernels.block_sparse_pallas` for the algorithm and the
-index tables. One warpgroup per program:
-  forward / dQ:  program (query tile, head, batch) walks its list of key tiles;
-  dK / dV:       program (key tile, head, batch) walks its list of query tiles.
+"""Mosaic GPU (Hopper) kernels of block-sparse attention; see `pallas_tpu` for the algorithm and `tables` for the
+index lists. One warpgroup per program, one kernel call per row group (sparse rows, dense rows: a global tile does not
+widen the other rows' grids):
+  forward / dQ:  program (group row = query tile, head, batch) walks its list of key tiles;
+  dK / dV:       program (group row = key tile, head, batch) walks its list of query tiles.
 The tables are read from global memory (Mosaic GPU has no scalar prefetch); the listed tiles are double-buffered
-into shared memory by TMA (`mosaic_gpu_utils.stream`). Matmuls are wgmma with float32 accumulators; softmax
+into shared memory by TMA (`kernels.mosaic_gpu.stream`). Matmuls are wgmma with float32 accumulators; softmax
 statistics live in registers (per-row vectors of the wgmma layout). Tensors are `[B, H, L, D]`; K (forward, dQ),
 V (dQ), Q and dO (dK/dV) are also passed transposed (`[B, H, D, L]`, transposed by XLA) so that every wgmma B
 operand is a plain shared-memory tile, and probabilities reach the second matmul through shared memory (see
-`mosaic_gpu_utils`).
+`kernels.mosaic_gpu`). Dropout: the hash mask of `common.dropout_keep` on register tiles, regenerated in the backward.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import mosaic_gpu_utils as mg
+from kernels import mosaic_gpu as mg
+from kernels.block_sparse.common import KernelStatic, dropout_keep
+from kernels.block_sparse.pallas_tpu import merge_groups
 
 _M_INIT = -1e30
 
@@ -38,6 +41,18 @@ def _kv_bias(kv_mask_BxL):
   return jnp.where(kv_mask_BxL, 0.0, -jnp.inf).astype(jnp.float32)
 
 
+def _drop_scale(st: KernelStatic, seed, shape, q_tile, kv_tile, bi, hi, *, rows_are_queries, lay):
+  """float32 factor 1 / (1 - rate) (kept) or 0 (dropped) on a score tile; None without dropout."""
+  if st.dropout_rate <= 0.0:
+    return None
+  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=lay.WGMMA)
+  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=lay.WGMMA)
+  q_idx, k_idx = (rows, cols) if rows_are_queries else (cols, rows)
+  keep = dropout_keep(seed, bi * st.heads + hi, q_tile * st.block_q + q_idx, kv_tile * st.block_kv + k_idx,
+                      st.dropout_rate)
+  return jnp.where(keep, 1.0 / (1.0 - st.dropout_rate), 0.0)
+
+
 def _mask_scores(s, q_tile, kv_tile, bias_col, *, causal, rows_are_queries, block_q, block_kv, lay):
   """Masks `s` ([queries, keys] if rows_are_queries, else [keys, queries]) with -inf."""
   if causal:
@@ -53,24 +68,34 @@ def _mask_scores(s, q_tile, kv_tile, bias_col, *, causal, rows_are_queries, bloc
   return s
 
 
-def forward(st, q, k, v, kv_mask):
-  """q, k, v: [B, H, L, D] -> (o [B, H, L, D], lse [B, H, L] float32)."""
+def forward(st: KernelStatic, q, k, v, kv_mask, seed):
+  """q, k, v: [B, H, L, D] -> (o [B, H, L, D], lse [B, H, L] float32); one kernel call per row group."""
+  outs, lses = [], []
+  for group in st.tables.kv_groups:
+    o, lse = _forward_group(st, group, q, k, v, kv_mask, seed)
+    outs.append(o)
+    lses.append(lse[..., None])
+  return merge_groups(outs, st.tables.kv_groups, st.block_q), merge_groups(lses, st.tables.kv_groups, st.block_q)[..., 0]
+
+
+def _forward_group(st: KernelStatic, group, q, k, v, kv_mask, seed):
   b, h, length, d = q.shape
   t = st.tables
-  bq, bkv, kw, nq = st.block_q, st.block_kv, t.kv_width, t.num_q_tiles
+  bq, bkv, kw, nr = st.block_q, st.block_kv, group.width, group.rows
   hs = 1 if t.layout_heads > 1 else 0
   has_mask = kv_mask is not None
   lay = _layouts(st)
   kT = jnp.swapaxes(k, 2, 3)
 
-  def kernel(kv_index_ref, kv_count_ref, q_ref, kT_ref, v_ref, *rest):
+  def kernel(ids_ref, kv_index_ref, kv_count_ref, seed_ref, q_ref, kT_ref, v_ref, *rest):
     if has_mask:
       bias_ref, o_ref, lse_ref, scratch = rest[0], rest[1], rest[2], rest[3:]
     else:
       bias_ref, (o_ref, lse_ref), scratch = None, rest[:2], rest[2:]
     q_smem, kT_smem, v_smem, bias_smem, p_smem, lse_smem, q_bar, k_bar, v_bar, b_bar = scratch
-    i, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
-    row = hi * hs * nq + i
+    r, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    i = ids_ref[r]
+    row = hi * hs * nr + r
     count = kv_count_ref[row]
 
     plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, pl.ds(i * bq, bq)], q_smem, q_bar.at[0])
@@ -95,8 +120,9 @@ def forward(st, q, k, v, kv_mask):
       m_next = jnp.maximum(m, s.max(axis=1))
       p = jnp.exp(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
       alpha = jnp.exp(m - m_next)
-      l = l * alpha + p.sum(axis=1)
-      mg.stage(p_smem, p)
+      l = l * alpha + p.sum(axis=1)  # the normalizer sees every allowed weight, dropped or not
+      drop = _drop_scale(st, seed_ref[0], s.shape, i, j, bi, hi, rows_are_queries=True, lay=lay)
+      mg.stage(p_smem, p if drop is None else p * drop)
       pv = mg.mma(p_smem, v_smem.at[slot], (bq, d))
       return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_next, l
 
@@ -111,8 +137,8 @@ def forward(st, q, k, v, kv_mask):
     o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
     lse_smem[...] = jnp.where(seen, m + jnp.log(safe_l), 0.0)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, hi, pl.ds(i * bq, bq)])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(i * bq, bq)])
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, hi, pl.ds(r * bq, bq)])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(r * bq, bq)])
     plgpu.wait_smem_to_gmem(0)
 
   dt = q.dtype
@@ -120,33 +146,36 @@ def forward(st, q, k, v, kv_mask):
              plgpu.SMEM((2, bkv), jnp.float32), mg.smem((bq, bkv), dt),
              plgpu.SMEM((bq,), jnp.float32), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2),
              plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2)]
-  args = [jnp.asarray(t.kv_index), jnp.asarray(t.kv_count), q, kT, v]
+  args = [jnp.asarray(group.ids), jnp.asarray(group.index), jnp.asarray(group.count), seed, q, kT, v]
   if has_mask:
     args.append(_kv_bias(kv_mask))
   return plgpu.kernel(
-      kernel, out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, length), jnp.float32)],
-      scratch_types=scratch, grid=(nq, h, b), grid_names=("q", "h", "b"), kernel_name="block_sparse_fwd",
+      kernel, out_type=[jax.ShapeDtypeStruct((b, h, nr * bq, d), q.dtype),
+                        jax.ShapeDtypeStruct((b, h, nr * bq), jnp.float32)],
+      scratch_types=scratch, grid=(nr, h, b), grid_names=("q", "h", "b"), kernel_name="block_sparse_fwd",
       interpret=_interpret(st))(*args)
 
 
-def _dq(st, q, k, v, kv_mask, do, lse, delta):
+def _dq(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
   b, h, length, d = q.shape
   t = st.tables
-  bq, bkv, kw, nq = st.block_q, st.block_kv, t.kv_width, t.num_q_tiles
+  bq, bkv, kw, nr = st.block_q, st.block_kv, group.width, group.rows
   hs = 1 if t.layout_heads > 1 else 0
   has_mask = kv_mask is not None
   lay = _layouts(st)
   kT, vT = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)
 
-  def kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, kT_ref, vT_ref, do_ref, lse_ref, delta_ref, *rest):
+  def kernel(ids_ref, kv_index_ref, kv_count_ref, seed_ref, q_ref, k_ref, kT_ref, vT_ref, do_ref, lse_ref, delta_ref,
+             *rest):
     if has_mask:
       bias_ref, dq_ref, scratch = rest[0], rest[1], rest[2:]
     else:
       bias_ref, dq_ref, scratch = None, rest[0], rest[1:]
     (q_smem, do_smem, lse_smem, delta_smem, k_smem, kT_smem, vT_smem, bias_smem, ds_smem,
      own_bar, k_bar, kT_bar, vT_bar, b_bar) = scratch
-    i, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
-    row = hi * hs * nq + i
+    r, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    i = ids_ref[r]
+    row = hi * hs * nr + r
     count = kv_count_ref[row]
     rows = pl.ds(i * bq, bq)
     plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows], q_smem, own_bar.at[0])
@@ -176,6 +205,9 @@ def _dq(st, q, k, v, kv_mask, do, lse, delta):
       s = _mask_scores(s, i, j, bias, causal=st.causal, rows_are_queries=True, block_q=bq, block_kv=bkv, lay=lay)
       p = jnp.exp(s - lax.broadcast_in_dim(lse, s.shape, [0]))
       dp = mg.mma(do_smem, vT_smem.at[slot], (bq, bkv))
+      drop = _drop_scale(st, seed_ref[0], s.shape, i, j, bi, hi, rows_are_queries=True, lay=lay)
+      if drop is not None:
+        dp = dp * drop
       mg.stage(ds_smem, p * (dp - lax.broadcast_in_dim(delta, s.shape, [0])))
       return dq + mg.mma(ds_smem, k_smem.at[slot], (bq, d))
 
@@ -184,7 +216,7 @@ def _dq(st, q, k, v, kv_mask, do, lse, delta):
     dq_smem = q_smem  # free now
     dq_smem[...] = (dq * st.scale).astype(dq_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, hi, rows])
+    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, hi, pl.ds(r * bq, bq)])
     plgpu.wait_smem_to_gmem(0)
 
   dt = q.dtype
@@ -192,32 +224,35 @@ def _dq(st, q, k, v, kv_mask, do, lse, delta):
              plgpu.SMEM((bq,), jnp.float32), mg.smem((2, bkv, d), dt), mg.smem((2, d, bkv), dt),
              mg.smem((2, d, bkv), dt), plgpu.SMEM((2, bkv), jnp.float32), mg.smem((bq, bkv), dt),
              plgpu.Barrier(num_barriers=4)] + [plgpu.Barrier(num_barriers=2)] * 4
-  args = [jnp.asarray(t.kv_index), jnp.asarray(t.kv_count), q, k, kT, vT, do, lse, delta]
+  args = [jnp.asarray(group.ids), jnp.asarray(group.index), jnp.asarray(group.count), seed, q, k, kT, vT, do, lse,
+          delta]
   if has_mask:
     args.append(_kv_bias(kv_mask))
-  return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), scratch_types=scratch,
-                      grid=(nq, h, b), grid_names=("q", "h", "b"), kernel_name="block_sparse_bwd_dq",
+  return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((b, h, nr * bq, d), q.dtype), scratch_types=scratch,
+                      grid=(nr, h, b), grid_names=("q", "h", "b"), kernel_name="block_sparse_bwd_dq",
                       interpret=_interpret(st))(*args)
 
 
-def _dkv(st, q, k, v, kv_mask, do, lse, delta):
+def _dkv(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
   b, h, length, d = q.shape
   t = st.tables
-  bq, bkv, qw, nk = st.block_q, st.block_kv, t.q_width, t.num_kv_tiles
+  bq, bkv, qw, nr = st.block_q, st.block_kv, group.width, group.rows
   hs = 1 if t.layout_heads > 1 else 0
   has_mask = kv_mask is not None
   lay = _layouts(st)
   qT, doT = jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)
 
-  def kernel(q_index_ref, q_count_ref, q_ref, qT_ref, k_ref, v_ref, do_ref, doT_ref, lse_ref, delta_ref, *rest):
+  def kernel(ids_ref, q_index_ref, q_count_ref, seed_ref, q_ref, qT_ref, k_ref, v_ref, do_ref, doT_ref, lse_ref,
+             delta_ref, *rest):
     if has_mask:
       bias_ref, dk_ref, dv_ref, scratch = rest[0], rest[1], rest[2], rest[3:]
     else:
       bias_ref, (dk_ref, dv_ref), scratch = None, rest[:2], rest[2:]
     (k_smem, v_smem, bias_smem, q_smem, qT_smem, do_smem, doT_smem, lse_smem, delta_smem, p_smem, ds_smem,
      own_bar, q_bar, qT_bar, do_bar, doT_bar, lse_bar, delta_bar) = scratch
-    j, hi, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
-    col = hi * hs * nk + j
+    r, hi, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
+    j = ids_ref[r]
+    col = hi * hs * nr + r
     count = q_count_ref[col]
     keys = pl.ds(j * bkv, bkv)
     plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, keys], k_smem, own_bar.at[0])
@@ -249,9 +284,12 @@ def _dkv(st, q, k, v, kv_mask, do, lse, delta):
       sT = mg.mma(k_smem, qT_smem.at[slot], (bkv, bq)) * st.scale
       sT = _mask_scores(sT, i, j, bias, causal=st.causal, rows_are_queries=False, block_q=bq, block_kv=bkv, lay=lay)
       pT = jnp.exp(sT - lse)
-      mg.stage(p_smem, pT)
+      drop = _drop_scale(st, seed_ref[0], sT.shape, i, j, bi, hi, rows_are_queries=False, lay=lay)
+      mg.stage(p_smem, pT if drop is None else pT * drop)
       dv = dv + mg.mma(p_smem, do_smem.at[slot], (bkv, d))
       dpT = mg.mma(v_smem, doT_smem.at[slot], (bkv, bq))
+      if drop is not None:
+        dpT = dpT * drop
       mg.stage(ds_smem, pT * (dpT - delta))
       dk = dk + mg.mma(ds_smem, q_smem.at[slot], (bkv, d))
       return dk, dv
@@ -263,8 +301,9 @@ def _dkv(st, q, k, v, kv_mask, do, lse, delta):
     dk_smem[...] = (dk * st.scale).astype(dk_smem.dtype)
     dv_smem[...] = dv.astype(dv_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[bi, hi, keys])
-    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[bi, hi, keys])
+    out_rows = pl.ds(r * bkv, bkv)
+    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[bi, hi, out_rows])
+    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[bi, hi, out_rows])
     plgpu.wait_smem_to_gmem(0)
 
   dt = q.dtype
@@ -272,19 +311,22 @@ def _dkv(st, q, k, v, kv_mask, do, lse, delta):
              mg.smem((2, bq, d), dt), mg.smem((2, d, bq), dt), mg.smem((2, bq, d), dt), mg.smem((2, d, bq), dt),
              plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32), mg.smem((bkv, bq), dt),
              mg.smem((bkv, bq), dt), plgpu.Barrier(num_barriers=3)] + [plgpu.Barrier(num_barriers=2)] * 6
-  args = [jnp.asarray(t.q_index), jnp.asarray(t.q_count), q, qT, k, v, do, doT, lse, delta]
+  args = [jnp.asarray(group.ids), jnp.asarray(group.index), jnp.asarray(group.count), seed, q, qT, k, v, do, doT,
+          lse, delta]
   if has_mask:
     args.append(_kv_bias(kv_mask))
-  return plgpu.kernel(kernel, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                                        jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                      scratch_types=scratch, grid=(nk, h, b), grid_names=("kv", "h", "b"),
+  return plgpu.kernel(kernel, out_type=[jax.ShapeDtypeStruct((b, h, nr * bkv, d), k.dtype),
+                                        jax.ShapeDtypeStruct((b, h, nr * bkv, d), v.dtype)],
+                      scratch_types=scratch, grid=(nr, h, b), grid_names=("kv", "h", "b"),
                       kernel_name="block_sparse_bwd_dkv", interpret=_interpret(st))(*args)
 
 
-def backward(st, q, k, v, kv_mask, do, lse, delta):
-  dq = _dq(st, q, k, v, kv_mask, do, lse, delta)
-  dk, dv = _dkv(st, q, k, v, kv_mask, do, lse, delta)
-  return dq, dk, dv
+def backward(st: KernelStatic, q, k, v, kv_mask, seed, do, lse, delta):
+  t = st.tables
+  dqs = [_dq(st, g, q, k, v, kv_mask, seed, do, lse, delta) for g in t.kv_groups]
+  dkvs = [_dkv(st, g, q, k, v, kv_mask, seed, do, lse, delta) for g in t.q_groups]
+  return (merge_groups(dqs, t.kv_groups, st.block_q), merge_groups([a for a, _ in dkvs], t.q_groups, st.block_kv),
+          merge_groups([b for _, b in dkvs], t.q_groups, st.block_kv))
 
 
 __all__ = ["backward", "forward"]

@@ -1,13 +1,13 @@
-"""Mosaic GPU (Hopper) kernels of chunked linear attention; the maths is in `kernels.linear_attention_pallas`.
+"""Mosaic GPU (Hopper) kernels of chunked linear attention; the maths is in `kernels.linear_attention.pallas`.
 
 One warpgroup per program. The causal kernels walk the chunks of one (batch, head) in order (the dK and dV kernels in
-reverse), double-buffering the chunk tiles into shared memory by TMA (`mosaic_gpu_utils.stream`), with the carried
+reverse), double-buffering the chunk tiles into shared memory by TMA (`kernels.mosaic_gpu.stream`), with the carried
 state in registers (float32, wgmma layout) and a copy rounded to the input dtype in shared memory for the next
 chunk's matmul. To have more programs than batch x heads, each causal kernel owns a 64-wide block of the dimension
 its state and output do not reduce over: the forward and dV kernels a block of the value dimension, the dQ and dK
 kernels a block of the feature dimension (dQ and dK need the full value dimension, dV the full feature dimension,
 hence separate dK and dV kernels). Non-causal: a state kernel per 64-wide value block reduces the states over the
-chunks, then a kernel per chunk applies them. As in `block_sparse_pallas_gpu`, wgmma operands are plain shared-memory
+chunks, then a kernel per chunk applies them. As in the block-sparse GPU kernels, wgmma operands are plain shared-memory
 tiles (transposed copies come from XLA) so that the GPU interpreter can run the kernels on CPU.
 """
 
@@ -19,7 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import mosaic_gpu_utils as mg
+from kernels import mosaic_gpu as mg
+from kernels.linear_attention.params import KernelParams
 
 _BLOCK = 64  # width of the state/output block one program owns
 
@@ -381,17 +382,17 @@ def _noncausal_backward(st, q, k, v, gn, gd, states):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Entry points used by `kernels.linear_attention_pallas`.
+# Entry points used by `kernels.linear_attention.pallas`.
 
 
-def forward(st, q, k, v):
+def forward(st: KernelParams, q, k, v):
   """[B, H, Lp, *] -> (o, r = den + eps [B, H, Lp] or None, states for the backward pass)."""
   if st.causal:
     return _causal_forward(st, q, k, v)
   return _noncausal_forward(st, q, k, v)
 
 
-def backward(st, q, k, v, gn, gd, states):
+def backward(st: KernelParams, q, k, v, gn, gd, states):
   if st.causal:
     return _causal_dq(st, k, v, gn, gd), _causal_dk(st, q, v, gn, gd), _causal_dv(st, q, k, gn)
   return tuple(_noncausal_backward(st, q, k, v, gn, gd, states))

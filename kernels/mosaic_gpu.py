@@ -1,4 +1,4 @@
-"""Small helpers shared by the Mosaic GPU (Hopper, `plgpu`) kernels of this package.
+"""Mosaic GPU (Hopper, `plgpu`) building blocks shared by the GPU kernels of every op (`kernels/<op>/pallas_gpu.py`).
 
 The kernels are written so that the GPU interpreter (`InterpretGPUParams`) can also run them on CPU: wgmma operands
 always come from shared memory refs without transposed views (callers pass transposed copies from XLA where a
@@ -62,6 +62,7 @@ def load(ref, layout) -> jax.Array:
 
 
 def full(shape, value: float, layout) -> jax.Array:
+  """A float32 constant in registers with `layout`."""
   x = jnp.full(shape, value, jnp.float32)
   return x if layout is None else plgpu.layout_cast(x, layout)
 

@@ -1,0 +1,159 @@
+"""Block-sparse softmax attention: each query block attends only to the key blocks its layout allows.
+
+`layout_HxNxN[h, i, j]` (bool, `H` = heads or 1 shared by all heads, `N = length // block_size`) says whether the
+queries of block `i` may attend to the keys of block `j` in head `h`. The softmax runs over the allowed keys only;
+`causal=True` also masks keys after the query (inside diagonal blocks too) and `kv_mask` masks keys per batch row
+(padding). A query with no allowed key outputs 0 (not NaN), with finite gradients. Implementations:
+  "reference"  dense `[B, H, L, L]` scores with the layout expanded to a token mask (`reference`): the ground truth;
+  "xla"        `xla`: dense query rows (global tokens) over all keys, a shared slab for global key columns, and the
+               remaining allowed blocks of the other rows gathered through host-side index tables (`tables`) padded
+               to the widest *sparse* row: O(L·K·C + G·C·L) time and memory for K blocks per sparse row and G global
+               blocks (C = block_size), never L times the widest row. Plain autodiff gives the backward pass;
+  "pallas"     the flash-style kernels (`pallas_tpu` for TPU, `pallas_gpu` for Mosaic GPU on Hopper: bfloat16/float16,
+               tiles and head_dim multiples of 64) of the platform the program is lowered for; never falls back (a
+               call the kernel cannot serve raises a ValueError naming the constraint);
+  "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them).
+None picks, at lowering time (`kernels.platform.dispatch`), the kernel on cuda/tpu when it can serve the call and
+"xla" otherwise (CPU, or a call outside the kernel's tiles/dtypes: logged once with the reason), so a step exported
+or AOT-compiled for an accelerator from a CPU host holds the kernels. `block_sizes` (`BlockSizes`) sets the kernel
+tiles. Scores, softmax and the weighted sum accumulate in float32 whatever the input dtype; the output has the dtype
+of `q`. The layout must be concrete (numpy, or a jax array outside `jit` tracing): it decides the shapes of the
+gathers and the kernels' index tables. `block_sparse_attention` jits its work with the layout and options static,
+so an eager call compiles once per configuration.
+
+Dropout (`dropout_rate` with a `dropout_rng`) acts on the normalized weights of the allowed keys with one mask in
+every implementation: a counter-based hash of (seed, batch·heads + head, query position, key position)
+(`common.dropout_keep`, the seed drawn from `dropout_rng`), which the backward kernels regenerate; so all
+implementations give the same values with dropout on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from kernels import platform
+from kernels.block_sparse.common import BlockSizes, dropout_keep, dropout_seed
+from kernels.block_sparse.reference import block_sparse_attention_reference
+from kernels.block_sparse.tables import expand_layout, gather_tables, make_tables, xla_plan
+from kernels.block_sparse.xla import block_sparse_attention_xla
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
+OP = "block_sparse_attention"
+
+
+def _concrete_layout(layout) -> np.ndarray:
+  if isinstance(layout, jax.core.Tracer):
+    raise ValueError("block_sparse_attention needs a concrete layout (numpy, built on the host); got a traced array "
+                     "-- build the layout outside jit or close over it as a constant")
+  return np.asarray(layout)
+
+
+def _check(q, k, v, layout: np.ndarray, block_size: int, kv_mask, implementation, dropout_rate: float) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown block_sparse_attention implementation {implementation!r}; "
+                     f"valid choices: {IMPLEMENTATIONS}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, length, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+  if q.shape != k.shape:
+    raise ValueError(f"q and k must have the same shape (self-attention), got {q.shape} and {k.shape}")
+  if v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"v must match q in batch, length and heads: {v.shape[:3]} vs {q.shape[:3]}")
+  batch, length, heads, _ = q.shape
+  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"block_size must be a positive integer, got {block_size=}")
+  if length % block_size:
+    raise ValueError(f"{length=} must be a multiple of {block_size=}")
+  n = length // block_size
+  if layout.dtype != np.bool_:
+    raise ValueError(f"layout must be a bool array, got dtype {layout.dtype}")
+  if layout.ndim != 3 or layout.shape[0] not in (1, heads) or layout.shape[1:] != (n, n):
+    raise ValueError(f"layout must have shape [heads or 1, length // block_size, length // block_size] = "
+                     f"[{heads} or 1, {n}, {n}], got {layout.shape}")
+  if kv_mask is not None and tuple(kv_mask.shape) != (batch, length):
+    raise ValueError(f"kv_mask must have shape [batch, length] = {(batch, length)}, got {tuple(kv_mask.shape)}")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate=}")
+
+
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, block_size: int,
+                           causal: bool = False, scale: float | None = None, implementation: str | None = None,
+                           kv_mask: jax.Array | None = None, dropout_rate: float = 0.0,
+                           dropout_rng: jax.Array | None = None, block_sizes: BlockSizes | None = None) -> jax.Array:
+  """Block-sparse softmax attention on `[batch, length, heads, head_dim]` tensors (see the module docstring).
+
+  Args:
+    layout: bool `[heads or 1, length // block_size, length // block_size]`, concrete (built on the host).
+    scale: score scale (a Python float: it is static); None means `head_dim ** -0.5`.
+    implementation: "reference", "xla", "pallas", "interpret" or None (best for the lowering platform).
+    kv_mask: optional bool `[batch, length]`, True = a real key that may be attended (padding is False).
+    dropout_rate, dropout_rng: dropout on the attention weights (applied only when both are given).
+    block_sizes: kernel tiles of the "pallas"/"interpret" implementations (`BlockSizes`); None = backend defaults.
+  """
+  layout = _concrete_layout(layout)
+  _check(q, k, v, layout, block_size, kv_mask, implementation, dropout_rate)
+  if dropout_rng is None or dropout_rate == 0.0:
+    dropout_rate, dropout_rng = 0.0, None
+  return _jitted_attention(q, k, v, _StaticLayout(layout), kv_mask, dropout_rng, block_size=block_size,
+                           causal=bool(causal), scale=None if scale is None else float(scale),
+                           implementation=implementation, dropout_rate=float(dropout_rate), block_sizes=block_sizes)
+
+
+class _StaticLayout:
+  """A hashable wrapper so the layout can be a static argument of `jax.jit` (it fixes the gather shapes)."""
+
+  def __init__(self, layout: np.ndarray):
+    self.layout = layout
+    self._key = (layout.shape, layout.tobytes())
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, _StaticLayout) and self._key == other._key
+
+
+def _kernel_or_reason(backend: str, q, block_size: int, block_sizes, run):
+  """A thunk running `backend`'s kernel, or the reason (a string) why it cannot serve this call."""
+  from kernels.block_sparse import pallas_tpu  # noqa: PLC0415  (Pallas imports only where kernels are wanted)
+  try:
+    pallas_tpu.check_supported(q.shape, q.dtype, block_size, block_sizes, backend)
+  except ValueError as e:
+    return str(e)
+  return lambda: run(backend, False)
+
+
+# One compiled computation per (layout, options, shapes): eager callers (tests, notebooks) then pay one compilation
+# instead of dispatching dozens of small ops; under an outer jit this simply inlines.
+@functools.partial(jax.jit, static_argnames=("block_size", "causal", "scale", "implementation", "dropout_rate",
+                                             "block_sizes"), static_argnums=3)
+def _jitted_attention(q, k, v, layout: _StaticLayout, kv_mask, dropout_rng, *, block_size, causal, scale,
+                      implementation, dropout_rate, block_sizes):
+  seed = None if dropout_rng is None else dropout_seed(dropout_rng)
+  common = dict(block_size=block_size, causal=causal, scale=scale, kv_mask=kv_mask, dropout_rate=dropout_rate,
+                dropout_seed=seed)
+
+  def xla():
+    fn = block_sparse_attention_reference if implementation == "reference" else block_sparse_attention_xla
+    return fn(q, k, v, layout.layout, **common)
+
+  def kernel(backend, interpret):
+    from kernels.block_sparse import pallas_tpu  # noqa: PLC0415
+    return pallas_tpu.block_sparse_attention_pallas(q, k, v, layout.layout, block_sizes=block_sizes, backend=backend,
+                                                    interpret=interpret, **common)
+
+  if implementation in ("reference", "xla"):
+    return xla()
+  if implementation == "interpret":
+    return kernel("tpu", True)
+  kernels = {backend: _kernel_or_reason(backend, q, block_size, block_sizes, kernel) for backend in ("tpu", "gpu")}
+  if implementation == "pallas":
+    return platform.require_kernel(OP, kernels=kernels)
+  return platform.dispatch(OP, xla=xla, kernels=kernels)
+
+
+__all__ = ["BlockSizes", "IMPLEMENTATIONS", "block_sparse_attention", "block_sparse_attention_reference",
+           "block_sparse_attention_xla", "dropout_keep", "dropout_seed", "expand_layout", "gather_tables",
+           "make_tables", "xla_plan"]

@@ -1,0 +1,210 @@
+"""Host-side (numpy) tables built from a static block layout: which query rows are computed densely, which key
+columns are global, and the gather / kernel index lists of everything else.
+
+Why: a global (dense) query row is as wide as the sequence. Padding every row's index list to the widest row would
+make every row gather every key block (quadratic cost); instead rows are split into a dense group (attention over all
+keys, masked by their layout row) and a sparse group gathered at the width of the widest *sparse* row. Which rows are
+dense is decided by a cost model (`split_rows`), so any layout gets the cheaper of the two treatments per row, with
+the total O(L·K·C + G·C·L) for K sparse blocks per row and G global blocks. The XLA form also takes key columns that
+(nearly) every sparse row sees out of the gather into one shared score slab (`xla_plan`), which keeps the gathered
+key/value copies at the width of the sparse band.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+
+def expand_layout(layout_HxNxN: np.ndarray, block_size: int) -> np.ndarray:
+  """The token-level mask `[H, L, L]` of a block layout."""
+  return np.repeat(np.repeat(np.asarray(layout_HxNxN, bool), block_size, axis=1), block_size, axis=2)
+
+
+def causal_blocks(layout_HxNxN: np.ndarray) -> np.ndarray:
+  """The layout without blocks wholly in the future of their row (`j > i`): exact under causal masking."""
+  n = layout_HxNxN.shape[-1]
+  return np.asarray(layout_HxNxN, bool) & np.tri(n, dtype=bool)[None]
+
+
+def gather_tables(layout_HxNxN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Index tables of a (sub-)layout: `idx[h, i, :]` lists the key blocks row `i` of head `h` may see, padded to the
+  widest row (K columns, at least 1) with block 0; `valid[h, i, k]` marks the real entries."""
+  counts_HxN = layout_HxNxN.sum(axis=-1)
+  width = max(int(counts_HxN.max(initial=0)), 1)
+  # A stable argsort of ~allowed puts the allowed blocks first, in increasing block order.
+  order_HxNxN = np.argsort(~layout_HxNxN, axis=-1, kind="stable")
+  idx_HxNxK = order_HxNxN[..., :width].astype(np.int32)
+  valid_HxNxK = np.arange(width)[None, None, :] < counts_HxN[..., None]
+  return np.where(valid_HxNxK, idx_HxNxK, 0).astype(np.int32), valid_HxNxK
+
+
+def split_rows(allowed_HxRxC: np.ndarray, band_cost: float = 1.0,
+               dense_width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(dense rows, sparse rows), sorted: the split minimizing `dense * W + band_cost * sparse * K_sparse`, where
+  `K_sparse` is the widest remaining row (over heads) and `W` the cost of a dense row (`dense_width`; None = all C
+  columns). Ties keep rows sparse."""
+  rows, cols = allowed_HxRxC.shape[1:]
+  counts = allowed_HxRxC.sum(-1).max(0) if rows else np.zeros(0, int)
+  order = np.argsort(-counts, kind="stable")
+  widths = np.append(counts[order], 0)  # widths[r]: the widest sparse row once the r widest rows are dense
+  width = cols if dense_width is None else dense_width
+  costs = np.arange(rows + 1) * width + band_cost * (rows - np.arange(rows + 1)) * widths
+  num_dense = int(np.argmin(costs))
+  return np.sort(order[:num_dense]), np.sort(order[num_dense:])
+
+
+def split_columns(allowed_HxRxC: np.ndarray, band_cost: float) -> tuple[np.ndarray, np.ndarray]:
+  """(global columns, band columns), sorted: the columns seen by the most rows move to a shared slab (cost 1 per
+  column) while that lowers `band_cost * K_band + slab width` (K_band: the widest row over the band columns)."""
+  cols = allowed_HxRxC.shape[-1]
+  if allowed_HxRxC.shape[1] == 0:
+    return np.zeros(0, np.int64), np.arange(cols)
+  coverage = allowed_HxRxC.sum(axis=(0, 1))
+  order = np.argsort(-coverage, kind="stable")
+  removed = np.cumsum(allowed_HxRxC[:, :, order], axis=-1)  # [H, R, C]: allowed among the first c+1 in order
+  counts = allowed_HxRxC.sum(-1)
+  widths = [int(counts.max())] + [int((counts - removed[..., c]).max()) for c in range(cols)]
+  costs = band_cost * np.asarray(widths) + np.arange(cols + 1)
+  num_global = int(np.argmin(costs))
+  return np.sort(order[:num_global]), np.sort(order[num_global:])
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaPlan:
+  """How the XLA form computes one (layout, causal) configuration. Block indices throughout.
+
+  dense_rows [Nd]: query blocks attended over all keys (masked by `dense_allowed [H, Nd, N]`).
+  sparse_rows [Ns]: the others; `band_idx / band_valid [H, Ns, K]` list their key blocks outside `global_cols`
+  (padded to the widest sparse row), `slab_allowed [H, Ns, G]` which of the `global_cols [G]` each row sees.
+  """
+
+  dense_rows: np.ndarray
+  sparse_rows: np.ndarray
+  global_cols: np.ndarray
+  dense_allowed: np.ndarray
+  band_idx: np.ndarray
+  band_valid: np.ndarray
+  slab_allowed: np.ndarray
+
+  @property
+  def band_width(self) -> int:
+    return self.band_idx.shape[-1] if self.band_valid.any() else 0
+
+
+# A gathered band block costs its scores plus its copied keys and values; a slab or dense block only its scores.
+_XLA_BAND_COST = 2.0
+
+
+@functools.lru_cache(maxsize=128)
+def _xla_plan_cached(layout_bytes: bytes, shape: tuple[int, ...], causal: bool) -> XlaPlan:
+  layout = np.frombuffer(layout_bytes, dtype=np.bool_).reshape(shape)
+  if causal:
+    layout = causal_blocks(layout)
+  dense_rows, sparse_rows = split_rows(layout, _XLA_BAND_COST)
+  sparse = layout[:, sparse_rows]
+  global_cols, band_cols = split_columns(sparse, _XLA_BAND_COST)
+  band_layout = np.zeros_like(sparse)
+  band_layout[:, :, band_cols] = sparse[:, :, band_cols]
+  band_idx, band_valid = gather_tables(band_layout)
+  return XlaPlan(dense_rows=dense_rows, sparse_rows=sparse_rows, global_cols=global_cols,
+                 dense_allowed=layout[:, dense_rows], band_idx=band_idx, band_valid=band_valid,
+                 slab_allowed=sparse[:, :, global_cols])
+
+
+def xla_plan(layout_HxNxN: np.ndarray, causal: bool) -> XlaPlan:
+  """The `XlaPlan` of a layout (cached per layout and causal flag)."""
+  layout = np.ascontiguousarray(layout_HxNxN, dtype=np.bool_)
+  return _xla_plan_cached(layout.tobytes(), layout.shape, bool(causal))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernel tables (Pallas TPU and Mosaic GPU).
+
+
+@dataclasses.dataclass(frozen=True)
+class Lists:
+  """Index lists of one group of rows (query tiles for forward/dQ, key tiles for dK/dV), flattened for SMEM.
+
+  `ids[r]` is the tile of the group's r-th row; `index[(h * R + r) * width + s]` its s-th listed tile (layout head h),
+  `count[h * R + r]` how many there are. Lists are padded to the group's widest row by repeating their last entry (the
+  pipeline keeps that block resident: no new copy); padding steps skip their compute.
+  """
+
+  ids: np.ndarray
+  index: np.ndarray
+  count: np.ndarray
+  width: int
+
+  @property
+  def rows(self) -> int:
+    return int(self.ids.size)
+
+
+def _lists(allowed_HxRxC: np.ndarray, ids: np.ndarray) -> Lists:
+  counts = allowed_HxRxC.sum(-1).astype(np.int32)
+  width = max(int(counts.max(initial=0)), 1)
+  order = np.argsort(~allowed_HxRxC, axis=-1, kind="stable")[..., :width]  # allowed first, increasing
+  last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
+  steps = np.arange(width)
+  index = np.where(steps < counts[..., None], order, np.where(counts[..., None] > 0, last, 0))
+  return Lists(ids=ids.astype(np.int32), index=index.astype(np.int32).reshape(-1), count=counts.reshape(-1),
+               width=width)
+
+
+def grouped_lists(allowed_HxRxC: np.ndarray) -> tuple[Lists, ...]:
+  """The rows of a tile layout in (at most) two groups, sparse first then dense, each listed at its own width: a
+  dense row (a global query tile, or for the transposed lists a global key tile) no longer widens every row."""
+  # A dense group still lists only its allowed tiles: its cost per row is the widest row's list. A second kernel call
+  # is worth it only when it saves at least a quarter of the grid steps.
+  counts = allowed_HxRxC.sum(-1).max(0)
+  widest = int(counts.max(initial=0))
+  dense, sparse = split_rows(allowed_HxRxC, dense_width=widest)
+  split_steps = dense.size * widest + sparse.size * int(counts[sparse].max(initial=0))
+  if split_steps > 0.75 * counts.size * widest:
+    dense, sparse = dense[:0], np.arange(counts.size)
+  return tuple(_lists(allowed_HxRxC[:, ids], ids) for ids in (sparse, dense) if ids.size)
+
+
+def tile_layout(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int, causal: bool) -> np.ndarray:
+  """The layout refined to kernel tiles `[H, L // block_q, L // block_kv]`; causal drops tiles wholly in the future."""
+  tiles = np.repeat(np.repeat(np.asarray(layout_HxNxN, bool), block_size // block_q, axis=1),
+                    block_size // block_kv, axis=2)
+  if causal:
+    q_last = (np.arange(tiles.shape[1]) + 1) * block_q - 1
+    kv_first = np.arange(tiles.shape[2]) * block_kv
+    tiles = tiles & (kv_first[None, None, :] <= q_last[None, :, None])
+  return tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTables:
+  """The kernels' tables of one (layout, tiling, causal) configuration: `kv_groups` (query tile -> key tiles, for the
+  forward and dQ kernels) and `q_groups` (key tile -> query tiles, for dK/dV), one kernel call per group."""
+
+  kv_groups: tuple[Lists, ...]
+  q_groups: tuple[Lists, ...]
+  num_q_tiles: int
+  num_kv_tiles: int
+  layout_heads: int
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_tables_cached(layout_bytes: bytes, shape: tuple[int, ...], block_size: int, block_q: int, block_kv: int,
+                          causal: bool) -> KernelTables:
+  layout = np.frombuffer(layout_bytes, dtype=np.bool_).reshape(shape)
+  tiles = tile_layout(layout, block_size, block_q, block_kv, causal)
+  return KernelTables(kv_groups=grouped_lists(tiles), q_groups=grouped_lists(np.swapaxes(tiles, 1, 2)),
+                      num_q_tiles=tiles.shape[1], num_kv_tiles=tiles.shape[2], layout_heads=tiles.shape[0])
+
+
+def make_tables(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int, causal: bool) -> KernelTables:
+  """The `KernelTables` of a layout (cached)."""
+  layout = np.ascontiguousarray(layout_HxNxN, dtype=np.bool_)
+  return _kernel_tables_cached(layout.tobytes(), layout.shape, block_size, block_q, block_kv, bool(causal))
+
+
+__all__ = ["KernelTables", "Lists", "XlaPlan", "causal_blocks", "expand_layout", "gather_tables", "grouped_lists",
+           "make_tables", "split_columns", "split_rows", "tile_layout", "xla_plan"]

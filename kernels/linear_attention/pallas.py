@@ -1,0 +1,94 @@
+"""Pallas kernels for chunked linear attention (the public entry and the reference are in
+`kernels.linear_attention`).
+
+Per chunk of `C` positions, with `A = q k^T` (lower-triangular when causal) and the running state `S = sum k^T v`
+(`[F, D]`) and normalizer `z = sum k` (`[F]`) of the earlier chunks:
+  num = A v + q S,   den = A 1 + q z,   out = num / (den + eps)   (normalize=False: out = num).
+The backward pass works on `gn = g / r` and `gd = -(g . out) / r` (r = den + eps; gn = g, gd = 0 without the
+normalizer), i.e. the cotangent of the augmented value `[v, 1]`, with `dA = gn v^T + gd` (masked like A):
+  dq = dA k + gn S^T + gd z          (forward over chunks: S, z of the earlier chunks)
+  dk = dA^T q + v P^T + y            (reverse over chunks: P = sum q^T gn, y = sum gd q of the later chunks)
+  dv = A^T gn + k P
+Causal: one forward kernel and two backward kernels (dq walking forward, dk/dv walking backward), each carrying its
+state across the sequential chunk axis in on-chip scratch. Non-causal: every query sees the total state, so a state
+kernel reduces `S, z` (and in the backward pass `P, y`) over the chunks and a parallel kernel applies them.
+
+This module holds the custom_vjp that joins the forward and backward kernels of a backend: "tpu"
+(`kernels.linear_attention.pallas_tpu`) or "gpu" (Mosaic GPU, `kernels.linear_attention.pallas_gpu`). Accumulation is
+float32; matmul operands keep the input dtype (the state is rounded to it where it feeds a matmul, as the chunked
+kernels of flash-linear-attention do).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels.linear_attention import pallas_gpu, pallas_tpu
+from kernels.linear_attention.params import ChunkSizes, KernelParams, check_supported
+from kernels.platform import Backend
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _forward(st: KernelParams, q, k, v):
+  return (pallas_gpu if st.backend == "gpu" else pallas_tpu).forward(st, q, k, v)
+
+
+def _backward(st: KernelParams, q, k, v, gn, gd, states):
+  return (pallas_gpu if st.backend == "gpu" else pallas_tpu).backward(st, q, k, v, gn, gd, states)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear(st: KernelParams, q, k, v):
+  return _forward(st, q, k, v)[0]
+
+
+def _linear_fwd(st, q, k, v):
+  o, r, states = _forward(st, q, k, v)
+  return o, (q, k, v, o, r, states)
+
+
+def _linear_bwd(st, res, g):
+  q, k, v, o, r, states = res
+  if st.normalize:
+    g32 = _f32(g)
+    gn = (g32 / r[..., None]).astype(q.dtype)
+    gd = -jnp.sum(g32 * _f32(o), axis=-1) / r
+  else:
+    gn, gd = g.astype(q.dtype), None
+  return tuple(_backward(st, q, k, v, gn, gd, states))
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, causal: bool,
+                            normalize: bool = True, eps: float = 1e-6, chunk_sizes: ChunkSizes | None = None,
+                            backend: Backend = "tpu", interpret=False) -> jax.Array:
+  """Linear attention through the Pallas kernels of `backend`, `[B, L, H, *]` in, `[B, L, H, D]` (dtype of v) out.
+
+  The length is zero-padded to a multiple of the chunk (zero rows add nothing to the states; their outputs are
+  dropped). Shapes are assumed checked by `kernels.linear_attention`; the kernel constraints are checked here.
+  """
+  chunk = (chunk_sizes or ChunkSizes()).resolve(backend)
+  dtype = jnp.result_type(q_BxLxHxF.dtype, k_BxLxHxF.dtype, v_BxLxHxD.dtype)
+  check_supported(q_BxLxHxF.shape, v_BxLxHxD.shape, dtype, chunk, backend)
+  length = q_BxLxHxF.shape[1]
+  pad = -length % chunk
+
+  def prep(x):  # [B, L, H, *] -> [B, H, Lp, *] in the common dtype
+    x = jnp.swapaxes(x.astype(dtype), 1, 2)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else x
+
+  st = KernelParams(causal=bool(causal), normalize=bool(normalize), eps=float(eps), chunk=chunk, backend=backend,
+                    interpret=interpret)
+  out = _linear(st, prep(q_BxLxHxF), prep(k_BxLxHxF), prep(v_BxLxHxD))
+  return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxD.dtype)
+
+
+__all__ = ["ChunkSizes", "check_supported", "linear_attention_pallas"]

@@ -1,0 +1,86 @@
+"""Block-sparse kernels inside lowered programs, from this CPU-only machine: the Pallas kernels (global rows and
+columns, dropout) lower for TPU and CUDA with `jax.export`, and `implementation=None` chooses at lowering time: the
+kernels on cuda/tpu, XLA on cpu, a logged fallback when a kernel cannot serve the call, and an error for an explicit
+"pallas"."""
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention.sparse_layouts import bigbird_layout
+from kernels import block_sparse_attention, platform
+from kernels.block_sparse.pallas_tpu import block_sparse_attention_pallas
+
+PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", "mosaic_gpu_v2")}
+KERNELS = ["block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv"]
+
+
+def _export(fn, platform_name, target, *specs):
+  grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
+  exported = jax.export.export(grad, platforms=[platform_name],
+                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*specs)
+  return exported.mlir_module()
+
+
+def _kernel_calls(module: str, target: str) -> int:
+  return len(re.findall(rf"custom_call @{target}\(", module))
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_kernels_with_global_blocks_and_dropout_lower(backend):
+  """BigBird at 4K tokens: two global blocks make a dense and a sparse group, so each kernel is called twice."""
+  block_size, length = 128, 4096
+  layout = bigbird_layout(length // block_size, num_global_blocks=2, num_random_blocks=2, num_heads=2, seed=0)
+
+  def loss(q, k, v, kv_mask, seed):
+    out = block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, kv_mask=kv_mask, backend=backend,
+                                        dropout_rate=0.1, dropout_seed=seed)
+    return jnp.sum(out.astype(jnp.float32))
+
+  spec = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.bfloat16)
+  platform_name, target = PLATFORMS[backend]
+  module = _export(loss, platform_name, target, spec, spec, spec, jax.ShapeDtypeStruct((1, length), jnp.bool_),
+                   jax.ShapeDtypeStruct((), jnp.int32))
+  assert _kernel_calls(module, target) == 2 * len(KERNELS)
+  for name in KERNELS:
+    assert re.search(rf"\b{name}\b", module), name
+
+
+def _default_loss(layout, block_size, **options):
+  def loss(q, k, v):
+    out = block_sparse_attention(q, k, v, layout, block_size=block_size, **options)
+    return jnp.sum(out.astype(jnp.float32))
+  return loss
+
+
+def test_default_implementation_is_chosen_where_the_program_is_lowered():
+  layout = bigbird_layout(8, num_global_blocks=1, num_random_blocks=1, num_heads=2, seed=0)
+  loss = _default_loss(layout, 64, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+  spec = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+  for backend, (platform_name, target) in PLATFORMS.items():
+    module = _export(loss, platform_name, target, spec, spec, spec)
+    assert _kernel_calls(module, target) >= len(KERNELS), backend  # dropout no longer forces XLA
+    assert "block_sparse_fwd" in module
+  cpu = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).as_text()
+  assert "tpu_custom_call" not in cpu and "mosaic_gpu" not in cpu and "block_sparse_fwd" not in cpu
+
+
+def test_fallback_is_logged_once_with_its_reason_and_explicit_pallas_raises(caplog):
+  layout = np.ones((1, 4, 4), bool)
+  spec = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)  # float32: the GPU kernel takes bfloat16/float16 only
+  platform._logged.clear()
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    for _ in range(2):
+      module = _export(_default_loss(layout, 64), "cuda", "mosaic_gpu_v2", spec, spec, spec)
+      assert _kernel_calls(module, "mosaic_gpu_v2") == 0
+  lines = [r.getMessage() for r in caplog.records if "block_sparse_attention" in r.getMessage()]
+  assert len(lines) == 1 and "dtype=float32 is not supported by the GPU kernel" in lines[0] and "xla" in lines[0]
+  with pytest.raises(ValueError, match="dtype=float32 is not supported by the GPU kernel.*use bfloat16"):
+    _export(_default_loss(layout, 64, implementation="pallas"), "cuda", "mosaic_gpu_v2", spec, spec, spec)
+  # The TPU kernel serves the same call.
+  module = _export(_default_loss(layout, 64, implementation="pallas"), "tpu", "tpu_custom_call", spec, spec, spec)
+  assert _kernel_calls(module, "tpu_custom_call") == len(KERNELS)

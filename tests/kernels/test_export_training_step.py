@@ -1,0 +1,88 @@
+"""A whole bfloat16 training step, as `lra.training.trainer.Experiment` builds it, holds the project's Pallas kernels
+when exported for `cuda` and for `tpu` from this CPU host, and none when lowered for `cpu` (issue 13).
+
+ListOps runlocal with `model.dtype="bfloat16"`, head dim 64 (qkv_dim 128 over 2 heads), attention dropout 0.1,
+2 layers, 256 tokens (a multiple of every block size), batch 2. `implementation` is left at None: the kernel choice
+happens where the program is lowered (`kernels.platform.dispatch`). Nothing is executed on an accelerator: the step
+is only traced and lowered (`jax.export`), with `disabled_checks` for the kernels' custom-call targets.
+Options set per variant so that the kernels can serve the call (the defaults log a fallback instead):
+`performer.num_features=128` (the Mosaic GPU kernel takes feature dims 64 or 128; the default is 256) and
+`block_size=64` for the block-sparse family (Mosaic GPU tiles are multiples of 64).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import pytest
+
+from configs.lra import listops
+from lra.training import trainer
+
+TARGETS = {"cuda": "mosaic_gpu_v2", "tpu": "tpu_custom_call"}
+LINEAR_KERNELS = ("linear_attention_fwd", "linear_attention_bwd")  # non-causal: *_fwd(_state), *_bwd(_state)
+SPARSE_KERNELS = ("block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv")
+VARIANTS = {  # name: (attention options, kernel names the exported step must hold)
+    "linear": ({}, LINEAR_KERNELS),
+    "performer": ({"num_features": 128}, LINEAR_KERNELS),
+    "transnormer": ({}, LINEAR_KERNELS),  # layer 0 "diag" (block-diagonal softmax, XLA), layer 1 "norm" (kernel)
+    "local": ({"block_size": 64}, SPARSE_KERNELS),
+    "bigbird": ({"block_size": 64}, SPARSE_KERNELS),
+    "longformer": ({"block_size": 64}, SPARSE_KERNELS),
+    "sparse_transformer": ({"block_size": 64}, SPARSE_KERNELS),
+}
+LENGTH, BATCH = 256, 2
+
+
+def _config(name: str, options: dict):
+  config = listops.get_config(f"runlocal,attention={name}")
+  config.model.update(dtype="bfloat16", num_layers=2, qkv_dim=128, num_heads=2, attention_dropout_rate=0.1)
+  for key, value in options.items():
+    config.model.attention[key] = value
+  config.data.max_length = LENGTH
+  config.train.batch_size = BATCH
+  config.train.eval_batch_size = BATCH
+  return config
+
+
+@functools.lru_cache(maxsize=None)
+def _step_and_args(name: str):
+  """The jitted training step of `Experiment` (without its shardings: one device) and abstract arguments."""
+  options, _ = VARIANTS[name]
+  experiment = trainer.Experiment(_config(name, options))
+  state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 jax.eval_shape(experiment.init_state))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in experiment.task.dummy_batch(BATCH).items()}
+  key = jax.random.key(0)
+  step = jax.jit(lambda state, batch: trainer.train_step(state, batch, key, task=experiment.task))
+  return step, state, batch
+
+
+def _lowered_text(name: str, platform: str) -> str:
+  step, state, batch = _step_and_args(name)
+  exported = jax.export.export(
+      step, platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(state, batch)
+  return exported.mlir_module()
+
+
+def _kernel_calls(module: str) -> list[str]:
+  return re.findall(r"custom_call @(tpu_custom_call|mosaic_gpu\w*)\(", module)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_bfloat16_training_step_holds_the_kernels_for_accelerators_and_xla_for_cpu(name):
+  _, kernel_names = VARIANTS[name]
+  for platform, target in TARGETS.items():
+    module = _lowered_text(name, platform)
+    calls = _kernel_calls(module)
+    assert calls and set(calls) == {target}, f"{name} exported for {platform}: kernel custom calls {calls}"
+    for kernel in kernel_names:
+      assert re.search(rf"\b{kernel}", module), f"{name} exported for {platform} lacks the kernel {kernel}"
+    assert "bf16" in module
+  cpu = _lowered_text(name, "cpu")
+  assert not _kernel_calls(cpu), f"{name} lowered for cpu holds kernel custom calls"
+  assert not any(re.search(rf"\b{kernel}", cpu) for kernel in kernel_names)
+

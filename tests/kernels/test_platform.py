@@ -1,0 +1,72 @@
+"""kernels.platform: the kernel is chosen where the program is lowered, fallbacks are logged once (only when lowered
+for the platform that falls back), an explicit kernel request never falls back. Plain jnp "kernels" keep it fast."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import platform
+
+OP = "tests.platform_op"
+
+
+def _dispatched(x, gpu_kernel):
+  # Distinct ops mark the branch in the lowered gradient: xla is sin (cosine), the "tpu kernel" tanh, the "gpu" exp.
+  return platform.dispatch(OP, xla=lambda: jnp.sin(x), kernels={"tpu": lambda: jnp.tanh(x), "gpu": gpu_kernel(x)})
+
+
+def _text(fn, platform_name: str) -> str:
+  spec = jax.ShapeDtypeStruct((4,), jnp.float32)
+  return jax.export.export(jax.jit(jax.grad(lambda x: jnp.sum(fn(x)))), platforms=[platform_name])(spec).mlir_module()
+
+
+def test_accelerator_of():
+  assert platform.accelerator_of("tpu") == "tpu"
+  assert [platform.accelerator_of(p) for p in ("cuda", "rocm", "gpu", "GPU")] == ["gpu"] * 4
+  assert platform.accelerator_of("cpu") is None
+
+
+def test_dispatch_lowers_only_the_branch_of_the_lowering_platform(caplog):
+  platform._logged.clear()  # noqa: SLF001
+  fn = lambda x: _dispatched(x, lambda x: "head_dim=48 is not a multiple of 64")  # noqa: E731
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    cpu, tpu = _text(fn, "cpu"), _text(fn, "tpu")
+    assert not caplog.records  # the gpu reason is not logged for cpu or tpu programs
+    cuda = _text(fn, "cuda")
+    _text(fn, "cuda")
+  assert "stablehlo.tanh" in tpu and "stablehlo.cosine" not in tpu
+  assert "stablehlo.cosine" in cpu and "stablehlo.cosine" in cuda
+  assert "stablehlo.tanh" not in cpu and "stablehlo.tanh" not in cuda
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{OP}: Pallas kernel cannot serve this call on cuda (head_dim=48 is not a multiple of 64); using xla"]
+  # Executed on this CPU host: the xla branch, and its gradient.
+  x = jnp.arange(4.0)
+  np.testing.assert_allclose(jax.jit(fn)(x), jnp.sin(x), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(fn(x)))(x), jnp.cos(x), rtol=1e-6)
+  np.testing.assert_allclose(jax.vmap(fn)(x[None]), jnp.sin(x)[None], rtol=1e-6)
+
+
+def test_rocm_falls_back_with_a_reason(caplog):
+  platform._logged.clear()  # noqa: SLF001
+  fn = lambda x: _dispatched(x, lambda x: (lambda: jnp.exp(x)))  # noqa: E731
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    assert "stablehlo.exponential" in _text(fn, "cuda")
+    assert not caplog.records
+    _text(fn, "rocm")
+  assert "on rocm (the Mosaic GPU kernels target NVIDIA GPUs (cuda) only); using xla" in caplog.records[0].getMessage()
+
+
+def test_require_kernel_never_falls_back():
+  def fn(x):
+    return platform.require_kernel(OP, kernels={"tpu": lambda: jnp.tanh(x), "gpu": "dtype=float32: use bf16"})
+
+  assert "stablehlo.tanh" in _text(fn, "tpu")
+  with pytest.raises(platform.KernelUnavailableError, match=r"cannot run on cuda: dtype=float32: use bf16"):
+    _text(fn, "cuda")  # under jax.grad too: the check is not dead code
+  with pytest.raises(ValueError, match=r"cannot run on cpu: no Pallas kernel for this platform"):
+    fn(jnp.ones(4))  # eagerly, on this host
+  with pytest.raises(ValueError, match=r"has no kernel for this call \(tpu: a; gpu: b\)"):
+    platform.require_kernel(OP, kernels={"tpu": "a", "gpu": "b"})
