@@ -1,11 +1,13 @@
 """Flax attention layers and their registry.
 
-`attention.names()`, `attention.build(name, **options)`, `attention.register(name)`; the layer contract is in
-DESIGN.md ("Attention layers"). Importing this package registers every variant.
+`attention.names()`, `attention.build(name, **options)`, `attention.build_attention(config, **encoder_owned)`,
+`attention.register(name)`; the layer contract is in docs/architecture.md ("Attention layers"). Importing this package
+registers every variant.
 """
 
-from attention.registry import build, get_class, names, options, register
-from attention.base import AttentionLayer
+from attention.registry import build, build_attention, get_class, names, options, register
+from attention.base import AttentionLayer, encoder_owned_options, resolve_compute_dtype
+from attention.recurrent import RecurrentLayer
 
 # Variant modules register themselves on import.
 # pylint: disable=unused-import
@@ -21,4 +23,5 @@ from attention import linformer  # noqa: F401
 from attention import synthesizer  # noqa: F401
 from attention import sinkhorn  # noqa: F401
 
-__all__ = ["AttentionLayer", "build", "get_class", "names", "options", "register"]
+__all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",
+           "names", "options", "register", "resolve_compute_dtype"]

@@ -1,21 +1,44 @@
-"""Shared pieces of every attention layer: common options, projections and argument checks.
+"""Shared pieces of every attention layer: common options, projections, argument checks and decode caches.
 
 Every variant subclasses `AttentionLayer`, so the common options (`num_heads`, `qkv_dim`, `causal`, `dropout_rate`,
-`decode`) and the projection submodule names (`query`, `key`, `value`, `out`, as in
+`decode`, `dtype`) and the projection submodule names (`query`, `key`, `value`, `out`, as in
 `flax.linen.MultiHeadDotProductAttention`) are the same everywhere; one parameter tree can then be applied by
-related variants.
+related variants. The machinery variants share lives here once: the compute dtype, the attention-dropout key, the
+window/ring decode cache and the per-model default layer schedule (`default_layer_options`). The recurrent-state
+cache of the linear-attention family is `attention.recurrent.RecurrentLayer`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels.softmax import dropout_weights
+
 # LRA's initialisation for attention projections.
 default_kernel_init = nn.initializers.xavier_uniform()
+
+# Compute dtypes by name (config files and command lines give strings).
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_compute_dtype(dtype: Any) -> jnp.dtype:
+  """`"float32"` / `"bfloat16"` / `"float16"` or a floating jnp/numpy dtype -> `jnp.dtype`; ValueError otherwise."""
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"unknown compute dtype {dtype!r}; valid choices: {', '.join(DTYPES)} (or a jnp dtype)")
+    return jnp.dtype(DTYPES[dtype])
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"unknown compute dtype {dtype!r}; valid choices: {', '.join(DTYPES)} (or a jnp dtype)") from None
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise ValueError(f"compute dtype must be floating point, got {resolved}; valid choices: {', '.join(DTYPES)}")
+  return resolved
 
 
 class AttentionLayer(nn.Module):
@@ -27,6 +50,8 @@ class AttentionLayer(nn.Module):
     causal: position t attends only to positions <= t.
     dropout_rate: dropout on attention weights (or the variant's mixing weights).
     decode: autoregressive decoding with a flax `cache` collection (requires `causal=True`).
+    dtype: compute dtype of activations and matmuls ("float32", "bfloat16", "float16" or a jnp dtype); parameters
+      stay float32, softmax, normalizers and recurrent states accumulate in float32, and the output has this dtype.
   """
 
   num_heads: int = 8
@@ -34,19 +59,33 @@ class AttentionLayer(nn.Module):
   causal: bool = False
   dropout_rate: float = 0.0
   decode: bool = False
+  dtype: Any = "float32"
 
   # Variants that cannot be causal / cannot decode set these to False and say why.
   supports_causal: ClassVar[bool] = True
   supports_decode: ClassVar[bool] = False
   not_causal_reason: ClassVar[str] = ""
+  # True where the decode cache has a fixed size, whatever the sequence length (the recurrent family).
+  fixed_size_cache: ClassVar[bool] = False
+
+  @classmethod
+  def default_layer_options(cls, num_layers: int) -> tuple[dict[str, Any], ...] | None:
+    """Per-layer options of the variant's paper architecture (merged over the user's options), or None: the same
+    options in every layer. The encoder calls it when `config.model.layer_options` is not set."""
+    del num_layers
+    return None
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return resolve_compute_dtype(self.dtype)
 
   def check_inputs(self, x: jax.Array, mask: jax.Array | None) -> None:
     """Validates shapes and options; errors name the value and what was expected."""
     name = type(self).__name__
-    if self.causal and not self.supports_causal:
-      raise ValueError(f"{name} cannot be causal (causal=True was given): {self.not_causal_reason}")
     if self.decode and not self.supports_decode:
       raise ValueError(f"{name} has no decode path (decode=True was given); use a variant that supports decoding")
+    if self.causal and not self.supports_causal:
+      raise ValueError(f"{name} cannot be causal (causal=True was given): {self.not_causal_reason}")
     if self.decode and not self.causal:
       raise ValueError(f"{name}: decode=True requires causal=True")
     if x.ndim != 3:
@@ -60,24 +99,92 @@ class AttentionLayer(nn.Module):
       raise ValueError(f"{name}: qkv_dim={qkv_dim} must be a multiple of num_heads={self.num_heads}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"{name}: dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    self.compute_dtype  # pylint: disable=pointless-statement  (validates `dtype` before any work)
+
+  def check_options(self, *, choices: Mapping[str, Sequence[Any]] = (), at_least: Mapping[str, int] = ()) -> None:
+    """Validates the variant's own options: `choices={"mode": MODES}` (the value must be one of them),
+    `at_least={"block_size": 1}` (the value must be >= the bound). Errors name the option, the value and the range."""
+    name = type(self).__name__
+    for option, valid in dict(choices).items():
+      if getattr(self, option) not in valid:
+        raise ValueError(f"{name}: unknown {option} {getattr(self, option)!r}; valid choices: {tuple(valid)}")
+    for option, bound in dict(at_least).items():
+      if getattr(self, option) < bound:
+        raise ValueError(f"{name}: {option} must be >= {bound}, got {option}={getattr(self, option)}")
 
   def head_dim(self, x: jax.Array) -> int:
     return (self.qkv_dim or x.shape[-1]) // self.num_heads
 
+  def dense(self, features: int | tuple[int, ...], name: str, **kwargs: Any) -> nn.Module:
+    """A `DenseGeneral` computing in the layer's dtype with float32 parameters (for the variants' own projections)."""
+    return nn.DenseGeneral(features=features, dtype=self.compute_dtype, param_dtype=jnp.float32, name=name, **kwargs)
+
   def project(self, x: jax.Array, name: str) -> jax.Array:
     """Projects `[B, L, F]` to `[B, L, H, D]` with the shared submodule `name` (query / key / value)."""
-    return nn.DenseGeneral(features=(self.num_heads, self.head_dim(x)), axis=-1, kernel_init=default_kernel_init,
-                           name=name)(x)
+    return self.dense((self.num_heads, self.head_dim(x)), name, axis=-1, kernel_init=default_kernel_init)(x)
 
   def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return self.project(x, "query"), self.project(x, "key"), self.project(x, "value")
 
   def project_out(self, y_BxLxHxD: jax.Array, features: int) -> jax.Array:
-    """Merges heads and projects back to the model width with the shared submodule `out`."""
-    return nn.DenseGeneral(features=features, axis=(-2, -1), kernel_init=default_kernel_init, name="out")(y_BxLxHxD)
+    """Merges heads and projects back to the model width with the shared submodule `out` (in the compute dtype)."""
+    return self.dense(features, "out", axis=(-2, -1), kernel_init=default_kernel_init)(
+        y_BxLxHxD.astype(self.compute_dtype))
+
+  # ---- attention dropout -----------------------------------------------------------------------------------------
+
+  def dropout_rng(self, deterministic: bool) -> jax.Array | None:
+    """The key for attention dropout from the `dropout` stream; None in evaluation or at `dropout_rate=0`.
+
+    Functional cores take this key (`dropout_rng=`) and apply `kernels.softmax.dropout_weights` to their weights.
+    """
+    if deterministic or self.dropout_rate <= 0.0:
+      return None
+    return self.make_rng("dropout")
+
+  def attention_dropout(self, weights: jax.Array, deterministic: bool) -> jax.Array:
+    """Inverted dropout on attention weights the layer computes itself."""
+    return dropout_weights(weights, self.dropout_rate, self.dropout_rng(deterministic))
+
+  # ---- window / ring decode cache --------------------------------------------------------------------------------
+
+  def ring_cache(self, prefix: str, size: int, entries: Mapping[str, jax.Array], mask: jax.Array | None, *,
+                 reset_every_cycle: bool = False) -> tuple[dict[str, jax.Array], jax.Array, jax.Array] | None:
+    """A decode cache holding the last `size` positions of each of `entries` (`[B, L, ...]` arrays).
+
+    At `init` (no cache yet) it allocates `cache/<prefix>_<entry>` (`[B, size, ...]`), `<prefix>_mask` (`[B, size]`,
+    True = a real position is stored) and `<prefix>_index` (positions consumed), and returns None: the caller then
+    computes its parallel output. On a decode step (`entries` of length 1) it writes the step into slot
+    `index % size` and returns `(buffers, valid_BxS, index)` with `index` the step's position. Slots not yet written
+    are invalid, so a `size` of the maximum length is a full cache and a smaller one a sliding window.
+    `reset_every_cycle` invalidates every slot when a cycle starts (slot 0): blocks that do not see each other. `size`
+    is read at init only.
+    """
+    first = next(iter(entries.values()))
+    batch = first.shape[0]
+    initialized = self.has_variable("cache", f"{prefix}_index")
+    buffers = {k: self.variable("cache", f"{prefix}_{k}", jnp.zeros, (batch, size, *v.shape[2:]), v.dtype)
+               for k, v in entries.items()}
+    valid = self.variable("cache", f"{prefix}_mask", jnp.zeros, (batch, size), bool)
+    index = self.variable("cache", f"{prefix}_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return None
+    if first.shape[1] != 1:
+      raise ValueError(f"{type(self).__name__}: a decode step takes one position per call, got length "
+                       f"{first.shape[1]}")
+    t = index.value
+    slot = t % valid.value.shape[1]  # the size allocated at init (a step's own `size` may differ, e.g. its length)
+    for k, v in entries.items():
+      buffers[k].value = jax.lax.dynamic_update_slice_in_dim(buffers[k].value, v.astype(buffers[k].value.dtype),
+                                                             slot, axis=1)
+    step_mask = jnp.ones((batch, 1), bool) if mask is None else mask.astype(bool)
+    previous = jnp.where(slot == 0, False, valid.value) if reset_every_cycle else valid.value
+    valid.value = jax.lax.dynamic_update_slice_in_dim(previous, step_mask, slot, axis=1)
+    index.value = t + 1
+    return {k: b.value for k, b in buffers.items()}, valid.value, t
 
 
-def causal_mask(q_len: int, k_len: int) -> jax.Array:
-  """`[q_len, k_len]` bool, True where key position <= query position (queries aligned to the last keys)."""
-  offset = k_len - q_len
-  return jnp.arange(q_len)[:, None] + offset >= jnp.arange(k_len)[None, :]
+def encoder_owned_options() -> tuple[str, ...]:
+  """The options the encoder sets on every attention layer (the common `AttentionLayer` fields), not the user."""
+  flax_fields = ("parent", "name")
+  return tuple(f.name for f in dataclasses.fields(AttentionLayer) if f.init and f.name not in flax_fields)

@@ -1,17 +1,27 @@
 """Based (Arora et al., 2024, "Simple linear attention language models balance the recall-throughput tradeoff").
 
-Two branches over the same values, summed before the output projection:
-- global: linear attention with the second-order Taylor feature map of `exp(q·k)`:
+The paper's model stacks three kinds of sequence-mixing layers; `mode` picks one per layer:
+- `"taylor"`: linear attention with the second-order Taylor feature map of `exp(q·k)`:
   `phi(x) = [1, x / d'^(1/4), vec(x x^T) / (sqrt(2) sqrt(d'))]`, so `phi(q)·phi(k) = 1 + s + s^2/2` with
   `s = q·k / sqrt(d')`, which is always positive; q and k are projected to a small feature dimension `d' =
-  feature_dim` (default 16) by their own projections (`feature_query`, `feature_key`);
-- local: exact softmax attention over a sliding window of `window` positions (default 64) using the shared
-  `query` / `key` projections (`kernels.sliding_window_attention`).
+  feature_dim` (default 16, the paper's) by their own projections (`feature_query`, `feature_key`), values by `value`;
+- `"window"`: exact softmax attention over a sliding window of `window` positions (default 64) with the shared
+  `query` / `key` / `value` projections (`kernels.sliding_window_attention`);
+- `"conv"`: a gated short convolution (the paper's BaseConv): `y = silu(conv(u)) * gate` with `u = value(x)`,
+  `gate = conv_gate(x)` and a depthwise convolution over `conv_kernel_size` positions (default 3); causal (t sees
+  t - K + 1 .. t) with `causal=True`, centred otherwise;
+- `"hybrid"` (the default, what earlier versions computed): the taylor and window outputs summed in one layer.
 
-The paper stacks these as separate layers (with gated convolutions); the framework's encoder has one attention plug,
-so both branches live in one layer here. Decoding keeps a fixed-size cache: the Taylor state and a ring buffer of the
-last `window` keys and values. `dropout_rate` has no attention weights to act on in the linear branch and is not
-applied.
+`default_layer_options(num_layers)` gives the paper's mix, which the encoder uses unless `config.model.layer_options`
+is set: the released 360M model (HazyResearch/based, `train/configs/experiment/reference/based-360m.yaml`, 27
+layers) puts linear attention at layers 1, 6, 11, ... and sliding-window attention at layers 2, 7, 12, ..., BaseConv
+everywhere else, i.e. the period-5 pattern [conv, taylor, window, conv, conv], repeated here over any depth (the
+27-layer release lists layers up to 22, so its layer 26 is a convolution where the repeated pattern has taylor).
+Depths below 3 cannot hold all three kinds: one layer is "hybrid", two are [conv, hybrid].
+
+Every mode decodes with a fixed-size cache: the Taylor state, a ring buffer of the last `window` keys and values, or
+of the last `conv_kernel_size` convolution inputs. `dropout_rate` is not applied (the linear branch has no attention
+weights to drop; the window branch follows it).
 """
 
 from __future__ import annotations
@@ -22,10 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attention.base import AttentionLayer, default_kernel_init
-from attention.recurrent import linear_mix
+from attention.base import default_kernel_init
+from attention.recurrent import RecurrentLayer
 from attention.registry import register
-from attention.softmax import softmax_attention_reference
+from kernels.softmax import softmax_attention_reference
 from kernels.sliding_window import sliding_window_attention
 
 
@@ -38,55 +48,95 @@ def taylor_features(x_BxLxHxF: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.ones_like(x[..., :1]), x, outer], axis=-1)
 
 
-@register("based")
-class Based(AttentionLayer):
-  """Attributes: feature_dim (Taylor branch width per head), window (sliding-window size), chunk_size and
-  implementation of `kernels.linear_attention`."""
+MODES = ("hybrid", "taylor", "window", "conv")
+# The released Based models' layer pattern (see the module docstring), repeated over the depth.
+PAPER_PATTERN = ("conv", "taylor", "window", "conv", "conv")
 
+
+def paper_layer_modes(num_layers: int) -> tuple[str, ...]:
+  """The paper's mix of layer kinds for an encoder of `num_layers` layers."""
+  if num_layers < 1:
+    raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+  if num_layers == 1:
+    return ("hybrid",)
+  if num_layers == 2:
+    return ("conv", "hybrid")
+  return tuple(PAPER_PATTERN[i % len(PAPER_PATTERN)] for i in range(num_layers))
+
+
+@register("based")
+class Based(RecurrentLayer):
+  """Attributes: mode ("hybrid" | "taylor" | "window" | "conv"), feature_dim (Taylor feature width per head), window
+  (sliding-window size), conv_kernel_size (gated convolution width), chunk_size and implementation of
+  `kernels.linear_attention`."""
+
+  mode: str = "hybrid"
   feature_dim: int = 16
   window: int = 64
+  conv_kernel_size: int = 3
   chunk_size: int = 64
   implementation: str | None = None
 
-  supports_decode = True
+  @classmethod
+  def default_layer_options(cls, num_layers: int) -> tuple[dict, ...]:
+    """The paper's architecture: mostly gated convolutions, with Taylor linear attention and sliding-window layers."""
+    return tuple({"mode": m} for m in paper_layer_modes(num_layers))
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    if self.feature_dim < 1 or self.window < 1:
-      raise ValueError(f"feature_dim and window must be >= 1, got {self.feature_dim=} {self.window=}")
-    q, k, v = self.project_qkv(x)
-    feature = lambda name: nn.DenseGeneral((self.num_heads, self.feature_dim), kernel_init=default_kernel_init,  # noqa: E731
-                                           name=name)(x)
-    phi_q, phi_k = taylor_features(feature("feature_query")), taylor_features(feature("feature_key"))
-    y_global = linear_mix(self, phi_q, phi_k, v, mask, causal=self.causal, normalize=True,
-                          chunk_size=self.chunk_size, implementation=self.implementation, decode=self.decode)
-    if self.decode and self.has_variable("cache", "window_key"):
-      y_local = self._window_step(q, k, v, mask)
+    if self.mode not in MODES:
+      raise ValueError(f"unknown based mode {self.mode!r}; valid choices: {MODES}")
+    if self.feature_dim < 1 or self.window < 1 or self.conv_kernel_size < 1:
+      raise ValueError(f"feature_dim, window and conv_kernel_size must be >= 1, got {self.feature_dim=} "
+                       f"{self.window=} {self.conv_kernel_size=}")
+    v = self.project(x, "value")
+    if self.mode == "conv":
+      return self.project_out(self._gated_conv(x, v, mask), x.shape[-1])
+    y = jnp.zeros(v.shape, jnp.float32)
+    if self.mode in ("taylor", "hybrid"):
+      feature = lambda name: self.dense(  # noqa: E731
+          (self.num_heads, self.feature_dim), name, kernel_init=default_kernel_init)(x)
+      phi_q, phi_k = taylor_features(feature("feature_query")), taylor_features(feature("feature_key"))
+      y_global = self.linear_mix(phi_q, phi_k, v, mask, normalize=True, chunk_size=self.chunk_size,
+                                 implementation=self.implementation)
+      y = y + y_global.astype(jnp.float32)
+    if self.mode in ("window", "hybrid"):
+      q, k = self.project(x, "query"), self.project(x, "key")
+      # Decoding keeps a ring buffer of the last `window` positions: exactly the keys the causal window allows.
+      step = self.ring_cache("window", self.window, {"key": k, "value": v}, mask) if self.decode else None
+      if step is not None:
+        window, valid_BxW, _ = step
+        y_local = softmax_attention_reference(q, window["key"], window["value"], mask=valid_BxW[:, None, None, :])
+      else:
+        y_local = sliding_window_attention(q, k, v, window=self.window, causal=self.causal, key_mask_BxL=mask)
+      y = y + y_local.astype(jnp.float32)
+    return self.project_out(y, x.shape[-1])
+
+  def _gated_conv(self, x: jax.Array, u_BxLxHxD: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`silu(depthwise_conv(u)) * gate`, `[B, L, H, D]` in float32; padded positions enter the convolution as 0."""
+    size = self.conv_kernel_size
+    gate = self.project(x, "conv_gate").astype(jnp.float32)
+    # Depthwise kernel, tap j weighs position t - j (+ the centring offset when not causal); fan-in = size.
+    kernel_KxHxD = self.param("conv_kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0,
+                                                                              out_axis=()),
+                              (size, *u_BxLxHxD.shape[2:]), jnp.float32)
+    u = u_BxLxHxD.astype(jnp.float32)
+    if mask is not None:
+      u = jnp.where(mask[:, :, None, None], u, 0.0)
+    step = self.ring_cache("conv", size, {"u": u}, mask) if self.decode else None
+    if step is not None:  # the ring holds positions t - size + 1 .. t at slots (t - j) % size
+      history, valid_BxK, t = step
+      conv = jnp.zeros_like(u)
+      for j in range(size):
+        slot = (t - j) % size
+        past = jax.lax.dynamic_slice_in_dim(history["u"], slot, 1, axis=1)
+        ok = jax.lax.dynamic_slice_in_dim(valid_BxK, slot, 1, axis=1) & (t - j >= 0)
+        conv = conv + jnp.where(ok[:, :, None, None], past, 0.0) * kernel_KxHxD[j]
     else:
-      if self.decode:
-        self._window_cache(k, v)
-      y_local = sliding_window_attention(q, k, v, window=self.window, causal=self.causal, key_mask_BxL=mask)
-    y = y_global.astype(jnp.float32) + y_local.astype(jnp.float32)
-    return self.project_out(y.astype(x.dtype), x.shape[-1])
-
-  def _window_cache(self, k, v):
-    b, _, h, d = k.shape
-    shape = (b, self.window, h, d)
-    return (self.variable("cache", "window_key", jnp.zeros, shape, k.dtype),
-            self.variable("cache", "window_value", jnp.zeros, shape, v.dtype),
-            self.variable("cache", "window_mask", jnp.zeros, (b, self.window), bool),
-            self.variable("cache", "window_index", lambda: jnp.array(0, jnp.int32)))
-
-  def _window_step(self, q, k, v, mask):
-    """A ring buffer of the last `window` positions: exactly the keys the causal window allows."""
-    if q.shape[1] != 1:
-      raise ValueError(f"decode step expects one position per call, got length {q.shape[1]}")
-    keys, values, valid, index = self._window_cache(k, v)
-    slot = index.value % self.window
-    step_mask = jnp.ones((q.shape[0], 1), bool) if mask is None else mask.astype(bool)
-    keys.value = jax.lax.dynamic_update_slice(keys.value, k, (0, slot, 0, 0))
-    values.value = jax.lax.dynamic_update_slice(values.value, v, (0, slot, 0, 0))
-    valid.value = jax.lax.dynamic_update_slice(valid.value, step_mask, (0, slot))
-    index.value = index.value + 1
-    return softmax_attention_reference(q, keys.value, values.value, mask=valid.value[:, None, None, :])
+      centre = 0 if self.causal else (size - 1) // 2
+      length = u.shape[1]
+      padded = jnp.pad(u, ((0, 0), (size - 1 - centre, centre), (0, 0), (0, 0)))
+      # out[t] = sum_j kernel[j] * u[t - j + centre]; padded[i] = u[i - (size - 1 - centre)].
+      conv = sum(padded[:, size - 1 - j:size - 1 - j + length] * kernel_KxHxD[j] for j in range(size))
+    return jax.nn.silu(conv) * gate

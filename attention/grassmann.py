@@ -12,10 +12,20 @@ For each position t:
 Averaging the normalized coordinates before the shared projection equals averaging the projected offsets (the map is
 affine), and costs one projection instead of one per offset: the cost is linear in length.
 
+Options beyond the paper's code (the defaults reproduce it):
+- `gate_input`: "hidden_and_geometry" (the code: `sigmoid(W_g [h_t; g_t])`) or "geometry" (the review's G(g):
+  `sigmoid(W_g g_t)`).
+- `mixing`: "mean" (the code: a plain mean over the valid partners) or "learned": a learned logit per signed offset
+  (`offset_logits`, `[directions, offsets]`, zeros at init), softmax-normalized over the partners that are valid at
+  each position (so it starts as the mean and stays a convex combination at edges and next to padding).
+- `use_plucker=False` (ablation): the pair feature is the partner's reduced state z_s instead of the Plücker
+  coordinates of (z_t, z_s) (normalized the same way), so the layer mixes neighbours without the Grassmann lift.
+- `use_gate=False` (ablation): `out_t = h_t + g_t`, the geometric features added without a gate.
+
 Direction: the paper pairs t with s = t + d while calling the model causal, which lets position t read the future.
 Here `causal=True` pairs t with s = t - d only (past offsets); `causal=False` uses both s = t - d and s = t + d.
 Partners that are padding or outside the sequence are left out of the average; a position with no valid partner
-gets g_t = 0. Decoding keeps the last max(offsets) reduced states (a fixed-size cache).
+gets g_t = 0. Decoding keeps the last max(offsets) reduced states (a fixed-size ring cache).
 
 `num_heads`, `qkv_dim` and `dropout_rate` are accepted for the common interface; the mixer has no heads or weights to
 drop. The paper's post-LN blocks are the encoder option `config.model.post_ln=True`; a per-layer offset schedule is
@@ -59,16 +69,27 @@ def _shift(x_BxLx: jax.Array, offset: int, fill) -> jax.Array:
   return jnp.pad(x_BxLx, pad, constant_values=fill)[:, -offset:]
 
 
+GATE_INPUTS = ("hidden_and_geometry", "geometry")
+MIXINGS = ("mean", "learned")
+
+
 @register("grassmann")
 class GrassmannFlow(AttentionLayer):
-  """Attributes: reduced_dim (r), offsets, normalize (divide the Plücker vector by its norm), eps."""
+  """Attributes: reduced_dim (r), offsets, normalize (divide the pair feature by its norm), eps, gate_input
+  ("hidden_and_geometry" | "geometry"), mixing ("mean" | "learned"), use_plucker, use_gate (see the module
+  docstring)."""
 
   reduced_dim: int = 32
   offsets: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
   normalize: bool = True
   eps: float = 1e-6
+  gate_input: str = "hidden_and_geometry"
+  mixing: str = "mean"
+  use_plucker: bool = True
+  use_gate: bool = True
 
   supports_decode = True
+  fixed_size_cache = True
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -78,54 +99,66 @@ class GrassmannFlow(AttentionLayer):
       raise ValueError(f"offsets must be a non-empty tuple of positive integers, got {self.offsets}")
     if self.reduced_dim < 2:
       raise ValueError(f"reduced_dim must be >= 2 (Plücker coordinates need a pair of axes), got {self.reduced_dim}")
+    if self.gate_input not in GATE_INPUTS:
+      raise ValueError(f"unknown grassmann gate_input {self.gate_input!r}; valid choices: {GATE_INPUTS}")
+    if self.mixing not in MIXINGS:
+      raise ValueError(f"unknown grassmann mixing {self.mixing!r}; valid choices: {MIXINGS}")
     b, length, features = x.shape
-    z = nn.Dense(self.reduced_dim, name="reduce")(x).astype(jnp.float32)
+    x = x.astype(self.compute_dtype)
+    dense = lambda n, name: nn.Dense(n, dtype=self.compute_dtype, param_dtype=jnp.float32, name=name)  # noqa: E731
+    z = dense(self.reduced_dim, "reduce")(x).astype(jnp.float32)  # Plücker products and norms in float32
     valid = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
 
-    if self.decode and self.has_variable("cache", "history"):
-      p_sum, count = self._decode_step(z, valid)
+    directions = (1,) if self.causal else (1, -1)
+    # Partner weights: 1 (mean) or exp(logit - max logit) (learned; dividing by the valid partners' sum below makes
+    # it the softmax over those partners).
+    if self.mixing == "learned":
+      logits = self.param("offset_logits", nn.initializers.zeros, (len(directions), len(offsets)), jnp.float32)
+      weights = jnp.exp(logits - jnp.max(logits))
     else:
-      if self.decode:
-        self._cache(b, z.dtype)
-      directions = (1,) if self.causal else (1, -1)
-      p_sum = jnp.zeros((b, length, self.reduced_dim * (self.reduced_dim - 1) // 2), jnp.float32)
+      weights = jnp.ones((len(directions), len(offsets)), jnp.float32)
+
+    # Decoding keeps the last max(offsets) reduced states (plus the current one) in a ring cache.
+    step = self.ring_cache("history", max(offsets) + 1, {"z": z}, mask) if self.decode else None
+    if step is not None:
+      p_sum, count = self._decode_step(z, *step, weights[0])
+    else:
+      p_sum = jnp.zeros((b, length, self._pair_dim), jnp.float32)
       count = jnp.zeros((b, length, 1), jnp.float32)
-      for offset in offsets:
-        for direction in directions:
+      for i, offset in enumerate(offsets):
+        for d, direction in enumerate(directions):
           partner_z = _shift(z, direction * offset, 0.0)
           partner_ok = _shift(valid, direction * offset, False)[..., None]
-          p_hat = _normalized(plucker_coordinates(z, partner_z), self.normalize, self.eps)
-          p_sum = p_sum + jnp.where(partner_ok, p_hat, 0.0)
-          count = count + partner_ok
+          p_sum = p_sum + jnp.where(partner_ok, weights[d, i] * self._pair_feature(z, partner_z), 0.0)
+          count = count + jnp.where(partner_ok, weights[d, i], 0.0)
     has_partner = count > 0
-    p_mean = p_sum / jnp.maximum(count, 1.0)
-    g = jnp.where(has_partner, nn.Dense(features, name="project")(p_mean.astype(x.dtype)), 0.0)
-    gate = jax.nn.sigmoid(nn.Dense(features, name="gate")(jnp.concatenate([x, g.astype(x.dtype)], axis=-1)))
+    p_mean = p_sum / jnp.where(has_partner, count, 1.0)
+    g = jnp.where(has_partner, dense(features, "project")(p_mean), 0.0).astype(x.dtype)
+    if not self.use_gate:
+      return (x + g).astype(x.dtype)
+    gate_in = g if self.gate_input == "geometry" else jnp.concatenate([x, g], axis=-1)
+    gate = jax.nn.sigmoid(dense(features, "gate")(gate_in))
     return (gate * x + (1.0 - gate) * g).astype(x.dtype)
 
-  def _cache(self, batch: int, dtype):
-    window = max(self.offsets)
-    return (self.variable("cache", "history", jnp.zeros, (batch, window, self.reduced_dim), dtype),
-            self.variable("cache", "history_valid", jnp.zeros, (batch, window), bool),
-            self.variable("cache", "index", lambda: jnp.array(0, jnp.int32)))
+  @property
+  def _pair_dim(self) -> int:
+    return self.reduced_dim * (self.reduced_dim - 1) // 2 if self.use_plucker else self.reduced_dim
 
-  def _decode_step(self, z_Bx1xr: jax.Array, valid_Bx1: jax.Array):
-    """Ring buffer of the last max(offsets) reduced states: slot (t mod W) holds position t."""
-    if z_Bx1xr.shape[1] != 1:
-      raise ValueError(f"decode step expects one position per call, got length {z_Bx1xr.shape[1]}")
-    history, history_valid, index = self._cache(z_Bx1xr.shape[0], z_Bx1xr.dtype)
-    window = history.value.shape[1]
-    t = index.value
-    p_sum = jnp.zeros((z_Bx1xr.shape[0], 1, self.reduced_dim * (self.reduced_dim - 1) // 2), jnp.float32)
+  def _pair_feature(self, z_t: jax.Array, z_s: jax.Array) -> jax.Array:
+    """The (normalized) feature of the pair (t, s): Plücker coordinates, or z_s in the no-Plücker ablation."""
+    p = plucker_coordinates(z_t, z_s) if self.use_plucker else z_s
+    return _normalized(p, self.normalize, self.eps)
+
+  def _decode_step(self, z_Bx1xr: jax.Array, history: dict[str, jax.Array], valid_BxW: jax.Array, t: jax.Array,
+                   weights: jax.Array):
+    """Partners of position t at slots (t - offset) mod W of the ring (W > max(offsets), so none is overwritten)."""
+    window = valid_BxW.shape[1]
+    p_sum = jnp.zeros((z_Bx1xr.shape[0], 1, self._pair_dim), jnp.float32)
     count = jnp.zeros((z_Bx1xr.shape[0], 1, 1), jnp.float32)
-    for offset in self.offsets:
+    for i, offset in enumerate(self.offsets):
       slot = (t - offset) % window
-      partner_z = jax.lax.dynamic_slice_in_dim(history.value, slot, 1, axis=1)
-      partner_ok = (jax.lax.dynamic_slice_in_dim(history_valid.value, slot, 1, axis=1) & (t - offset >= 0))[..., None]
-      p_hat = _normalized(plucker_coordinates(z_Bx1xr, partner_z), self.normalize, self.eps)
-      p_sum = p_sum + jnp.where(partner_ok, p_hat, 0.0)
-      count = count + partner_ok
-    history.value = jax.lax.dynamic_update_slice_in_dim(history.value, z_Bx1xr, t % window, axis=1)
-    history_valid.value = jax.lax.dynamic_update_slice_in_dim(history_valid.value, valid_Bx1, t % window, axis=1)
-    index.value = t + 1
+      partner_z = jax.lax.dynamic_slice_in_dim(history["z"], slot, 1, axis=1)
+      partner_ok = (jax.lax.dynamic_slice_in_dim(valid_BxW, slot, 1, axis=1) & (t - offset >= 0))[..., None]
+      p_sum = p_sum + jnp.where(partner_ok, weights[i] * self._pair_feature(z_Bx1xr, partner_z), 0.0)
+      count = count + jnp.where(partner_ok, weights[i], 0.0)
     return p_sum, count

@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attention.base import AttentionLayer
-from attention.recurrent import linear_mix
+from attention.recurrent import RecurrentLayer
 from attention.registry import register
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -25,22 +24,20 @@ FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 @register("linear")
-class LinearAttention(AttentionLayer):
+class LinearAttention(RecurrentLayer):
   """Attributes: feature_map ("elu" | "relu"), chunk_size and implementation of `kernels.linear_attention`."""
 
   feature_map: str = "elu"
   chunk_size: int = 64
   implementation: str | None = None
 
-  supports_decode = True
-
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    if self.feature_map not in FEATURE_MAPS:
-      raise ValueError(f"unknown feature_map {self.feature_map!r}; valid choices: {tuple(FEATURE_MAPS)}")
+    self.check_options(choices={"feature_map": FEATURE_MAPS})
     q, k, v = self.project_qkv(x)
-    phi = FEATURE_MAPS[self.feature_map]
-    y = linear_mix(self, phi(q), phi(k), v, mask, causal=self.causal, normalize=True, chunk_size=self.chunk_size,
-                   implementation=self.implementation, decode=self.decode)
-    return self.project_out(y.astype(x.dtype), x.shape[-1])
+    # Features in float32: the normalizer phi(q)·z sums over the whole sequence.
+    phi = lambda t: FEATURE_MAPS[self.feature_map](t.astype(jnp.float32))  # noqa: E731
+    y = self.linear_mix(phi(q), phi(k), v, mask, normalize=True, chunk_size=self.chunk_size,
+                        implementation=self.implementation)
+    return self.project_out(y, x.shape[-1])

@@ -6,11 +6,17 @@
 orthogonal directions with chi-distributed norms (orthogonal random features), or iid Gaussian with
 `orthogonal=False`; one matrix is shared by all heads, as in the paper's code.
 
-Numerical stabilisation (the paper's max subtraction): each query's features are divided by their max (a factor that
-cancels between numerator and normalizer). Keys are shifted by the max over features and all real positions in the
-non-causal case, as the paper does. In causal mode that global max would make position t depend on later keys, and
-decoding could not know it, so keys are not shifted there: the `-|x'|^2/2` term already bounds the exponent by
-`|w_j|^2/2 ~ d/2`, finite in the float32 accumulation for head dims up to 128.
+Numerical stabilisation (the paper's max subtraction), exact up to float rounding: each query's features are divided
+by their max (a factor that cancels between numerator and normalizer). Keys are shifted by the max over features and
+all real positions of the sequence (per head) in the non-causal case, as the paper does; one factor for every key, so
+it cancels too. In causal mode that global max would make position t depend on later keys, and decoding could not
+know it, so keys are not shifted there: the `-|x'|^2/2` term already bounds the exponent by `|w_j|^2/2 ~ d/2`, finite
+in the float32 accumulation for head dims up to 128. Unlike the published FAVOR+ code, no epsilon is added to the
+features: after the max-shift an additive 1e-6 is not a common factor and weighs up to ~10% of small key features
+(a ~2% output deviation at init-scale inputs). The only epsilon is the normalizer's (`phi(q)·z + eps`), and it is
+`NORMALIZER_EPS = 1e-18`, not the kernels' 1e-6: the shifts make `phi(q)·z` as small as ~1e-6 at init scale, where
+1e-6 would be a 50% error; 1e-18 only keeps a query with no real key at 0 (0 / eps) with finite gradients (eps^-2
+stays within float32). Keys more than ~87 nats below the sequence's largest key underflow to 0.
 
 Features are a non-trainable variable (`attention_state/projection`), drawn at init from the `params` rng; in
 training they are redrawn from the `attention` rng stream every `feature_redraw_interval` calls (0 = never), counted
@@ -25,27 +31,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attention.base import AttentionLayer
-from attention.recurrent import linear_mix
+from attention import random_features
+from attention.recurrent import RecurrentLayer
 from attention.registry import register
+from kernels.linear_attention import DEFAULT_EPS
 
 KERNELS = ("softmax", "relu")
+# The softmax kernel's normalizer epsilon (see the module docstring): negligible next to any real `phi(q)·z`.
+NORMALIZER_EPS = 1e-18
 STATE = "attention_state"
 
 
 def gaussian_orthogonal_random_matrix(key: jax.Array, num_features: int, dim: int,
                                       orthogonal: bool = True) -> jax.Array:
-  """`[num_features, dim]` random projection: stacked blocks of orthonormal rows (QR of Gaussian matrices), each row
-  rescaled by the norm of an independent Gaussian vector so its length is distributed as for iid Gaussian rows."""
-  block_key, norm_key = jax.random.split(key)
-  if orthogonal:
-    num_blocks = math.ceil(num_features / dim)
-    gaussian = jax.random.normal(block_key, (num_blocks, dim, dim))
-    q_blocks, _ = jnp.linalg.qr(gaussian)  # columns orthonormal
-    rows = jnp.swapaxes(q_blocks, 1, 2).reshape(num_blocks * dim, dim)[:num_features]
-    norms = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, dim)), axis=1)
-    return rows * norms[:, None]
-  return jax.random.normal(block_key, (num_features, dim))
+  """`[num_features, dim]` random projection: stacked blocks of orthonormal rows (Gram-Schmidt of Gaussian matrices),
+  each row rescaled by the norm of an independent Gaussian vector so its length is distributed as for iid Gaussian
+  rows. No LAPACK QR: its batched CPU custom call can deadlock the compiled step (see `random_features`)."""
+  return random_features.orthogonal_random_matrix(key, num_features, dim, orthogonal)
 
 
 def softmax_features(x_BxLxHxD: jax.Array, projection_MxD: jax.Array, *, is_query: bool,
@@ -66,7 +68,8 @@ def softmax_features(x_BxLxHxD: jax.Array, projection_MxD: jax.Array, *, is_quer
   # The shift only rescales; gradients must not flow through it (nor, in causal mode, from the future).
   shift = jax.lax.stop_gradient(shift)
   num_features = projection_MxD.shape[0]
-  return (jnp.exp(proj_BxLxHxM - sq_norm - shift) + 1e-6) / math.sqrt(num_features)
+  # No additive epsilon: it would not cancel with the shift (see the module docstring); the normalizer has its own.
+  return jnp.exp(proj_BxLxHxM - sq_norm - shift) / math.sqrt(num_features)
 
 
 def relu_features(x_BxLxHxD: jax.Array, projection_MxD: jax.Array) -> jax.Array:
@@ -76,7 +79,7 @@ def relu_features(x_BxLxHxD: jax.Array, projection_MxD: jax.Array) -> jax.Array:
 
 
 @register("performer")
-class Performer(AttentionLayer):
+class Performer(RecurrentLayer):
   """Attributes: kernel ("softmax" | "relu"), num_features (M), orthogonal, feature_redraw_interval (training calls
   between redraws, 0 = fixed features), chunk_size and implementation of `kernels.linear_attention`."""
 
@@ -86,8 +89,6 @@ class Performer(AttentionLayer):
   feature_redraw_interval: int = 1000
   chunk_size: int = 64
   implementation: str | None = None
-
-  supports_decode = True
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -105,7 +106,9 @@ class Performer(AttentionLayer):
     if not deterministic and self.feature_redraw_interval > 0 and self.is_mutable_collection(STATE) \
         and not self.is_initializing():
       redraw = (calls.value > 0) & (calls.value % self.feature_redraw_interval == 0)
-      projection.value = jnp.where(redraw, draw(self.make_rng("attention")), projection.value)
+      # cond, not where: the draw (a Gram-Schmidt loop over head_dim rows) runs only on the steps that redraw.
+      key, current = self.make_rng("attention"), projection.value
+      projection.value = jax.lax.cond(redraw, lambda: draw(key), lambda: current)
       calls.value = calls.value + 1
 
     if self.kernel == "softmax":
@@ -114,6 +117,8 @@ class Performer(AttentionLayer):
                                global_key_max=not self.causal)
     else:
       phi_q, phi_k = relu_features(q, projection.value), relu_features(k, projection.value)
-    y = linear_mix(self, phi_q, phi_k, v, mask, causal=self.causal, normalize=True, chunk_size=self.chunk_size,
-                   implementation=self.implementation, decode=self.decode)
-    return self.project_out(y.astype(x.dtype), x.shape[-1])
+    # The relu kernel's features have a floor, so its normalizer keeps the kernels' default epsilon.
+    eps = NORMALIZER_EPS if self.kernel == "softmax" else DEFAULT_EPS
+    y = self.linear_mix(phi_q, phi_k, v, mask, normalize=True, chunk_size=self.chunk_size,
+                        implementation=self.implementation, eps=eps)
+    return self.project_out(y, x.shape[-1])

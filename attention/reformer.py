@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from attention.base import AttentionLayer
 from attention.registry import register
+from kernels.softmax import dropout_weights
 
 FALLBACK_SEED = 0  # rotations when the caller gives no `attention` rng
 SELF = -1e5  # a query's score for itself: below any real score, above masked ones
@@ -125,10 +126,7 @@ def lsh_attention(q_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, buckets_BxHxRxL: j
   scores = jnp.where(allowed, scores, NEG)
 
   lse_BxHxRxNxC = jax.nn.logsumexp(scores, axis=-1)
-  weights = jnp.exp(scores - lse_BxHxRxNxC[..., None])
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  weights = dropout_weights(jnp.exp(scores - lse_BxHxRxNxC[..., None]), dropout_rate, dropout_rng)
   out_sorted = jnp.einsum("bhrnck,bhrnkd->bhrncd", weights, sv).reshape(b, h, r, length, d)
   # Back to positions; each round weighted by its share of the normalizer over all rounds.
   out_BxHxRxLxD = jnp.take_along_axis(out_sorted, undo_BxHxRxL[..., None], axis=3)
@@ -171,9 +169,7 @@ class Reformer(AttentionLayer):
     key = self.make_rng("attention") if self.has_rng("attention") else jax.random.key(FALLBACK_SEED)
     rotations = jax.random.normal(key, (self.num_heads, q.shape[-1], self.n_hashes, n_buckets // 2))
     buckets = hash_vectors(q, rotations)
-    dropout_rng = None
-    if not deterministic and self.dropout_rate > 0.0:
-      dropout_rng = self.make_rng("dropout")
     y = lsh_attention(q, v, buckets, n_buckets=n_buckets, chunk_len=self.chunk_len, causal=self.causal,
-                      key_mask_BxL=real_BxL, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+                      key_mask_BxL=real_BxL, dropout_rate=self.dropout_rate,
+                      dropout_rng=self.dropout_rng(deterministic))
     return self.project_out(y[:, :length], features)

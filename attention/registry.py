@@ -12,7 +12,7 @@ unbound Flax module.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import flax.linen as nn
 
@@ -85,3 +85,30 @@ def build(name: str, /, **kwargs: Any) -> nn.Module:
   if missing:
     raise ValueError(f"attention variant {name!r} requires option(s) {missing}")
   return cls(**kwargs)
+
+
+def build_attention(config: Mapping[str, Any], /, **encoder_owned: Any) -> nn.Module:
+  """Builds the layer a model's attention config describes: `config = {"name": ..., **user options}`.
+
+  `encoder_owned` are the options the model sets on every layer (`encoder_owned_options()`: heads, widths, causal,
+  dropout, decode, dtype) plus Flax's `name=` / `parent=`; the registry fills every other option's default. A config
+  entry for an option the model also sets is an error unless it only repeats the registry default (a config filled
+  with every default) or the model's value; unknown options raise ValueError naming the valid ones.
+  """
+  from attention.base import encoder_owned_options  # pylint: disable=import-outside-toplevel  (avoids a cycle)
+  user = dict(config)
+  if "name" not in user:
+    raise ValueError(f"attention config needs a 'name' (one of: {', '.join(names())}); got keys {sorted(user)}")
+  name = user.pop("name")
+  defaults = options(name)
+  owned = encoder_owned_options()
+  not_owned = sorted(k for k in encoder_owned if k not in owned and k not in _FLAX_FIELDS)
+  if not_owned:
+    raise ValueError(f"build_attention: {not_owned} are not model-owned options (model-owned: {', '.join(owned)}); "
+                     f"put variant options in the attention config")
+  for key in [k for k in user if k in encoder_owned]:
+    if user[key] not in (defaults.get(key), encoder_owned[key]):
+      raise ValueError(f"attention option {key}={user[key]!r} is set by the model ({key}={encoder_owned[key]!r}); "
+                       f"remove it from the attention config and set it on the model instead")
+    del user[key]
+  return build(name, **user, **encoder_owned)

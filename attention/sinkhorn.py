@@ -40,46 +40,18 @@ import jax.numpy as jnp
 from attention.base import AttentionLayer
 from attention.linformer import resolve_max_length
 from attention.registry import register
-from attention.softmax import softmax_attention_reference
+from kernels.sinkhorn import NEG, sinkhorn_normalize
+from kernels.softmax import dropout_weights, softmax_attention_reference
 
-NEG = -1e9  # finite "minus infinity": masked entries get exactly zero weight and fully masked rows stay finite
+__all__ = ["SinkhornAttention", "sinkhorn_normalize", "sorted_plus_local_attention"]
 per_head_init = nn.initializers.xavier_uniform(batch_axis=(0,))
-
-
-def sinkhorn_normalize(log_alpha: jax.Array, iters: int, *, mask: jax.Array | None = None,
-                       causal: bool = False) -> jax.Array:
-  """Sinkhorn balancing in the log domain over the last two axes `[..., rows, cols]`; returns `S = exp(...)`.
-
-  The rows are normalized, then each of the `iters` iterations normalizes the columns and then the rows, so `S` is
-  exactly row-stochastic and approaches doubly stochastic as `iters` grows (`iters=0` is a row softmax: the LRA
-  code's "softmax sort"). `mask` (broadcastable bool, True = entry may be non-zero) restricts the support; masked
-  entries are exactly 0 and rows with no allowed entry are all-zero. `causal=True` normalizes each entry `(i, j)` by
-  its column's sum over rows `<= i` only, so row `i` depends on rows `<= i` alone.
-  """
-  if iters < 0:
-    raise ValueError(f"sinkhorn iters must be >= 0, got {iters}")
-  allowed = jnp.ones((1,) * log_alpha.ndim, bool) if mask is None else mask
-
-  def normalize(x: jax.Array, lse: jax.Array) -> jax.Array:
-    return jnp.where(allowed, x - lse, NEG)
-
-  def normalize_rows(x: jax.Array) -> jax.Array:
-    return normalize(x, jax.nn.logsumexp(x, axis=-1, keepdims=True))
-
-  def iteration(_, x: jax.Array) -> jax.Array:
-    col = jax.lax.cumlogsumexp(x, axis=x.ndim - 2) if causal else jax.nn.logsumexp(x, axis=-2, keepdims=True)
-    return normalize_rows(normalize(x, col))
-
-  x = normalize_rows(normalize(log_alpha.astype(jnp.float32), 0.0))
-  # A loop rather than unrolled Python: compile time then does not grow with `iters`.
-  x = jax.lax.fori_loop(0, iters, iteration, x)
-  return jnp.where(allowed, jnp.exp(x), 0.0)
 
 
 def _block_summaries(k_BxLxHxD: jax.Array, real_BxL: jax.Array, block_size: int, causal: bool) -> jax.Array:
   """`[B, N, H, D]` mean of real keys per block; causal: running mean up to each block's first token."""
   b, length, h, d = k_BxLxHxD.shape
   n = length // block_size
+  k_BxLxHxD = k_BxLxHxD.astype(jnp.float32)  # running sums over the sequence: float32 whatever the compute dtype
   weight = real_BxL.astype(jnp.float32)
   if causal:
     total = jnp.cumsum(k_BxLxHxD, axis=1)[:, ::block_size]
@@ -105,11 +77,9 @@ def sorted_plus_local_attention(q_BxNxSxHxD: jax.Array, sorted_k: jax.Array, sor
     local_allowed = local_allowed & (jnp.arange(bs)[:, None] >= jnp.arange(bs)[None, :])
   sorted_allowed = jnp.broadcast_to(sorted_real_BxHxNxS[:, :, :, None, :], logits.shape[:-1] + (bs,))
   allowed = jnp.concatenate([sorted_allowed, jnp.broadcast_to(local_allowed, sorted_allowed.shape)], axis=-1)
-  weights = jax.nn.softmax(jnp.where(allowed, logits, NEG), axis=-1)
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum("bhnqk,bnkhd->bnqhd", weights.astype(values.dtype), values)
+  weights = dropout_weights(jax.nn.softmax(jnp.where(allowed, logits, NEG), axis=-1), dropout_rate, dropout_rng)
+  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+  return out.astype(q_BxNxSxHxD.dtype)
 
 
 @register("sinkhorn")
@@ -183,12 +153,10 @@ class SinkhornAttention(AttentionLayer):
     weight_BxHxNxS = jnp.einsum("bhij,bjs->bhis", s_BxHxNxN, real_BxNxS.astype(jnp.float32))
     sorted_real_BxHxNxS = weight_BxHxNxS > 0.0
     inv = 1.0 / jnp.where(sorted_real_BxHxNxS, weight_BxHxNxS, 1.0)
-    sort = lambda t: jnp.einsum("bhij,bjshd,bhis->bishd", s_BxHxNxN, t, inv)  # noqa: E731
+    sort = lambda t: jnp.einsum("bhij,bjshd,bhis->bishd", s_BxHxNxN, t, inv).astype(t.dtype)  # noqa: E731
     sorted_k, sorted_v = sort(k_BxNxSxHxD), sort(v_BxNxSxHxD)
 
-    dropout_rng = None
-    if not deterministic and self.dropout_rate > 0.0:
-      dropout_rng = self.make_rng("dropout")
+    dropout_rng = self.dropout_rng(deterministic)
     if self.sortcut_k:
       kept = min(self.sortcut_k, n)
       flat = lambda t: t[:, :kept].reshape(b, kept * bs, *t.shape[3:])  # noqa: E731

@@ -27,9 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attention.base import AttentionLayer, causal_mask, default_kernel_init
+from attention.base import AttentionLayer, default_kernel_init
 from attention.linformer import resolve_max_length
 from attention.registry import register
+from kernels.softmax import causal_mask
 
 STATE = "attention_state"
 NEG = -1e9  # finite, so fully masked rows stay finite (only padded queries have them)
@@ -38,12 +39,11 @@ per_head_init = nn.initializers.xavier_uniform(batch_axis=(0,))  # the head axis
 
 def _dense_logits(layer: "Synthesizer", x: jax.Array, n: int) -> jax.Array:
   """`[B, H, L, n]`: each token's MLP output over the `n` key positions."""
-  hidden = nn.DenseGeneral(features=(layer.num_heads, layer.head_dim(x)), kernel_init=default_kernel_init,
-                           name="synth_hidden")
+  hidden = layer.dense((layer.num_heads, layer.head_dim(x)), "synth_hidden", kernel_init=default_kernel_init)
   hidden_BxLxHxD = nn.relu(hidden(x))
   kernel = layer.param("synth_out_kernel", per_head_init, (layer.num_heads, layer.head_dim(x), n), jnp.float32)
   bias = layer.param("synth_out_bias", nn.initializers.zeros, (layer.num_heads, n), jnp.float32)
-  return jnp.einsum("blhd,hdn->bhln", hidden_BxLxHxD, kernel) + bias[None, :, None, :]
+  return jnp.einsum("blhd,hdn->bhln", hidden_BxLxHxD.astype(jnp.float32), kernel) + bias[None, :, None, :]
 
 
 def _variable(layer: "Synthesizer", name: str, shape: tuple[int, ...]) -> jax.Array:
@@ -85,10 +85,7 @@ class Synthesizer(AttentionLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    if self.mode not in MODES:
-      raise ValueError(f"unknown synthesizer mode {self.mode!r}; valid choices: {tuple(MODES)}")
-    if self.factor_k < 1:
-      raise ValueError(f"Synthesizer: factor_k must be >= 1, got {self.factor_k}")
+    self.check_options(choices={"mode": MODES}, at_least={"factor_k": 1})
     length = x.shape[1]
     logits_fn, probe, axis = MODES[self.mode]
     collection = "params" if self.mode == "dense" or self.trainable_random else STATE
@@ -106,6 +103,6 @@ class Synthesizer(AttentionLayer):
     if self.causal:
       allowed = allowed & causal_mask(length, length)
     weights_BxHxLxL = jax.nn.softmax(jnp.where(allowed, logits_BxHxLxL, NEG), axis=-1)
-    weights_BxHxLxL = nn.Dropout(self.dropout_rate)(weights_BxHxLxL, deterministic=deterministic)
+    weights_BxHxLxL = self.attention_dropout(weights_BxHxLxL, deterministic)
     y = jnp.einsum("bhls,bshd->blhd", weights_BxHxLxL.astype(v.dtype), v)
     return self.project_out(y, x.shape[-1])

@@ -5,7 +5,8 @@ from lra.models.mlp import MlpBlock
 from lra.models.reversible import ReversibleBlocks, reversible_stack
 from lra.models.embeddings import POSITIONAL_ENCODINGS, PositionalEncoding, sinusoidal_table
 from lra.models.heads import ClassifierHead, SequenceClassifier
+from lra.models.precision import resolve_dtype
 
 __all__ = ["ClassifierHead", "Encoder", "EncoderBlock", "MlpBlock", "POOLINGS", "POSITIONAL_ENCODINGS",
-           "PositionalEncoding", "ReversibleBlocks", "SequenceClassifier", "encoder_from_config", "reversible_stack",
-           "sinusoidal_table"]
+           "PositionalEncoding", "ReversibleBlocks", "SequenceClassifier", "encoder_from_config", "resolve_dtype",
+           "reversible_stack", "sinusoidal_table"]

@@ -1,7 +1,10 @@
 """The one generic encoder: embeddings, positional encoding, pre-LN blocks with attention as the plug, pooling.
 
-Attention is built from the `attention` mapping (`{"name": ..., **options}`) through the registry, so every variant
-runs in the same encoder and its parameters sit under the same path (`block_<i>/attention/...`).
+Attention is built from the `attention` mapping (`{"name": ..., **options}`) through the registry
+(`attention.build_attention`), so every variant runs in the same encoder and its parameters sit under the same path
+(`block_<i>/attention/...`). Mixed precision: `dtype` is the compute dtype of activations and matmuls (embeddings,
+attention, MLP, heads); parameters stay float32, LayerNorm statistics, softmax, normalizers and recurrent states are
+computed in float32, and heads return float32 logits.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ import ml_collections
 import attention as attention_lib
 from lra.models.embeddings import PositionalEncoding
 from lra.models.mlp import MlpBlock
+from lra.models.precision import resolve_dtype
 from lra.models.reversible import ReversibleBlocks
 
 POOLINGS = ("cls", "mean", "none")
+
+
+def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+  """LayerNorm with float32 parameters; Flax computes its statistics in float32 (at least) and returns `dtype`."""
+  return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class EncoderBlock(nn.Module):
@@ -34,21 +43,24 @@ class EncoderBlock(nn.Module):
   causal: bool = False
   decode: bool = False
   post_ln: bool = False
+  dtype: Any = jnp.float32  # compute dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
-    options = dict(self.attention)
-    name = options.pop("name")
-    layer = attention_lib.build(name, num_heads=self.num_heads, qkv_dim=self.qkv_dim, causal=self.causal,
-                                dropout_rate=self.attention_dropout_rate, decode=self.decode, **options,
-                                name="attention")
-    mlp = MlpBlock(self.mlp_dim, self.dropout_rate, name="mlp")
-    ln_attention, ln_mlp = nn.LayerNorm(name="ln_attention"), nn.LayerNorm(name="ln_mlp")
+  def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
+               shared: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """`shared`: arrays the encoder owns for all layers (e.g. Linformer's layerwise projection), passed to the
+    attention call as keyword arguments."""
+    layer = attention_lib.build_attention(self.attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
+                                          causal=self.causal, dropout_rate=self.attention_dropout_rate,
+                                          decode=self.decode, dtype=self.dtype, name="attention")
+    mlp = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="mlp")
+    ln_attention, ln_mlp = layer_norm("ln_attention", self.dtype), layer_norm("ln_mlp", self.dtype)
     dropout = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
+    shared = dict(shared or {})
     if self.post_ln:
-      x = ln_attention(x + dropout(layer(x, mask=mask, deterministic=deterministic)))
+      x = ln_attention(x + dropout(layer(x, mask=mask, deterministic=deterministic, **shared)))
       return ln_mlp(x + dropout(mlp(x, deterministic)))
-    x = x + dropout(layer(ln_attention(x), mask=mask, deterministic=deterministic))
+    x = x + dropout(layer(ln_attention(x), mask=mask, deterministic=deterministic, **shared))
     return x + dropout(mlp(ln_mlp(x), deterministic))
 
 
@@ -69,6 +81,7 @@ class Encoder(nn.Module):
     reversible: RevNet residuals whose backward pass rebuilds activations (lra/models/reversible.py), so activation
       memory does not grow with depth. A different function from the ordinary pre-LN stack (two streams).
     post_ln: post-LN blocks (LayerNorm after each residual, no final LayerNorm) instead of pre-LN.
+    dtype: compute dtype, "float32", "bfloat16" or "auto" (`lra.models.precision.resolve_dtype`) or a jnp dtype.
   """
 
   vocab_size: int
@@ -89,16 +102,35 @@ class Encoder(nn.Module):
   reversible: bool = False
   post_ln: bool = False
   layer_options: tuple[Mapping[str, Any], ...] | None = None
+  dtype: Any = "float32"
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return resolve_dtype(self.dtype)
 
   def attention_for_layers(self) -> list[ml_collections.FrozenConfigDict]:
     """The attention sub-config of each layer."""
     per_layer = self.layer_options
+    user = dict(self.attention)
     if per_layer is None:
-      default = getattr(attention_lib.get_class(self.attention["name"]), "default_layer_options", None)
-      per_layer = default(self.num_layers) if default else ({},) * self.num_layers
+      cls = attention_lib.get_class(user["name"])
+      # The base class's default returns None: the same options in every layer.
+      per_layer = cls.default_layer_options(self.num_layers) or ({},) * self.num_layers
+      # The paper's schedule fills only what the user left at the registry default: configs record every option
+      # with its default, so `--config.model.attention.mode=taylor` must still mean taylor in every layer.
+      registry_defaults = attention_lib.options(user["name"])
+      per_layer = tuple({k: v for k, v in dict(o).items()
+                         if k not in user or user[k] == registry_defaults.get(k, v)} for o in per_layer)
     if len(per_layer) != self.num_layers:
       raise ValueError(f"layer_options has {len(per_layer)} entries; expected one per layer ({self.num_layers})")
-    return [ml_collections.FrozenConfigDict({**dict(self.attention), **dict(o)}) for o in per_layer]
+    return [ml_collections.FrozenConfigDict({**user, **dict(o)}) for o in per_layer]
+
+  def shared_layer_inputs(self, per_layer: list[ml_collections.FrozenConfigDict],
+                          length: int) -> list[dict[str, jax.Array]]:
+    """Parameters the encoder owns once for every layer, as each layer's extra call arguments: a variant that shares
+    across layers (Linformer's `sharing="layerwise"`) defines `shared_layer_inputs(module, layer_options, length)`."""
+    hook = getattr(attention_lib.get_class(self.attention["name"]), "shared_layer_inputs", None)
+    return hook(self, per_layer, length) if hook else [{} for _ in per_layer]
 
   @nn.compact
   def __call__(self, inputs_BxL: jax.Array, mask_BxL: jax.Array | None = None, *, train: bool = False) -> jax.Array:
@@ -113,12 +145,13 @@ class Encoder(nn.Module):
       raise ValueError(f"sequence length {inputs_BxL.shape[1]} exceeds the encoder's max_length={self.max_length}; "
                        f"raise config.data.max_length or truncate the inputs")
     deterministic = not train
+    dtype = self.compute_dtype
     if mask_BxL is None:
       mask_BxL = jnp.ones(inputs_BxL.shape, bool)
     mask_BxL = mask_BxL.astype(bool)
 
-    x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0),
-                 name="embed")(inputs_BxL)
+    x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0), dtype=dtype,
+                 param_dtype=jnp.float32, name="embed")(inputs_BxL)
     max_length = self.max_length
     if self.pooling == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.emb_dim))
@@ -139,30 +172,37 @@ class Encoder(nn.Module):
     if self.reversible:
       if self.decode or self.post_ln:
         raise ValueError("reversible=True supports neither decode nor post_ln; use the ordinary encoder for those")
-      x = ReversibleBlocks(tuple(self.attention_for_layers()), self.num_heads, self.qkv_dim, self.mlp_dim,
-                           self.dropout_rate, self.attention_dropout_rate, self.causal, name="reversible")(
-                               x, mask_BxL, deterministic)
+      per_layer = self.attention_for_layers()
+      x = ReversibleBlocks(tuple(per_layer), self.num_heads, self.qkv_dim, self.mlp_dim,
+                           self.dropout_rate, self.attention_dropout_rate, self.causal, dtype=dtype,
+                           name="reversible")(
+                               x, mask_BxL, deterministic, self.shared_layer_inputs(per_layer, x.shape[1]))
     else:
       block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
-      for i, layer_attention in enumerate(self.attention_for_layers()):
+      per_layer = self.attention_for_layers()
+      for i, (layer_attention, shared) in enumerate(zip(per_layer, self.shared_layer_inputs(per_layer, x.shape[1]))):
         x = block_cls(attention=layer_attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
                       mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                       attention_dropout_rate=self.attention_dropout_rate, causal=self.causal, decode=self.decode,
-                      post_ln=self.post_ln, name=f"block_{i}")(x, mask_BxL, deterministic)
+                      post_ln=self.post_ln, dtype=dtype, name=f"block_{i}")(x, mask_BxL, deterministic, shared)
     if not self.post_ln:
-      x = nn.LayerNorm(name="ln_final")(x)
+      x = layer_norm("ln_final", dtype)(x)
 
     if self.pooling == "cls":
       return x[:, 0]
     if self.pooling == "mean":
-      weights = mask_BxL.astype(x.dtype)[..., None]
-      return jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+      weights = mask_BxL.astype(jnp.float32)[..., None]  # the sum over the sequence in float32
+      pooled = jnp.sum(x.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+      return pooled.astype(dtype)
     return x
 
 
 def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: int, max_length: int,
                         **overrides: Any) -> Encoder:
-  """Builds the encoder from `config.model` (see configs/); `overrides` set fields such as pooling or causal."""
+  """Builds the encoder from `config.model` (see configs/); `overrides` set fields such as pooling or causal.
+
+  `config.model.dtype` ("float32", "bfloat16", "auto"; default float32) is resolved here, so "auto" means the backend
+  the model is built on."""
   attention = model_config.attention
   attention = dict(attention.to_dict() if hasattr(attention, "to_dict") else attention)
   attention_lib.get_class(attention.get("name"))  # fail early, naming the valid choices
@@ -172,7 +212,8 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                 dropout_rate=model_config.dropout_rate, attention_dropout_rate=model_config.attention_dropout_rate,
                 pos_encoding=model_config.pos_encoding, pooling=model_config.pooling,
                 attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False),
-                reversible=model_config.get("reversible", False), post_ln=model_config.get("post_ln", False))
+                reversible=model_config.get("reversible", False), post_ln=model_config.get("post_ln", False),
+                dtype=resolve_dtype(model_config.get("dtype", "float32")))
   layer_options = model_config.get("layer_options")
   if layer_options is not None:
     kwargs["layer_options"] = tuple(dict(o) for o in layer_options)

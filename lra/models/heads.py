@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -11,17 +11,26 @@ import jax.numpy as jnp
 from lra.models.encoder import Encoder
 
 
+def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _logits(x: jax.Array, num_classes: int) -> jax.Array:
+  """The output layer in float32, so losses and their reductions accumulate in float32 whatever the compute dtype."""
+  return _dense(num_classes, "logits", jnp.float32)(x.astype(jnp.float32))
+
+
 class ClassifierHead(nn.Module):
-  """LRA's classifier: Dense(mlp_dim) -> ReLU -> Dense(num_classes)."""
+  """LRA's classifier: Dense(mlp_dim) -> ReLU -> Dense(num_classes); float32 logits."""
 
   num_classes: int
   mlp_dim: int
+  dtype: Any = jnp.float32  # compute dtype of the hidden layer
 
   @nn.compact
   def __call__(self, pooled_BxF: jax.Array) -> jax.Array:
-    x = nn.Dense(self.mlp_dim, name="hidden")(pooled_BxF)
-    x = nn.relu(x)
-    return nn.Dense(self.num_classes, name="logits")(x)
+    x = nn.relu(_dense(self.mlp_dim, "hidden", self.dtype)(pooled_BxF))
+    return _logits(x, self.num_classes)
 
 
 class SequenceClassifier(nn.Module):
@@ -34,24 +43,26 @@ class SequenceClassifier(nn.Module):
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
     pooled = self.encoder(batch["inputs"], batch.get("mask"), train=train)
-    return ClassifierHead(self.num_classes, self.head_mlp_dim, name="head")(pooled)
+    return ClassifierHead(self.num_classes, self.head_mlp_dim, dtype=self.encoder.compute_dtype, name="head")(pooled)
 
 
 class MatchingHead(nn.Module):
   """LRA's dual-encoder head on two pooled encodings u, v: `[u, v, u*v, u-v]` -> Dense(mlp_dim) -> ReLU ->
-  Dense(mlp_dim // 2) -> ReLU -> Dense(num_classes). `abs_difference=True` uses `|u-v|` (the SNLI convention)."""
+  Dense(mlp_dim // 2) -> ReLU -> Dense(num_classes) (float32 logits). `abs_difference=True` uses `|u-v|` (the SNLI
+  convention)."""
 
   num_classes: int
   mlp_dim: int
   abs_difference: bool = False
+  dtype: Any = jnp.float32  # compute dtype of the hidden layers
 
   @nn.compact
   def __call__(self, u_BxF: jax.Array, v_BxF: jax.Array) -> jax.Array:
     difference = jnp.abs(u_BxF - v_BxF) if self.abs_difference else u_BxF - v_BxF
     x = jnp.concatenate([u_BxF, v_BxF, u_BxF * v_BxF, difference], axis=-1)
-    x = nn.relu(nn.Dense(self.mlp_dim, name="hidden")(x))
-    x = nn.relu(nn.Dense(self.mlp_dim // 2, name="hidden2")(x))
-    return nn.Dense(self.num_classes, name="logits")(x)
+    x = nn.relu(_dense(self.mlp_dim, "hidden", self.dtype)(x))
+    x = nn.relu(_dense(self.mlp_dim // 2, "hidden2", self.dtype)(x))
+    return _logits(x, self.num_classes)
 
 
 class DualEncoderMatcher(nn.Module):
@@ -77,4 +88,5 @@ class DualEncoderMatcher(nn.Module):
     mask = jnp.concatenate(masks, axis=0)
     pooled = self.encoder(jnp.concatenate([inputs1, inputs2], axis=0), mask, train=train)
     u, v = jnp.split(pooled, 2, axis=0)
-    return MatchingHead(self.num_classes, self.head_mlp_dim, self.abs_difference, name="head")(u, v)
+    return MatchingHead(self.num_classes, self.head_mlp_dim, self.abs_difference, dtype=self.encoder.compute_dtype,
+                        name="head")(u, v)

@@ -12,7 +12,7 @@ from lra.models.encoder import Encoder
 
 
 class LanguageModel(nn.Module):
-  """`batch["inputs"] [B, L]` -> logits `[B, L, vocab]`. The encoder must be causal with pooling "none".
+  """`batch["inputs"] [B, L]` -> float32 logits `[B, L, vocab]`. The encoder must be causal with pooling "none".
 
   tie_embeddings: the output layer is the transposed token embedding (plus a bias), as Press & Wolf (2017),
     scaled by 1/sqrt(emb_dim): the encoder's embedding is initialised with unit variance (as LRA), so unscaled logits
@@ -33,5 +33,9 @@ class LanguageModel(nn.Module):
       embedding_VxF = self.encoder.variables["params"]["embed"]["embedding"]
       bias = self.param("output_bias", nn.initializers.zeros, (self.vocab_size,))
       scale = hidden_BxLxF.shape[-1] ** -0.5
-      return jnp.einsum("blf,vf->blv", hidden_BxLxF, embedding_VxF.astype(hidden_BxLxF.dtype)) * scale + bias
-    return nn.Dense(self.vocab_size, name="output")(hidden_BxLxF)
+      # float32 logits: the softmax over the vocabulary and the loss accumulate in float32.
+      logits = jnp.einsum("blf,vf->blv", hidden_BxLxF, embedding_VxF.astype(hidden_BxLxF.dtype),
+                          preferred_element_type=jnp.float32)
+      return logits.astype(jnp.float32) * scale + bias
+    return nn.Dense(self.vocab_size, dtype=self.encoder.compute_dtype, param_dtype=jnp.float32, name="output")(
+        hidden_BxLxF).astype(jnp.float32)

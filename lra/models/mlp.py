@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 class MlpBlock(nn.Module):
@@ -11,11 +14,13 @@ class MlpBlock(nn.Module):
 
   mlp_dim: int
   dropout_rate: float = 0.1
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     features = x.shape[-1]
-    y = nn.Dense(self.mlp_dim, kernel_init=nn.initializers.xavier_uniform(), name="wi")(x)
-    y = nn.gelu(y)
+    dense = lambda n, name: nn.Dense(n, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,  # noqa: E731
+                                     param_dtype=jnp.float32, name=name)
+    y = nn.gelu(dense(self.mlp_dim, "wi")(x))
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), name="wo")(y)
+    return dense(features, "wo")(y)

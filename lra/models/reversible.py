@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import attention as attention_lib
@@ -33,14 +34,15 @@ class AttentionBranch(nn.Module):
   dropout_rate: float
   attention_dropout_rate: float
   causal: bool = False
+  dtype: Any = jnp.float32  # compute dtype
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool):
-    options = dict(self.attention)
-    name = options.pop("name")
-    layer = attention_lib.build(name, num_heads=self.num_heads, qkv_dim=self.qkv_dim, causal=self.causal,
-                                dropout_rate=self.attention_dropout_rate, **options, name="attention")
-    y = layer(nn.LayerNorm(name="ln_attention")(x), mask=mask, deterministic=deterministic)
+  def __call__(self, x, mask, deterministic: bool, shared: Mapping[str, jax.Array] | None = None):
+    layer = attention_lib.build_attention(self.attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
+                                          causal=self.causal, dropout_rate=self.attention_dropout_rate,
+                                          dtype=self.dtype, name="attention")
+    ln = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_attention")
+    y = layer(ln(x), mask=mask, deterministic=deterministic, **dict(shared or {}))
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -49,10 +51,12 @@ class MlpBranch(nn.Module):
 
   mlp_dim: int
   dropout_rate: float
+  dtype: Any = jnp.float32  # compute dtype
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, name="mlp")(nn.LayerNorm(name="ln_mlp")(x), deterministic)
+    ln = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_mlp")
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="mlp")(ln(x), deterministic)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -116,16 +120,21 @@ class ReversibleBlocks(nn.Module):
   attention_dropout_rate: float
   causal: bool = False
   recompute: bool = True
+  dtype: Any = jnp.float32  # compute dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool,
+               shared_per_layer: Sequence[Mapping[str, jax.Array]] | None = None) -> jax.Array:
+    """`shared_per_layer[i]`: arrays the encoder owns for all layers (Linformer's layerwise projection), passed to
+    block i's attention call; each block's copy gets its own gradient and autodiff sums them into the one array."""
+    shared_per_layer = list(shared_per_layer or [{} for _ in self.attention_per_layer])
     fs = [AttentionBranch(a, self.num_heads, self.qkv_dim, self.dropout_rate, self.attention_dropout_rate,
-                          self.causal, parent=None) for a in self.attention_per_layer]
-    g_module = MlpBranch(self.mlp_dim, self.dropout_rate, parent=None)
+                          self.causal, self.dtype, parent=None) for a in self.attention_per_layer]
+    g_module = MlpBranch(self.mlp_dim, self.dropout_rate, self.dtype, parent=None)
     params = []
     for i, f_module in enumerate(fs):
-      def init(rng, f_module=f_module):
-        f_vars = f_module.init({"params": rng, "attention": rng}, x, mask, True)
+      def init(rng, f_module=f_module, shared=shared_per_layer[i]):
+        f_vars = f_module.init({"params": rng, "attention": rng}, x, mask, True, shared)
         extra = set(f_vars) - {"params"}
         if extra:
           raise ValueError(f"reversible=True needs attention variants whose only variables are params; "
@@ -140,7 +149,10 @@ class ReversibleBlocks(nn.Module):
       streams["attention"] = self.make_rng("attention")
     rngs = [{k: jax.random.fold_in(v, i) for k, v in streams.items()} for i in range(len(fs))]
 
-    f_by_block = [lambda p, h, m, r, f=f: f.apply({"params": p}, h, m, deterministic, rngs=r) for f in fs]
+    # The shared arrays join each block's F parameters, so the custom VJP returns their gradients too.
+    f_by_block = [lambda p, h, m, r, f=f: f.apply({"params": p["own"]}, h, m, deterministic, p["shared"], rngs=r)
+                  for f in fs]
     g = lambda p, h, r: g_module.apply({"params": p}, h, deterministic, rngs=r)  # noqa: E731
+    params = [{"f": {"own": p["f"], "shared": dict(s)}, "g": p["g"]} for p, s in zip(params, shared_per_layer)]
     y1, y2 = reversible_stack(f_by_block, g, self.recompute)(params, x, x, mask, rngs)
     return (y1 + y2) / 2

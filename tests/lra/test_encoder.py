@@ -112,3 +112,50 @@ def test_classifier_shape():
   batch = {"inputs": tokens, "mask": mask}
   variables = model.init(jax.random.key(0), batch)
   assert model.apply(variables, batch).shape == (3, 10)
+
+
+def test_bfloat16_encoder_keeps_float32_params_and_logits_and_follows_float32():
+  tokens, mask = _inputs()
+  batch = {"inputs": tokens, "mask": mask}
+  f32 = SequenceClassifier(encoder=Encoder(**SMALL), num_classes=5, head_mlp_dim=16)
+  bf16 = SequenceClassifier(encoder=Encoder(**SMALL, dtype="bfloat16"), num_classes=5, head_mlp_dim=16)
+  variables = f32.init(jax.random.key(0), batch)
+  # The same parameter tree, all float32, serves both precisions.
+  assert jax.tree.structure(bf16.init(jax.random.key(0), batch)) == jax.tree.structure(variables)
+  assert {p.dtype for p in jax.tree.leaves(bf16.init(jax.random.key(0), batch))} == {jnp.dtype(jnp.float32)}
+  pooled = Encoder(**SMALL, dtype="bfloat16").apply({"params": variables["params"]["encoder"]}, tokens, mask)
+  assert pooled.dtype == jnp.bfloat16
+  want, got = f32.apply(variables, batch), bf16.apply(variables, batch)
+  assert got.dtype == jnp.float32  # losses accumulate in float32
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, want, atol=0.15, rtol=0.1)
+  assert not np.array_equal(got, want)  # it did compute in bfloat16
+
+
+def test_encoder_from_config_reads_and_resolves_the_dtype():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from lra.models import encoder_from_config  # pylint: disable=import-outside-toplevel
+  from lra.models.precision import resolve_dtype  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(dict(emb_dim=16, num_layers=1, num_heads=2, qkv_dim=16, mlp_dim=32,
+                                          dropout_rate=0.0, attention_dropout_rate=0.0, pos_encoding="learned",
+                                          pooling="cls", attention={"name": "softmax"}))
+  assert encoder_from_config(config, vocab_size=8, max_length=8).compute_dtype == jnp.float32  # default
+  config.dtype = "bfloat16"
+  assert encoder_from_config(config, vocab_size=8, max_length=8).compute_dtype == jnp.bfloat16
+  config.dtype = "auto"
+  expected = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+  assert encoder_from_config(config, vocab_size=8, max_length=8).compute_dtype == expected
+  assert resolve_dtype(jnp.bfloat16) == jnp.bfloat16
+  with pytest.raises(ValueError, match="unknown model dtype 'fp8'.*float32, bfloat16, auto"):
+    resolve_dtype("fp8")
+
+
+def test_attention_config_cannot_override_what_the_encoder_sets():
+  tokens, mask = _inputs()
+  with pytest.raises(ValueError, match="causal=True is set by the model"):
+    Encoder(**SMALL, attention={"name": "softmax", "causal": True}).init(jax.random.key(0), tokens, mask)
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['window'\]"):
+    Encoder(**SMALL, attention={"name": "softmax", "window": 3}).init(jax.random.key(0), tokens, mask)
+  # A config filled with the registry defaults (configs.common.attention_config) repeats them harmlessly.
+  Encoder(**SMALL, attention={"name": "softmax", "dtype": "float32"}, dtype="bfloat16").init(
+      jax.random.key(0), tokens, mask)

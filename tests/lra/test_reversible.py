@@ -85,3 +85,16 @@ def test_listops_training_with_reversible_encoder(data_cache, tmp_path):
   train_and_evaluate(config, tmp_path)
   losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
   assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_bfloat16_reversible_stack_is_finite_with_float32_params():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16)).astype(jnp.bfloat16)
+  mask = jnp.arange(9)[None, :] < jnp.array([[6], [9]])
+  blocks = ReversibleBlocks(attention_per_layer=({"name": "linear"},) * 2, num_heads=2, qkv_dim=16, mlp_dim=32,
+                            dropout_rate=0.0, attention_dropout_rate=0.0, dtype=jnp.bfloat16)
+  params = blocks.init(jax.random.key(1), x, mask, True)["params"]
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  loss = lambda p: jnp.sum(blocks.apply({"params": p}, x, mask, True).astype(jnp.float32) ** 2)  # noqa: E731
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  assert blocks.apply({"params": params}, x, mask, True).dtype == jnp.bfloat16
+  assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
