@@ -1,24 +1,27 @@
 r"""Trains a model on a task: `python train.py --config configs/lra/listops.py:runlocal --workdir runs/x`.
 
 Dotted overrides change any config field: `--config.train.num_steps=2000`, `--config.model.attention.name=softmax`.
-A workdir with a checkpoint resumes from it.
+A workdir with a checkpoint resumes from it. SIGTERM/SIGINT saves a checkpoint at the next step and exits (rerun the
+same command to resume). Config, flag and data errors print one line `error: ...` and exit with status 2.
 """
 
 import logging as std_logging
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
+from configs import common
+from lra import cli
 from lra.training import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=True)
+# Attention-aware: `--config.model.attention.name=X` switches the variant and X's options may follow.
+_CONFIG = common.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   # Orbax logs every checkpoint step through absl at INFO; keep the run's own lines readable.
   for noisy in ("absl", "jax"):
@@ -27,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -41,10 +41,13 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   return SCHEDULES[train.schedule](train.learning_rate, train.warmup_steps, train.num_steps)
 
 
+OPTIMIZERS = ("adamw",)
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW (decoupled weight decay on every parameter, as LRA) with optional global-norm gradient clipping."""
-  if train.get("optimizer", "adamw") != "adamw":
-    raise ValueError(f"unknown optimizer {train.optimizer!r}; valid choices: adamw")
+  if train.get("optimizer", "adamw") not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {train.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
   parts = []
   if train.get("grad_clip_norm"):
     parts.append(optax.clip_by_global_norm(train.grad_clip_norm))

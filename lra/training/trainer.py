@@ -7,11 +7,16 @@ Resume order (the one place it is written down):
      the next batches and keys equal those of an uninterrupted run;
   3. drop `metrics.jsonl` lines logged after that step (the crashed run may have logged past its last checkpoint);
   4. train from the restored step to `config.train.num_steps`.
+Before step 1 the config is validated (lra/training/validation.py) and, when the workdir holds checkpoints, compared
+with its `config.json` and the checkpoint's array shapes: a workdir of another task or model is refused by name.
+A checkpoint written on preemption also holds the per-step metrics not yet logged (`meta["pending"]`), so the next
+log line averages the same steps as in an uninterrupted run.
 The last step of every run is logged, evaluated and checkpointed, so a larger `num_steps` extends a finished run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -29,10 +34,13 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+import attention as attention_lib
 from lra import tasks as tasks_lib
 from lra.tasks import pipeline
+from jax.experimental import multihost_utils
+
 from lra.training import checkpoints as checkpoints_lib
-from lra.training import metric_writers, optim, sharding
+from lra.training import metric_writers, optim, preemption, sharding, validation
 
 # Rng streams given to the model: "dropout" for dropout, "attention" for variants that draw fresh randomness per
 # call (feature redraws, hash rotations). Evaluation gets a fixed "attention" key and no dropout.
@@ -148,8 +156,44 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
   return value > best if mode == "max" else value < best
 
 
+def _agreed(decision: bool) -> bool:
+  """Process 0's `decision`, on every process: a save that one process skips would leave the others waiting in its
+  barriers (the metrics are replicated, but a last-bit difference in a host-side sum must not split the hosts)."""
+  if jax.process_count() == 1:
+    return decision
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(decision, np.int32)))
+
+
+def _pending_to_meta(pending: list[tuple[int, dict[str, Any]]]) -> list:
+  """Unlogged per-step metrics as JSON, `[step, {name: [value, dtype]}]`; `_pending_from_meta` restores them
+  bit-exactly."""
+  fetched = jax.device_get([m for _, m in pending])
+  return [[s, {k: [np.asarray(v).item(), str(np.asarray(v).dtype)] for k, v in m.items()}]
+          for (s, _), m in zip(pending, fetched)]
+
+
+def _pending_from_meta(records: list) -> list[tuple[int, dict[str, np.ndarray]]]:
+  return [(int(s), {k: np.asarray(v, dtype=dtype) for k, (v, dtype) in m.items()}) for s, m in records]
+
+
+def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config` as a dict whose attention sub-config holds every option in force: the ones set plus the registry's
+  defaults (encoder-owned options such as num_heads live in `config.model` and are left out)."""
+  record = config.to_dict()
+  sub = dict(record.get("model", {}).get("attention") or {})
+  if "name" in sub:
+    owned = set(attention_lib.encoder_owned_options())
+    defaults = {k: v for k, v in attention_lib.options(sub["name"]).items()
+                if k not in owned and v is not dataclasses.MISSING}
+    record["model"]["attention"] = {**defaults, **sub}
+  return record
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+  # Written to a temporary name and renamed: other processes may read it (validation.check_workdir_config).
+  tmp = workdir / f"config.json.tmp{jax.process_index()}"
+  tmp.write_text(json.dumps(_config_record(config), indent=2, sort_keys=True, default=str) + "\n")
+  tmp.replace(workdir / "config.json")
 
 
 def _due(step: int, every: int | None, last: int) -> bool:
@@ -158,22 +202,28 @@ def _due(step: int, every: int | None, last: int) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict[str, float]]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final metrics by split."""
+  validation.validate_config(config)
   workdir = Path(workdir)
+  validation.check_workdir_config(config, workdir, checkpoints_lib.LATEST_DIR)
   workdir.mkdir(parents=True, exist_ok=True)
   exp = Experiment(config)
   train_cfg = config.train
   num_steps = train_cfg.num_steps
   is_writer = jax.process_index() == 0
-  if is_writer:
-    _write_config(config, workdir)
 
   ckpt = checkpoints_lib.Checkpoints(workdir, keep=train_cfg.keep_checkpoints)
   state = exp.init_state()
   meta: dict[str, Any] = {"step": 0, "best": None}
-  restored = ckpt.restore(state, "latest")
+  try:
+    restored = ckpt.restore(state, "latest")
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is not None:
     state, meta = restored
     logging.info("Resumed from %s at step %d", workdir / checkpoints_lib.LATEST_DIR, meta["step"])
+  if is_writer:  # after the checks above, so a refused run leaves the workdir's config.json as it was
+    _write_config(config, workdir)
   start_step = int(meta["step"])
   writer = metric_writers.MetricWriter(workdir, enabled=is_writer)
   writer.truncate_after(start_step)
@@ -182,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                         seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
   progress = metric_writers.Progress(start_step, num_steps, enabled=is_writer)
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  pending: list[tuple[int, dict[str, Any]]] = _pending_from_meta(meta.pop("pending", None) or [])
   task = exp.task
   final: dict[str, dict[str, float]] = {}
 
@@ -207,28 +257,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   t0 = time.monotonic()
   last_flush = [t0]
+  guard = preemption.PreemptionGuard()
   try:
-    for step in range(start_step + 1, num_steps + 1):
-      batch = sharding.to_global(train_batches[step - 1], exp.batch_sharding)
-      state, metrics = exp.jit_train_step(state, batch, exp.key)
-      pending.append((step, metrics))
-      checkpoint_due = _due(step, train_cfg.checkpoint_every_steps, num_steps)
-      if _due(step, train_cfg.log_every_steps, num_steps) or checkpoint_due:
-        flush(step)
-      if _due(step, train_cfg.eval_every_steps, num_steps):
-        final[task.validation_split] = metrics_val = exp.evaluate(state, task.validation_split)
-        writer.write(step, task.validation_split, metrics_val)
-        progress.write(f"step {step} {task.validation_split}: " +
-                       " ".join(f"{k}={v:.4g}" for k, v in metrics_val.items()))
-        value = metrics_val[task.best_metric]
-        if _is_better(value, meta.get("best"), task.best_mode):
-          meta = {**meta, "best": value, "best_step": step}
-          ckpt.save_best(step, state, {**meta, "step": step})
-      if checkpoint_due:
-        meta = {**meta, "step": step}
-        ckpt.save_latest(step, state, meta)
-      if not pending:  # keep evaluation and checkpointing out of the next throughput figure
-        last_flush[0] = time.monotonic()
+    with guard:
+      for step in range(start_step + 1, num_steps + 1):
+        batch = sharding.to_global(train_batches[step - 1], exp.batch_sharding)
+        state, metrics = exp.jit_train_step(state, batch, exp.key)
+        pending.append((step, metrics))
+        checkpoint_due = _due(step, train_cfg.checkpoint_every_steps, num_steps)
+        if _due(step, train_cfg.log_every_steps, num_steps) or checkpoint_due:
+          flush(step)
+        if _due(step, train_cfg.eval_every_steps, num_steps):
+          final[task.validation_split] = metrics_val = exp.evaluate(state, task.validation_split)
+          writer.write(step, task.validation_split, metrics_val)
+          progress.write(f"step {step} {task.validation_split}: " +
+                         " ".join(f"{k}={v:.4g}" for k, v in metrics_val.items()))
+          value = metrics_val[task.best_metric]
+          if _agreed(_is_better(value, meta.get("best"), task.best_mode)):
+            meta = {**meta, "best": value, "best_step": step}
+            ckpt.save_best(step, state, {**meta, "step": step})
+        if checkpoint_due:
+          meta = {**meta, "step": step}
+          ckpt.save_latest(step, state, meta)
+        # Every process asks after every step; the answer is the same step on all of them (see preemption.py).
+        if step < num_steps and guard.should_stop(step):
+          if not checkpoint_due:
+            ckpt.save_latest(step, state, {**meta, "step": step, "pending": _pending_to_meta(pending)})
+          stopped = preemption.Preempted(step, guard.signum, workdir)
+          logging.warning("%s", stopped)
+          raise stopped
+        if not pending:  # keep evaluation and checkpointing out of the next throughput figure
+          last_flush[0] = time.monotonic()
     flush(num_steps)
     for split in task.eval_splits:
       if split != task.validation_split or split not in final:
@@ -238,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                  final)
   finally:
     progress.close()
+    # Every process finishes both managers' saves (their barriers) before any may exit and shut jax down.
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -248,6 +308,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path, 
                         checkpoint: str | int = "best") -> dict[str, Any]:
   """Restores `checkpoint` ("best", "latest" or a step) from `workdir`, evaluates `split`, writes
   `<workdir>/eval_<split>.json` and returns its content."""
+  validation.validate_config(config)
   workdir = Path(workdir)
   exp = Experiment(config)
   valid = exp.task.eval_splits + (exp.task.train_split,)
