@@ -3,17 +3,22 @@
 `find(root, pattern)` looks for files under `root` whose relative path matches `pattern` (`re.search` on a path with
 `/` separators, so a pattern anchored as `(?:^|/)train/...` matches at any depth). Extracted files win: archives
 (`.tar.gz`, `.tgz`, `.tar`) under `root` are only opened when no extracted file matches, so an archive extracted next
-to itself is not read twice.
+to itself is not read twice. An archive that cannot be read (corrupt, truncated, not a tar) is a ValueError naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gzip
 import os
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Iterator
+
+from lra.tasks import validation
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -36,14 +41,19 @@ class Sources:
 
   def read(self) -> Iterator[tuple[re.Match, bytes]]:
     """(match of the relative path, file content) for each matching file, in path order within each source."""
+    for _, match, content in self.read_named():
+      yield match, content
+
+  def read_named(self) -> Iterator[tuple[str, re.Match, bytes]]:
+    """As `read`, with the name to quote in errors first: the file's path, or `<archive>:<member>`."""
     for path in self.files:
-      yield self.pattern.search(path.relative_to(self.root).as_posix()), path.read_bytes()
+      yield str(path), self.pattern.search(path.relative_to(self.root).as_posix()), path.read_bytes()
     for archive in self.archives:
-      with tarfile.open(archive, "r:*") as tar:
+      with _open_tar(archive) as tar, _reading(archive):
         for member in tar:
           match = self.pattern.search(member.name) if member.isfile() else None
           if match:
-            yield match, tar.extractfile(member).read()
+            yield f"{archive}:{member.name}", match, tar.extractfile(member).read()
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -52,8 +62,23 @@ def _walk(root: Path) -> Iterator[Path]:
       yield Path(directory) / name
 
 
+@contextlib.contextmanager
+def _reading(archive: Path) -> Iterator[None]:
+  """A corrupt or truncated archive met while reading -> ValueError naming it and what was expected."""
+  try:
+    yield
+  except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+    raise ValueError(f"{archive}: not a readable tar archive ({validation.describe_error(e)}); expected a complete "
+                     f"{'/'.join(ARCHIVE_SUFFIXES)} file: download it again or extract it next to itself") from None
+
+
+def _open_tar(archive: Path) -> tarfile.TarFile:
+  with _reading(archive):
+    return tarfile.open(archive, "r:*")
+
+
 def _has_match(archive: Path, pattern: re.Pattern) -> bool:
-  with tarfile.open(archive, "r:*") as tar:
+  with _open_tar(archive) as tar, _reading(archive):
     return any(member.isfile() and pattern.search(member.name) for member in tar)
 
 

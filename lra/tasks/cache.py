@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,10 +35,16 @@ def file_fingerprint(path: Path) -> tuple[str, int, int]:
 
 
 def cached_arrays(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Loads `path` if it exists, else calls `make()` and writes its arrays atomically."""
+  """Loads `path` if it exists, else calls `make()` and writes its arrays atomically.
+
+  A cache file that cannot be read (e.g. truncated by a full disk) is remade from the data, with a warning naming it.
+  """
   if path.exists():
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}
+    try:
+      with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+      logging.warning("Unreadable cache file %s (%s: %s): remaking it from the data", path, type(e).__name__, e)
   arrays = make()
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")

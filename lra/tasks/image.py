@@ -25,43 +25,78 @@ from typing import Callable
 
 import numpy as np
 
-from lra.tasks import archive, cache, pixels, tfds_source
+from lra.tasks import archive, cache, pixels, tfds_source, validation
 from lra.tasks.registry import register
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DOWNLOAD = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TRAIN_FRACTION = 0.9
+RELEASE_IMAGES = {"train": 50_000, "test": 10_000}
 
 Raw = dict[str, np.ndarray]  # train_inputs [N, 32, 32] uint8, train_targets [N], test_inputs, test_targets
 
 
+def _check_split_sizes(raw: Raw, where: str) -> Raw:
+  for split in ("train", "test"):
+    validation.check_count(f"{where} ({split})", f"{split} images", len(raw[f"{split}_targets"]),
+                           RELEASE_IMAGES[split], "CIFAR-10")
+  return raw
+
+
+def _unpickle_batch(name: str, content: bytes) -> tuple[np.ndarray, np.ndarray]:
+  """One official batch file -> (grayscale uint8 [N, 32, 32], labels [N]); ValueError naming the file if it is not
+  a CIFAR-10 batch (the Python 2 pickle of {b"data": uint8 [N, 3072] (R, G, B planes), b"labels": [N ints 0..9]})."""
+  expected = "a CIFAR-10 python batch (pickled dict with b'data' uint8 [N, 3072] and b'labels')"
+  try:
+    batch = pickle.loads(content, encoding="bytes")
+  except Exception as e:  # pylint: disable=broad-except  # unpickling garbage can raise almost anything
+    raise ValueError(f"{name}: not readable as {expected} ({validation.describe_error(e)}); "
+                     f"download {DOWNLOAD} again") from None
+  if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+    keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise ValueError(f"{name}: expected {expected}, got {keys}")
+  data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+  if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+    raise ValueError(f"{name}: expected data [N, 3072] and N labels, got data {data.shape} and labels {labels.shape}")
+  validation.check_labels(name, labels, range(len(CLASSES)), what="label of image")
+  rgb = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return pixels.to_grayscale(rgb), labels.astype(np.int32)
+
+
 def _read_pickles(sources: archive.Sources) -> Raw:
   batches = {}
-  for match, content in sources.read():
-    # The official files are Python 2 pickles of {b"data": uint8 [10000, 3072] (R, G, B planes), b"labels": [...]}.
-    batch = pickle.loads(content, encoding="bytes")
-    rgb = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    batches[match.group(1)] = (pixels.to_grayscale(rgb), np.asarray(batch[b"labels"], np.int32))
+  for name, match, content in sources.read_named():
+    batches[match.group(1)] = _unpickle_batch(name, content)
   missing = sorted(({f"data_batch_{i}" for i in range(1, 6)} | {"test_batch"}) - set(batches))
   if missing:
     raise FileNotFoundError(f"CIFAR-10 pickles {missing} not found under {sources.root}")
   train = [batches[f"data_batch_{i}"] for i in range(1, 6)]
-  return {"train_inputs": np.concatenate([x for x, _ in train]), "train_targets": np.concatenate([y for _, y in train]),
-          "test_inputs": batches["test_batch"][0], "test_targets": batches["test_batch"][1]}
+  raw = {"train_inputs": np.concatenate([x for x, _ in train]),
+         "train_targets": np.concatenate([y for _, y in train]),
+         "test_inputs": batches["test_batch"][0], "test_targets": batches["test_batch"][1]}
+  return _check_split_sizes(raw, _where(sources))
+
+
+def _where(sources: archive.Sources) -> str:
+  return ", ".join(map(str, sources.archives)) or str(sources.root)
 
 
 def _read_class_folders(sources: archive.Sources) -> Raw:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
 
   rows: dict[str, list] = {"train": [], "test": []}
-  for match, content in sources.read():
+  for name, match, content in sources.read_named():
     split, class_name, stem = match.group(1), match.group(2), match.group(3)
     if class_name not in CLASSES:
-      raise ValueError(f"unknown CIFAR-10 class folder {class_name!r} under {sources.root}; valid: {CLASSES}")
-    with Image.open(io.BytesIO(content)) as image:
-      rgb = np.asarray(image.convert("RGB"))
+      raise ValueError(f"{name}: unknown CIFAR-10 class folder {class_name!r}; expected one of {', '.join(CLASSES)}")
+    try:
+      with Image.open(io.BytesIO(content)) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+      raise ValueError(f"{name}: not a readable image ({validation.describe_error(e)}); "
+                       f"expected a 32x32 JPEG or PNG") from None
     if rgb.shape != (32, 32, 3):
-      raise ValueError(f"{split}/{class_name}/{stem}: expected a 32x32 image, got {rgb.shape[:2]}")
+      raise ValueError(f"{name}: expected a 32x32 image, got {rgb.shape[1]}x{rgb.shape[0]}")
     number = int(stem) if stem.isdigit() else -1
     rows[split].append(((number, stem, CLASSES.index(class_name)), pixels.to_grayscale(rgb)))
   out = {}
@@ -71,7 +106,7 @@ def _read_class_folders(sources: archive.Sources) -> Raw:
     items.sort(key=lambda item: item[0])
     out[f"{split}_inputs"] = np.stack([image for _, image in items])
     out[f"{split}_targets"] = np.asarray([key[2] for key, _ in items], np.int32)
-  return out
+  return _check_split_sizes(out, _where(sources))
 
 
 # Release formats: the path pattern of their files and their reader, tried in this order.
@@ -88,7 +123,7 @@ def _read_tfds() -> Raw:
     examples = list(tfds_source.examples("cifar10", split))
     out[f"{split}_inputs"] = pixels.to_grayscale(np.stack([ex["image"] for ex in examples]))
     out[f"{split}_targets"] = np.asarray([ex["label"] for ex in examples], np.int32)
-  return out
+  return _check_split_sizes(out, "tfds cifar10")
 
 
 @register("image")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lra.models import SequenceClassifier, encoder_from_config
-from lra.tasks import cache, listops_generator
+from lra.tasks import cache, listops_generator, validation
 from lra.tasks.base import ArrayDataset, ClassificationTask
 from lra.tasks.registry import register
 
@@ -24,6 +24,7 @@ SPLIT_FILES = {"train": "basic_train.tsv", "validation": "basic_val.tsv", "test"
 VOCAB = listops_generator.VOCAB
 PAD_ID = 0
 TOKEN_IDS = {token: i for i, token in enumerate(VOCAB)}
+NUM_CLASSES = 10
 
 
 def encode(source: str, max_length: int) -> np.ndarray:
@@ -32,35 +33,52 @@ def encode(source: str, max_length: int) -> np.ndarray:
   try:
     ids = [TOKEN_IDS[t] for t in tokens[:max_length]]
   except KeyError as e:
-    raise ValueError(f"unknown ListOps token {e.args[0]!r} in {source[:80]!r}...; valid tokens: {VOCAB[1:]}") from None
+    raise ValueError(f"unknown ListOps token {e.args[0]!r} in {source[:60]!r}; valid tokens: {VOCAB[1:]}") from None
   out = np.full((max_length,), PAD_ID, np.int16)
   out[:len(ids)] = ids
   return out
 
 
 def read_tsv(path: Path, max_length: int) -> dict[str, np.ndarray]:
-  """Reads one split file into `inputs [N, max_length]` and `targets [N]`."""
-  inputs, targets = [], []
-  with open(path, newline="") as f:
+  """Reads one split file into `inputs [N, max_length]` and `targets [N]`.
+
+  Every row must be `Source<TAB>Target` with a non-empty expression of ListOps tokens and a label in 0..9; anything
+  else is a ValueError naming the file, the line and the value (a label of 10 would otherwise become a NaN loss).
+  """
+  inputs, targets, lines = [], [], []
+  with open(path, encoding="utf-8", newline="") as f, validation.reading(path, "UTF-8 ListOps TSV file"):
     reader = csv.reader(f, delimiter="\t")
     header = next(reader, None)
     if header is None or [h.strip() for h in header[:2]] != ["Source", "Target"]:
-      raise ValueError(f"{path}: expected a header 'Source<TAB>Target', got {header!r}")
+      raise ValueError(f"{path}:1: expected a header 'Source<TAB>Target', got {header!r}")
     for row in reader:
-      if not row:
+      if not row or (len(row) == 1 and not row[0].strip()):
         continue
-      inputs.append(encode(row[0], max_length))
-      targets.append(int(row[1]))
+      line = reader.line_num
+      if len(row) != 2:
+        text = "\t".join(row)
+        raise ValueError(f"{path}:{line}: expected 2 tab-separated columns (Source, Target), got {len(row)}: "
+                         f"{text[:80]!r}")
+      if not row[0].strip():
+        raise ValueError(f"{path}:{line}: empty Source expression")
+      try:
+        inputs.append(encode(row[0], max_length))
+      except ValueError as e:
+        raise ValueError(f"{path}:{line}: {e}") from None
+      targets.append(validation.parse_int(path, line, row[1].strip()))
+      lines.append(line)
   if not inputs:
-    raise ValueError(f"{path} holds no examples")
-  return {"inputs": np.stack(inputs), "targets": np.asarray(targets, np.int32)}
+    raise ValueError(f"{path} holds no examples (expected a header line and rows 'Source<TAB>Target')")
+  targets_array = np.asarray(targets, np.int64)
+  validation.check_labels(path, targets_array, range(NUM_CLASSES), np.asarray(lines))
+  return {"inputs": np.stack(inputs), "targets": targets_array.astype(np.int32)}
 
 
 @register("listops")
 class ListOps(ClassificationTask):
   """The ListOps task (Nangia & Bowman 2018, LRA settings)."""
 
-  num_classes = 10
+  num_classes = NUM_CLASSES
 
   def data_dir(self) -> Path:
     """The folder holding the split files, generating them into the cache first when `data_dir` is None."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks import cache, pathfinder_generator, pixels
+from lra.tasks import cache, pathfinder_generator, pixels, validation
 from lra.tasks.registry import register
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}
@@ -36,20 +36,32 @@ GENERATE_HINT = ("python scripts/make_pathfinder.py --output_dir {root} --resolu
 
 
 def read_metadata(path: Path) -> list[tuple[str, str, int]]:
-  """(image folder, file name, label) of each row of one metadata file (text lines or a numpy array)."""
+  """(image folder, file name, label) of each row of one metadata file (text lines or a numpy array).
+
+  Rows need at least 4 columns (folder, file, index, label) and a label of 0 or 1; otherwise a ValueError names the
+  file and the line (the row, 1-based, for a numpy file).
+  """
   raw = path.read_bytes()
   if raw.startswith(b"\x93NUMPY"):
-    rows = np.load(io.BytesIO(raw), allow_pickle=False).tolist()
+    try:
+      array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as e:
+      raise ValueError(f"{path}: not a readable numpy metadata array ({e}); expected rows of (folder, file, index, "
+                       f"label) strings") from None
+    rows = [(i + 1, row) for i, row in enumerate(np.atleast_2d(array).tolist())]
   else:
-    rows = [line.split() for line in raw.decode().splitlines() if line.strip()]
-  out = []
-  for i, row in enumerate(rows):
+    with validation.reading(path, "Pathfinder metadata file (text lines 'imgs/<batch> sample_<i>.png <i> <label>')"):
+      text = raw.decode()
+    rows = [(i + 1, line.split()) for i, line in enumerate(text.splitlines()) if line.strip()]
+  out, labels, lines = [], [], []
+  for line, row in rows:
     if len(row) < 4:
-      raise ValueError(f"{path} row {i}: expected at least 4 columns (folder, file, index, label), got {row!r}")
-    label = int(float(row[3]))
-    if label not in (0, 1):
-      raise ValueError(f"{path} row {i}: label {row[3]!r} must be 0 or 1")
-    out.append((str(row[0]), str(row[1]), label))
+      raise ValueError(f"{path}:{line}: expected at least 4 columns (folder, file, index, label), got {len(row)}: "
+                       f"{row!r}")
+    labels.append(validation.parse_int(path, line, str(row[3])))
+    lines.append(line)
+    out.append((str(row[0]), str(row[1]), labels[-1]))
+  validation.check_labels(path, np.asarray(labels, np.int64), (0, 1), np.asarray(lines))
   return out
 
 
@@ -66,8 +78,12 @@ def _load_image(path: Path, resolution: int) -> np.ndarray | None:
 
   if path.stat().st_size == 0:
     return None
-  with Image.open(path) as image:
-    array = np.asarray(image.convert("L"))
+  try:
+    with Image.open(path) as image:
+      array = np.asarray(image.convert("L"))
+  except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+    raise ValueError(f"{path}: not a readable image ({validation.describe_error(e)}); expected a "
+                     f"{resolution}x{resolution} grayscale PNG: generate or download the data again") from None
   if array.shape != (resolution, resolution):
     raise ValueError(f"{path}: expected a {resolution}x{resolution} image, got {array.shape}")
   return array

@@ -14,7 +14,6 @@ comparable to published SNLI numbers.
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import re
 from pathlib import Path
@@ -23,11 +22,14 @@ import numpy as np
 
 from lra.models import encoder_from_config
 from lra.models.heads import DualEncoderMatcher
-from lra.tasks import cache
+from lra.tasks import cache, validation
 from lra.tasks.base import ArrayDataset, ClassificationTask
 from lra.tasks.registry import register
 
 LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+NO_GOLD_LABEL = "-"
+# Pairs with a gold label in each split of the SNLI 1.0 release: checked when the files are read.
+RELEASE_PAIRS = {"train": 549_367, "dev": 9_842, "test": 9_824}
 FILES = {"train": "snli_1.0_train", "dev": "snli_1.0_dev", "test": "snli_1.0_test"}
 PAD, UNK = "<pad>", "<unk>"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -49,18 +51,35 @@ def find_file(data_dir: Path, source: str) -> Path:
 
 
 def read_pairs(path: Path) -> list[tuple[list[str], list[str], int]]:
-  """(premise tokens, hypothesis tokens, label) for every pair with a gold label."""
-  opener = gzip.open if path.suffix == ".gz" else open
+  """(premise tokens, hypothesis tokens, label) for every pair with a gold label.
+
+  Each line must be a JSON object with string `sentence1`, `sentence2` and a `gold_label` among LABELS or "-" (no
+  agreement: skipped); anything else, and a corrupt .gz, is a ValueError naming the file and line.
+  """
   pairs = []
-  with opener(path, "rt", encoding="utf-8") as f:
-    for line in f:
+  expected = "gzip-compressed SNLI jsonl file" if path.suffix == ".gz" else "UTF-8 SNLI jsonl file"
+  with validation.open_text(path) as f, validation.reading(path, expected, "download snli_1.0.zip again"):
+    for line_number, line in enumerate(f, 1):
       if not line.strip():
         continue
-      example = json.loads(line)
+      try:
+        example = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_number}: not a JSON object ({e.msg} at column {e.colno}): "
+                         f"{line.strip()[:60]!r}") from None
+      if not isinstance(example, dict):
+        raise ValueError(f"{path}:{line_number}: expected a JSON object per line, got {type(example).__name__}")
       label = example.get("gold_label")
-      if label not in LABELS:  # "-": annotators did not agree
+      if label == NO_GOLD_LABEL:  # annotators did not agree
         continue
-      pairs.append((tokenize(example["sentence1"]), tokenize(example["sentence2"]), LABELS[label]))
+      if label not in LABELS:
+        raise ValueError(f"{path}:{line_number}: gold_label {label!r}; expected one of {', '.join(LABELS)} or "
+                         f"{NO_GOLD_LABEL!r}")
+      sentences = [example.get(key) for key in ("sentence1", "sentence2")]
+      for key, sentence in zip(("sentence1", "sentence2"), sentences):
+        if not isinstance(sentence, str):
+          raise ValueError(f"{path}:{line_number}: field {key!r} is {sentence!r}; expected a string")
+      pairs.append((tokenize(sentences[0]), tokenize(sentences[1]), LABELS[label]))
   if not pairs:
     raise ValueError(f"{path} holds no labelled pairs")
   return pairs
@@ -100,6 +119,8 @@ class SNLI(ClassificationTask):
 
     def make():
       pairs = {s: read_pairs(p) for s, p in paths.items()}
+      for s, p in paths.items():
+        validation.check_count(p, "pairs with a gold label", len(pairs[s]), RELEASE_PAIRS[s], "SNLI 1.0")
       if source == "dev":
         order = np.random.default_rng(self.config.seed).permutation(len(pairs["dev"]))
         n_val = max(1, int(round(fraction * len(order))))

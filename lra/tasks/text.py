@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks import archive, byte_tokens, cache, tfds_source
+from lra.tasks import archive, byte_tokens, cache, tfds_source, validation
 from lra.tasks.base import ArrayDataset
 from lra.tasks.registry import register
 from lra.tasks.split_task import SplitTask, sequence_classifier
 
 REVIEW_PATTERN = re.compile(r"(?:^|/)(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 LABELS = {"neg": 0, "pos": 1}
+RATINGS = {"neg": range(1, 5), "pos": range(7, 11)}
+RELEASE_REVIEWS = {"train": 25_000, "test": 25_000}
 SPLITS = ("train", "test")
 DOWNLOAD = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 
@@ -49,16 +51,27 @@ def _arrays_of(examples: dict[str, list[tuple[int, int, bytes]]], max_length: in
 
 
 def read_aclimdb(sources: archive.Sources, max_length: int) -> dict[str, np.ndarray]:
-  """`{split}_inputs [N, max_length]` and `{split}_targets [N]` for train and test from aclImdb files."""
+  """`{split}_inputs [N, max_length]` and `{split}_targets [N]` for train and test from aclImdb files.
+
+  A review's rating (in its file name) must agree with its folder as in the release (pos: 7..10, neg: 1..4), else a
+  ValueError names the file; split sizes other than the release's 25,000 / 25,000 are a warning naming the source.
+  """
   examples: dict[str, list] = {split: [] for split in SPLITS}
-  for match, content in sources.read():
-    split, label, review_id = match.group(1), LABELS[match.group(2)], int(match.group(3))
-    examples[split].append((label, review_id, content))
+  for name, match, content in sources.read_named():
+    split, label, review_id, rating = match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
+    if rating not in RATINGS[label]:
+      raise ValueError(f"{name}: rating {rating} in a {label}/ folder; expected {validation.describe(RATINGS[label])} "
+                       f"(aclImdb: pos reviews are rated 7-10, neg 1-4): a file in the wrong folder?")
+    examples[split].append((LABELS[label], review_id, content))
   empty = [split for split in SPLITS if not examples[split]]
   if empty:
     raise FileNotFoundError(f"no {'/'.join(empty)} reviews under {sources.root} (looked for "
                             f"aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt, extracted or in a .tar.gz); "
                             f"download {DOWNLOAD}")
+  where = ", ".join(map(str, sources.archives)) or str(sources.root)
+  for split in SPLITS:
+    validation.check_count(f"{where} ({split}/)", f"{split} reviews", len(examples[split]), RELEASE_REVIEWS[split],
+                           "aclImdb v1")
   return _arrays_of(examples, max_length)
 
 
@@ -66,6 +79,9 @@ def read_tfds(max_length: int) -> dict[str, np.ndarray]:
   """The same arrays from TFDS `imdb_reviews` (label 1 = positive, as in aclImdb)."""
   examples = {split: [(int(ex["label"]), i, bytes(ex["text"])) for i, ex in
                       enumerate(tfds_source.examples("imdb_reviews", split))] for split in SPLITS}
+  for split in SPLITS:
+    validation.check_count(f"tfds imdb_reviews/{split}", f"{split} reviews", len(examples[split]),
+                           RELEASE_REVIEWS[split], "aclImdb v1")
   return _arrays_of(examples, max_length)
 
 

@@ -22,12 +22,14 @@ import optax
 
 from lra.models import encoder_from_config
 from lra.models.language_model import LanguageModel
-from lra.tasks import cache
+from lra.tasks import cache, validation
 from lra.tasks.base import ArrayDataset, Metrics, Task
 from lra.tasks.registry import register
 
 SPLIT_NAMES = {"train": "train", "validation": "valid", "test": "test"}
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+# Tokens per split of the WikiText-2 (v1) release, one <eos> per line included: checked when the files are read.
+RELEASE_TOKENS = {"train": 2_088_628, "validation": 217_646, "test": 245_569}
 
 
 def split_path(data_dir: Path, split: str) -> Path:
@@ -43,11 +45,14 @@ def split_path(data_dir: Path, split: str) -> Path:
 
 
 def read_tokens(path: Path) -> list[str]:
+  """The file's whitespace-separated words, `<eos>` after every line; ValueError naming the file if it is not text."""
   words: list[str] = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8") as f, validation.reading(path, "UTF-8 text file of space-separated tokens"):
     for line in f:
       words.extend(line.split())
       words.append(EOS)
+  if not words:
+    raise ValueError(f"{path} is empty; expected the WikiText-2 {path.stem} split (one article line per line)")
   return words
 
 
@@ -97,6 +102,8 @@ class WikiText2(Task):
 
     def make():
       words = {split: read_tokens(path) for split, path in paths.items()}
+      for split, path in paths.items():
+        validation.check_count(path, "tokens including <eos>", len(words[split]), RELEASE_TOKENS[split], "WikiText-2")
       vocab = build_vocab(words["train"])
       unk = vocab.get(UNK, 0)
       out = {split: np.asarray([vocab.get(w, unk) for w in ws], np.int32) for split, ws in words.items()}
@@ -108,6 +115,12 @@ class WikiText2(Task):
   @property
   def vocab_size(self) -> int:
     return int(self._ids["vocab_size"])
+
+  @functools.cached_property
+  def vocabulary(self) -> list[str]:
+    """The word of each token id (what scripts/generate.py tokenizes prompts with); re-read from the train split."""
+    vocab = build_vocab(read_tokens(split_path(self._data_dir(), "train")))
+    return sorted(vocab, key=vocab.__getitem__)
 
   def dataset(self, split: str) -> ArrayDataset:
     if split not in SPLIT_NAMES:

@@ -13,6 +13,9 @@ from lra.tasks.wikitext2 import build_vocab, read_tokens, to_blocks
 from lra.training import Experiment, train_and_evaluate
 from lra.training.metric_writers import read_metrics
 
+# Tiny files stand in for the release files here: their sizes are meant to differ from the release's.
+pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.validation.DataCountWarning")
+
 TEXT = {
     "train": " = Title = \n\n the cat sat on the mat . \n the dog sat on the log . \n a <unk> ran . \n",
     "valid": " the cat ran . \n\n the dog sat . \n",
