@@ -1,18 +1,99 @@
-"""Helpers shared by config files: strict `key=value` argument parsing and attention sub-configs."""
+"""What every config file shares: the config skeleton, strict `key=value` arguments, the attention sub-config,
+dotted overrides (used by the command line and by sweeps) and sweep grids.
+
+A config file calls `make_config(task, model=..., data=..., train=...)` with only what differs from the skeleton
+(`MODEL`, `DATA`, `TRAIN` below). The attention sub-config holds the variant's name and the options the user set;
+`resolve_attention` fills in the registry's defaults, so switching the variant is one assignment:
+
+  --config.model.attention.name=performer --config.model.attention.num_features=128
+
+works from every config (`DEFINE_config_file` below handles the command line; `apply_overrides` does the same for
+sweep points). A new variant name starts from that variant's defaults: the previous variant's options are dropped.
+"""
 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
+import importlib.util
 import itertools
-from typing import Any, Mapping, Sequence
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 import attention as attention_lib
 
-# Options every attention layer gets from the encoder (model-level settings), not from the attention sub-config.
-ENCODER_OWNED_OPTIONS = ("num_heads", "qkv_dim", "causal", "dropout_rate", "decode")
+# Compute dtypes `config.model.dtype` accepts: "auto" lets the trainer pick (bfloat16 on accelerators that have it).
+DTYPES = ("float32", "bfloat16", "auto")
+
+# The skeleton every config starts from; config files pass only what differs.
+MODEL = dict(remat=False, reversible=False, post_ln=False, dtype="float32")
+DATA = dict(cache_dir="~/.cache/efficient_attention")
+TRAIN = dict(batch_size=32, optimizer="adamw", schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9,
+             grad_clip_norm=None, log_every_steps=50, num_eval_batches=None, keep_checkpoints=3)
+# Fields that may be None: typed references so that `--config.train.grad_clip_norm=1.0` parses as a float.
+_OPTIONAL_TYPES = {"data_dir": str, "grad_clip_norm": float, "num_eval_batches": int, "num_workers": int}
+
+# Fallback until the attention package exports `encoder_owned_options()`.
+_ENCODER_OWNED_FALLBACK = ("num_heads", "qkv_dim", "causal", "dropout_rate", "decode", "dtype")
+
+
+def encoder_owned_options() -> tuple[str, ...]:
+  """Options every attention layer gets from the model (heads, widths, causal, dropout, decode, dtype)."""
+  fn = getattr(attention_lib, "encoder_owned_options", None)
+  if fn is None:
+    try:
+      from attention.base import encoder_owned_options as fn  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return _ENCODER_OWNED_FALLBACK
+  return tuple(fn())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config files: skeleton, arguments, learning-rate x warmup grids.
+
+
+def _typed(key: str, value: Any) -> Any:
+  if value is None and key in _OPTIONAL_TYPES:
+    return ml_collections.FieldReference(None, field_type=_OPTIONAL_TYPES[key])
+  if key == "grad_clip_norm":  # a number that may later be set to None
+    return ml_collections.FieldReference(value, field_type=float)
+  if isinstance(value, Mapping):
+    return ml_collections.ConfigDict({k: _typed(k, v) for k, v in value.items()})
+  return value
+
+
+def make_config(task: str, *, model: Mapping[str, Any], data: Mapping[str, Any], train: Mapping[str, Any],
+                attention: str = "softmax", data_dir: bool = True, seed: int = 0) -> ml_collections.ConfigDict:
+  """The skeleton with `model` / `data` / `train` merged over `MODEL` / `DATA` / `TRAIN`.
+
+  `data_dir=True` adds `config.data.data_dir` (None: generate or fetch); `eval_batch_size` defaults to `batch_size`
+  and `checkpoint_every_steps` to `eval_every_steps`.
+  """
+  model_fields = {**MODEL, **model}
+  if model_fields["dtype"] not in DTYPES:
+    raise ValueError(f"model dtype {model_fields['dtype']!r}: valid choices {DTYPES}")
+  data_fields = {**({"data_dir": None} if data_dir else {}), **DATA, **data}
+  train_fields = {**TRAIN, **train}
+  train_fields.setdefault("eval_batch_size", train_fields["batch_size"])
+  train_fields.setdefault("checkpoint_every_steps", train_fields["eval_every_steps"])
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.seed = seed
+  config.model = _typed("model", model_fields)
+  config.model.attention = attention_config(attention)
+  config.data = _typed("data", data_fields)
+  config.train = _typed("train", train_fields)
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  return config
 
 
 def _parse_value(text: str, default: Any) -> Any:
@@ -29,7 +110,7 @@ def _parse_value(text: str, default: Any) -> Any:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     raise ValueError(f"could not parse {text!r} as a Python literal") from None
-  if isinstance(default, float) and isinstance(value, int):
+  if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if default is not None and not isinstance(value, type(default)):
     raise ValueError(f"expected a {type(default).__name__}, got {text!r}")
@@ -57,23 +138,237 @@ def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> ml_collections.Co
   return ml_collections.ConfigDict(out)
 
 
-def attention_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """`{"name": name, **options}` with the variant's default options, so dotted overrides such as
-  `--config.model.attention.num_features=512` can set them. Unknown name -> ValueError naming the valid choices."""
-  defaults = attention_lib.options(name)
-  options = {k: v for k, v in defaults.items() if k not in ENCODER_OWNED_OPTIONS and v is not dataclasses.MISSING}
-  unknown = sorted(set(overrides) - set(options))
-  if unknown:
-    raise ValueError(f"unknown option(s) {unknown} for attention {name!r}; valid options: {sorted(options)}")
-  options.update(overrides)
-  # Options defaulting to None (e.g. `implementation`) still need a type that accepts strings from the command line.
-  config = ml_collections.ConfigDict({"name": name})
-  for key, value in options.items():
-    config[key] = ml_collections.FieldReference(value, field_type=str) if value is None else value
-  return config
+def lr_warmup_grid(train: ml_collections.ConfigDict, lr_factors: Sequence[float] = (0.5, 1.0, 2.0),
+                   warmup_factors: Sequence[float] = (1, 5)) -> list[dict[str, Any]]:
+  """`get_sweep()` points: learning rate x warmup steps, each a multiple of the config's own value."""
+  return sweep_grid({
+      "train.learning_rate": [train.learning_rate * f for f in lr_factors],
+      "train.warmup_steps": [int(train.warmup_steps * f) for f in warmup_factors]})
 
 
 def sweep_grid(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
   """The product of `{"dotted.config.key": [values...]}` as a list of override dicts (a config's `get_sweep()`)."""
   keys = list(axes)
   return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The attention sub-config.
+
+
+def attention_options(name: str) -> dict[str, Any]:
+  """The options of variant `name` a config may set (all but the model-owned ones), with their defaults."""
+  owned = encoder_owned_options()
+  return {k: v for k, v in attention_lib.options(name).items() if k not in owned}
+
+
+def _option_type(name: str, key: str, default: Any) -> type:
+  """The type command-line values for option `key` of variant `name` are parsed as (from its annotation if the
+  default is None: `int | None` -> int, `Literal["a", "b"] | None` -> str)."""
+  if default is not None and default is not dataclasses.MISSING:
+    return type(default)
+  try:
+    hint = typing.get_type_hints(attention_lib.get_class(name)).get(key, str)
+  except Exception:  # pylint: disable=broad-except  (an unresolvable annotation: strings are the safe choice)
+    return str
+  pending = [hint]
+  while pending:
+    hint = pending.pop(0)
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+      return type(typing.get_args(hint)[0])
+    if origin in (typing.Union, types.UnionType):
+      pending.extend(a for a in typing.get_args(hint) if a is not type(None))
+    elif isinstance(hint, type) and hint is not type(None):
+      return typing.get_origin(hint) or hint
+  return str
+
+
+def attention_config(name: str, **options: Any) -> ml_collections.ConfigDict:
+  """`{"name": name, **options}`: the variant and the options the user set (the registry supplies the rest at build
+  time). Unknown name or option -> ValueError naming the valid choices."""
+  valid = attention_options(name)  # raises for an unknown name, naming the valid ones
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} for attention {name!r}; valid options: {', '.join(sorted(valid))}")
+  return ml_collections.ConfigDict({"name": name, **options})
+
+
+def resolve_attention(sub: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The attention sub-config with every option of its variant in force: the set ones plus the registry's defaults,
+  each with its type (so later string overrides parse). Unknown options -> ValueError naming the valid ones."""
+  sub = dict(sub.items())
+  if "name" not in sub:
+    raise ValueError(f"the attention config needs a 'name' (one of: {', '.join(attention_lib.names())})")
+  name = sub.pop("name")
+  valid = attention_options(name)
+  unknown = sorted(set(sub) - set(valid))
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} for attention {name!r}; valid options: {', '.join(sorted(valid))}")
+  out = ml_collections.ConfigDict({"name": name})
+  for key, default in valid.items():
+    value = sub.get(key, default)
+    if value is dataclasses.MISSING:
+      raise ValueError(f"attention {name!r} requires option {key!r}: set --config.model.attention.{key}=...")
+    out[key] = ml_collections.FieldReference(value, field_type=_option_type(name, key, default)) \
+        if value is None else value
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dotted overrides: `{"train.learning_rate": 1e-3, "model.attention.name": "linear"}`.
+
+ATTENTION = "model.attention"
+
+
+def _node(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = ".".join(parents[:i]) or "the config"
+      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise ValueError(f"{key}: {where} has no {part!r}; valid keys: {', '.join(valid)}")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    raise ValueError(f"{key}: {'.'.join(parents) or 'the config'} has no {leaf!r}; valid keys: {', '.join(valid)}")
+  return node, leaf
+
+
+def parse_override(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
+  """`text` parsed as the type of field `key` of `config` (strings stay strings)."""
+  node, leaf = _node(config, key)
+  field_type = node.get_type(leaf)
+  if field_type is str:
+    return text
+  if field_type is type(None) or field_type is None:
+    field_type = str
+  if text.lower() in ("none", "null"):
+    return None
+  try:
+    return _parse_value(text, field_type() if field_type in (bool, int, float, tuple, list) else None)
+  except ValueError as e:
+    raise ValueError(f"{key}: {e} for a {field_type.__name__} field") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set (strings are parsed as the field's type), the attention variant applied
+  first and its options resolved. An unknown key or a bad value -> ValueError naming the key."""
+  config = copy.deepcopy(config)
+  config.unlock()
+  if "attention" in config.get("model", {}) and isinstance(config.model.attention, ml_collections.ConfigDict):
+    sub = config.model.attention
+    name = overrides.get(f"{ATTENTION}.name", sub.get("name"))
+    try:
+      config.model.attention = resolve_attention(sub if name == sub.get("name") else attention_config(name))
+    except ValueError as e:
+      raise ValueError(f"{ATTENTION}.name={name}: {e}") from None
+  for key, value in overrides.items():
+    node, leaf = _node(config, key)
+    if isinstance(value, str):
+      value = parse_override(config, key, value)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f"{key}={value!r}: {e}") from None
+  return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The `--config` flag: ml_collections' config file flag, attention-aware.
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of "path.py" or "path.py:arg"; FileNotFoundError naming a missing path."""
+  path, colon, arg = spec.partition(":")
+  module = load_module(path)
+  return module.get_config(arg) if colon else module.get_config()
+
+
+def load_module(path: str) -> types.ModuleType:
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"config file {path!r} not found; pass --config=configs/<task>.py[:arg] (relative to the "
+                            f"working directory {Path.cwd()})")
+  spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _attention_overrides(flag_name: str, argv: Sequence[str]) -> dict[str, str | None]:
+  """`{option: text}` for each `--<flag>.model.attention.<option>[=text]` on the command line (last one wins;
+  text None for a bare boolean flag)."""
+  pattern = re.compile(rf"^--?(no)?{re.escape(flag_name)}\.{re.escape(ATTENTION)}\.([A-Za-z0-9_]+)(=(.*))?$")
+  out: dict[str, str | None] = {}
+  for i, arg in enumerate(argv):
+    match = pattern.match(arg)
+    if not match:
+      continue
+    negated, key, has_value, text = match.groups()
+    if not has_value and key == "name" and i + 1 < len(argv):
+      text = argv[i + 1]  # `--config.model.attention.name performer`
+    out[key] = "false" if negated else text
+  return out
+
+
+def prepare_for_command_line(config: ml_collections.ConfigDict, attention_overrides: Mapping[str, str | None],
+                             flag_name: str = "config") -> ml_collections.ConfigDict:
+  """Switches the attention sub-config to the variant the command line names and fills in its options, so that
+  ml_collections' override flags exist for them with the right types. Unknown options -> ValueError."""
+  if "model" not in config or "attention" not in config.model:
+    return config
+  sub = config.model.attention
+  name = attention_overrides.get("name") or sub.get("name")
+  try:
+    sub = sub if name == sub.get("name") else attention_config(name)
+    resolved = resolve_attention(sub)
+  except ValueError as e:
+    raise ValueError(f"--{flag_name}.{ATTENTION}.name={name}: {e}") from None
+  unknown = sorted(k for k in attention_overrides if k != "name" and k not in resolved)
+  if unknown:
+    given = " ".join(f"--{flag_name}.{ATTENTION}.{k}" for k in unknown)
+    valid = sorted(k for k in resolved.keys() if k != "name")
+    raise ValueError(f"{given}: unknown option(s) for attention {name!r}; valid options: {', '.join(valid)} "
+                     f"(model-owned options {', '.join(encoder_owned_options())} come from --{flag_name}.model)")
+  config.model.attention = resolved
+  return config
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """Parses `--config=path.py[:arg]`: loads the file and prepares the attention sub-config for the overrides."""
+
+  def __init__(self, name: str, lock_config: bool, argv: Callable[[], Sequence[str]]):
+    self.name = name
+    self._lock_config = lock_config
+    self._argv = argv
+
+  def parse(self, argument: Any) -> ml_collections.ConfigDict:
+    config = load_config_file(argument) if isinstance(argument, str) else argument
+    config = prepare_for_command_line(config, _attention_overrides(self.name, self._argv()), self.name)
+    if self._lock_config:
+      config.lock()
+    return config
+
+  def flag_type(self) -> str:
+    return "config object"
+
+
+def DEFINE_config_file(name: str = "config", default: str | None = None,  # pylint: disable=invalid-name
+                       help_string: str = "Config file, optionally with ':arg'.", *,
+                       flag_values: flags.FlagValues = flags.FLAGS, lock_config: bool = True,
+                       sys_argv: Sequence[str] | None = None) -> flags.FlagHolder:
+  """`ml_collections.config_flags.DEFINE_config_file` whose `--<name>.model.attention.name=X` switches the variant
+  (X's options then follow on the same command line, in any order), and whose config holds X's options in force.
+  `sys_argv`: the command line to read overrides from (default sys.argv, as ml_collections does)."""
+  holder = config_flags.DEFINE_config_file(name, default, help_string, flag_values=flag_values,
+                                           lock_config=lock_config, sys_argv=sys_argv)
+  flag = flag_values[name]
+
+  def argv() -> Sequence[str]:
+    # The config flag's own view of the command line (sys.argv with --flagfile expanded), as ml_collections uses.
+    get = getattr(flag, "_GetArgv", None)
+    return get() if get is not None else sys.argv
+
+  flag.parser = _ConfigFileParser(name, lock_config, argv)
+  return holder

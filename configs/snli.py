@@ -28,26 +28,13 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
-
-  config = ml_collections.ConfigDict()
-  config.task = "snli"
-  config.seed = 0
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=6, emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024, head_mlp_dim=512,
-      dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="learned", pooling="mean", remat=False,
-      reversible=False, post_ln=False))
-  config.model.attention = common.attention_config(args.attention)
-  config.data = ml_collections.ConfigDict(dict(
-      data_dir=ml_collections.FieldReference(None, field_type=str),
-      cache_dir="~/.cache/efficient_attention", max_length=64, train_source="train", validation_fraction=0.1))
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=20_000, batch_size=64, eval_batch_size=128, optimizer="adamw", learning_rate=5e-4,
-      schedule="cosine", warmup_steps=1_000, weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-9,
-      grad_clip_norm=ml_collections.FieldReference(1.0, field_type=float),
-      log_every_steps=100, eval_every_steps=1_000,
-      num_eval_batches=ml_collections.FieldReference(None, field_type=int),
-      checkpoint_every_steps=1_000, keep_checkpoints=3))
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  config = common.make_config(
+      "snli", attention=args.attention,
+      model=dict(num_layers=6, emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024, head_mlp_dim=512,
+                 dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="learned", pooling="mean"),
+      data=dict(max_length=64, train_source="train", validation_fraction=0.1),
+      train=dict(num_steps=20_000, batch_size=64, eval_batch_size=128, learning_rate=5e-4, warmup_steps=1_000,
+                 weight_decay=0.01, grad_clip_norm=1.0, log_every_steps=100, eval_every_steps=1_000))
 
   if args.runlocal:
     config.model.update(num_layers=2, emb_dim=128, num_heads=4, qkv_dim=128, mlp_dim=256, head_mlp_dim=256)

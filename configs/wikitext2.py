@@ -30,26 +30,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax", "length": 128})
   if args.length not in (128, 256):
     raise ValueError(f"length must be 128 or 256 (the paper's two settings), got {args.length}")
-
-  config = ml_collections.ConfigDict()
-  config.task = "wikitext2"
-  config.seed = 0
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=6 if args.length == 128 else 12, emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024,
-      dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="learned", pooling="none", remat=False,
-      reversible=False, post_ln=False, tie_embeddings=True))
-  config.model.attention = common.attention_config(args.attention)
-  config.data = ml_collections.ConfigDict(dict(
-      data_dir=ml_collections.FieldReference(None, field_type=str),
-      cache_dir="~/.cache/efficient_attention", max_length=args.length))
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=20_000, batch_size=32, eval_batch_size=32, optimizer="adamw", learning_rate=5e-4,
-      schedule="cosine", warmup_steps=1_000, weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-9,
-      grad_clip_norm=ml_collections.FieldReference(1.0, field_type=float),
-      log_every_steps=100, eval_every_steps=1_000,
-      num_eval_batches=ml_collections.FieldReference(None, field_type=int),
-      checkpoint_every_steps=1_000, keep_checkpoints=3))
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  config = common.make_config(
+      "wikitext2", attention=args.attention,
+      model=dict(num_layers=6 if args.length == 128 else 12, emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024,
+                 dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="learned", pooling="none",
+                 tie_embeddings=True),
+      data=dict(max_length=args.length),
+      train=dict(num_steps=20_000, learning_rate=5e-4, warmup_steps=1_000, weight_decay=0.01, grad_clip_norm=1.0,
+                 log_every_steps=100, eval_every_steps=1_000))
 
   if args.runlocal:
     config.model.update(num_layers=2, emb_dim=128, num_heads=4, qkv_dim=128, mlp_dim=256)

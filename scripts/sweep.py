@@ -1,89 +1,203 @@
-r"""Runs the points of a config's `get_sweep()` locally, one workdir per point: train, then evaluate the test split.
+r"""The one experiment runner: trains every point of a sweep (one workdir each), evaluates it, writes one table.
 
-  python scripts/sweep.py --config configs/lra/text.py:attention=performer --workdir runs/sweep_text \
-      --config.data.data_dir=/path/to/imdb             # dotted overrides apply to every point
-  python scripts/sweep.py --config configs/lra/image.py --workdir runs/sweep_image --parallel 2
-  python scripts/sweep.py --config configs/lra/image.py --workdir runs/sweep_image --dry_run   # list points and status
+  # Variants side by side (any config; each point trains in <workdir>/<point>):
+  python scripts/sweep.py --config configs/lra/listops.py:runlocal --workdir runs/s \
+      --axis model.attention.name=softmax,linear,performer
+  # Several axes make a grid; dotted overrides apply to every point:
+  python scripts/sweep.py --config configs/lra/text.py --workdir runs/sweep_text --config.data.data_dir=/path/to/imdb \
+      --axis model.attention.name=softmax,linear --axis train.learning_rate=1e-3,2e-3
+  # A config's get_sweep() (used when no --axis is given; --with_config_sweep crosses it with the axes):
+  python scripts/sweep.py --config configs/lra/image.py --workdir runs/sweep_image --dry_run   # points and status
+  # On Ray: a local instance by default, or a cluster (`ray start --head` first; see docs/clusters.md):
+  python scripts/sweep.py --config configs/lra/listops.py:runlocal --workdir runs/s \
+      --axis model.attention.name=softmax,linear,performer --launcher=ray [--ray_address=auto --ray_num_gpus=1]
 
-Point k runs in `<workdir>/<key>=<value>,...` (e.g. `learning_rate=0.025,warmup_steps=4000`), which also holds
-`sweep_point.json` (its overrides). A point is finished when its `metrics.jsonl` has the last training step and its
-`eval_<split>.json` exists: finished points are skipped, interrupted ones resume from their latest checkpoint (that is
-what train.py does on an existing workdir). `--parallel N` runs N points at a time in separate processes; on a box
-with several accelerators add `--one_device_per_point` so that point processes do not share a GPU. Afterwards,
-`python scripts/lra_table.py <workdir>` builds the table from the finished points.
+Axis values are parsed as the type of the config field (`model.attention.<option>` as the variant's option type);
+an unknown key or a value that does not parse stops the sweep before anything runs. A point that names another
+attention variant starts from that variant's defaults. A point is finished when its `metrics.jsonl` reaches
+`num_steps` and `eval_<split>.json` exists: finished points are skipped, interrupted ones resume from their latest
+checkpoint. Afterwards `<workdir>/results.md` and `results.csv` hold one row per point: its overrides, status,
+validation and test metrics (test: the best checkpoint), parameter count and training steps/s.
+
+Launchers: `local` (default; `--parallel N` runs N points at a time in fresh processes, `--one_device_per_point`
+pins process i to GPU i) and `ray` (`pip install -e '.[ray]'`): each point is a Ray task in a fresh worker process
+calling `lra.training.train_and_evaluate`, with the resources of `--ray_resources` / `--ray_num_gpus`; one progress
+bar follows every point's steps, a failed point is reported with its last error line and the others go on.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import copy
-import importlib.util
+import csv
 import inspect
+import itertools
 import json
 import logging
 import multiprocessing
 import os
 import re
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with get_sweep(), optionally with ':arg'.",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder holding one workdir per sweep point.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Points run at a time (each in its own process when > 1).")
-_SPLIT = flags.DEFINE_string("eval_split", "test", "Split evaluated after training (eval_<split>.json).")
+# Run as a script, the repository root is not on sys.path; the package layout is.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+_CONFIG = common.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder holding one workdir per sweep point and the results table.")
+_AXIS = flags.DEFINE_multi_string("axis", [], "`dotted.key=v1,v2,...`; repeat for a grid (e.g. "
+                                  "--axis model.attention.name=softmax,linear --axis train.learning_rate=1e-3,2e-3).")
+_WITH_CONFIG_SWEEP = flags.DEFINE_bool(
+    "with_config_sweep", False, "Cross the --axis grid with the config's get_sweep() (used alone without --axis).")
+_LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "ray"], "Where points run.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "local: points run at a time (each in its own process when > 1).")
+_ONE_DEVICE = flags.DEFINE_bool(
+    "one_device_per_point", False, "local: pin point process i to GPU i (CUDA_VISIBLE_DEVICES) when --parallel > 1.")
+_SPLIT = flags.DEFINE_string("eval_split", "test", "Split evaluated on the best checkpoint after training.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only list the points, their workdirs and status.")
-_ONE_DEVICE = flags.DEFINE_bool("one_device_per_point", False,
-                                "Pin point process i to accelerator i (CUDA_VISIBLE_DEVICES) when --parallel > 1.")
+_RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "ray: cluster address ('auto', 'ray://host:10001', "
+                                   "'host:6379'); default: start a local Ray instance.")
+_RAY_RESOURCES = flags.DEFINE_string("ray_resources", None, "ray: per-point resources as JSON, e.g. '{\"GPU\": 1}' or "
+                                     "'{\"TPU\": 4}' (CPU/GPU map to num_cpus/num_gpus). Default: one CPU.")
+_RAY_NUM_GPUS = flags.DEFINE_float("ray_num_gpus", None, "ray: GPUs per point (shortcut for --ray_resources).")
+_RAY_NUM_CPUS = flags.DEFINE_integer("ray_num_cpus", None, "ray: CPUs of the local Ray instance (default: all).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+RESULTS_MD, RESULTS_CSV, POINT_FILE, RESULT_FILE = "results.md", "results.csv", "sweep_point.json", "sweep_result.json"
+# Column labels of well-known keys (others use the last dotted part, or the whole key when those collide).
+_LABELS = {"model.attention.name": "attention"}
 
-def load_sweep(config_arg: str) -> list[dict[str, Any]]:
-  """`get_sweep(arg)` of the config file named by `--config` ("path.py" or "path.py:arg")."""
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Points.
+
+
+def load_sweep(config_arg: str, required: bool = True) -> list[dict[str, Any]]:
+  """`get_sweep(arg)` of the config file named by `--config` ("path.py" or "path.py:arg"); [] if it has none and
+  `required` is False."""
   path, _, arg = config_arg.partition(":")
-  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = common.load_module(path)
   if not hasattr(module, "get_sweep"):
-    raise ValueError(f"{path} defines no get_sweep(); nothing to sweep")
+    if required:
+      raise ValueError(f"{path} defines no get_sweep(); give the points with --axis key=v1,v2")
+    return []
   sweep = module.get_sweep(arg or None) if inspect.signature(module.get_sweep).parameters else module.get_sweep()
   if not sweep:
     raise ValueError(f"{path}: get_sweep() returned no points")
   return [dict(point) for point in sweep]
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted keys set; an unknown key is a ValueError naming it."""
-  config = copy.deepcopy(config)
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      if part not in node:
-        raise ValueError(f"sweep key {key!r}: the config has no {part!r}")
-      node = node[part]
-    if leaf not in node:
-      raise ValueError(f"sweep key {key!r}: the config has no {leaf!r}; valid: {sorted(node.keys())}")
-    node[leaf] = value
-  return config
+def _split_values(text: str) -> list[str]:
+  """`a,b,(1,2)` -> ["a", "b", "(1,2)"]: commas inside brackets belong to the value."""
+  values, depth, current = [], 0, ""
+  for char in text:
+    depth += char in "([{"
+    depth -= char in ")]}"
+    if char == "," and depth == 0:
+      values.append(current)
+      current = ""
+    else:
+      current += char
+  values.append(current)
+  return [v.strip() for v in values]
 
 
-def point_name(overrides: dict[str, Any]) -> str:
-  """`leaf=value,...` for the point's overrides, safe as a folder name."""
-  leaves = [key.rsplit(".", 1)[-1] for key in overrides]
-  keys = leaves if len(set(leaves)) == len(leaves) else list(overrides)
-  text = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, overrides.values()))
-  return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
+def parse_axes(texts: Sequence[str]) -> dict[str, list[str]]:
+  """`["train.learning_rate=1e-3,2e-3"]` -> `{"train.learning_rate": ["1e-3", "2e-3"]}`; malformed -> ValueError."""
+  axes: dict[str, list[str]] = {}
+  for text in texts:
+    key, eq, values = text.partition("=")
+    key = key.strip()
+    if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+      raise ValueError(f"--axis {text!r}: expected dotted.key=value1,value2,... (e.g. model.attention.name=softmax,"
+                       f"linear)")
+    split = _split_values(values)
+    if not all(split):
+      raise ValueError(f"--axis {text!r}: empty value; give comma-separated values")
+    if key in axes:
+      raise ValueError(f"--axis {key} is given twice; put all its values in one --axis")
+    axes[key] = split
+  return axes
+
+
+def label(key: str, keys: Sequence[str]) -> str:
+  if key in _LABELS:
+    return _LABELS[key]
+  leaves = [k.rsplit(".", 1)[-1] for k in keys if k not in _LABELS]
+  leaf = key.rsplit(".", 1)[-1]
+  return leaf if leaves.count(leaf) == 1 and leaf not in _LABELS.values() else key
+
+
+def _fmt(value: Any) -> str:
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def point_name(overrides: Mapping[str, Any]) -> str:
+  """`label=value,...` for the point's overrides, safe as a folder name."""
+  keys = list(overrides)
+  text = ",".join(f"{label(k, keys)}={_fmt(v)}" for k, v in overrides.items())
+  return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text) or "default"
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def build_points(config: ml_collections.ConfigDict, sweep: Sequence[Mapping[str, Any]],
+                 axes: Mapping[str, Sequence[str]] | None = None
+                 ) -> dict[str, tuple[dict[str, Any], ml_collections.ConfigDict]]:
+  """Every point (the sweep's points crossed with the axes) -> (its typed overrides, its config), all checked before
+  anything runs; a bad key or value is a ValueError naming the axis (or the get_sweep() key)."""
+  axes = dict(axes or {})
+  grid = common.sweep_grid(axes) if axes else [{}]
+  points: dict[str, tuple[dict[str, Any], ml_collections.ConfigDict]] = {}
+  for base, extra in itertools.product(list(sweep) or [{}], grid):
+    overrides = {**base, **extra}
+    try:
+      point_config = common.apply_overrides(config, overrides)
+    except ValueError as e:
+      key = next((k for k in overrides if str(e).startswith(k)), "")
+      source = "--axis" if key in axes else "get_sweep() key" if key else "sweep point"
+      raise ValueError(f"{source} {e}") from None
+    problems = _config_problems(point_config)
+    if problems:
+      raise ValueError(f"sweep point {overrides}: invalid config: {'; '.join(problems)}")
+    # Typed values (as the config holds them), so names and tables read `0.001` for `1e-3`.
+    overrides = {k: _get(point_config, k) for k in overrides}
+    name = point_name(overrides)
+    if name in points:
+      raise ValueError(f"duplicate sweep point {name!r}: {overrides}")
+    points[name] = (overrides, point_config)
+  return points
+
+
+def _config_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The training library's config checks (ranges, choices), if it has them: a bad point fails before any runs."""
+  try:
+    from lra.training import validation  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return []
+  return list(validation.config_problems(config)) if hasattr(validation, "config_problems") else []
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with the point's dotted keys set (see `configs.common.apply_overrides`)."""
+  return common.apply_overrides(config, overrides)
 
 
 def status(config: ml_collections.ConfigDict, workdir: Path, split: str) -> str:
   """"done" (trained to num_steps and evaluated), "partial" (started) or "new"."""
+  workdir = Path(workdir)
   if not workdir.exists():
     return "new"
   metrics = workdir / "metrics.jsonl"
@@ -93,16 +207,53 @@ def status(config: ml_collections.ConfigDict, workdir: Path, split: str) -> str:
   return "done" if trained and (workdir / f"eval_{split}.json").exists() else "partial"
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# One point: train, evaluate, summarize (the same function on every launcher).
+
+
+def parameter_count(config: ml_collections.ConfigDict) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lra.training import Experiment  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(Experiment(config).init_state)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes.params)))
+
+
+def summarize(workdir: Path, split: str, parameters: int | None = None) -> dict[str, Any]:
+  """Validation metrics at the evaluated checkpoint's step, `split` metrics of that checkpoint, steps/s."""
+  workdir = Path(workdir)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+      if (workdir / "metrics.jsonl").exists() else []
+  evaluated = json.loads((workdir / f"eval_{split}.json").read_text()) \
+      if (workdir / f"eval_{split}.json").exists() else {}
+  row: dict[str, Any] = {}
+  eval_steps = [r["step"] for r in records if r["split"] not in ("train", split)]
+  step = evaluated.get("step", max(eval_steps, default=None))
+  for record in records:
+    if record["step"] == step and record["split"] not in ("train", split):
+      row.update({f"{record['split']} {k}": v for k, v in record.items() if k not in ("step", "split")})
+  row.update({f"{split} {k}": v for k, v in evaluated.items()
+              if k not in ("split", "checkpoint", "step") and isinstance(v, (int, float))})
+  rates = [r["steps_per_second"] for r in records if r["split"] == "train" and "steps_per_second" in r]
+  row["parameters"] = parameters
+  # The first log interval includes compilation.
+  row["steps/s"] = sorted(rates[1:] or rates)[len(rates[1:] or rates) // 2] if rates else None
+  return row
+
+
 def run_point(config: ml_collections.ConfigDict, overrides: dict[str, Any], workdir: str, split: str) -> dict:
-  """Trains one point (resuming its workdir) and evaluates its best checkpoint on `split`; returns that result."""
+  """Trains one point (resuming its workdir), evaluates its best checkpoint on `split`, writes and returns its row."""
   from lra.training import evaluate_checkpoint, train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "sweep_point.json").write_text(json.dumps(overrides, indent=2, sort_keys=True) + "\n")
-  point_config = apply_overrides(config, overrides)
+  (workdir / POINT_FILE).write_text(json.dumps(overrides, indent=2, sort_keys=True, default=str) + "\n")
+  point_config = common.apply_overrides(config, overrides)
   train_and_evaluate(point_config, workdir)
-  return evaluate_checkpoint(point_config, workdir, split)
+  evaluate_checkpoint(point_config, workdir, split)
+  row = summarize(workdir, split, parameter_count(point_config))
+  (workdir / RESULT_FILE).write_text(json.dumps(row, indent=2) + "\n")
+  return row
 
 
 def _run_on_device(devices, *args) -> dict:
@@ -115,36 +266,27 @@ def _run_on_device(devices, *args) -> dict:
     devices.put(device)
 
 
-def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]], root: str | Path, *,
-              parallel: int = 1, split: str = "test", dry_run: bool = False,
-              one_device_per_point: bool = False) -> dict[str, str]:
-  """Runs the unfinished points of `sweep` under `root`; returns each point's folder name -> outcome."""
-  if parallel < 1:
-    raise ValueError(f"parallel={parallel} must be >= 1")
-  root = Path(root)
-  points = {point_name(overrides): overrides for overrides in sweep}
-  if len(points) < len(sweep):
-    raise ValueError(f"get_sweep() has duplicate points: {list(sweep)}")
-  todo, outcome = {}, {}
-  for name, overrides in points.items():
-    state = status(apply_overrides(config, overrides), root / name, split)
-    logging.info("sweep point %s: %s", name, state)
-    if state == "done":
-      outcome[name] = "done (skipped)"
-    else:
-      todo[name] = overrides
-      outcome[name] = state
-  if dry_run:
-    return outcome
+def last_error_line(error: BaseException) -> str:
+  cause = getattr(error, "cause", None) or error  # a RayTaskError carries the point's own exception
+  text = f"{type(cause).__name__}: {cause}".strip()
+  lines = [line for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else type(cause).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launchers: each returns {name: row dict or exception}.
+
+
+def _launch_local(todo: Mapping[str, tuple], split: str, parallel: int, one_device_per_point: bool) -> dict:
+  results: dict[str, Any] = {}
   if parallel == 1:
-    for name, overrides in todo.items():
+    for name, (overrides, root) in todo.items():
       try:
-        result = run_point(config, overrides, str(root / name), split)
-        outcome[name] = f"{split} accuracy {result['accuracy']:.4f}"
+        results[name] = run_point(_CONFIG_CACHE["base"], overrides, str(root / name), split)
       except Exception as e:  # pylint: disable=broad-except  (the other points still run)
-        outcome[name] = f"failed: {type(e).__name__}: {e}"
         logging.exception("sweep point %s failed", name)
-    return outcome
+        results[name] = e
+    return results
   # spawn: point processes start clean (no forked JAX state); each process runs one point.
   context = multiprocessing.get_context("spawn")
   with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
@@ -156,14 +298,221 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]
       submit = lambda *args: pool.submit(_run_on_device, devices, *args)  # noqa: E731
     else:
       submit = lambda *args: pool.submit(run_point, *args)  # noqa: E731
-    futures = {submit(config, overrides, str(root / name), split): name for name, overrides in todo.items()}
+    futures = {submit(_CONFIG_CACHE["base"], overrides, str(root / name), split): name
+               for name, (overrides, root) in todo.items()}
     for future in concurrent.futures.as_completed(futures):
       name = futures[future]
       try:
-        outcome[name] = f"{split} accuracy {future.result()['accuracy']:.4f}"
+        results[name] = future.result()
       except Exception as e:  # pylint: disable=broad-except
-        outcome[name] = f"failed: {type(e).__name__}: {e}"
         logging.error("sweep point %s failed: %s", name, e)
+        results[name] = e
+  return results
+
+
+# The base config of the running sweep (set by run_sweep; launchers read it).
+_CONFIG_CACHE: dict[str, ml_collections.ConfigDict] = {}
+
+
+def ray_options(resources: str | Mapping[str, float] | None, num_gpus: float | None) -> dict[str, Any]:
+  """Ray task options from `--ray_resources` (JSON) and `--ray_num_gpus`; bad JSON -> ValueError."""
+  if isinstance(resources, str):
+    try:
+      resources = json.loads(resources)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--ray_resources={resources!r} is not JSON ({e}); e.g. '{{\"GPU\": 1}}'") from None
+  resources = dict(resources or {})
+  if not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values()):
+    raise ValueError(f"--ray_resources={resources!r}: values must be non-negative numbers")
+  options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 1)}
+  if "GPU" in resources or num_gpus:
+    options["num_gpus"] = num_gpus if num_gpus is not None else resources.pop("GPU")
+  resources.pop("GPU", None)
+  if resources:
+    options["resources"] = resources
+  return options
+
+
+def _ray_point(config, overrides, workdir, split, name, queue) -> dict:
+  """A Ray task: `run_point`, reporting its training step to `queue` from a thread that follows metrics.jsonl."""
+  done = threading.Event()
+  metrics = Path(workdir) / "metrics.jsonl"
+
+  def report():
+    last = None
+    while not done.wait(1.0):
+      try:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        step = max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
+      except (OSError, ValueError):
+        continue
+      if step != last:
+        queue.put_nowait((name, step))
+        last = step
+
+  queue.put_nowait((name, "started"))
+  thread = threading.Thread(target=report, daemon=True)
+  thread.start()
+  try:
+    return run_point(config, overrides, workdir, split)
+  finally:
+    done.set()
+    thread.join()
+
+
+def _launch_ray(todo: Mapping[str, tuple], split: str, address: str | None, options: Mapping[str, Any],
+                num_cpus: int | None = None) -> dict:
+  try:
+    import ray  # pylint: disable=g-import-not-at-top
+    from ray.util.queue import Queue  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError("--launcher=ray needs Ray: pip install -e '.[ray]' (or pip install ray)") from None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  if __name__ != "__main__":
+    # Imported (tests, other scripts): ship this module's functions by value; workers import only the installed
+    # packages (configs, lra), which every node must have.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+  started_here = not ray.is_initialized()
+  if started_here:
+    if address:
+      ray.init(address=address, log_to_driver=False)
+    else:
+      # A local instance; its workers see this process's environment (JAX_PLATFORMS, XLA_FLAGS, ...).
+      env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_", "CUDA_", "TPU_"))}
+      ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+               runtime_env={"env_vars": env} if env else None)
+  results: dict[str, Any] = {}
+  try:
+    queue = Queue(actor_options={"num_cpus": 0})
+    # max_calls=1: every point gets a fresh worker process, so JAX sees the devices Ray assigned to this task and
+    # frees their memory when the point ends.
+    task = ray.remote(max_calls=1)(_ray_point).options(**options)
+    refs = {task.remote(_CONFIG_CACHE["base"], overrides, str(root / name), split, name, queue): name
+            for name, (overrides, root) in todo.items()}
+    num_steps = {name: common.apply_overrides(_CONFIG_CACHE["base"], overrides).train.num_steps
+                 for name, (overrides, _) in todo.items()}
+    steps = dict.fromkeys(todo, 0)
+    running: set[str] = set()
+    # One bar over every point's steps on a terminal; elsewhere (logs, CI) only the per-point lines.
+    bar = tqdm(total=sum(num_steps.values()), desc="sweep", unit="step", dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    pending = list(refs)
+    shown = [None]
+
+    def drain():
+      while not queue.empty():
+        name, event = queue.get_nowait()
+        if event == "started":
+          running.add(name)
+        else:
+          steps[name] = min(int(event), num_steps[name])
+      failed = sum(isinstance(r, Exception) for r in results.values())
+      state = (sum(steps.values()), f"running: {','.join(sorted(running)) or '-'} | done {len(results) - failed} "
+                                    f"| failed {failed}")
+      if state != shown[0]:
+        bar.n, shown[0] = state[0], state
+        bar.set_postfix_str(state[1], refresh=True)
+
+    while pending:
+      ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+      for ref in ready:
+        name = refs[ref]
+        running.discard(name)
+        try:
+          results[name] = ray.get(ref)
+          steps[name] = num_steps[name]
+          bar.write(f"{name}: done ({len(results)}/{len(refs)})")
+        except Exception as e:  # pylint: disable=broad-except  (report, keep the others running)
+          results[name] = e
+          bar.write(f"{name}: FAILED: {last_error_line(e)} ({len(results)}/{len(refs)})")
+      drain()
+    bar.close()
+  finally:
+    if started_here:
+      ray.shutdown()
+  return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sweep and its table.
+
+
+def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+  columns = list(dict.fromkeys(k for r in rows for k in r))
+  def fmt(v):
+    if v is None:
+      return ""
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{v:.4g}" if isinstance(v, float) \
+        else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_results(root: Path, rows: Sequence[Mapping[str, Any]]) -> str:
+  """`<root>/results.md` and `results.csv`; returns the markdown table."""
+  table = markdown(rows)
+  (root / RESULTS_MD).write_text(table + "\n")
+  with open(root / RESULTS_CSV, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+  return table
+
+
+def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[Mapping[str, Any]], root: str | Path, *,
+              axes: Mapping[str, Sequence[str]] | None = None, launcher: str = "local", parallel: int = 1,
+              split: str = "test", dry_run: bool = False, one_device_per_point: bool = False,
+              ray_address: str | None = None, ray_resources: str | Mapping[str, float] | None = None,
+              ray_num_gpus: float | None = None, ray_num_cpus: int | None = None) -> dict[str, str]:
+  """Runs the unfinished points of `sweep` x `axes` under `root`, writes results.md / results.csv (unless
+  `dry_run`) and returns each point's folder name -> outcome. Points are all checked before any runs."""
+  if parallel < 1:
+    raise ValueError(f"parallel={parallel} must be >= 1")
+  if launcher not in ("local", "ray"):
+    raise ValueError(f"launcher={launcher!r}; valid choices: local, ray")
+  options = ray_options(ray_resources, ray_num_gpus) if launcher == "ray" else {}
+  root = Path(root)
+  points = build_points(config, sweep, axes)
+  todo, outcome = {}, {}
+  for name, (overrides, point_config) in points.items():
+    state = status(point_config, root / name, split)
+    logging.info("sweep point %s: %s", name, state)
+    if state == "done":
+      outcome[name] = "done (skipped)"
+    else:
+      todo[name] = (overrides, root)
+      outcome[name] = state
+  if dry_run:
+    return outcome
+  root.mkdir(parents=True, exist_ok=True)
+  _CONFIG_CACHE["base"] = config
+  if not todo:
+    results = {}
+  elif launcher == "ray":
+    results = _launch_ray(todo, split, ray_address, options, ray_num_cpus)
+  else:
+    results = _launch_local(todo, split, parallel, one_device_per_point)
+  rows = []
+  keys = list(dict.fromkeys(k for overrides, _ in points.values() for k in overrides))
+  for name, (overrides, _) in points.items():
+    row: dict[str, Any] = {"point": name, **{label(k, keys): _fmt(v) for k, v in overrides.items()}}
+    result = results.get(name)
+    if isinstance(result, BaseException):
+      outcome[name] = f"failed: {last_error_line(result)}"
+      row["status"] = outcome[name]
+    else:
+      if result is None:  # skipped: the row its run wrote
+        path = root / name / RESULT_FILE
+        result = json.loads(path.read_text()) if path.exists() else summarize(root / name, split)
+      else:
+        outcome[name] = f"{split} accuracy {result.get(f'{split} accuracy', float('nan')):.4f}" \
+            if f"{split} accuracy" in result else "done"
+      row["status"] = "done"
+      row.update(result)
+    rows.append(row)
+  write_results(root, rows)
   return outcome
 
 
@@ -171,11 +520,25 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  sweep = load_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))
-  outcome = run_sweep(_CONFIG.value, sweep, _WORKDIR.value, parallel=_PARALLEL.value, split=_SPLIT.value,
-                      dry_run=_DRY_RUN.value, one_device_per_point=_ONE_DEVICE.value)
-  for name, result in outcome.items():
-    print(f"{name}: {result}")
+  for noisy in ("absl", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    axes = parse_axes(_AXIS.value)
+    config_arg = flags.FLAGS["config"].config_filename
+    sweep = load_sweep(config_arg, required=not axes) if (not axes or _WITH_CONFIG_SWEEP.value) else []
+    outcome = run_sweep(_CONFIG.value, sweep, _WORKDIR.value, axes=axes, launcher=_LAUNCHER.value,
+                        parallel=_PARALLEL.value, split=_SPLIT.value, dry_run=_DRY_RUN.value,
+                        one_device_per_point=_ONE_DEVICE.value, ray_address=_RAY_ADDRESS.value,
+                        ray_resources=_RAY_RESOURCES.value, ray_num_gpus=_RAY_NUM_GPUS.value,
+                        ray_num_cpus=_RAY_NUM_CPUS.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  if _DRY_RUN.value:
+    for name, result in outcome.items():
+      print(f"{name}: {result}")
+  else:
+    print((Path(_WORKDIR.value) / RESULTS_MD).read_text(), end="")
   if any(result.startswith("failed") for result in outcome.values()):
     raise SystemExit(1)
 

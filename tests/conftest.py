@@ -1,14 +1,49 @@
-"""Shared test helpers: a tiny ListOps config that trains in seconds on CPU."""
+"""Shared test helpers: a tiny ListOps config that trains in seconds on CPU, and `load_script` for scripts/."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
+import sys
+from types import ModuleType
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+from absl import app, flags, logging  # noqa: E402,F401  (app and logging define absl's own flags first)
+
 from configs.lra import listops  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str, module_name: str | None = None) -> ModuleType:
+  """Imports `scripts/<name>.py` for its functions and removes the absl flags it defined.
+
+  Every xdist worker imports every test module, and scripts define flags at import (several define `--workdir`, some
+  mark it required): left registered, two scripts clash (DuplicateFlagError) and an in-process `absl.app.run`
+  (lra.cli tests) fails on another script's required flag. Functions of a loaded script must therefore take their
+  settings as arguments, not read its flags; the scripts' command lines are tested in subprocesses.
+  `module_name` also registers the module in `sys.modules` (code that imports it by name, pickled functions) and
+  returns the registered one on later calls.
+  """
+  if module_name and module_name in sys.modules:  # one module per name: pickled functions must resolve to it
+    return sys.modules[module_name]
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(module_name or f"{name}_script", ROOT / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  if module_name:
+    sys.modules[module_name] = module
+  sys.path.insert(0, str(ROOT / "scripts"))
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(ROOT / "scripts"))
+    for flag in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, flag)
+  return module
 
 
 def tiny_listops_config(cache_dir, **train_overrides):

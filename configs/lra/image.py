@@ -39,30 +39,13 @@ STEPS_PER_EPOCH = 45_000 // 256
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
-
-  config = ml_collections.ConfigDict()
-  config.task = "image"
-  config.seed = 0
-
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=1, emb_dim=128, num_heads=8, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,
-      dropout_rate=0.3, attention_dropout_rate=0.2, pos_encoding="learned", pooling="cls", remat=False,
-      reversible=False, post_ln=False))
-  config.model.attention = common.attention_config(args.attention)
-
-  config.data = ml_collections.ConfigDict(dict(
-      data_dir=ml_collections.FieldReference(None, field_type=str),
-      cache_dir="~/.cache/efficient_attention"))
-
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=200 * STEPS_PER_EPOCH, batch_size=256, eval_batch_size=256,
-      optimizer="adamw", learning_rate=5e-4, schedule="cosine", warmup_steps=STEPS_PER_EPOCH,
-      weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9, grad_clip_norm=ml_collections.FieldReference(None, field_type=float),
-      log_every_steps=50, eval_every_steps=10 * STEPS_PER_EPOCH,
-      num_eval_batches=ml_collections.FieldReference(None, field_type=int),
-      checkpoint_every_steps=10 * STEPS_PER_EPOCH, keep_checkpoints=3))
-
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  config = common.make_config(
+      "image", attention=args.attention,
+      model=dict(num_layers=1, emb_dim=128, num_heads=8, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,
+                 dropout_rate=0.3, attention_dropout_rate=0.2, pos_encoding="learned", pooling="cls"),
+      data=dict(),
+      train=dict(num_steps=200 * STEPS_PER_EPOCH, batch_size=256, learning_rate=5e-4, warmup_steps=STEPS_PER_EPOCH,
+                 eval_every_steps=10 * STEPS_PER_EPOCH))
 
   if args.runlocal:
     # Two heads and batch 16: softmax over 1,024 x 1,024 scores is the CPU's bottleneck.
@@ -77,7 +60,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """Learning rate x warmup around the defaults (x0.5, x1, x2; x1, x5)."""
-  train = get_config(arg).train
-  return common.sweep_grid({
-      "train.learning_rate": [train.learning_rate * f for f in (0.5, 1.0, 2.0)],
-      "train.warmup_steps": [train.warmup_steps * f for f in (1, 5)]})
+  return common.lr_warmup_grid(get_config(arg).train, warmup_factors=(1, 5))

@@ -29,34 +29,16 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
-
-  config = ml_collections.ConfigDict()
-  config.task = "listops"
-  config.seed = 0
-
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=4, emb_dim=512, num_heads=8, qkv_dim=512, mlp_dim=1024, head_mlp_dim=1024,
-      dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="learned", pooling="cls", remat=False,
-      reversible=False, post_ln=False))
-  config.model.attention = common.attention_config(args.attention)
-
-  config.data = ml_collections.ConfigDict(dict(
-      data_dir=ml_collections.FieldReference(None, field_type=str),
-      cache_dir="~/.cache/efficient_attention",
-      max_length=2000,
-      # Used when data_dir is None: the LRA generator settings.
-      generate=dict(num_train=96_000, num_val=2_000, num_test=2_000, min_length=500, max_length=2000,
-                    max_depth=10, max_args=10, seed=0)))
-
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=5_000, batch_size=32, eval_batch_size=32,
-      optimizer="adamw", learning_rate=0.05, schedule="rsqrt", warmup_steps=1_000,
-      weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-9, grad_clip_norm=ml_collections.FieldReference(None, field_type=float),
-      log_every_steps=50, eval_every_steps=500,
-      num_eval_batches=ml_collections.FieldReference(None, field_type=int),
-      checkpoint_every_steps=500, keep_checkpoints=3))
-
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  config = common.make_config(
+      "listops", attention=args.attention,
+      model=dict(num_layers=4, emb_dim=512, num_heads=8, qkv_dim=512, mlp_dim=1024, head_mlp_dim=1024,
+                 dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="learned", pooling="cls"),
+      data=dict(max_length=2000,
+                # Used when data_dir is None: the LRA generator settings.
+                generate=dict(num_train=96_000, num_val=2_000, num_test=2_000, min_length=500, max_length=2000,
+                              max_depth=10, max_args=10, seed=0)),
+      train=dict(num_steps=5_000, learning_rate=0.05, schedule="rsqrt", warmup_steps=1_000, weight_decay=0.1,
+                 eval_every_steps=500))
 
   if args.runlocal:
     config.model.update(num_layers=2, emb_dim=64, num_heads=4, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,

@@ -37,35 +37,16 @@ STEPS_PER_EPOCH = 160_000 // 512
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
-
-  config = ml_collections.ConfigDict()
-  config.task = "pathfinder"
-  config.seed = 0
-
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=4, emb_dim=32, num_heads=4, qkv_dim=16, mlp_dim=32, head_mlp_dim=32,
-      dropout_rate=0.2, attention_dropout_rate=0.1, pos_encoding="sinusoidal", pooling="mean", remat=False,
-      reversible=False, post_ln=False))
-  config.model.attention = common.attention_config(args.attention)
-
-  config.data = ml_collections.ConfigDict(dict(
-      data_dir=ml_collections.FieldReference(None, field_type=str),
-      cache_dir="~/.cache/efficient_attention",
-      resolution=32,
-      difficulty="contour_length_14",  # or "baseline", "contour_length_9" (LRA's easy / intermediate)
-      # Used when data_dir is None: the images to generate (lra/tasks/pathfinder_generator.py).
-      generate=dict(num_images=200_000, images_per_batch=1000, seed=0,
-                    num_workers=ml_collections.FieldReference(None, field_type=int))))
-
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=200 * STEPS_PER_EPOCH, batch_size=512, eval_batch_size=512,
-      optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=STEPS_PER_EPOCH,
-      weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9, grad_clip_norm=ml_collections.FieldReference(None, field_type=float),
-      log_every_steps=50, eval_every_steps=10 * STEPS_PER_EPOCH,
-      num_eval_batches=ml_collections.FieldReference(None, field_type=int),
-      checkpoint_every_steps=10 * STEPS_PER_EPOCH, keep_checkpoints=3))
-
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  config = common.make_config(
+      "pathfinder", attention=args.attention,
+      model=dict(num_layers=4, emb_dim=32, num_heads=4, qkv_dim=16, mlp_dim=32, head_mlp_dim=32,
+                 dropout_rate=0.2, attention_dropout_rate=0.1, pos_encoding="sinusoidal", pooling="mean"),
+      data=dict(resolution=32,
+                difficulty="contour_length_14",  # or "baseline", "contour_length_9" (LRA's easy / intermediate)
+                # Used when data_dir is None: the images to generate (lra/tasks/pathfinder_generator.py).
+                generate=dict(num_images=200_000, images_per_batch=1000, seed=0, num_workers=None)),
+      train=dict(num_steps=200 * STEPS_PER_EPOCH, batch_size=512, learning_rate=1e-3, warmup_steps=STEPS_PER_EPOCH,
+                 eval_every_steps=10 * STEPS_PER_EPOCH))
 
   if args.runlocal:
     # Two heads and batch 16: softmax over 1,024 x 1,024 scores is the CPU's bottleneck.
@@ -81,7 +62,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """Learning rate x warmup around the defaults (x0.5, x1, x2; x1, x5)."""
-  train = get_config(arg).train
-  return common.sweep_grid({
-      "train.learning_rate": [train.learning_rate * f for f in (0.5, 1.0, 2.0)],
-      "train.warmup_steps": [train.warmup_steps * f for f in (1, 5)]})
+  return common.lr_warmup_grid(get_config(arg).train, warmup_factors=(1, 5))

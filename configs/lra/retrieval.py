@@ -40,35 +40,17 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
-
-  config = ml_collections.ConfigDict()
-  config.task = "retrieval"
-  config.seed = 0
-
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=4, emb_dim=128, num_heads=4, qkv_dim=128, mlp_dim=512, head_mlp_dim=512,
-      dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="sinusoidal", pooling="cls", remat=False,
-      reversible=False, post_ln=False))
-  config.model.attention = common.attention_config(args.attention)
-
-  config.data = ml_collections.ConfigDict(dict(
-      data_dir=ml_collections.FieldReference(None, field_type=str),
-      cache_dir="~/.cache/efficient_attention",
-      max_length=4000,
-      # Only with data_dir=None: generate a small SYNTHETIC stand-in with these settings instead of failing.
-      synthetic=False,
-      generate=dict(num_train=4000, num_eval=500, num_test=500, num_topics=8, min_length=200, max_length=400,
-                    topic_share=0.5, seed=0)))
-
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=5_000, batch_size=32, eval_batch_size=32,
-      optimizer="adamw", learning_rate=0.05, schedule="rsqrt", warmup_steps=8_000,
-      weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-9, grad_clip_norm=ml_collections.FieldReference(None, field_type=float),
-      log_every_steps=50, eval_every_steps=500,
-      num_eval_batches=ml_collections.FieldReference(None, field_type=int),
-      checkpoint_every_steps=500, keep_checkpoints=3))
-
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  config = common.make_config(
+      "retrieval", attention=args.attention,
+      model=dict(num_layers=4, emb_dim=128, num_heads=4, qkv_dim=128, mlp_dim=512, head_mlp_dim=512,
+                 dropout_rate=0.1, attention_dropout_rate=0.1, pos_encoding="sinusoidal", pooling="cls"),
+      data=dict(max_length=4000,
+                # Only with data_dir=None: generate a small SYNTHETIC stand-in with these settings instead of failing.
+                synthetic=False,
+                generate=dict(num_train=4000, num_eval=500, num_test=500, num_topics=8, min_length=200,
+                              max_length=400, topic_share=0.5, seed=0)),
+      train=dict(num_steps=5_000, learning_rate=0.05, schedule="rsqrt", warmup_steps=8_000, weight_decay=0.1,
+                 eval_every_steps=500))
 
   if args.runlocal:
     config.model.update(num_layers=2, emb_dim=64, num_heads=4, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,
@@ -82,7 +64,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """Learning rate x warmup around the defaults (x0.5, x1, x2; x0.5, x1)."""
-  train = get_config(arg).train
-  return common.sweep_grid({
-      "train.learning_rate": [train.learning_rate * f for f in (0.5, 1.0, 2.0)],
-      "train.warmup_steps": [int(train.warmup_steps * f) for f in (0.5, 1.0)]})
+  return common.lr_warmup_grid(get_config(arg).train, warmup_factors=(0.5, 1.0))

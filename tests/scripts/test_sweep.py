@@ -1,7 +1,10 @@
-"""scripts/sweep.py on a two-point sweep: one workdir per point, train + test evaluation, finished points skipped,
-interrupted points resumed; points N at a time; the command line with get_sweep() and dotted overrides."""
+"""scripts/sweep.py, the one runner: one workdir per point, train + test evaluation, finished points skipped,
+interrupted points resumed, points N at a time, --axis grids over any key (attention variants included), the results
+table, and bad axes refused before anything runs."""
 
+import csv
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -11,12 +14,13 @@ import pytest
 from configs.lra import text as text_config
 from lra.tasks import pipeline
 from lra.training.metric_writers import read_metrics
-from tests.conftest import tiny_listops_config
+from tests.conftest import load_script, tiny_listops_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Importable by name, as the point processes of a parallel sweep import it (they start with this sys.path).
 sys.path.insert(0, str(ROOT / "scripts"))
-import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
+sweep = load_script("sweep", "sweep")
+compare = load_script("compare", "compare")
 
 POINTS = [{"train.learning_rate": 1e-3}, {"train.learning_rate": 3e-3}]
 NAMES = ["learning_rate=0.001", "learning_rate=0.003"]
@@ -57,8 +61,43 @@ def test_two_points_run_skip_and_resume(data_cache, tmp_path, monkeypatch):
         "train.learning_rate"]
     assert json.loads((tmp_path / name / "eval_test.json").read_text())["step"] in (5, 10)
   assert set(sweep.run_sweep(_config(data_cache), POINTS, tmp_path).values()) == {"done (skipped)"}
+  # The table has both points, the skipped one included.
+  with open(tmp_path / "results.csv") as f:
+    assert [r["learning_rate"] for r in csv.DictReader(f)] == ["0.001", "0.003"]
   # More steps make the finished points unfinished again: they continue from their last checkpoint.
   assert set(sweep.run_sweep(_config(data_cache, 12), POINTS, tmp_path, dry_run=True).values()) == {"partial"}
+
+
+def _check_results(root, outcome, names):
+  """The table: one row per point with its override, status, validation/test metrics, parameters and steps/s."""
+  with open(root / "results.csv") as f:
+    rows = {r["point"]: r for r in csv.DictReader(f)}
+  assert list(rows) == list(outcome)
+  for name in names:
+    row = rows[name]
+    assert row["status"] == "done" and outcome[name].startswith("test accuracy ")
+    assert row["attention"] == name.split("=")[1]
+    assert 0.0 <= float(row["test accuracy"]) <= 1.0 and 0.0 <= float(row["validation accuracy"]) <= 1.0
+    assert int(row["parameters"]) > 1000 and float(row["steps/s"]) > 0
+    recorded = json.loads((root / name / "config.json").read_text())["model"]["attention"]
+    assert recorded["name"] == name.split("=")[1] and len(recorded) > 1  # the variant's options in force
+  table = (root / "results.md").read_text()
+  assert table.startswith("| point | attention | status |") and table.count("\n") == 2 + len(rows)
+  return rows
+
+
+def test_variants_by_axis_with_a_failing_point(data_cache, tmp_path):
+  config = tiny_listops_config(data_cache, num_steps=2, warmup_steps=1, eval_every_steps=2, checkpoint_every_steps=2)
+  # A point whose data is missing fails; the others run and the table reports it with its last error line.
+  points = [{}, {"data.data_dir": str(tmp_path / "missing")}]
+  outcome = sweep.run_sweep(config, points, tmp_path, axes={"model.attention.name": ["softmax", "linear"]})
+  names = ["attention=softmax", "attention=linear"]
+  rows = _check_results(tmp_path, outcome, names)
+  failed = [name for name in outcome if name not in names]
+  assert len(failed) == 2 and all(outcome[n].startswith("failed: FileNotFoundError") for n in failed), outcome
+  assert all(rows[n]["status"] == outcome[n] and str(tmp_path / "missing") in rows[n]["status"] for n in failed)
+  # Same parameter shapes: linear attention reuses softmax's projections.
+  assert rows[names[0]]["parameters"] == rows[names[1]]["parameters"]
 
 
 def test_points_run_two_at_a_time(data_cache, tmp_path):
@@ -68,22 +107,54 @@ def test_points_run_two_at_a_time(data_cache, tmp_path):
   assert all((tmp_path / name / "eval_test.json").exists() for name in NAMES)
 
 
-def test_point_names_and_override_errors():
+def test_point_names_axes_and_override_errors(data_cache):
   assert sweep.point_name({"train.learning_rate": 0.05, "train.warmup_steps": 4000}) == (
       "learning_rate=0.05,warmup_steps=4000")
-  assert sweep.point_name({"model.attention.name": "performer"}) == "name=performer"
-  config = tiny_listops_config("/tmp/unused")
-  assert sweep.apply_overrides(config, {"model.num_layers": 3}).model.num_layers == 3
-  assert config.model.num_layers == 1  # a copy
-  with pytest.raises(ValueError, match="sweep key 'train.lr'.*valid:.*learning_rate"):
-    sweep.apply_overrides(config, {"train.lr": 1.0})
+  assert sweep.point_name({"model.attention.name": "performer", "model.attention.num_features": 64}) == (
+      "attention=performer,num_features=64")
+  assert sweep.parse_axes(["model.attention.offsets=(1,2),(4,8)", "train.learning_rate=1e-3, 2e-3"]) == {
+      "model.attention.offsets": ["(1,2)", "(4,8)"], "train.learning_rate": ["1e-3", "2e-3"]}
+  config = tiny_listops_config(data_cache)
+  points = sweep.build_points(config, [], {"model.attention.name": ["grassmann"],
+                                           "model.attention.offsets": ["(1,2)"], "train.learning_rate": ["1e-3"]})
+  (overrides, point_config), = points.values()
+  assert overrides == {"model.attention.name": "grassmann", "model.attention.offsets": (1, 2),
+                       "train.learning_rate": 0.001}
+  assert point_config.model.attention.reduced_dim == 32 and config.model.attention.name == "softmax"
+  bad = [({"train.lr": ["1"]}, "--axis train.lr: train has no 'lr'; valid keys:.*learning_rate"),
+         ({"train.learning_rate": ["fast"]}, "--axis train.learning_rate: could not parse 'fast'"),
+         ({"model.attention.name": ["nope"]}, "--axis model.attention.name=nope: unknown attention variant 'nope'"),
+         ({"model.attention.name": ["linear"], "model.attention.num_features": ["8"]},
+          "--axis model.attention.num_features: model.attention has no 'num_features'"),
+         ({"train.num_steps": ["0"]}, "invalid config.*train.num_steps")]
+  for axes, message in bad:
+    with pytest.raises(ValueError, match=message):
+      sweep.build_points(config, [], axes)
+  for text, message in [("train.learning_rate", "expected dotted.key=value1,value2"), ("x=1,", "empty value")]:
+    with pytest.raises(ValueError, match=message):
+      sweep.parse_axes([text])
 
 
-def test_command_line_lists_a_configs_sweep(tmp_path):
-  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep.py"), "--config=configs/lra/text.py:runlocal",
-                         f"--workdir={tmp_path}", "--dry_run", "--config.train.num_steps=7"],
-                        capture_output=True, text=True, check=False, cwd=ROOT)
+def _run_cli(args, tmp_path, script="sweep.py"):
+  return subprocess.run([sys.executable, str(ROOT / "scripts" / script), f"--workdir={tmp_path / 'w'}", *args],
+                        capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
+                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+
+
+def test_command_line_lists_a_configs_sweep_and_refuses_bad_axes(tmp_path):
+  proc = _run_cli(["--config=configs/lra/text.py:runlocal", "--dry_run", "--config.train.num_steps=700"], tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
   assert lines == [f"{sweep.point_name(p)}: new" for p in text_config.get_sweep("runlocal")]
   assert len(lines) == 6 and lines[0].startswith("learning_rate=0.0005,warmup_steps=")
+  # --axis replaces get_sweep(); --with_config_sweep crosses them; compare.py --attention is an alias of the axis.
+  proc = _run_cli(["--config=configs/lra/text.py:runlocal", "--dry_run", "--axis=model.attention.name=softmax,linear",
+                   "--with_config_sweep"], tmp_path)
+  assert proc.returncode == 0 and len(proc.stdout.strip().splitlines()) == 12, proc.stderr[-2000:]
+  assert compare.translate(["--attention=softmax,linear", "--attention", "based", "--dry_run"]) == [
+      "--axis=model.attention.name=softmax,linear", "--axis=model.attention.name=based", "--dry_run"]
+  # A bad axis stops the sweep before anything runs (no workdir), naming the axis, exit status 2.
+  proc = _run_cli(["--config=configs/lra/listops.py:runlocal", "--axis=model.attention.name=softmax,linear",
+                   "--axis=train.learning_rate=1e-3,fast"], tmp_path)
+  assert proc.returncode == 2 and "error: --axis train.learning_rate: could not parse 'fast'" in proc.stderr
+  assert not (tmp_path / "w").exists()
