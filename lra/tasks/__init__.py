@@ -9,5 +9,6 @@ from lra.tasks import text  # noqa: F401  (registers "text")
 from lra.tasks import retrieval  # noqa: F401  (registers "retrieval")
 from lra.tasks import image  # noqa: F401  (registers "image")
 from lra.tasks import pathfinder  # noqa: F401  (registers "pathfinder" and "pathx")
+from lra.tasks import mqar  # noqa: F401  (registers "mqar")
 
 __all__ = ["ArrayDataset", "ClassificationTask", "Metrics", "Task", "build", "get", "names", "register"]

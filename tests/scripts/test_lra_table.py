@@ -1,17 +1,16 @@
 """scripts/lra_table.py on fake workdirs: one row per variant, best run by validation, published numbers alongside."""
 
 import csv
-import importlib.util
 import io
 import json
 import pathlib
 import subprocess
 import sys
 
+from tests.conftest import load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("lra_table", ROOT / "scripts" / "lra_table.py")
-lra_table = sys.modules["lra_table"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lra_table)
+lra_table = load_script("lra_table", "lra_table")
 
 
 def _workdir(root, name, task, variant, test, validation=None, synthetic=False):
