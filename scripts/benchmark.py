@@ -1,0 +1,623 @@
+r"""The LRA Table 2 efficiency table in one command: a whole training step of the LRA Text encoder for every attention
+variant, compiled and timed side by side, with steps/s and memory relative to softmax at each length.
+
+  python scripts/benchmark.py --output_dir=runs/benchmark                     # every variant at 1K, 2K, 3K, 4K
+  python scripts/benchmark.py --attention=softmax,local,linear --lengths=1024,2048 --output_dir=/tmp/bench
+  python scripts/benchmark.py --dtype=bfloat16 --lengths=4096,8192,16384 --output_dir=runs/bench_gpu   # on a GPU
+  python scripts/benchmark.py --memory_only --num_layers=1 --lengths=2048,8192 --output_dir=runs/bench_mem
+
+The step is the project's own: `lra.training.trainer.Experiment` builds the Text task's model from
+configs/lra/text.py (its sizes: emb 256, 4 heads, qkv 256, MLP 1024, dropout, CLS pooling, sinusoidal positions, AdamW)
+with `--num_layers`, `--batch_size` and `max_length = length`, and `train_step` (forward, backward, optimizer update,
+donated state) runs on random token batches, so no dataset is read. With CLS pooling the attention layers see
+length + 1 positions, as in LRA. `--dtype=bfloat16` sets `config.model.dtype`: activations and matmuls in bfloat16,
+parameters, optimizer state, softmax normalizers and the loss in float32.
+
+Per cell (variant x length) it records:
+  * steps/s: `--steps` steps after `--warmup` steps, timed together (dispatch pipelined, blocked at the end);
+  * compiled memory: XLA's plan for the jitted step, `jit(step).lower(...).compile().memory_analysis()`:
+    arguments + outputs + temporaries - aliased (donated) bytes; deterministic, available on every backend;
+  * peak memory: the device's `memory_stats()["peak_bytes_in_use"]` where the backend reports it (GPU, TPU; not
+    CPU). It is the process's peak so far; lengths run in increasing order, so it is the cell's own peak unless a
+    shorter length needed more (`--process_per_cell` gives every cell a fresh process).
+
+Each variant runs in its own subprocess (this script with `--worker`), so a crash or a hang is a cell ("error: <last
+line>", "timeout") and the run goes on; after a timeout the variant's longer lengths are skipped. Writes
+`benchmark.md` (markdown table with LRA Table 2's published speed-ups and memory beside ours, and a header naming
+command, date, machine and jax version), `benchmark.csv` (every figure) and `benchmark.png` (steps/s and memory against
+length, log-log, one line per variant) into `--output_dir`, and prints the markdown at the end. The parent process
+never initialises a jax backend (it would take accelerator memory from the workers).
+
+For tests: the environment variable BENCHMARK_FAULT="variant=crash|hang|error[@length],..." makes the worker of that
+variant exit abruptly, sleep forever, or raise, before the given length (every length if none is given).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from absl import app
+from absl import flags
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/benchmark.py` from anywhere
+  sys.path.insert(0, str(ROOT))
+
+BASELINE = "softmax"
+DEFAULT_LENGTHS = (1024, 2048, 3072, 4096)
+RESULT_PREFIX = "@@benchmark "  # worker stdout lines carrying results; anything else a library prints is ignored
+FAULT_ENV = "BENCHMARK_FAULT"
+FILES = ("benchmark.md", "benchmark.csv", "benchmark.png")
+
+# Tay et al. 2020, "Long Range Arena", Table 2: byte-level Text, batch 32 on 4x4 TPU v3 chips; steps per second and
+# peak memory (GB per device) at 1K, 2K, 3K, 4K tokens. Keyed by our registered names; None = not published (Sparse
+# Trans. and Longformer were left out of the efficiency benchmark: mask-based implementations) or not known here.
+# The 4K column was checked against a summary of the paper's Table 2 in this session; the 1K-3K columns are recalled,
+# not checked against the paper (`LRA_VERIFIED_LENGTHS`), and are marked "?" in the table.
+LRA_LENGTHS = (1024, 2048, 3072, 4096)
+LRA_VERIFIED_LENGTHS = (4096,)
+LRA_TABLE2: dict[str, tuple[str, tuple[float | None, ...], tuple[float | None, ...]]] = {
+    "softmax": ("Transformer", (8.1, 4.9, 2.3, 1.4), (0.85, 2.65, 5.51, 9.48)),
+    "local": ("Local Attention", (9.2, 8.4, 7.4, 7.4), (0.42, 0.76, 1.06, 1.37)),
+    "linformer": ("Linformer", (9.3, 9.1, 8.5, 7.7), (0.37, 0.55, None, 0.99)),
+    "reformer": ("Reformer", (4.4, 2.2, 1.5, 1.1), (0.48, 0.99, 1.53, 2.28)),
+    "sinkhorn": ("Sinkhorn Trans.", (9.1, 7.9, 6.6, 5.3), (0.47, 0.83, 1.13, 1.48)),
+    "synthesizer": ("Synthesizer", (8.7, 5.7, None, 1.9), (0.65, 1.98, 4.09, 6.99)),
+    "bigbird": ("BigBird", (7.4, 3.9, 2.7, 1.5), (0.77, 1.49, 2.18, 2.88)),
+    "linear": ("Linear Trans.", (9.1, 9.3, 8.6, 7.8), (0.37, 0.57, 0.80, 1.03)),
+    "performer": ("Performer", (9.5, 9.4, 8.7, 8.0), (0.37, 0.59, 0.82, 1.06)),
+    "sparse_transformer": ("Sparse Trans.", (None,) * 4, (None,) * 4),
+    "longformer": ("Longformer", (None,) * 4, (None,) * 4),
+}
+
+_ATTENTION = flags.DEFINE_list("attention", None, "Variants to measure (default: every registered one); softmax, the "
+                               "baseline of every ratio, is always added.")
+_LENGTHS = flags.DEFINE_list("lengths", [str(n) for n in DEFAULT_LENGTHS], "Sequence lengths (tokens).")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder layers.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 2, "Examples per step.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per cell.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_TIMEOUT = flags.DEFINE_float("timeout", 900.0, "Seconds one cell (compile + warmup + steps; a worker's "
+                             "first cell also its start-up) may take.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where benchmark.md, benchmark.csv and benchmark.png go.")
+_MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Only compile and read XLA's memory analysis (no timing).")
+_PROCESS_PER_CELL = flags.DEFINE_bool("process_per_cell", False, "A fresh worker process for every cell (exact "
+                                      "per-cell device peak memory; slower start-up).")
+_MARKDOWN_HEADER = flags.DEFINE_bool("markdown_header", True, "Open benchmark.md with command, date, machine, device "
+                                     "and jax version.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: measure this variant in this process, print JSON lines.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Worker: one variant, its lengths, in this process.
+
+
+def _fault(variant: str, length: int) -> None:
+  """The BENCHMARK_FAULT test hook (see the module docstring)."""
+  for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+    name, _, action = item.partition("=")
+    action, _, at = action.partition("@")
+    if name.strip() != variant or (at and int(at) != length):
+      continue
+    if action == "crash":
+      print(f"BENCHMARK_FAULT: simulated crash of {variant} at length {length}", file=sys.stderr, flush=True)
+      os._exit(3)
+    if action == "hang":
+      while True:
+        time.sleep(60)
+    if action == "error":
+      raise RuntimeError(f"BENCHMARK_FAULT: simulated error of {variant} at length {length}")
+    raise ValueError(f"{FAULT_ENV} action {action!r} must be crash, hang or error")
+
+
+def _emit(record: dict[str, Any]) -> None:
+  print(RESULT_PREFIX + json.dumps(record), flush=True)
+
+
+def _memory_figures(compiled: Any) -> dict[str, int | None]:
+  """XLA's planned bytes for one step; `memory` = arguments + outputs + temporaries - aliased (donated)."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:  # some backends do not report it
+    return {"memory_bytes": None}
+  out = {f"{k}_bytes": int(getattr(analysis, f"{k}_size_in_bytes", 0) or 0)
+         for k in ("argument", "output", "temp", "alias")}
+  out["memory_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+  return out
+
+
+def _peak_bytes(device: Any) -> int | None:
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # backends without allocator statistics
+    return None
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _config(variant: str, length: int, num_layers: int, batch_size: int):
+  from configs.lra import text  # pylint: disable=import-outside-toplevel
+  config = text.get_config(f"attention={variant}")
+  config.model.num_layers = num_layers
+  config.data.max_length = length
+  config.train.batch_size = config.train.eval_batch_size = batch_size
+  config.mesh.data = 1  # one device: the table compares attention, not data parallelism
+  config.mesh.distributed = "false"
+  return config
+
+
+def measure(variant: str, length: int, *, num_layers: int, batch_size: int, dtype: str, steps: int, warmup: int,
+            memory_only: bool) -> dict[str, Any]:
+  """Compiles (and unless `memory_only`, times) one training step of the Text encoder; figures as a dict."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import numpy as np
+  from lra.tasks import byte_tokens
+  from lra.training import sharding, trainer
+
+  config = _config(variant, length, num_layers, batch_size)
+  config.model.dtype = dtype  # the encoder computes in it; parameters and optimizer state stay float32
+  exp = trainer.Experiment(config)
+  state = exp.init_state()
+
+  rng = np.random.default_rng(length)
+  batch = exp.task.dummy_batch(batch_size)
+  batch["inputs"] = rng.integers(byte_tokens.NUM_RESERVED, byte_tokens.VOCAB_SIZE, batch["inputs"].shape).astype(
+      batch["inputs"].dtype)
+  batch["targets"] = rng.integers(0, exp.task.num_classes, batch["targets"].shape).astype(batch["targets"].dtype)
+  batch = sharding.to_global(batch, exp.batch_sharding)
+
+  t0 = time.perf_counter()
+  compiled = exp.jit_train_step.lower(state, batch, exp.key).compile()
+  out: dict[str, Any] = {"compile_s": time.perf_counter() - t0, **_memory_figures(compiled)}
+  if memory_only:
+    return out
+  metrics = None
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch, exp.key)
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch, exp.key)
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - t0
+  loss = float(metrics["loss"]) if metrics is not None else math.nan
+  if not math.isfinite(loss):
+    raise FloatingPointError(f"non-finite training loss {loss} after {warmup + steps} steps")
+  out.update(steps_per_s=steps / max(elapsed, 1e-12), step_ms=1e3 * elapsed / max(steps, 1), loss=loss,
+             peak_bytes=_peak_bytes(jax.devices()[0]))
+  return out
+
+
+def _error_line(e: BaseException) -> str:
+  lines = [line for line in f"{type(e).__name__}: {e}".splitlines() if line.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def run_worker(variant: str, lengths: Sequence[int], **options: Any) -> None:
+  """Measures `variant` at each length, printing one JSON line per cell; an exception is that cell's error."""
+  import jax  # pylint: disable=import-outside-toplevel
+  device = jax.devices()[0]
+  _emit({"kind": "device", "platform": device.platform, "device_kind": device.device_kind,
+         "num_devices": jax.device_count(), "jax_version": jax.__version__,
+         "jaxlib_version": getattr(jax.lib, "__version__", None) or _jaxlib_version()})
+  for length in lengths:
+    record: dict[str, Any] = {"kind": "cell", "variant": variant, "length": length}
+    try:
+      _fault(variant, length)
+      record.update(status="ok", **measure(variant, length, **options))
+    except Exception as e:  # pylint: disable=broad-except  # one failing cell must not end the variant's row
+      traceback.print_exc()  # the whole story goes to the worker's log in <output_dir>/logs
+      message = _error_line(e)
+      record.update(status="oom" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
+                    else "error", error=message)
+    _emit(record)
+
+
+def _jaxlib_version() -> str | None:
+  try:
+    import jaxlib  # pylint: disable=import-outside-toplevel
+    return jaxlib.__version__
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parent: one worker process per variant, a time limit per cell.
+
+
+@dataclasses.dataclass
+class Cell:
+  variant: str
+  length: int
+  status: str  # ok | error | oom | timeout | skipped
+  figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+  error: str = ""
+
+
+def _worker_command(variant: str, lengths: Sequence[int], options: dict[str, Any]) -> list[str]:
+  cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker={variant}",
+         f"--lengths={','.join(map(str, lengths))}"]
+  for key, value in options.items():
+    cmd.append(f"--{key}={value}" if not isinstance(value, bool) else f"--{'' if value else 'no'}{key}")
+  return cmd
+
+
+def _last_line(path: Path) -> str:
+  try:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+  except OSError:
+    return ""
+  return lines[-1] if lines else ""
+
+
+def _read_lines(stream, out: queue.Queue) -> None:
+  for line in stream:
+    if line.startswith(RESULT_PREFIX):
+      out.put(json.loads(line[len(RESULT_PREFIX):]))
+  out.put(None)  # end of stream: the worker exited
+
+
+def run_variant(variant: str, lengths: Sequence[int], options: dict[str, Any], *, timeout: float, log_dir: Path,
+                on_cell, device_info: dict[str, Any], process_per_cell: bool = False) -> list[Cell]:
+  """Runs `variant`'s cells in worker processes; a crash restarts the worker on the remaining lengths, a timeout
+  kills it and skips the longer lengths. `on_cell(cell)` is called as each cell finishes."""
+  cells: list[Cell] = []
+  remaining = list(lengths)
+  attempt = 0
+
+  def finish(cell: Cell) -> None:
+    cells.append(cell)
+    on_cell(cell)
+
+  while remaining:
+    chunk = remaining[:1] if process_per_cell else list(remaining)
+    log_path = log_dir / f"{variant}.{attempt}.log"
+    attempt += 1
+    with open(log_path, "w") as log:
+      proc = subprocess.Popen(_worker_command(variant, chunk, options), stdout=subprocess.PIPE, stderr=log,
+                              stdin=subprocess.DEVNULL, text=True, cwd=str(ROOT))
+    results: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, results), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while chunk:
+      length = chunk[0]
+      try:
+        record = results.get(timeout=max(deadline - time.monotonic(), 0.0))
+      except queue.Empty:  # the cell ran past its time limit
+        proc.kill()
+        proc.wait()
+        finish(Cell(variant, length, "timeout", error=f"no result within {timeout:g} s"))
+        for longer in remaining[1:]:
+          finish(Cell(variant, longer, "skipped", error=f"timeout at length {length}"))
+        return cells
+      if record is None:  # the worker died without reporting this cell
+        proc.wait()
+        line = _last_line(log_path) or f"worker exited with status {proc.returncode}"
+        finish(Cell(variant, length, "error", error=line))
+        remaining.pop(0)
+        break
+      if record.get("kind") == "device":
+        device_info.update({k: v for k, v in record.items() if k != "kind"})
+        continue
+      finish(Cell(variant, length, record["status"], error=record.get("error", ""),
+                  figures={k: v for k, v in record.items() if k not in ("kind", "variant", "length", "status",
+                                                                          "error")}))
+      chunk.pop(0)
+      remaining.pop(0)
+      deadline = time.monotonic() + timeout
+    else:
+      proc.wait()
+  return cells
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tables, CSV and plot.
+
+
+def _lra(variant: str, length: int) -> tuple[str, float | None, float | None, bool]:
+  """LRA Table 2's name, speed-up and memory ratio (relative to Transformer) for `variant` at `length`, and whether
+  the numbers were verified; None where not published or `length` is not one of LRA's."""
+  if variant not in LRA_TABLE2:
+    return "", None, None, False
+  name, speeds, memories = LRA_TABLE2[variant]
+  if length not in LRA_LENGTHS:
+    return name, None, None, False
+  i = LRA_LENGTHS.index(length)
+  base_speed, base_memory = LRA_TABLE2[BASELINE][1][i], LRA_TABLE2[BASELINE][2][i]
+  speed = speeds[i] / base_speed if speeds[i] is not None else None
+  memory = memories[i] / base_memory if memories[i] is not None else None
+  return name, speed, memory, length in LRA_VERIFIED_LENGTHS
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+  if value is None or base is None or not base:
+    return None
+  return value / base
+
+
+def rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+  """One CSV row per cell, with ratios to softmax at the same length and LRA's published ratios."""
+  base = {c.length: c.figures for c in cells if c.variant == BASELINE and c.status == "ok"}
+  out = []
+  for c in cells:
+    f, b = c.figures, base.get(c.length, {})
+    lra_name, lra_speed, lra_memory, verified = _lra(c.variant, c.length)
+    out.append({
+        "variant": c.variant, "lra_name": lra_name, "length": c.length, "status": c.status,
+        "steps_per_s": f.get("steps_per_s"), "speedup": _ratio(f.get("steps_per_s"), b.get("steps_per_s")),
+        "memory_bytes": f.get("memory_bytes"), "memory_ratio": _ratio(f.get("memory_bytes"), b.get("memory_bytes")),
+        "peak_bytes": f.get("peak_bytes"), "peak_ratio": _ratio(f.get("peak_bytes"), b.get("peak_bytes")),
+        "temp_bytes": f.get("temp_bytes"), "argument_bytes": f.get("argument_bytes"),
+        "output_bytes": f.get("output_bytes"), "alias_bytes": f.get("alias_bytes"), "step_ms": f.get("step_ms"),
+        "compile_s": f.get("compile_s"), "loss": f.get("loss"), "lra_speedup": lra_speed,
+        "lra_memory_ratio": lra_memory, "lra_verified": verified if lra_name else None, "error": c.error})
+  return out
+
+
+def _label(length: int) -> str:
+  return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+
+
+def _cell_text(row: dict[str, Any], value_key: str, lra_key: str, fmt: str) -> str:
+  if row["status"] != "ok":
+    text = {"timeout": "timeout", "skipped": "skipped", "oom": "OOM"}.get(row["status"], "")
+    if row["status"] == "error":
+      text = "error: " + row["error"]
+    text = text.replace("|", "/")
+    return text if len(text) <= 70 else text[:67] + "..."
+  value = row[value_key]
+  text = "-" if value is None else fmt.format(value)
+  lra = row[lra_key]
+  if lra is not None and row["variant"] != BASELINE:  # the baseline's published ratio is 1 by definition
+    text += f" ({fmt.format(lra)}{'' if row['lra_verified'] else '?'})"
+  return text
+
+
+def _mib(n: float | None) -> str:
+  return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def header_block(argv: Sequence[str], device: dict[str, Any], options: dict[str, Any]) -> str:
+  """Command, date, machine, device and versions: what a reader needs to redo the table."""
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in argv[1:])
+  machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
+  processor = platform.processor()
+  if processor and processor != platform.machine():
+    machine = f"{processor}, " + machine
+  dev = (f"{device.get('num_devices', '?')} x {device.get('device_kind', '?')} ({device.get('platform', '?')}); "
+         f"measured on the first" if device else "unknown (no worker reported)")
+  settings = ", ".join(f"{k}={v}" for k, v in options.items())
+  return "\n".join([
+      f"- command: `{command}`",
+      f"- date: {date}",
+      f"- machine: {machine}; Python {platform.python_version()}",
+      f"- device: {dev}",
+      f"- jax {device.get('jax_version', '?')}, jaxlib {device.get('jaxlib_version', '?')}",
+      f"- settings: {settings}",
+  ])
+
+
+def markdown(table_rows: Sequence[dict[str, Any]], lengths: Sequence[int], header: str | None,
+             memory_only: bool, title: str | None = None) -> str:
+  """The speed-up and memory tables (ours, LRA Table 2 in parentheses), softmax's absolute figures and notes."""
+  by = {(r["variant"], r["length"]): r for r in table_rows}
+  variants = list(dict.fromkeys(r["variant"] for r in table_rows))
+  out = io.StringIO()
+  if title:
+    out.write(f"## {title}\n\n")
+  if header:
+    out.write(header + "\n\n")
+  labels = [_label(n) for n in lengths]
+  sections = [("Compiled step memory relative to softmax", "memory_ratio", "lra_memory_ratio", "{:.2f}")]
+  if not memory_only:
+    sections.insert(0, ("Speed-up over softmax (steps/s ratio)", "speedup", "lra_speedup", "{:.2f}×"))
+  if any(r["peak_bytes"] is not None for r in table_rows):
+    sections.append(("Device peak memory relative to softmax", "peak_ratio", "lra_memory_ratio", "{:.2f}"))
+  for section, key, lra_key, fmt in sections:
+    out.write(f"### {section}; LRA Table 2 in parentheses\n\n")
+    out.write("| variant | LRA name | " + " | ".join(labels) + " |\n")
+    out.write("|---|---|" + "---:|" * len(lengths) + "\n")
+    for v in variants:
+      name = next((r["lra_name"] for r in table_rows if r["variant"] == v), "") or "-"
+      cells = [_cell_text(by[(v, n)], key, lra_key, fmt) if (v, n) in by else "-" for n in lengths]
+      out.write(f"| {v} | {name} | " + " | ".join(cells) + " |\n")
+    out.write("\n")
+  out.write("### softmax, absolute\n\n| length | steps/s | compiled memory | device peak |\n|---:|---:|---:|---:|\n")
+  for n in lengths:
+    r = by.get((BASELINE, n))
+    if r is None:
+      continue
+    sps = "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.3g}"
+    out.write(f"| {_label(n)} | {sps if r['status'] == 'ok' else r['status']} | {_mib(r['memory_bytes'])} | "
+              f"{_mib(r['peak_bytes'])} |\n")
+  short = shortfalls(table_rows, memory_only)
+  if short:
+    out.write("\n### Below LRA Table 2\n\n")
+    out.write("".join(f"- {line}\n" for line in short))
+  out.write("\nCompiled memory: XLA's plan for the whole jitted step (arguments + outputs + temporaries - donated "
+            "aliases). LRA Table 2 (Tay et al. 2020): byte-level Text, batch 32, 4x4 TPU v3, peak memory per device; "
+            "ratios computed from its steps/s and GB; \"?\" marks published values recalled but not checked against "
+            "the paper; LRA gives no speed or memory for Sparse Trans. and Longformer.\n")
+  return out.getvalue()
+
+
+def shortfalls(table_rows: Sequence[dict[str, Any]], memory_only: bool) -> list[str]:
+  """One line per variant and length where we are slower or use relatively more memory than LRA Table 2 reports."""
+  out = []
+  for r in table_rows:
+    if r["variant"] == BASELINE or r["status"] != "ok":
+      continue
+    mark = "" if r["lra_verified"] else "?"
+    slower = not memory_only and None not in (r["speedup"], r["lra_speedup"]) and r["speedup"] < r["lra_speedup"]
+    heavier = None not in (r["memory_ratio"], r["lra_memory_ratio"]) and r["memory_ratio"] > r["lra_memory_ratio"]
+    parts = []
+    if slower:
+      parts.append(f"speed-up {r['speedup']:.2f}× < {r['lra_speedup']:.2f}×{mark}")
+    if heavier:
+      parts.append(f"memory {r['memory_ratio']:.2f} > {r['lra_memory_ratio']:.2f}{mark}")
+    if parts:
+      out.append(f"{r['variant']} at {_label(r['length'])}: " + ", ".join(parts))
+  return out
+
+
+def write_csv(table_rows: Sequence[dict[str, Any]], path: Path) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+    writer.writeheader()
+    for r in table_rows:
+      writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+
+
+def plot(table_rows: Sequence[dict[str, Any]], path: Path, memory_only: bool) -> None:
+  """Steps/s and compiled memory against length, log-log, one line per variant."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  panels = [("memory_bytes", "compiled step memory (MiB)", 2**-20)]
+  if not memory_only:
+    panels.insert(0, ("steps_per_s", "training steps / s", 1.0))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+  variants = list(dict.fromkeys(r["variant"] for r in table_rows))
+  # tab10 repeats after 10 lines; the line style changes with each repeat so every variant stays distinguishable.
+  colors, styles = plt.get_cmap("tab10").colors, ("-", "--", ":")
+  for ax, (key, label, scale) in zip(axes[0], panels):
+    for i, v in enumerate(variants):
+      points = sorted((r["length"], r[key] * scale) for r in table_rows
+                      if r["variant"] == v and r["status"] == "ok" and r[key])
+      if points:
+        ax.plot(*zip(*points), marker="o", label=v, linewidth=2.5 if v == BASELINE else 1.2,
+                color=colors[i % len(colors)], linestyle=styles[(i // len(colors)) % len(styles)])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  if axes[0][-1].lines:
+    axes[0][-1].legend(fontsize=8, loc="best")
+  fig.suptitle("LRA Text encoder, one training step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _parse_lengths(values: Sequence[str]) -> list[int]:
+  try:
+    lengths = sorted({int(v) for v in values})
+  except ValueError:
+    raise ValueError(f"--lengths must be positive integers, got {','.join(values)!r}") from None
+  if not lengths or lengths[0] < 1:
+    raise ValueError(f"--lengths must be positive integers, got {','.join(values)!r}")
+  return lengths
+
+
+def _variants(requested: Sequence[str] | None) -> list[str]:
+  import attention  # pylint: disable=import-outside-toplevel  # no backend is initialised by importing it
+  valid = attention.names()
+  if not requested:
+    requested = list(valid)
+  unknown = [v for v in requested if v not in valid]
+  if unknown:
+    raise ValueError(f"unknown attention variant(s) {unknown} in --attention; valid choices: {', '.join(valid)}")
+  return [BASELINE] + [v for v in dict.fromkeys(requested) if v != BASELINE]
+
+
+def run(argv: Sequence[str]) -> str:
+  """Measures every cell and writes the files; returns the markdown."""
+  if not _OUTPUT_DIR.value:
+    raise ValueError("--output_dir is required: the folder for benchmark.md, benchmark.csv and benchmark.png")
+  for name, value, low in (("num_layers", _NUM_LAYERS.value, 1), ("batch_size", _BATCH_SIZE.value, 1),
+                           ("steps", _STEPS.value, 1), ("warmup", _WARMUP.value, 0)):
+    if value < low:
+      raise ValueError(f"--{name}={value} must be at least {low}")
+  if _TIMEOUT.value <= 0:
+    raise ValueError(f"--timeout={_TIMEOUT.value} must be positive (seconds per cell)")
+  lengths = _parse_lengths(_LENGTHS.value)
+  variants = _variants(_ATTENTION.value)
+  output_dir = Path(_OUTPUT_DIR.value).expanduser()
+  log_dir = output_dir / "logs"
+  log_dir.mkdir(parents=True, exist_ok=True)
+  options = {"num_layers": _NUM_LAYERS.value, "batch_size": _BATCH_SIZE.value, "dtype": _DTYPE.value,
+             "steps": _STEPS.value, "warmup": _WARMUP.value, "memory_only": _MEMORY_ONLY.value}
+
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  interactive = sys.stderr.isatty()
+  bar = tqdm(total=len(variants) * len(lengths), unit="cell", disable=not interactive, dynamic_ncols=True)
+  device: dict[str, Any] = {}
+  cells: list[Cell] = []
+
+  def on_cell(cell: Cell) -> None:
+    bar.update(1)
+    summary = cell.status if cell.status != "ok" else (
+        f"{cell.figures.get('steps_per_s', math.nan):.3g} steps/s, " if not _MEMORY_ONLY.value else "") + \
+        _mib(cell.figures.get("memory_bytes"))
+    if cell.status in ("error", "timeout", "oom", "skipped"):
+      summary += f": {cell.error}"
+    message = f"{cell.variant} @ {cell.length}: {summary}"
+    if interactive:
+      bar.set_postfix_str(f"{cell.variant} {_label(cell.length)}")
+      bar.write(message)
+    else:
+      print(message, file=sys.stderr, flush=True)
+
+  try:
+    for variant in variants:
+      bar.set_description(variant)
+      cells += run_variant(variant, lengths, options, timeout=_TIMEOUT.value, log_dir=log_dir, on_cell=on_cell,
+                           device_info=device, process_per_cell=_PROCESS_PER_CELL.value)
+  finally:
+    bar.close()
+
+  table_rows = rows(cells)
+  header = header_block(argv, device, {**options, "timeout": _TIMEOUT.value}) if _MARKDOWN_HEADER.value else None
+  title = None
+  if _MARKDOWN_HEADER.value:
+    title = (f"LRA Text training step on {device.get('device_kind', 'an unknown device')} "
+             f"({device.get('platform', '?')}), {_DTYPE.value}, {_NUM_LAYERS.value} layers, batch {_BATCH_SIZE.value}")
+  text = markdown(table_rows, lengths, header, _MEMORY_ONLY.value, title)
+  (output_dir / "benchmark.md").write_text(text)
+  write_csv(table_rows, output_dir / "benchmark.csv")
+  plot(table_rows, output_dir / "benchmark.png", _MEMORY_ONLY.value)
+  (output_dir / "device.json").write_text(json.dumps(device, indent=2) + "\n")
+  return text
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _WORKER.value:
+    run_worker(_WORKER.value, _parse_lengths(_LENGTHS.value), num_layers=_NUM_LAYERS.value,
+               batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
+               memory_only=_MEMORY_ONLY.value)
+    return
+  try:
+    text = run(sys.argv)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
