@@ -31,7 +31,7 @@ from absl import app, flags, logging
 import attention as attention_lib
 from lra import cli
 from lra.training import Experiment
-from lra.training import checkpoints as checkpoints_lib
+from lra.training import trainer
 
 UNK, EOS = "<unk>", "<eos>"
 
@@ -102,15 +102,7 @@ class Generator:
     self.task = exp.task
     self.model = decoding_model(exp.model)  # refuse non-decoding variants before restoring anything
     self.max_length = int(self.config.data.max_length)
-    ckpt = checkpoints_lib.Checkpoints(Path(workdir), keep=self.config.train.keep_checkpoints)
-    try:
-      restored = ckpt.restore(exp.init_state(), checkpoint)
-    finally:
-      ckpt.close()
-    if restored is None:
-      raise FileNotFoundError(f"no {checkpoint!r} checkpoint under {workdir}; train first with "
-                              f"`python train.py --config ... --workdir {workdir}`")
-    state, self.meta = restored
+    state, self.meta = trainer.restore_checkpoint(exp, workdir, checkpoint)
     self.variables = {"params": state.params, **state.model_state}
     # The cache is allocated by init on an input of the maximum length (the flax decode convention).
     dummy = {"inputs": jnp.zeros((1, self.max_length), jnp.int32)}

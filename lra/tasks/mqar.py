@@ -11,13 +11,10 @@ from __future__ import annotations
 import logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from lra.models import encoder_from_config
-from lra.models.language_model import LanguageModel
 from lra.tasks import cache, mqar_generator
+from lra.tasks.causal_lm import causal_lm_model, token_loss_and_metrics
 from lra.tasks.base import ArrayDataset, Metrics, Task
 from lra.tasks.registry import register
 
@@ -69,21 +66,10 @@ class MQAR(Task):
     return ArrayDataset(arrays)
 
   def model(self):
-    encoder = encoder_from_config(self.config.model, vocab_size=self.vocab_size,
-                                  max_length=self.config.data.max_length, causal=True, pooling="none")
-    return LanguageModel(encoder=encoder, vocab_size=self.vocab_size,
-                         tie_embeddings=self.config.model.get("tie_embeddings", True))
+    return causal_lm_model(self.config, self.vocab_size)
 
   def loss_and_metrics(self, logits_BxLxV: jax.Array, batch) -> tuple[jax.Array, Metrics]:
-    weights = batch["query_mask"].astype(jnp.float32)
-    if "weights" in batch:
-      weights = weights * batch["weights"][:, None]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), batch["targets"])
-    correct = (jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]).astype(jnp.float32)
-    queries = jnp.sum(weights)
-    total = jnp.sum(nll * weights)
-    return total / jnp.maximum(queries, 1.0), {"loss": (total, queries),
-                                                "accuracy": (jnp.sum(correct * weights), queries)}
+    return token_loss_and_metrics(logits_BxLxV, batch, batch["query_mask"])
 
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     length = self.config.data.max_length

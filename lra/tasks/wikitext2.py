@@ -16,13 +16,10 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from lra.models import encoder_from_config
-from lra.models.language_model import LanguageModel
 from lra.tasks import cache, validation
+from lra.tasks.causal_lm import causal_lm_model, token_loss_and_metrics
 from lra.tasks.base import ArrayDataset, Metrics, Task
 from lra.tasks.registry import register
 
@@ -128,20 +125,10 @@ class WikiText2(Task):
     return ArrayDataset(to_blocks(self._ids[split], self.config.data.max_length, keep_tail=split != "train"))
 
   def model(self):
-    encoder = encoder_from_config(self.config.model, vocab_size=self.vocab_size,
-                                  max_length=self.config.data.max_length, causal=True, pooling="none")
-    return LanguageModel(encoder=encoder, vocab_size=self.vocab_size,
-                         tie_embeddings=self.config.model.get("tie_embeddings", True))
+    return causal_lm_model(self.config, self.vocab_size)
 
   def loss_and_metrics(self, logits_BxLxV: jax.Array, batch) -> tuple[jax.Array, Metrics]:
-    weights = batch["mask"].astype(jnp.float32)
-    if "weights" in batch:
-      weights = weights * batch["weights"][:, None]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), batch["targets"])
-    correct = (jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]).astype(jnp.float32)
-    tokens = jnp.sum(weights)
-    total = jnp.sum(nll * weights)
-    return total / jnp.maximum(tokens, 1.0), {"loss": (total, tokens), "accuracy": (jnp.sum(correct * weights), tokens)}
+    return token_loss_and_metrics(logits_BxLxV, batch, batch["mask"])
 
   def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
     return {**metrics, "perplexity": math.exp(min(metrics["loss"], 700.0))}

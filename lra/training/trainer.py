@@ -304,6 +304,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   return final
 
 
+def restore_checkpoint(exp: Experiment, workdir: str | Path, checkpoint: str | int) -> tuple[TrainState, dict]:
+  """The state and meta of `checkpoint` ("best", "latest" or a step) in `workdir`; FileNotFoundError if absent."""
+  ckpt = checkpoints_lib.Checkpoints(Path(workdir), keep=exp.config.train.keep_checkpoints)
+  try:
+    restored = ckpt.restore(exp.init_state(), checkpoint)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"no {checkpoint!r} checkpoint under {workdir}; train first with "
+                            f"`python train.py --config ... --workdir {workdir}`")
+  return restored
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path, split: str,
                         checkpoint: str | int = "best") -> dict[str, Any]:
   """Restores `checkpoint` ("best", "latest" or a step) from `workdir`, evaluates `split`, writes
@@ -314,15 +327,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path, 
   valid = exp.task.eval_splits + (exp.task.train_split,)
   if split not in valid:
     raise ValueError(f"unknown split {split!r} for task {config.task!r}; valid choices: {valid}")
-  ckpt = checkpoints_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-  try:
-    restored = ckpt.restore(exp.init_state(), checkpoint)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no {checkpoint!r} checkpoint under {workdir}; train first with "
-                            f"`python train.py --config ... --workdir {workdir}`")
-  state, meta = restored
+  state, meta = restore_checkpoint(exp, workdir, checkpoint)
   metrics = exp.evaluate(state, split)
   result = {"split": split, "checkpoint": checkpoint, "step": int(meta["step"]), **metrics}
   if jax.process_index() == 0:

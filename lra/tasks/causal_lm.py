@@ -1,0 +1,32 @@
+"""What the causal language-model tasks share (WikiText-2, MQAR): the model and the masked token loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from lra.models import encoder_from_config
+from lra.models.language_model import LanguageModel
+from lra.tasks.base import Metrics
+
+
+def causal_lm_model(config: ml_collections.ConfigDict, vocab_size: int) -> LanguageModel:
+  """A causal encoder over every position (no pooling) with the LM head (tied embeddings unless the config says)."""
+  encoder = encoder_from_config(config.model, vocab_size=vocab_size, max_length=config.data.max_length, causal=True,
+                                pooling="none")
+  return LanguageModel(encoder=encoder, vocab_size=vocab_size, tie_embeddings=config.model.get("tie_embeddings", True))
+
+
+def token_loss_and_metrics(logits_BxLxV: jax.Array, batch, positions_BxL: jax.Array) -> tuple[jax.Array, Metrics]:
+  """Mean cross-entropy and accuracy over the positions marked in `positions_BxL` (times the batch's per-example
+  `weights`, which are 0 for padding examples of the last eval batch); sums and counts for exact split metrics."""
+  weights = positions_BxL.astype(jnp.float32)
+  if "weights" in batch:
+    weights = weights * batch["weights"][:, None]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), batch["targets"])
+  correct = (jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]).astype(jnp.float32)
+  count = jnp.sum(weights)
+  total = jnp.sum(nll * weights)
+  return total / jnp.maximum(count, 1.0), {"loss": (total, count), "accuracy": (jnp.sum(correct * weights), count)}
