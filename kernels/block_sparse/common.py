@@ -73,7 +73,10 @@ def _i32(c: int) -> int:
 
 
 def _shr(x: jax.Array, bits: int) -> jax.Array:
-  return jax.lax.shift_right_logical(x, jnp.full_like(x, bits))
+  # A broadcast numpy constant, not `jnp.full_like`: under the training step's mesh `full_like` of a scalar traces a
+  # `reshard` of a literal, which Mosaic GPU cannot lower inside a kernel ("Shaped arrays must be represented by
+  # ir.Values").
+  return jax.lax.shift_right_logical(x, jax.lax.broadcast(np.int32(bits), np.shape(x)))
 
 
 def _fmix(x: jax.Array) -> jax.Array:

@@ -3,8 +3,11 @@ when exported for `cuda` and for `tpu` from this CPU host, and none when lowered
 
 ListOps runlocal with `model.dtype="bfloat16"`, head dim 64 (qkv_dim 128 over 2 heads), attention dropout 0.1,
 2 layers, 256 tokens (a multiple of every block size), batch 2. `implementation` is left at None: the kernel choice
-happens where the program is lowered (`kernels.platform.dispatch`). Nothing is executed on an accelerator: the step
-is only traced and lowered (`jax.export`), with `disabled_checks` for the kernels' custom-call targets.
+happens where the program is lowered (`kernels.platform.dispatch`). The step is `Experiment.jit_train_step` itself, with
+its mesh shardings: under a mesh, jax traces shardings into the kernels' bodies (a `jnp.full_like` there became a
+`reshard` that Mosaic GPU could not lower: the H100 failure of issue 13), so a step jitted without them would not
+test what training runs. Nothing is executed on an accelerator: the step is only traced and lowered
+(`jax.export`), with `disabled_checks` for the kernels' custom-call targets.
 Options set per variant so that the kernels can serve the call (the defaults log a fallback instead):
 `performer.num_features=128` (the Mosaic GPU kernel takes feature dims 64 or 128; the default is 256) and
 `block_size=64` for the block-sparse family (Mosaic GPU tiles are multiples of 64).
@@ -49,22 +52,22 @@ def _config(name: str, options: dict):
 
 @functools.lru_cache(maxsize=None)
 def _step_and_args(name: str):
-  """The jitted training step of `Experiment` (without its shardings: one device) and abstract arguments."""
+  """`Experiment.jit_train_step` and abstract arguments (state, batch, key) carrying the shardings training gives them
+  (`NamedSharding`s over the experiment's mesh: without them the kernels are traced without a mesh)."""
   options, _ = VARIANTS[name]
   experiment = trainer.Experiment(_config(name, options))
-  state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 jax.eval_shape(experiment.init_state))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in experiment.task.dummy_batch(BATCH).items()}
-  key = jax.random.key(0)
-  step = jax.jit(lambda state, batch: trainer.train_step(state, batch, key, task=experiment.task))
-  return step, state, batch
+  rep, data = experiment.replicated, experiment.batch_sharding
+  abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  state = jax.tree_util.tree_map(lambda x: abstract(x, rep), jax.eval_shape(experiment.init_state))
+  batch = {k: abstract(v, data) for k, v in experiment.task.dummy_batch(BATCH).items()}
+  return experiment.jit_train_step, (state, batch, abstract(experiment.key, rep))
 
 
 def _lowered_text(name: str, platform: str) -> str:
-  step, state, batch = _step_and_args(name)
+  step, args = _step_and_args(name)
   exported = jax.export.export(
       step, platforms=[platform],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(state, batch)
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(*args)
   return exported.mlir_module()
 
 
