@@ -10,8 +10,9 @@ queries of block `i` may attend to the keys of block `j` in head `h`. The softma
                to the widest *sparse* row: O(L·K·C + G·C·L) time and memory for K blocks per sparse row and G global
                blocks (C = block_size), never L times the widest row. Plain autodiff gives the backward pass;
   "pallas"     the flash-style kernels (`pallas_tpu` for TPU, `pallas_gpu` for Mosaic GPU on Hopper: bfloat16/float16,
-               tiles and head_dim multiples of 64) of the platform the program is lowered for; never falls back (a
-               call the kernel cannot serve raises a ValueError naming the constraint);
+               head_dim 64 or 128, 64-token tiles that mask the layout's blocks inside them when `block_size` is
+               16 or 32) of the platform the program is lowered for; never falls back (a call the kernel cannot
+               serve raises a ValueError naming the constraint);
   "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them).
 None picks, at lowering time (`kernels.platform.dispatch`), the kernel on cuda/tpu when it can serve the call and
 "xla" otherwise (CPU, or a call outside the kernel's tiles/dtypes: logged once with the reason), so a step exported

@@ -15,12 +15,18 @@ Backend = Literal["tpu", "gpu"]
 NEG = float(jnp.finfo(jnp.float32).min)  # finite floor for masked scores: empty rows stay finite
 
 
+# A GPU tile larger than the layout block carries which of its layout blocks are allowed as bits of one int32.
+MAX_SUB_BLOCKS = 31
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Kernel tile sizes in tokens; each must divide the layout's `block_size` (a tile lies inside one layout block).
+  """Kernel tile sizes in tokens.
 
   None picks the backend default: on TPU the largest power-of-two divisor of `block_size` up to 128 (the MXU
-  width), on GPU 64 (the wgmma rows of one warpgroup; the layout block must then be a multiple of 64).
+  width; a tile lies inside one layout block), on GPU 64 (the wgmma rows of one warpgroup). On GPU a tile may also
+  span several layout blocks (`block_size` 16 or 32 with 64-token tiles): the kernels then mask the layout's blocks
+  inside each tile (`sub_blocks`), so the 32-token layouts of local, longformer and sparse_transformer run there too.
   """
 
   block_q: int | None = None
@@ -33,9 +39,21 @@ class BlockSizes:
     for name, value in (("block_q", bq), ("block_kv", bkv)):
       if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {name}={value}")
-      if block_size % value:
-        raise ValueError(f"{name}={value} must divide the layout {block_size=} (a tile lies in one layout block)")
+      if block_size % value == 0 or (backend == "gpu" and value % block_size == 0):
+        continue
+      spans = " or be a multiple of it (a tile spanning whole layout blocks)" if backend == "gpu" else ""
+      raise ValueError(f"{name}={value} must divide the layout {block_size=}{spans}")
+    rows, cols = sub_blocks(block_size, int(bq), int(bkv))
+    if rows * cols > MAX_SUB_BLOCKS:
+      raise ValueError(f"a {bq}x{bkv}-token tile spans {rows}x{cols} layout blocks of {block_size=}; the GPU kernels "
+                       f"mask at most {MAX_SUB_BLOCKS} per tile: use block_size >= {max(bq, bkv) // 4} (or a "
+                       f"multiple of 64), or implementation='xla'")
     return int(bq), int(bkv)
+
+
+def sub_blocks(block_size: int, block_q: int, block_kv: int) -> tuple[int, int]:
+  """How many layout blocks a `block_q x block_kv` tile spans along queries and keys ((1, 1): it lies in one)."""
+  return max(block_q // block_size, 1), max(block_kv // block_size, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +71,8 @@ class KernelStatic:
   interpret: object  # False, True, or a pltpu.InterpretParams / InterpretGPUParams
   dropout_rate: float = 0.0
   heads: int = 1  # query heads (the dropout counter is batch * heads + head)
+  layout_block: int = 0  # the layout's block size in tokens
+  sub_blocks: tuple[int, int] = (1, 1)  # layout blocks per tile (queries, keys): > 1 masks blocks inside a tile
 
   @property
   def keep_threshold(self) -> int:
@@ -112,4 +132,5 @@ def dropout_seed(rng: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jax.random.bits(rng, (), jnp.uint32), jnp.int32)
 
 
-__all__ = ["Backend", "BlockSizes", "KernelStatic", "NEG", "dropout_keep", "dropout_seed", "keep_threshold"]
+__all__ = ["Backend", "BlockSizes", "KernelStatic", "MAX_SUB_BLOCKS", "NEG", "dropout_keep", "dropout_seed", "keep_threshold",
+           "sub_blocks"]

@@ -9,12 +9,16 @@ statistics live in registers (per-row vectors of the wgmma layout). Tensors are 
 V (dQ), Q and dO (dK/dV) are also passed transposed (`[B, H, D, L]`, transposed by XLA) so that every wgmma B
 operand is a plain shared-memory tile, and probabilities reach the second matmul through shared memory (see
 `kernels.mosaic_gpu`). Dropout: the hash mask of `common.dropout_keep` on register tiles, regenerated in the backward.
+Layout blocks smaller than a tile (16 or 32 tokens under 64-token tiles): a tile is listed when any of its blocks is
+allowed, and the listed tile's bits (`tables.tile_bits`) mask the others (`_mask_sub_blocks`); lengths are padded to
+a whole tile by the caller.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -68,6 +72,30 @@ def _mask_scores(s, q_tile, kv_tile, bias_col, *, causal, rows_are_queries, bloc
   return s
 
 
+def _lists(group) -> list[jax.Array]:
+  """A group's tables as kernel inputs: tile ids, listed tiles, counts and (one unused entry when tiles lie inside
+  layout blocks) the listed tiles' sub-block bits."""
+  bits = group.bits if group.bits is not None else np.zeros(1, np.int32)
+  return [jnp.asarray(group.ids), jnp.asarray(group.index), jnp.asarray(group.count), jnp.asarray(bits)]
+
+
+def _mask_sub_blocks(st: KernelStatic, s, bits_ref, entry, *, rows_are_queries, lay):
+  """-inf where a tile spanning several layout blocks covers a block pair the layout does not allow: bit
+  `a * c + b` of `bits_ref[entry]` (`tables.tile_bits`) for query block a and key block b of the tile. Identity
+  otherwise (the table is then a single unused entry, never read)."""
+  if st.sub_blocks == (1, 1):
+    return s
+  bits = bits_ref[entry]
+  shift = st.layout_block.bit_length() - 1  # layout blocks under a 64-token tile are powers of two
+  const = lambda c: lax.broadcast(np.int32(c), s.shape)  # noqa: E731  (no full_like: see common._shr)
+  rows = lax.shift_right_logical(plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=lay.WGMMA), const(shift))
+  cols = lax.shift_right_logical(plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=lay.WGMMA), const(shift))
+  q_block, k_block = (rows, cols) if rows_are_queries else (cols, rows)
+  bit = q_block * st.sub_blocks[1] + k_block
+  allowed = lax.shift_right_logical(lax.broadcast(bits, s.shape), bit) & 1
+  return jnp.where(allowed != 0, s, -jnp.inf)
+
+
 def forward(st: KernelStatic, q, k, v, kv_mask, seed):
   """q, k, v: [B, H, L, D] -> (o [B, H, L, D], lse [B, H, L] float32); one kernel call per row group."""
   outs, lses = [], []
@@ -87,7 +115,7 @@ def _forward_group(st: KernelStatic, group, q, k, v, kv_mask, seed):
   lay = _layouts(st)
   kT = jnp.swapaxes(k, 2, 3)
 
-  def kernel(ids_ref, kv_index_ref, kv_count_ref, seed_ref, q_ref, kT_ref, v_ref, *rest):
+  def kernel(ids_ref, kv_index_ref, kv_count_ref, bits_ref, seed_ref, q_ref, kT_ref, v_ref, *rest):
     if has_mask:
       bias_ref, o_ref, lse_ref, scratch = rest[0], rest[1], rest[2], rest[3:]
     else:
@@ -117,6 +145,7 @@ def _forward_group(st: KernelStatic, group, q, k, v, kv_mask, seed):
         bias = lax.broadcast_in_dim(mg.load(bias_smem.at[slot], lay.COL), (bq, bkv), [1])
       s = mg.mma(q_smem, kT_smem.at[slot], (bq, bkv)) * st.scale
       s = _mask_scores(s, i, j, bias, causal=st.causal, rows_are_queries=True, block_q=bq, block_kv=bkv, lay=lay)
+      s = _mask_sub_blocks(st, s, bits_ref, row * kw + step, rows_are_queries=True, lay=lay)
       m_next = jnp.maximum(m, s.max(axis=1))
       p = jnp.exp(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
       alpha = jnp.exp(m - m_next)
@@ -146,7 +175,7 @@ def _forward_group(st: KernelStatic, group, q, k, v, kv_mask, seed):
              plgpu.SMEM((2, bkv), jnp.float32), mg.smem((bq, bkv), dt),
              plgpu.SMEM((bq,), jnp.float32), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2),
              plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2)]
-  args = [jnp.asarray(group.ids), jnp.asarray(group.index), jnp.asarray(group.count), seed, q, kT, v]
+  args = [*_lists(group), seed, q, kT, v]
   if has_mask:
     args.append(_kv_bias(kv_mask))
   return plgpu.kernel(
@@ -165,7 +194,8 @@ def _dq(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
   lay = _layouts(st)
   kT, vT = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)
 
-  def kernel(ids_ref, kv_index_ref, kv_count_ref, seed_ref, q_ref, k_ref, kT_ref, vT_ref, do_ref, lse_ref, delta_ref,
+  def kernel(ids_ref, kv_index_ref, kv_count_ref, bits_ref, seed_ref, q_ref, k_ref, kT_ref, vT_ref, do_ref, lse_ref,
+             delta_ref,
              *rest):
     if has_mask:
       bias_ref, dq_ref, scratch = rest[0], rest[1], rest[2:]
@@ -203,6 +233,7 @@ def _dq(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
         bias = lax.broadcast_in_dim(mg.load(bias_smem.at[slot], lay.COL), (bq, bkv), [1])
       s = mg.mma(q_smem, kT_smem.at[slot], (bq, bkv)) * st.scale
       s = _mask_scores(s, i, j, bias, causal=st.causal, rows_are_queries=True, block_q=bq, block_kv=bkv, lay=lay)
+      s = _mask_sub_blocks(st, s, bits_ref, row * kw + step, rows_are_queries=True, lay=lay)
       p = jnp.exp(s - lax.broadcast_in_dim(lse, s.shape, [0]))
       dp = mg.mma(do_smem, vT_smem.at[slot], (bq, bkv))
       drop = _drop_scale(st, seed_ref[0], s.shape, i, j, bi, hi, rows_are_queries=True, lay=lay)
@@ -224,7 +255,7 @@ def _dq(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
              plgpu.SMEM((bq,), jnp.float32), mg.smem((2, bkv, d), dt), mg.smem((2, d, bkv), dt),
              mg.smem((2, d, bkv), dt), plgpu.SMEM((2, bkv), jnp.float32), mg.smem((bq, bkv), dt),
              plgpu.Barrier(num_barriers=4)] + [plgpu.Barrier(num_barriers=2)] * 4
-  args = [jnp.asarray(group.ids), jnp.asarray(group.index), jnp.asarray(group.count), seed, q, k, kT, vT, do, lse,
+  args = [*_lists(group), seed, q, k, kT, vT, do, lse,
           delta]
   if has_mask:
     args.append(_kv_bias(kv_mask))
@@ -242,8 +273,8 @@ def _dkv(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
   lay = _layouts(st)
   qT, doT = jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)
 
-  def kernel(ids_ref, q_index_ref, q_count_ref, seed_ref, q_ref, qT_ref, k_ref, v_ref, do_ref, doT_ref, lse_ref,
-             delta_ref, *rest):
+  def kernel(ids_ref, q_index_ref, q_count_ref, bits_ref, seed_ref, q_ref, qT_ref, k_ref, v_ref, do_ref, doT_ref,
+             lse_ref, delta_ref, *rest):
     if has_mask:
       bias_ref, dk_ref, dv_ref, scratch = rest[0], rest[1], rest[2], rest[3:]
     else:
@@ -283,6 +314,7 @@ def _dkv(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
       delta = lax.broadcast_in_dim(mg.load(delta_smem.at[slot], lay.COL), (bkv, bq), [1])
       sT = mg.mma(k_smem, qT_smem.at[slot], (bkv, bq)) * st.scale
       sT = _mask_scores(sT, i, j, bias, causal=st.causal, rows_are_queries=False, block_q=bq, block_kv=bkv, lay=lay)
+      sT = _mask_sub_blocks(st, sT, bits_ref, col * qw + step, rows_are_queries=False, lay=lay)
       pT = jnp.exp(sT - lse)
       drop = _drop_scale(st, seed_ref[0], sT.shape, i, j, bi, hi, rows_are_queries=False, lay=lay)
       mg.stage(p_smem, pT if drop is None else pT * drop)
@@ -311,7 +343,7 @@ def _dkv(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
              mg.smem((2, bq, d), dt), mg.smem((2, d, bq), dt), mg.smem((2, bq, d), dt), mg.smem((2, d, bq), dt),
              plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32), mg.smem((bkv, bq), dt),
              mg.smem((bkv, bq), dt), plgpu.Barrier(num_barriers=3)] + [plgpu.Barrier(num_barriers=2)] * 6
-  args = [jnp.asarray(group.ids), jnp.asarray(group.index), jnp.asarray(group.count), seed, q, qT, k, v, do, doT,
+  args = [*_lists(group), seed, q, qT, k, v, do, doT,
           lse, delta]
   if has_mask:
     args.append(_kv_bias(kv_mask))

@@ -2,8 +2,9 @@
 visited, and the forward and backward kernels are joined by `jax.custom_vjp` (`block_sparse_attention_pallas`, which
 also dispatches to the Mosaic GPU kernels of `pallas_gpu`).
 
-The layout is refined on the host to kernel tiles of `block_q x block_kv` tokens (each tile inside one layout block)
-and turned into index lists (`tables.make_tables`, as splash attention's `MaskInfo`): forward and dQ walk, per query
+The layout is refined on the host to kernel tiles of `block_q x block_kv` tokens (each tile inside one layout block;
+on GPU a 64-token tile may also span 2x2 or 4x4 smaller blocks, listed when any of them is allowed and masked inside
+by a bit per block, `tables.tile_bits`) and turned into index lists (`tables.make_tables`, as splash attention's `MaskInfo`): forward and dQ walk, per query
 tile, its allowed key tiles; dK/dV walk, per key tile, the query tiles that see it. Rows are split into a sparse and a
 dense group, one `pallas_call` each, so a global query tile (or, for dK/dV, a global key tile) does not widen the grid
 of every other row: the grid's list axis is the widest row *of its group*. Tiles wholly in the future of a causal row
@@ -20,6 +21,7 @@ A row with no allowed key outputs 0 and gets zero gradients. Scores, statistics 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.block_sparse.common import Backend, BlockSizes, KernelStatic, dropout_keep
+from kernels.block_sparse.common import Backend, BlockSizes, KernelStatic, dropout_keep, sub_blocks
 from kernels.block_sparse.tables import Lists, make_tables
 
 _LANES = 128  # TPU lane width: per-row statistics travel broadcast over one vreg row, as in jax's TPU attention kernels
@@ -376,7 +378,7 @@ def check_supported(q_shape, dtype, block_size: int, block_sizes: BlockSizes | N
     for name, value in (("block_q", block_q), ("block_kv", block_kv)):
       if value % 64 or value > 256:
         raise ValueError(f"{name}={value} must be a multiple of 64 and at most 256 on GPU (wgmma tiles of one "
-                         f"warpgroup); the layout {block_size=} allows it only if it is a multiple of 64")
+                         f"warpgroup)")
     if head_dim % 64 or head_dim > 128:
       raise ValueError(f"{head_dim=} must be 64 or 128 on GPU (128-byte swizzled wgmma operands; the double-buffered "
                        f"tiles of the backward kernels must fit in shared memory)")
@@ -402,15 +404,29 @@ def block_sparse_attention_pallas(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_
   block_q, block_kv = check_supported(q_BxLxHxD.shape, q_BxLxHxD.dtype, block_size, block_sizes, backend)
   scale = q_BxLxHxD.shape[-1] ** -0.5 if scale is None else float(scale)
   rate = float(dropout_rate) if dropout_seed is not None else 0.0
+  length = q_BxLxHxD.shape[1]
+  # Tiles spanning several layout blocks (GPU) may not divide the length: pad with blocks nothing attends to (their
+  # rows output 0 and are cut off again; dropout counters of real tokens are unchanged).
+  pad = -length % math.lcm(block_q, block_kv, block_size)
+  if pad:
+    n = (length + pad) // block_size
+    layout = np.pad(layout, ((0, 0), (0, n - layout.shape[1]), (0, n - layout.shape[2])))
+    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = widen(q_BxLxHxD), widen(k_BxLxHxD), widen(v_BxLxHxD)
+    if kv_mask is not None:
+      kv_mask = jnp.pad(kv_mask.astype(bool), ((0, 0), (0, pad)))
   tables = make_tables(layout, block_size, block_q, block_kv, causal)
   st = KernelStatic(tables=tables, key=(layout.shape, layout.tobytes(), block_size), block_q=block_q,
                     block_kv=block_kv, causal=bool(causal), scale=scale, backend=backend, interpret=interpret,
-                    dropout_rate=rate, heads=q_BxLxHxD.shape[2])
+                    dropout_rate=rate, heads=q_BxLxHxD.shape[2], layout_block=block_size,
+                    sub_blocks=sub_blocks(block_size, block_q, block_kv))
+  if st.sub_blocks != (1, 1) and backend != "gpu":
+    raise ValueError(f"tiles {block_q}x{block_kv} spanning layout blocks of {block_size=} are GPU-only")
   seed = jnp.zeros((1,), jnp.int32) if rate == 0.0 else jnp.reshape(dropout_seed, (1,)).astype(jnp.int32)
   to_bhld = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
   out = _attention(st, to_bhld(q_BxLxHxD), to_bhld(k_BxLxHxD), to_bhld(v_BxLxHxD),
                    None if kv_mask is None else kv_mask.astype(bool), seed)
-  return to_bhld(out)
+  return to_bhld(out)[:, :length]
 
 
 __all__ = ["block_sparse_attention_pallas", "check_supported", "merge_groups"]

@@ -130,33 +130,39 @@ class Lists:
 
   `ids[r]` is the tile of the group's r-th row; `index[(h * R + r) * width + s]` its s-th listed tile (layout head h),
   `count[h * R + r]` how many there are. Lists are padded to the group's widest row by repeating their last entry (the
-  pipeline keeps that block resident: no new copy); padding steps skip their compute.
+  pipeline keeps that block resident: no new copy); padding steps skip their compute. `bits` (same layout as
+  `index`; None when tiles lie inside layout blocks) holds each listed tile pair's `tile_bits`.
   """
 
   ids: np.ndarray
   index: np.ndarray
   count: np.ndarray
   width: int
+  bits: np.ndarray | None = None
 
   @property
   def rows(self) -> int:
     return int(self.ids.size)
 
 
-def _lists(allowed_HxRxC: np.ndarray, ids: np.ndarray) -> Lists:
+def _lists(allowed_HxRxC: np.ndarray, ids: np.ndarray, bits_HxRxC: np.ndarray | None = None) -> Lists:
   counts = allowed_HxRxC.sum(-1).astype(np.int32)
   width = max(int(counts.max(initial=0)), 1)
   order = np.argsort(~allowed_HxRxC, axis=-1, kind="stable")[..., :width]  # allowed first, increasing
   last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
   steps = np.arange(width)
   index = np.where(steps < counts[..., None], order, np.where(counts[..., None] > 0, last, 0))
+  bits = None
+  if bits_HxRxC is not None:
+    bits = np.take_along_axis(bits_HxRxC, index, axis=-1).astype(np.int32).reshape(-1)
   return Lists(ids=ids.astype(np.int32), index=index.astype(np.int32).reshape(-1), count=counts.reshape(-1),
-               width=width)
+               width=width, bits=bits)
 
 
-def grouped_lists(allowed_HxRxC: np.ndarray) -> tuple[Lists, ...]:
+def grouped_lists(allowed_HxRxC: np.ndarray, bits_HxRxC: np.ndarray | None = None) -> tuple[Lists, ...]:
   """The rows of a tile layout in (at most) two groups, sparse first then dense, each listed at its own width: a
-  dense row (a global query tile, or for the transposed lists a global key tile) no longer widens every row."""
+  dense row (a global query tile, or for the transposed lists a global key tile) no longer widens every row.
+  `bits_HxRxC` (`tile_bits`, rows and columns as `allowed`) rides along with each listed tile."""
   # A dense group still lists only its allowed tiles: its cost per row is the widest row's list. A second kernel call
   # is worth it only when it saves at least a quarter of the grid steps.
   counts = allowed_HxRxC.sum(-1).max(0)
@@ -165,13 +171,38 @@ def grouped_lists(allowed_HxRxC: np.ndarray) -> tuple[Lists, ...]:
   split_steps = dense.size * widest + sparse.size * int(counts[sparse].max(initial=0))
   if split_steps > 0.75 * counts.size * widest:
     dense, sparse = dense[:0], np.arange(counts.size)
-  return tuple(_lists(allowed_HxRxC[:, ids], ids) for ids in (sparse, dense) if ids.size)
+  return tuple(_lists(allowed_HxRxC[:, ids], ids, None if bits_HxRxC is None else bits_HxRxC[:, ids])
+               for ids in (sparse, dense) if ids.size)
+
+
+def _to_tiles(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int) -> np.ndarray:
+  """`[H, N * block_size // block_q, N * block_size // block_kv, r, c]`: the layout blocks each tile covers (r x c
+  of them when a tile spans several blocks; a tile inside one block repeats that block, r = c = 1)."""
+  x = np.asarray(layout_HxNxN, bool)
+  if block_q < block_size:
+    x = np.repeat(x, block_size // block_q, axis=1)
+  if block_kv < block_size:
+    x = np.repeat(x, block_size // block_kv, axis=2)
+  h, n_q, n_kv = x.shape
+  r, c = max(block_q // block_size, 1), max(block_kv // block_size, 1)
+  return x.reshape(h, n_q // r, r, n_kv // c, c).transpose(0, 1, 3, 2, 4)
+
+
+def tile_bits(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int, causal: bool) -> np.ndarray:
+  """int32 `[H, Tq, Tkv]`: for tiles spanning several layout blocks, bit `a * c + b` set when the tile's a-th query
+  block may see its b-th key block (`common.sub_blocks` gives r x c); the kernels mask the others."""
+  layout = causal_blocks(layout_HxNxN) if causal else np.asarray(layout_HxNxN, bool)
+  blocks = _to_tiles(layout, block_size, block_q, block_kv)
+  r, c = blocks.shape[-2:]
+  weights = (1 << np.arange(r * c, dtype=np.int64)).reshape(r, c)
+  return (blocks * weights).sum(axis=(-2, -1)).astype(np.int32)
 
 
 def tile_layout(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int, causal: bool) -> np.ndarray:
-  """The layout refined to kernel tiles `[H, L // block_q, L // block_kv]`; causal drops tiles wholly in the future."""
-  tiles = np.repeat(np.repeat(np.asarray(layout_HxNxN, bool), block_size // block_q, axis=1),
-                    block_size // block_kv, axis=2)
+  """The layout refined (or, for tiles spanning several blocks, coarsened: any allowed block) to kernel tiles
+  `[H, L // block_q, L // block_kv]`; causal drops tiles wholly in the future."""
+  layout = causal_blocks(layout_HxNxN) if causal else layout_HxNxN
+  tiles = _to_tiles(layout, block_size, block_q, block_kv).any(axis=(-2, -1))
   if causal:
     q_last = (np.arange(tiles.shape[1]) + 1) * block_q - 1
     kv_first = np.arange(tiles.shape[2]) * block_kv
@@ -196,7 +227,11 @@ def _kernel_tables_cached(layout_bytes: bytes, shape: tuple[int, ...], block_siz
                           causal: bool) -> KernelTables:
   layout = np.frombuffer(layout_bytes, dtype=np.bool_).reshape(shape)
   tiles = tile_layout(layout, block_size, block_q, block_kv, causal)
-  return KernelTables(kv_groups=grouped_lists(tiles), q_groups=grouped_lists(np.swapaxes(tiles, 1, 2)),
+  bits = None
+  if max(block_q, block_kv) > block_size:
+    bits = tile_bits(layout, block_size, block_q, block_kv, causal)
+  t = lambda x: None if x is None else np.swapaxes(x, 1, 2)  # noqa: E731  (key tiles -> query tiles, for dK/dV)
+  return KernelTables(kv_groups=grouped_lists(tiles, bits), q_groups=grouped_lists(t(tiles), t(bits)),
                       num_q_tiles=tiles.shape[1], num_kv_tiles=tiles.shape[2], layout_heads=tiles.shape[0])
 
 
@@ -207,4 +242,4 @@ def make_tables(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_k
 
 
 __all__ = ["KernelTables", "Lists", "XlaPlan", "causal_blocks", "expand_layout", "gather_tables", "grouped_lists",
-           "make_tables", "split_columns", "split_rows", "tile_layout", "xla_plan"]
+           "make_tables", "split_columns", "split_rows", "tile_bits", "tile_layout", "xla_plan"]

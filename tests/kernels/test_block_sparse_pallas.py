@@ -113,6 +113,10 @@ GPU_GRID = [  # Mosaic GPU kernels: bfloat16, tiles and head_dim multiples of 64
     (192, 64, 64, 2, True, True, "random", 0.0),
     (128, 128, 128, 1, False, False, "random", 0.0),  # a 128-token layout block refined to 64-token tiles
     (256, 64, 64, 1, False, True, "global", 0.25),  # dense and sparse groups, dropout regenerated in the backward
+    # 64-token tiles over 32-token layout blocks (the registry default of local/longformer/sparse_transformer): the
+    # kernels mask blocks inside a tile; 224 tokens are padded to 256 inside. Global rows/columns, causal, dropout.
+    (224, 32, 64, 2, True, True, "global", 0.25),
+    (192, 16, 64, 1, False, True, "random", 0.0),  # 4 x 4 layout blocks per tile
 ]
 
 
@@ -206,6 +210,11 @@ def test_block_sizes_and_backend_constraints_are_validated():
   assert check_supported(shape, jnp.bfloat16, 128, None, "gpu") == (64, 64)
   with pytest.raises(ValueError, match="block_q=32 must be a multiple of 64 .* on GPU"):
     check_supported(shape, jnp.bfloat16, 32, BlockSizes(block_q=32, block_kv=32), "gpu")
+  assert check_supported(shape, jnp.bfloat16, 32, None, "gpu") == (64, 64)  # a tile spans 2 x 2 layout blocks
+  with pytest.raises(ValueError, match="spans 8x8 layout blocks of block_size=8; the GPU kernels mask at most 31"):
+    check_supported(shape, jnp.bfloat16, 8, None, "gpu")
+  with pytest.raises(ValueError, match="block_q=64 must divide the layout block_size=32$"):
+    check_supported(shape, jnp.float32, 32, BlockSizes(block_q=64), "tpu")
   with pytest.raises(ValueError, match="head_dim=32 must be 64 or 128 on GPU"):
     check_supported((1, 128, 2, 32), jnp.bfloat16, 64, None, "gpu")
   with pytest.raises(ValueError, match="dtype=float32 is not supported by the GPU kernel"):

@@ -8,9 +8,8 @@ its mesh shardings: under a mesh, jax traces shardings into the kernels' bodies 
 `reshard` that Mosaic GPU could not lower: the H100 failure of issue 13), so a step jitted without them would not
 test what training runs. Nothing is executed on an accelerator: the step is only traced and lowered
 (`jax.export`), with `disabled_checks` for the kernels' custom-call targets.
-Options set per variant so that the kernels can serve the call (the defaults log a fallback instead):
-`performer.num_features=128` (the Mosaic GPU kernel takes feature dims 64 or 128; the default is 256) and
-`block_size=64` for the block-sparse family (Mosaic GPU tiles are multiples of 64).
+Every variant runs with its registry defaults except `performer.num_features=128` (the Mosaic GPU kernel takes
+feature dims 64 or 128; the default 256 logs a fallback to XLA on cuda).
 """
 
 from __future__ import annotations
@@ -31,10 +30,12 @@ VARIANTS = {  # name: (attention options, kernel names the exported step must ho
     "linear": ({}, LINEAR_KERNELS),
     "performer": ({"num_features": 128}, LINEAR_KERNELS),
     "transnormer": ({}, LINEAR_KERNELS),  # layer 0 "diag" (block-diagonal softmax, XLA), layer 1 "norm" (kernel)
-    "local": ({"block_size": 64}, SPARSE_KERNELS),
-    "bigbird": ({"block_size": 64}, SPARSE_KERNELS),
-    "longformer": ({"block_size": 64}, SPARSE_KERNELS),
-    "sparse_transformer": ({"block_size": 64}, SPARSE_KERNELS),
+    # Registry defaults: 32-token blocks (local, longformer, sparse_transformer) run in 64-token GPU tiles that mask
+    # the layout's blocks inside them; bigbird's blocks are 64 tokens.
+    "local": ({}, SPARSE_KERNELS),
+    "bigbird": ({}, SPARSE_KERNELS),
+    "longformer": ({}, SPARSE_KERNELS),
+    "sparse_transformer": ({}, SPARSE_KERNELS),
 }
 LENGTH, BATCH = 256, 2
 
