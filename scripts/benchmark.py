@@ -98,6 +98,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _TIMEOUT = flags.DEFINE_float("timeout", 900.0, "Seconds one cell (compile + warmup + steps; a worker's "
                              "first cell also its start-up) may take.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where benchmark.md, benchmark.csv and benchmark.png go.")
+_IMPLEMENTATION = flags.DEFINE_enum(
+    "implementation", "auto", ["auto", "xla", "pallas"], "The attention `implementation` option of every variant that "
+    "has one: auto leaves it at None (Pallas kernels where the lowering platform's kernel serves the call, else XLA "
+    "with a logged reason); xla or pallas force it (kernels vs XLA: two runs on the same device).")
 _MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Only compile and read XLA's memory analysis (no timing).")
 _PROCESS_PER_CELL = flags.DEFINE_bool("process_per_cell", False, "A fresh worker process for every cell (exact "
                                       "per-cell device peak memory; slower start-up).")
@@ -163,7 +167,7 @@ def _config(variant: str, length: int, num_layers: int, batch_size: int):
 
 
 def measure(variant: str, length: int, *, num_layers: int, batch_size: int, dtype: str, steps: int, warmup: int,
-            memory_only: bool) -> dict[str, Any]:
+            memory_only: bool, implementation: str = "auto") -> dict[str, Any]:
   """Compiles (and unless `memory_only`, times) one training step of the Text encoder; figures as a dict."""
   # pylint: disable=import-outside-toplevel
   import jax
@@ -173,6 +177,9 @@ def measure(variant: str, length: int, *, num_layers: int, batch_size: int, dtyp
 
   config = _config(variant, length, num_layers, batch_size)
   config.model.dtype = dtype  # the encoder computes in it; parameters and optimizer state stay float32
+  from attention import registry  # pylint: disable=import-outside-toplevel
+  if implementation != "auto" and "implementation" in registry.options(variant):
+    config.model.attention.implementation = implementation
   exp = trainer.Experiment(config)
   state = exp.init_state()
 
@@ -559,7 +566,8 @@ def run(argv: Sequence[str]) -> str:
   log_dir = output_dir / "logs"
   log_dir.mkdir(parents=True, exist_ok=True)
   options = {"num_layers": _NUM_LAYERS.value, "batch_size": _BATCH_SIZE.value, "dtype": _DTYPE.value,
-             "steps": _STEPS.value, "warmup": _WARMUP.value, "memory_only": _MEMORY_ONLY.value}
+             "steps": _STEPS.value, "warmup": _WARMUP.value, "memory_only": _MEMORY_ONLY.value,
+             "implementation": _IMPLEMENTATION.value}
 
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   interactive = sys.stderr.isatty()
@@ -609,7 +617,7 @@ def main(argv: Sequence[str]) -> None:
   if _WORKER.value:
     run_worker(_WORKER.value, _parse_lengths(_LENGTHS.value), num_layers=_NUM_LAYERS.value,
                batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
-               memory_only=_MEMORY_ONLY.value)
+               memory_only=_MEMORY_ONLY.value, implementation=_IMPLEMENTATION.value)
     return
   try:
     text = run(sys.argv)

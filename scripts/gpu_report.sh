@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One short accelerator session for docs/benchmarks.md (issue 12's GPU table, issue 13's kernels-vs-XLA runs).
+# One short accelerator session for docs/benchmarks.md and docs/precision.md (issue 13 on a GPU):
 #
 #   OUT=/tmp/gpu_report bash scripts/gpu_report.sh
 #
-# 1. scripts/benchmark.py in bfloat16 at 4K and 16K tokens for softmax, local, bigbird and linear (the
-#    kernels are chosen where the step is lowered: Pallas on cuda/tpu);
-# 2. ListOps runlocal in bfloat16 (head dim 64, block size 64) with bigbird and linear, kernels (implementation left
-#    to the dispatcher) vs implementation=xla, 100 steps each; steps/s from metrics.jsonl.
+# 1. scripts/kernel_tolerance.py: bf16 kernels vs the float32 reference at 4K and 8K (block-sparse with 64- and
+#    32-token blocks, linear attention causal and not);
+# 2. scripts/benchmark.py in bfloat16 at 4K and 16K with every variant that has a GPU kernel, at registry defaults
+#    (the kernels are chosen where the step is lowered), then local, bigbird and linear again with
+#    --implementation=xla: kernels vs XLA on the same device; fallback log lines of both runs to fallbacks.txt;
+# 3. ListOps runlocal in bfloat16 (head dim 64, attention dropout 0.1: the dropout hash inside the kernels, under the
+#    training mesh) with local, bigbird and linear, kernels vs implementation=xla, 60 steps each; steps/s and loss
+#    from metrics.jsonl.
 # Every phase has a time limit so the whole fits one device call; a phase that runs out is reported as such.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_report}
@@ -19,22 +23,38 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
-timeout "${BENCH_SECONDS:-200}" python3 scripts/benchmark.py --dtype=bfloat16 --lengths=4096,16384 \
-  --attention=softmax,local,bigbird,linear --steps=10 --warmup=2 \
-  --timeout=60 --output_dir=/tmp/gpu_bench || echo "benchmark phase ended with status $?"
-cp /tmp/gpu_bench/benchmark.md /tmp/gpu_bench/benchmark.csv /tmp/gpu_bench/benchmark.png "$OUT/" 2>/dev/null
+timeout "${TOL_SECONDS:-90}" python3 scripts/kernel_tolerance.py --lengths=4096,8192 --output="$OUT/tolerance.md" \
+  > /tmp/tolerance.log 2>&1 || echo "tolerance phase ended with status $?"
+tail -7 /tmp/tolerance.log
 
-for variant in bigbird linear; do
+timeout "${BENCH_SECONDS:-200}" python3 scripts/benchmark.py --dtype=bfloat16 --lengths=4096,16384 \
+  --attention=local,bigbird,longformer,sparse_transformer,linear,transnormer --steps=10 --warmup=2 \
+  --timeout=60 --output_dir=/tmp/gpu_bench > /tmp/bench.log 2>&1 || echo "benchmark phase ended with status $?"
+cp /tmp/gpu_bench/benchmark.md /tmp/gpu_bench/benchmark.csv /tmp/gpu_bench/benchmark.png "$OUT/" 2>/dev/null
+timeout "${XLA_SECONDS:-100}" python3 scripts/benchmark.py --dtype=bfloat16 --lengths=4096,16384 \
+  --attention=local,bigbird,linear --implementation=xla --steps=10 --warmup=2 \
+  --timeout=60 --output_dir=/tmp/gpu_bench_xla > /tmp/bench_xla.log 2>&1 || echo "xla benchmark phase ended with status $?"
+cp /tmp/gpu_bench_xla/benchmark.csv "$OUT/benchmark_xla.csv" 2>/dev/null
+grep -h "variant\|@" /tmp/bench.log /tmp/bench_xla.log | grep "@" | sed 's/^/bench: /'
+grep -rh "cannot serve\|Error" /tmp/gpu_bench/logs /tmp/gpu_bench_xla/logs 2>/dev/null | sort | uniq -c \
+  > "$OUT/fallbacks.txt"
+cat "$OUT/fallbacks.txt"
+
+for variant in local bigbird linear; do
   for impl in default xla; do
     extra=()
     [ "$impl" = xla ] && extra=(--config.model.attention.implementation=xla)
-    [ "$variant" = bigbird ] && extra+=(--config.model.attention.block_size=64)
-    timeout "${LISTOPS_SECONDS:-35}" python3 train.py --config "configs/lra/listops.py:runlocal,attention=$variant" \
+    timeout "${LISTOPS_SECONDS:-40}" python3 train.py --config "configs/lra/listops.py:runlocal,attention=$variant" \
       --workdir "/tmp/listops_${variant}_${impl}" --config.model.dtype=bfloat16 --config.model.qkv_dim=256 \
-      --config.model.num_heads=4 --config.train.num_steps=100 --config.train.log_every_steps=50 --config.train.eval_every_steps=100 \
-      --config.train.checkpoint_every_steps=100 --config.train.num_eval_batches=1 "${extra[@]}" \
-      > "$OUT/listops_${variant}_${impl}.log" 2>&1 || echo "listops $variant $impl ended with status $?"
+      --config.model.num_heads=4 --config.model.attention_dropout_rate=0.1 --config.train.num_steps=60 \
+      --config.train.log_every_steps=30 --config.train.eval_every_steps=60 --config.train.checkpoint_every_steps=60 \
+      --config.train.num_eval_batches=1 "${extra[@]}" > "/tmp/listops_${variant}_${impl}.log" 2>&1 \
+      || echo "listops $variant $impl ended with status $?"
+    grep -h "cannot serve" "/tmp/listops_${variant}_${impl}.log" | sed "s/^/listops $variant $impl: /" | tee -a "$OUT/listops.txt"
     grep -h steps_per_second "/tmp/listops_${variant}_${impl}/metrics.jsonl" | tail -1 \
       | sed "s/^/listops $variant $impl: /" | tee -a "$OUT/listops.txt"
   done
 done
+tail -n 30 /tmp/listops_bigbird_default.log > "$OUT/listops_bigbird_default_tail.log"
+tar czf "$OUT/logs.tgz" /tmp/*.log /tmp/gpu_bench/logs /tmp/gpu_bench_xla/logs 2>/dev/null
+echo "gpu_report done"
