@@ -60,6 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/benchmark.py` from anywhere
   sys.path.insert(0, str(ROOT))
 
+from lra import cli  # noqa: E402  (after the path set-up)
+
 BASELINE = "softmax"
 DEFAULT_LENGTHS = (1024, 2048, 3072, 4096)
 RESULT_PREFIX = "@@benchmark "  # worker stdout lines carrying results; anything else a library prints is ignored
@@ -619,13 +621,8 @@ def main(argv: Sequence[str]) -> None:
                batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
                memory_only=_MEMORY_ONLY.value, implementation=_IMPLEMENTATION.value)
     return
-  try:
-    text = run(sys.argv)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(text)
+  print(run(sys.argv))  # a bad flag value (ValueError) becomes cli.run's one `error:` line, exit status 2
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2

@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lra import cli  # noqa: E402  (after the path set-up)
 from memory_analysis import compiled_memory, mib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from kernels.linear_attention import linear_attention  # noqa: E402
@@ -50,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2

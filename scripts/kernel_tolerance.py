@@ -25,6 +25,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
+from lra import cli  # noqa: E402  (after the path set-up)
+
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "8192"], "Sequence lengths (tokens).")
 _IMPLEMENTATION = flags.DEFINE_enum("implementation", "pallas", ["pallas", "interpret", "xla"],
                                     "Which bf16 implementation is checked against the float32 reference.")
@@ -115,9 +117,7 @@ def main(argv: Sequence[str]) -> None:
   lengths = [int(x) for x in _LENGTHS.value]
   unknown = set(_CASES.value) - {"bigbird", "local", "linear_noncausal", "linear_causal"}
   if unknown:
-    print(f"error: unknown --cases {sorted(unknown)}; valid: bigbird, local, linear_noncausal, linear_causal",
-          file=sys.stderr)
-    sys.exit(2)
+    raise cli.UserError(f"unknown --cases {sorted(unknown)}; valid: bigbird, local, linear_noncausal, linear_causal")
   rows = []
   for case in _CASES.value:
     for length in lengths:
@@ -137,4 +137,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2

@@ -24,6 +24,8 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
+from lra import cli
+
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image", "pathfinder": "Path",
           "pathx": "Path-X"}
@@ -198,4 +200,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2

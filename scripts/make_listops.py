@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from lra import cli
 from lra.tasks import listops_generator
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write basic_{train,val,test}.tsv into.", required=True)
@@ -52,4 +53,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 
+from lra import cli
 from lra.tasks import pathfinder_generator
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write pathfinder{N}/ into.", required=True)
@@ -50,4 +51,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2

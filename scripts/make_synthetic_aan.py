@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 
+from lra import cli
 from lra.tasks import synthetic_aan
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write new_aan_pairs.*.tsv into.", required=True)
@@ -38,4 +39,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2

@@ -9,13 +9,14 @@ scheme and are checked against the reference in tests/kernels).
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kernels import block_sparse_attention, linear_attention
 from kernels.softmax import softmax_attention
+from lra import cli
 
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Also measure the TPU Pallas kernels in interpret mode (1K tokens).")
 
@@ -84,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2

@@ -48,6 +48,8 @@ from absl import flags
 
 # Run as a script, the repository root is not on sys.path; the package layout is.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lra import cli  # noqa: E402  (after the path set-up)
 from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = common.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=False)
@@ -544,4 +546,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # user errors: one `error:` line, exit status 2
