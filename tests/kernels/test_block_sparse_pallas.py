@@ -16,7 +16,7 @@ from kernels import block_sparse_attention
 from kernels.block_sparse import block_sparse_attention_reference, dropout_seed
 from kernels.block_sparse.common import BlockSizes
 from kernels.block_sparse.pallas_tpu import block_sparse_attention_pallas, check_supported
-from kernels.block_sparse.tables import make_tables, tile_layout
+from kernels.block_sparse.tables import make_tables, tile_bits, tile_layout
 
 # float32: kernel and reference both accumulate in float32 and differ in summation order (online softmax, tile
 # order). bfloat16: the probabilities fed to the second matmul are rounded to bfloat16 in the kernel but not in
@@ -167,6 +167,21 @@ def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
   np.testing.assert_allclose(got, want[0], rtol=1e-5)
   for g, w in zip(grads, want[1]):
     np.testing.assert_allclose(g, w, **GRAD_TOL[jnp.float32])
+
+
+def test_tiles_spanning_layout_blocks_carry_one_bit_per_block_pair():
+  # 4 x 4 layout blocks of 32 tokens under 64-token tiles: 2 x 2 tiles of 2 x 2 blocks; bit a * 2 + b for query block
+  # a and key block b of a tile.
+  layout = np.array([[[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]], bool)
+  np.testing.assert_array_equal(tile_layout(layout, 32, 64, 64, causal=False)[0], [[True, False], [False, True]])
+  np.testing.assert_array_equal(tile_bits(layout, 32, 64, 64, causal=False)[0], [[0b1101, 0], [0, 0b1000]])
+  t = make_tables(layout, block_size=32, block_q=64, block_kv=64, causal=False)
+  assert [g.bits.tolist() for g in t.kv_groups] == [[0b1101, 0b1000]]  # the listed tiles' bits, row by row
+  assert [g.bits.tolist() for g in t.q_groups] == [[0b1101, 0b1000]]  # the transposed lists keep (query, key) bits
+  # Causal drops the future block pairs inside a diagonal tile: block (0, 1) of a full tile.
+  full = np.ones((1, 2, 2), bool)
+  assert tile_bits(full, 32, 64, 64, causal=True)[0, 0, 0] == 0b1101
+  assert make_tables(layout, block_size=32, block_q=32, block_kv=32, causal=False).kv_groups[0].bits is None
 
 
 def test_tables_list_allowed_tiles_in_order_and_their_transpose():
