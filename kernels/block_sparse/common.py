@@ -44,6 +44,10 @@ class BlockSizes:
       spans = " or be a multiple of it (a tile spanning whole layout blocks)" if backend == "gpu" else ""
       raise ValueError(f"{name}={value} must divide the layout {block_size=}{spans}")
     rows, cols = sub_blocks(block_size, int(bq), int(bkv))
+    if (rows, cols) != (1, 1) and block_size & (block_size - 1):
+      # The kernels find a token's block inside a tile by a shift: integer division is not a Mosaic GPU vector op.
+      raise ValueError(f"tiles {bq}x{bkv} spanning layout blocks need a power-of-two block_size, got {block_size=}; "
+                       f"use block_size 16, 32 or a multiple of the tile, or implementation='xla'")
     if rows * cols > MAX_SUB_BLOCKS:
       raise ValueError(f"a {bq}x{bkv}-token tile spans {rows}x{cols} layout blocks of {block_size=}; the GPU kernels "
                        f"mask at most {MAX_SUB_BLOCKS} per tile: use block_size >= {max(bq, bkv) // 4} (or a "
@@ -132,5 +136,5 @@ def dropout_seed(rng: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jax.random.bits(rng, (), jnp.uint32), jnp.int32)
 
 
-__all__ = ["Backend", "BlockSizes", "KernelStatic", "MAX_SUB_BLOCKS", "NEG", "dropout_keep", "dropout_seed", "keep_threshold",
-           "sub_blocks"]
+__all__ = ["Backend", "BlockSizes", "KernelStatic", "MAX_SUB_BLOCKS", "NEG", "dropout_keep", "dropout_seed",
+           "keep_threshold", "sub_blocks"]

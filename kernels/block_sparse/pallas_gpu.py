@@ -195,8 +195,7 @@ def _dq(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
   kT, vT = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)
 
   def kernel(ids_ref, kv_index_ref, kv_count_ref, bits_ref, seed_ref, q_ref, k_ref, kT_ref, vT_ref, do_ref, lse_ref,
-             delta_ref,
-             *rest):
+             delta_ref, *rest):
     if has_mask:
       bias_ref, dq_ref, scratch = rest[0], rest[1], rest[2:]
     else:
@@ -255,8 +254,7 @@ def _dq(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
              plgpu.SMEM((bq,), jnp.float32), mg.smem((2, bkv, d), dt), mg.smem((2, d, bkv), dt),
              mg.smem((2, d, bkv), dt), plgpu.SMEM((2, bkv), jnp.float32), mg.smem((bq, bkv), dt),
              plgpu.Barrier(num_barriers=4)] + [plgpu.Barrier(num_barriers=2)] * 4
-  args = [*_lists(group), seed, q, k, kT, vT, do, lse,
-          delta]
+  args = [*_lists(group), seed, q, k, kT, vT, do, lse, delta]
   if has_mask:
     args.append(_kv_bias(kv_mask))
   return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((b, h, nr * bq, d), q.dtype), scratch_types=scratch,
@@ -343,8 +341,7 @@ def _dkv(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
              mg.smem((2, bq, d), dt), mg.smem((2, d, bq), dt), mg.smem((2, bq, d), dt), mg.smem((2, d, bq), dt),
              plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32), mg.smem((bkv, bq), dt),
              mg.smem((bkv, bq), dt), plgpu.Barrier(num_barriers=3)] + [plgpu.Barrier(num_barriers=2)] * 6
-  args = [*_lists(group), seed, q, qT, k, v, do, doT,
-          lse, delta]
+  args = [*_lists(group), seed, q, qT, k, v, do, doT, lse, delta]
   if has_mask:
     args.append(_kv_bias(kv_mask))
   return plgpu.kernel(kernel, out_type=[jax.ShapeDtypeStruct((b, h, nr * bkv, d), k.dtype),

@@ -4,11 +4,12 @@ also dispatches to the Mosaic GPU kernels of `pallas_gpu`).
 
 The layout is refined on the host to kernel tiles of `block_q x block_kv` tokens (each tile inside one layout block;
 on GPU a 64-token tile may also span 2x2 or 4x4 smaller blocks, listed when any of them is allowed and masked inside
-by a bit per block, `tables.tile_bits`) and turned into index lists (`tables.make_tables`, as splash attention's `MaskInfo`): forward and dQ walk, per query
-tile, its allowed key tiles; dK/dV walk, per key tile, the query tiles that see it. Rows are split into a sparse and a
-dense group, one `pallas_call` each, so a global query tile (or, for dK/dV, a global key tile) does not widen the grid
-of every other row: the grid's list axis is the widest row *of its group*. Tiles wholly in the future of a causal row
-are dropped on the host; tiles crossing the diagonal are masked in the kernel.
+by a bit per block, `tables.tile_bits`) and turned into index lists (`tables.make_tables`, as splash attention's
+`MaskInfo`): forward and dQ walk, per query tile, its allowed key tiles; dK/dV walk, per key tile, the query tiles
+that see it. Rows are split into a sparse and a dense group, one `pallas_call` each, so a global query tile (or, for
+dK/dV, a global key tile) does not widen the grid of every other row: the grid's list axis is the widest row *of its
+group*. Tiles wholly in the future of a causal row are dropped on the host; tiles crossing the diagonal are masked in
+the kernel.
 
 `pltpu.PrefetchScalarGridSpec`: the tables are scalar-prefetched into SMEM and drive the BlockSpec index maps, so only
 listed K/V tiles are DMA'd; grid `(batch, heads, group rows, list steps)`, the last axis sequential, accumulators in

@@ -228,6 +228,8 @@ def test_block_sizes_and_backend_constraints_are_validated():
   assert check_supported(shape, jnp.bfloat16, 32, None, "gpu") == (64, 64)  # a tile spans 2 x 2 layout blocks
   with pytest.raises(ValueError, match="spans 8x8 layout blocks of block_size=8; the GPU kernels mask at most 31"):
     check_supported(shape, jnp.bfloat16, 8, None, "gpu")
+  with pytest.raises(ValueError, match="need a power-of-two block_size, got block_size=48"):
+    check_supported(shape, jnp.bfloat16, 48, BlockSizes(block_q=192, block_kv=192), "gpu")
   with pytest.raises(ValueError, match="block_q=64 must divide the layout block_size=32$"):
     check_supported(shape, jnp.float32, 32, BlockSizes(block_q=64), "tpu")
   with pytest.raises(ValueError, match="head_dim=32 must be 64 or 128 on GPU"):
