@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-Backend = Literal["tpu", "gpu"]
-NEG = float(jnp.finfo(jnp.float32).min)  # finite floor for masked scores: empty rows stay finite
+from kernels.common import MASK_VALUE, dropout_keep, dropout_seed, keep_threshold
+from kernels.platform import Backend
+
+NEG = MASK_VALUE  # kept for the block-sparse modules until they import kernels.common directly
+
 
 
 # A GPU tile larger than the layout block carries which of its layout blocks are allowed as bits of one int32.
@@ -81,59 +81,6 @@ class KernelStatic:
   @property
   def keep_threshold(self) -> int:
     return keep_threshold(self.dropout_rate)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Dropout: a counter-based hash of (seed, batch * heads + head, query position, key position), so a backward kernel
-# regenerates the forward's mask from the seed alone.
-
-_KEEP_BITS = 24  # the top 24 bits of the hash decide: keep when bits < (1 - rate) * 2^24
-
-
-def _i32(c: int) -> int:
-  """A uint32 constant as the int32 of the same bits (int32 arithmetic wraps like uint32: same bits, and Mosaic
-  lowers int32 everywhere)."""
-  return c - (1 << 32) if c >= 1 << 31 else c
-
-
-def _shr(x: jax.Array, bits: int) -> jax.Array:
-  # A broadcast numpy constant, not `jnp.full_like`: under the training step's mesh `full_like` of a scalar traces a
-  # `reshard` of a literal, which Mosaic GPU cannot lower inside a kernel ("Shaped arrays must be represented by
-  # ir.Values").
-  return jax.lax.shift_right_logical(x, jax.lax.broadcast(np.int32(bits), np.shape(x)))
-
-
-def _fmix(x: jax.Array) -> jax.Array:
-  x = x ^ _shr(x, 16)
-  x = x * _i32(0x85EBCA6B)
-  x = x ^ _shr(x, 13)
-  x = x * _i32(0xC2B2AE35)
-  return x ^ _shr(x, 16)
-
-
-def keep_threshold(rate: float) -> int:
-  """Integer threshold on `_KEEP_BITS` hash bits: a weight is kept when its bits fall below it (P = 1 - rate)."""
-  return int(round((1.0 - rate) * (1 << _KEEP_BITS)))
-
-
-def dropout_keep(seed, batch_head, q_pos, k_pos, rate: float) -> jax.Array:
-  """Bool keep-mask (True = keep) for broadcastable int32 counters; `seed` an int32 scalar (`dropout_seed`).
-
-  `batch_head = batch * heads + head`, positions are token indices in the (padded) sequence. Deterministic in its
-  arguments only, so any tiling of the scores (XLA gathers, kernel tiles, a backward kernel) regenerates the same
-  mask. Plain int32 multiplies, xors and logical shifts (murmur3's finalizer) so it runs in XLA and in the Pallas
-  kernels alike.
-  """
-  i = lambda a: jnp.asarray(a).astype(jnp.int32)  # noqa: E731
-  x = _fmix(i(seed) ^ (i(batch_head) * _i32(0x9E3779B1)))
-  x = _fmix(x ^ (i(q_pos) * _i32(0x85EBCA77)))
-  x = _fmix(x ^ (i(k_pos) * _i32(0xC2B2AE3D)))
-  return _shr(x, 32 - _KEEP_BITS) < keep_threshold(rate)
-
-
-def dropout_seed(rng: jax.Array) -> jax.Array:
-  """int32 scalar seed of the dropout hash drawn from a jax PRNG key (typed or raw)."""
-  return jax.lax.bitcast_convert_type(jax.random.bits(rng, (), jnp.uint32), jnp.int32)
 
 
 __all__ = ["Backend", "BlockSizes", "KernelStatic", "MAX_SUB_BLOCKS", "NEG", "dropout_keep", "dropout_seed",
