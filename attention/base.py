@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels import sequence as sequence_lib
 from kernels.softmax import dropout_weights
 
 # LRA's initialisation for attention projections.
@@ -121,7 +122,15 @@ class AttentionLayer(nn.Module):
 
   def project(self, x: jax.Array, name: str) -> jax.Array:
     """Projects `[B, L, F]` to `[B, L, H, D]` with the shared submodule `name` (query / key / value)."""
-    return self.dense((self.num_heads, self.head_dim(x)), name, axis=-1, kernel_init=default_kernel_init)(x)
+    y = self.dense((self.num_heads, self.head_dim(x)), name, axis=-1, kernel_init=default_kernel_init)(x)
+    if name in ("key", "value") and self.sequence_parallel_form() is None:
+      y = sequence_lib.fallback_gather(y, type(self).__name__)
+    return y
+
+  def sequence_parallel_form(self) -> str | None:
+    """The form this call takes when its input is sequence-sharded (`kernels.sequence.active()`), e.g. "ring" or
+    "state"; None is the exact fallback: keys and values all-gathered along the sequence (logged once)."""
+    return None
 
   def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return self.project(x, "query"), self.project(x, "key"), self.project(x, "value")

@@ -92,7 +92,8 @@ def make_config(task: str, *, model: Mapping[str, Any], data: Mapping[str, Any],
   config.model.attention = attention_config(attention)
   config.data = _typed("data", data_fields)
   config.train = _typed("train", train_fields)
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  # mesh.sequence: devices along the "sequence" axis (context parallelism, docs/clusters.md); data=-1 takes the rest.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, sequence=1, distributed="auto"))
   return config
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import attention as attention_lib
+from kernels import sequence as sequence_lib
 from lra.models.embeddings import PositionalEncoding
 from lra.models.mlp import MlpBlock
 from lra.models.precision import resolve_dtype
@@ -57,6 +58,8 @@ class EncoderBlock(nn.Module):
     ln_attention, ln_mlp = layer_norm("ln_attention", self.dtype), layer_norm("ln_mlp", self.dtype)
     dropout = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
     shared = dict(shared or {})
+    if sequence_lib.active() is not None and layer.sequence_parallel_form() is None:
+      sequence_lib.log_fallback(type(layer).__name__)
     if self.post_ln:
       x = ln_attention(x + dropout(layer(x, mask=mask, deterministic=deterministic, **shared)))
       return ln_mlp(x + dropout(mlp(x, deterministic)))
@@ -168,6 +171,9 @@ class Encoder(nn.Module):
         position.value = position.value + x.shape[1]
     x = PositionalEncoding(self.pos_encoding, max_length, name="pos_encoding")(x, decode_position)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    # Context parallelism: activations sharded along the length from here on (a length that mesh.sequence does not
+    # divide is sharded unevenly by GSPMD; shard_map'd attention cores pad it with masked keys themselves).
+    x, mask_BxL = sequence_lib.constrain(x), sequence_lib.constrain(mask_BxL)
 
     if self.reversible:
       if self.decode or self.post_ln:

@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 
 from lra.training import checkpoints as checkpoints_lib
 from lra.training import metric_writers, optim, preemption, sharding, validation
+from kernels import sequence as sequence_lib
 
 # Rng streams given to the model: "dropout" for dropout, "attention" for variants that draw fresh randomness per
 # call (feature redraws, hash rotations). Evaluation gets a fixed "attention" key and no dropout.
@@ -122,15 +123,24 @@ class Experiment:
 
     return jax.jit(init, out_shardings=self.replicated)()
 
+  def _in_mesh(self, fn):
+    """`fn` traced with the mesh as the sequence mesh (kernels.sequence): layers then pick their sequence-parallel
+    forms when `config.mesh.sequence > 1`."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      with sequence_lib.use_mesh(self.mesh):
+        return fn(*args, **kwargs)
+    return traced
+
   @functools.cached_property
   def jit_train_step(self):
-    return jax.jit(functools.partial(train_step, task=self.task),
+    return jax.jit(self._in_mesh(functools.partial(train_step, task=self.task)),
                    in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                    out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
   @functools.cached_property
   def jit_eval_step(self):
-    return jax.jit(functools.partial(eval_step, apply_fn=self.model.apply, task=self.task),
+    return jax.jit(self._in_mesh(functools.partial(eval_step, apply_fn=self.model.apply, task=self.task)),
                    in_shardings=(self.replicated, self.replicated, self.batch_sharding),
                    out_shardings=self.replicated)
 
@@ -138,8 +148,9 @@ class Experiment:
     """Exact metrics over a whole split (or `config.train.num_eval_batches` batches)."""
     dataset = self.task.dataset(split)
     totals: dict[str, list[float]] = {}
+    rows, row_groups = sharding.process_rows(self.mesh)
     for batch in pipeline.eval_batches(dataset, batch_size=self.config.train.eval_batch_size,
-                                       process_index=jax.process_index(), process_count=jax.process_count(),
+                                       process_index=rows, process_count=row_groups,
                                        max_batches=self.config.train.get("num_eval_batches")):
       sums = self.jit_eval_step(state.params, state.model_state, sharding.to_global(batch, self.batch_sharding))
       for name, (total, weight) in jax.device_get(sums).items():
@@ -228,9 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer = metric_writers.MetricWriter(workdir, enabled=is_writer)
   writer.truncate_after(start_step)
 
+  rows, row_groups = sharding.process_rows(exp.mesh)  # processes along "sequence" feed the same rows
   train_batches = pipeline.TrainBatches(exp.task.dataset(exp.task.train_split), batch_size=train_cfg.batch_size,
-                                        seed=config.seed, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+                                        seed=config.seed, process_index=rows, process_count=row_groups)
   progress = metric_writers.Progress(start_step, num_steps, enabled=is_writer)
   pending: list[tuple[int, dict[str, Any]]] = _pending_from_meta(meta.pop("pending", None) or [])
   task = exp.task

@@ -170,6 +170,7 @@ RULES: dict[str, Check] = {
     "train.keep_checkpoints": integer(1),
     "train.num_eval_batches": integer(1, allow_none=True),
     "mesh.data": _mesh_data,
+    "mesh.sequence": integer(1),
     "mesh.distributed": choice(("auto", True, False, "true", "false")),
 }
 
