@@ -82,6 +82,12 @@ class Based(RecurrentLayer):
     """The paper's architecture: mostly gated convolutions, with Taylor linear attention and sliding-window layers."""
     return tuple({"mode": m} for m in paper_layer_modes(num_layers))
 
+  def sequence_parallel_form(self) -> str | None:
+    # Taylor: state passing; the gated convolution has no keys (GSPMD exchanges its halo); the sliding window takes
+    # the exact fallback.
+    forms = {"taylor": super().sequence_parallel_form(), "conv": "gspmd"}
+    return forms.get(self.mode)
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from attention.base import AttentionLayer
+from kernels import sequence as sequence_lib
 from kernels.linear_attention import linear_attention, linear_attention_step
+from kernels.linear_attention.sequence_parallel import linear_attention_sequence_parallel
 
 
 def mask_keys(phi_k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, mask_BxL: jax.Array | None):
@@ -28,6 +30,9 @@ class RecurrentLayer(AttentionLayer):
   supports_decode: ClassVar[bool] = True
   fixed_size_cache: ClassVar[bool] = True
 
+  def sequence_parallel_form(self) -> str | None:
+    return None if self.decode else "state"  # per-shard states, all-gathered (LASP-2)
+
   def linear_mix(self, phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, mask: jax.Array | None, *, normalize: bool,
                  chunk_size: int, implementation: str | None, eps: float = 1e-6) -> jax.Array:
     """Linear attention of feature-mapped `phi_q`, `phi_k` over `v` (`[B, L, H, *]`), causal as the layer is.
@@ -39,6 +44,10 @@ class RecurrentLayer(AttentionLayer):
     # Features are built in float32; the core takes them in the compute dtype (the Pallas GPU kernel needs bf16/f16)
     # and accumulates states and normalizers in float32 itself.
     phi_q, phi_k = phi_q.astype(v.dtype), phi_k.astype(v.dtype)
+    if not self.decode and sequence_lib.active() is not None:
+      sequence_lib.log_once(type(self).__name__, "state passing (kernels/linear_attention/sequence_parallel.py)")
+      return linear_attention_sequence_parallel(phi_q, phi_k, v, causal=self.causal, normalize=normalize,
+                                                chunk_size=chunk_size, implementation=implementation, eps=eps)
     if not self.decode:
       return linear_attention(phi_q, phi_k, v, causal=self.causal, normalize=normalize, chunk_size=chunk_size,
                               implementation=implementation, eps=eps)

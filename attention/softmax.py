@@ -12,7 +12,9 @@ import jax
 
 from attention.base import AttentionLayer
 from attention.registry import register
+from kernels import sequence as sequence_lib
 from kernels.softmax import IMPLEMENTATIONS, Implementation, softmax_attention, softmax_attention_reference
+from kernels.softmax.ring import ring_attention
 
 __all__ = ["IMPLEMENTATIONS", "SoftmaxAttention", "softmax_attention", "softmax_attention_reference"]
 
@@ -28,6 +30,11 @@ class SoftmaxAttention(AttentionLayer):
   implementation: Implementation = None
 
   supports_decode = True
+
+  def sequence_parallel_form(self) -> str | None:
+    # Ring attention; with attention dropout the unsharded core draws its mask from jax.random over the whole
+    # [B, H, L, S] weights, which no blockwise form regenerates: the exact fallback then.
+    return "ring" if not self.decode and self.dropout_rate == 0.0 else None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -45,6 +52,9 @@ class SoftmaxAttention(AttentionLayer):
     if step is not None:
       cached, valid_BxS, _ = step
       y = attend(q, cached["key"], cached["value"], valid_BxS[:, None, None, :], False)
+    elif sequence_lib.active() is not None and self.sequence_parallel_form() == "ring":
+      sequence_lib.log_once(type(self).__name__, "ring attention (kernels/softmax/ring.py)")
+      y = ring_attention(q, k, v, key_mask_BxL=mask, causal=self.causal).astype(q.dtype)
     else:
       key_mask = None if mask is None else mask[:, None, None, :]
       y = attend(q, k, v, key_mask, self.causal)

@@ -24,7 +24,9 @@ import numpy as np
 from attention import sparse_layouts
 from attention.base import AttentionLayer
 from attention.registry import register
+from kernels import sequence as sequence_lib
 from kernels.block_sparse import IMPLEMENTATIONS, block_sparse_attention
+from kernels.block_sparse.sequence_parallel import halo_block_sparse_attention
 
 
 class BlockSparseAttention(AttentionLayer):
@@ -42,6 +44,11 @@ class BlockSparseAttention(AttentionLayer):
     """The bool `[num_heads or 1, num_blocks, num_blocks]` block layout."""
     raise NotImplementedError
 
+  def sequence_parallel_form(self) -> str | None:
+    # A band layout exchanges halos; other layouts (and attention dropout, whose hash is keyed by the positions the
+    # kernel sees) gather K/V in __call__ (the exact fallback), so the projections are left sharded here.
+    return None if self.decode else "halo"
+
   def check_options(self) -> None:
     name = type(self).__name__
     if self.block_size < 1:
@@ -55,6 +62,7 @@ class BlockSparseAttention(AttentionLayer):
     self.check_options()
     q, k, v = self.project_qkv(x)
     batch, length = x.shape[:2]
+    seq = sequence_lib.active() if not self.decode else None
     pad = -length % self.block_size
     kv_mask_BxL = None if mask is None else mask.astype(bool)
     if pad:
@@ -62,7 +70,16 @@ class BlockSparseAttention(AttentionLayer):
       real = jnp.ones((batch, length), bool) if kv_mask_BxL is None else kv_mask_BxL
       kv_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
     layout_HxNxN = self.layout((length + pad) // self.block_size)
-    y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
+    y = None
+    if seq is not None and self.dropout_rng(deterministic) is None:
+      y = halo_block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
+                                      kv_mask_BxL=kv_mask_BxL, implementation=self.implementation)
+      if y is not None:
+        sequence_lib.log_once(type(self).__name__, "halo exchange (kernels/block_sparse/sequence_parallel.py)")
+    if seq is not None and y is None:
+      k, v = (sequence_lib.fallback_gather(t, type(self).__name__) for t in (k, v))
+    if y is None:
+      y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
                                implementation=self.implementation, kv_mask=kv_mask_BxL,
                                dropout_rate=self.dropout_rate, dropout_rng=self.dropout_rng(deterministic))
     return self.project_out(y[:, :length], x.shape[-1])

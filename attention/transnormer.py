@@ -50,6 +50,10 @@ class TransNormer(RecurrentLayer):
     """The paper's architecture: DiagAttention in the first half of the layers, NormAttention in the rest."""
     return tuple({"mode": "diag" if i < num_layers // 2 else "norm"} for i in range(num_layers))
 
+  def sequence_parallel_form(self) -> str | None:
+    # NormAttention passes states; DiagAttention's blocks take the exact fallback.
+    return super().sequence_parallel_form() if self.mode == "norm" else None
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)

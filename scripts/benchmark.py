@@ -109,6 +109,11 @@ _PROCESS_PER_CELL = flags.DEFINE_bool("process_per_cell", False, "A fresh worker
                                       "per-cell device peak memory; slower start-up).")
 _MARKDOWN_HEADER = flags.DEFINE_bool("markdown_header", True, "Open benchmark.md with command, date, machine, device "
                                      "and jax version.")
+_SEQUENCE_PARALLEL = flags.DEFINE_integer(
+    "sequence_parallel", 1, "N > 1: context-parallel figures instead of the table: per-device memory and steps/s of "
+    "the step with its length sharded over N devices beside one device (scripts/benchmark_sequence.py).")
+_SEQUENCE_BASELINE = flags.DEFINE_bool("sequence_baseline", True, "With --sequence_parallel: also measure "
+                                       "mesh.sequence=1 (the ratio's denominator).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: measure this variant in this process, print JSON lines.")
 
 
@@ -620,6 +625,14 @@ def main(argv: Sequence[str]) -> None:
     run_worker(_WORKER.value, _parse_lengths(_LENGTHS.value), num_layers=_NUM_LAYERS.value,
                batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
                memory_only=_MEMORY_ONLY.value, implementation=_IMPLEMENTATION.value)
+    return
+  if _SEQUENCE_PARALLEL.value > 1:  # context parallelism: its own table (scripts/benchmark_sequence.py)
+    import benchmark_sequence  # pylint: disable=import-outside-toplevel
+    print(benchmark_sequence.run(
+        _variants(_ATTENTION.value), _parse_lengths(_LENGTHS.value), _SEQUENCE_PARALLEL.value,
+        num_layers=_NUM_LAYERS.value, batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value,
+        memory_only=_MEMORY_ONLY.value, output_dir=_OUTPUT_DIR.value or "runs/benchmark_sequence",
+        baseline=_SEQUENCE_BASELINE.value, timeout=_TIMEOUT.value))
     return
   print(run(sys.argv))  # a bad flag value (ValueError) becomes cli.run's one `error:` line, exit status 2
 

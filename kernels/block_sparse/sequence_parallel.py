@@ -1,0 +1,102 @@
+"""Banded block-sparse attention with the length sharded over the "sequence" mesh axis: halo exchange.
+
+A layout whose allowed pairs depend only on the block distance `i - j` (local windows, Longformer's sliding and dilated
+windows without global blocks) is a band reaching `before` blocks back and `after` blocks ahead. Each device then needs
+only its neighbours' `before` last and `after` first key/value blocks: two `jax.lax.ppermute`s bring them, and
+`kernels.block_sparse_attention` runs on the extended local sequence `[halo before | own blocks | halo after]` with
+the band cut to that length (halo keys beyond the sequence ends are masked; the halo rows' outputs are dropped).
+Communication per call: `(before + after) * block_size` tokens of K and V per device, independent of the length.
+
+Layouts that are not bands (global blocks, strided columns, random blocks) return None from `band_reach`, and the
+layer takes the exact fallback (K/V all-gathered). The halo form has no dropout: the block-sparse dropout hash is keyed
+by positions in the sequence the kernel sees, so a layer with attention dropout takes the fallback too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from kernels import sequence
+
+
+def _band(layout_HxNxN: np.ndarray) -> np.ndarray | None:
+  """`band[h, d + N - 1]`: whether pairs at block distance `d = i - j` are allowed, or None when the layout is not
+  translation invariant (not a band)."""
+  layout = np.asarray(layout_HxNxN, bool)
+  n = layout.shape[-1]
+  distance = np.arange(n)[:, None] - np.arange(n)[None, :]
+  band = np.zeros((layout.shape[0], 2 * n - 1), bool)
+  for h in range(layout.shape[0]):
+    band[h, (distance + n - 1)[layout[h]]] = True
+  return band if np.array_equal(band[:, distance + n - 1], layout) else None
+
+
+def band_reach(layout_HxNxN: np.ndarray) -> tuple[int, int] | None:
+  """`(before, after)` block reach of a translation-invariant band layout, or None when the layout is not one."""
+  band = _band(layout_HxNxN)
+  if band is None or not band.any():
+    return None
+  allowed = np.nonzero(band.any(axis=0))[0] - (band.shape[1] // 2)
+  return int(max(allowed.max(), 0)), int(max(-allowed.min(), 0))
+
+
+def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
+                                layout_HxNxN: np.ndarray, *, block_size: int, causal: bool,
+                                kv_mask_BxL: jax.Array | None, implementation: str | None = None,
+                                ctx: sequence.SequenceMesh | None = None) -> jax.Array | None:
+  """`kernels.block_sparse_attention` of length-sharded inputs by halo exchange, or None when this call has no halo
+  form (not a band, or the halo wider than a shard). A length that mesh.sequence * block_size does not divide is
+  padded with masked key blocks (the band is the same at any length)."""
+  from kernels.block_sparse import block_sparse_attention  # pylint: disable=g-import-not-at-top  (package entry)
+
+  ctx = ctx or sequence.active()
+  b, length = q_BxLxHxD.shape[:2]
+  n = ctx.size
+  band = _band(layout_HxNxN)
+  reach = band_reach(layout_HxNxN)
+  if reach is None or length % block_size:
+    return None
+  n0 = length // block_size  # the band is defined for block distances below n0
+  mask = jnp.ones((b, length), bool) if kv_mask_BxL is None else kv_mask_BxL.astype(bool)
+  pad = -length % (n * block_size)  # whole blocks per shard: padded with masked keys (a band does not change)
+  if pad:
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                                       for t in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+  before, after = reach
+  local_blocks = (length + pad) // block_size // n
+  if before > local_blocks or after > local_blocks:
+    return None
+  ext = before + local_blocks + after
+  d = np.arange(ext)[:, None] - np.arange(ext)[None, :]
+  layout_ext = np.where(np.abs(d) < n0, band[:, np.clip(d + n0 - 1, 0, 2 * n0 - 2)], False)
+  hb, ha = before * block_size, after * block_size
+  axis = ctx.axis
+
+  def body(q, k, v, m):
+    me = jax.lax.axis_index(axis)
+    right = [(s, (s + 1) % n) for s in range(n)]  # my last blocks go to the next device
+    left = [(s, (s - 1) % n) for s in range(n)]
+    parts_k, parts_v, parts_m, parts_q = [], [], [], []
+    if hb:
+      kp, vp, mp = (jax.lax.ppermute(t[:, -hb:], axis, right) for t in (k, v, m))
+      parts_k.append(kp), parts_v.append(vp), parts_m.append(mp & (me > 0)), parts_q.append(jnp.zeros_like(q[:, :hb]))
+    parts_k.append(k), parts_v.append(v), parts_m.append(m), parts_q.append(q)
+    if ha:
+      kn, vn, mn = (jax.lax.ppermute(t[:, :ha], axis, left) for t in (k, v, m))
+      parts_k.append(kn), parts_v.append(vn), parts_m.append(mn & (me < n - 1)), parts_q.append(jnp.zeros_like(q[:, :ha]))
+    cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
+    y = block_sparse_attention(cat(parts_q), cat(parts_k), cat(parts_v), layout_ext, block_size=block_size,
+                               causal=causal, implementation=implementation, kv_mask=cat(parts_m))
+    return y[:, hb:hb + q.shape[1]]
+
+  spec4, spec2 = P(ctx.batch_axis(b), axis, None, None), P(ctx.batch_axis(b), axis)
+  out = sequence.shard_map(body, ctx, in_specs=(spec4, spec4, spec4, spec2), out_specs=spec4)(
+      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask)
+  return out[:, :length]
+
+
+__all__ = ["band_reach", "halo_block_sparse_attention"]
