@@ -91,6 +91,11 @@ class GrassmannFlow(AttentionLayer):
   supports_decode = True
   fixed_size_cache = True
 
+  def sequence_parallel_form(self) -> str | None:
+    # No keys: the offsets' shifts of a sequence-sharded input become GSPMD collective-permutes of the
+    # max(offsets) boundary positions (the halo of its largest offset).
+    return "halo"
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)

@@ -97,6 +97,11 @@ class Linformer(AttentionLayer):
     return [{"shared_projection": projection} if o.get("sharing", cls.sharing) == "layerwise" else {}
             for o in layer_options]
 
+  def sequence_parallel_form(self) -> str | None:
+    # Sequence-sharded keys stay sharded: GSPMD computes the length projection E^T K as per-shard partial sums and
+    # one psum over the sequence axis (k rows, independent of the length); every query then sees all k rows.
+    return "psum"
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True, *,
                shared_projection: jax.Array | None = None) -> jax.Array:

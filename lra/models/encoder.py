@@ -58,8 +58,12 @@ class EncoderBlock(nn.Module):
     ln_attention, ln_mlp = layer_norm("ln_attention", self.dtype), layer_norm("ln_mlp", self.dtype)
     dropout = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
     shared = dict(shared or {})
-    if sequence_lib.active() is not None and layer.sequence_parallel_form() is None:
-      sequence_lib.log_fallback(type(layer).__name__)
+    if sequence_lib.active() is not None:
+      form = layer.sequence_parallel_form()
+      if form is None:
+        sequence_lib.log_fallback(type(layer).__name__)
+      else:
+        sequence_lib.log_once(type(layer).__name__, f"sequence-parallel form {form!r}")
     if self.post_ln:
       x = ln_attention(x + dropout(layer(x, mask=mask, deterministic=deterministic, **shared)))
       return ln_mlp(x + dropout(mlp(x, deterministic)))
