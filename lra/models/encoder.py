@@ -156,6 +156,8 @@ class Encoder(nn.Module):
     if mask_BxL is None:
       mask_BxL = jnp.ones(inputs_BxL.shape, bool)
     mask_BxL = mask_BxL.astype(bool)
+    # Context parallelism: the host feeds row-sharded tokens; from the first op on, the length is sharded too.
+    inputs_BxL, mask_BxL = sequence_lib.constrain(inputs_BxL), sequence_lib.constrain(mask_BxL)
 
     x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0), dtype=dtype,
                  param_dtype=jnp.float32, name="embed")(inputs_BxL)

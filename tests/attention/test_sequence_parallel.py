@@ -18,7 +18,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TIMEOUT = 600
+TIMEOUT = 900
 # Tolerance of the float32 comparisons: relative to the largest magnitude of the unsharded result.
 RTOL = 1e-5
 CUT = 19  # causal cases: the last output position in the loss (shards hold 8 positions at length 32)
@@ -58,7 +58,7 @@ def _run_cases() -> list[dict]:
     scale = max(np.abs(b).max(), 1e-30)
     return float(np.abs(a - b).max() / scale)
 
-  for name, options in _cases(attention.names()):
+  for name, options in _cases(sorted(attention.names())):
     cls = attention.get_class(name)
     # Non-causal with attention dropout (train mode), and causal (where the variant can be) without.
     settings = [(False, 0.1)] + ([(True, 0.0)] if cls.supports_causal else [])
@@ -100,7 +100,53 @@ def _run_cases() -> list[dict]:
         case["error"] = f"{type(e).__name__}: {e}"[:2000]
       results.append(case)
       print(json.dumps(case), flush=True)
+  results += _kernel_cases(mesh, compare)
   return results
+
+
+def _kernel_cases(mesh, compare) -> list[dict]:
+  """The shard_map'd cores against their unsharded references: the ring with attention dropout (the counter hash
+  keyed by global positions), causal and not, at a length 2 * mesh.sequence does not divide; state passing."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from kernels import sequence
+  from kernels.linear_attention import linear_attention_reference
+  from kernels.linear_attention.sequence_parallel import linear_attention_sequence_parallel
+  from kernels.softmax import ring
+
+  b, length, h, d = 2, 21, 2, 8
+  keys = jax.random.split(jax.random.key(7), 4)
+  q, k, v = (jax.random.normal(key, (b, length, h, d)) for key in keys[:3])
+  mask = jnp.arange(length)[None] < jnp.array([[13], [length]])
+  ct = jax.random.normal(keys[3], (b, length, h, d)) * mask[..., None, None]
+  out = []
+  for causal in (False, True):
+    cores = {
+        "kernel:ring": (lambda q, k, v, sharded, causal=causal: (ring.ring_attention if sharded else
+                                                                 ring.ring_attention_reference)(
+            q, k, v, key_mask_BxL=mask, causal=causal, dropout_rate=0.2, dropout_rng=jax.random.key(9))),
+        "kernel:state": (lambda q, k, v, sharded, causal=causal: (
+            linear_attention_sequence_parallel if sharded else linear_attention_reference)(
+                jax.nn.elu(q) + 1, jax.nn.elu(k) + 1, v * mask[..., None, None], causal=causal)),
+    }
+    for name, core in cores.items():
+      def loss(q, k, v, sharded, core=core):
+        if not sharded:
+          return jnp.sum(core(q, k, v, False) * ct)
+        with sequence.use_mesh(mesh):
+          return jnp.sum(core(*(sequence.constrain(t) for t in (q, k, v)), True) * ct)
+      spec = NamedSharding(mesh, P("data", "sequence"))
+      res = [jax.jit(jax.value_and_grad(lambda *a, s=s: loss(*a, s), argnums=(0, 1, 2)),
+                     in_shardings=(spec,) * 3)(q, k, v) for s in (True, False)]
+      (l1, g1), (l0, g0) = res
+      case = {"name": name, "causal": causal, "loss": compare(l1, l0),
+              "grads": max(compare(a, b) for a, b in zip(g1, g0))}
+      out.append(case)
+      print(json.dumps(case), flush=True)
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +177,14 @@ def test_sequence_sharded_layer_matches_unsharded(results, name):
     assert case["real_grad"] > 0
     if case["causal"]:
       assert case["future_leak"] == 0.0, f"{label}: outputs up to {CUT} depend on later inputs"
+
+
+@pytest.mark.parametrize("core", ["kernel:ring", "kernel:state"])
+def test_sequence_parallel_cores_match_their_references(results, core):
+  cases = [c for c in results[0] if c["name"] == core]
+  assert len(cases) == 2, cases
+  for case in cases:
+    assert case["loss"] <= RTOL and case["grads"] <= RTOL, case
 
 
 def test_each_sharded_variant_logs_its_form(results):
