@@ -2,7 +2,8 @@
 
 The functional core (`softmax_attention`, its reference and implementations) is `kernels.softmax`; this module is the
 layer: projections, padding mask, causal mode and a flax-style decode cache of every position (a ring cache of the
-maximum length).
+maximum length). Training and decoding call the same entry, `softmax_attention` (flash attention by default): decoding
+passes one query row over the cached keys with `key_mask` = the written slots.
 """
 
 from __future__ import annotations
@@ -37,15 +38,14 @@ class SoftmaxAttention(AttentionLayer):
     q, k, v = self.project_qkv(x)
     dropout_rng = self.dropout_rng(deterministic)
     attend = lambda q, k, v, m, causal: softmax_attention(  # noqa: E731
-        q, k, v, mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,
+        q, k, v, key_mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,
         dropout_rng=dropout_rng)
 
     # Decoding: the cache holds every position up to the length `init` saw; unwritten slots are masked.
     step = self.ring_cache("cached", x.shape[1], {"key": k, "value": v}, mask) if self.decode else None
     if step is not None:
       cached, valid_BxS, _ = step
-      y = attend(q, cached["key"], cached["value"], valid_BxS[:, None, None, :], False)
+      y = attend(q, cached["key"], cached["value"], valid_BxS, False)
     else:
-      key_mask = None if mask is None else mask[:, None, None, :]
-      y = attend(q, k, v, key_mask, self.causal)
+      y = attend(q, k, v, mask, self.causal)
     return self.project_out(y, x.shape[-1])
