@@ -2,7 +2,8 @@
 
 The functional core (`softmax_attention`, its reference and implementations) is `kernels.softmax`; this module is the
 layer: projections, padding mask, causal mode and a flax-style decode cache of every position (a ring cache of the
-maximum length).
+maximum length). Training and decoding call the same entry, `softmax_attention` (flash attention by default): decoding
+passes one query row over the cached keys with `key_mask` = the written slots.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ class SoftmaxAttention(AttentionLayer):
   supports_decode = True
 
   def sequence_parallel_form(self) -> str | None:
-    # Ring attention; with attention dropout the unsharded core draws its mask from jax.random over the whole
-    # [B, H, L, S] weights, which no blockwise form regenerates: the exact fallback then.
-    return "ring" if not self.decode and self.dropout_rate == 0.0 else None
+    # Ring attention over the flash block primitive; dropout is the counter hash keyed by global positions in both.
+    return None if self.decode else "ring"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -44,18 +44,18 @@ class SoftmaxAttention(AttentionLayer):
     q, k, v = self.project_qkv(x)
     dropout_rng = self.dropout_rng(deterministic)
     attend = lambda q, k, v, m, causal: softmax_attention(  # noqa: E731
-        q, k, v, mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,
+        q, k, v, key_mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,
         dropout_rng=dropout_rng)
 
     # Decoding: the cache holds every position up to the length `init` saw; unwritten slots are masked.
     step = self.ring_cache("cached", x.shape[1], {"key": k, "value": v}, mask) if self.decode else None
     if step is not None:
       cached, valid_BxS, _ = step
-      y = attend(q, cached["key"], cached["value"], valid_BxS[:, None, None, :], False)
+      y = attend(q, cached["key"], cached["value"], valid_BxS, False)
     elif sequence_lib.active() is not None and self.sequence_parallel_form() == "ring":
       sequence_lib.log_once(type(self).__name__, "ring attention (kernels/softmax/ring.py)")
-      y = ring_attention(q, k, v, key_mask_BxL=mask, causal=self.causal).astype(q.dtype)
+      y = ring_attention(q, k, v, key_mask_BxL=mask, causal=self.causal, dropout_rate=self.dropout_rate,
+                         dropout_rng=dropout_rng).astype(q.dtype)
     else:
-      key_mask = None if mask is None else mask[:, None, None, :]
-      y = attend(q, k, v, key_mask, self.causal)
+      y = attend(q, k, v, mask, self.causal)
     return self.project_out(y, x.shape[-1])

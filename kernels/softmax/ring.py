@@ -14,8 +14,10 @@ device its second query chunk against both of the block's chunks (`lax.cond` on 
 
 Global positions (`q_offset`, `k_offset`) drive the causal mask and the attention-dropout counter hash
 (`kernels.common.dropout_keep`, keyed by (seed, global batch * heads + head, query, key)), so masks and dropout equal
-the unsharded call's. `block_attention` is the local per-block function with the signature of the flash block
-primitive (`flash_block`); it is dense within one block pair, which is all a block of L / (2n) tokens needs on CPU.
+the unsharded call's. The block function is the flash block primitive (`kernels.softmax.xla.flash_block`: chunked
+online softmax, its own custom_vjp taking cotangents of out and lse); `block_attention` is the dense form of the same
+signature (plus the global batch offset of the dropout counters), used with dropout when the batch is split over
+"data".
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ from jax.sharding import PartitionSpec as P
 
 from kernels import sequence
 from kernels.common import MASK_VALUE, dropout_keep, dropout_seed
+from kernels.softmax.xla import flash_block
+
+
+def flash_block_fn(q, k, v, *, batch_offset, **kwargs):
+  """`kernels.softmax.xla.flash_block` as the ring's block function (its dropout counters use the local batch index,
+  so the ring calls it only where the batch is not split over devices or dropout is off)."""
+  del batch_offset
+  return flash_block(q, k, v, **kwargs)
 
 
 def block_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array, *, key_mask: jax.Array | None,
@@ -233,11 +243,13 @@ _ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, *,
                    key_mask_BxL: jax.Array | None = None, causal: bool = False, scale: float | None = None,
                    dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                   ctx: sequence.SequenceMesh | None = None, block_fn=block_attention) -> jax.Array:
+                   ctx: sequence.SequenceMesh | None = None, block_fn=None) -> jax.Array:
   """Exact softmax attention of length-sharded q, k, v over `ctx` (default: `sequence.active()`), `[B, L, H, D]`.
 
   A length that 2 * mesh.sequence does not divide is padded with masked keys (dropped from the output). Dropout (when
-  `dropout_rng` is given and `dropout_rate > 0`) is the counter hash keyed by global positions.
+  `dropout_rng` is given and `dropout_rate > 0`) is the counter hash keyed by global positions, as in
+  `kernels.softmax.softmax_attention`. `block_fn` (default): the flash block primitive, or the dense `block_attention`
+  when dropout is on and the batch is split over "data" (flash_block's counters take the local batch index).
   """
   ctx = ctx or sequence.active()
   if ctx is None:
@@ -253,9 +265,15 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
     mask = jnp.pad(mask, ((0, 0), (0, pad)))
   use_dropout = dropout_rate > 0.0 and dropout_rng is not None
   seed = dropout_seed(dropout_rng) if use_dropout else jnp.zeros((), jnp.int32)
+  batch_axis = ctx.batch_axis(b)
+  if block_fn is None:
+    block_fn = flash_block_fn
+    if use_dropout and batch_axis is not None:
+      sequence.log_once("ring_attention", "dense per-block scores: dropout counters need the global batch index, "
+                                          "which flash_block does not take")
+      block_fn = block_attention
   ring = _Ring(axis=ctx.axis, n=n, causal=causal, scale=scale, dropout_rate=dropout_rate if use_dropout else 0.0,
                block_fn=block_fn)
-  batch_axis = ctx.batch_axis(b)
 
   def body(q, k, v, mask, seed):
     batch_offset = jnp.asarray(jax.lax.axis_index(batch_axis) * q.shape[0] if batch_axis else 0, jnp.int32)
@@ -269,16 +287,4 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
   return out[:, :length]
 
 
-def ring_attention_reference(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, *,
-                             key_mask_BxL: jax.Array | None = None, causal: bool = False, scale: float | None = None,
-                             dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
-  """The unsharded dense form with the same dropout hash: one `block_attention` over the whole sequence."""
-  d = q_BxLxHxD.shape[-1]
-  use_dropout = dropout_rate > 0.0 and dropout_rng is not None
-  out, _ = block_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask=key_mask_BxL, causal=causal,
-                           scale=d ** -0.5 if scale is None else scale, dropout_rate=dropout_rate if use_dropout else 0.,
-                           seed=dropout_seed(dropout_rng) if use_dropout else None)
-  return out.astype(q_BxLxHxD.dtype)
-
-
-__all__ = ["block_attention", "merge", "ring_attention", "ring_attention_reference"]
+__all__ = ["block_attention", "flash_block_fn", "merge", "ring_attention"]

@@ -115,7 +115,7 @@ def _kernel_cases(mesh, compare) -> list[dict]:
   from kernels import sequence
   from kernels.linear_attention import linear_attention_reference
   from kernels.linear_attention.sequence_parallel import linear_attention_sequence_parallel
-  from kernels.softmax import ring
+  from kernels.softmax import ring, softmax_attention
 
   b, length, h, d = 2, 21, 2, 8
   keys = jax.random.split(jax.random.key(7), 4)
@@ -125,9 +125,10 @@ def _kernel_cases(mesh, compare) -> list[dict]:
   out = []
   for causal in (False, True):
     cores = {
-        "kernel:ring": (lambda q, k, v, sharded, causal=causal: (ring.ring_attention if sharded else
-                                                                 ring.ring_attention_reference)(
-            q, k, v, key_mask_BxL=mask, causal=causal, dropout_rate=0.2, dropout_rng=jax.random.key(9))),
+        "kernel:ring": (lambda q, k, v, sharded, causal=causal: ring.ring_attention(
+            q, k, v, key_mask_BxL=mask, causal=causal, dropout_rate=0.2, dropout_rng=jax.random.key(9))
+            if sharded else softmax_attention(q, k, v, key_mask=mask, causal=causal, implementation="reference",
+                                              dropout_rate=0.2, dropout_rng=jax.random.key(9))),
         "kernel:state": (lambda q, k, v, sharded, causal=causal: (
             linear_attention_sequence_parallel if sharded else linear_attention_reference)(
                 jax.nn.elu(q) + 1, jax.nn.elu(k) + 1, v * mask[..., None, None], causal=causal)),
