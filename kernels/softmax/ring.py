@@ -162,22 +162,27 @@ class _Ring:
     perm = [(s, (s + 1) % self.n) for s in range(self.n)]
     return tuple(jax.lax.ppermute(x, self.axis, perm) for x in xs)
 
+  def _hop(self, hop: int, src, fn, *args):
+    """`fn(pairs, *args)` for the pairs of `hop` (> 0 stands for every later hop; causal: chosen by the source)."""
+    pairs, alt = _pairs(self.causal, hop)
+    if alt is None:
+      return fn(pairs, *args)
+    return jax.lax.cond(src < jax.lax.axis_index(self.axis), lambda *a: fn(pairs, *a), lambda *a: fn(alt, *a), *args)
+
   def forward(self, q, k, v, mask, seed, batch_offset):
     me = jax.lax.axis_index(self.axis)
     b, two_c, h, d = q.shape
-    acc = (jnp.zeros((b, two_c, h, d), jnp.float32), jnp.full((b, h, two_c), MASK_VALUE, jnp.float32))
-    for hop in range(self.n):
+    out = lambda pairs, k, v, mask, src: self.hop_output(pairs, q, k, v, mask, seed, batch_offset, me, src)  # noqa
+    acc = self._hop(0, me, out, k, v, mask, me)
+
+    # Hops 1..n-1 in a scan: one hop's blocks at a time (an unrolled loop lets XLA keep every hop's scores alive).
+    def step(carry, hop):
+      acc, k, v, mask = carry
+      k, v, mask = self.rotate(k, v, mask)
       src = (me - hop) % self.n
-      pairs, alt = _pairs(self.causal, hop)
-      args = (q, k, v, mask, seed, batch_offset, me, src)
-      if alt is None:
-        part = self.hop_output(pairs, *args)
-      else:
-        part = jax.lax.cond(src < me, lambda *a: self.hop_output(pairs, *a), lambda *a: self.hop_output(alt, *a),
-                            *args)
-      acc = merge(acc, part)
-      if hop < self.n - 1:
-        k, v, mask = self.rotate(k, v, mask)
+      return (merge(acc, self._hop(1, src, out, k, v, mask, src)), k, v, mask), None
+
+    (acc, _, _, _), _ = jax.lax.scan(step, (acc, k, v, mask), jnp.arange(1, self.n))
     return acc
 
   def backward(self, q, k, v, mask, seed, batch_offset, out, lse, d_out):
@@ -188,7 +193,7 @@ class _Ring:
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     d_out = d_out.astype(jnp.float32)
 
-    def hop_grads(pairs, q, k, v, mask, src, dq, dk, dv):
+    def hop_grads(pairs, k, v, mask, src, dq, dk, dv):
       for qh, kh in pairs:
         qs, ks = slice(qh * c, (qh + 1) * c), slice(kh * c, (kh + 1) * c)
         f = lambda q_, k_, v_: self.block_fn(  # noqa: E731
@@ -207,16 +212,18 @@ class _Ring:
         dv = dv.at[:, ks].add(gv.astype(jnp.float32))
       return dq, dk, dv
 
-    for hop in range(self.n):
-      src = (me - hop) % self.n
-      pairs, alt = _pairs(self.causal, hop)
-      args = (q, k, v, mask, src, dq, dk, dv)
-      if alt is None:
-        dq, dk, dv = hop_grads(pairs, *args)
-      else:
-        dq, dk, dv = jax.lax.cond(src < me, lambda *a: hop_grads(pairs, *a), lambda *a: hop_grads(alt, *a), *args)
-      # n hops: the last one brings each block's key/value gradients home.
+    dq, dk, dv = self._hop(0, me, hop_grads, k, v, mask, me, dq, dk, dv)
+
+    def step(carry, hop):
+      dq, k, v, mask, dk, dv = carry
       k, v, mask, dk, dv = self.rotate(k, v, mask, dk, dv)
+      src = (me - hop) % self.n
+      dq, dk, dv = self._hop(1, src, hop_grads, k, v, mask, src, dq, dk, dv)
+      return (dq, k, v, mask, dk, dv), None
+
+    (dq, k, v, mask, dk, dv), _ = jax.lax.scan(step, (dq, k, v, mask, dk, dv), jnp.arange(1, self.n))
+    # The n-th hop brings each block's key/value gradients home.
+    _, _, dk, dv = self.rotate(k, mask, dk, dv)
     return dq, dk, dv
 
 

@@ -22,7 +22,7 @@ from lra.training.metric_writers import read_metrics
 from tests.conftest import ROOT, tiny_listops_config
 from tests.lra.multihost_support import run_processes, tiny_flags
 
-TIMEOUT = 600
+TIMEOUT = 900
 MULTIHOST_TIMEOUT = 240
 RTOL = 1e-5
 
@@ -37,20 +37,19 @@ SCRIPT = textwrap.dedent("""
     cache, root = sys.argv[1], sys.argv[2]
 
     def run(name, attention, data, seq, **train):
-      config = tiny_listops_config(cache, **{"num_steps": 4, "log_every_steps": 1, "eval_every_steps": 2,
-                                             "checkpoint_every_steps": 2, **train})
+      config = tiny_listops_config(cache, **{"num_steps": 3, "log_every_steps": 1, "eval_every_steps": 2,
+                                             "checkpoint_every_steps": 2, "num_eval_batches": 1, **train})
       config.model.attention.name = attention
-      config.model.attention_dropout_rate = 0.0
+      config.model.attention_dropout_rate = 0.1  # the ring's dropout: the counter hash by global position
       config.mesh.data, config.mesh.sequence = data, seq
       final = train_and_evaluate(config, f"{root}/{name}")
       records = read_metrics(f"{root}/{name}")
       return {"train": [r["loss"] for r in records if r["split"] == "train"],
               "eval": [r["loss"] for r in records if r["split"] != "train"], "final": final}
 
-    out = {}
-    for attention in ("softmax", "linear"):
-      out[attention] = {"1x1": run(f"{attention}_1x1", attention, 1, 1), "2x4": run(f"{attention}_2x4", attention, 2, 4)}
-    # Resume with another sequence: 2 steps on data=2 x sequence=4, then extended to 4 steps on data=4 x sequence=2.
+    # Softmax only (the ring); every variant's sharded layer is checked in tests/attention/test_sequence_parallel.py.
+    out = {"softmax": {"1x1": run("softmax_1x1", "softmax", 1, 1), "2x4": run("softmax_2x4", "softmax", 2, 4)}}
+    # Resume with another sequence: 2 steps on data=2 x sequence=4, then extended to 3 steps on data=4 x sequence=2.
     run("resume", "softmax", 2, 4, num_steps=2)
     out["resumed"] = run("resume", "softmax", 4, 2)
     print(json.dumps(out))
@@ -68,10 +67,9 @@ def runs(data_cache, tmp_path_factory):
   return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-@pytest.mark.parametrize("attention", ["softmax", "linear"])
-def test_data2_sequence4_trains_like_one_device(runs, attention):
-  one, sharded = runs[0][attention]["1x1"], runs[0][attention]["2x4"]
-  assert len(one["train"]) == 4 and len(one["eval"]) >= 2
+def test_data2_sequence4_trains_like_one_device(runs):
+  one, sharded = runs[0]["softmax"]["1x1"], runs[0]["softmax"]["2x4"]
+  assert len(one["train"]) == 3 and len(one["eval"]) >= 2
   np.testing.assert_allclose(sharded["train"], one["train"], rtol=RTOL)
   np.testing.assert_allclose(sharded["eval"], one["eval"], rtol=RTOL)
   for split, metrics in one["final"].items():
@@ -80,13 +78,13 @@ def test_data2_sequence4_trains_like_one_device(runs, attention):
 
 
 def test_sharded_run_uses_the_sequence_parallel_forms(runs):
-  log = runs[1]
-  assert "ring attention" in log and "state passing" in log, log[-2000:]
+  assert "ring attention" in runs[1], runs[1][-2000:]
 
 
 def test_resume_with_another_sequence_matches_uninterrupted(runs):
   resumed, one = runs[0]["resumed"], runs[0]["softmax"]["1x1"]
   np.testing.assert_allclose(resumed["train"], one["train"], rtol=RTOL)
+  np.testing.assert_allclose(resumed["eval"], one["eval"], rtol=RTOL)
 
 
 def test_mesh_sequence_must_divide_the_devices():
@@ -99,13 +97,10 @@ def test_mesh_sequence_must_divide_the_devices():
 
 
 def test_two_processes_with_sequence_across_them_train_like_one(data_cache, tmp_path):
-  train = dict(num_steps=3, log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3)
-  single = tiny_listops_config(data_cache, **train)
-  single.model.attention_dropout_rate = 0.0
-  train_and_evaluate(single, tmp_path / "single")
+  train = dict(num_steps=3, log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3, num_eval_batches=1)
+  train_and_evaluate(tiny_listops_config(data_cache, **train), tmp_path / "single")
   # 2 processes x 2 devices: data=2 x sequence=2, the "sequence" axis spans the two processes (sharding.make_mesh).
-  argv = [*tiny_flags(data_cache, **train), "--config.model.attention_dropout_rate=0.0", "--config.mesh.sequence=2",
-          f"--workdir={tmp_path / 'mh'}"]
+  argv = [*tiny_flags(data_cache, **train), "--config.mesh.sequence=2", f"--workdir={tmp_path / 'mh'}"]
   results = run_processes(argv, timeout=MULTIHOST_TIMEOUT)
   for i, r in enumerate(results):
     assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
