@@ -70,8 +70,8 @@ class BlockSparseAttention(AttentionLayer):
       real = jnp.ones((batch, length), bool) if kv_mask_BxL is None else kv_mask_BxL
       kv_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
     layout_HxNxN = self.layout((length + pad) // self.block_size)
-    y = None
-    if seq is not None and self.dropout_rng(deterministic) is None:
+    y, dropout_rng = None, self.dropout_rng(deterministic)  # drawn once: each call takes a new key
+    if seq is not None and dropout_rng is None:
       y = halo_block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
                                       kv_mask_BxL=kv_mask_BxL, implementation=self.implementation)
       if y is not None:
@@ -81,7 +81,7 @@ class BlockSparseAttention(AttentionLayer):
     if y is None:
       y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
                                implementation=self.implementation, kv_mask=kv_mask_BxL,
-                               dropout_rate=self.dropout_rate, dropout_rng=self.dropout_rng(deterministic))
+                               dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
     return self.project_out(y[:, :length], x.shape[-1])
 
 

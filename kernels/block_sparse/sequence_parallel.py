@@ -7,8 +7,11 @@ only its neighbours' `before` last and `after` first key/value blocks: two `jax.
 the band cut to that length (halo keys beyond the sequence ends are masked; the halo rows' outputs are dropped).
 Communication per call: `(before + after) * block_size` tokens of K and V per device, independent of the length.
 
-Layouts that are not bands (global blocks, strided columns, random blocks) return None from `band_reach`, and the
-layer takes the exact fallback (K/V all-gathered). The halo form has no dropout: the block-sparse dropout hash is keyed
+Global blocks (Longformer's, leading rows and columns all allowed) are gathered once: their K/V blocks are broadcast
+from device 0 and put in front of every extended sequence (the halo keys that are global are masked so each key counts
+once), and the global query rows, which see every key, are per-shard partial softmaxes (`flash_block`) all-gathered
+and merged. Layouts that are not a band between their non-global blocks (strided columns, random blocks) return None
+from `band_reach`, and the layer takes the exact fallback (K/V all-gathered). The halo form has no dropout: the block-sparse dropout hash is keyed
 by positions in the sequence the kernel sees, so a layer with attention dropout takes the fallback too.
 """
 
@@ -20,6 +23,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kernels import sequence
+from kernels.softmax.ring import merge
+from kernels.softmax.xla import flash_block
 
 
 def _band(layout_HxNxN: np.ndarray) -> np.ndarray | None:
@@ -32,6 +37,15 @@ def _band(layout_HxNxN: np.ndarray) -> np.ndarray | None:
   for h in range(layout.shape[0]):
     band[h, (distance + n - 1)[layout[h]]] = True
   return band if np.array_equal(band[:, distance + n - 1], layout) else None
+
+
+def global_blocks(layout_HxNxN: np.ndarray) -> int:
+  """The number G of leading global blocks: rows and columns 0..G-1 all allowed (Longformer's, BigBird's)."""
+  layout = np.asarray(layout_HxNxN, bool)
+  g = 0
+  while g < layout.shape[-1] - 1 and layout[:, g, :].all() and layout[:, :, g].all():
+    g += 1
+  return g
 
 
 def band_reach(layout_HxNxN: np.ndarray) -> tuple[int, int] | None:
@@ -55,11 +69,14 @@ def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_Bx
   ctx = ctx or sequence.active()
   b, length = q_BxLxHxD.shape[:2]
   n = ctx.size
-  band = _band(layout_HxNxN)
-  reach = band_reach(layout_HxNxN)
-  if reach is None or length % block_size:
+  if length % block_size:
     return None
-  n0 = length // block_size  # the band is defined for block distances below n0
+  g = global_blocks(layout_HxNxN)
+  rest = np.asarray(layout_HxNxN, bool)[:, g:, g:]  # the pattern between non-global blocks
+  band, reach = _band(rest), band_reach(rest)
+  if reach is None:
+    return None
+  n0 = rest.shape[-1]  # the band is defined for block distances below n0
   mask = jnp.ones((b, length), bool) if kv_mask_BxL is None else kv_mask_BxL.astype(bool)
   pad = -length % (n * block_size)  # whole blocks per shard: padded with masked keys (a band does not change)
   if pad:
@@ -68,12 +85,16 @@ def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_Bx
     mask = jnp.pad(mask, ((0, 0), (0, pad)))
   before, after = reach
   local_blocks = (length + pad) // block_size // n
-  if before > local_blocks or after > local_blocks:
+  if before > local_blocks or after > local_blocks or g > local_blocks or (g and causal):
     return None
   ext = before + local_blocks + after
   d = np.arange(ext)[:, None] - np.arange(ext)[None, :]
   layout_ext = np.where(np.abs(d) < n0, band[:, np.clip(d + n0 - 1, 0, 2 * n0 - 2)], False)
-  hb, ha = before * block_size, after * block_size
+  # Global key blocks in front of the extended sequence, seen by every row.
+  layout_ext = np.concatenate([np.ones((layout_ext.shape[0], ext, g), bool), layout_ext], axis=2)
+  layout_ext = np.concatenate([np.ones((layout_ext.shape[0], g, g + ext), bool), layout_ext], axis=1)
+  hb, ha, gb = before * block_size, after * block_size, g * block_size
+  local = local_blocks * block_size
   axis = ctx.axis
 
   def body(q, k, v, m):
@@ -81,17 +102,34 @@ def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_Bx
     right = [(s, (s + 1) % n) for s in range(n)]  # my last blocks go to the next device
     left = [(s, (s - 1) % n) for s in range(n)]
     parts_k, parts_v, parts_m, parts_q = [], [], [], []
+    first = me * local  # global position of my first token
+    if gb:  # the global blocks live on device 0: broadcast once (a psum of device 0's copy)
+      on0 = lambda t: jax.lax.psum(jnp.where(me == 0, t[:, :gb], jnp.zeros_like(t[:, :gb])), axis)  # noqa: E731
+      kg, vg, mg = on0(k), on0(v), jax.lax.psum((m[:, :gb] & (me == 0)).astype(jnp.int32), axis) > 0
+      parts_k.append(kg), parts_v.append(vg), parts_m.append(mg), parts_q.append(jnp.zeros_like(q[:, :gb]))
+    not_global = lambda start, size: start + jnp.arange(size) >= gb  # noqa: E731  (counted once, in front)
     if hb:
       kp, vp, mp = (jax.lax.ppermute(t[:, -hb:], axis, right) for t in (k, v, m))
-      parts_k.append(kp), parts_v.append(vp), parts_m.append(mp & (me > 0)), parts_q.append(jnp.zeros_like(q[:, :hb]))
-    parts_k.append(k), parts_v.append(v), parts_m.append(m), parts_q.append(q)
+      parts_k.append(kp), parts_v.append(vp), parts_q.append(jnp.zeros_like(q[:, :hb]))
+      parts_m.append(mp & (me > 0) & not_global(first - hb, hb))
+    parts_k.append(k), parts_v.append(v), parts_m.append(m & not_global(first, local)), parts_q.append(q)
     if ha:
       kn, vn, mn = (jax.lax.ppermute(t[:, :ha], axis, left) for t in (k, v, m))
-      parts_k.append(kn), parts_v.append(vn), parts_m.append(mn & (me < n - 1)), parts_q.append(jnp.zeros_like(q[:, :ha]))
+      parts_k.append(kn), parts_v.append(vn), parts_q.append(jnp.zeros_like(q[:, :ha]))
+      parts_m.append(mn & (me < n - 1) & not_global(first + local, ha))
     cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
     y = block_sparse_attention(cat(parts_q), cat(parts_k), cat(parts_v), layout_ext, block_size=block_size,
                                causal=causal, implementation=implementation, kv_mask=cat(parts_m))
-    return y[:, hb:hb + q.shape[1]]
+    y = y[:, gb + hb:gb + hb + local]
+    if gb:  # global query rows see every key: per-shard partial softmaxes, all-gathered and merged
+      qg = jax.lax.psum(jnp.where(me == 0, q[:, :gb], jnp.zeros_like(q[:, :gb])), axis)
+      o_p, lse_p = flash_block(qg, k, v, key_mask=m, causal=False)
+      os_, lses = jax.lax.all_gather(o_p, axis), jax.lax.all_gather(lse_p, axis)
+      acc = (os_[0], lses[0])
+      for j in range(1, n):
+        acc = merge(acc, (os_[j], lses[j]))
+      y = y.at[:, :gb].set(jnp.where(me == 0, acc[0].astype(y.dtype), y[:, :gb]))
+    return y
 
   spec4, spec2 = P(ctx.batch_axis(b), axis, None, None), P(ctx.batch_axis(b), axis)
   out = sequence.shard_map(body, ctx, in_specs=(spec4, spec4, spec4, spec2), out_specs=spec4)(
