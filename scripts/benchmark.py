@@ -628,8 +628,9 @@ def main(argv: Sequence[str]) -> None:
     return
   if _SEQUENCE_PARALLEL.value > 1:  # context parallelism: its own table (scripts/benchmark_sequence.py)
     import benchmark_sequence  # pylint: disable=import-outside-toplevel
+    requested = [v for v in _variants(_ATTENTION.value) if v in (_ATTENTION.value or [v])]  # no softmax column
     print(benchmark_sequence.run(
-        [v for v in _variants(_ATTENTION.value) if v in (_ATTENTION.value or [v])], _parse_lengths(_LENGTHS.value), _SEQUENCE_PARALLEL.value,
+        requested, _parse_lengths(_LENGTHS.value), _SEQUENCE_PARALLEL.value,
         num_layers=_NUM_LAYERS.value, batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value,
         memory_only=_MEMORY_ONLY.value, output_dir=_OUTPUT_DIR.value or "runs/benchmark_sequence",
         baseline=_SEQUENCE_BASELINE.value, timeout=_TIMEOUT.value))
