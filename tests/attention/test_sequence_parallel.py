@@ -58,7 +58,8 @@ def _run_cases() -> list[dict]:
     scale = max(np.abs(b).max(), 1e-30)
     return float(np.abs(a - b).max() / scale)
 
-  for name, options in _cases(sorted(attention.names())):
+  only = [n for n in os.environ.get("SEQPAR_NAMES", "").split(",") if n]  # a subset, to rerun by hand
+  for name, options in _cases(sorted(n for n in attention.names() if not only or n in only)):
     cls = attention.get_class(name)
     # Non-causal with attention dropout (train mode), and causal (where the variant can be) without.
     settings = [(False, 0.1)] + ([(True, 0.0)] if cls.supports_causal else [])
@@ -101,7 +102,8 @@ def _run_cases() -> list[dict]:
         case["error"] = f"{type(e).__name__}: {e}"[:2000]
       results.append(case)
       print(json.dumps(case), flush=True)
-  results += _kernel_cases(mesh, compare)
+  if not only:
+    results += _kernel_cases(mesh, compare)
   return results
 
 
