@@ -127,5 +127,6 @@ def shard_map(f, ctx: SequenceMesh, in_specs, out_specs):
   return jax.shard_map(body, mesh=ctx.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-__all__ = ["DATA_AXIS", "SEQUENCE_AXIS", "SequenceMesh", "active", "constrain", "fallback_gather", "log_fallback", "log_once",
+__all__ = ["DATA_AXIS", "SEQUENCE_AXIS", "SequenceMesh", "active", "constrain", "fallback_gather", "log_fallback",
+           "log_once",
            "shard_map", "suspended", "use_mesh"]

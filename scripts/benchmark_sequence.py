@@ -8,7 +8,8 @@ project's `Experiment.jit_train_step`, configs/lra/text.py sizes) with its lengt
       --no_sequence_baseline --batch_size=1 --output_dir=runs/bench_sp_1m
 
 Per cell: XLA's compiled memory of the step per device (`memory_analysis()` of the SPMD program: arguments +
-outputs + temporaries - aliased, one device's share), attention dropout off (see `measure`), compile seconds and, unless `--memory_only`, steps/s. On a CPU
+outputs + temporaries - aliased, one device's share), attention dropout off (see `measure`), compile seconds and,
+unless `--memory_only`, steps/s. On a CPU
 host the worker gets N fake devices (`--xla_force_host_platform_device_count=N`, set before jax starts); on GPU/TPU
 hosts it uses the first N real devices. Each variant runs in its own worker process (this module as a script).
 """
@@ -123,7 +124,8 @@ def markdown(records: Sequence[dict[str, Any]], sequence: int, num_layers: int, 
   by_key = {(r["variant"], r["length"], r["sequence"]): r for r in records}
   for variant, length in dict.fromkeys((r["variant"], r["length"]) for r in records):
     one, many = by_key.get((variant, length, 1)), by_key.get((variant, length, sequence))
-    cell = lambda r: ("-" if r is None else r.get("error") and f"error: {r['error']}") or _mib(r["memory_bytes"])  # noqa: E731
+    def cell(r):
+      return "-" if r is None else (f"error: {r['error']}" if r.get("error") else _mib(r["memory_bytes"]))
     ratio = "-"
     if one and many and one.get("memory_bytes") and many.get("memory_bytes"):
       ratio = f"{many['memory_bytes'] / one['memory_bytes']:.3f}"

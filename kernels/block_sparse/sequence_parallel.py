@@ -11,7 +11,8 @@ Global blocks (Longformer's, leading rows and columns all allowed) are gathered 
 from device 0 and put in front of every extended sequence (the halo keys that are global are masked so each key counts
 once), and the global query rows, which see every key, are per-shard partial softmaxes (`flash_block`) all-gathered
 and merged. Layouts that are not a band between their non-global blocks (strided columns, random blocks) return None
-from `band_reach`, and the layer takes the exact fallback (K/V all-gathered). The halo form has no dropout: the block-sparse dropout hash is keyed
+from `band_reach`, and the layer takes the exact fallback (K/V all-gathered). The halo form has no dropout: the
+block-sparse dropout hash is keyed
 by positions in the sequence the kernel sees, so a layer with attention dropout takes the fallback too.
 """
 

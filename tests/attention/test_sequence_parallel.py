@@ -1,6 +1,7 @@
 """Sequence-sharded contract case for every registered variant: the layer called on 8 fake CPU devices with its input
 sharded along the length (`data=2, sequence=4`, `kernels.sequence.use_mesh`) has the values and gradients (of the
-parameters and of the input) of the unsharded layer, non-causal with attention dropout and causal without, with padding. Padding and causality of the sharded layer are checked by gradients as in the contract suite.
+parameters and of the input) of the unsharded layer, non-causal with attention dropout and causal without, with
+padding. Padding and causality of the sharded layer are checked by gradients as in the contract suite.
 
 All cases run in ONE subprocess (jax must see 8 devices before it starts); `python tests/attention/
 test_sequence_parallel.py` is that subprocess and prints one JSON line per case. Kernel-level checks of the ring and
