@@ -11,8 +11,7 @@ import abc
 
 import numpy as np
 
-from lra.tasks.base import ArrayDataset
-from lra.tasks.split_task import SplitTask, sequence_classifier
+from lra.tasks.base import ArrayDataset, ClassificationTask
 
 VOCAB_SIZE = 256
 
@@ -29,8 +28,11 @@ def to_grayscale(rgb: np.ndarray) -> np.ndarray:
   return np.clip(np.floor(luma * 255.5), 0, 255).astype(np.uint8)
 
 
-class PixelClassificationTask(SplitTask):
-  """Classification of `[H, W]` uint8 images read by `load_split`."""
+class PixelClassificationTask(ClassificationTask):
+  """Classification of `[H, W]` uint8 images read by `load_split` (tokens: pixel values, row-major)."""
+
+  vocab_size = VOCAB_SIZE
+  input_dtype = np.uint8
 
   @abc.abstractmethod
   def image_shape(self) -> tuple[int, int]:
@@ -53,11 +55,3 @@ class PixelClassificationTask(SplitTask):
                        f"{images.dtype} {images.shape[1:]}")
     inputs = images.reshape(len(images), self.length)
     return ArrayDataset({"inputs": inputs, "mask": all_true_mask(len(inputs), self.length), "targets": targets})
-
-  def model(self):
-    return sequence_classifier(self.config, vocab_size=VOCAB_SIZE, max_length=self.length,
-                               num_classes=self.num_classes)
-
-  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    return {"inputs": np.zeros((batch_size, self.length), np.uint8), "mask": np.ones((batch_size, self.length), bool),
-            "targets": np.zeros((batch_size,), np.int32)}
