@@ -146,7 +146,7 @@ def test_encoder_from_config_reads_and_resolves_the_dtype():
   expected = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
   assert encoder_from_config(config, vocab_size=8, max_length=8).compute_dtype == expected
   assert resolve_dtype(jnp.bfloat16) == jnp.bfloat16
-  with pytest.raises(ValueError, match="unknown model dtype 'fp8'.*float32, bfloat16, auto"):
+  with pytest.raises(ValueError, match="unknown model dtype .fp8..*float32, bfloat16, float16, auto"):
     resolve_dtype("fp8")
 
 

@@ -4,9 +4,12 @@ import importlib
 import json
 import pathlib
 
+import flax.linen as nn
 import ml_collections
 import pytest
 
+import attention
+from attention import ranges
 from lra.training import train_and_evaluate
 from lra.training import validation
 from tests.conftest import tiny_listops_config
@@ -48,7 +51,8 @@ BAD = [
     ("train.schedule", "linear", "config.train.schedule='linear' is out of range: expected one of 'rsqrt'"),
     ("model.pooling", "max", "config.model.pooling='max' is out of range: expected one of 'cls', 'mean'"),
     ("model.pos_encoding", "rope", "config.model.pos_encoding='rope'"),
-    ("model.dtype", "float16", "config.model.dtype='float16' is out of range: expected one of 'float32', 'bfloat16'"),
+    ("model.dtype", "fp8", "config.model.dtype='fp8' is out of range: expected one of 'float32', 'bfloat16', "
+                           "'float16', 'auto'"),
     ("model.num_layers", 0, "config.model.num_layers=0"),
     ("model.emb_dim", -8, "config.model.emb_dim=-8"),
     ("data.max_length", 0, "config.data.max_length=0"),
@@ -137,3 +141,73 @@ def test_a_workdir_of_another_config_is_refused_before_training(data_cache, tmp_
     train_and_evaluate(other, tmp_path)
   assert "params/encoder/" in str(info.value) and "(32,)" in str(info.value) and "(48,)" in str(info.value)
   assert "new --workdir" in str(info.value)
+
+
+@pytest.fixture
+def outside_variant():
+  """A variant registered the way a user's own module would (attention/ is not edited): its option ranges are declared
+  beside its fields and nowhere else. Unregistered afterwards so other tests see the package's variants only."""
+
+  @attention.register("outside_scaled")
+  class OutsideScaled(attention.AttentionLayer):  # pylint: disable=unused-variable
+    width: int = 4
+    scale: float = 1.0
+    option_ranges = {"width": ranges.Integer(1, 16), "scale": ranges.Real(0.0, lo_open=True)}
+
+    @nn.compact
+    def __call__(self, x, mask=None, deterministic=True):
+      self.check_inputs(x, mask)
+      return self.project_out(self.project(x, "value") * self.scale, x.shape[-1])
+
+  yield "outside_scaled"
+  attention.registry._REGISTRY.pop("outside_scaled")  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("variant,option,value,expected", [
+    ("transnormer", "block_size", 0, "an integer >= 1"),
+    ("transnormer", "mode", "full", "one of 'norm', 'diag'"),
+    ("outside", "width", 99, "an integer in [1, 16]"),
+    ("outside", "scale", -1.0, "a number > 0.0"),
+])
+def test_an_out_of_range_option_is_refused_before_data_is_read(tmp_path, outside_variant, variant, option, value,
+                                                               expected):
+  name = outside_variant if variant == "outside" else variant
+  config = tiny_listops_config(tmp_path / "never_created")
+  config.model.attention = ml_collections.ConfigDict({"name": name, option: value})
+  with pytest.raises(ValueError, match="invalid config") as info:
+    train_and_evaluate(config, tmp_path / "workdir")
+  assert f"config.model.attention.{option}={value!r} is out of range for {name!r}: expected {expected}" in str(
+      info.value)
+  assert not (tmp_path / "never_created").exists() and not (tmp_path / "workdir").exists()
+  # `build` reads the same declaration: the message names the variant, the option, the value and the range.
+  with pytest.raises(ValueError, match=f"attention {name!r}") as info:
+    attention.build(name, **{option: value})
+  assert option in str(info.value) and repr(value) in str(info.value)
+
+
+def test_layer_options_are_checked_per_layer(tmp_path):
+  config = tiny_listops_config(tmp_path)
+  config.model.num_layers = 2
+  config.model.attention = ml_collections.ConfigDict({"name": "transnormer"})
+  config.model.layer_options = [{"mode": "diag"}, {"mode": "norm", "block_size": -1}]
+  assert validation.config_problems(config) == [
+      "config.model.layer_options[1].block_size=-1 is out of range for 'transnormer': expected an integer >= 1"]
+  config.model.layer_options = [{"mode": "diag"}]
+  [problem] = validation.config_problems(config)
+  assert "layer_options has 1 entries; expected one per layer (2)" in problem
+
+
+def test_config_json_records_every_layer_and_a_resume_compares_layers(tmp_path):
+  config = tiny_listops_config(tmp_path)
+  config.model.num_layers = 2
+  config.model.attention = ml_collections.ConfigDict({"name": "transnormer"})
+  record = validation.config_record(config)
+  assert record["model"]["attention"] == {"name": "transnormer"}  # what the user set
+  assert [layer["mode"] for layer in record["model"]["layer_options"]] == ["diag", "norm"]  # what runs
+  saved = json.loads(json.dumps(record))
+  # An implementation change may resume (same parameters, same math); another layer kind may not.
+  config.model.attention.implementation = "xla"
+  assert validation.config_differences(saved, config) == []
+  config.model.attention = ml_collections.ConfigDict({"name": "transnormer", "mode": "norm"})
+  assert validation.config_differences(saved, config) == [
+      "model.layer_options.0.mode: 'diag' in the workdir, 'norm' now"]
