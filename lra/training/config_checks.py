@@ -1,6 +1,7 @@
 """Checks a whole experiment config before any data is read or a model is built.
 
-`validate_config(config)` walks one declarative table, `RULES` (dotted key -> check), plus the attention options:
+`check_config(config)` (also `validate_config`, its name before "validation" meant only the data split) walks one
+declarative table, `RULES` (dotted key -> check), plus the attention options:
 the registry gives each variant's option names and defaults, and each variant declares its options' ranges beside its
 fields (`attention.option_ranges`), so a variant registered from outside the package is checked with no edit here.
 Keys a config does not have are skipped and keys the table does not know (task-specific sections) pass, so every
@@ -281,11 +282,14 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every out-of-range value or invalid choice in `config` (see `RULES`)."""
   problems = config_problems(config)
   if problems:
     raise ValueError("invalid config: " + "; ".join(problems))
+
+
+validate_config = check_config  # the name before "validation" meant only the data split
 
 
 # Keys a resumed run may change: how long it runs and how often it reports, where data lives, the device mesh, and
