@@ -8,8 +8,9 @@ Keys a config does not have are skipped and keys the table does not know (task-s
 task's config validates with the same table. All problems are reported together in one ValueError, each naming the
 key, the value and the valid range.
 
-`config_record(config)` is what `config.json` holds: the config plus `model.layer_options`, the per-layer attention
-options `attention.resolve` decided (exactly what runs; a run reloaded from its config.json builds the same layers).
+`config_record(config)` is what `config.json` holds: the config plus `model.resolved_attention`, every layer's
+attention options as `attention.resolve` decided them (exactly what runs; a record, not read back: a run reloaded from
+its config.json resolves `model.attention` again).
 `check_workdir_config(config, workdir)` compares that record with the `config.json` of a run it would resume, so a
 workdir of another task or model is refused before training starts (`RESUMABLE_CHANGES` may differ).
 """
@@ -258,13 +259,18 @@ def resolved_layers(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], 
                                layer_options=None if layer_options is None else [dict(o) for o in layer_options])
 
 
+RESOLVED_ATTENTION = "resolved_attention"
+
+
 def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`config` as the dict `config.json` holds: `model.attention` keeps the options the user set and
-  `model.layer_options` records every layer's resolved options, so a run reloaded from it builds the same layers."""
+  `model.resolved_attention` records every layer's options as they run (`{"name": ..., **options}` per layer; a
+  record only: the model is always built from `model.attention`, so a stale record cannot change it)."""
   record = config.to_dict()
   model = record.get("model")
   if isinstance(model, dict) and isinstance(model.get("attention"), dict) and "name" in model["attention"]:
-    model["layer_options"] = [dict(o) for o in resolved_layers(config)]
+    name = model["attention"]["name"]
+    model[RESOLVED_ATTENTION] = [{"name": name, **o} for o in resolved_layers(config)]
   return record
 
 
@@ -305,7 +311,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   for key, value in tree.items():
     if isinstance(value, Mapping):
       out.update(_flatten(value, f"{prefix}{key}."))
-    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):  # model.layer_options
+    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):  # one entry per layer
       for i, v in enumerate(value):
         out.update(_flatten(v, f"{prefix}{key}.{i}."))
     else:
@@ -322,7 +328,7 @@ def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDi
   """Keys present in both that differ, outside `RESUMABLE_CHANGES`, as `key: saved -> now` lines."""
   old, new = _flatten(saved), _flatten(_as_json(config))
   def allowed(key: str) -> bool:
-    key = re.sub(r"^model\.layer_options\.\d+\.", "model.attention.", key)  # a layer's option: as the variant's
+    key = re.sub(rf"^model\.{RESOLVED_ATTENTION}\.\d+\.", "model.attention.", key)  # a layer's: as the variant's
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
   # Keys only one side has are not compared: configs gain fields over time, and shapes are checked separately.
   return [f"{key}: {old[key]!r} in the workdir, {new[key]!r} now" for key in sorted(set(old) & set(new))

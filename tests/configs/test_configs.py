@@ -230,7 +230,7 @@ def test_train_py_swaps_variant_and_records_options(tmp_path, data_cache, start,
   model = json.loads((tmp_path / "config.json").read_text())["model"]
   assert model["attention"] == {"name": swap, option: value}  # what the user set
   # Every layer's options as they ran: the registry defaults with the user's option over them.
-  assert model["layer_options"] == [{**common.attention_options(swap), option: value}] * num_layers
+  assert model["resolved_attention"] == [{**common.attention_options(swap), "name": swap, option: value}] * num_layers
   assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1] == 2
 
 
@@ -249,6 +249,5 @@ def test_every_config_resolves_to_the_snapshot_taken_before_options_were_resolve
     config = common.prepare_for_command_line(module.get_config(arg or None), {})  # train.py without attention flags
     layers = encoder_from_config(config.model, vocab_size=8, max_length=16).attention_for_layers()
     assert json.loads(json.dumps([dict(layer) for layer in layers])) == expected, f"{path}:{arg}"
-    # config.json records the same layers (without the name, which config.model.attention holds).
-    record = json.loads(json.dumps(validation.config_record(config)))
-    assert [{"name": config.model.attention.name, **layer} for layer in record["model"]["layer_options"]] == expected
+    # config.json records the same layers.
+    assert json.loads(json.dumps(validation.config_record(config)))["model"]["resolved_attention"] == expected

@@ -203,14 +203,15 @@ def test_config_json_records_every_layer_and_a_resume_compares_layers(tmp_path):
   config.model.attention = ml_collections.ConfigDict({"name": "transnormer"})
   record = config_checks.config_record(config)
   assert record["model"]["attention"] == {"name": "transnormer"}  # what the user set
-  assert [layer["mode"] for layer in record["model"]["layer_options"]] == ["diag", "norm"]  # what runs
+  assert [(layer["name"], layer["mode"]) for layer in record["model"]["resolved_attention"]] == [
+      ("transnormer", "diag"), ("transnormer", "norm")]  # what runs
   saved = json.loads(json.dumps(record))
   # An implementation change may resume (same parameters, same math); another layer kind may not.
   config.model.attention.implementation = "xla"
   assert config_checks.config_differences(saved, config) == []
   config.model.attention = ml_collections.ConfigDict({"name": "transnormer", "mode": "norm"})
   assert config_checks.config_differences(saved, config) == [
-      "model.layer_options.0.mode: 'diag' in the workdir, 'norm' now"]
+      "model.resolved_attention.0.mode: 'diag' in the workdir, 'norm' now"]
 
 
 def test_old_module_paths_keep_working():
