@@ -239,10 +239,13 @@ def _attention_problems(config: ml_collections.ConfigDict) -> list[str]:
   problems = _option_problems(name, sub, "config.model.attention")
   _, layer_options = _lookup(config, "model.layer_options")
   for i, layer in enumerate(layer_options or ()):
-    problems += _option_problems(name, layer, f"config.model.layer_options[{i}]")
+    if not isinstance(layer, (ml_collections.ConfigDict, Mapping)):
+      problems.append(f"config.model.layer_options[{i}]={layer!r}: expected a mapping of attention options")
+    else:
+      problems += _option_problems(name, layer, f"config.model.layer_options[{i}]")
   _, num_layers = _lookup(config, "model.num_layers")
-  if not problems and _is_int(num_layers) and num_layers >= 1:  # what only the whole resolution tells: required
-    # options, one entry per layer
+  # What only the whole resolution tells (required options, one entry per layer), once the parts are fine.
+  if not problems and _is_int(num_layers) and num_layers >= 1:
     try:
       resolved_layers(config)
     except ValueError as e:
