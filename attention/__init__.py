@@ -5,7 +5,7 @@
 registers every variant.
 """
 
-from attention.registry import build, build_attention, get_class, names, options, register
+from attention.registry import build, build_attention, get_class, names, option_ranges, options, register, resolve
 from attention.base import AttentionLayer, encoder_owned_options, resolve_compute_dtype
 from attention.recurrent import RecurrentLayer
 

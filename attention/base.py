@@ -17,28 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels.common import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported)
 from kernels.softmax import dropout_weights
 
 # LRA's initialisation for attention projections.
 default_kernel_init = nn.initializers.xavier_uniform()
 
-# Compute dtypes by name (config files and command lines give strings).
-DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_compute_dtype(dtype: Any) -> jnp.dtype:
-  """`"float32"` / `"bfloat16"` / `"float16"` or a floating jnp/numpy dtype -> `jnp.dtype`; ValueError otherwise."""
-  if isinstance(dtype, str):
-    if dtype not in DTYPES:
-      raise ValueError(f"unknown compute dtype {dtype!r}; valid choices: {', '.join(DTYPES)} (or a jnp dtype)")
-    return jnp.dtype(DTYPES[dtype])
-  try:
-    resolved = jnp.dtype(dtype)
-  except TypeError:
-    raise ValueError(f"unknown compute dtype {dtype!r}; valid choices: {', '.join(DTYPES)} (or a jnp dtype)") from None
-  if not jnp.issubdtype(resolved, jnp.floating):
-    raise ValueError(f"compute dtype must be floating point, got {resolved}; valid choices: {', '.join(DTYPES)}")
-  return resolved
+# Compute dtypes by name: the one vocabulary from config to kernel lives in kernels/common.py.
+resolve_compute_dtype = resolve_dtype
 
 
 class AttentionLayer(nn.Module):
@@ -50,7 +36,7 @@ class AttentionLayer(nn.Module):
     causal: position t attends only to positions <= t.
     dropout_rate: dropout on attention weights (or the variant's mixing weights).
     decode: autoregressive decoding with a flax `cache` collection (requires `causal=True`).
-    dtype: compute dtype of activations and matmuls ("float32", "bfloat16", "float16" or a jnp dtype); parameters
+    dtype: compute dtype of activations and matmuls (`kernels.common.DTYPE_NAMES` or a jnp dtype); parameters
       stay float32, softmax, normalizers and recurrent states accumulate in float32, and the output has this dtype.
   """
 
@@ -67,6 +53,9 @@ class AttentionLayer(nn.Module):
   not_causal_reason: ClassVar[str] = ""
   # True where the decode cache has a fixed size, whatever the sequence length (the recurrent family).
   fixed_size_cache: ClassVar[bool] = False
+  # The range of each of the variant's own options (attention/ranges.py), read by `build`, `resolve` and the config
+  # checks; subclasses add theirs beside their fields.
+  option_ranges: ClassVar[Mapping[str, Any]] = {}
 
   @classmethod
   def default_layer_options(cls, num_layers: int) -> tuple[dict[str, Any], ...] | None:

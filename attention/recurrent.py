@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from attention.base import AttentionLayer
+from attention.ranges import Integer, OneOf
+from kernels.linear_attention import IMPLEMENTATIONS as LINEAR_IMPLEMENTATIONS
 from kernels.linear_attention import linear_attention, linear_attention_step
 
 
@@ -27,6 +29,8 @@ class RecurrentLayer(AttentionLayer):
 
   supports_decode: ClassVar[bool] = True
   fixed_size_cache: ClassVar[bool] = True
+  # Every subclass has `chunk_size` and `implementation` fields for `linear_mix` (kernels.linear_attention).
+  option_ranges = {"chunk_size": Integer(1), "implementation": OneOf(LINEAR_IMPLEMENTATIONS)}
 
   def linear_mix(self, phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, mask: jax.Array | None, *, normalize: bool,
                  chunk_size: int, implementation: str | None, eps: float = 1e-6) -> jax.Array:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from attention.base import AttentionLayer
 from attention.registry import register
+from attention.ranges import Integer, Satisfies
 from kernels.softmax import dropout_weights
 
 FALLBACK_SEED = 0  # rotations when the caller gives no `attention` rng
@@ -143,6 +144,9 @@ class Reformer(AttentionLayer):
   chunk_len: int = 64
   n_hashes: int = 2
   n_buckets: int = 0
+  option_ranges = {"chunk_len": Integer(1), "n_hashes": Integer(1),
+                   "n_buckets": Satisfies(lambda n: n == 0 or (n >= 2 and n % 2 == 0),
+                                          "an even number >= 2 (or 0 for the paper's default)")}
 
   def _num_buckets(self, length: int) -> int:
     if self.n_buckets:

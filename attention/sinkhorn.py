@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from attention.base import AttentionLayer
 from attention.linformer import resolve_max_length
 from attention.registry import register
+from attention.ranges import Integer, Real
 from kernels.sinkhorn import NEG, sinkhorn_normalize
 from kernels.softmax import dropout_weights, softmax_attention_reference
 
@@ -93,6 +94,8 @@ class SinkhornAttention(AttentionLayer):
   gumbel_noise: bool = False
   sortcut_k: int = 0
   max_num_blocks: int = 0
+  option_ranges = {"block_size": Integer(1), "sinkhorn_iters": Integer(0), "temperature": Real(0.0, lo_open=True),
+                   "sortcut_k": Integer(0), "max_num_blocks": Integer(0)}
 
   def _validate(self) -> None:
     name = type(self).__name__

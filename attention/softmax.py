@@ -13,6 +13,7 @@ import jax
 
 from attention.base import AttentionLayer
 from attention.registry import register
+from attention.ranges import OneOf
 from kernels.softmax import IMPLEMENTATIONS, Implementation, softmax_attention, softmax_attention_reference
 
 __all__ = ["IMPLEMENTATIONS", "SoftmaxAttention", "softmax_attention", "softmax_attention_reference"]
@@ -27,6 +28,7 @@ class SoftmaxAttention(AttentionLayer):
   """
 
   implementation: Implementation = None
+  option_ranges = {"implementation": OneOf(IMPLEMENTATIONS, what="softmax implementation")}
 
   supports_decode = True
 

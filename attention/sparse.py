@@ -24,6 +24,7 @@ import numpy as np
 from attention import sparse_layouts
 from attention.base import AttentionLayer
 from attention.registry import register
+from attention.ranges import Integer, OneOf
 from kernels.block_sparse import IMPLEMENTATIONS, block_sparse_attention
 
 
@@ -37,6 +38,7 @@ class BlockSparseAttention(AttentionLayer):
 
   block_size: int = 32
   implementation: str | None = None
+  option_ranges = {"block_size": Integer(1), "implementation": OneOf(IMPLEMENTATIONS)}
 
   def layout(self, num_blocks: int) -> np.ndarray:
     """The bool `[num_heads or 1, num_blocks, num_blocks]` block layout."""
@@ -74,6 +76,7 @@ class LocalAttention(BlockSparseAttention):
   block-diagonal local attention); causal: to itself and the `window - 1` blocks before it."""
 
   window: int = 3
+  option_ranges = {"window": Integer(1)}
 
   def layout(self, num_blocks: int) -> np.ndarray:
     return sparse_layouts.local_layout(num_blocks, window=self.window, causal=self.causal)
@@ -96,6 +99,7 @@ class SparseTransformerAttention(BlockSparseAttention):
   c: int = 1
 
   PATTERNS: ClassVar[tuple[str, ...]] = ("strided", "fixed")
+  option_ranges = {"pattern": OneOf(PATTERNS), "stride": Integer(1, allow_none=True), "c": Integer(1)}
 
   def layout(self, num_blocks: int) -> np.ndarray:
     # The automatic stride never goes below c (a chunk must hold its summary blocks); a set stride is checked as is.
@@ -118,6 +122,8 @@ class LongformerAttention(BlockSparseAttention):
   num_global_blocks: int = 1
   dilation: int = 1
   num_dilated_heads: int = 2
+  option_ranges = {"window": Integer(1), "num_global_blocks": Integer(0), "dilation": Integer(1),
+                   "num_dilated_heads": Integer(0)}
 
   supports_causal = False
   not_causal_reason = ("global tokens see and are seen by every position, future ones included; set "
@@ -150,6 +156,8 @@ class BigBirdAttention(BlockSparseAttention):
   num_global_blocks: int = 2
   num_random_blocks: int = 3
   seed: int = 0
+  option_ranges = {"window": Integer(1), "num_global_blocks": Integer(0), "num_random_blocks": Integer(0),
+                   "seed": Integer(0)}
 
   supports_causal = False
   not_causal_reason = "global tokens see and are seen by every position, and random blocks reach into the future"

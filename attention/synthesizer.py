@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from attention.base import AttentionLayer, default_kernel_init
 from attention.linformer import resolve_max_length
 from attention.registry import register
+from attention.ranges import Integer, OneOf
 from kernels.softmax import causal_mask
 
 STATE = "attention_state"
@@ -81,6 +82,7 @@ class Synthesizer(AttentionLayer):
   factor_k: int = 32
   trainable_random: bool = True
   mix_dot_product: bool = False
+  option_ranges = {"mode": OneOf(tuple(MODES)), "max_length": Integer(0), "factor_k": Integer(1)}
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:

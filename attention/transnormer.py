@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from attention.recurrent import RecurrentLayer
 from attention.registry import register
+from attention.ranges import Integer, OneOf
 from kernels.block_diagonal import block_diagonal_attention
 from kernels.softmax import softmax_attention_reference
 
@@ -44,6 +45,7 @@ class TransNormer(RecurrentLayer):
   block_size: int = 64
   chunk_size: int = 64
   implementation: str | None = None
+  option_ranges = {"mode": OneOf(MODES), "block_size": Integer(1)}
 
   @classmethod
   def default_layer_options(cls, num_layers: int) -> tuple[dict, ...]:

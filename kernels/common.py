@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,3 +72,35 @@ def dropout_seed(rng: jax.Array) -> jax.Array:
 
 
 __all__ = ["MASK_VALUE", "dropout_keep", "dropout_seed", "keep_threshold"]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compute dtypes: the one vocabulary from config to kernel. `config.model.dtype`, an attention layer's `dtype` and
+# the kernels' inputs all mean the same names; "auto" is bfloat16 where the default backend is a GPU or TPU (bfloat16
+# matmuls at full rate, and the Pallas kernels take it) and float32 on CPU.
+
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+AUTO_DTYPE = "auto"
+# Every name a config or a layer accepts, in the order errors list them.
+DTYPE_NAMES: tuple[str, ...] = (*DTYPES, AUTO_DTYPE)
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+  """A dtype name of `DTYPE_NAMES` or a floating jnp/numpy dtype -> `jnp.dtype`; ValueError naming the valid names
+  otherwise. "auto" is read against `jax.default_backend()` when called."""
+  valid = f"valid choices: {', '.join(DTYPE_NAMES)} (or a floating jnp dtype)"
+  if isinstance(dtype, str):
+    if dtype == AUTO_DTYPE:
+      return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
+    if dtype not in DTYPES:
+      raise ValueError(f"unknown compute dtype {dtype!r}; {valid}")
+    return jnp.dtype(DTYPES[dtype])
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"unknown compute dtype {dtype!r}; {valid}") from None
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise ValueError(f"compute dtype must be floating point, got {resolved}; {valid}")
+  return resolved
+
+
+__all__ += ["AUTO_DTYPE", "DTYPES", "DTYPE_NAMES", "resolve_dtype"]

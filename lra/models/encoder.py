@@ -72,16 +72,18 @@ class Encoder(nn.Module):
     pos_encoding: "learned", "sinusoidal" or "none".
     pooling: "cls" (a learned CLS vector prepended before the positional encoding, as LRA), "mean" (masked mean over
       real tokens) or "none" (return every position).
-    attention: `{"name": <registered variant>, **options}`.
+    attention: `{"name": <registered variant>, **the options the user set}` (unset ones: `attention.resolve`).
     causal / decode: passed to every attention layer (language modelling and autoregressive decoding).
     layer_options: per-layer attention options merged over `attention` (one mapping per layer), e.g. TransNormer's
-      DiagAttention in early layers. None uses the variant's `default_layer_options(num_layers)` if it defines one
-      (its paper's architecture), else the same options in every layer.
+      DiagAttention in early layers; they win over everything for their layer. None uses the variant's
+      `default_layer_options(num_layers)` (its paper's architecture) for the options `attention` does not set
+      (`attention.resolve`).
     remat: recompute each block's activations in the backward pass (memory for compute).
     reversible: RevNet residuals whose backward pass rebuilds activations (lra/models/reversible.py), so activation
       memory does not grow with depth. A different function from the ordinary pre-LN stack (two streams).
     post_ln: post-LN blocks (LayerNorm after each residual, no final LayerNorm) instead of pre-LN.
-    dtype: compute dtype, "float32", "bfloat16" or "auto" (`lra.models.precision.resolve_dtype`) or a jnp dtype.
+    dtype: compute dtype, a name of `kernels.common.DTYPE_NAMES` ("auto": `lra.models.precision.resolve_dtype`) or a
+      jnp dtype.
   """
 
   vocab_size: int
@@ -109,21 +111,15 @@ class Encoder(nn.Module):
     return resolve_dtype(self.dtype)
 
   def attention_for_layers(self) -> list[ml_collections.FrozenConfigDict]:
-    """The attention sub-config of each layer."""
-    per_layer = self.layer_options
+    """The attention config of each layer (`{"name": ..., **every option}`), from `attention.resolve`: registry
+    defaults, the variant's per-layer schedule for what `attention` does not set, `attention` (the options the user
+    set), then `layer_options`."""
     user = dict(self.attention)
-    if per_layer is None:
-      cls = attention_lib.get_class(user["name"])
-      # The base class's default returns None: the same options in every layer.
-      per_layer = cls.default_layer_options(self.num_layers) or ({},) * self.num_layers
-      # The paper's schedule fills only what the user left at the registry default: configs record every option
-      # with its default, so `--config.model.attention.mode=taylor` must still mean taylor in every layer.
-      registry_defaults = attention_lib.options(user["name"])
-      per_layer = tuple({k: v for k, v in dict(o).items()
-                         if k not in user or user[k] == registry_defaults.get(k, v)} for o in per_layer)
-    if len(per_layer) != self.num_layers:
-      raise ValueError(f"layer_options has {len(per_layer)} entries; expected one per layer ({self.num_layers})")
-    return [ml_collections.FrozenConfigDict({**user, **dict(o)}) for o in per_layer]
+    name = user.pop("name")
+    # Model-owned entries go to `build_attention`, which refuses them unless they repeat the default or the model.
+    owned = {k: user.pop(k) for k in list(user) if k in attention_lib.encoder_owned_options()}
+    per_layer = attention_lib.resolve(name, self.num_layers, user, layer_options=self.layer_options)
+    return [ml_collections.FrozenConfigDict({"name": name, **owned, **o}) for o in per_layer]
 
   def shared_layer_inputs(self, per_layer: list[ml_collections.FrozenConfigDict],
                           length: int) -> list[dict[str, jax.Array]]:
@@ -201,7 +197,7 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                         **overrides: Any) -> Encoder:
   """Builds the encoder from `config.model` (see configs/); `overrides` set fields such as pooling or causal.
 
-  `config.model.dtype` ("float32", "bfloat16", "auto"; default float32) is resolved here, so "auto" means the backend
+  `config.model.dtype` (`kernels.common.DTYPE_NAMES`; default float32) is resolved here, so "auto" means the backend
   the model is built on."""
   attention = model_config.attention
   attention = dict(attention.to_dict() if hasattr(attention, "to_dict") else attention)

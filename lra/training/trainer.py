@@ -177,16 +177,8 @@ def _pending_from_meta(records: list) -> list[tuple[int, dict[str, np.ndarray]]]
 
 
 def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`config` as a dict whose attention sub-config holds every option in force: the ones set plus the registry's
-  defaults (encoder-owned options such as num_heads live in `config.model` and are left out)."""
-  record = config.to_dict()
-  sub = dict(record.get("model", {}).get("attention") or {})
-  if "name" in sub:
-    owned = set(attention_lib.encoder_owned_options())
-    defaults = {k: v for k, v in attention_lib.options(sub["name"]).items()
-                if k not in owned and v is not dataclasses.MISSING}
-    record["model"]["attention"] = {**defaults, **sub}
-  return record
+  """`config` as config.json records it: the options the user set plus every layer's resolved attention options."""
+  return validation.config_record(config)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:

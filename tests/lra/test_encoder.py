@@ -146,7 +146,7 @@ def test_encoder_from_config_reads_and_resolves_the_dtype():
   expected = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
   assert encoder_from_config(config, vocab_size=8, max_length=8).compute_dtype == expected
   assert resolve_dtype(jnp.bfloat16) == jnp.bfloat16
-  with pytest.raises(ValueError, match="unknown model dtype 'fp8'.*float32, bfloat16, auto"):
+  with pytest.raises(ValueError, match="unknown model dtype .fp8..*float32, bfloat16, float16, auto"):
     resolve_dtype("fp8")
 
 
@@ -159,3 +159,14 @@ def test_attention_config_cannot_override_what_the_encoder_sets():
   # A config filled with the registry defaults (configs.common.attention_config) repeats them harmlessly.
   Encoder(**SMALL, attention={"name": "softmax", "dtype": "float32"}, dtype="bfloat16").init(
       jax.random.key(0), tokens, mask)
+
+
+def test_an_option_set_to_its_default_wins_over_the_variants_layer_schedule():
+  """TransNormer's schedule is DiagAttention in the lower half; `mode="norm"` set by the user (the registry default)
+  means NormAttention in every layer, and `layer_options` still win for their layers."""
+  kwargs = {**SMALL, "num_layers": 4}
+  modes = lambda **kw: [dict(a)["mode"] for a in Encoder(**kwargs, **kw).attention_for_layers()]  # noqa: E731
+  assert modes(attention={"name": "transnormer"}) == ["diag", "diag", "norm", "norm"]
+  assert modes(attention={"name": "transnormer", "mode": "norm"}) == ["norm"] * 4
+  assert modes(attention={"name": "transnormer", "mode": "norm"},
+               layer_options=({"mode": "diag"}, {}, {}, {})) == ["diag", "norm", "norm", "norm"]
