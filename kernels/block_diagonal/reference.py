@@ -8,9 +8,9 @@ import jax.numpy as jnp
 from kernels.softmax.reference import softmax_attention_reference
 
 
-def block_diagonal_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, *, block_size: int,
-                             causal: bool, key_mask_BxL: jax.Array | None = None, dropout_rate: float = 0.0,
-                             dropout_rng: jax.Array | None = None) -> jax.Array:
+def block_diagonal_attention_reference(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, *,
+                                       block_size: int, causal: bool, key_mask: jax.Array | None = None,
+                                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
   """Softmax attention within blocks of `block_size` positions; causal inside the block when `causal`.
 
   Lengths that are not a multiple of `block_size` are padded internally and the padding masked; the output has the
@@ -20,7 +20,7 @@ def block_diagonal_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxH
     raise ValueError(f"block_size must be >= 1, got {block_size=}")
   b, length, h, d = q_BxLxHxD.shape
   pad = -length % block_size
-  key_mask = jnp.ones((b, length), bool) if key_mask_BxL is None else key_mask_BxL.astype(bool)
+  key_mask = jnp.ones((b, length), bool) if key_mask is None else key_mask.astype(bool)
   pad_seq = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
   n = (length + pad) // block_size
   to_blocks = lambda x: pad_seq(x).reshape(b * n, block_size, *x.shape[2:])  # noqa: E731
@@ -29,3 +29,6 @@ def block_diagonal_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxH
                                     mask=mask_BNx1x1xS, causal=causal, dropout_rate=dropout_rate,
                                     dropout_rng=dropout_rng)
   return out.reshape(b, n * block_size, h, d)[:, :length]
+
+
+__all__ = ["block_diagonal_attention_reference"]
