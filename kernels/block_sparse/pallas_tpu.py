@@ -22,11 +22,9 @@ A row with no allowed key outputs 0 and gets zero gradients. Scores, statistics 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu

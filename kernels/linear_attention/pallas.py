@@ -26,11 +26,11 @@ kernels of flash-linear-attention do).
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 
-from kernels.linear_attention import pallas_gpu, pallas_tpu
 from kernels.linear_attention.tables import ChunkSizes, KernelParams, check_supported, feature_block
 from kernels.platform import Backend
 
@@ -39,12 +39,21 @@ def _f32(x):
   return x.astype(jnp.float32)
 
 
+# Backend -> its kernel module, imported on first use so a TPU program never imports Mosaic GPU and vice versa.
+BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.linear_attention.pallas_tpu",
+                                       "gpu": "kernels.linear_attention.pallas_gpu"}
+
+
+def _backend(st: KernelParams):
+  return importlib.import_module(BACKEND_MODULES[st.backend])
+
+
 def _forward(st: KernelParams, q, k, v):
-  return (pallas_gpu if st.backend == "gpu" else pallas_tpu).forward(st, q, k, v)
+  return _backend(st).forward(st, q, k, v)
 
 
 def _backward(st: KernelParams, q, k, v, gn, gd, states):
-  return (pallas_gpu if st.backend == "gpu" else pallas_tpu).backward(st, q, k, v, gn, gd, states)
+  return _backend(st).backward(st, q, k, v, gn, gd, states)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -82,9 +91,10 @@ def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHx
   chunk = (chunk_sizes or ChunkSizes()).resolve(backend)
   dtype = jnp.result_type(q_BxLxHxF.dtype, k_BxLxHxF.dtype, v_BxLxHxD.dtype)
   check_supported(q_BxLxHxF.shape, v_BxLxHxD.shape, dtype, chunk, backend)
-  if feature_block(q_BxLxHxF.shape[-1], backend) != q_BxLxHxF.shape[-1]:
-    return _feature_blocked(q_BxLxHxF, k_BxLxHxF, v_BxLxHxD, causal=causal, normalize=normalize, eps=eps,
-                            chunk_sizes=ChunkSizes(chunk), backend=backend, interpret=interpret)
+  block = feature_block(q_BxLxHxF.shape[-1], backend)
+  if block != q_BxLxHxF.shape[-1]:
+    return feature_blocked(q_BxLxHxF, k_BxLxHxF, v_BxLxHxD, block=block, causal=causal, normalize=normalize, eps=eps,
+                           chunk_sizes=ChunkSizes(chunk), backend=backend, interpret=interpret)
   length = q_BxLxHxF.shape[1]
   pad = -length % chunk
 
@@ -98,13 +108,15 @@ def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHx
   return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxD.dtype)
 
 
-def _feature_blocked(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, causal: bool,
-                     normalize: bool, eps: float, chunk_sizes: ChunkSizes, backend: Backend, interpret) -> jax.Array:
-  """`linear_attention_pallas` for a feature map wider than one kernel call takes: the `nb` feature blocks become
-  `nb` times the heads of one unnormalized kernel call (values repeated per block), numerators summed in float32,
-  the normalizer from XLA."""
+def feature_blocked(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, block: int, causal: bool,
+                    normalize: bool = True, eps: float = 1e-6, chunk_sizes: ChunkSizes | None = None,
+                    backend: Backend = "tpu", interpret=False) -> jax.Array:
+  """`linear_attention_pallas` for a feature map wider than one kernel call takes: the `nb = F // block` feature
+  blocks become `nb` times the heads of one unnormalized kernel call (values repeated per block), numerators summed
+  in float32, the normalizer from XLA. (Any backend: tests check it on the TPU kernels in float32 too.)"""
   b, length, h, features = q_BxLxHxF.shape
-  block = feature_block(features, backend)
+  if block < 1 or features % block:
+    raise ValueError(f"feature {block=} must divide features={features}")
   nb = features // block
   split = lambda x: x.reshape(b, length, h * nb, block)  # noqa: E731  head h, block j -> head h * nb + j
   num = linear_attention_pallas(split(q_BxLxHxF), split(k_BxLxHxF), jnp.repeat(v_BxLxHxD, nb, axis=2),
@@ -118,4 +130,4 @@ def _feature_blocked(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.
   return out.astype(v_BxLxHxD.dtype)
 
 
-__all__ = ["ChunkSizes", "check_supported", "linear_attention_pallas"]
+__all__ = ["BACKEND_MODULES", "ChunkSizes", "check_supported", "feature_blocked", "linear_attention_pallas"]

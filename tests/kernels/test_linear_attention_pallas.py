@@ -15,6 +15,7 @@ import re
 import attention
 from kernels import linear_attention, platform
 from kernels.linear_attention import ChunkSizes, check_supported, linear_attention_pallas, linear_attention_reference
+from kernels.linear_attention.pallas import feature_blocked
 from kernels.linear_attention.tables import feature_block
 
 # Relative to the largest magnitude of the compared tensor (elementwise relative error is meaningless where terms
@@ -79,8 +80,8 @@ GPU_GRID = [  # Mosaic GPU kernels: bfloat16, chunk 64, feature/value dims 64 or
     (128, 128, 64, True, True),
     (64, 64, 128, True, False),
     (100, 64, 128, False, True),
-    # Performer's default 256 features: two 128-wide feature blocks as extra heads, normalizer from XLA.
-    (128, 256, 64, True, True),
+    # Performer's default (256 features, non-causal): two 128-wide feature blocks as extra heads, normalizer from XLA
+    # (both causal forms of the blocking in float32 below, on the TPU kernels).
     (64, 256, 64, False, True),
 ]
 
@@ -88,6 +89,27 @@ GPU_GRID = [  # Mosaic GPU kernels: bfloat16, chunk 64, feature/value dims 64 or
 @pytest.mark.parametrize("length,features,head_dim,causal,normalize", GPU_GRID)
 def test_gpu_kernels_in_gpu_interpret_mode_match_reference(length, features, head_dim, causal, normalize):
   _compare(length, 64, features, head_dim, causal, normalize, jnp.bfloat16, backend="gpu", b=1, h=1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_feature_blocks_match_the_reference_in_float32(causal):
+  """The feature blocking the GPU driver applies to wide feature maps (`feature_blocked`), on the TPU kernels in
+  interpret mode: values and gradients at the float32 tolerance (the numerators are the unnormalized kernel's, the
+  normalizer is XLA's)."""
+  q, k, v, ct = _inputs(24, 16, 8, jnp.float32, b=1, h=1)
+
+  def losses(q, k, v):
+    def loss(fn):
+      return lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
+    ref = lambda q, k, v: linear_attention_reference(q, k, v, causal=causal)  # noqa: E731
+    blocked = lambda q, k, v: feature_blocked(q, k, v, block=8, causal=causal, chunk_sizes=ChunkSizes(8),  # noqa
+                                              interpret=True)
+    return [jax.value_and_grad(loss(fn), argnums=(0, 1, 2))(q, k, v) for fn in (ref, blocked)]
+
+  (want, want_grads), (got, got_grads) = jax.jit(losses)(q, k, v)
+  _assert_close(got, want, jnp.float32)
+  for g, w in zip(got_grads, want_grads):
+    _assert_close(g, w, jnp.float32)
 
 
 def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
