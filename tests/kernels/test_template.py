@@ -211,3 +211,22 @@ def test_masked_keys_never_change_the_output(op):
   assert not np.allclose(unmasked, call(q, k, v, None, "reference"), atol=1e-3)
   with pytest.raises(ValueError, match=rf"unknown {_entry_name(op)} implementation 'bogus'"):
     _attention_call(op)[1](q, k, v, key_mask, "bogus")
+
+
+@pytest.mark.parametrize("op", CHECKED)
+def test_a_row_without_real_keys_gives_zeros_and_finite_gradients(op):
+  """MASK_VALUE is safe where it meets sums and exponentials: a batch row whose keys are all padding outputs zeros
+  (no NaN, no uniform average over padding) with finite gradients, in the reference and the XLA form."""
+  call = _attention_call(op)[1]
+  q, k, v = (jax.random.normal(key, (B, L, H, D)) for key in jax.random.split(jax.random.key(1), 3))
+  key_mask = jnp.array([[False] * L, [True] * L])
+  implementations = _module_constant(_tree(ROOT / op / "__init__.py"), "IMPLEMENTATIONS")
+  for impl in [i for i in ("reference", "xla") if i in implementations]:
+    def loss(q, k, v, impl=impl):
+      out = call(q, k, v, key_mask, impl)
+      return jnp.sum(out ** 2), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(out[0]), 0.0, err_msg=f"{op} {impl}")
+    assert np.all(np.isfinite(np.asarray(out[1]))) and np.any(np.asarray(out[1]) != 0)
+    for g in grads:
+      assert np.all(np.isfinite(np.asarray(g))), f"{op} {impl}: non-finite gradient"
