@@ -112,7 +112,7 @@ class Based(RecurrentLayer):
         window, valid_BxW, _ = step
         y_local = softmax_attention_reference(q, window["key"], window["value"], mask=valid_BxW[:, None, None, :])
       else:
-        y_local = sliding_window_attention(q, k, v, window=self.window, causal=self.causal, key_mask_BxL=mask)
+        y_local = sliding_window_attention(q, k, v, window=self.window, causal=self.causal, key_mask=mask)
       y = y + y_local.astype(jnp.float32)
     return self.project_out(y, x.shape[-1])
 

@@ -41,7 +41,8 @@ from attention.base import AttentionLayer
 from attention.linformer import resolve_max_length
 from attention.registry import register
 from attention.ranges import Integer, Real
-from kernels.sinkhorn import NEG, sinkhorn_normalize
+from kernels.common import MASK_VALUE
+from kernels.sinkhorn import sinkhorn_normalize
 from kernels.softmax import dropout_weights, softmax_attention_reference
 
 __all__ = ["SinkhornAttention", "sinkhorn_normalize", "sorted_plus_local_attention"]
@@ -78,7 +79,7 @@ def sorted_plus_local_attention(q_BxNxSxHxD: jax.Array, sorted_k: jax.Array, sor
     local_allowed = local_allowed & (jnp.arange(bs)[:, None] >= jnp.arange(bs)[None, :])
   sorted_allowed = jnp.broadcast_to(sorted_real_BxHxNxS[:, :, :, None, :], logits.shape[:-1] + (bs,))
   allowed = jnp.concatenate([sorted_allowed, jnp.broadcast_to(local_allowed, sorted_allowed.shape)], axis=-1)
-  weights = dropout_weights(jax.nn.softmax(jnp.where(allowed, logits, NEG), axis=-1), dropout_rate, dropout_rng)
+  weights = dropout_weights(jax.nn.softmax(jnp.where(allowed, logits, MASK_VALUE), axis=-1), dropout_rate, dropout_rng)
   out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
   return out.astype(q_BxNxSxHxD.dtype)
 

@@ -65,7 +65,7 @@ class BlockSparseAttention(AttentionLayer):
       kv_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
     layout_HxNxN = self.layout((length + pad) // self.block_size)
     y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
-                               implementation=self.implementation, kv_mask=kv_mask_BxL,
+                               implementation=self.implementation, key_mask=kv_mask_BxL,
                                dropout_rate=self.dropout_rate, dropout_rng=self.dropout_rng(deterministic))
     return self.project_out(y[:, :length], x.shape[-1])
 

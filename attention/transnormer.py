@@ -71,6 +71,6 @@ class TransNormer(RecurrentLayer):
       block, valid_BxS, _ = step
       y = softmax_attention_reference(q, block["key"], block["value"], mask=valid_BxS[:, None, None, :])
     else:
-      y = block_diagonal_attention(q, k, v, block_size=self.block_size, causal=self.causal, key_mask_BxL=mask,
+      y = block_diagonal_attention(q, k, v, block_size=self.block_size, causal=self.causal, key_mask=mask,
                                    dropout_rate=self.dropout_rate, dropout_rng=self.dropout_rng(deterministic))
     return self.project_out(y, x.shape[-1])
