@@ -10,6 +10,9 @@ sequence, softmax's KV cache does).
   python scripts/recall_vs_state.py --config configs/mqar.py:runlocal,sweep=state_size --workdir runs/mqar_state
   python scripts/recall_vs_state.py --config configs/mqar.py:runlocal,sweep=state_size --workdir runs/mqar_state \
       --config.train.num_steps=800       # overrides apply to every point
+  # The table from the points finished so far (an interrupted sweep), without training:
+  python scripts/recall_vs_state.py --config configs/mqar.py:runlocal,sweep=state_size --workdir runs/mqar_state \
+      --table_only
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ _CONFIG = common.DEFINE_config_file("config", None, "configs/mqar.py[:arg] with 
                                     lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the sweep's points and the table.")
 _SPLIT = flags.DEFINE_string("eval_split", "test", "Split evaluated on the best checkpoint after training.")
+_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Only rebuild the table from the points already finished.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 COLUMNS = ("attention", "width", "state_bytes", "accuracy", "parameters")
@@ -112,9 +116,11 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
   root = Path(_WORKDIR.value)
+  root.mkdir(parents=True, exist_ok=True)
   config_arg = flags.FLAGS["config"].config_filename
   points_spec = sweep.load_sweep(config_arg)
-  sweep.run_sweep(_CONFIG.value, points_spec, root, split=_SPLIT.value)
+  if not _TABLE_ONLY.value:
+    sweep.run_sweep(_CONFIG.value, points_spec, root, split=_SPLIT.value)
   points = sweep.build_points(_CONFIG.value, points_spec)
   rows = collect(root, points, _SPLIT.value)
   markdown = to_markdown(rows)
