@@ -12,6 +12,9 @@ with its `config.json` and the checkpoint's array shapes: a workdir of another t
 A checkpoint written on preemption also holds the per-step metrics not yet logged (`meta["pending"]`), so the next
 log line averages the same steps as in an uninterrupted run.
 The last step of every run is logged, evaluated and checkpointed, so a larger `num_steps` extends a finished run.
+With self-pretraining (`config.pretrain.steps > 0`) step 1 is followed, when no fine-tuning checkpoint exists, by the
+pretraining phase (run or resumed with this same order in `<workdir>/pretrain`, see pretrain.py), whose encoder seeds
+the fine-tuning state; `config.init_from` seeds it from another run.
 """
 
 from __future__ import annotations
