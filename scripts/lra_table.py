@@ -386,7 +386,8 @@ def run_protocol(root: str | Path, protocol: str, points: Sequence[Point], *, ti
         sweep.run_point(config, point_overrides, str(workdir), split)
         statuses[point.name] = "done"
       except preemption.Preempted as e:
-        statuses[point.name] = f"stopped at step {e.step}"
+        phase = "pretraining " if e.workdir is not None and Path(e.workdir).name == "pretrain" else ""
+        statuses[point.name] = f"stopped at {phase}step {e.step}"
       except Exception as e:  # pylint: disable=broad-except  (the other points still run)
         logging.exception("point %s failed", point.name)
         statuses[point.name] = f"failed: {sweep.last_error_line(e)}"
