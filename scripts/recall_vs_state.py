@@ -68,13 +68,11 @@ def state_bytes(config) -> int:
 
 
 def collect(root: Path, points: dict, split: str) -> list[dict[str, Any]]:
-  """One row per point with a result: variant, width, state bytes, test accuracy, parameters."""
+  """One row per point: variant, width, state bytes, test accuracy and parameters (None for a point not finished)."""
   rows = []
   for name, (overrides, point_config) in points.items():
     result_path = root / name / "sweep_result.json"
-    if not result_path.exists():
-      continue
-    result = json.loads(result_path.read_text())
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
     rows.append({"attention": overrides.get("model.attention.name", point_config.model.attention.name),
                  "width": point_config.model.emb_dim, "state_bytes": state_bytes(point_config),
                  "accuracy": result.get(f"{split} accuracy"), "parameters": result.get("parameters")})
@@ -84,9 +82,9 @@ def collect(root: Path, points: dict, split: str) -> list[dict[str, Any]]:
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
   lines = ["| attention | width | decode state | test accuracy | parameters |", "|---|---:|---:|---:|---:|"]
   for r in rows:
-    accuracy = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-    lines.append(f"| {r['attention']} | {r['width']} | {r['state_bytes']:,} B | {accuracy} | "
-                 f"{r['parameters'] or 0:,} |")
+    accuracy = "not run" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+    parameters = "-" if r["parameters"] is None else f"{r['parameters']:,}"
+    lines.append(f"| {r['attention']} | {r['width']} | {r['state_bytes']:,} B | {accuracy} | {parameters} |")
   return "\n".join(lines) + "\n"
 
 
