@@ -44,8 +44,14 @@ MODEL = dict(remat=False, reversible=False, post_ln=False, dtype="float32")
 DATA = dict(cache_dir="~/.cache/efficient_attention")
 TRAIN = dict(batch_size=32, optimizer="adamw", schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9,
              grad_clip_norm=None, log_every_steps=50, num_eval_batches=None, keep_checkpoints=3)
+# Self-pretraining ("Never Train from Scratch", Amos et al. 2024; lra/training/pretrain.py): off unless steps > 0.
+# Batch size, optimizer moments, clipping and intervals come from `config.train`.
+PRETRAIN = dict(objective="masked", steps=0, learning_rate=1e-3, schedule="cosine", warmup_steps=0, mask_rate=0.15,
+                mask_token=0, tie_embeddings=True)
+PRETRAIN_OBJECTIVES = ("none", "masked", "causal")  # the `pretrain=` config argument ("none": from scratch)
 # Fields that may be None: typed references so that `--config.train.grad_clip_norm=1.0` parses as a float.
-_OPTIONAL_TYPES = {"data_dir": str, "grad_clip_norm": float, "num_eval_batches": int, "num_workers": int}
+_OPTIONAL_TYPES = {"data_dir": str, "grad_clip_norm": float, "num_eval_batches": int, "num_workers": int,
+                   "init_from": str}
 encoder_owned_options = attention_lib.encoder_owned_options
 
 
@@ -85,7 +91,66 @@ def make_config(task: str, *, model: Mapping[str, Any], data: Mapping[str, Any],
   config.data = _typed("data", data_fields)
   config.train = _typed("train", train_fields)
   config.mesh = ml_collections.ConfigDict(dict(data=-1, distributed="auto"))
+  config.pretrain = ml_collections.ConfigDict(PRETRAIN)
+  config.init_from = _typed("init_from", None)  # a workdir or checkpoint of another run: its encoder starts this one
   return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Named LRA protocols and self-pretraining (the `protocol=` and `pretrain=` arguments of configs/lra/*.py).
+
+PROTOCOLS = ("paper", "small")
+# The small-model re-run protocol of Xiong et al. 2021 (Nystromformer, github.com/mlpen/Nystromformer
+# LRA/code/lra_config.py), also used by the Skyformer re-runs (Chen et al. 2021): 2 layers, embedding 64, 2 heads
+# of 32, FFN 128, dropout 0.1, learned positions, mean pooling; Adam at 1e-4, no weight decay, linear warmup then
+# linear decay (here: cosine decay, the closest schedule this framework has).
+SMALL_MODEL = dict(num_layers=2, emb_dim=64, num_heads=2, qkv_dim=64, mlp_dim=128, head_mlp_dim=128, dropout_rate=0.1,
+                   attention_dropout_rate=0.1, pos_encoding="learned", pooling="mean")
+SMALL_TRAIN = dict(learning_rate=1e-4, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
+# Published Transformer accuracy (%) under the small protocol (Xiong et al. 2021, Table 4):
+# ListOps, Text, Retrieval, Image, Pathfinder.
+SMALL_PUBLISHED_TRANSFORMER = (37.10, 65.02, 79.35, 38.20, 74.16)
+
+
+def protocol_args(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The config arguments every LRA file accepts: runlocal, attention, protocol ("paper" | "small") and pretrain
+  ("none" | "masked" | "causal"), plus the file's own `extra`."""
+  return {"runlocal": False, "attention": "softmax", "protocol": "paper", "pretrain": "none", **dict(extra or {})}
+
+
+def apply_protocol(config: ml_collections.ConfigDict, protocol: str, *, train: Mapping[str, Any] | None = None,
+                   data: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """`config` (the paper's) switched to `protocol`: "paper" leaves it; "small" sets `SMALL_MODEL`, `SMALL_TRAIN` and
+  the task's own `train` / `data` settings of the re-run (steps, batch size, warmup, length)."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+  if protocol == "small":
+    config.model.update(SMALL_MODEL)
+    config.train.update({**SMALL_TRAIN, **dict(train or {})})
+    config.data.update(dict(data or {}))
+  return config
+
+
+def apply_pretrain(config: ml_collections.ConfigDict, objective: str, **settings: Any) -> ml_collections.ConfigDict:
+  """Self-pretraining on (`objective` "masked" or "causal") or off ("none"): `settings` (steps, learning_rate, ...)
+  over `PRETRAIN`. Without `steps`, pretraining runs as many steps as fine-tuning (Amos et al. pretrain at least as
+  long as they fine-tune); the pretraining learning rate and warmup default to fine-tuning's."""
+  if objective not in PRETRAIN_OBJECTIVES:
+    raise ValueError(f"pretrain={objective!r}; valid choices: {', '.join(PRETRAIN_OBJECTIVES)}")
+  if objective == "none":
+    return config
+  schedule = config.train.schedule if config.train.schedule != "rsqrt" else "cosine"
+  fields = dict(objective=objective, steps=config.train.num_steps, learning_rate=_peak_rate(config.train),
+                schedule=schedule, warmup_steps=min(config.train.warmup_steps, config.train.num_steps))
+  config.pretrain.update({**fields, **settings})
+  return config
+
+
+def _peak_rate(train: ml_collections.ConfigDict) -> float:
+  """The peak learning rate of `train`'s schedule (LRA's rsqrt schedule peaks at lr / sqrt(warmup))."""
+  if train.schedule == "rsqrt":
+    return float(train.learning_rate / max(train.warmup_steps, 1) ** 0.5)
+  return float(train.learning_rate)
 
 
 def _parse_value(text: str, default: Any) -> Any:

@@ -82,6 +82,9 @@ class Encoder(nn.Module):
     reversible: RevNet residuals whose backward pass rebuilds activations (lra/models/reversible.py), so activation
       memory does not grow with depth. A different function from the ordinary pre-LN stack (two streams).
     post_ln: post-LN blocks (LayerNorm after each residual, no final LayerNorm) instead of pre-LN.
+    sequence_output: return every input token's output `[B, L, emb_dim]` (the CLS position dropped) instead of the
+      pooled vector, with the same parameters as the pooled encoder: what self-pretraining heads read
+      (lra/training/pretrain.py), so a pretrained encoder loads into the classifier unchanged.
     dtype: compute dtype, a name of `kernels.common.DTYPE_NAMES` ("auto": `lra.models.precision.resolve_dtype`) or a
       jnp dtype.
   """
@@ -103,6 +106,7 @@ class Encoder(nn.Module):
   remat: bool = False
   reversible: bool = False
   post_ln: bool = False
+  sequence_output: bool = False
   layer_options: tuple[Mapping[str, Any], ...] | None = None
   dtype: Any = "float32"
 
@@ -132,7 +136,7 @@ class Encoder(nn.Module):
   def __call__(self, inputs_BxL: jax.Array, mask_BxL: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     if self.pooling not in POOLINGS:
       raise ValueError(f"unknown pooling {self.pooling!r}; valid choices: {POOLINGS}")
-    if self.pooling == "cls" and self.causal:
+    if self.pooling == "cls" and self.causal and not self.sequence_output:
       raise ValueError("pooling='cls' prepends a token that a causal encoder could never attend from; use 'mean' or "
                        "'none' with causal=True")
     if inputs_BxL.ndim != 2:
@@ -184,6 +188,8 @@ class Encoder(nn.Module):
     if not self.post_ln:
       x = layer_norm("ln_final", dtype)(x)
 
+    if self.sequence_output:
+      return x[:, 1:] if self.pooling == "cls" else x
     if self.pooling == "cls":
       return x[:, 0]
     if self.pooling == "mean":

@@ -97,6 +97,12 @@ class Task(abc.ABC):
     """Metrics derived from the exact split-level means (e.g. perplexity = exp(mean token loss))."""
     return metrics
 
+  def pretrain_token_keys(self) -> tuple[tuple[str, str], ...]:
+    """(tokens key, padding-mask key) pairs of a batch that self-pretraining trains on (lra/training/pretrain.py):
+    by default every `inputs<suffix>` with its `mask<suffix>` (Retrieval: both documents)."""
+    keys = self.dummy_batch(1)
+    return tuple((k, "mask" + k[len("inputs"):]) for k in sorted(keys) if k.startswith("inputs"))
+
 
 def head_mlp_dim(model_config: ml_collections.ConfigDict) -> int:
   """Hidden size of the classifier / matcher head: `head_mlp_dim`, default `mlp_dim` (LRA's)."""

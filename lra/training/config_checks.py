@@ -134,6 +134,30 @@ def _mesh_data(value: Any, config: ml_collections.ConfigDict) -> str | None:
   return None if _is_int(value) and (value == -1 or value >= 1) else "-1 (all devices) or an integer >= 1"
 
 
+def _objectives() -> tuple[str, ...]:
+  from lra.models import heads  # pylint: disable=g-import-not-at-top
+  return tuple(heads.OBJECTIVES)
+
+
+def _pretrain_warmup(value: Any, config: ml_collections.ConfigDict) -> str | None:
+  steps = config.pretrain.get("steps")
+  if not _is_int(value) or value < 0:
+    return "an integer >= 0"
+  if config.pretrain.get("schedule") != "rsqrt" and _is_int(steps) and steps >= 1 and value > steps:
+    return f"an integer in [0, pretrain.steps={steps}]"
+  return None
+
+
+def _init_from(value: Any, config: ml_collections.ConfigDict) -> str | None:
+  if value is None:
+    return None
+  if not isinstance(value, str) or not value:
+    return "None or the path of another run's workdir or checkpoint"
+  if _is_int(config.get("pretrain", {}).get("steps")) and config.pretrain.steps > 0:
+    return "None when pretrain.steps > 0 (a run either pretrains its encoder or loads one; set one of the two)"
+  return None
+
+
 DTYPES = DTYPE_NAMES  # the one dtype vocabulary (kernels/common.py)
 
 # The table: dotted key -> check. A key missing from a config is skipped (not every task has every field).
@@ -176,6 +200,15 @@ RULES: dict[str, Check] = {
     "train.checkpoint_every_steps": integer(1),
     "train.keep_checkpoints": integer(1),
     "train.num_eval_batches": integer(1, allow_none=True),
+    "pretrain.objective": choice(_objectives),
+    "pretrain.steps": integer(0),
+    "pretrain.learning_rate": real(0.0, lo_open=True),
+    "pretrain.schedule": choice(_schedules),
+    "pretrain.warmup_steps": _pretrain_warmup,
+    "pretrain.mask_rate": real(0.0, 1.0, lo_open=True),
+    "pretrain.mask_token": integer(0),
+    "pretrain.tie_embeddings": boolean,
+    "init_from": _init_from,
     "mesh.data": _mesh_data,
     "mesh.distributed": choice(("auto", True, False, "true", "false")),
 }
