@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from attention import positions
 from attention.base import AttentionLayer
 from attention.registry import register
 from kernels.softmax import IMPLEMENTATIONS, Implementation, softmax_attention, softmax_attention_reference
@@ -28,6 +29,7 @@ class SoftmaxAttention(AttentionLayer):
   implementation: Implementation = None
 
   supports_decode = True
+  supported_positions = ("none", "rope")
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -35,6 +37,9 @@ class SoftmaxAttention(AttentionLayer):
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"unknown softmax implementation {self.implementation!r}; valid choices: {IMPLEMENTATIONS}")
     q, k, v = self.project_qkv(x)
+    if self.positions == "rope":  # rotated before caching: a decode step sits at the cache's index
+      offset = positions.decode_offset(self, "cached") if self.decode else 0
+      q, k = positions.rope(q, offset), positions.rope(k, offset)
     dropout_rng = self.dropout_rng(deterministic)
     attend = lambda q, k, v, m, causal: softmax_attention(  # noqa: E731
         q, k, v, mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,

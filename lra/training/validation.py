@@ -186,7 +186,7 @@ ATTENTION_RULES: dict[str, Check] = {
     "implementation": choice((None, "reference", "xla", "pallas", "interpret", "cudnn")),
 }
 # Options the encoder passes to every layer from config.model; they do not belong in config.model.attention.
-_ENCODER_OWNED = ("num_heads", "qkv_dim", "causal", "dropout_rate", "decode", "dtype")
+_ENCODER_OWNED = ("num_heads", "qkv_dim", "causal", "dropout_rate", "decode", "dtype", "positions")
 
 
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
