@@ -1,4 +1,4 @@
-"""Multiplicative attention (Luong et al., 2015), multi-head: `form="dot"` scores `qᵀk`, `form="general"` `qᵀ W_a k`.
+"""Multiplicative attention (Luong et al., 2015), multi-head: `form="dot"` scores `qᵀk`, "general" `qᵀ W_a k`.
 
 Per head h with q = query(x), k = key(x) (the shared projections); `W_a: [D, D]` (`w_a`) per head. As in Luong's
 paper there is no 1/sqrt(D) scaling: that is what tells `multiplicative(form="dot")` apart from `softmax` (Vaswani's

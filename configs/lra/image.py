@@ -1,5 +1,8 @@
 r"""LRA Image: CIFAR-10 as sequences of 1,024 grayscale pixels (vocabulary 256), 10 classes.
 
+Positions: `pos_encoding="learned"`, as LRA's config; the table is bounded by max_length (`rope`, `alibi`,
+`sinusoidal` extrapolate, see docs/results.md).
+
 Defaults are the official LRA Image settings (lra_benchmarks/image/configs/cifar10/base_cifar10_config.py with
 transformer_base.py): 1 layer, emb 128, 8 heads, qkv 64, MLP 128 (classifier hidden 128), dropout 0.3, attention
 dropout 0.2, CLS pooling, learned positions, batch 256, 35,000 steps (200 epochs of 45,000 images), Adam(b2=0.98,

@@ -1,5 +1,8 @@
 r"""LRA Pathfinder ("Path"): are the two circles joined by one dashed contour? 32x32 pixels = 1,024 tokens, 2 classes.
 
+Positions: `pos_encoding="lra_sinusoidal"`, the LRA code's fixed table (first half sin, second half cos), not
+Vaswani's interleaved `"sinusoidal"`: LRA's numbers were made with it, so reproducing them needs it.
+
 Defaults are the official LRA Pathfinder settings (lra_benchmarks/image/configs/pathfinder32/base_pathfinder32_config.py
 with transformer_base.py) on the hardest difficulty, `curv_contour_length_14`: 4 layers, emb 32, 4 heads, qkv 16, MLP 32
 (classifier hidden 32), dropout 0.2, attention dropout 0.1, mean pooling, fixed sinusoidal positions, batch 512, 62,400
@@ -40,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = common.make_config(
       "pathfinder", attention=args.attention,
       model=dict(num_layers=4, emb_dim=32, num_heads=4, qkv_dim=16, mlp_dim=32, head_mlp_dim=32,
-                 dropout_rate=0.2, attention_dropout_rate=0.1, pos_encoding="sinusoidal", pooling="mean"),
+                 dropout_rate=0.2, attention_dropout_rate=0.1, pos_encoding="lra_sinusoidal", pooling="mean"),
       data=dict(resolution=32,
                 difficulty="contour_length_14",  # or "baseline", "contour_length_9" (LRA's easy / intermediate)
                 # Used when data_dir is None: the images to generate (lra/tasks/pathfinder_generator.py).
