@@ -28,7 +28,10 @@ Command lines:
   python scripts/sweep.py --config configs/lra/image.py --workdir runs/sweep_image \
       --config.data.data_dir=/path/to/cifar10
 
-Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>.
+Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>, patch_size=<p>
+(ViT-style p x p patches with CLS pooling, `config.model.patch_size`; p must divide the image side; 1 = pixels):
+
+  python train.py --config configs/lra/image.py:runlocal,patch_size=4 --workdir runs/image_patches4 ...
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ STEPS_PER_EPOCH = 45_000 // 256
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
+  args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax", "patch_size": 1})
   config = common.make_config(
       "image", attention=args.attention,
       model=dict(num_layers=1, emb_dim=128, num_heads=8, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,
@@ -58,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(num_steps=300, batch_size=16, eval_batch_size=50, num_eval_batches=20, learning_rate=1e-3,
                         warmup_steps=30, weight_decay=0.0, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
                         log_every_steps=25, eval_every_steps=150, checkpoint_every_steps=150)
+  if args.patch_size != 1:
+    # ViT: a learned linear embedding per patch, positions over the patch grid, the CLS token pooled.
+    config.model.update(patch_size=args.patch_size, pooling="cls")
   return config
 
 

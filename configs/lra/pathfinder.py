@@ -26,7 +26,10 @@ Command lines:
   # The learning-rate / warmup grid of get_sweep(), one workdir per point:
   python scripts/sweep.py --config configs/lra/pathfinder.py --workdir runs/sweep_pathfinder
 
-Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>.
+Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>, patch_size=<p>
+(ViT-style p x p patches with CLS pooling, `config.model.patch_size`; p must divide the image side; 1 = pixels):
+
+  python train.py --config configs/lra/pathfinder.py:runlocal,patch_size=4 --workdir runs/pathfinder_patches4 ...
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ STEPS_PER_EPOCH = 160_000 // 512
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
+  args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax", "patch_size": 1})
   config = common.make_config(
       "pathfinder", attention=args.attention,
       model=dict(num_layers=4, emb_dim=32, num_heads=4, qkv_dim=16, mlp_dim=32, head_mlp_dim=32,
@@ -60,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(num_steps=300, batch_size=16, eval_batch_size=50, learning_rate=1e-3, warmup_steps=30,
                         b2=0.999, eps=1e-8, grad_clip_norm=1.0, log_every_steps=25, eval_every_steps=150,
                         checkpoint_every_steps=150)
+  if args.patch_size != 1:
+    # ViT: a learned linear embedding per patch, positions over the patch grid, the CLS token pooled.
+    config.model.update(patch_size=args.patch_size, pooling="cls")
   return config
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import attention as attention_lib
-from lra.models import embeddings
+from lra.models import embeddings, patches
 from lra.models.embeddings import PositionalEncoding
 from lra.models.mlp import MlpBlock
 from lra.models.precision import resolve_dtype
@@ -107,6 +107,8 @@ class Encoder(nn.Module):
   post_ln: bool = False
   layer_options: tuple[Mapping[str, Any], ...] | None = None
   dtype: Any = "float32"
+  patch_size: int = 1  # > 1: inputs are `image_shape` pixel tokens embedded as p x p patches (lra/models/patches.py)
+  image_shape: tuple[int, int] | None = None
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -153,9 +155,14 @@ class Encoder(nn.Module):
       mask_BxL = jnp.ones(inputs_BxL.shape, bool)
     mask_BxL = mask_BxL.astype(bool)
 
-    x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0), dtype=dtype,
-                 param_dtype=jnp.float32, name="embed")(inputs_BxL)
-    max_length = self.max_length
+    patches.check_patch_size(self.patch_size, self.image_shape)
+    if self.patch_size > 1:  # positions over the patch grid
+      x, mask_BxL = patches.PatchEmbedding(self.image_shape, self.patch_size, self.emb_dim, dtype,
+                                           name="patches")(inputs_BxL, mask_BxL)
+    else:
+      x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0), dtype=dtype,
+                   param_dtype=jnp.float32, name="embed")(inputs_BxL)
+    max_length = self.max_length if self.patch_size == 1 else x.shape[1]
     if self.pooling == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.emb_dim))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.emb_dim)).astype(x.dtype), x], axis=1)
@@ -220,7 +227,7 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                 pos_encoding=model_config.pos_encoding, pooling=model_config.pooling,
                 attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False),
                 reversible=model_config.get("reversible", False), post_ln=model_config.get("post_ln", False),
-                dtype=resolve_dtype(model_config.get("dtype", "float32")))
+                dtype=resolve_dtype(model_config.get("dtype", "float32")), patch_size=model_config.get("patch_size", 1))
   layer_options = model_config.get("layer_options")
   if layer_options is not None:
     kwargs["layer_options"] = tuple(dict(o) for o in layer_options)

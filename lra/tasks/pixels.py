@@ -2,7 +2,8 @@
 
 An image of H x W pixels is H*W tokens in row-major order, the token being the pixel value (vocabulary 256). There is
 no padding: every position is real, so the mask is all True. (The LRA code derived its mask from `inputs > 0`, which
-treated black pixels -- most of a Pathfinder image -- as padding.)
+treated black pixels -- most of a Pathfinder image -- as padding.) With `config.model.patch_size = p > 1` the encoder
+embeds the same pixel tokens as non-overlapping p x p patches (lra/models/patches.py); p must divide the image sides.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import abc
 
 import numpy as np
 
+from lra.models import patches
 from lra.tasks.base import ArrayDataset
 from lra.tasks.split_task import SplitTask, sequence_classifier
 
@@ -55,8 +57,12 @@ class PixelClassificationTask(SplitTask):
     return ArrayDataset({"inputs": inputs, "mask": all_true_mask(len(inputs), self.length), "targets": targets})
 
   def model(self):
-    return sequence_classifier(self.config, vocab_size=VOCAB_SIZE, max_length=self.length,
-                               num_classes=self.num_classes)
+    patch_size = self.config.model.get("patch_size", 1)
+    patches.check_patch_size(patch_size, self.image_shape())  # before data is read or a model built
+    model = sequence_classifier(self.config, vocab_size=VOCAB_SIZE, max_length=self.length,
+                                num_classes=self.num_classes)
+    # p x p patches (config.model.patch_size > 1): the data stay pixel tokens, the encoder embeds them as patches.
+    return model.clone(encoder=model.encoder.clone(image_shape=tuple(self.image_shape())))
 
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     return {"inputs": np.zeros((batch_size, self.length), np.uint8), "mask": np.ones((batch_size, self.length), bool),
