@@ -13,7 +13,8 @@ Memory: the score has an `[L, S, A]` intermediate per batch row and head (tanh o
 computed in key chunks of `chunk_size`: at most `B * H * L * chunk_size * A` elements of it exist at once, and each
 chunk is rematerialized in the backward pass (`jax.checkpoint`), so neither pass holds it whole. What remains
 quadratic is the `[B, H, L, S]` float32 score and weight matrices (as in the reference softmax). For L = S = 4096,
-A = 16, one head: the whole intermediate would be 1 GiB in float32, a 128-key chunk 32 MiB, the scores 64 MiB
+A = 32, one head, float32: the whole intermediate would be 2 GiB, a 128-key chunk 64 MiB, the scores 64 MiB; a
+training step (value and gradient) compiles to about 330 MiB of temporaries, a few copies of the scores
 (checked by compiled memory in tests/attention/test_additive_multiplicative.py).
 
 Positions: ALiBi biases (`positions="alibi"`) add to the scores; RoPE is refused (a rotation is not relative under
