@@ -2,13 +2,15 @@
 
 The functional core (`softmax_attention`, its reference and implementations) is `kernels.softmax`; this module is the
 layer: projections, padding mask, causal mode and a flax-style decode cache of every position (a ring cache of the
-maximum length).
+maximum length). Training and decoding call the same entry, `softmax_attention` (flash attention by default): decoding
+passes one query row over the cached keys with `key_mask` = the written slots.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from attention import positions
 from attention.base import AttentionLayer
@@ -29,7 +31,7 @@ class SoftmaxAttention(AttentionLayer):
   implementation: Implementation = None
 
   supports_decode = True
-  supported_positions = ("none", "rope")
+  supported_positions = ("none", "rope", "alibi")
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -41,16 +43,18 @@ class SoftmaxAttention(AttentionLayer):
       offset = positions.decode_offset(self, "cached") if self.decode else 0
       q, k = positions.rope(q, offset), positions.rope(k, offset)
     dropout_rng = self.dropout_rng(deterministic)
+    # ALiBi in the core: a decode step's query sits at the last cache slot, a constant shift of every allowed key's
+    # bias from its true position t (softmax ignores it; unwritten slots are masked).
+    slopes = jnp.asarray(positions.alibi_slopes(self.num_heads)) if self.positions == "alibi" else None
     attend = lambda q, k, v, m, causal: softmax_attention(  # noqa: E731
-        q, k, v, mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,
-        dropout_rng=dropout_rng)
+        q, k, v, key_mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,
+        dropout_rng=dropout_rng, alibi_slopes=slopes)
 
     # Decoding: the cache holds every position up to the length `init` saw; unwritten slots are masked.
     step = self.ring_cache("cached", x.shape[1], {"key": k, "value": v}, mask) if self.decode else None
     if step is not None:
       cached, valid_BxS, _ = step
-      y = attend(q, cached["key"], cached["value"], valid_BxS[:, None, None, :], False)
+      y = attend(q, cached["key"], cached["value"], valid_BxS, False)
     else:
-      key_mask = None if mask is None else mask[:, None, None, :]
-      y = attend(q, k, v, key_mask, self.causal)
+      y = attend(q, k, v, mask, self.causal)
     return self.project_out(y, x.shape[-1])

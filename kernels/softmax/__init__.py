@@ -1,39 +1,121 @@
 """Softmax attention on `[batch, length, heads, head_dim]` tensors: the public entry and its dispatch.
 
-implementation: "reference" (`kernels.softmax.reference`, the ground truth), "xla" / "cudnn"
-(`jax.nn.dot_product_attention` with that implementation), None (`jax.nn.dot_product_attention`'s own choice: cuDNN
-flash attention on GPU where it applies, XLA elsewhere).
+`softmax_attention(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, *, key_mask=None, causal=False, scale=None, implementation=None,
+dropout_rate=0.0, dropout_rng=None, alibi_slopes=None)`, exact softmax attention. `key_mask: bool [batch, keys]`,
+True = a real key (the project's key-padding convention); query i sits at position `i + S - L` (queries aligned to the
+last keys, as in decoding) for causal masking, the ALiBi bias `-slope_h * |q_pos - k_pos|` and the dropout counters.
+A query with no allowed key outputs 0 with finite gradients. Implementations (the vocabulary of every op):
+  "reference"  the dense einsum form (`reference`): `[B, H, L, S]` scores, the ground truth;
+  "xla"        flash attention in pure JAX (`xla`): online softmax over key chunks, a custom_vjp backward that
+               recomputes the scores from the saved log-sum-exp, O(L·chunk) memory, causal calls skip the chunks above
+               the diagonal; its block primitive `flash_block` (partial outputs + log-sum-exp, global offsets) is what
+               ring attention builds on;
+  "pallas"     the Pallas flash kernels of the platform the program is lowered for (`pallas`: the block-sparse
+               kernels with a full or causal layout); never falls back (a call they cannot serve raises);
+  "interpret"  those kernels (the TPU ones) in Pallas interpret mode, how CPU tests run them;
+  None         the kernels on cuda/tpu when they can serve the call, chosen at lowering time
+               (`kernels.platform.dispatch`), and "xla" otherwise: on CPU, and for decoding (L != S), ALiBi, lengths
+               not a multiple of 8, or dtypes / head dims the kernel lacks (float32 on GPU), logged once with the
+               reason. So flash attention is the default on every platform, with attention dropout on.
+cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) is not in the vocabulary: it cannot take the project's
+dropout hash (training needs dropout; the same seed must give the same mask in every implementation) nor run on
+TPU/CPU, so it stays a candidate to benchmark against, not a dispatch target.
+
+Attention dropout (`dropout_rate` with a `dropout_rng`) drops the normalized weights by the counter hash of
+`kernels.common` (seed `dropout_seed(dropout_rng)`, counters (batch * heads + head, query position, key position)) in
+every implementation, so all of them give the same values with dropout on.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 
-from kernels.softmax.reference import causal_mask, dropout_weights, softmax_attention_reference
+from kernels import platform
+from kernels.common import dropout_seed
+from kernels.softmax import pallas
+from kernels.softmax.reference import alibi_bias, causal_mask, dropout_weights, softmax_attention_reference
+from kernels.softmax.xla import DEFAULT_CHUNK, flash_block, softmax_attention_xla
 
-Implementation = Literal["reference", "xla", "cudnn"] | None
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", None)
+Implementation = Literal["reference", "xla", "pallas", "interpret"] | None
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
+OP = "softmax_attention"
+
+
+def _check(q, k, v, key_mask, alibi_slopes, implementation, dropout_rate: float) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown softmax implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, length, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+  if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+    raise ValueError(f"k must match q in batch, heads and head_dim: k {k.shape} vs q {q.shape}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"v must match k in batch, keys and heads: v {v.shape} vs k {k.shape}")
+  if key_mask is not None and tuple(key_mask.shape) != (k.shape[0], k.shape[1]):
+    raise ValueError(f"key_mask must be bool [batch, keys] = {(k.shape[0], k.shape[1])}, got shape "
+                     f"{tuple(key_mask.shape)}")
+  if alibi_slopes is not None and tuple(alibi_slopes.shape) != (q.shape[2],):
+    raise ValueError(f"alibi_slopes must have shape [heads] = ({q.shape[2]},), got {tuple(alibi_slopes.shape)}")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate=}")
 
 
 def softmax_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array, *,
-                      mask: jax.Array | None = None, causal: bool = False, scale: float | None = None,
+                      key_mask: jax.Array | None = None, causal: bool = False, scale: float | None = None,
                       implementation: Implementation = None, dropout_rate: float = 0.0,
-                      dropout_rng: jax.Array | None = None) -> jax.Array:
-  """Softmax attention; `mask` broadcasts to `[B, H, L, S]` (True = may attend).
+                      dropout_rng: jax.Array | None = None, alibi_slopes: jax.Array | None = None) -> jax.Array:
+  """Exact softmax attention (see the module docstring); the output has the dtype of `q`.
 
-  Attention dropout needs the weights, which `jax.nn.dot_product_attention` does not expose, so a call with dropout
-  runs the reference form whatever `implementation` says.
+  Args:
+    key_mask: optional bool `[batch, keys]`, True = a real key.
+    causal: key position <= query position, queries aligned to the last keys.
+    scale: score scale (a Python float); None means `head_dim ** -0.5`.
+    implementation: "reference", "xla", "pallas", "interpret" or None (best for the lowering platform).
+    dropout_rate, dropout_rng: attention dropout (applied only when both are given).
+    alibi_slopes: optional float `[heads]`: the ALiBi bias `-slope_h * |q_pos - k_pos|` on the scores.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown softmax implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
-  if implementation == "reference" or (dropout_rate > 0.0 and dropout_rng is not None):
-    return softmax_attention_reference(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, mask=mask, causal=causal, scale=scale,
-                                       dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-  return jax.nn.dot_product_attention(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, mask=mask, is_causal=causal, scale=scale,
-                                      implementation=implementation)
+  _check(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, key_mask, alibi_slopes, implementation, dropout_rate)
+  if dropout_rng is None or dropout_rate == 0.0:
+    dropout_rate, dropout_rng = 0.0, None
+  return _jitted(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, key_mask, dropout_rng, alibi_slopes, causal=bool(causal),
+                 scale=None if scale is None else float(scale), implementation=implementation,
+                 dropout_rate=float(dropout_rate))
 
 
-__all__ = ["IMPLEMENTATIONS", "Implementation", "causal_mask", "dropout_weights", "softmax_attention",
-           "softmax_attention_reference"]
+# One compiled computation per configuration for eager callers; under an outer jit this inlines.
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "implementation", "dropout_rate"))
+def _jitted(q, k, v, key_mask, dropout_rng, alibi_slopes, *, causal, scale, implementation, dropout_rate):
+  if implementation == "reference":
+    return softmax_attention_reference(q, k, v, key_mask=key_mask, causal=causal, scale=scale,
+                                       dropout_rate=dropout_rate, dropout_rng=dropout_rng, alibi_slopes=alibi_slopes)
+
+  def xla():
+    seed = None if dropout_rng is None else dropout_seed(dropout_rng)
+    return softmax_attention_xla(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_rate=dropout_rate,
+                                 dropout_seed=seed, alibi_slopes=alibi_slopes)
+
+  def kernel(kernel_implementation):
+    return lambda: pallas.softmax_attention_pallas(q, k, v, key_mask=key_mask, causal=causal, scale=scale,
+                                                   dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                                   implementation=kernel_implementation)
+
+  if implementation == "xla":
+    return xla()
+  reason = pallas.call_reason(q.shape, k.shape, alibi_slopes)
+  if implementation == "interpret":
+    reason = reason or pallas.kernel_reason("tpu", q.shape, q.dtype)
+    if reason:
+      raise ValueError(f"softmax_attention: implementation='interpret' cannot serve this call: {reason}; use "
+                       f"implementation='xla'")
+    return kernel("interpret")()
+  kernels = {backend: reason or pallas.kernel_reason(backend, q.shape, q.dtype) or kernel("pallas")
+             for backend in ("tpu", "gpu")}
+  if implementation == "pallas":
+    return platform.require_kernel(OP, kernels=kernels)
+  return platform.dispatch(OP, xla=xla, kernels=kernels)
+
+
+__all__ = ["DEFAULT_CHUNK", "IMPLEMENTATIONS", "Implementation", "alibi_bias", "causal_mask", "dropout_weights",
+           "flash_block", "softmax_attention", "softmax_attention_reference", "softmax_attention_xla"]

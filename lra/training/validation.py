@@ -184,7 +184,7 @@ ATTENTION_RULES: dict[str, Check] = {
     "max_num_blocks": integer(0), "stride": integer(1), "c": integer(1), "factor_k": integer(1),
     "reduced_dim": integer(2), "eps": real(0.0, lo_open=True), "feature_redraw_interval": integer(0),
     "dilation": integer(1), "num_dilated_heads": integer(0), "seed": integer(0),
-    "implementation": choice((None, "reference", "xla", "pallas", "interpret", "cudnn")),
+    "implementation": choice((None, "reference", "xla", "pallas", "interpret")),
 }
 # Options the encoder passes to every layer from config.model; they do not belong in config.model.attention.
 _ENCODER_OWNED = ("num_heads", "qkv_dim", "causal", "dropout_rate", "decode", "dtype", "positions")

@@ -1,0 +1,270 @@
+"""kernels.softmax: every implementation against the dense reference (values and gradients), the flash block primitive,
+attention dropout by the shared hash, the compiled memory of the XLA flash form, and the kernel dispatch.
+
+Shapes are tiny; the XLA form runs with small chunks (`chunk_size=4`) so that lengths that are not multiples of the
+chunk, several query chunks and the causal schedule are exercised; "interpret" runs the Pallas kernels on CPU.
+"""
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import platform
+from kernels.common import MASK_VALUE, dropout_seed
+from kernels.softmax import flash_block, softmax_attention, softmax_attention_reference, softmax_attention_xla
+from kernels.softmax.xla import _pairs
+
+# float32: flash and reference both accumulate in float32 and differ only in summation order (online softmax over
+# chunks). bfloat16: inputs and outputs carry 8 mantissa bits and the weights fed to the second matmul are rounded to
+# bfloat16 (in both forms, at different points: chunk-local vs global normalization): about 1% of O(1) magnitudes.
+TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+GRAD_TOL = {jnp.float32: dict(atol=5e-5, rtol=1e-4), jnp.bfloat16: dict(atol=8e-2, rtol=8e-2)}
+
+
+def _qkv(b, length, keys, h, d, dtype=jnp.float32, seed=0):
+  kq, kk, kv, kc = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(kq, (b, length, h, d), dtype)
+  k = jax.random.normal(kk, (b, keys, h, d), dtype)
+  v = jax.random.normal(kv, (b, keys, h, d), dtype)
+  return q, k, v, jax.random.normal(kc, (b, length, h, d), jnp.float32)
+
+
+def _key_mask(b, keys):
+  """Row 0 half padded, row 1 all padding (its queries see no key: zeros out, finite gradients), others full."""
+  lengths = np.array([keys // 2 + 1, 0] + [keys] * (b - 2))
+  return jnp.asarray(np.arange(keys)[None, :] < lengths[:, None])
+
+
+def _values_and_grads(fn, q, k, v, ct):
+  """Output and input gradients for cotangent `ct`, jitted (one compilation instead of op-by-op dispatch)."""
+  def run(q, k, v, ct):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(ct.astype(out.dtype))
+  return jax.jit(run)(q, k, v, ct)
+
+
+def _assert_matches(got, want, dtype):
+  (out, grads), (out_ref, grads_ref) = got, want
+  assert out.dtype == out_ref.dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out_ref, np.float32), **TOL[dtype])
+  for g, w in zip(grads, grads_ref):
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **GRAD_TOL[dtype])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The XLA flash form against the reference.
+
+
+# Lengths 11 and 13 are not multiples of the chunk (4); (1, 13) and (5, 13) are decoding (L != S, queries aligned to
+# the last keys).
+@pytest.mark.parametrize("length,keys,causal,dtype", [(11, 11, False, jnp.float32), (11, 11, True, jnp.float32),
+                                                      (16, 16, True, jnp.bfloat16), (1, 13, False, jnp.float32),
+                                                      (5, 13, True, jnp.float32)])
+def test_xla_matches_reference(length, keys, causal, dtype):
+  q, k, v, ct = _qkv(3, length, keys, 2, 8, dtype)
+  km = _key_mask(3, keys)
+  opts = dict(key_mask=km, causal=causal)
+  want = _values_and_grads(lambda q, k, v: softmax_attention_reference(q, k, v, **opts), q, k, v, ct)
+  got = _values_and_grads(lambda q, k, v: softmax_attention_xla(q, k, v, chunk_size=4, **opts), q, k, v, ct)
+  _assert_matches(got, want, dtype)
+  assert not np.any(np.asarray(got[0][1], np.float32)), "a row whose keys are all padding must output 0"
+
+
+@pytest.mark.parametrize("causal,implementation", [(False, "xla"), (True, None)])  # None on CPU: the XLA form
+def test_alibi_matches_reference(causal, implementation):
+  q, k, v, ct = _qkv(2, 11, 11, 3, 8)
+  slopes = jnp.array([0.05, 0.5, 2.0])
+  opts = dict(key_mask=_key_mask(2, 11), causal=causal, alibi_slopes=slopes)
+  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
+  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts),
+                          q, k, v, ct)
+  _assert_matches(got, want, jnp.float32)
+  # The bias is really there: without it the output differs.
+  assert not np.allclose(want[0], softmax_attention_reference(q, k, v, key_mask=opts["key_mask"], causal=causal))
+  # ALiBi at decode: the single query sits at the last position.
+  q1 = q[:, -1:]
+  np.testing.assert_allclose(softmax_attention(q1, k, v, alibi_slopes=slopes, implementation="xla"),
+                             softmax_attention_reference(q, k, v, alibi_slopes=slopes, causal=True)[:, -1:],
+                             **TOL[jnp.float32])
+
+
+def test_causal_skips_the_chunks_above_the_diagonal():
+  pairs = _pairs(8, 8, 512, 512, True, 0, 0)
+  assert len(pairs) == 8 * 9 // 2 and np.all(pairs[:, 1] <= pairs[:, 0])
+  assert len(_pairs(8, 8, 512, 512, False, 0, 0)) == 64
+  # Decode-aligned queries (offset S - L) need every key chunk up to theirs; traced offsets compute every pair.
+  assert len(_pairs(1, 4, 1, 4, True, 15, 0)) == 4
+  assert len(_pairs(2, 2, 4, 4, True, jnp.int32(0), 0)) == 4
+  # And in the compiled backward: the causal loop runs the triangular number of steps.
+  q, k, v, _ = _qkv(1, 64, 64, 1, 8)
+  loss = lambda causal: lambda q: jnp.sum(softmax_attention_xla(q, k, v, causal=causal, chunk_size=8))  # noqa: E731
+  trips = lambda f: sorted(int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"',  # noqa: E731
+                                                       jax.jit(jax.grad(f)).lower(q).compile().as_text()))
+  assert trips(loss(True)) == [36, 36] and trips(loss(False)) == [64, 64]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every implementation through the public entry.
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret", None])
+@pytest.mark.parametrize("causal", [False, True])
+def test_implementations_match_reference(implementation, causal):
+  q, k, v, ct = _qkv(3, 16, 16, 2, 8)
+  opts = dict(key_mask=_key_mask(3, 16), causal=causal)
+  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
+  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts),
+                          q, k, v, ct)
+  _assert_matches(got, want, jnp.float32)
+
+
+@pytest.mark.parametrize("implementation", ["interpret"])  # the XLA form's bfloat16 case is in test_xla_matches_...
+def test_bfloat16_matches_reference(implementation):
+  q, k, v, ct = _qkv(2, 16, 16, 2, 8, jnp.bfloat16)
+  opts = dict(key_mask=_key_mask(2, 16), causal=True)
+  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
+  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts),
+                          q, k, v, ct)
+  _assert_matches(got, want, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("implementation,causal", [("xla", True), ("xla", False), ("interpret", False)])
+def test_dropout_uses_the_reference_mask(implementation, causal):
+  q, k, v, ct = _qkv(2, 16, 16, 2, 8)
+  opts = dict(key_mask=_key_mask(2, 16), causal=causal, dropout_rate=0.3, dropout_rng=jax.random.key(7))
+  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
+  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts),
+                          q, k, v, ct)
+  _assert_matches(got, want, jnp.float32)
+  undropped = softmax_attention(q, k, v, key_mask=opts["key_mask"], causal=causal, implementation=implementation)
+  assert not np.allclose(got[0], undropped), "dropout must change the output"
+  other = softmax_attention(q, k, v, implementation=implementation, **{**opts, "dropout_rng": jax.random.key(8)})
+  assert not np.allclose(got[0], other), "another key must give another mask"
+
+
+def test_dropout_mean_over_seeds_is_the_undropped_output():
+  q, k, v, _ = _qkv(1, 8, 8, 1, 4)
+  seeds = jax.random.split(jax.random.key(0), 4000)
+  run = lambda rng: softmax_attention(q, k, v, causal=True, implementation="xla", dropout_rate=0.2,  # noqa: E731
+                                      dropout_rng=rng)
+  mean = jnp.mean(jax.lax.map(run, seeds, batch_size=500), axis=0)
+  # Per-element std of one draw is at most ~sqrt(rate / (1 - rate)) * max|v| ~ 1.2; over 4000 draws ~0.02 (4 sigma).
+  np.testing.assert_allclose(mean, softmax_attention(q, k, v, causal=True, implementation="xla"), atol=0.08)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The block primitive (what ring attention builds on).
+
+
+def test_flash_block_lse_and_its_cotangent():
+  q, k, v, ct = _qkv(2, 9, 13, 2, 8)
+  km = _key_mask(2, 13)
+  ct_lse = jax.random.normal(jax.random.key(9), (2, 2, 9))
+
+  def dense(q, k, v):
+    s = jnp.einsum("blhd,bshd->bhls", q, k) * 8 ** -0.5
+    s = jnp.where(km[:, None, None, :], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    return softmax_attention_reference(q, k, v, key_mask=km), jnp.where(jnp.isfinite(lse), lse, MASK_VALUE)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v)[0] * ct) + jnp.sum(jnp.where(km.any(-1)[:, None, None], ct_lse, 0.0)
+                                                                 * fn(q, k, v)[1])
+
+  block = lambda q, k, v: flash_block(q, k, v, key_mask=km, q_offset=4, chunk_size=4)  # noqa: E731
+  out, lse = jax.jit(block)(q, k, v)
+  out_ref, lse_ref = jax.jit(dense)(q, k, v)
+  np.testing.assert_allclose(out, out_ref, **TOL[jnp.float32])
+  np.testing.assert_allclose(lse, lse_ref, **TOL[jnp.float32])
+  assert out.dtype == lse.dtype == jnp.float32 and lse.shape == (2, 2, 9)
+  grads = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)  # noqa: E731
+  for g, w in zip(grads(block), grads(dense)):
+    np.testing.assert_allclose(g, w, **GRAD_TOL[jnp.float32])
+
+
+def test_flash_blocks_combine_like_ring_attention():
+  """Two key blocks at traced global offsets, merged by their log-sum-exps, equal one causal call with dropout."""
+  q, k, v, ct = _qkv(2, 12, 12, 2, 8)
+  rng = jax.random.key(3)
+  seed = dropout_seed(rng)
+
+  def ring(q, k, v):
+    parts = [flash_block(q, k[:, s:s + 6], v[:, s:s + 6], causal=True, dropout_rate=0.25, seed=seed,
+                         q_offset=jnp.int32(0), k_offset=jnp.int32(s), chunk_size=4) for s in (0, 6)]
+    lse = jnp.logaddexp(parts[0][1], parts[1][1])
+    weight = lambda part_lse: jnp.swapaxes(jnp.exp(part_lse - lse), 1, 2)[..., None]  # noqa: E731
+    return sum(weight(part_lse) * out for out, part_lse in parts)
+
+  full = lambda q, k, v: softmax_attention_reference(q, k, v, causal=True, dropout_rate=0.25,  # noqa: E731
+                                                     dropout_rng=rng)
+  _assert_matches(_values_and_grads(ring, q, k, v, ct), _values_and_grads(full, q, k, v, ct), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory, dispatch and errors.
+
+
+def test_xla_form_holds_no_length_squared_buffer_at_4k():
+  length = 4096
+  spec = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
+  rng = jax.random.key(0)
+
+  def temp_bytes(implementation):
+    def loss(q, k, v):
+      return jnp.sum(softmax_attention(q, k, v, causal=True, implementation=implementation, dropout_rate=0.1,
+                                       dropout_rng=rng))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  square = length * length * 4
+  assert temp_bytes("reference") >= square  # the measure sees an [L, L] buffer where there is one
+  assert temp_bytes("xla") < square // 8
+
+
+def test_explicit_kernels_never_fall_back():
+  q, k, v, _ = _qkv(1, 16, 16, 1, 8)
+  with pytest.raises(platform.KernelUnavailableError, match="softmax_attention: implementation='pallas'"):
+    softmax_attention(q, k, v, implementation="pallas")  # CPU has no kernel
+  with pytest.raises(ValueError, match="implementation='interpret' cannot serve this call: queries"):
+    softmax_attention(q[:, :1], k, v, implementation="interpret")
+  with pytest.raises(ValueError, match="alibi_slopes"):
+    softmax_attention(q, k, v, implementation="interpret", alibi_slopes=jnp.ones((1,)))
+
+
+def test_default_lowers_the_kernel_for_accelerators_and_logs_each_fallback_once(caplog):
+  q = jax.ShapeDtypeStruct((1, 64, 1, 64), jnp.bfloat16)
+  targets = {"cuda": "mosaic_gpu", "tpu": "tpu_custom_call"}
+  disabled = [jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu_v2", "tpu_custom_call")]
+
+  def lowered(platform_name, q_spec, k_spec):
+    fn = lambda q, k, v: softmax_attention(q, k, v, causal=True)  # noqa: E731
+    return jax.export.export(jax.jit(fn), platforms=[platform_name], disabled_checks=disabled)(
+        q_spec, k_spec, k_spec).mlir_module()
+
+  for name, target in targets.items():
+    assert target in lowered(name, q, q)
+  assert "custom_call @" not in lowered("cpu", q, q)
+  decode_q = jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.bfloat16)
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    for _ in range(2):
+      module = lowered("cuda", decode_q, q)
+  assert "mosaic_gpu" not in module
+  notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("softmax_attention: ")]
+  assert len(notes) == 1 and "cuda" in notes[0] and "decoding" in notes[0], notes
+
+
+def test_bad_inputs_name_the_values():
+  q, k, v, _ = _qkv(2, 8, 8, 2, 4)
+  with pytest.raises(ValueError, match=r"key_mask must be bool \[batch, keys\] = \(2, 8\)"):
+    softmax_attention(q, k, v, key_mask=jnp.ones((2, 1, 1, 8), bool))
+  with pytest.raises(ValueError, match=r"alibi_slopes must have shape \[heads\] = \(2,\)"):
+    softmax_attention(q, k, v, alibi_slopes=jnp.ones((3,)))
+  with pytest.raises(ValueError, match="unknown softmax implementation 'cudnn'"):
+    softmax_attention(q, k, v, implementation="cudnn")
+  with pytest.raises(ValueError, match="dropout_rate must be in"):
+    softmax_attention(q, k, v, dropout_rate=1.0, dropout_rng=jax.random.key(0))
