@@ -63,11 +63,27 @@ def test_rope_decode_at_t_equals_parallel_at_t(name, options):
   contract.check_decode_equals_parallel(name, num_heads=2, positions="rope", **options)
 
 
+def test_softmax_alibi_equals_an_explicit_bias_and_decodes():
+  import attention  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(2), (2, 7, 12))
+  layer = attention.build("softmax", num_heads=2, causal=True, positions="alibi", implementation="xla")
+  variables = layer.init(jax.random.key(3), x)
+  p = variables["params"]
+  q, k, v = (jnp.einsum("blf,fhd->blhd", x, p[n]["kernel"]) + p[n]["bias"] for n in ("query", "key", "value"))
+  slopes = np.asarray(positions.alibi_slopes(2))
+  i, j = np.arange(7)[:, None], np.arange(7)[None, :]
+  scores = jnp.einsum("blhd,bshd->bhls", q, k) / np.sqrt(6) - slopes[None, :, None, None] * np.abs(i - j)
+  weights = jax.nn.softmax(jnp.where(i >= j, scores, -1e30), axis=-1)
+  want = jnp.einsum("bhls,bshd,hdf->blf", weights, v, p["out"]["kernel"]) + p["out"]["bias"]
+  np.testing.assert_allclose(layer.apply(variables, x), want, atol=2e-5, rtol=2e-5)
+  contract.check_decode_equals_parallel("softmax", num_heads=2, positions="alibi")
+
+
 SMALL = dict(vocab_size=20, emb_dim=16, num_layers=1, num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0,
              attention_dropout_rate=0.0, pooling="none", causal=True)
 # Each encoding that extrapolates, with a variant that takes it.
 EXTRAPOLATING = [("sinusoidal", "softmax"), ("lra_sinusoidal", "softmax"), ("rope", "softmax"),
-                 ("alibi", "multiplicative"), ("none", "softmax")]
+                 ("alibi", "softmax"), ("alibi", "multiplicative"), ("none", "softmax")]
 
 
 @pytest.mark.parametrize("pos_encoding,variant", EXTRAPOLATING)
