@@ -22,6 +22,8 @@ from attention import reformer  # noqa: F401
 from attention import linformer  # noqa: F401
 from attention import synthesizer  # noqa: F401
 from attention import sinkhorn  # noqa: F401
+from attention import additive  # noqa: F401
+from attention import multiplicative  # noqa: F401
 
 __all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",
            "names", "options", "register", "resolve_compute_dtype"]

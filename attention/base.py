@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.common import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported)
+from attention import positions as positions_lib
 from kernels.softmax import dropout_weights
 
 # LRA's initialisation for attention projections.
@@ -38,6 +39,8 @@ class AttentionLayer(nn.Module):
     decode: autoregressive decoding with a flax `cache` collection (requires `causal=True`).
     dtype: compute dtype of activations and matmuls (`kernels.common.DTYPE_NAMES` or a jnp dtype); parameters
       stay float32, softmax, normalizers and recurrent states accumulate in float32, and the output has this dtype.
+    positions: relative positions applied inside the layer (`attention.positions`): "none", "rope" (rotated queries
+      and keys) or "alibi" (linear biases on the scores); set by the encoder from `config.model.pos_encoding`.
   """
 
   num_heads: int = 8
@@ -46,6 +49,7 @@ class AttentionLayer(nn.Module):
   dropout_rate: float = 0.0
   decode: bool = False
   dtype: Any = "float32"
+  positions: str = "none"
 
   # Variants that cannot be causal / cannot decode set these to False and say why.
   supports_causal: ClassVar[bool] = True
@@ -56,6 +60,8 @@ class AttentionLayer(nn.Module):
   # The range of each of the variant's own options (attention/ranges.py), read by `build`, `resolve` and the config
   # checks; subclasses add theirs beside their fields.
   option_ranges: ClassVar[Mapping[str, Any]] = {}
+  # The `positions` a variant applies (attention/positions.py); others are refused naming both.
+  supported_positions: ClassVar[tuple[str, ...]] = ("none",)
 
   @classmethod
   def default_layer_options(cls, num_layers: int) -> tuple[dict[str, Any], ...] | None:
@@ -89,6 +95,7 @@ class AttentionLayer(nn.Module):
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"{name}: dropout_rate must be in [0, 1), got {self.dropout_rate}")
     self.compute_dtype  # pylint: disable=pointless-statement  (validates `dtype` before any work)
+    positions_lib.check_positions(registered_name(type(self)), self.positions, self.supported_positions)
 
   def check_options(self, *, choices: Mapping[str, Sequence[Any]] = (), at_least: Mapping[str, int] = ()) -> None:
     """Validates the variant's own options: `choices={"mode": MODES}` (the value must be one of them),
@@ -171,6 +178,12 @@ class AttentionLayer(nn.Module):
     valid.value = jax.lax.dynamic_update_slice_in_dim(previous, step_mask, slot, axis=1)
     index.value = t + 1
     return {k: b.value for k, b in buffers.items()}, valid.value, t
+
+
+def registered_name(cls: type) -> str:
+  """The registry name of a variant class (its class name if it is not registered)."""
+  from attention import registry  # pylint: disable=import-outside-toplevel  (registry imports nothing of base)
+  return next((n for n in registry.names() if registry.get_class(n) is cls), cls.__name__)
 
 
 def encoder_owned_options() -> tuple[str, ...]:

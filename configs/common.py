@@ -40,7 +40,7 @@ from kernels.common import DTYPE_NAMES
 DTYPES = DTYPE_NAMES
 
 # The skeleton every config starts from; config files pass only what differs.
-MODEL = dict(remat=False, reversible=False, post_ln=False, dtype="float32")
+MODEL = dict(remat=False, reversible=False, post_ln=False, dtype="float32", patch_size=1)
 DATA = dict(cache_dir="~/.cache/efficient_attention")
 TRAIN = dict(batch_size=32, optimizer="adamw", schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9,
              grad_clip_norm=None, log_every_steps=50, num_eval_batches=None, keep_checkpoints=3)

@@ -1,5 +1,8 @@
 r"""LRA Image: CIFAR-10 as sequences of 1,024 grayscale pixels (vocabulary 256), 10 classes.
 
+Positions: `pos_encoding="learned"`, as LRA's config; the table is bounded by max_length (`rope`, `alibi`,
+`sinusoidal` extrapolate, see docs/results.md).
+
 Defaults are the official LRA Image settings (lra_benchmarks/image/configs/cifar10/base_cifar10_config.py with
 transformer_base.py): 1 layer, emb 128, 8 heads, qkv 64, MLP 128 (classifier hidden 128), dropout 0.3, attention
 dropout 0.2, CLS pooling, learned positions, batch 256, 35,000 steps (200 epochs of 45,000 images), Adam(b2=0.98,
@@ -43,7 +46,10 @@ Protocols (`protocol=` argument) and self-pretraining (`pretrain=` argument), ea
   python train.py --config configs/lra/image.py:protocol=small,pretrain=masked --workdir runs/image_small_spt
 
 Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>,
-protocol=paper|small, pretrain=none|masked|causal.
+protocol=paper|small, pretrain=none|masked|causal, patch_size=<p>
+(ViT-style p x p patches with CLS pooling, `config.model.patch_size`; p must divide the image side; 1 = pixels):
+
+  python train.py --config configs/lra/image.py:runlocal,patch_size=4 --workdir runs/image_patches4 ...
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ STEPS_PER_EPOCH = 45_000 // 256
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, common.protocol_args())
+  args = common.parse_arg(arg, common.protocol_args({"patch_size": 1}))
   config = common.make_config(
       "image", attention=args.attention,
       model=dict(num_layers=1, emb_dim=128, num_heads=8, qkv_dim=64, mlp_dim=128, head_mlp_dim=128,
@@ -75,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(num_steps=300, batch_size=16, eval_batch_size=50, num_eval_batches=20, learning_rate=1e-3,
                         warmup_steps=30, weight_decay=0.0, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
                         log_every_steps=25, eval_every_steps=150, checkpoint_every_steps=150)
+  if args.patch_size != 1:
+    # ViT: a learned linear embedding per patch, positions over the patch grid, the CLS token pooled.
+    config.model.update(patch_size=args.patch_size, pooling="cls")
   return common.apply_pretrain(config, args.pretrain)
 
 

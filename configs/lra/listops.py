@@ -1,5 +1,8 @@
 r"""LRA ListOps: 10-way classification of nested MIN/MAX/MED/SUM-MOD expressions, sequences up to 2000 tokens.
 
+Positions: `pos_encoding="learned"`, as LRA's config; the table is bounded by max_length (`rope`, `alibi`,
+`sinusoidal` extrapolate, see docs/results.md).
+
 Defaults are the official LRA ListOps settings (lra_benchmarks/listops/configs/base_listops_config.py): 4 layers,
 emb 512, MLP 1024, 8 heads, qkv 512, batch 32, 5,000 steps, Adam(b2=0.98) with decoupled weight decay 0.1, base
 learning rate 0.05 with linear warmup (1,000 steps) then rsqrt decay -- the LRA schedule multiplies the base rate by

@@ -1,5 +1,8 @@
 r"""LRA Path-X: Pathfinder at 128x128 pixels = 16,384 tokens, 2 classes (every model in the LRA paper failed it).
 
+Positions: `pos_encoding="learned"`, as LRA's config; the table is bounded by max_length (`rope`, `alibi`,
+`sinusoidal` extrapolate, see docs/results.md).
+
 Defaults are the official LRA Path-X settings (lra_benchmarks/image/configs/pathfinder128/base_pathfinder128_config.py;
 its transformer_base.py changes nothing) on `curv_contour_length_14`: 1 layer, emb 32, 2 heads, qkv 16, MLP 32
 (classifier hidden 32), dropout 0.1, attention dropout 0.1, mean pooling, learned positions, batch 64, 500,000 steps

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import attention as attention_lib
+from lra.models import embeddings, patches
 from lra.models.embeddings import PositionalEncoding
 from lra.models.mlp import MlpBlock
 from lra.models.precision import resolve_dtype
@@ -44,6 +45,7 @@ class EncoderBlock(nn.Module):
   decode: bool = False
   post_ln: bool = False
   dtype: Any = jnp.float32  # compute dtype
+  positions: str = "none"  # relative positions inside attention (`AttentionLayer.positions`: "rope", "alibi")
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
@@ -52,7 +54,8 @@ class EncoderBlock(nn.Module):
     attention call as keyword arguments."""
     layer = attention_lib.build_attention(self.attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
                                           causal=self.causal, dropout_rate=self.attention_dropout_rate,
-                                          decode=self.decode, dtype=self.dtype, name="attention")
+                                          decode=self.decode, dtype=self.dtype, positions=self.positions,
+                                          name="attention")
     mlp = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="mlp")
     ln_attention, ln_mlp = layer_norm("ln_attention", self.dtype), layer_norm("ln_mlp", self.dtype)
     dropout = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
@@ -69,7 +72,8 @@ class Encoder(nn.Module):
 
   Attributes:
     vocab_size, max_length: input vocabulary and the longest sequence (without the CLS token).
-    pos_encoding: "learned", "sinusoidal" or "none".
+    pos_encoding: one of `lra.models.embeddings.POSITIONAL_ENCODINGS` ("learned", "sinusoidal" (Vaswani's),
+      "lra_sinusoidal", "rope", "alibi", "none"); only "learned" is bounded by max_length.
     pooling: "cls" (a learned CLS vector prepended before the positional encoding, as LRA), "mean" (masked mean over
       real tokens) or "none" (return every position).
     attention: `{"name": <registered variant>, **the options the user set}` (unset ones: `attention.resolve`).
@@ -109,6 +113,8 @@ class Encoder(nn.Module):
   sequence_output: bool = False
   layer_options: tuple[Mapping[str, Any], ...] | None = None
   dtype: Any = "float32"
+  patch_size: int = 1  # > 1: inputs are `image_shape` pixel tokens embedded as p x p patches (lra/models/patches.py)
+  image_shape: tuple[int, int] | None = None
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -141,18 +147,22 @@ class Encoder(nn.Module):
                        "'none' with causal=True")
     if inputs_BxL.ndim != 2:
       raise ValueError(f"Encoder expects integer tokens of shape [batch, length], got shape {inputs_BxL.shape}")
-    if inputs_BxL.shape[1] > self.max_length and not self.decode:
-      raise ValueError(f"sequence length {inputs_BxL.shape[1]} exceeds the encoder's max_length={self.max_length}; "
-                       f"raise config.data.max_length or truncate the inputs")
+    if not self.decode:
+      embeddings.check_length(self.pos_encoding, inputs_BxL.shape[1], self.max_length)
     deterministic = not train
     dtype = self.compute_dtype
     if mask_BxL is None:
       mask_BxL = jnp.ones(inputs_BxL.shape, bool)
     mask_BxL = mask_BxL.astype(bool)
 
-    x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0), dtype=dtype,
-                 param_dtype=jnp.float32, name="embed")(inputs_BxL)
-    max_length = self.max_length
+    patches.check_patch_size(self.patch_size, self.image_shape)
+    if self.patch_size > 1:  # positions over the patch grid
+      x, mask_BxL = patches.PatchEmbedding(self.image_shape, self.patch_size, self.emb_dim, dtype,
+                                           name="patches")(inputs_BxL, mask_BxL)
+    else:
+      x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0), dtype=dtype,
+                   param_dtype=jnp.float32, name="embed")(inputs_BxL)
+    max_length = self.max_length if self.patch_size == 1 else x.shape[1]
     if self.pooling == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.emb_dim))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.emb_dim)).astype(x.dtype), x], axis=1)
@@ -172,6 +182,9 @@ class Encoder(nn.Module):
     if self.reversible:
       if self.decode or self.post_ln:
         raise ValueError("reversible=True supports neither decode nor post_ln; use the ordinary encoder for those")
+      if embeddings.layer_positions(self.pos_encoding) != "none":
+        raise ValueError(f"reversible=True does not support pos_encoding={self.pos_encoding!r} (applied inside "
+                         f"attention); use learned, sinusoidal or lra_sinusoidal with reversible blocks")
       per_layer = self.attention_for_layers()
       x = ReversibleBlocks(tuple(per_layer), self.num_heads, self.qkv_dim, self.mlp_dim,
                            self.dropout_rate, self.attention_dropout_rate, self.causal, dtype=dtype,
@@ -184,7 +197,8 @@ class Encoder(nn.Module):
         x = block_cls(attention=layer_attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
                       mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                       attention_dropout_rate=self.attention_dropout_rate, causal=self.causal, decode=self.decode,
-                      post_ln=self.post_ln, dtype=dtype, name=f"block_{i}")(x, mask_BxL, deterministic, shared)
+                      post_ln=self.post_ln, dtype=dtype, positions=embeddings.layer_positions(self.pos_encoding),
+                      name=f"block_{i}")(x, mask_BxL, deterministic, shared)
     if not self.post_ln:
       x = layer_norm("ln_final", dtype)(x)
 
@@ -215,7 +229,7 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                 pos_encoding=model_config.pos_encoding, pooling=model_config.pooling,
                 attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False),
                 reversible=model_config.get("reversible", False), post_ln=model_config.get("post_ln", False),
-                dtype=resolve_dtype(model_config.get("dtype", "float32")))
+                dtype=resolve_dtype(model_config.get("dtype", "float32")), patch_size=model_config.get("patch_size", 1))
   layer_options = model_config.get("layer_options")
   if layer_options is not None:
     kwargs["layer_options"] = tuple(dict(o) for o in layer_options)

@@ -2,7 +2,8 @@
 
 An image of H x W pixels is H*W tokens in row-major order, the token being the pixel value (vocabulary 256). There is
 no padding: every position is real, so the mask is all True. (The LRA code derived its mask from `inputs > 0`, which
-treated black pixels -- most of a Pathfinder image -- as padding.)
+treated black pixels -- most of a Pathfinder image -- as padding.) With `config.model.patch_size = p > 1` the encoder
+embeds the same pixel tokens as non-overlapping p x p patches (lra/models/patches.py); p must divide the image sides.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import abc
 
 import numpy as np
 
+from lra.models import patches
 from lra.tasks.base import ArrayDataset, ClassificationTask
 
 VOCAB_SIZE = 256
@@ -55,3 +57,9 @@ class PixelClassificationTask(ClassificationTask):
                        f"{images.dtype} {images.shape[1:]}")
     inputs = images.reshape(len(images), self.length)
     return ArrayDataset({"inputs": inputs, "mask": all_true_mask(len(inputs), self.length), "targets": targets})
+
+  def model(self):
+    patches.check_patch_size(self.config.model.get("patch_size", 1), self.image_shape())  # before any data is read
+    model = super().model()
+    # p x p patches (config.model.patch_size > 1): the data stay pixel tokens, the encoder embeds them as patches.
+    return model.clone(encoder=model.encoder.clone(image_shape=tuple(self.image_shape())))

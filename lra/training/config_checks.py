@@ -173,6 +173,7 @@ RULES: dict[str, Check] = {
     "model.dropout_rate": real(0.0, 1.0, hi_open=True),
     "model.attention_dropout_rate": real(0.0, 1.0, hi_open=True),
     "model.pos_encoding": choice(_pos_encodings),
+    "model.patch_size": integer(1),
     "model.pooling": choice(_poolings),
     "model.dtype": choice(DTYPES),
     "model.remat": boolean,

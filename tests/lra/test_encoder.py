@@ -88,8 +88,8 @@ def test_errors_name_the_bad_value():
   tokens, mask = _inputs()
   with pytest.raises(ValueError, match="unknown pooling 'max'"):
     Encoder(**SMALL, pooling="max").init(jax.random.key(0), tokens, mask)
-  with pytest.raises(ValueError, match="unknown positional encoding 'rope'"):
-    Encoder(**SMALL, pos_encoding="rope").init(jax.random.key(0), tokens, mask)
+  with pytest.raises(ValueError, match="unknown positional encoding 'spiral'"):
+    Encoder(**SMALL, pos_encoding="spiral").init(jax.random.key(0), tokens, mask)
   with pytest.raises(ValueError, match="sequence length 10 exceeds .*max_length=8"):
     Encoder(**{**SMALL, "max_length": 8}).init(jax.random.key(0), tokens, mask)
   with pytest.raises(ValueError, match="pooling='cls'.*causal"):
@@ -101,9 +101,10 @@ def test_errors_name_the_bad_value():
 def test_sinusoidal_table_values():
   table = sinusoidal_table(50, 8)
   assert table.shape == (50, 8)
-  np.testing.assert_allclose(table[0, :4], 0.0)
-  np.testing.assert_allclose(table[0, 4:], 1.0)
-  np.testing.assert_allclose(table[:, :4] ** 2 + table[:, 4:] ** 2, 1.0, rtol=1e-6)
+  # Vaswani's interleaved layout: sin in even columns, cos in odd ones (the formula itself: tests/lra/test_positions.py).
+  np.testing.assert_allclose(table[0, 0::2], 0.0)
+  np.testing.assert_allclose(table[0, 1::2], 1.0)
+  np.testing.assert_allclose(table[:, 0::2] ** 2 + table[:, 1::2] ** 2, 1.0, rtol=1e-6)
 
 
 def test_classifier_shape():

@@ -50,7 +50,7 @@ BAD = [
     ("train.optimizer", "sgd", "config.train.optimizer='sgd' is out of range: expected one of 'adamw'"),
     ("train.schedule", "linear", "config.train.schedule='linear' is out of range: expected one of 'rsqrt'"),
     ("model.pooling", "max", "config.model.pooling='max' is out of range: expected one of 'cls', 'mean'"),
-    ("model.pos_encoding", "rope", "config.model.pos_encoding='rope'"),
+    ("model.pos_encoding", "spiral", "config.model.pos_encoding='spiral'"),
     ("model.dtype", "fp8", "config.model.dtype='fp8' is out of range: expected one of 'float32', 'bfloat16', "
                            "'float16', 'auto'"),
     ("model.num_layers", 0, "config.model.num_layers=0"),
