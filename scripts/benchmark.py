@@ -695,7 +695,8 @@ def core_markdown(table_rows: Sequence[dict[str, Any]], title: str, header: str 
                    + " - |" * 5)
       continue
     lines.append(f"| {r['implementation']} | {_label(r['length'])} | {fmt(r.get('call_ms'), '{:,.1f}')} | "
-                 f"{_mib(r['memory_bytes'])} | {fmt(r['speedup'], '{:.2f}×')} | {fmt(r['speedup_dense'], '{:.2f}×')} | "
+                 f"{_mib(r['memory_bytes'])} | {fmt(r['speedup'], '{:.2f}×')} | "
+                 f"{fmt(r['speedup_dense'], '{:.2f}×')} | "
                  f"{fmt(r['memory_ratio'], '{:.3f}')} | {fmt(r['memory_ratio_dense'], '{:.3f}')} |")
   lines += ["", "Compiled memory: XLA's plan for `jit(value_and_grad)` of the core (arguments + outputs + temporaries "
             "- aliases). softmax is flash attention (the default implementation); softmax-dense is implementation="
