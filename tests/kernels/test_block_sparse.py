@@ -1,8 +1,6 @@
 """kernels.block_sparse_attention: reference against a numpy loop, xla against reference (values and gradients), the
 memory claim, errors."""
 
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -209,17 +207,14 @@ def test_xla_forward_and_backward_lower_for_accelerators(platform):
   assert jax.export.export(grad, platforms=[platform])(spec, spec, spec).mlir_module()
 
 
-def _benchmark_script():
-  path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "benchmark_block_sparse_memory.py"
-  spec = importlib.util.spec_from_file_location("benchmark_block_sparse_memory", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_xla_memory_is_under_a_tenth_of_dense_at_4k_tokens():
-  """The issue's memory claim at a size that compiles in about a second (no execution); 8K: the benchmark script."""
-  dense, sparse = _benchmark_script().compiled_bytes(length=4096, heads=2, head_dim=32, block_size=64, band=3)
+  """The issue's memory claim at a size that compiles in about a second (no execution); 8K: `scripts/benchmark.py
+  --core=block_sparse --memory_only`, whose functions these are."""
+  from tests.conftest import load_script  # noqa: PLC0415
+  bench = load_script("benchmark", "benchmark")
+  fns = bench.core_functions("block_sparse", causal=False, dropout_rate=0.0, block_size=64, band=3)
+  dims = dict(length=4096, batch=1, heads=2, head_dim=32, dtype="float32", steps=1, warmup=0, memory_only=True)
+  dense, sparse = (bench.measure_core(fns[name], **dims)["memory_bytes"] for name in (bench.DENSE, "block_sparse"))
   assert sparse < 0.1 * dense, (sparse, dense)
 
 
