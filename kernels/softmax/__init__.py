@@ -46,7 +46,7 @@ OP = "softmax_attention"
 
 def _check(q, k, v, key_mask, alibi_slopes, implementation, dropout_rate: float) -> None:
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown softmax implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [batch, length, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
   if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:

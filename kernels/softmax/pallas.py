@@ -11,8 +11,6 @@ query rows cut off, and the dropout counters of real tokens (their positions) ar
 
 from __future__ import annotations
 
-import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +40,6 @@ def _layout(length: int, block_size: int, causal: bool) -> np.ndarray:
   return np.tril(full) if causal else full
 
 
-@functools.cache
-def _mask_keyword() -> str:
-  """The key-padding keyword of `kernels.block_sparse.block_sparse_attention` (`key_mask`, formerly `kv_mask`)."""
-  from kernels.block_sparse import block_sparse_attention  # noqa: PLC0415
-  return "key_mask" if "key_mask" in inspect.signature(block_sparse_attention).parameters else "kv_mask"
-
 
 def call_reason(q_shape, k_shape, alibi_slopes) -> str | None:
   """Why no kernel can serve the call whatever the backend (None when the shapes fit)."""
@@ -61,10 +53,10 @@ def call_reason(q_shape, k_shape, alibi_slopes) -> str | None:
 
 def kernel_reason(backend: Backend, q_shape, dtype) -> str | None:
   """Why `backend`'s kernel cannot take this call's tiles, dtype or head dim (None when it can)."""
-  from kernels.block_sparse import pallas_tpu  # noqa: PLC0415  (Pallas imports only where kernels are wanted)
+  from kernels.block_sparse.tables import check_supported  # noqa: PLC0415
   try:
     padded = (q_shape[0], padded_length(q_shape[1]), *q_shape[2:])
-    pallas_tpu.check_supported(padded, dtype, block_size_for(q_shape[1]), None, backend)
+    check_supported(padded, dtype, block_size_for(q_shape[1]), None, backend)
   except ValueError as e:
     return str(e)
   return None
@@ -85,7 +77,7 @@ def softmax_attention_pallas(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxH
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask = map(pad, (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask))
   out = block_sparse_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, _layout(padded, block_size, causal),
                                block_size=block_size, causal=causal, scale=scale, implementation=implementation,
-                               dropout_rate=dropout_rate, dropout_rng=dropout_rng, **{_mask_keyword(): key_mask})
+                               dropout_rate=dropout_rate, dropout_rng=dropout_rng, key_mask=key_mask)
   return out[:, :length]
 
 

@@ -265,7 +265,7 @@ def test_bad_inputs_name_the_values():
     softmax_attention(q, k, v, key_mask=jnp.ones((2, 1, 1, 8), bool))
   with pytest.raises(ValueError, match=r"alibi_slopes must have shape \[heads\] = \(2,\)"):
     softmax_attention(q, k, v, alibi_slopes=jnp.ones((3,)))
-  with pytest.raises(ValueError, match="unknown softmax implementation 'cudnn'"):
+  with pytest.raises(ValueError, match="unknown softmax_attention implementation .cudnn."):
     softmax_attention(q, k, v, implementation="cudnn")
   with pytest.raises(ValueError, match="dropout_rate must be in"):
     softmax_attention(q, k, v, dropout_rate=1.0, dropout_rng=jax.random.key(0))

@@ -26,7 +26,7 @@ ROOT = pathlib.Path(kernels.__file__).parent
 REPO = ROOT.parent
 # Folders being rewritten in parallel, checked once merged: delete the entry then (the test fails for a folder that
 # no longer needs it).
-PENDING = {"softmax": "rewritten by the flash-softmax work of issue 21, which adopts this template"}
+PENDING: dict[str, str] = {}  # op -> why it is not on the template yet (none now)
 OPS = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__")
 CHECKED = [op for op in OPS if op not in PENDING]
 BACKENDS = ("pallas_tpu", "pallas_gpu")
@@ -76,7 +76,14 @@ def test_op_folder_has_the_template_files(op):
   extra = {f for f in files - set(OP_FILES) if not _is_reexport_shim(_tree(folder / f))}
   assert not extra, f"kernels/{op}: files outside the template roles {sorted(OP_FILES)}: {sorted(extra)}"
   has_backend = bool(files & {f"{b}.py" for b in BACKENDS})
-  assert ("pallas.py" in files) == has_backend, f"kernels/{op}: backend modules need the driver pallas.py and back"
+  if has_backend:
+    assert "pallas.py" in files, f"kernels/{op}: backend modules need the driver pallas.py"
+  elif "pallas.py" in files:
+    # A driver without backend modules of its own runs another op's kernels (softmax: the block-sparse flash
+    # kernels with a full or causal layout); it must say which by importing that op.
+    reused = {n.split(".")[1] for n in _imported_modules(_tree(ROOT / op / "pallas.py"))
+              if n.startswith("kernels.") and n.count(".") >= 1 and n.split(".")[1] in OPS and n.split(".")[1] != op}
+    assert reused, f"kernels/{op}: pallas.py without pallas_tpu.py / pallas_gpu.py must drive another op's kernels"
 
 
 @pytest.mark.parametrize("op", CHECKED)
@@ -163,6 +170,7 @@ def _attention_call(op: str):
   """The op's entry as `f(q, k, v, key_mask, implementation)` at tiny shapes."""
   entry = getattr(importlib.import_module(f"kernels.{op}"), _entry_name(op))
   calls = {
+      "softmax": lambda q, k, v, m, impl: entry(q, k, v, key_mask=m, implementation=impl),
       "block_sparse": lambda q, k, v, m, impl: entry(q, k, v, LAYOUT, block_size=8, key_mask=m, implementation=impl),
       "linear_attention": lambda q, k, v, m, impl: entry(jax.nn.elu(q) + 1, jax.nn.elu(k) + 1, v, causal=False,
                                                          chunk_size=8, key_mask=m, implementation=impl),
@@ -178,7 +186,7 @@ def _attention_call(op: str):
 
 
 def test_every_op_has_a_key_mask_case():
-  assert set(CHECKED) == {"block_sparse", "linear_attention", "sliding_window", "block_diagonal", "sinkhorn"}, \
+  assert set(CHECKED) == {"softmax", "block_sparse", "linear_attention", "sliding_window", "block_diagonal", "sinkhorn"}, \
       "a new op folder: add its call to _attention_call"
 
 
