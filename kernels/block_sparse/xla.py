@@ -45,9 +45,11 @@ _STEP_SCORES = 1 << 19
 _MIN_STEP_KEYS = 256
 # A window tile spans about this many query tokens (bigger matmuls, more wasted corners).
 _WINDOW_QUERIES = 256
+_MIN_WINDOW_KEYS = 256
 # A group's union of key blocks may exceed its widest row by this factor.
 _GROUP_SLACK = 1.25
 _GROUP_QUERIES = 512
+_MIN_GROUP_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +134,10 @@ def _window_piece(rest: np.ndarray, rows: np.ndarray, n: int, c: int):
     return None
   lo, hi = offsets
   width = hi - lo + 1
-  g = int(np.clip(round(width / 2), 1, max(1, _WINDOW_QUERIES // c)))
+  if width * c < _MIN_WINDOW_KEYS:  # a narrow window gains nothing over the per-row band gather
+    return None
+  # G consecutive query blocks see G + width - 1 key blocks: G <= width / 4 + 1 wastes at most a quarter.
+  g = int(np.clip(width // 4 + 1, 1, max(1, _WINDOW_QUERIES // c)))
   t = -(-n // g)
   qidx = np.arange(t * g).reshape(t, g)
   kidx = (np.arange(t)[:, None] * g + lo + np.arange(g + width - 1)[None, :])
@@ -153,7 +158,7 @@ def _window_piece(rest: np.ndarray, rows: np.ndarray, n: int, c: int):
 
 def _group_rows(rest: np.ndarray, rows: np.ndarray, c: int) -> list[list[int]]:
   """Greedy groups of rows whose key blocks (over heads) nearly coincide: a group's union stays within
-  `_GROUP_SLACK` of its widest row. Singletons are left out."""
+  `_GROUP_SLACK` of its widest row. Groups under `_MIN_GROUP_ROWS` rows are left to the band."""
   if not rows.size:
     return []
   pattern = rest[:, rows].transpose(1, 0, 2).reshape(rows.size, -1)  # [R, H * N]
@@ -179,7 +184,7 @@ def _group_rows(rest: np.ndarray, rows: np.ndarray, c: int) -> list[list[int]]:
       members.append(j)
       union |= pattern[j]
       widest = max(widest, int(counts[j]))
-    if len(members) > 1:
+    if len(members) >= _MIN_GROUP_ROWS:  # smaller groups gain little over the band and cost a piece
       groups.append(sorted(int(rows[m]) for m in members))
   return groups
 
