@@ -7,10 +7,11 @@ as the layout allows (XLA:CPU runs a batch of 32 x 64 x 32 matmuls several times
   dense rows   query blocks whose row is (nearly) full, e.g. global tokens (`tables.xla_plan`'s split): one tile of
                all of them against every key, walked in key chunks;
   slab         key blocks (nearly) every other row sees (global tokens): one tile of the sparse rows against them;
-  window       the diagonals around the main one that most rows see (a sliding window): tiles of `G` consecutive
-               query blocks against their `G + width - 1` contiguous key blocks;
-  groups       rows whose remaining key blocks (nearly) coincide, e.g. the strided columns of the Sparse Transformer:
-               one tile per group against the union of its rows' blocks;
+  window       the diagonals around the main one that most rows see (a sliding window at least `_MIN_WINDOW_KEYS`
+               wide; narrower ones stay in the band): tiles of `G` consecutive query blocks against their
+               `G + width - 1` contiguous key blocks;
+  groups       rows (at least `_MIN_GROUP_ROWS`) whose remaining key blocks (nearly) coincide, e.g. the strided
+               columns of the Sparse Transformer: one tile per group against the union of its rows' blocks;
   band         whatever is left (BigBird's random blocks): one tile per query block against its own listed blocks,
                the lists padded to the widest such row.
 Tiles are gathered a step at a time (`_STEP_SCORES` scores per batch row and head at most) in a scan, so memory is
