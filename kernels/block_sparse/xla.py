@@ -41,7 +41,7 @@ from kernels.block_sparse.tables import causal_blocks, xla_plan
 F32 = jnp.float32
 
 # Scores per batch row and head in one scan step (the step's score-sized temporaries are a few times this).
-_STEP_SCORES = 1 << 19
+_STEP_SCORES = 1 << 18
 # Keys per step when a tile's keys must be chunked (dense rows; a wide band).
 _MIN_STEP_KEYS = 256
 # A window tile spans about this many query tokens (bigger matmuls, more wasted corners).
