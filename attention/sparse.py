@@ -58,14 +58,14 @@ class BlockSparseAttention(AttentionLayer):
     q, k, v = self.project_qkv(x)
     batch, length = x.shape[:2]
     pad = -length % self.block_size
-    kv_mask_BxL = None if mask is None else mask.astype(bool)
+    key_mask_BxL = None if mask is None else mask.astype(bool)
     if pad:
       q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
-      real = jnp.ones((batch, length), bool) if kv_mask_BxL is None else kv_mask_BxL
-      kv_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
+      real = jnp.ones((batch, length), bool) if key_mask_BxL is None else key_mask_BxL
+      key_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
     layout_HxNxN = self.layout((length + pad) // self.block_size)
     y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
-                               implementation=self.implementation, key_mask=kv_mask_BxL,
+                               implementation=self.implementation, key_mask=key_mask_BxL,
                                dropout_rate=self.dropout_rate, dropout_rng=self.dropout_rng(deterministic))
     return self.project_out(y[:, :length], x.shape[-1])
 

@@ -9,7 +9,8 @@ Implementations (the op template of docs/architecture.md "Functional cores"):
   "xla"        `xla`: dense query rows (global tokens) over all keys, a shared slab for global key columns, and the
                remaining allowed blocks of the other rows gathered through host-side index tables (`tables`) padded
                to the widest *sparse* row: O(L·K·C + G·C·L) time and memory for K blocks per sparse row and G global
-               blocks (C = block_size), never L times the widest row. Plain autodiff gives the backward pass;
+               blocks (C = block_size), never L times the widest row. A custom_vjp recomputes the scores from the saved
+               log-sum-exp in the backward pass (online softmax over the gathered blocks, flash-style);
   "pallas"     the flash-style kernels (`pallas`: the custom_vjp driver, over `pallas_tpu` for TPU and `pallas_gpu`
                for Mosaic GPU on Hopper: bfloat16/float16, head_dim 64 or 128, 64-token tiles that mask the layout's
                blocks inside them when `block_size` is 16 or 32) of the platform the program is lowered for; never
@@ -138,9 +139,7 @@ def _jitted_attention(q, k, v, layout: _StaticLayout, key_mask, dropout_rng, *, 
   def xla():
     if implementation == "reference":
       return block_sparse_attention_reference(q, k, v, layout.layout, **common)
-    # xla.py (rewritten in parallel, issue 21) still names the key-padding mask `kv_mask`: same convention.
-    xla_args = {("kv_mask" if name == "key_mask" else name): value for name, value in common.items()}
-    return block_sparse_attention_xla(q, k, v, layout.layout, **xla_args)
+    return block_sparse_attention_xla(q, k, v, layout.layout, **common)
 
   def kernel(backend, interpret):
     from kernels.block_sparse.pallas import block_sparse_attention_pallas  # noqa: PLC0415  (Pallas where wanted)

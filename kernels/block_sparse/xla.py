@@ -274,13 +274,13 @@ class _Spec:
 class _Call:
   """Block views of one call's inputs (with one zero padding block at index N) and the per-step tile math."""
 
-  def __init__(self, spec: _Spec, q, k, v, kv_mask, seed):
+  def __init__(self, spec: _Spec, q, k, v, key_mask, seed):
     self.spec, self.seed = spec, seed
     self.q, self.k, self.v = (self.padded_blocks(x) for x in (q, k, v))  # [B, H, N + 1, C, D]
     b, n, c = spec.batch, spec.blocks, spec.block
     self.mask = None
-    if kv_mask is not None:
-      self.mask = jnp.pad(kv_mask.astype(bool).reshape(b, n, c), ((0, 0), (0, 1), (0, 0)))  # [B, N + 1, C]
+    if key_mask is not None:
+      self.mask = jnp.pad(key_mask.astype(bool).reshape(b, n, c), ((0, 0), (0, 1), (0, 0)))  # [B, N + 1, C]
     self.heads = np.arange(spec.heads)[:, None, None]
 
   def blocks(self, x_BxLxHxD):  # -> [B, H, N, C, D]
@@ -375,8 +375,8 @@ def _to_natural(piece: _Piece, x, fill: float, n: int):
   return flat[:, :, _natural_order(piece, n)]
 
 
-def _forward(spec: _Spec, pieces, q, k, v, kv_mask, seed):
-  call = _Call(spec, q, k, v, kv_mask, seed)
+def _forward(spec: _Spec, pieces, q, k, v, key_mask, seed):
+  call = _Call(spec, q, k, v, key_mask, seed)
   n = spec.blocks
   parts = []
   for piece in pieces:
@@ -432,8 +432,8 @@ def _piece_backward(call: _Call, piece: _Piece, lse, dvec, do, dk, dv):
 
 
 def _backward(spec: _Spec, pieces, res, do_BxLxHxD):
-  q, k, v, kv_mask, seed, out, lse = res
-  call = _Call(spec, q, k, v, kv_mask, seed)
+  q, k, v, key_mask, seed, out, lse = res
+  call = _Call(spec, q, k, v, key_mask, seed)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 3))  # noqa: E731  block N: zeros
   do = call.padded_blocks(do_BxLxHxD)
   # rowsum(dO ∘ O) per query (O with dropout applied: it is what the softmax Jacobian of dP needs).
@@ -450,22 +450,22 @@ def _backward(spec: _Spec, pieces, res, do_BxLxHxD):
   return (unblock(dq).astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None)
 
 
-def _attention(spec: _Spec, pieces, q, k, v, kv_mask, seed):
+def _attention(spec: _Spec, pieces, q, k, v, key_mask, seed):
   @jax.custom_vjp
-  def attend(q, k, v, kv_mask, seed):
-    return _forward(spec, pieces, q, k, v, kv_mask, seed)[0]
+  def attend(q, k, v, key_mask, seed):
+    return _forward(spec, pieces, q, k, v, key_mask, seed)[0]
 
-  def fwd(q, k, v, kv_mask, seed):
-    out, lse = _forward(spec, pieces, q, k, v, kv_mask, seed)
-    return out, (q, k, v, kv_mask, seed, out, lse)
+  def fwd(q, k, v, key_mask, seed):
+    out, lse = _forward(spec, pieces, q, k, v, key_mask, seed)
+    return out, (q, k, v, key_mask, seed, out, lse)
 
   attend.defvjp(fwd, functools.partial(_backward, spec, pieces))
-  return attend(q, k, v, kv_mask, seed)
+  return attend(q, k, v, key_mask, seed)
 
 
 def block_sparse_attention_xla(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                                layout_HxNxN: np.ndarray, *, block_size: int, causal: bool = False,
-                               scale: float | None = None, kv_mask: jax.Array | None = None,
+                               scale: float | None = None, key_mask: jax.Array | None = None,
                                dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None) -> jax.Array:
   """Tiled pieces of the layout under one online softmax, with a recomputing custom_vjp backward (see the module
   docstring); the same values, gradients and dropout mask as the reference."""
@@ -475,7 +475,7 @@ def block_sparse_attention_xla(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxL
                scale=float(d ** -0.5 if scale is None else scale), rate=rate)
   seed = None if not rate else jnp.asarray(dropout_seed, jnp.int32)
   pieces = plan_pieces(layout_HxNxN, causal, block_size)
-  return _attention(spec, pieces, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, kv_mask, seed)
+  return _attention(spec, pieces, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask, seed)
 
 
 __all__ = ["block_sparse_attention_xla", "plan_pieces"]

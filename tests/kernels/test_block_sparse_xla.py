@@ -104,13 +104,13 @@ def test_values_and_gradients_match_the_reference(small_tiles, name, causal, rat
   q, k, v = (jax.random.normal(key, (3, length, heads, 8), dtype) for key in keys[:3])
   ct = jax.random.normal(keys[3], q.shape, jnp.float32)
   # Batch row 0: every key is padding (its queries output 0 with finite gradients); row 1: a padded tail.
-  kv_mask = jnp.arange(length)[None, :] < jnp.array([[0], [length - block_size - 1], [length]])
+  key_mask = jnp.arange(length)[None, :] < jnp.array([[0], [length - block_size - 1], [length]])
   seed = dropout_seed(jax.random.key(11))
 
   @jax.jit
   def value_and_grads(q, k, v):
     def f(q, k, v, fn):
-      out = fn(q, k, v, layout, block_size=block_size, causal=causal, kv_mask=kv_mask, dropout_rate=rate,
+      out = fn(q, k, v, layout, block_size=block_size, causal=causal, key_mask=key_mask, dropout_rate=rate,
                dropout_seed=seed)
       return jnp.sum(out.astype(jnp.float32) * ct), out
     return [jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v, fn)
