@@ -5,7 +5,7 @@
 registers every variant.
 """
 
-from attention.registry import build, build_attention, get_class, names, options, register
+from attention.registry import build, build_attention, get_class, names, option_ranges, options, register, resolve
 from attention.base import AttentionLayer, encoder_owned_options, resolve_compute_dtype
 from attention.recurrent import RecurrentLayer
 
@@ -22,6 +22,8 @@ from attention import reformer  # noqa: F401
 from attention import linformer  # noqa: F401
 from attention import synthesizer  # noqa: F401
 from attention import sinkhorn  # noqa: F401
+from attention import additive  # noqa: F401
+from attention import multiplicative  # noqa: F401
 
 __all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",
            "names", "options", "register", "resolve_compute_dtype"]

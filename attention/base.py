@@ -17,29 +17,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels.common import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported)
+from attention import positions as positions_lib
 from kernels import sequence as sequence_lib
 from kernels.softmax import dropout_weights
 
 # LRA's initialisation for attention projections.
 default_kernel_init = nn.initializers.xavier_uniform()
 
-# Compute dtypes by name (config files and command lines give strings).
-DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_compute_dtype(dtype: Any) -> jnp.dtype:
-  """`"float32"` / `"bfloat16"` / `"float16"` or a floating jnp/numpy dtype -> `jnp.dtype`; ValueError otherwise."""
-  if isinstance(dtype, str):
-    if dtype not in DTYPES:
-      raise ValueError(f"unknown compute dtype {dtype!r}; valid choices: {', '.join(DTYPES)} (or a jnp dtype)")
-    return jnp.dtype(DTYPES[dtype])
-  try:
-    resolved = jnp.dtype(dtype)
-  except TypeError:
-    raise ValueError(f"unknown compute dtype {dtype!r}; valid choices: {', '.join(DTYPES)} (or a jnp dtype)") from None
-  if not jnp.issubdtype(resolved, jnp.floating):
-    raise ValueError(f"compute dtype must be floating point, got {resolved}; valid choices: {', '.join(DTYPES)}")
-  return resolved
+# Compute dtypes by name: the one vocabulary from config to kernel lives in kernels/common.py.
+resolve_compute_dtype = resolve_dtype
 
 
 class AttentionLayer(nn.Module):
@@ -51,8 +38,10 @@ class AttentionLayer(nn.Module):
     causal: position t attends only to positions <= t.
     dropout_rate: dropout on attention weights (or the variant's mixing weights).
     decode: autoregressive decoding with a flax `cache` collection (requires `causal=True`).
-    dtype: compute dtype of activations and matmuls ("float32", "bfloat16", "float16" or a jnp dtype); parameters
+    dtype: compute dtype of activations and matmuls (`kernels.common.DTYPE_NAMES` or a jnp dtype); parameters
       stay float32, softmax, normalizers and recurrent states accumulate in float32, and the output has this dtype.
+    positions: relative positions applied inside the layer (`attention.positions`): "none", "rope" (rotated queries
+      and keys) or "alibi" (linear biases on the scores); set by the encoder from `config.model.pos_encoding`.
   """
 
   num_heads: int = 8
@@ -61,6 +50,7 @@ class AttentionLayer(nn.Module):
   dropout_rate: float = 0.0
   decode: bool = False
   dtype: Any = "float32"
+  positions: str = "none"
 
   # Variants that cannot be causal / cannot decode set these to False and say why.
   supports_causal: ClassVar[bool] = True
@@ -68,6 +58,11 @@ class AttentionLayer(nn.Module):
   not_causal_reason: ClassVar[str] = ""
   # True where the decode cache has a fixed size, whatever the sequence length (the recurrent family).
   fixed_size_cache: ClassVar[bool] = False
+  # The range of each of the variant's own options (attention/ranges.py), read by `build`, `resolve` and the config
+  # checks; subclasses add theirs beside their fields.
+  option_ranges: ClassVar[Mapping[str, Any]] = {}
+  # The `positions` a variant applies (attention/positions.py); others are refused naming both.
+  supported_positions: ClassVar[tuple[str, ...]] = ("none",)
 
   @classmethod
   def default_layer_options(cls, num_layers: int) -> tuple[dict[str, Any], ...] | None:
@@ -101,6 +96,7 @@ class AttentionLayer(nn.Module):
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"{name}: dropout_rate must be in [0, 1), got {self.dropout_rate}")
     self.compute_dtype  # pylint: disable=pointless-statement  (validates `dtype` before any work)
+    positions_lib.check_positions(registered_name(type(self)), self.positions, self.supported_positions)
 
   def check_options(self, *, choices: Mapping[str, Sequence[Any]] = (), at_least: Mapping[str, int] = ()) -> None:
     """Validates the variant's own options: `choices={"mode": MODES}` (the value must be one of them),
@@ -191,6 +187,12 @@ class AttentionLayer(nn.Module):
     valid.value = jax.lax.dynamic_update_slice_in_dim(previous, step_mask, slot, axis=1)
     index.value = t + 1
     return {k: b.value for k, b in buffers.items()}, valid.value, t
+
+
+def registered_name(cls: type) -> str:
+  """The registry name of a variant class (its class name if it is not registered)."""
+  from attention import registry  # pylint: disable=import-outside-toplevel  (registry imports nothing of base)
+  return next((n for n in registry.names() if registry.get_class(n) is cls), cls.__name__)
 
 
 def encoder_owned_options() -> tuple[str, ...]:

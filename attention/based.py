@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from attention.base import default_kernel_init
 from attention.recurrent import RecurrentLayer
 from attention.registry import register
+from attention.ranges import Integer, OneOf
 from kernels.softmax import softmax_attention_reference
 from kernels.sliding_window import sliding_window_attention
 
@@ -76,6 +77,8 @@ class Based(RecurrentLayer):
   conv_kernel_size: int = 3
   chunk_size: int = 64
   implementation: str | None = None
+  option_ranges = {"mode": OneOf(MODES), "feature_dim": Integer(1), "window": Integer(1),
+                   "conv_kernel_size": Integer(1)}
 
   @classmethod
   def default_layer_options(cls, num_layers: int) -> tuple[dict, ...]:
@@ -115,7 +118,7 @@ class Based(RecurrentLayer):
         window, valid_BxW, _ = step
         y_local = softmax_attention_reference(q, window["key"], window["value"], mask=valid_BxW[:, None, None, :])
       else:
-        y_local = sliding_window_attention(q, k, v, window=self.window, causal=self.causal, key_mask_BxL=mask)
+        y_local = sliding_window_attention(q, k, v, window=self.window, causal=self.causal, key_mask=mask)
       y = y + y_local.astype(jnp.float32)
     return self.project_out(y, x.shape[-1])
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from attention.base import AttentionLayer
 from attention.registry import register
+from attention.ranges import Integer, OneOf, Real, Satisfies
 
 
 def plucker_coordinates(u_Nxr: jax.Array, v_Nxr: jax.Array) -> jax.Array:
@@ -87,6 +88,10 @@ class GrassmannFlow(AttentionLayer):
   mixing: str = "mean"
   use_plucker: bool = True
   use_gate: bool = True
+  option_ranges = {"reduced_dim": Integer(2), "eps": Real(0.0, lo_open=True), "gate_input": OneOf(GATE_INPUTS),
+                   "mixing": OneOf(MIXINGS),
+                   "offsets": Satisfies(lambda o: len(o) > 0 and all(int(d) == d and d >= 1 for d in o),
+                                        "a non-empty tuple of positive integers")}
 
   supports_decode = True
   fixed_size_cache = True

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from attention.recurrent import RecurrentLayer
 from attention.registry import register
+from attention.ranges import OneOf
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": lambda x: jax.nn.elu(x) + 1.0,
@@ -30,6 +31,7 @@ class LinearAttention(RecurrentLayer):
   feature_map: str = "elu"
   chunk_size: int = 64
   implementation: str | None = None
+  option_ranges = {"feature_map": OneOf(tuple(FEATURE_MAPS))}
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from attention.base import AttentionLayer, default_kernel_init
 from attention.registry import register
+from attention.ranges import Integer, OneOf
 from kernels.softmax import softmax_attention_reference
 
 # sharing mode -> (one matrix per head, keys and values share one matrix)
@@ -71,6 +72,7 @@ class Linformer(AttentionLayer):
   k: int = 256
   sharing: str = "none"
   max_length: int = 0
+  option_ranges = {"k": Integer(1), "sharing": OneOf(tuple(SHARING)), "max_length": Integer(0)}
 
   supports_causal = False
   not_causal_reason = ("the length projections E, F mix every position into each projected key and value, so every "

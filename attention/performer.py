@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from attention import random_features
 from attention.recurrent import RecurrentLayer
 from attention.registry import register
+from attention.ranges import Integer, OneOf
 from kernels.linear_attention import DEFAULT_EPS
 
 KERNELS = ("softmax", "relu")
@@ -89,6 +90,7 @@ class Performer(RecurrentLayer):
   feature_redraw_interval: int = 1000
   chunk_size: int = 64
   implementation: str | None = None
+  option_ranges = {"kernel": OneOf(KERNELS), "num_features": Integer(1), "feature_redraw_interval": Integer(0)}
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:

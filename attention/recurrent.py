@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from attention.base import AttentionLayer
+from attention.ranges import Integer, OneOf
+from kernels.linear_attention import IMPLEMENTATIONS as LINEAR_IMPLEMENTATIONS
 from kernels import sequence as sequence_lib
 from kernels.linear_attention import linear_attention, linear_attention_step
 from kernels.linear_attention.sequence_parallel import linear_attention_sequence_parallel
@@ -29,6 +31,8 @@ class RecurrentLayer(AttentionLayer):
 
   supports_decode: ClassVar[bool] = True
   fixed_size_cache: ClassVar[bool] = True
+  # Every subclass has `chunk_size` and `implementation` fields for `linear_mix` (kernels.linear_attention).
+  option_ranges = {"chunk_size": Integer(1), "implementation": OneOf(LINEAR_IMPLEMENTATIONS)}
 
   def sequence_parallel_form(self) -> str | None:
     return None if self.decode else "state"  # per-shard states, all-gathered (LASP-2)

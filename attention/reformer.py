@@ -33,11 +33,12 @@ import jax.numpy as jnp
 
 from attention.base import AttentionLayer
 from attention.registry import register
+from attention.ranges import Integer, Satisfies
+from kernels.common import MASK_VALUE
 from kernels.softmax import dropout_weights
 
 FALLBACK_SEED = 0  # rotations when the caller gives no `attention` rng
 SELF = -1e5  # a query's score for itself: below any real score, above masked ones
-NEG = -1e9  # masked scores: exactly zero weight after the softmax, finite for fully masked rows
 
 
 def normalize_keys(q_BxLxHxD: jax.Array) -> jax.Array:
@@ -62,7 +63,7 @@ def shared_qk_attention_reference(q_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, *,
   if causal:
     allowed = allowed & (jnp.arange(length)[:, None] >= jnp.arange(length)[None, :])
   scores_BxHxLxL = jnp.where(jnp.eye(length, dtype=bool), SELF, scores_BxHxLxL)
-  weights = jax.nn.softmax(jnp.where(allowed, scores_BxHxLxL, NEG), axis=-1)
+  weights = jax.nn.softmax(jnp.where(allowed, scores_BxHxLxL, MASK_VALUE), axis=-1)
   return jnp.einsum("bhls,bshd->blhd", weights, v_BxLxHxD.astype(jnp.float32))
 
 
@@ -123,7 +124,7 @@ def lsh_attention(q_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, buckets_BxHxRxL: j
 
     count = jax.lax.fori_loop(0, r, add_round, jnp.zeros(scores.shape, jnp.float32))
     scores = scores - jnp.log(jnp.maximum(count, 1.0))
-  scores = jnp.where(allowed, scores, NEG)
+  scores = jnp.where(allowed, scores, MASK_VALUE)
 
   lse_BxHxRxNxC = jax.nn.logsumexp(scores, axis=-1)
   weights = dropout_weights(jnp.exp(scores - lse_BxHxRxNxC[..., None]), dropout_rate, dropout_rng)
@@ -143,6 +144,9 @@ class Reformer(AttentionLayer):
   chunk_len: int = 64
   n_hashes: int = 2
   n_buckets: int = 0
+  option_ranges = {"chunk_len": Integer(1), "n_hashes": Integer(1),
+                   "n_buckets": Satisfies(lambda n: n == 0 or (n >= 2 and n % 2 == 0),
+                                          "an even number >= 2 (or 0 for the paper's default)")}
 
   def _num_buckets(self, length: int) -> int:
     if self.n_buckets:

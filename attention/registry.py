@@ -1,20 +1,25 @@
-"""Registry of attention variants: `register`, `names`, `build`, `options`.
+"""Registry of attention variants: `register`, `names`, `build`, `options`, `option_ranges`, `resolve`.
 
 Variants register themselves with a decorator so that adding one never touches a dispatch ladder:
 
     @attention.register("performer")
     class Performer(AttentionLayer): ...
 
-`build(name, **options)` validates the name and the options against the variant's dataclass fields and returns an
-unbound Flax module.
+`build(name, **options)` validates the name and the options against the variant's dataclass fields and its declared
+ranges (`option_ranges`, attention/ranges.py) and returns an unbound Flax module. `resolve(name, num_layers,
+user_options)` is the one place a model's per-layer options are decided: registry defaults, then the variant's
+per-layer schedule (`default_layer_options`) for the options the user did not set, then the user's (which always
+win), then per-layer overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import flax.linen as nn
+
+from attention.ranges import Range
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -69,11 +74,34 @@ def options(name: str, /) -> dict[str, Any]:
   return out
 
 
+def option_ranges(name: str, /) -> dict[str, Range]:
+  """The declared range of each option of variant `name`: its classes' `option_ranges` tables, base classes first
+  (so a subclass adds to or narrows its base's). Options without a declared range are absent."""
+  out: dict[str, Range] = {}
+  for klass in reversed(get_class(name).__mro__):
+    out.update(vars(klass).get("option_ranges") or {})
+  return out
+
+
+def out_of_range(name: str, values: Mapping[str, Any], /) -> list[tuple[str, Any, Range]]:
+  """`(option, value, range)` for every value in `values` outside its option's declared range."""
+  ranges = option_ranges(name)
+  return [(k, v, ranges[k]) for k, v in values.items() if k in ranges and not ranges[k].contains(v)]
+
+
+def _check_ranges(name: str, values: Mapping[str, Any]) -> None:
+  problems = out_of_range(name, values)
+  if problems:
+    cls = get_class(name).__name__
+    raise ValueError(f"{cls} (attention {name!r}): " + "; ".join(r.requirement(k, v) for k, v, r in problems))
+
+
 def build(name: str, /, **kwargs: Any) -> nn.Module:
   """Builds the attention variant `name` with `kwargs` as options.
 
   `name=` and `parent=` (Flax's own module arguments) pass through, so an encoder can give every variant the same
-  submodule name. Unknown options raise ValueError naming the valid ones.
+  submodule name. Unknown options raise ValueError naming the valid ones; a value outside its declared range
+  (`option_ranges`) raises ValueError naming the variant, the option, the value and the range.
   """
   cls = get_class(name)
   valid = options(name)
@@ -84,7 +112,72 @@ def build(name: str, /, **kwargs: Any) -> nn.Module:
   missing = sorted(k for k, v in valid.items() if v is dataclasses.MISSING and k not in kwargs)
   if missing:
     raise ValueError(f"attention variant {name!r} requires option(s) {missing}")
+  _check_ranges(name, {k: v for k, v in kwargs.items() if k not in _FLAX_FIELDS})
   return cls(**kwargs)
+
+
+def _model_owned() -> tuple[str, ...]:
+  from attention.base import encoder_owned_options  # pylint: disable=import-outside-toplevel  (avoids a cycle)
+  return encoder_owned_options()
+
+
+def resolve(name: str, num_layers: int, user_options: Mapping[str, Any], /, *,
+            layer_options: Sequence[Mapping[str, Any]] | None = None) -> tuple[dict[str, Any], ...]:
+  """The full options of each of `num_layers` layers of variant `name`, decided in this one place:
+
+  1. the registry defaults (the variant's dataclass fields);
+  2. the variant's per-layer schedule (`default_layer_options(num_layers)`, e.g. TransNormer's DiagAttention in the
+     lower half) for every option the user did not set;
+  3. `user_options`, the options the user set (the keys present, whatever their values: setting an option to its
+     default value still wins over the schedule);
+  4. `layer_options` (one mapping per layer, e.g. `config.model.layer_options`): the user's per-layer overrides, which
+     win over everything for their layer and replace the schedule.
+
+  The model-owned options (`encoder_owned_options()`: heads, widths, causal, dropout, decode, dtype) are not part of
+  the result and may not appear in `user_options`: the model passes them to `build`. A `"name"` key in
+  `user_options` must equal `name`. Unknown options, missing required ones and values outside their declared ranges
+  raise ValueError naming the variant, the option, the value and the range.
+  """
+  cls = get_class(name)
+  user = dict(user_options)
+  if user.pop("name", name) != name:
+    raise ValueError(f"resolve({name!r}, ...): user_options name {user_options['name']!r} is another variant")
+  owned = _model_owned()
+  defaults = {k: v for k, v in options(name).items() if k not in owned}
+  if not isinstance(num_layers, int) or num_layers < 1:
+    raise ValueError(f"resolve({name!r}, ...): num_layers must be an integer >= 1, got {num_layers!r}")
+  for where, given in [("the attention config", user)] + [
+      (f"layer_options[{i}]", {k: v for k, v in dict(o).items() if k != "name"})
+      for i, o in enumerate(layer_options or ())]:
+    set_by_model = sorted(k for k in given if k in owned)
+    if set_by_model:
+      raise ValueError(f"attention option(s) {set_by_model} in {where} are set by the model (model-owned: "
+                       f"{', '.join(owned)}); remove them there and set them on the model instead")
+    unknown = sorted(k for k in given if k not in defaults)
+    if unknown:
+      raise ValueError(f"unknown option(s) {unknown} in {where} for attention variant {name!r}; valid options: "
+                       f"{', '.join(sorted(defaults))}")
+  if layer_options is not None:
+    if len(layer_options) != num_layers:
+      raise ValueError(f"layer_options has {len(layer_options)} entries; expected one per layer ({num_layers})")
+    if any(dict(o).get("name", name) != name for o in layer_options):
+      raise ValueError(f"layer_options may not change the attention variant ({name!r}) per layer")
+    per_layer = tuple({k: v for k, v in dict(o).items() if k != "name"} for o in layer_options)
+    schedule: Sequence[Mapping[str, Any]] = ({},) * num_layers
+  else:
+    per_layer = ({},) * num_layers
+    schedule = cls.default_layer_options(num_layers) or ({},) * num_layers
+    if len(schedule) != num_layers:
+      raise ValueError(f"{cls.__name__}.default_layer_options({num_layers}) gave {len(schedule)} layers")
+  out = []
+  for i, (scheduled, override) in enumerate(zip(schedule, per_layer)):
+    layer = {**defaults, **{k: v for k, v in dict(scheduled).items() if k not in user}, **user, **override}
+    missing = sorted(k for k, v in layer.items() if v is dataclasses.MISSING)
+    if missing:
+      raise ValueError(f"attention variant {name!r} requires option(s) {missing} (layer {i})")
+    _check_ranges(name, layer)
+    out.append(layer)
+  return tuple(out)
 
 
 def build_attention(config: Mapping[str, Any], /, **encoder_owned: Any) -> nn.Module:

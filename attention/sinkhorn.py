@@ -40,7 +40,9 @@ import jax.numpy as jnp
 from attention.base import AttentionLayer
 from attention.linformer import resolve_max_length
 from attention.registry import register
-from kernels.sinkhorn import NEG, sinkhorn_normalize
+from attention.ranges import Integer, Real
+from kernels.common import MASK_VALUE
+from kernels.sinkhorn import sinkhorn_normalize
 from kernels.softmax import dropout_weights, softmax_attention_reference
 
 __all__ = ["SinkhornAttention", "sinkhorn_normalize", "sorted_plus_local_attention"]
@@ -77,7 +79,7 @@ def sorted_plus_local_attention(q_BxNxSxHxD: jax.Array, sorted_k: jax.Array, sor
     local_allowed = local_allowed & (jnp.arange(bs)[:, None] >= jnp.arange(bs)[None, :])
   sorted_allowed = jnp.broadcast_to(sorted_real_BxHxNxS[:, :, :, None, :], logits.shape[:-1] + (bs,))
   allowed = jnp.concatenate([sorted_allowed, jnp.broadcast_to(local_allowed, sorted_allowed.shape)], axis=-1)
-  weights = dropout_weights(jax.nn.softmax(jnp.where(allowed, logits, NEG), axis=-1), dropout_rate, dropout_rng)
+  weights = dropout_weights(jax.nn.softmax(jnp.where(allowed, logits, MASK_VALUE), axis=-1), dropout_rate, dropout_rng)
   out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
   return out.astype(q_BxNxSxHxD.dtype)
 
@@ -93,6 +95,8 @@ class SinkhornAttention(AttentionLayer):
   gumbel_noise: bool = False
   sortcut_k: int = 0
   max_num_blocks: int = 0
+  option_ranges = {"block_size": Integer(1), "sinkhorn_iters": Integer(0), "temperature": Real(0.0, lo_open=True),
+                   "sortcut_k": Integer(0), "max_num_blocks": Integer(0)}
 
   def _validate(self) -> None:
     name = type(self).__name__

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from attention import positions
 from attention.base import AttentionLayer
 from attention.registry import register
+from attention.ranges import OneOf
 from kernels import sequence as sequence_lib
 from kernels.softmax import IMPLEMENTATIONS, Implementation, softmax_attention, softmax_attention_reference
 from kernels.softmax.ring import ring_attention
@@ -29,8 +32,10 @@ class SoftmaxAttention(AttentionLayer):
   """
 
   implementation: Implementation = None
+  option_ranges = {"implementation": OneOf(IMPLEMENTATIONS, what="softmax implementation")}
 
   supports_decode = True
+  supported_positions = ("none", "rope", "alibi")
 
   def sequence_parallel_form(self) -> str | None:
     # Ring attention over the flash block primitive; dropout is the counter hash keyed by global positions in both.
@@ -42,10 +47,16 @@ class SoftmaxAttention(AttentionLayer):
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"unknown softmax implementation {self.implementation!r}; valid choices: {IMPLEMENTATIONS}")
     q, k, v = self.project_qkv(x)
+    if self.positions == "rope":  # rotated before caching: a decode step sits at the cache's index
+      offset = positions.decode_offset(self, "cached") if self.decode else 0
+      q, k = positions.rope(q, offset), positions.rope(k, offset)
     dropout_rng = self.dropout_rng(deterministic)
+    # ALiBi in the core: a decode step's query sits at the last cache slot, a constant shift of every allowed key's
+    # bias from its true position t (softmax ignores it; unwritten slots are masked).
+    slopes = jnp.asarray(positions.alibi_slopes(self.num_heads)) if self.positions == "alibi" else None
     attend = lambda q, k, v, m, causal: softmax_attention(  # noqa: E731
         q, k, v, key_mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,
-        dropout_rng=dropout_rng)
+        dropout_rng=dropout_rng, alibi_slopes=slopes)
 
     # Decoding: the cache holds every position up to the length `init` saw; unwritten slots are masked.
     step = self.ring_cache("cached", x.shape[1], {"key": k, "value": v}, mask) if self.decode else None

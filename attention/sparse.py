@@ -24,6 +24,7 @@ import numpy as np
 from attention import sparse_layouts
 from attention.base import AttentionLayer
 from attention.registry import register
+from attention.ranges import Integer, OneOf
 from kernels import sequence as sequence_lib
 from kernels.block_sparse import IMPLEMENTATIONS, block_sparse_attention
 from kernels.block_sparse.sequence_parallel import halo_block_sparse_attention
@@ -39,6 +40,7 @@ class BlockSparseAttention(AttentionLayer):
 
   block_size: int = 32
   implementation: str | None = None
+  option_ranges = {"block_size": Integer(1), "implementation": OneOf(IMPLEMENTATIONS)}
 
   def layout(self, num_blocks: int) -> np.ndarray:
     """The bool `[num_heads or 1, num_blocks, num_blocks]` block layout."""
@@ -64,23 +66,23 @@ class BlockSparseAttention(AttentionLayer):
     batch, length = x.shape[:2]
     seq = sequence_lib.active() if not self.decode else None
     pad = -length % self.block_size
-    kv_mask_BxL = None if mask is None else mask.astype(bool)
+    key_mask_BxL = None if mask is None else mask.astype(bool)
     if pad:
       q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
-      real = jnp.ones((batch, length), bool) if kv_mask_BxL is None else kv_mask_BxL
-      kv_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
+      real = jnp.ones((batch, length), bool) if key_mask_BxL is None else key_mask_BxL
+      key_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
     layout_HxNxN = self.layout((length + pad) // self.block_size)
     y, dropout_rng = None, self.dropout_rng(deterministic)  # drawn once: each call takes a new key
     if seq is not None and dropout_rng is None:
       y = halo_block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
-                                      kv_mask_BxL=kv_mask_BxL, implementation=self.implementation)
+                                      key_mask_BxL=key_mask_BxL, implementation=self.implementation)
       if y is not None:
         sequence_lib.log_once(type(self).__name__, "halo exchange (kernels/block_sparse/sequence_parallel.py)")
     if seq is not None and y is None:
       k, v = (sequence_lib.fallback_gather(t, type(self).__name__) for t in (k, v))
     if y is None:
       y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
-                               implementation=self.implementation, kv_mask=kv_mask_BxL,
+                               implementation=self.implementation, key_mask=key_mask_BxL,
                                dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
     return self.project_out(y[:, :length], x.shape[-1])
 
@@ -91,6 +93,7 @@ class LocalAttention(BlockSparseAttention):
   block-diagonal local attention); causal: to itself and the `window - 1` blocks before it."""
 
   window: int = 3
+  option_ranges = {"window": Integer(1)}
 
   def layout(self, num_blocks: int) -> np.ndarray:
     return sparse_layouts.local_layout(num_blocks, window=self.window, causal=self.causal)
@@ -113,6 +116,7 @@ class SparseTransformerAttention(BlockSparseAttention):
   c: int = 1
 
   PATTERNS: ClassVar[tuple[str, ...]] = ("strided", "fixed")
+  option_ranges = {"pattern": OneOf(PATTERNS), "stride": Integer(1, allow_none=True), "c": Integer(1)}
 
   def layout(self, num_blocks: int) -> np.ndarray:
     # The automatic stride never goes below c (a chunk must hold its summary blocks); a set stride is checked as is.
@@ -135,6 +139,8 @@ class LongformerAttention(BlockSparseAttention):
   num_global_blocks: int = 1
   dilation: int = 1
   num_dilated_heads: int = 2
+  option_ranges = {"window": Integer(1), "num_global_blocks": Integer(0), "dilation": Integer(1),
+                   "num_dilated_heads": Integer(0)}
 
   supports_causal = False
   not_causal_reason = ("global tokens see and are seen by every position, future ones included; set "
@@ -167,6 +173,8 @@ class BigBirdAttention(BlockSparseAttention):
   num_global_blocks: int = 2
   num_random_blocks: int = 3
   seed: int = 0
+  option_ranges = {"window": Integer(1), "num_global_blocks": Integer(0), "num_random_blocks": Integer(0),
+                   "seed": Integer(0)}
 
   supports_causal = False
   not_causal_reason = "global tokens see and are seen by every position, and random blocks reach into the future"

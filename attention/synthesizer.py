@@ -30,10 +30,11 @@ import jax.numpy as jnp
 from attention.base import AttentionLayer, default_kernel_init
 from attention.linformer import resolve_max_length
 from attention.registry import register
+from attention.ranges import Integer, OneOf
+from kernels.common import MASK_VALUE
 from kernels.softmax import causal_mask
 
 STATE = "attention_state"
-NEG = -1e9  # finite, so fully masked rows stay finite (only padded queries have them)
 per_head_init = nn.initializers.xavier_uniform(batch_axis=(0,))  # the head axis is not part of fan-in/fan-out
 
 
@@ -81,6 +82,7 @@ class Synthesizer(AttentionLayer):
   factor_k: int = 32
   trainable_random: bool = True
   mix_dot_product: bool = False
+  option_ranges = {"mode": OneOf(tuple(MODES)), "max_length": Integer(0), "factor_k": Integer(1)}
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -102,7 +104,7 @@ class Synthesizer(AttentionLayer):
     allowed = jnp.ones((1, 1, 1, length), bool) if mask is None else mask[:, None, None, :].astype(bool)
     if self.causal:
       allowed = allowed & causal_mask(length, length)
-    weights_BxHxLxL = jax.nn.softmax(jnp.where(allowed, logits_BxHxLxL, NEG), axis=-1)
+    weights_BxHxLxL = jax.nn.softmax(jnp.where(allowed, logits_BxHxLxL, MASK_VALUE), axis=-1)
     weights_BxHxLxL = self.attention_dropout(weights_BxHxLxL, deterministic)
     y = jnp.einsum("bhls,bshd->blhd", weights_BxHxLxL.astype(v.dtype), v)
     return self.project_out(y, x.shape[-1])

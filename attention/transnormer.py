@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from attention.recurrent import RecurrentLayer
 from attention.registry import register
+from attention.ranges import Integer, OneOf
 from kernels.block_diagonal import block_diagonal_attention
 from kernels.softmax import softmax_attention_reference
 
@@ -44,6 +45,7 @@ class TransNormer(RecurrentLayer):
   block_size: int = 64
   chunk_size: int = 64
   implementation: str | None = None
+  option_ranges = {"mode": OneOf(MODES), "block_size": Integer(1)}
 
   @classmethod
   def default_layer_options(cls, num_layers: int) -> tuple[dict, ...]:
@@ -73,6 +75,6 @@ class TransNormer(RecurrentLayer):
       block, valid_BxS, _ = step
       y = softmax_attention_reference(q, block["key"], block["value"], mask=valid_BxS[:, None, None, :])
     else:
-      y = block_diagonal_attention(q, k, v, block_size=self.block_size, causal=self.causal, key_mask_BxL=mask,
+      y = block_diagonal_attention(q, k, v, block_size=self.block_size, causal=self.causal, key_mask=mask,
                                    dropout_rate=self.dropout_rate, dropout_rng=self.dropout_rng(deterministic))
     return self.project_out(y, x.shape[-1])

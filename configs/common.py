@@ -2,13 +2,16 @@
 dotted overrides (used by the command line and by sweeps) and sweep grids.
 
 A config file calls `make_config(task, model=..., data=..., train=...)` with only what differs from the skeleton
-(`MODEL`, `DATA`, `TRAIN` below). The attention sub-config holds the variant's name and the options the user set;
-`resolve_attention` fills in the registry's defaults, so switching the variant is one assignment:
+(`MODEL`, `DATA`, `TRAIN` below). The attention sub-config holds the variant's name and exactly the options the user
+set (the config file's and the command line's); nothing fills in defaults here: `attention.resolve` decides every
+layer's options when the model is built (registry defaults, the variant's per-layer schedule, then what the user
+set, which always wins, even when it equals a default). Switching the variant is one assignment:
 
   --config.model.attention.name=performer --config.model.attention.num_features=128
 
 works from every config (`DEFINE_config_file` below handles the command line; `apply_overrides` does the same for
-sweep points). A new variant name starts from that variant's defaults: the previous variant's options are dropped.
+sweep points): an option named by an override gets its field, typed from the registry default, just before the
+override sets it. A new variant name drops the previous variant's options.
 """
 
 from __future__ import annotations
@@ -30,31 +33,26 @@ from absl import flags
 from ml_collections import config_flags
 
 import attention as attention_lib
+from kernels.common import DTYPE_NAMES
 
-# Compute dtypes `config.model.dtype` accepts: "auto" lets the trainer pick (bfloat16 on accelerators that have it).
-DTYPES = ("float32", "bfloat16", "auto")
+# Compute dtypes `config.model.dtype` accepts (the one vocabulary, kernels/common.py): "auto" lets the trainer pick
+# (bfloat16 on accelerators that have it).
+DTYPES = DTYPE_NAMES
 
 # The skeleton every config starts from; config files pass only what differs.
-MODEL = dict(remat=False, reversible=False, post_ln=False, dtype="float32")
+MODEL = dict(remat=False, reversible=False, post_ln=False, dtype="float32", patch_size=1)
 DATA = dict(cache_dir="~/.cache/efficient_attention")
 TRAIN = dict(batch_size=32, optimizer="adamw", schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9,
              grad_clip_norm=None, log_every_steps=50, num_eval_batches=None, keep_checkpoints=3)
+# Self-pretraining ("Never Train from Scratch", Amos et al. 2024; lra/training/pretrain.py): off unless steps > 0.
+# Batch size, optimizer moments, clipping and intervals come from `config.train`.
+PRETRAIN = dict(objective="masked", steps=0, learning_rate=1e-3, schedule="cosine", warmup_steps=0, mask_rate=0.15,
+                mask_token=0, tie_embeddings=True)
+PRETRAIN_OBJECTIVES = ("none", "masked", "causal")  # the `pretrain=` config argument ("none": from scratch)
 # Fields that may be None: typed references so that `--config.train.grad_clip_norm=1.0` parses as a float.
-_OPTIONAL_TYPES = {"data_dir": str, "grad_clip_norm": float, "num_eval_batches": int, "num_workers": int}
-
-# Fallback until the attention package exports `encoder_owned_options()`.
-_ENCODER_OWNED_FALLBACK = ("num_heads", "qkv_dim", "causal", "dropout_rate", "decode", "dtype")
-
-
-def encoder_owned_options() -> tuple[str, ...]:
-  """Options every attention layer gets from the model (heads, widths, causal, dropout, decode, dtype)."""
-  fn = getattr(attention_lib, "encoder_owned_options", None)
-  if fn is None:
-    try:
-      from attention.base import encoder_owned_options as fn  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      return _ENCODER_OWNED_FALLBACK
-  return tuple(fn())
+_OPTIONAL_TYPES = {"data_dir": str, "grad_clip_norm": float, "num_eval_batches": int, "num_workers": int,
+                   "init_from": str}
+encoder_owned_options = attention_lib.encoder_owned_options
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,7 +92,66 @@ def make_config(task: str, *, model: Mapping[str, Any], data: Mapping[str, Any],
   config.train = _typed("train", train_fields)
   # mesh.sequence: devices along the "sequence" axis (context parallelism, docs/clusters.md); data=-1 takes the rest.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, sequence=1, distributed="auto"))
+  config.pretrain = ml_collections.ConfigDict(PRETRAIN)
+  config.init_from = _typed("init_from", None)  # a workdir or checkpoint of another run: its encoder starts this one
   return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Named LRA protocols and self-pretraining (the `protocol=` and `pretrain=` arguments of configs/lra/*.py).
+
+PROTOCOLS = ("paper", "small")
+# The small-model re-run protocol of Xiong et al. 2021 (Nystromformer, github.com/mlpen/Nystromformer
+# LRA/code/lra_config.py), also used by the Skyformer re-runs (Chen et al. 2021): 2 layers, embedding 64, 2 heads
+# of 32, FFN 128, dropout 0.1, learned positions, mean pooling; Adam at 1e-4, no weight decay, linear warmup then
+# linear decay (here: cosine decay, the closest schedule this framework has).
+SMALL_MODEL = dict(num_layers=2, emb_dim=64, num_heads=2, qkv_dim=64, mlp_dim=128, head_mlp_dim=128, dropout_rate=0.1,
+                   attention_dropout_rate=0.1, pos_encoding="learned", pooling="mean")
+SMALL_TRAIN = dict(learning_rate=1e-4, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
+# Published Transformer accuracy (%) under the small protocol (Xiong et al. 2021, Table 4):
+# ListOps, Text, Retrieval, Image, Pathfinder.
+SMALL_PUBLISHED_TRANSFORMER = (37.10, 65.02, 79.35, 38.20, 74.16)
+
+
+def protocol_args(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The config arguments every LRA file accepts: runlocal, attention, protocol ("paper" | "small") and pretrain
+  ("none" | "masked" | "causal"), plus the file's own `extra`."""
+  return {"runlocal": False, "attention": "softmax", "protocol": "paper", "pretrain": "none", **dict(extra or {})}
+
+
+def apply_protocol(config: ml_collections.ConfigDict, protocol: str, *, train: Mapping[str, Any] | None = None,
+                   data: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """`config` (the paper's) switched to `protocol`: "paper" leaves it; "small" sets `SMALL_MODEL`, `SMALL_TRAIN` and
+  the task's own `train` / `data` settings of the re-run (steps, batch size, warmup, length)."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+  if protocol == "small":
+    config.model.update(SMALL_MODEL)
+    config.train.update({**SMALL_TRAIN, **dict(train or {})})
+    config.data.update(dict(data or {}))
+  return config
+
+
+def apply_pretrain(config: ml_collections.ConfigDict, objective: str, **settings: Any) -> ml_collections.ConfigDict:
+  """Self-pretraining on (`objective` "masked" or "causal") or off ("none"): `settings` (steps, learning_rate, ...)
+  over `PRETRAIN`. Without `steps`, pretraining runs as many steps as fine-tuning (Amos et al. pretrain at least as
+  long as they fine-tune); the pretraining learning rate and warmup default to fine-tuning's."""
+  if objective not in PRETRAIN_OBJECTIVES:
+    raise ValueError(f"pretrain={objective!r}; valid choices: {', '.join(PRETRAIN_OBJECTIVES)}")
+  if objective == "none":
+    return config
+  schedule = config.train.schedule if config.train.schedule != "rsqrt" else "cosine"
+  fields = dict(objective=objective, steps=config.train.num_steps, learning_rate=_peak_rate(config.train),
+                schedule=schedule, warmup_steps=min(config.train.warmup_steps, config.train.num_steps))
+  config.pretrain.update({**fields, **settings})
+  return config
+
+
+def _peak_rate(train: ml_collections.ConfigDict) -> float:
+  """The peak learning rate of `train`'s schedule (LRA's rsqrt schedule peaks at lr / sqrt(warmup))."""
+  if train.schedule == "rsqrt":
+    return float(train.learning_rate / max(train.warmup_steps, 1) ** 0.5)
+  return float(train.learning_rate)
 
 
 def _parse_value(text: str, default: Any) -> Any:
@@ -195,24 +252,20 @@ def attention_config(name: str, **options: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"name": name, **options})
 
 
-def resolve_attention(sub: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The attention sub-config with every option of its variant in force: the set ones plus the registry's defaults,
-  each with its type (so later string overrides parse). Unknown options -> ValueError naming the valid ones."""
-  sub = dict(sub.items())
-  if "name" not in sub:
-    raise ValueError(f"the attention config needs a 'name' (one of: {', '.join(attention_lib.names())})")
-  name = sub.pop("name")
+def _with_option_fields(sub: Mapping[str, Any], keys: Sequence[str]) -> ml_collections.ConfigDict:
+  """`sub` (an attention sub-config) with a typed field for each option in `keys` it lacks, holding the registry
+  default until the override that named it sets it: so overrides parse as the option's type and the sub-config still
+  holds only options the user set. Keys that are not options of the variant get no field (the override then fails
+  naming the key)."""
+  out = ml_collections.ConfigDict(dict(sub.items()))
+  name = out.get("name")
   valid = attention_options(name)
-  unknown = sorted(set(sub) - set(valid))
-  if unknown:
-    raise ValueError(f"unknown option(s) {unknown} for attention {name!r}; valid options: {', '.join(sorted(valid))}")
-  out = ml_collections.ConfigDict({"name": name})
-  for key, default in valid.items():
-    value = sub.get(key, default)
-    if value is dataclasses.MISSING:
-      raise ValueError(f"attention {name!r} requires option {key!r}: set --config.model.attention.{key}=...")
-    out[key] = ml_collections.FieldReference(value, field_type=_option_type(name, key, default)) \
-        if value is None else value
+  for key in keys:
+    if key in out or key not in valid:
+      continue
+    default = valid[key]
+    out[key] = default if default is not None and default is not dataclasses.MISSING else \
+        ml_collections.FieldReference(None, field_type=_option_type(name, key, default))
   return out
 
 
@@ -261,8 +314,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
   if "attention" in config.get("model", {}) and isinstance(config.model.attention, ml_collections.ConfigDict):
     sub = config.model.attention
     name = overrides.get(f"{ATTENTION}.name", sub.get("name"))
+    keys = [k[len(ATTENTION) + 1:] for k in overrides if k.startswith(ATTENTION + ".") and k != f"{ATTENTION}.name"]
     try:
-      config.model.attention = resolve_attention(sub if name == sub.get("name") else attention_config(name))
+      config.model.attention = _with_option_fields(sub if name == sub.get("name") else attention_config(name), keys)
     except ValueError as e:
       raise ValueError(f"{ATTENTION}.name={name}: {e}") from None
   for key, value in overrides.items():
@@ -315,24 +369,24 @@ def _attention_overrides(flag_name: str, argv: Sequence[str]) -> dict[str, str |
 
 def prepare_for_command_line(config: ml_collections.ConfigDict, attention_overrides: Mapping[str, str | None],
                              flag_name: str = "config") -> ml_collections.ConfigDict:
-  """Switches the attention sub-config to the variant the command line names and fills in its options, so that
-  ml_collections' override flags exist for them with the right types. Unknown options -> ValueError."""
+  """Switches the attention sub-config to the variant the command line names and adds a typed field for each option
+  the command line sets, so that ml_collections' override flags exist for them; the sub-config then holds exactly
+  the options the user set. Unknown variant or options -> ValueError naming the valid ones."""
   if "model" not in config or "attention" not in config.model:
     return config
   sub = config.model.attention
   name = attention_overrides.get("name") or sub.get("name")
   try:
     sub = sub if name == sub.get("name") else attention_config(name)
-    resolved = resolve_attention(sub)
+    valid = attention_options(name)
   except ValueError as e:
     raise ValueError(f"--{flag_name}.{ATTENTION}.name={name}: {e}") from None
-  unknown = sorted(k for k in attention_overrides if k != "name" and k not in resolved)
+  unknown = sorted(k for k in attention_overrides if k != "name" and k not in valid)
   if unknown:
     given = " ".join(f"--{flag_name}.{ATTENTION}.{k}" for k in unknown)
-    valid = sorted(k for k in resolved.keys() if k != "name")
-    raise ValueError(f"{given}: unknown option(s) for attention {name!r}; valid options: {', '.join(valid)} "
+    raise ValueError(f"{given}: unknown option(s) for attention {name!r}; valid options: {', '.join(sorted(valid))} "
                      f"(model-owned options {', '.join(encoder_owned_options())} come from --{flag_name}.model)")
-  config.model.attention = resolved
+  config.model.attention = _with_option_fields(sub, [k for k in attention_overrides if k != "name"])
   return config
 
 
@@ -360,7 +414,8 @@ def DEFINE_config_file(name: str = "config", default: str | None = None,  # pyli
                        flag_values: flags.FlagValues = flags.FLAGS, lock_config: bool = True,
                        sys_argv: Sequence[str] | None = None) -> flags.FlagHolder:
   """`ml_collections.config_flags.DEFINE_config_file` whose `--<name>.model.attention.name=X` switches the variant
-  (X's options then follow on the same command line, in any order), and whose config holds X's options in force.
+  (X's options then follow on the same command line, in any order), and whose attention sub-config holds the options
+  the file and the command line set (`attention.resolve` supplies the rest when the model is built).
   `sys_argv`: the command line to read overrides from (default sys.argv, as ml_collections does)."""
   holder = config_flags.DEFINE_config_file(name, default, help_string, flag_values=flag_values,
                                            lock_config=lock_config, sys_argv=sys_argv)

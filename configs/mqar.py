@@ -21,8 +21,13 @@ Command lines:
   python eval.py --workdir runs/mqar_local --split test
   # The learning-rate sweep of get_sweep(), one workdir per point:
   python scripts/sweep.py --config configs/mqar.py:attention=based --workdir runs/sweep_mqar_based
+  # Recall against state size (Based's figure at our scale): the recurrent variants and softmax at model widths
+  # 32 / 64 (`sweep=state_size`); scripts/recall_vs_state.py trains the points (sweep.py's runner) and writes the
+  # table and plot with each point's decode-state bytes (docs/results.md):
+  python scripts/recall_vs_state.py --config configs/mqar.py:runlocal,sweep=state_size --workdir runs/mqar_state
 
-Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>.
+Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>, sweep=lr|state_size
+(what get_sweep() returns).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
+  args = common.parse_arg(arg, _ARGS)
   config = common.make_config(
       "mqar", attention=args.attention, data_dir=False,
       model=dict(num_layers=2, emb_dim=128, num_heads=2, qkv_dim=128, mlp_dim=512, dropout_rate=0.0,
@@ -55,7 +60,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+_ARGS = {"runlocal": False, "attention": "softmax", "sweep": "lr"}
+# Recall against state size: the recurrent family (fixed-size decode state) and softmax (a KV cache of the whole
+# sequence), each at these model widths (emb_dim = qkv_dim, MLP twice as wide); the state grows with the width.
+STATE_SIZE_VARIANTS = ("softmax", "linear", "transnormer", "grassmann", "based", "performer")  # cheapest first on a CPU
+STATE_SIZE_WIDTHS = (32, 64)
+
+
 def get_sweep(arg: str | None = None) -> list[dict]:
-  """Four learning rates log-spaced from 1e-4 to 1e-2: Zoology reports each model at the best rate of a sweep."""
-  del arg
-  return common.sweep_grid({"train.learning_rate": [1e-4, 4.6e-4, 2.2e-3, 1e-2]})
+  """`sweep=lr` (default): four learning rates log-spaced from 1e-4 to 1e-2 (Zoology reports each model at the best
+  rate of a sweep). `sweep=state_size`: `STATE_SIZE_VARIANTS` x `STATE_SIZE_WIDTHS`."""
+  args = common.parse_arg(arg, _ARGS)
+  if args.sweep == "lr":
+    return common.sweep_grid({"train.learning_rate": [1e-4, 4.6e-4, 2.2e-3, 1e-2]})
+  if args.sweep == "state_size":
+    return [{"model.attention.name": name, "model.emb_dim": width, "model.qkv_dim": width,
+             "model.mlp_dim": 2 * width} for name in STATE_SIZE_VARIANTS for width in STATE_SIZE_WIDTHS]
+  raise ValueError(f"sweep={args.sweep!r}; valid choices: lr, state_size")

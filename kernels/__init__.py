@@ -1,10 +1,12 @@
 """Functional attention cores (`[batch, length, heads, head_dim]` tensors) and their Pallas kernels.
 
-One folder per op (`kernels/<op>/`: public entry and dispatch, reference, xla form, one module per backend kernel);
-platform helpers once (`kernels.platform`: kernel choice where the program is lowered, fallback log;
-`kernels.mosaic_gpu`: Mosaic GPU building blocks). `implementation` selects "reference", "xla", "pallas",
-"interpret" or None (the kernel of the platform the program is lowered for). See docs/architecture.md
-"Functional cores".
+One folder per op, every one on the template of `kernels.common.OP_FILES` (`__init__.py` entry and dispatch,
+`reference.py`, `xla.py`, `tables.py`, the driver `pallas.py` over `pallas_tpu.py` and `pallas_gpu.py`); platform
+helpers once (`kernels.platform`: `Backend`, kernel choice where the program is lowered, fallback log;
+`kernels.mosaic_gpu`: Mosaic GPU building blocks; `kernels.common`: `MASK_VALUE`, the dropout hash).
+`implementation` selects "reference", "xla", "pallas", "interpret" or None (the best for the platform the program is
+lowered for), and `key_mask` (bool [batch, keys], True = a real key) masks padded keys, in every op. See
+docs/architecture.md "Functional cores".
 """
 
 from kernels.linear_attention import linear_attention

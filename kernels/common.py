@@ -1,7 +1,13 @@
-"""Facts every op in `kernels/` shares, written once: the masked-logit constant and the attention-dropout rule.
+"""Facts every op in `kernels/` shares, written once: the op template, the masked-logit constant and the
+attention-dropout rule.
 
+- The op template (`OP_FILES`, `IMPLEMENTATION_VOCABULARY`, `KEY_MASK`): the file roles of every `kernels/<op>/`
+  folder, the implementation names every op's `IMPLEMENTATIONS` draws from (same meaning in every op), and the
+  one key-padding argument; docs/architecture.md "Functional cores" shows it, tests/kernels/test_template.py checks it.
 - `MASK_VALUE`: the finite floor for masked scores (float32 min). Finite, not -inf, so a row whose keys are all masked
-  stays finite in values and gradients; online-softmax kernels start their running max from it too.
+  stays finite in values and gradients; online-softmax kernels start their running max from it too (their masked
+  scores are -inf, so `exp(s - m)` is exactly 0 and never NaN). Only for float32 scores: cast to bfloat16 it rounds to
+  -inf (every site masks float32 scores; a bfloat16 site would need `jnp.finfo(jnp.bfloat16).min` instead).
 - The attention-dropout counter hash (`dropout_keep`, `dropout_seed`): a pure function of (seed, batch * heads + head,
   query position, key position), so the reference, the XLA forms and the Pallas kernels (and their backward passes,
   and a sequence-sharded call keyed by global positions) regenerate the same mask from the seed alone.
@@ -9,11 +15,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 MASK_VALUE = float(np.finfo(np.float32).min)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The op template.
+
+OP_FILES: dict[str, str] = {  # file -> role; "__init__.py" and "reference.py" in every op, the others where they exist
+    "__init__.py": "public entry: IMPLEMENTATIONS, OP (the entry's name, used in logs and errors), validation, "
+                   "dispatch (kernels.platform)",
+    "reference.py": "the dense pure-jnp form: the ground truth in tests",
+    "xla.py": "the memory-efficient pure-JAX form (chunked scans, gathers)",
+    "tables.py": "host-side tables, kernel tiles, the static call description, each backend's constraints",
+    "pallas.py": "the backend-neutral Pallas driver: padding, the custom_vjp, routing to one backend module",
+    "pallas_tpu.py": "Mosaic TPU kernels: forward(...) and backward(...) (never imports pallas_gpu)",
+    "pallas_gpu.py": "Mosaic GPU kernels: forward(...) and backward(...) (never imports pallas_tpu)",
+    "sequence_parallel.py": "the sequence-sharded form (shard_map over a mesh axis), where an op has one",
+}
+REQUIRED_OP_FILES = ("__init__.py", "reference.py")
+# implementation= of every op: "reference" (dense jnp), "xla" (xla.py), "pallas" (the kernels of the platform the
+# program is lowered for; never falls back), "interpret" (the TPU kernels in Pallas interpret mode, on CPU), None (the
+# best implementation for the platform the program is lowered for). An op lists the ones it has in IMPLEMENTATIONS.
+IMPLEMENTATION_VOCABULARY = ("reference", "xla", "pallas", "interpret", None)
+KEY_MASK = "key_mask"  # bool [batch, keys], True = a real key that may be attended; every op's entry takes it
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Dropout: a counter-based hash of (seed, batch * heads + head, query position, key position), so a backward kernel
@@ -69,4 +98,37 @@ def dropout_seed(rng: jax.Array) -> jax.Array:
 
 
 
-__all__ = ["MASK_VALUE", "dropout_keep", "dropout_seed", "keep_threshold"]
+__all__ = ["IMPLEMENTATION_VOCABULARY", "KEY_MASK", "MASK_VALUE", "OP_FILES", "REQUIRED_OP_FILES", "dropout_keep",
+           "dropout_seed", "keep_threshold"]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compute dtypes: the one vocabulary from config to kernel. `config.model.dtype`, an attention layer's `dtype` and
+# the kernels' inputs all mean the same names; "auto" is bfloat16 where the default backend is a GPU or TPU (bfloat16
+# matmuls at full rate, and the Pallas kernels take it) and float32 on CPU.
+
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+AUTO_DTYPE = "auto"
+# Every name a config or a layer accepts, in the order errors list them.
+DTYPE_NAMES: tuple[str, ...] = (*DTYPES, AUTO_DTYPE)
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+  """A dtype name of `DTYPE_NAMES` or a floating jnp/numpy dtype -> `jnp.dtype`; ValueError naming the valid names
+  otherwise. "auto" is read against `jax.default_backend()` when called."""
+  valid = f"valid choices: {', '.join(DTYPE_NAMES)} (or a floating jnp dtype)"
+  if isinstance(dtype, str):
+    if dtype == AUTO_DTYPE:
+      return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
+    if dtype not in DTYPES:
+      raise ValueError(f"unknown compute dtype {dtype!r}; {valid}")
+    return jnp.dtype(DTYPES[dtype])
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"unknown compute dtype {dtype!r}; {valid}") from None
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise ValueError(f"compute dtype must be floating point, got {resolved}; {valid}")
+  return resolved
+
+
+__all__ += ["AUTO_DTYPE", "DTYPES", "DTYPE_NAMES", "resolve_dtype"]

@@ -1,10 +1,22 @@
 r"""The LRA Table 2 efficiency table in one command: a whole training step of the LRA Text encoder for every attention
-variant, compiled and timed side by side, with steps/s and memory relative to softmax at each length.
+variant, compiled and timed side by side, with steps/s and memory relative to BOTH softmax baselines at each length:
+`softmax` at its default (flash attention: `kernels.softmax`'s XLA flash form on CPU, the Pallas flash kernels on
+GPU/TPU, dropout inside) and `softmax-dense` (`softmax` with implementation="reference": the dense `[B, H, L, L]`
+form, what LRA's Transformer row measured). Both are always measured.
 
   python scripts/benchmark.py --output_dir=runs/benchmark                     # every variant at 1K, 2K, 3K, 4K
   python scripts/benchmark.py --attention=softmax,local,linear --lengths=1024,2048 --output_dir=/tmp/bench
   python scripts/benchmark.py --dtype=bfloat16 --lengths=4096,8192,16384 --output_dir=runs/bench_gpu   # on a GPU
   python scripts/benchmark.py --memory_only --num_layers=1 --lengths=2048,8192 --output_dir=runs/bench_mem
+  python scripts/benchmark.py --core=softmax --lengths=8192 --core_dropout=0.1 --output_dir=runs/core   # one core
+  python scripts/benchmark.py --core=block_sparse --memory_only --lengths=2048,8192 --output_dir=runs/core_bs
+
+`--core=softmax|block_sparse|linear` measures one functional core instead of the training step: forward + backward
+(`jit(value_and_grad)` of `sum(core(q, k, v) * ct)` w.r.t. q, k, v) at `--core_batch`, `--core_heads`,
+`--core_head_dim`, float32 or `--dtype`, `--core_causal`, `--core_dropout`; its default implementation and its
+"reference" side by side with flash and dense softmax, in one process: time per call and compiled memory, and ratios
+to both softmax baselines (`core.md`, `core.csv`). block_sparse runs a band layout (`--core_block_size`,
+`--core_band` blocks wide); linear takes elu+1 feature maps of q and k.
 
 The step is the project's own: `lra.training.trainer.Experiment` builds the Text task's model from
 configs/lra/text.py (its sizes: emb 256, 4 heads, qkv 256, MLP 1024, dropout, CLS pooling, sinusoidal positions, AdamW)
@@ -62,7 +74,10 @@ if str(ROOT) not in sys.path:  # run as `python scripts/benchmark.py` from anywh
 
 from lra import cli  # noqa: E402  (after the path set-up)
 
-BASELINE = "softmax"
+BASELINE = "softmax"  # flash softmax: the default implementation
+DENSE = "softmax-dense"  # softmax with implementation="reference": the dense form (LRA's Transformer)
+BASELINES = (BASELINE, DENSE)
+CORES = ("softmax", "block_sparse", "linear")
 DEFAULT_LENGTHS = (1024, 2048, 3072, 4096)
 RESULT_PREFIX = "@@benchmark "  # worker stdout lines carrying results; anything else a library prints is ignored
 FAULT_ENV = "BENCHMARK_FAULT"
@@ -89,8 +104,8 @@ LRA_TABLE2: dict[str, tuple[str, tuple[float | None, ...], tuple[float | None, .
     "longformer": ("Longformer", (None,) * 4, (None,) * 4),
 }
 
-_ATTENTION = flags.DEFINE_list("attention", None, "Variants to measure (default: every registered one); softmax, the "
-                               "baseline of every ratio, is always added.")
+_ATTENTION = flags.DEFINE_list("attention", None, "Variants to measure (default: every registered one); the baselines "
+                               "of every ratio, softmax (flash) and softmax-dense, are always added.")
 _LENGTHS = flags.DEFINE_list("lengths", [str(n) for n in DEFAULT_LENGTHS], "Sequence lengths (tokens).")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder layers.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 2, "Examples per step.")
@@ -109,6 +124,17 @@ _PROCESS_PER_CELL = flags.DEFINE_bool("process_per_cell", False, "A fresh worker
                                       "per-cell device peak memory; slower start-up).")
 _MARKDOWN_HEADER = flags.DEFINE_bool("markdown_header", True, "Open benchmark.md with command, date, machine, device "
                                      "and jax version.")
+_ATTENTION_DROPOUT = flags.DEFINE_float("attention_dropout_rate", None, "Attention dropout of every variant "
+                                         "(default: the Text config's, 0.1).")
+_CORE = flags.DEFINE_enum("core", None, list(CORES), "Measure this functional core (forward + backward) instead of "
+                          "the training step.")
+_CORE_BATCH = flags.DEFINE_integer("core_batch", 2, "--core: batch.")
+_CORE_HEADS = flags.DEFINE_integer("core_heads", 4, "--core: heads.")
+_CORE_HEAD_DIM = flags.DEFINE_integer("core_head_dim", 64, "--core: head dim.")
+_CORE_CAUSAL = flags.DEFINE_bool("core_causal", False, "--core: causal attention.")
+_CORE_DROPOUT = flags.DEFINE_float("core_dropout", 0.0, "--core: attention dropout (softmax and block_sparse).")
+_CORE_BLOCK_SIZE = flags.DEFINE_integer("core_block_size", 64, "--core=block_sparse: layout block size.")
+_CORE_BAND = flags.DEFINE_integer("core_band", 3, "--core=block_sparse: band width of the layout, in blocks.")
 _SEQUENCE_PARALLEL = flags.DEFINE_integer(
     "sequence_parallel", 1, "N > 1: context-parallel figures instead of the table: per-device memory and steps/s of "
     "the step with its length sharded over N devices beside one device (scripts/benchmark_sequence.py).")
@@ -162,9 +188,14 @@ def _peak_bytes(device: Any) -> int | None:
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+def _attention_of(variant: str) -> tuple[str, str | None]:
+  """(registered attention name, forced implementation) of a table row: `softmax-dense` is softmax's reference."""
+  return ("softmax", "reference") if variant == DENSE else (variant, None)
+
+
 def _config(variant: str, length: int, num_layers: int, batch_size: int):
   from configs.lra import text  # pylint: disable=import-outside-toplevel
-  config = text.get_config(f"attention={variant}")
+  config = text.get_config(f"attention={_attention_of(variant)[0]}")
   config.model.num_layers = num_layers
   config.data.max_length = length
   config.train.batch_size = config.train.eval_batch_size = batch_size
@@ -174,7 +205,8 @@ def _config(variant: str, length: int, num_layers: int, batch_size: int):
 
 
 def measure(variant: str, length: int, *, num_layers: int, batch_size: int, dtype: str, steps: int, warmup: int,
-            memory_only: bool, implementation: str = "auto") -> dict[str, Any]:
+            memory_only: bool, implementation: str = "auto",
+            attention_dropout_rate: float | None = None) -> dict[str, Any]:
   """Compiles (and unless `memory_only`, times) one training step of the Text encoder; figures as a dict."""
   # pylint: disable=import-outside-toplevel
   import jax
@@ -185,7 +217,12 @@ def measure(variant: str, length: int, *, num_layers: int, batch_size: int, dtyp
   config = _config(variant, length, num_layers, batch_size)
   config.model.dtype = dtype  # the encoder computes in it; parameters and optimizer state stay float32
   from attention import registry  # pylint: disable=import-outside-toplevel
-  if implementation != "auto" and "implementation" in registry.options(variant):
+  name, forced = _attention_of(variant)
+  if attention_dropout_rate is not None:
+    config.model.attention_dropout_rate = attention_dropout_rate
+  if forced is not None:
+    config.model.attention.implementation = forced
+  elif implementation != "auto" and "implementation" in registry.options(name):
     config.model.attention.implementation = implementation
   exp = trainer.Experiment(config)
   state = exp.init_state()
@@ -269,6 +306,8 @@ def _worker_command(variant: str, lengths: Sequence[int], options: dict[str, Any
   cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker={variant}",
          f"--lengths={','.join(map(str, lengths))}"]
   for key, value in options.items():
+    if value is None:  # an unset optional flag: the worker's default
+      continue
     cmd.append(f"--{key}={value}" if not isinstance(value, bool) else f"--{'' if value else 'no'}{key}")
   return cmd
 
@@ -348,6 +387,10 @@ def run_variant(variant: str, lengths: Sequence[int], options: dict[str, Any], *
 def _lra(variant: str, length: int) -> tuple[str, float | None, float | None, bool]:
   """LRA Table 2's name, speed-up and memory ratio (relative to Transformer) for `variant` at `length`, and whether
   the numbers were verified; None where not published or `length` is not one of LRA's."""
+  if variant == BASELINE:  # flash attention is not in LRA's table
+    return "", None, None, False
+  if variant == DENSE:  # LRA's Transformer: its ratio is 1 by definition
+    return LRA_TABLE2[BASELINE][0], None, None, False
   if variant not in LRA_TABLE2:
     return "", None, None, False
   name, speeds, memories = LRA_TABLE2[variant]
@@ -367,17 +410,26 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 
 
 def rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
-  """One CSV row per cell, with ratios to softmax at the same length and LRA's published ratios."""
+  """One CSV row per cell, with ratios to both softmax baselines at the same length (`speedup`, `memory_ratio`,
+  `peak_ratio`: to flash softmax; `*_dense`: to softmax-dense) and LRA's published ratios (to its dense
+  Transformer)."""
   base = {c.length: c.figures for c in cells if c.variant == BASELINE and c.status == "ok"}
+  dense = {c.length: c.figures for c in cells if c.variant == DENSE and c.status == "ok"}
   out = []
   for c in cells:
-    f, b = c.figures, base.get(c.length, {})
+    f, b, d = c.figures, base.get(c.length, {}), dense.get(c.length, {})
     lra_name, lra_speed, lra_memory, verified = _lra(c.variant, c.length)
+    ratios = {}
+    for suffix, ref in (("", b), ("_dense", d)):
+      ratios.update({f"speedup{suffix}": _ratio(f.get("steps_per_s"), ref.get("steps_per_s")),
+                     f"memory_ratio{suffix}": _ratio(f.get("memory_bytes"), ref.get("memory_bytes")),
+                     f"peak_ratio{suffix}": _ratio(f.get("peak_bytes"), ref.get("peak_bytes"))})
     out.append({
         "variant": c.variant, "lra_name": lra_name, "length": c.length, "status": c.status,
-        "steps_per_s": f.get("steps_per_s"), "speedup": _ratio(f.get("steps_per_s"), b.get("steps_per_s")),
-        "memory_bytes": f.get("memory_bytes"), "memory_ratio": _ratio(f.get("memory_bytes"), b.get("memory_bytes")),
-        "peak_bytes": f.get("peak_bytes"), "peak_ratio": _ratio(f.get("peak_bytes"), b.get("peak_bytes")),
+        "steps_per_s": f.get("steps_per_s"), "speedup": ratios["speedup"], "speedup_dense": ratios["speedup_dense"],
+        "memory_bytes": f.get("memory_bytes"), "memory_ratio": ratios["memory_ratio"],
+        "memory_ratio_dense": ratios["memory_ratio_dense"], "peak_bytes": f.get("peak_bytes"),
+        "peak_ratio": ratios["peak_ratio"], "peak_ratio_dense": ratios["peak_ratio_dense"],
         "temp_bytes": f.get("temp_bytes"), "argument_bytes": f.get("argument_bytes"),
         "output_bytes": f.get("output_bytes"), "alias_bytes": f.get("alias_bytes"), "step_ms": f.get("step_ms"),
         "compile_s": f.get("compile_s"), "loss": f.get("loss"), "lra_speedup": lra_speed,
@@ -389,7 +441,7 @@ def _label(length: int) -> str:
   return f"{length // 1024}K" if length % 1024 == 0 else str(length)
 
 
-def _cell_text(row: dict[str, Any], value_key: str, lra_key: str, fmt: str) -> str:
+def _cell_text(row: dict[str, Any], value_key: str, lra_key: str | None, fmt: str) -> str:
   if row["status"] != "ok":
     text = {"timeout": "timeout", "skipped": "skipped", "oom": "OOM"}.get(row["status"], "")
     if row["status"] == "error":
@@ -398,8 +450,8 @@ def _cell_text(row: dict[str, Any], value_key: str, lra_key: str, fmt: str) -> s
     return text if len(text) <= 70 else text[:67] + "..."
   value = row[value_key]
   text = "-" if value is None else fmt.format(value)
-  lra = row[lra_key]
-  if lra is not None and row["variant"] != BASELINE:  # the baseline's published ratio is 1 by definition
+  lra = row[lra_key] if lra_key else None
+  if lra is not None and row["variant"] not in BASELINES:  # the dense baseline's published ratio is 1 by definition
     text += f" ({fmt.format(lra)}{'' if row['lra_verified'] else '?'})"
   return text
 
@@ -431,7 +483,8 @@ def header_block(argv: Sequence[str], device: dict[str, Any], options: dict[str,
 
 def markdown(table_rows: Sequence[dict[str, Any]], lengths: Sequence[int], header: str | None,
              memory_only: bool, title: str | None = None) -> str:
-  """The speed-up and memory tables (ours, LRA Table 2 in parentheses), softmax's absolute figures and notes."""
+  """The speed-up and memory tables against flash softmax and against dense softmax (LRA Table 2, whose baseline is
+  dense, in parentheses beside the latter), the baselines' absolute figures and notes."""
   by = {(r["variant"], r["length"]): r for r in table_rows}
   variants = list(dict.fromkeys(r["variant"] for r in table_rows))
   out = io.StringIO()
@@ -440,13 +493,17 @@ def markdown(table_rows: Sequence[dict[str, Any]], lengths: Sequence[int], heade
   if header:
     out.write(header + "\n\n")
   labels = [_label(n) for n in lengths]
-  sections = [("Compiled step memory relative to softmax", "memory_ratio", "lra_memory_ratio", "{:.2f}")]
+  flash, dense = "softmax (flash, the default)", "softmax-dense (implementation=\"reference\")"
+  sections = [(f"Compiled step memory relative to {flash}", "memory_ratio", None, "{:.2f}"),
+              (f"Compiled step memory relative to {dense}", "memory_ratio_dense", "lra_memory_ratio", "{:.2f}")]
   if not memory_only:
-    sections.insert(0, ("Speed-up over softmax (steps/s ratio)", "speedup", "lra_speedup", "{:.2f}×"))
+    sections[:0] = [(f"Speed-up over {flash} (steps/s ratio)", "speedup", None, "{:.2f}×"),
+                    (f"Speed-up over {dense} (steps/s ratio)", "speedup_dense", "lra_speedup", "{:.2f}×")]
   if any(r["peak_bytes"] is not None for r in table_rows):
-    sections.append(("Device peak memory relative to softmax", "peak_ratio", "lra_memory_ratio", "{:.2f}"))
+    sections += [(f"Device peak memory relative to {flash}", "peak_ratio", None, "{:.2f}"),
+                 (f"Device peak memory relative to {dense}", "peak_ratio_dense", "lra_memory_ratio", "{:.2f}")]
   for section, key, lra_key, fmt in sections:
-    out.write(f"### {section}; LRA Table 2 in parentheses\n\n")
+    out.write(f"### {section}{'; LRA Table 2 in parentheses' if lra_key else ''}\n\n")
     out.write("| variant | LRA name | " + " | ".join(labels) + " |\n")
     out.write("|---|---|" + "---:|" * len(lengths) + "\n")
     for v in variants:
@@ -454,39 +511,45 @@ def markdown(table_rows: Sequence[dict[str, Any]], lengths: Sequence[int], heade
       cells = [_cell_text(by[(v, n)], key, lra_key, fmt) if (v, n) in by else "-" for n in lengths]
       out.write(f"| {v} | {name} | " + " | ".join(cells) + " |\n")
     out.write("\n")
-  out.write("### softmax, absolute\n\n| length | steps/s | compiled memory | device peak |\n|---:|---:|---:|---:|\n")
-  for n in lengths:
-    r = by.get((BASELINE, n))
-    if r is None:
-      continue
-    sps = "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.3g}"
-    out.write(f"| {_label(n)} | {sps if r['status'] == 'ok' else r['status']} | {_mib(r['memory_bytes'])} | "
-              f"{_mib(r['peak_bytes'])} |\n")
+  out.write("### The baselines, absolute\n\n| baseline | length | steps/s | compiled memory | device peak |\n"
+            "|---|---:|---:|---:|---:|\n")
+  for variant in BASELINES:
+    for n in lengths:
+      r = by.get((variant, n))
+      if r is None:
+        continue
+      sps = "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.3g}"
+      out.write(f"| {variant} | {_label(n)} | {sps if r['status'] == 'ok' else r['status']} | "
+                f"{_mib(r['memory_bytes'])} | {_mib(r['peak_bytes'])} |\n")
   short = shortfalls(table_rows, memory_only)
   if short:
-    out.write("\n### Below LRA Table 2\n\n")
+    out.write("\n### Below LRA Table 2 (ratios to dense softmax, as LRA's)\n\n")
     out.write("".join(f"- {line}\n" for line in short))
   out.write("\nCompiled memory: XLA's plan for the whole jitted step (arguments + outputs + temporaries - donated "
-            "aliases). LRA Table 2 (Tay et al. 2020): byte-level Text, batch 32, 4x4 TPU v3, peak memory per device; "
+            "aliases). softmax is flash attention (kernels.softmax's default: no [L, L] buffer, dropout inside); "
+            "softmax-dense is the same layer with implementation=\"reference\" (the dense form LRA's Transformer "
+            "measured). LRA Table 2 (Tay et al. 2020): byte-level Text, batch 32, 4x4 TPU v3, peak memory per device; "
             "ratios computed from its steps/s and GB; \"?\" marks published values recalled but not checked against "
             "the paper; LRA gives no speed or memory for Sparse Trans. and Longformer.\n")
   return out.getvalue()
 
 
 def shortfalls(table_rows: Sequence[dict[str, Any]], memory_only: bool) -> list[str]:
-  """One line per variant and length where we are slower or use relatively more memory than LRA Table 2 reports."""
+  """One line per variant and length where we are slower or use relatively more memory than LRA Table 2 reports,
+  both as ratios to the dense softmax (LRA's baseline)."""
   out = []
   for r in table_rows:
-    if r["variant"] == BASELINE or r["status"] != "ok":
+    if r["variant"] in BASELINES or r["status"] != "ok":
       continue
     mark = "" if r["lra_verified"] else "?"
-    slower = not memory_only and None not in (r["speedup"], r["lra_speedup"]) and r["speedup"] < r["lra_speedup"]
-    heavier = None not in (r["memory_ratio"], r["lra_memory_ratio"]) and r["memory_ratio"] > r["lra_memory_ratio"]
+    speed, memory = r["speedup_dense"], r["memory_ratio_dense"]
+    slower = not memory_only and None not in (speed, r["lra_speedup"]) and speed < r["lra_speedup"]
+    heavier = None not in (memory, r["lra_memory_ratio"]) and memory > r["lra_memory_ratio"]
     parts = []
     if slower:
-      parts.append(f"speed-up {r['speedup']:.2f}× < {r['lra_speedup']:.2f}×{mark}")
+      parts.append(f"speed-up over dense {speed:.2f}× < {r['lra_speedup']:.2f}×{mark}")
     if heavier:
-      parts.append(f"memory {r['memory_ratio']:.2f} > {r['lra_memory_ratio']:.2f}{mark}")
+      parts.append(f"memory vs dense {memory:.2f} > {r['lra_memory_ratio']:.2f}{mark}")
     if parts:
       out.append(f"{r['variant']} at {_label(r['length'])}: " + ", ".join(parts))
   return out
@@ -501,37 +564,204 @@ def write_csv(table_rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def plot(table_rows: Sequence[dict[str, Any]], path: Path, memory_only: bool) -> None:
-  """Steps/s and compiled memory against length, log-log, one line per variant."""
+  """Steps/s and compiled memory against length (top row), and their ratios to flash and to dense softmax, log-log,
+  one line per variant."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  panels = [("memory_bytes", "compiled step memory (MiB)", 2**-20)]
+  panels = [[("memory_bytes", "compiled step memory (MiB)", 2**-20),
+             ("memory_ratio", "memory / flash softmax", 1.0), ("memory_ratio_dense", "memory / dense softmax", 1.0)]]
   if not memory_only:
-    panels.insert(0, ("steps_per_s", "training steps / s", 1.0))
-  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    panels.insert(0, [("steps_per_s", "training steps / s", 1.0), ("speedup", "speed-up over flash softmax", 1.0),
+                      ("speedup_dense", "speed-up over dense softmax", 1.0)])
+  fig, axes = plt.subplots(len(panels), 3, figsize=(19.5, 4.8 * len(panels)), squeeze=False)
   variants = list(dict.fromkeys(r["variant"] for r in table_rows))
   # tab10 repeats after 10 lines; the line style changes with each repeat so every variant stays distinguishable.
   colors, styles = plt.get_cmap("tab10").colors, ("-", "--", ":")
-  for ax, (key, label, scale) in zip(axes[0], panels):
+  for ax, (key, label, scale) in ((ax, p) for row_axes, row in zip(axes, panels) for ax, p in zip(row_axes, row)):
     for i, v in enumerate(variants):
       points = sorted((r["length"], r[key] * scale) for r in table_rows
                       if r["variant"] == v and r["status"] == "ok" and r[key])
       if points:
-        ax.plot(*zip(*points), marker="o", label=v, linewidth=2.5 if v == BASELINE else 1.2,
+        ax.plot(*zip(*points), marker="o", label=v, linewidth=2.5 if v in BASELINES else 1.2,
                 color=colors[i % len(colors)], linestyle=styles[(i // len(colors)) % len(styles)])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length")
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
-  if axes[0][-1].lines:
-    axes[0][-1].legend(fontsize=8, loc="best")
+  if axes[0][0].lines:
+    axes[0][0].legend(fontsize=8, loc="best")
   fig.suptitle("LRA Text encoder, one training step")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --core: one functional core, forward + backward, beside flash and dense softmax, in this process.
+
+
+def core_functions(core: str, *, causal: bool, dropout_rate: float, block_size: int = 64,
+                   band: int = 3) -> dict[str, Any]:
+  """`{label: fn(q, k, v, rng) -> out}`: the two softmax baselines (flash = the default implementation, dense =
+  "reference"), then `core`'s default and reference implementations (for `core="softmax"` the baselines are all)."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from kernels.linear_attention import linear_attention
+  from kernels.softmax import softmax_attention
+
+  def softmax(implementation):
+    return lambda q, k, v, rng: softmax_attention(q, k, v, causal=causal, implementation=implementation,
+                                                  dropout_rate=dropout_rate, dropout_rng=rng)
+
+  def block_sparse(implementation):
+    from attention.sparse_layouts import local_layout
+    from kernels.block_sparse import block_sparse_attention
+
+    def fn(q, k, v, rng):
+      layout = local_layout(q.shape[1] // block_size, window=band)
+      return block_sparse_attention(q, k, v, layout, block_size=block_size, causal=causal,
+                                    implementation=implementation, dropout_rate=dropout_rate, dropout_rng=rng)
+    return fn
+
+  def linear(implementation):
+    phi = lambda x: jax.nn.elu(x) + 1.0  # noqa: E731  (non-negative features: normalized linear attention)
+    return lambda q, k, v, rng: linear_attention(phi(q), phi(k), v, causal=causal, implementation=implementation)
+
+  out = {BASELINE: softmax(None), DENSE: softmax("reference")}
+  if core == "block_sparse":
+    out.update({"block_sparse": block_sparse(None), "block_sparse-reference": block_sparse("reference")})
+  elif core == "linear":
+    out.update({"linear": linear(None), "linear-reference": linear("reference")})
+  elif core != "softmax":
+    raise ValueError(f"--core={core!r}: valid choices are {', '.join(CORES)}")
+  return out
+
+
+def measure_core(fn, *, length: int, batch: int, heads: int, head_dim: int, dtype: str, steps: int, warmup: int,
+                 memory_only: bool) -> dict[str, Any]:
+  """Compiled memory (and unless `memory_only`, ms per call) of `jit(value_and_grad)` of `sum(fn(q, k, v) * ct)`
+  w.r.t. q, k, v. The dropout key is an argument, so XLA cannot fold the mask into a constant."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+
+  def loss(q, k, v, ct, rng):
+    return jnp.sum(fn(q, k, v, rng).astype(jnp.float32) * ct)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  keys = jax.random.split(jax.random.key(length), 4)
+  q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim), jnp.dtype(dtype)) for key in keys[:3])
+  ct = jax.random.normal(keys[3], q.shape, jnp.float32)
+  rng = jax.random.key(1)
+  t0 = time.perf_counter()
+  compiled = grad.lower(q, k, v, ct, rng).compile()
+  out: dict[str, Any] = {"compile_s": time.perf_counter() - t0, **_memory_figures(compiled)}
+  if memory_only:
+    return out
+  result = None
+  for _ in range(warmup):
+    result = compiled(q, k, v, ct, rng)
+  jax.block_until_ready(result)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    result = compiled(q, k, v, ct, rng)
+  jax.block_until_ready(result)
+  out["call_ms"] = 1e3 * (time.perf_counter() - t0) / steps
+  return out
+
+
+def core_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Ratios of every record to flash softmax and to dense softmax at its length: speed-up (time ratio, > 1 is
+  faster) and memory ratio."""
+  by = {(r["implementation"], r["length"]): r for r in records}
+  out = []
+  for r in records:
+    row = dict(r)
+    for suffix, base_name in (("", BASELINE), ("_dense", DENSE)):
+      base = by.get((base_name, r["length"]), {})
+      row[f"speedup{suffix}"] = _ratio(base.get("call_ms"), r.get("call_ms"))
+      row[f"memory_ratio{suffix}"] = _ratio(r.get("memory_bytes"), base.get("memory_bytes"))
+    out.append(row)
+  return out
+
+
+def core_markdown(table_rows: Sequence[dict[str, Any]], title: str, header: str | None) -> str:
+  fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+  lines = [f"## {title}", ""] + ([header, ""] if header else [])
+  lines += ["| implementation | length | fwd+bwd ms | compiled memory | speed-up over flash softmax | over dense "
+            "softmax | memory / flash softmax | memory / dense softmax |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in table_rows:
+    if r.get("status", "ok") != "ok":
+      lines.append(f"| {r['implementation']} | {_label(r['length'])} | {r['status']}: {r.get('error', '')} |"
+                   + " - |" * 5)
+      continue
+    lines.append(f"| {r['implementation']} | {_label(r['length'])} | {fmt(r.get('call_ms'), '{:,.1f}')} | "
+                 f"{_mib(r['memory_bytes'])} | {fmt(r['speedup'], '{:.2f}×')} | "
+                 f"{fmt(r['speedup_dense'], '{:.2f}×')} | "
+                 f"{fmt(r['memory_ratio'], '{:.3f}')} | {fmt(r['memory_ratio_dense'], '{:.3f}')} |")
+  lines += ["", "Compiled memory: XLA's plan for `jit(value_and_grad)` of the core (arguments + outputs + temporaries "
+            "- aliases). softmax is flash attention (the default implementation); softmax-dense is implementation="
+            "\"reference\"; `<core>-reference` is that core's dense ground truth.", ""]
+  return "\n".join(lines)
+
+
+def run_core(argv: Sequence[str]) -> str:
+  """`--core`: every implementation of `core_functions` at every length, side by side; writes core.md, core.csv."""
+  if not _OUTPUT_DIR.value:
+    raise ValueError("--output_dir is required: the folder for core.md and core.csv")
+  for name, value, low in (("core_batch", _CORE_BATCH.value, 1), ("core_heads", _CORE_HEADS.value, 1),
+                           ("core_head_dim", _CORE_HEAD_DIM.value, 1), ("steps", _STEPS.value, 1),
+                           ("warmup", _WARMUP.value, 0), ("core_block_size", _CORE_BLOCK_SIZE.value, 1),
+                           ("core_band", _CORE_BAND.value, 1)):
+    if value < low:
+      raise ValueError(f"--{name}={value} must be at least {low}")
+  if not 0.0 <= _CORE_DROPOUT.value < 1.0:
+    raise ValueError(f"--core_dropout={_CORE_DROPOUT.value} must be in [0, 1)")
+  lengths = _parse_lengths(_LENGTHS.value)
+  if _CORE.value == "block_sparse" and any(n % _CORE_BLOCK_SIZE.value for n in lengths):
+    raise ValueError(f"--lengths={','.join(map(str, lengths))} must be multiples of "
+                     f"--core_block_size={_CORE_BLOCK_SIZE.value} for --core=block_sparse")
+  import jax  # pylint: disable=import-outside-toplevel
+  functions = core_functions(_CORE.value, causal=_CORE_CAUSAL.value, dropout_rate=_CORE_DROPOUT.value,
+                             block_size=_CORE_BLOCK_SIZE.value, band=_CORE_BAND.value)
+  dims = dict(batch=_CORE_BATCH.value, heads=_CORE_HEADS.value, head_dim=_CORE_HEAD_DIM.value, dtype=_DTYPE.value,
+              steps=_STEPS.value, warmup=_WARMUP.value, memory_only=_MEMORY_ONLY.value)
+  records = []
+  for length in lengths:
+    for label, fn in functions.items():
+      record: dict[str, Any] = {"implementation": label, "length": length}
+      try:
+        record.update(status="ok", **measure_core(fn, length=length, **dims))
+      except Exception as e:  # pylint: disable=broad-except  # one failing cell must not end the table
+        record.update(status="error", error=_error_line(e))
+      print(f"{label} @ {length}: {record.get('call_ms', '-')} ms, {_mib(record.get('memory_bytes'))}",
+            file=sys.stderr, flush=True)
+      records.append(record)
+  table_rows = core_rows(records)
+  device = jax.devices()[0]
+  title = (f"{_CORE.value} core, forward + backward, on {device.device_kind} ({device.platform}), {_DTYPE.value}, "
+           f"batch {_CORE_BATCH.value}, {_CORE_HEADS.value} heads, head dim {_CORE_HEAD_DIM.value}, "
+           f"{'causal' if _CORE_CAUSAL.value else 'non-causal'}, attention dropout {_CORE_DROPOUT.value:g}")
+  header = None
+  if _MARKDOWN_HEADER.value:
+    header = header_block(argv, {"platform": device.platform, "device_kind": device.device_kind,
+                                 "num_devices": jax.device_count(), "jax_version": jax.__version__,
+                                 "jaxlib_version": _jaxlib_version()}, {**dims, "core": _CORE.value})
+  text = core_markdown(table_rows, title, header)
+  output_dir = Path(_OUTPUT_DIR.value).expanduser()
+  output_dir.mkdir(parents=True, exist_ok=True)
+  (output_dir / "core.md").write_text(text)
+  fields = list(dict.fromkeys(k for r in table_rows for k in r))
+  with open(output_dir / "core.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for r in table_rows:
+      writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in fields})
+  return text
 
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -551,10 +781,10 @@ def _variants(requested: Sequence[str] | None) -> list[str]:
   valid = attention.names()
   if not requested:
     requested = list(valid)
-  unknown = [v for v in requested if v not in valid]
+  unknown = [v for v in requested if v not in valid and v != DENSE]
   if unknown:
     raise ValueError(f"unknown attention variant(s) {unknown} in --attention; valid choices: {', '.join(valid)}")
-  return [BASELINE] + [v for v in dict.fromkeys(requested) if v != BASELINE]
+  return [BASELINE, DENSE] + [v for v in dict.fromkeys(requested) if v not in BASELINES]
 
 
 def run(argv: Sequence[str]) -> str:
@@ -574,7 +804,7 @@ def run(argv: Sequence[str]) -> str:
   log_dir.mkdir(parents=True, exist_ok=True)
   options = {"num_layers": _NUM_LAYERS.value, "batch_size": _BATCH_SIZE.value, "dtype": _DTYPE.value,
              "steps": _STEPS.value, "warmup": _WARMUP.value, "memory_only": _MEMORY_ONLY.value,
-             "implementation": _IMPLEMENTATION.value}
+             "implementation": _IMPLEMENTATION.value, "attention_dropout_rate": _ATTENTION_DROPOUT.value}
 
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   interactive = sys.stderr.isatty()
@@ -624,7 +854,11 @@ def main(argv: Sequence[str]) -> None:
   if _WORKER.value:
     run_worker(_WORKER.value, _parse_lengths(_LENGTHS.value), num_layers=_NUM_LAYERS.value,
                batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
-               memory_only=_MEMORY_ONLY.value, implementation=_IMPLEMENTATION.value)
+               memory_only=_MEMORY_ONLY.value, implementation=_IMPLEMENTATION.value,
+               attention_dropout_rate=_ATTENTION_DROPOUT.value)
+    return
+  if _CORE.value:
+    print(run_core(sys.argv))
     return
   if _SEQUENCE_PARALLEL.value > 1:  # context parallelism: its own table (scripts/benchmark_sequence.py)
     import benchmark_sequence  # pylint: disable=import-outside-toplevel

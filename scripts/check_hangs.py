@@ -18,8 +18,8 @@ its own scheduling). Exit status: 0 if no run hung or crashed, 1 otherwise, 2 fo
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -28,10 +28,47 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
+
+from absl import flags
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+
+from lra import cli  # noqa: E402  (after the path set-up)
+
 RESULT_PREFIX = "CHECK_HANGS_RESULT "
 FEATURES = ("gram_schmidt", "lapack_qr")
+
+_ATTENTION = flags.DEFINE_list("attention", [], "Variants to check (default: every registered one).")
+_RUNS = flags.DEFINE_integer("runs", 10, "Fresh processes per variant.", lower_bound=1)
+_TIMEOUT = flags.DEFINE_float("timeout", 240.0, "Seconds one run may take before it is a hang (> 0).")
+flags.register_validator("timeout", lambda value: value > 0, message="--timeout must be > 0 seconds")
+_JOBS = flags.DEFINE_integer("jobs", 2, "Runs at a time (contention makes races likelier).", lower_bound=1)
+_LENGTH = flags.DEFINE_integer("length", 256, "Tokens per sequence.", lower_bound=1)
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder layers.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Batch size.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 3, "Training steps per run after compiling.", lower_bound=1)
+_CPUS = flags.DEFINE_integer("cpus", 0, "Pin each run to this many cores (0: all available).", lower_bound=0)
+_PERFORMER_FEATURES = flags.DEFINE_enum(
+    "performer_features", "gram_schmidt", FEATURES,
+    "lapack_qr reinstates the old batched-QR draw, to show the deadlock this check guards.")
+_WORKER = flags.DEFINE_bool("worker", False, "Internal: be one run (what the check starts in each fresh process).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What one run builds and steps."""
+
+  length: int = 256
+  num_layers: int = 2
+  batch_size: int = 8
+  steps: int = 3
+  cpus: int = 0
+  performer_features: str = "gram_schmidt"
+
+  def command_line(self) -> list[str]:
+    return [f"--{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self)]
 
 
 def _use_lapack_qr() -> None:
@@ -54,28 +91,27 @@ def custom_call_targets(hlo_text: str) -> list[str]:
   return sorted(set(names))
 
 
-def worker(args: argparse.Namespace) -> None:
+def worker(name: str, run: Run) -> None:
   """One run in this process: build, compile, step; prints one JSON result line."""
-  if args.cpus:
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
+  if run.cpus:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:run.cpus])
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, str(ROOT))
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from configs.lra import listops  # pylint: disable=g-import-not-at-top
   from lra.training import trainer  # pylint: disable=g-import-not-at-top
 
-  if args.performer_features == "lapack_qr":
+  if run.performer_features == "lapack_qr":
     _use_lapack_qr()
-  config = listops.get_config(f"runlocal,attention={args.attention}")
-  config.data.max_length = args.length
-  config.model.num_layers = args.num_layers
-  config.train.batch_size = args.batch_size
+  config = listops.get_config(f"runlocal,attention={name}")
+  config.data.max_length = run.length
+  config.model.num_layers = run.num_layers
+  config.train.batch_size = run.batch_size
   experiment = trainer.Experiment(config)
   state = experiment.init_state()
   rng = np.random.default_rng(0)
-  batch = experiment.task.dummy_batch(args.batch_size)
+  batch = experiment.task.dummy_batch(run.batch_size)
   batch["inputs"] = rng.integers(1, 16, batch["inputs"].shape).astype(batch["inputs"].dtype)
   batch["targets"] = rng.integers(0, 10, batch["targets"].shape).astype(batch["targets"].dtype)
   batch = {k: jax.device_put(v, experiment.batch_sharding) for k, v in batch.items()}
@@ -83,28 +119,26 @@ def worker(args: argparse.Namespace) -> None:
   compiled = step.lower(state, batch, experiment.key).compile()
   calls = custom_call_targets(compiled.as_text())
   loss = None
-  for _ in range(args.steps):
+  for _ in range(run.steps):
     state, metrics = step(state, batch, experiment.key)
     loss = float(metrics["loss"])
   print(RESULT_PREFIX + json.dumps({"custom_calls": calls, "loss": loss}), flush=True)
 
 
-def run_once(args: argparse.Namespace, name: str) -> dict:
+def run_once(name: str, run: Run, timeout: float) -> dict:
   """One fresh process; {"status": "ok"|"hang"|"crash", "seconds", "custom_calls", "detail"}."""
-  command = [sys.executable, str(Path(__file__).resolve()), "--worker", f"--attention={name}",
-             f"--length={args.length}", f"--num_layers={args.num_layers}", f"--batch_size={args.batch_size}",
-             f"--steps={args.steps}", f"--cpus={args.cpus}", f"--performer_features={args.performer_features}"]
+  command = [sys.executable, str(Path(__file__).resolve()), "--worker", f"--attention={name}", *run.command_line()]
   start = time.monotonic()
   # A new session so a hung run is killed with every thread and child it has.
   proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
-    out, err = proc.communicate(timeout=args.timeout)
+    out, err = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     return {"status": "hang", "seconds": time.monotonic() - start, "custom_calls": None,
-            "detail": f"no exit within {args.timeout}s"}
+            "detail": f"no exit within {timeout}s"}
   seconds = time.monotonic() - start
   lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
   if proc.returncode != 0 or not lines:
@@ -116,65 +150,41 @@ def run_once(args: argparse.Namespace, name: str) -> dict:
   return {"status": "ok", "seconds": seconds, "custom_calls": result["custom_calls"], "detail": ""}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--attention", default="", help="comma-separated variants (default: every registered one)")
-  parser.add_argument("--runs", type=int, default=10, help="fresh processes per variant")
-  parser.add_argument("--timeout", type=float, default=240.0, help="seconds one run may take before it is a hang")
-  parser.add_argument("--jobs", type=int, default=2, help="runs at a time (contention makes races likelier)")
-  parser.add_argument("--length", type=int, default=256, help="tokens per sequence")
-  parser.add_argument("--num_layers", type=int, default=2)
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--steps", type=int, default=3, help="training steps per run after compiling")
-  parser.add_argument("--cpus", type=int, default=0, help="pin each run to this many cores (0: all available)")
-  parser.add_argument("--performer_features", default="gram_schmidt", choices=FEATURES,
-                      help="lapack_qr reinstates the old batched-QR draw, to show the deadlock this check guards")
-  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  for flag in ("runs", "jobs", "length", "num_layers", "batch_size", "steps"):
-    if getattr(args, flag) < 1:
-      parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-  if args.timeout <= 0 or args.cpus < 0:
-    parser.error(f"--timeout must be > 0 and --cpus >= 0, got {args.timeout} and {args.cpus}")
-  return args
-
-
-def main(argv: list[str]) -> int:
-  args = parse_args(argv)
-  if args.worker:
-    worker(args)
-    return 0
-  sys.path.insert(0, str(ROOT))
+def variants(requested: Sequence[str]) -> list[str]:
+  """The variants to check: `requested`, or every registered one; unknown names are a UserError."""
   import attention  # pylint: disable=g-import-not-at-top
 
   valid = attention.names()
-  names = [n.strip() for n in args.attention.split(",") if n.strip()] or list(valid)
+  names = [n.strip() for n in requested if n.strip()] or list(valid)
   unknown = [n for n in names if n not in valid]
   if unknown:
-    print(f"error: unknown attention variant(s) {unknown} in --attention; valid: {', '.join(valid)}", file=sys.stderr)
-    return 2
+    raise cli.UserError(f"unknown attention variant(s) {unknown} in --attention; valid: {', '.join(valid)}")
+  return names
+
+
+def check(names: Sequence[str], *, runs: int, timeout: float, jobs: int, run: Run) -> int:
+  """Runs every variant `runs` times, `jobs` at a time, and prints the table; 0 if nothing hung or crashed, else 1."""
   results: dict[str, list[dict]] = {name: [] for name in names}
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    futures = {pool.submit(run_once, args, name): name for name in names for _ in range(args.runs)}
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    futures = {pool.submit(run_once, name, run, timeout): name for name in names for _ in range(runs)}
     for future in concurrent.futures.as_completed(futures):
       name, result = futures[future], future.result()
       results[name].append(result)
-      print(f"{name}: run {len(results[name])}/{args.runs} {result['status']} ({result['seconds']:.0f}s) "
+      print(f"{name}: run {len(results[name])}/{runs} {result['status']} ({result['seconds']:.0f}s) "
             f"{result['detail']}", flush=True)
-  print(f"\n{args.runs} fresh processes per variant, {args.num_layers} layers, {args.length} tokens, batch "
-        f"{args.batch_size}, {args.steps} steps, timeout {args.timeout:.0f}s, cpus {args.cpus or 'all'}, "
-        f"performer features {args.performer_features}\n")
+  print(f"\n{runs} fresh processes per variant, {run.num_layers} layers, {run.length} tokens, batch "
+        f"{run.batch_size}, {run.steps} steps, timeout {timeout:.0f}s, cpus {run.cpus or 'all'}, "
+        f"performer features {run.performer_features}\n")
   print(f"| {'variant':<18} | ok | hang | crash | median s | custom calls in the compiled step |")
   print(f"|{'-' * 20}|----|------|-------|----------|-----------------------------------|")
   failed = False
   for name in names:
-    runs = results[name]
-    count = {s: sum(r["status"] == s for r in runs) for s in ("ok", "hang", "crash")}
+    outcomes = results[name]
+    count = {s: sum(r["status"] == s for r in outcomes) for s in ("ok", "hang", "crash")}
     failed |= count["hang"] + count["crash"] > 0
-    times = sorted(r["seconds"] for r in runs if r["status"] == "ok")
+    times = sorted(r["seconds"] for r in outcomes if r["status"] == "ok")
     median = f"{times[len(times) // 2]:.1f}" if times else "-"
-    calls = next((r["custom_calls"] for r in runs if r["custom_calls"] is not None), None)
+    calls = next((r["custom_calls"] for r in outcomes if r["custom_calls"] is not None), None)
     calls_text = "-" if calls is None else (", ".join(calls) or "none")
     print(f"| {name:<18} | {count['ok']:>2} | {count['hang']:>4} | {count['crash']:>5} | {median:>8} | {calls_text} |")
   for name in names:
@@ -185,5 +195,17 @@ def main(argv: list[str]) -> int:
   return 1 if failed else 0
 
 
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {argv[1:]}")
+  run = Run(length=_LENGTH.value, num_layers=_NUM_LAYERS.value, batch_size=_BATCH_SIZE.value, steps=_STEPS.value,
+            cpus=_CPUS.value, performer_features=_PERFORMER_FEATURES.value)
+  if _WORKER.value:
+    [name] = _ATTENTION.value
+    worker(name, run)
+    return 0
+  return check(variants(_ATTENTION.value), runs=_RUNS.value, timeout=_TIMEOUT.value, jobs=_JOBS.value, run=run)
+
+
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  cli.run(main)  # bad flags: one `error:` line, exit status 2

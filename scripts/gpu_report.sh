@@ -3,7 +3,7 @@
 #
 #   OUT=/tmp/gpu_report bash scripts/gpu_report.sh
 #
-# 1. scripts/kernel_tolerance.py: bf16 kernels vs the float32 reference at 4K and 8K (block-sparse with 64- and
+# 1. scripts/precision_report.py --baseline=reference: bf16 kernels vs the float32 reference at 4K and 8K (block-sparse with 64- and
 #    32-token blocks, linear attention causal and not);
 # 2. scripts/benchmark.py in bfloat16 at 4K and 16K with every variant that has a GPU kernel, at registry defaults
 #    (the kernels are chosen where the step is lowered), then local, bigbird and linear again with
@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 if want tolerance; then
-timeout "${TOL_SECONDS:-150}" python3 scripts/kernel_tolerance.py --lengths=4096,8192 --output="$OUT/tolerance.md" \
+timeout "${TOL_SECONDS:-150}" python3 scripts/precision_report.py --baseline=reference --lengths=4096,8192 --output="$OUT/tolerance.md" \
   > /tmp/tolerance.log 2>&1 || echo "tolerance phase ended with status $?"
 grep "^| " /tmp/tolerance.log | sort -u
 fi

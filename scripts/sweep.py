@@ -203,8 +203,9 @@ def status(config: ml_collections.ConfigDict, workdir: Path, split: str) -> str:
   if not workdir.exists():
     return "new"
   metrics = workdir / "metrics.jsonl"
-  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()] \
-      if metrics.exists() else []
+  # Fine-tuning rows only: a self-pretrained run's pretraining phase counts its own steps ("phase": "pretrain").
+  steps = [r["step"] for r in map(json.loads, filter(str.strip, metrics.read_text().splitlines()))
+           if r.get("phase", "finetune") == "finetune"] if metrics.exists() else []
   trained = bool(steps) and max(steps) >= config.train.num_steps
   return "done" if trained and (workdir / f"eval_{split}.json").exists() else "partial"
 
@@ -226,6 +227,7 @@ def summarize(workdir: Path, split: str, parameters: int | None = None) -> dict[
   workdir = Path(workdir)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
       if (workdir / "metrics.jsonl").exists() else []
+  records = [{k: v for k, v in r.items() if k != "phase"} for r in records if r.get("phase", "finetune") == "finetune"]
   evaluated = json.loads((workdir / f"eval_{split}.json").read_text()) \
       if (workdir / f"eval_{split}.json").exists() else {}
   row: dict[str, Any] = {}

@@ -1,5 +1,8 @@
 r"""LRA Path-X: Pathfinder at 128x128 pixels = 16,384 tokens, 2 classes (every model in the LRA paper failed it).
 
+Positions: `pos_encoding="learned"`, as LRA's config; the table is bounded by max_length (`rope`, `alibi`,
+`sinusoidal` extrapolate, see docs/results.md).
+
 Defaults are the official LRA Path-X settings (lra_benchmarks/image/configs/pathfinder128/base_pathfinder128_config.py;
 its transformer_base.py changes nothing) on `curv_contour_length_14`: 1 layer, emb 32, 2 heads, qkv 16, MLP 32
 (classifier hidden 32), dropout 0.1, attention dropout 0.1, mean pooling, learned positions, batch 64, 500,000 steps
@@ -25,7 +28,9 @@ Command lines:
   # The learning-rate / warmup grid of get_sweep(), one workdir per point:
   python scripts/sweep.py --config configs/lra/pathx.py:attention=performer --workdir runs/sweep_pathx
 
-Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>.
+Arguments (`key=value` after the colon, comma separated): runlocal, attention=<registered name>, protocol=paper
+(the small re-run protocol has no Path-X setting), pretrain=none|masked|causal (self-pretraining, as the other
+LRA configs: `configs/lra/listops.py` says how).
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ STEPS_PER_EPOCH = 160_000 // 64
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, {"runlocal": False, "attention": "softmax"})
+  args = common.parse_arg(arg, common.protocol_args())
+  if args.protocol != "paper":
+    raise ValueError(f"protocol={args.protocol!r}: Path-X has only the paper's protocol (the small-model re-runs "
+                     f"skip Path-X); use protocol=paper")
   config = common.make_config(
       "pathx", attention=args.attention,
       model=dict(num_layers=1, emb_dim=32, num_heads=2, qkv_dim=16, mlp_dim=32, head_mlp_dim=32,
@@ -59,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(num_steps=40, batch_size=4, eval_batch_size=4, num_eval_batches=10, learning_rate=1e-3,
                         warmup_steps=4, b2=0.999, eps=1e-8, log_every_steps=10, eval_every_steps=20,
                         checkpoint_every_steps=20)
-  return config
+  return common.apply_pretrain(config, args.pretrain)
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:

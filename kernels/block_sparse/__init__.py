@@ -2,17 +2,19 @@
 
 `layout_HxNxN[h, i, j]` (bool, `H` = heads or 1 shared by all heads, `N = length // block_size`) says whether the
 queries of block `i` may attend to the keys of block `j` in head `h`. The softmax runs over the allowed keys only;
-`causal=True` also masks keys after the query (inside diagonal blocks too) and `kv_mask` masks keys per batch row
-(padding). A query with no allowed key outputs 0 (not NaN), with finite gradients. Implementations:
+`causal=True` also masks keys after the query (inside diagonal blocks too) and `key_mask` (bool `[batch, keys]`,
+True = a real key) masks padded keys. A query with no allowed key outputs 0 (not NaN), with finite gradients.
+Implementations (the op template of docs/architecture.md "Functional cores"):
   "reference"  dense `[B, H, L, L]` scores with the layout expanded to a token mask (`reference`): the ground truth;
   "xla"        `xla`: dense query rows (global tokens) over all keys, a shared slab for global key columns, and the
                remaining allowed blocks of the other rows gathered through host-side index tables (`tables`) padded
                to the widest *sparse* row: O(L·K·C + G·C·L) time and memory for K blocks per sparse row and G global
-               blocks (C = block_size), never L times the widest row. Plain autodiff gives the backward pass;
-  "pallas"     the flash-style kernels (`pallas_tpu` for TPU, `pallas_gpu` for Mosaic GPU on Hopper: bfloat16/float16,
-               head_dim 64 or 128, 64-token tiles that mask the layout's blocks inside them when `block_size` is
-               16 or 32) of the platform the program is lowered for; never falls back (a call the kernel cannot
-               serve raises a ValueError naming the constraint);
+               blocks (C = block_size), never L times the widest row. A custom_vjp recomputes the scores from the saved
+               log-sum-exp in the backward pass (online softmax over the gathered blocks, flash-style);
+  "pallas"     the flash-style kernels (`pallas`: the custom_vjp driver, over `pallas_tpu` for TPU and `pallas_gpu`
+               for Mosaic GPU on Hopper: bfloat16/float16, head_dim 64 or 128, 64-token tiles that mask the layout's
+               blocks inside them when `block_size` is 16 or 32) of the platform the program is lowered for; never
+               falls back (a call the kernel cannot serve raises a ValueError naming the constraint);
   "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them).
 None picks, at lowering time (`kernels.platform.dispatch`), the kernel on cuda/tpu when it can serve the call and
 "xla" otherwise (CPU, or a call outside the kernel's tiles/dtypes: logged once with the reason), so a step exported
@@ -24,7 +26,7 @@ so an eager call compiles once per configuration.
 
 Dropout (`dropout_rate` with a `dropout_rng`) acts on the normalized weights of the allowed keys with one mask in
 every implementation: a counter-based hash of (seed, batch·heads + head, query position, key position)
-(`common.dropout_keep`, the seed drawn from `dropout_rng`), which the backward kernels regenerate; so all
+(`kernels.common.dropout_keep`, the seed drawn from `dropout_rng`), which the backward kernels regenerate; so all
 implementations give the same values with dropout on.
 """
 
@@ -36,10 +38,10 @@ import jax
 import numpy as np
 
 from kernels import platform
-from kernels.block_sparse.common import BlockSizes, dropout_keep, dropout_seed
 from kernels.block_sparse.reference import block_sparse_attention_reference
-from kernels.block_sparse.tables import expand_layout, gather_tables, make_tables, xla_plan
+from kernels.block_sparse.tables import BlockSizes, check_supported, expand_layout, gather_tables, make_tables, xla_plan
 from kernels.block_sparse.xla import block_sparse_attention_xla
+from kernels.common import dropout_keep, dropout_seed
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
 OP = "block_sparse_attention"
@@ -52,10 +54,9 @@ def _concrete_layout(layout) -> np.ndarray:
   return np.asarray(layout)
 
 
-def _check(q, k, v, layout: np.ndarray, block_size: int, kv_mask, implementation, dropout_rate: float) -> None:
+def _check(q, k, v, layout: np.ndarray, block_size: int, key_mask, implementation, dropout_rate: float) -> None:
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown block_sparse_attention implementation {implementation!r}; "
-                     f"valid choices: {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [batch, length, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
   if q.shape != k.shape:
@@ -73,15 +74,15 @@ def _check(q, k, v, layout: np.ndarray, block_size: int, kv_mask, implementation
   if layout.ndim != 3 or layout.shape[0] not in (1, heads) or layout.shape[1:] != (n, n):
     raise ValueError(f"layout must have shape [heads or 1, length // block_size, length // block_size] = "
                      f"[{heads} or 1, {n}, {n}], got {layout.shape}")
-  if kv_mask is not None and tuple(kv_mask.shape) != (batch, length):
-    raise ValueError(f"kv_mask must have shape [batch, length] = {(batch, length)}, got {tuple(kv_mask.shape)}")
+  if key_mask is not None and tuple(key_mask.shape) != (batch, length):
+    raise ValueError(f"key_mask must have shape [batch, length] = {(batch, length)}, got {tuple(key_mask.shape)}")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate=}")
 
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, block_size: int,
                            causal: bool = False, scale: float | None = None, implementation: str | None = None,
-                           kv_mask: jax.Array | None = None, dropout_rate: float = 0.0,
+                           key_mask: jax.Array | None = None, dropout_rate: float = 0.0,
                            dropout_rng: jax.Array | None = None, block_sizes: BlockSizes | None = None) -> jax.Array:
   """Block-sparse softmax attention on `[batch, length, heads, head_dim]` tensors (see the module docstring).
 
@@ -89,15 +90,15 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, 
     layout: bool `[heads or 1, length // block_size, length // block_size]`, concrete (built on the host).
     scale: score scale (a Python float: it is static); None means `head_dim ** -0.5`.
     implementation: "reference", "xla", "pallas", "interpret" or None (best for the lowering platform).
-    kv_mask: optional bool `[batch, length]`, True = a real key that may be attended (padding is False).
+    key_mask: optional bool `[batch, length]`, True = a real key that may be attended (padding is False).
     dropout_rate, dropout_rng: dropout on the attention weights (applied only when both are given).
     block_sizes: kernel tiles of the "pallas"/"interpret" implementations (`BlockSizes`); None = backend defaults.
   """
   layout = _concrete_layout(layout)
-  _check(q, k, v, layout, block_size, kv_mask, implementation, dropout_rate)
+  _check(q, k, v, layout, block_size, key_mask, implementation, dropout_rate)
   if dropout_rng is None or dropout_rate == 0.0:
     dropout_rate, dropout_rng = 0.0, None
-  return _jitted_attention(q, k, v, _StaticLayout(layout), kv_mask, dropout_rng, block_size=block_size,
+  return _jitted_attention(q, k, v, _StaticLayout(layout), key_mask, dropout_rng, block_size=block_size,
                            causal=bool(causal), scale=None if scale is None else float(scale),
                            implementation=implementation, dropout_rate=float(dropout_rate), block_sizes=block_sizes)
 
@@ -118,9 +119,8 @@ class _StaticLayout:
 
 def _kernel_or_reason(backend: str, q, block_size: int, block_sizes, run):
   """A thunk running `backend`'s kernel, or the reason (a string) why it cannot serve this call."""
-  from kernels.block_sparse import pallas_tpu  # noqa: PLC0415  (Pallas imports only where kernels are wanted)
   try:
-    pallas_tpu.check_supported(q.shape, q.dtype, block_size, block_sizes, backend)
+    check_supported(q.shape, q.dtype, block_size, block_sizes, backend)
   except ValueError as e:
     return str(e)
   return lambda: run(backend, False)
@@ -130,20 +130,21 @@ def _kernel_or_reason(backend: str, q, block_size: int, block_sizes, run):
 # instead of dispatching dozens of small ops; under an outer jit this simply inlines.
 @functools.partial(jax.jit, static_argnames=("block_size", "causal", "scale", "implementation", "dropout_rate",
                                              "block_sizes"), static_argnums=3)
-def _jitted_attention(q, k, v, layout: _StaticLayout, kv_mask, dropout_rng, *, block_size, causal, scale,
+def _jitted_attention(q, k, v, layout: _StaticLayout, key_mask, dropout_rng, *, block_size, causal, scale,
                       implementation, dropout_rate, block_sizes):
   seed = None if dropout_rng is None else dropout_seed(dropout_rng)
-  common = dict(block_size=block_size, causal=causal, scale=scale, kv_mask=kv_mask, dropout_rate=dropout_rate,
+  common = dict(block_size=block_size, causal=causal, scale=scale, key_mask=key_mask, dropout_rate=dropout_rate,
                 dropout_seed=seed)
 
   def xla():
-    fn = block_sparse_attention_reference if implementation == "reference" else block_sparse_attention_xla
-    return fn(q, k, v, layout.layout, **common)
+    if implementation == "reference":
+      return block_sparse_attention_reference(q, k, v, layout.layout, **common)
+    return block_sparse_attention_xla(q, k, v, layout.layout, **common)
 
   def kernel(backend, interpret):
-    from kernels.block_sparse import pallas_tpu  # noqa: PLC0415
-    return pallas_tpu.block_sparse_attention_pallas(q, k, v, layout.layout, block_sizes=block_sizes, backend=backend,
-                                                    interpret=interpret, **common)
+    from kernels.block_sparse.pallas import block_sparse_attention_pallas  # noqa: PLC0415  (Pallas where wanted)
+    return block_sparse_attention_pallas(q, k, v, layout.layout, block_sizes=block_sizes, backend=backend,
+                                         interpret=interpret, **common)
 
   if implementation in ("reference", "xla"):
     return xla()

@@ -1,6 +1,6 @@
-"""Mosaic GPU (Hopper) kernels of block-sparse attention; see `pallas_tpu` for the algorithm and `tables` for the
-index lists. One warpgroup per program, one kernel call per row group (sparse rows, dense rows: a global tile does not
-widen the other rows' grids):
+"""Mosaic GPU (Hopper) kernels of block-sparse attention; see `pallas_tpu` for the algorithm, `tables` for the index
+lists and `pallas` for the custom_vjp that joins `forward` and `backward`. One warpgroup per program, one kernel
+call per row group (sparse rows, dense rows: a global tile does not widen the other rows' grids):
   forward / dQ:  program (group row = query tile, head, batch) walks its list of key tiles;
   dK / dV:       program (group row = key tile, head, batch) walks its list of query tiles.
 The tables are read from global memory (Mosaic GPU has no scalar prefetch); the listed tiles are double-buffered
@@ -24,10 +24,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mosaic_gpu as mg
-from kernels.block_sparse.common import KernelStatic, dropout_keep
-from kernels.block_sparse.pallas_tpu import merge_groups
+from kernels.block_sparse.tables import KernelStatic, merge_groups
+from kernels.common import MASK_VALUE, dropout_keep
 
-_M_INIT = -1e30
+_M_INIT = MASK_VALUE  # finite running-max start; masked scores are -inf, so exp(s - m) is 0 for them, never NaN
 
 
 def _interpret(st):
@@ -40,9 +40,9 @@ def _layouts(st) -> mg.Layouts:
   return mg.Layouts(interpreting=bool(st.interpret))
 
 
-def _kv_bias(kv_mask_BxL):
+def _key_bias(key_mask_BxL):
   """0 for a key that may be attended, -inf for a padded one (added to the scores)."""
-  return jnp.where(kv_mask_BxL, 0.0, -jnp.inf).astype(jnp.float32)
+  return jnp.where(key_mask_BxL, 0.0, -jnp.inf).astype(jnp.float32)
 
 
 def _drop_scale(st: KernelStatic, seed, shape, q_tile, kv_tile, bi, hi, *, rows_are_queries, lay):
@@ -96,22 +96,23 @@ def _mask_sub_blocks(st: KernelStatic, s, bits_ref, entry, *, rows_are_queries, 
   return jnp.where(allowed != 0, s, -jnp.inf)
 
 
-def forward(st: KernelStatic, q, k, v, kv_mask, seed):
+def forward(st: KernelStatic, q, k, v, key_mask, seed):
   """q, k, v: [B, H, L, D] -> (o [B, H, L, D], lse [B, H, L] float32); one kernel call per row group."""
   outs, lses = [], []
   for group in st.tables.kv_groups:
-    o, lse = _forward_group(st, group, q, k, v, kv_mask, seed)
+    o, lse = _forward_group(st, group, q, k, v, key_mask, seed)
     outs.append(o)
     lses.append(lse[..., None])
-  return merge_groups(outs, st.tables.kv_groups, st.block_q), merge_groups(lses, st.tables.kv_groups, st.block_q)[..., 0]
+  groups = st.tables.kv_groups
+  return merge_groups(outs, groups, st.block_q), merge_groups(lses, groups, st.block_q)[..., 0]
 
 
-def _forward_group(st: KernelStatic, group, q, k, v, kv_mask, seed):
+def _forward_group(st: KernelStatic, group, q, k, v, key_mask, seed):
   b, h, length, d = q.shape
   t = st.tables
   bq, bkv, kw, nr = st.block_q, st.block_kv, group.width, group.rows
   hs = 1 if t.layout_heads > 1 else 0
-  has_mask = kv_mask is not None
+  has_mask = key_mask is not None
   lay = _layouts(st)
   kT = jnp.swapaxes(k, 2, 3)
 
@@ -177,7 +178,7 @@ def _forward_group(st: KernelStatic, group, q, k, v, kv_mask, seed):
              plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2)]
   args = [*_lists(group), seed, q, kT, v]
   if has_mask:
-    args.append(_kv_bias(kv_mask))
+    args.append(_key_bias(key_mask))
   return plgpu.kernel(
       kernel, out_type=[jax.ShapeDtypeStruct((b, h, nr * bq, d), q.dtype),
                         jax.ShapeDtypeStruct((b, h, nr * bq), jnp.float32)],
@@ -185,12 +186,12 @@ def _forward_group(st: KernelStatic, group, q, k, v, kv_mask, seed):
       interpret=_interpret(st))(*args)
 
 
-def _dq(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
+def _dq(st: KernelStatic, group, q, k, v, key_mask, seed, do, lse, delta):
   b, h, length, d = q.shape
   t = st.tables
   bq, bkv, kw, nr = st.block_q, st.block_kv, group.width, group.rows
   hs = 1 if t.layout_heads > 1 else 0
-  has_mask = kv_mask is not None
+  has_mask = key_mask is not None
   lay = _layouts(st)
   kT, vT = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)
 
@@ -256,18 +257,18 @@ def _dq(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
              plgpu.Barrier(num_barriers=4)] + [plgpu.Barrier(num_barriers=2)] * 4
   args = [*_lists(group), seed, q, k, kT, vT, do, lse, delta]
   if has_mask:
-    args.append(_kv_bias(kv_mask))
+    args.append(_key_bias(key_mask))
   return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((b, h, nr * bq, d), q.dtype), scratch_types=scratch,
                       grid=(nr, h, b), grid_names=("q", "h", "b"), kernel_name="block_sparse_bwd_dq",
                       interpret=_interpret(st))(*args)
 
 
-def _dkv(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
+def _dkv(st: KernelStatic, group, q, k, v, key_mask, seed, do, lse, delta):
   b, h, length, d = q.shape
   t = st.tables
   bq, bkv, qw, nr = st.block_q, st.block_kv, group.width, group.rows
   hs = 1 if t.layout_heads > 1 else 0
-  has_mask = kv_mask is not None
+  has_mask = key_mask is not None
   lay = _layouts(st)
   qT, doT = jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)
 
@@ -343,17 +344,18 @@ def _dkv(st: KernelStatic, group, q, k, v, kv_mask, seed, do, lse, delta):
              mg.smem((bkv, bq), dt), plgpu.Barrier(num_barriers=3)] + [plgpu.Barrier(num_barriers=2)] * 6
   args = [*_lists(group), seed, q, qT, k, v, do, doT, lse, delta]
   if has_mask:
-    args.append(_kv_bias(kv_mask))
+    args.append(_key_bias(key_mask))
   return plgpu.kernel(kernel, out_type=[jax.ShapeDtypeStruct((b, h, nr * bkv, d), k.dtype),
                                         jax.ShapeDtypeStruct((b, h, nr * bkv, d), v.dtype)],
                       scratch_types=scratch, grid=(nr, h, b), grid_names=("kv", "h", "b"),
                       kernel_name="block_sparse_bwd_dkv", interpret=_interpret(st))(*args)
 
 
-def backward(st: KernelStatic, q, k, v, kv_mask, seed, do, lse, delta):
+def backward(st: KernelStatic, q, k, v, key_mask, seed, do, lse, delta):
+  """-> (dq, dk, dv) from the forward's log-sum-exp and `delta = rowsum(o * do)` ([B, H, L] float32 each)."""
   t = st.tables
-  dqs = [_dq(st, g, q, k, v, kv_mask, seed, do, lse, delta) for g in t.kv_groups]
-  dkvs = [_dkv(st, g, q, k, v, kv_mask, seed, do, lse, delta) for g in t.q_groups]
+  dqs = [_dq(st, g, q, k, v, key_mask, seed, do, lse, delta) for g in t.kv_groups]
+  dkvs = [_dkv(st, g, q, k, v, key_mask, seed, do, lse, delta) for g in t.q_groups]
   return (merge_groups(dqs, t.kv_groups, st.block_q), merge_groups([a for a, _ in dkvs], t.q_groups, st.block_kv),
           merge_groups([b for _, b in dkvs], t.q_groups, st.block_kv))
 

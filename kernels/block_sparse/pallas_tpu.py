@@ -1,6 +1,6 @@
 """Pallas TPU (Mosaic TPU) kernels of block-sparse attention, FlashAttention-2 style: only the allowed key tiles are
-visited, and the forward and backward kernels are joined by `jax.custom_vjp` (`block_sparse_attention_pallas`, which
-also dispatches to the Mosaic GPU kernels of `pallas_gpu`).
+visited. `forward` and `backward` (the same signatures as `pallas_gpu`'s) are joined by the custom_vjp of the
+backend-neutral driver `kernels.block_sparse.pallas`.
 
 The layout is refined on the host to kernel tiles of `block_q x block_kv` tokens (each tile inside one layout block;
 on GPU a 64-token tile may also span 2x2 or 4x4 smaller blocks, listed when any of them is allowed and masked inside
@@ -22,20 +22,20 @@ A row with no allowed key outputs 0 and gets zero gradients. Scores, statistics 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.block_sparse.common import Backend, BlockSizes, KernelStatic, dropout_keep, sub_blocks
-from kernels.block_sparse.tables import Lists, make_tables
+from kernels.block_sparse.tables import TPU_LANES as _LANES
+from kernels.block_sparse.tables import KernelStatic, Lists, merge_groups
+from kernels.common import MASK_VALUE, dropout_keep
 
-_LANES = 128  # TPU lane width: per-row statistics travel broadcast over one vreg row, as in jax's TPU attention kernels
-_M_INIT = -1e30  # finite start of the running max: exp(-inf - _M_INIT) = 0 for masked scores, never NaN
+# The running max starts at the finite MASK_VALUE (masked scores are -inf): exp(-inf - MASK_VALUE) = 0, never NaN, and
+# a row that saw no key keeps l = 0 (`seen`), whatever exp(MASK_VALUE - MASK_VALUE) = 1 would say.
+_M_INIT = MASK_VALUE
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -197,17 +197,6 @@ def _maps(group: Lists, head_stride: int):
   return own, listed, out
 
 
-def merge_groups(parts: list[jax.Array], groups: tuple[Lists, ...], tile: int) -> jax.Array:
-  """Joins per-group outputs `[B, H, rows_g * tile, D]` into `[B, H, L, D]` in tile order."""
-  order = np.concatenate([g.ids for g in groups])
-  out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
-  if np.array_equal(order, np.arange(order.size)):
-    return out
-  b, h, length, d = out.shape
-  tiles = out.reshape(b, h, order.size, tile, d)[:, :, np.argsort(order)]
-  return tiles.reshape(b, h, length, d)
-
-
 def _tpu_forward(st: KernelStatic, q, k, v, kvm, seed):
   """q, k, v: [B, H, L, D]; kvm: int32 [B * num_kv_tiles, 1, block_kv] or None -> o [B,H,L,D], lse [B,H,L,128]."""
   b, h, length, d = q.shape
@@ -312,122 +301,29 @@ def _tpu_backward(st: KernelStatic, q, k, v, kvm, seed, do, lse_lanes, delta_lan
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# custom_vjp glue (layout [B, H, L, D] inside); `seed` is an int32 [1] array (zeros without dropout).
+# The backend interface the driver (`kernels.block_sparse.pallas`) calls: [B, H, L, D] tensors, `key_mask` bool
+# [B, L] or None, `seed` an int32 [1] array (zeros without dropout).
 
 
-def _kv_mask_tiles(kv_mask_BxL, block_kv: int):
+def _key_mask_tiles(key_mask_BxL, block_kv: int):
   """int32 `[B * num_kv_tiles, 1, block_kv]`: one key tile per leading index, so its block spans the two minor
   dimensions whole (legal on TPU for any block_kv)."""
-  b, length = kv_mask_BxL.shape
-  return kv_mask_BxL.astype(jnp.int32).reshape(b * (length // block_kv), 1, block_kv)
+  b, length = key_mask_BxL.shape
+  return key_mask_BxL.astype(jnp.int32).reshape(b * (length // block_kv), 1, block_kv)
 
 
-def _forward(st: KernelStatic, q, k, v, kv_mask, seed):
-  if st.backend == "gpu":
-    from kernels.block_sparse import pallas_gpu  # noqa: PLC0415  (GPU-only imports stay off the TPU path)
-    return pallas_gpu.forward(st, q, k, v, kv_mask, seed)
-  kvm = None if kv_mask is None else _kv_mask_tiles(kv_mask, st.block_kv)
+def forward(st: KernelStatic, q, k, v, key_mask, seed):
+  """-> (o [B, H, L, D], lse [B, H, L] float32)."""
+  kvm = None if key_mask is None else _key_mask_tiles(key_mask, st.block_kv)
   o, lse_lanes = _tpu_forward(st, q, k, v, kvm, seed)
   return o, lse_lanes[..., 0]
 
 
-def _backward(st: KernelStatic, q, k, v, kv_mask, seed, o, lse, do):
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, L]
-  if st.backend == "gpu":
-    from kernels.block_sparse import pallas_gpu  # noqa: PLC0415
-    return pallas_gpu.backward(st, q, k, v, kv_mask, seed, do, lse, delta)
-  kvm = None if kv_mask is None else _kv_mask_tiles(kv_mask, st.block_kv)
+def backward(st: KernelStatic, q, k, v, key_mask, seed, do, lse, delta):
+  """-> (dq, dk, dv) from the forward's log-sum-exp and `delta = rowsum(o * do)` ([B, H, L] float32 each)."""
+  kvm = None if key_mask is None else _key_mask_tiles(key_mask, st.block_kv)
   lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, _LANES))  # noqa: E731
   return _tpu_backward(st, q, k, v, kvm, seed, do, lanes(lse), lanes(delta))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st: KernelStatic, q, k, v, kv_mask, seed):
-  return _forward(st, q, k, v, kv_mask, seed)[0]
-
-
-def _attention_fwd(st, q, k, v, kv_mask, seed):
-  o, lse = _forward(st, q, k, v, kv_mask, seed)
-  return o, (q, k, v, kv_mask, seed, o, lse)
-
-
-def _attention_bwd(st, res, do):
-  q, k, v, kv_mask, seed, o, lse = res
-  dq, dk, dv = _backward(st, q, k, v, kv_mask, seed, o, lse, do)
-  return dq, dk, dv, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def check_supported(q_shape, dtype, block_size: int, block_sizes: BlockSizes | None,
-                    backend: Backend) -> tuple[int, int]:
-  """Resolved `(block_q, block_kv)`; raises ValueError naming the value, the constraint the backend imposes and the
-  fix."""
-  block_q, block_kv = (block_sizes or BlockSizes()).resolve(block_size, backend)
-  head_dim = q_shape[-1]
-  if backend == "tpu":
-    if block_q % 8:
-      raise ValueError(f"{block_q=} must be a multiple of 8 on TPU (sublane tiling of the [block_q, head_dim] "
-                       f"blocks) and divide the layout {block_size=}; use a block_size with such a divisor, or "
-                       f"implementation='xla'")
-    for name, value in (("block_kv", block_kv), ("head_dim", head_dim)):
-      if value > _LANES and value % _LANES:
-        raise ValueError(f"{name}={value} must be at most {_LANES} or a multiple of {_LANES} on TPU (lane tiling); "
-                         f"use implementation='xla' otherwise")
-  if backend == "gpu":
-    for name, value in (("block_q", block_q), ("block_kv", block_kv)):
-      if value % 64 or value > 256:
-        raise ValueError(f"{name}={value} must be a multiple of 64 and at most 256 on GPU (wgmma tiles of one "
-                         f"warpgroup)")
-    if head_dim % 64 or head_dim > 128:
-      raise ValueError(f"{head_dim=} must be 64 or 128 on GPU (128-byte swizzled wgmma operands; the double-buffered "
-                       f"tiles of the backward kernels must fit in shared memory)")
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-      raise ValueError(f"dtype={jnp.dtype(dtype).name} is not supported by the GPU kernel (wgmma operands): "
-                       f"use bfloat16 or float16 (config.model.dtype='bfloat16'), or implementation='xla'")
-  return block_q, block_kv
-
-
-def block_sparse_attention_pallas(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
-                                  layout_HxNxN: np.ndarray, *, block_size: int, causal: bool = False,
-                                  scale: float | None = None, kv_mask: jax.Array | None = None,
-                                  dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
-                                  block_sizes: BlockSizes | None = None, backend: Backend = "tpu",
-                                  interpret=False) -> jax.Array:
-  """Block-sparse attention through the Pallas kernels of `backend` ("tpu" or "gpu"), `[B, L, H, D]` in and out.
-
-  `interpret` (True or the backend's interpret params) runs the kernels on CPU. `dropout_seed` (int32 scalar,
-  `common.dropout_seed`) with `dropout_rate > 0` drops weights by the hash mask shared with the reference. Shapes and
-  the layout are assumed checked by `kernels.block_sparse_attention`; the tiling constraints are checked here.
-  """
-  layout = np.asarray(layout_HxNxN, bool)
-  block_q, block_kv = check_supported(q_BxLxHxD.shape, q_BxLxHxD.dtype, block_size, block_sizes, backend)
-  scale = q_BxLxHxD.shape[-1] ** -0.5 if scale is None else float(scale)
-  rate = float(dropout_rate) if dropout_seed is not None else 0.0
-  length = q_BxLxHxD.shape[1]
-  # Tiles spanning several layout blocks (GPU) may not divide the length: pad with blocks nothing attends to (their
-  # rows output 0 and are cut off again; dropout counters of real tokens are unchanged).
-  pad = -length % math.lcm(block_q, block_kv, block_size)
-  if pad:
-    n = (length + pad) // block_size
-    layout = np.pad(layout, ((0, 0), (0, n - layout.shape[1]), (0, n - layout.shape[2])))
-    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
-    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = widen(q_BxLxHxD), widen(k_BxLxHxD), widen(v_BxLxHxD)
-    if kv_mask is not None:
-      kv_mask = jnp.pad(kv_mask.astype(bool), ((0, 0), (0, pad)))
-  tables = make_tables(layout, block_size, block_q, block_kv, causal)
-  st = KernelStatic(tables=tables, key=(layout.shape, layout.tobytes(), block_size), block_q=block_q,
-                    block_kv=block_kv, causal=bool(causal), scale=scale, backend=backend, interpret=interpret,
-                    dropout_rate=rate, heads=q_BxLxHxD.shape[2], layout_block=block_size,
-                    sub_blocks=sub_blocks(block_size, block_q, block_kv))
-  if st.sub_blocks != (1, 1) and backend != "gpu":
-    raise ValueError(f"tiles {block_q}x{block_kv} spanning layout blocks of {block_size=} are GPU-only")
-  seed = jnp.zeros((1,), jnp.int32) if rate == 0.0 else jnp.reshape(dropout_seed, (1,)).astype(jnp.int32)
-  to_bhld = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-  out = _attention(st, to_bhld(q_BxLxHxD), to_bhld(k_BxLxHxD), to_bhld(v_BxLxHxD),
-                   None if kv_mask is None else kv_mask.astype(bool), seed)
-  return to_bhld(out)[:, :length]
-
-
-__all__ = ["block_sparse_attention_pallas", "check_supported", "merge_groups"]
+__all__ = ["backward", "forward"]

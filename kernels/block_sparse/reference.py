@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_sparse.common import NEG, dropout_keep
 from kernels.block_sparse.tables import expand_layout
+from kernels.common import MASK_VALUE, dropout_keep
 
 
 def apply_dropout(weights_BxHxQxK: jax.Array, seed, rate: float, q_pos, k_pos) -> jax.Array:
@@ -24,20 +24,20 @@ def apply_dropout(weights_BxHxQxK: jax.Array, seed, rate: float, q_pos, k_pos) -
 
 def block_sparse_attention_reference(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                                      layout_HxNxN: np.ndarray, *, block_size: int, causal: bool = False,
-                                     scale: float | None = None, kv_mask: jax.Array | None = None,
+                                     scale: float | None = None, key_mask: jax.Array | None = None,
                                      dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None) -> jax.Array:
-  """Dense scores, the layout expanded to a token mask; dropout (the hash mask of `common.dropout_keep`) on the
-  normalized weights when `dropout_seed` (int32, `common.dropout_seed`) is given."""
+  """Dense scores, the layout expanded to a token mask; dropout (the hash mask of `kernels.common.dropout_keep`) on the
+  normalized weights when `dropout_seed` (int32, `kernels.common.dropout_seed`) is given."""
   length = q_BxLxHxD.shape[1]
   scale = q_BxLxHxD.shape[-1] ** -0.5 if scale is None else scale
   scores_BxHxLxL = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxLxHxD, preferred_element_type=jnp.float32) * scale
   allowed_BxHxLxL = jnp.asarray(expand_layout(layout_HxNxN, block_size))[None]
   if causal:
     allowed_BxHxLxL = allowed_BxHxLxL & jnp.tril(jnp.ones((length, length), bool))
-  if kv_mask is not None:
-    allowed_BxHxLxL = allowed_BxHxLxL & kv_mask.astype(bool)[:, None, None, :]
+  if key_mask is not None:
+    allowed_BxHxLxL = allowed_BxHxLxL & key_mask.astype(bool)[:, None, None, :]
   # A finite floor (not -inf) keeps empty rows finite; zeroing their weights afterwards makes them output 0.
-  weights = jax.nn.softmax(jnp.where(allowed_BxHxLxL, scores_BxHxLxL, NEG), axis=-1)
+  weights = jax.nn.softmax(jnp.where(allowed_BxHxLxL, scores_BxHxLxL, MASK_VALUE), axis=-1)
   weights = jnp.where(allowed_BxHxLxL, weights, 0.0)
   pos = jnp.arange(length)
   weights = apply_dropout(weights, dropout_seed, dropout_rate, pos[:, None], pos[None, :])

@@ -60,7 +60,7 @@ def band_reach(layout_HxNxN: np.ndarray) -> tuple[int, int] | None:
 
 def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                                 layout_HxNxN: np.ndarray, *, block_size: int, causal: bool,
-                                kv_mask_BxL: jax.Array | None, implementation: str | None = None,
+                                key_mask_BxL: jax.Array | None, implementation: str | None = None,
                                 ctx: sequence.SequenceMesh | None = None) -> jax.Array | None:
   """`kernels.block_sparse_attention` of length-sharded inputs by halo exchange, or None when this call has no halo
   form (not a band, or the halo wider than a shard). A length that mesh.sequence * block_size does not divide is
@@ -78,7 +78,7 @@ def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_Bx
   if reach is None:
     return None
   n0 = rest.shape[-1]  # the band is defined for block distances below n0
-  mask = jnp.ones((b, length), bool) if kv_mask_BxL is None else kv_mask_BxL.astype(bool)
+  mask = jnp.ones((b, length), bool) if key_mask_BxL is None else key_mask_BxL.astype(bool)
   pad = -length % (n * block_size)  # whole blocks per shard: padded with masked keys (a band does not change)
   if pad:
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -120,7 +120,7 @@ def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_Bx
       parts_m.append(mn & (me < n - 1) & not_global(first + local, ha))
     cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
     y = block_sparse_attention(cat(parts_q), cat(parts_k), cat(parts_v), layout_ext, block_size=block_size,
-                               causal=causal, implementation=implementation, kv_mask=cat(parts_m))
+                               causal=causal, implementation=implementation, key_mask=cat(parts_m))
     y = y[:, gb + hb:gb + hb + local]
     if gb:  # global query rows see every key: per-shard partial softmaxes, all-gathered and merged
       qg = jax.lax.psum(jnp.where(me == 0, q[:, :gb], jnp.zeros_like(q[:, :gb])), axis)

@@ -8,14 +8,29 @@ dense is decided by a cost model (`split_rows`), so any layout gets the cheaper 
 the total O(L·K·C + G·C·L) for K sparse blocks per row and G global blocks. The XLA form also takes key columns that
 (nearly) every sparse row sees out of the gather into one shared score slab (`xla_plan`), which keeps the gathered
 key/value copies at the width of the sparse band.
+
+Also the static description every implementation and both kernel backends share (the op folder's one "tables"
+module, see docs/architecture.md "Functional cores"): kernel tile sizes (`BlockSizes`), the static call description
+(`KernelStatic`), each backend's constraints (`check_supported`) and the join of per-group kernel outputs
+(`merge_groups`), so that `pallas_tpu` and `pallas_gpu` never import each other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from kernels.common import keep_threshold
+from kernels.platform import Backend, mosaic_gpu_dtype_reason
+
+TPU_LANES = 128  # TPU lane width: per-row statistics travel broadcast over one vreg row, as in jax's TPU kernels
+# A GPU tile larger than the layout block carries which of its layout blocks are allowed as bits of one int32.
+MAX_SUB_BLOCKS = 31
 
 
 def expand_layout(layout_HxNxN: np.ndarray, block_size: int) -> np.ndarray:
@@ -241,5 +256,121 @@ def make_tables(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_k
   return _kernel_tables_cached(layout.tobytes(), layout.shape, block_size, block_q, block_kv, bool(causal))
 
 
-__all__ = ["KernelTables", "Lists", "XlaPlan", "causal_blocks", "expand_layout", "gather_tables", "grouped_lists",
-           "make_tables", "split_columns", "split_rows", "tile_bits", "tile_layout", "xla_plan"]
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernel tiles, the static call description and each backend's constraints (shared by pallas_tpu and pallas_gpu).
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Kernel tile sizes in tokens.
+
+  None picks the backend default: on TPU the largest power-of-two divisor of `block_size` up to 128 (the MXU
+  width; a tile lies inside one layout block), on GPU 64 (the wgmma rows of one warpgroup). On GPU a tile may also
+  span several layout blocks (`block_size` 16 or 32 with 64-token tiles): the kernels then mask the layout's blocks
+  inside each tile (`sub_blocks`), so the 32-token layouts of local, longformer and sparse_transformer run there too.
+  """
+
+  block_q: int | None = None
+  block_kv: int | None = None
+
+  def resolve(self, block_size: int, backend: Backend) -> tuple[int, int]:
+    default = math.gcd(block_size, 128) if backend == "tpu" else 64
+    bq = default if self.block_q is None else self.block_q
+    bkv = default if self.block_kv is None else self.block_kv
+    for name, value in (("block_q", bq), ("block_kv", bkv)):
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {name}={value}")
+      if block_size % value == 0 or (backend == "gpu" and value % block_size == 0):
+        continue
+      spans = " or be a multiple of it (a tile spanning whole layout blocks)" if backend == "gpu" else ""
+      raise ValueError(f"{name}={value} must divide the layout {block_size=}{spans}")
+    rows, cols = sub_blocks(block_size, int(bq), int(bkv))
+    if (rows, cols) != (1, 1) and block_size & (block_size - 1):
+      # The kernels find a token's block inside a tile by a shift: integer division is not a Mosaic GPU vector op.
+      raise ValueError(f"tiles {bq}x{bkv} spanning layout blocks need a power-of-two block_size, got {block_size=}; "
+                       f"use block_size 16, 32 or a multiple of the tile, or implementation='xla'")
+    if rows * cols > MAX_SUB_BLOCKS:
+      raise ValueError(f"a {bq}x{bkv}-token tile spans {rows}x{cols} layout blocks of {block_size=}; the GPU kernels "
+                       f"mask at most {MAX_SUB_BLOCKS} per tile: use block_size >= {max(bq, bkv) // 4} (or a "
+                       f"multiple of 64), or implementation='xla'")
+    return int(bq), int(bkv)
+
+
+def sub_blocks(block_size: int, block_q: int, block_kv: int) -> tuple[int, int]:
+  """How many layout blocks a `block_q x block_kv` tile spans along queries and keys ((1, 1): it lies in one)."""
+  return max(block_q // block_size, 1), max(block_kv // block_size, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatic:
+  """Everything static about one kernel call (hashable, so it rides through custom_vjp as a non-differentiable
+  argument); shared by the TPU and GPU kernel modules. `tables` is a `KernelTables`."""
+
+  tables: object = dataclasses.field(hash=False, compare=False)
+  key: tuple  # what identifies `tables`
+  block_q: int
+  block_kv: int
+  causal: bool
+  scale: float
+  backend: Backend
+  interpret: object  # False, True, or a pltpu.InterpretParams / InterpretGPUParams
+  dropout_rate: float = 0.0
+  heads: int = 1  # query heads (the dropout counter is batch * heads + head)
+  layout_block: int = 0  # the layout's block size in tokens
+  sub_blocks: tuple[int, int] = (1, 1)  # layout blocks per tile (queries, keys): > 1 masks blocks inside a tile
+
+  @property
+  def keep_threshold(self) -> int:
+    return keep_threshold(self.dropout_rate)
+
+
+def _check_tpu(block_size: int, block_q: int, block_kv: int, head_dim: int, dtype) -> None:
+  if block_q % 8:
+    raise ValueError(f"{block_q=} must be a multiple of 8 on TPU (sublane tiling of the [block_q, head_dim] "
+                     f"blocks) and divide the layout {block_size=}; use a block_size with such a divisor, or "
+                     f"implementation='xla'")
+  for name, value in (("block_kv", block_kv), ("head_dim", head_dim)):
+    if value > TPU_LANES and value % TPU_LANES:
+      raise ValueError(f"{name}={value} must be at most {TPU_LANES} or a multiple of {TPU_LANES} on TPU (lane "
+                       f"tiling); use implementation='xla' otherwise")
+
+
+def _check_gpu(block_size: int, block_q: int, block_kv: int, head_dim: int, dtype) -> None:
+  for name, value in (("block_q", block_q), ("block_kv", block_kv)):
+    if value % 64 or value > 256:
+      raise ValueError(f"{name}={value} must be a multiple of 64 and at most 256 on GPU (wgmma tiles of one "
+                       f"warpgroup)")
+  if head_dim % 64 or head_dim > 128:
+    raise ValueError(f"{head_dim=} must be 64 or 128 on GPU (128-byte swizzled wgmma operands; the double-buffered "
+                     f"tiles of the backward kernels must fit in shared memory)")
+  reason = mosaic_gpu_dtype_reason(dtype)
+  if reason:
+    raise ValueError(reason)
+
+
+_CHECKS = {"tpu": _check_tpu, "gpu": _check_gpu}
+
+
+def check_supported(q_shape, dtype, block_size: int, block_sizes: BlockSizes | None,
+                    backend: Backend) -> tuple[int, int]:
+  """Resolved `(block_q, block_kv)` of `backend`'s kernels for this call; raises ValueError naming the value, the
+  constraint the backend imposes and the fix."""
+  block_q, block_kv = (block_sizes or BlockSizes()).resolve(block_size, backend)
+  _CHECKS[backend](block_size, block_q, block_kv, q_shape[-1], dtype)
+  return block_q, block_kv
+
+
+def merge_groups(parts: list[jax.Array], groups: tuple[Lists, ...], tile: int) -> jax.Array:
+  """Joins per-group kernel outputs `[B, H, rows_g * tile, D]` into `[B, H, L, D]` in tile order."""
+  order = np.concatenate([g.ids for g in groups])
+  out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
+  if np.array_equal(order, np.arange(order.size)):
+    return out
+  b, h, length, d = out.shape
+  tiles = out.reshape(b, h, order.size, tile, d)[:, :, np.argsort(order)]
+  return tiles.reshape(b, h, length, d)
+
+
+__all__ = ["BlockSizes", "KernelStatic", "KernelTables", "Lists", "MAX_SUB_BLOCKS", "TPU_LANES", "XlaPlan",
+           "causal_blocks", "check_supported", "expand_layout", "gather_tables", "grouped_lists", "make_tables",
+           "merge_groups", "split_columns", "split_rows", "sub_blocks", "tile_bits", "tile_layout", "xla_plan"]

@@ -1,13 +1,16 @@
 """Linear attention: `out_t = phi(q_t)·S_t / (phi(q_t)·z_t + eps)`, `S_t = sum phi(k_s) v_s^T`, `z_t = sum phi(k_s)`.
 
 Inputs are already feature-mapped (`q`, `k` non-negative for normalized attention); the sums run over all positions
-(non-causal) or over `s <= t` (causal). Implementations, one module each:
+(non-causal) or over `s <= t` (causal); `key_mask` (bool `[batch, keys]`, True = a real key) drops padded keys from
+every sum (their `phi(k)` rows are zeroed). Implementations (the op template of docs/architecture.md "Functional
+cores"):
   "reference"  `reference.py`: the quadratic form `(q k^T) v` with a causal mask, float32: the ground truth in tests;
   "xla"        `xla.py`: chunked, quadratic inside chunks of `chunk_size`, the `[F, D]` state carried across chunks by
                `lax.scan` (causal) or a single sum (non-causal): memory linear in length;
-  "pallas"     `pallas.py` (custom_vjp) over `pallas_tpu.py` (Mosaic TPU) and `pallas_gpu.py` (Mosaic GPU, Hopper:
-               bfloat16/float16, chunk a multiple of 64, feature and value dims 64 or 128), chosen by the platform
-               the program is lowered for; never falls back: a call the kernel cannot serve is a ValueError;
+  "pallas"     `pallas.py` (the driver: custom_vjp) over `pallas_tpu.py` (Mosaic TPU) and `pallas_gpu.py` (Mosaic
+               GPU, Hopper: bfloat16/float16, chunk a multiple of 64, value dim 64 or 128, features a multiple of 64:
+               wider than 128 they run as feature blocks), chosen by the platform the program is lowered for; never
+               falls back: a call the kernel cannot serve is a ValueError;
   "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them);
   None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`): Pallas on tpu and
                cuda, XLA on cpu. A call a kernel cannot serve (dtype, dims, chunk) uses XLA there, logged once.
@@ -22,17 +25,17 @@ import jax.numpy as jnp
 
 from kernels import platform
 from kernels.linear_attention.pallas import linear_attention_pallas
-from kernels.linear_attention.params import ChunkSizes, check_supported
+from kernels.linear_attention.tables import ChunkSizes, check_supported
 from kernels.linear_attention.reference import DEFAULT_EPS, linear_attention_reference
 from kernels.linear_attention.xla import linear_attention_step, linear_attention_xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
-OP = "kernels.linear_attention"
+OP = "linear_attention"
 
 
-def _check(q, k, v, chunk_size, implementation):
+def _check(q, k, v, chunk_size, implementation, key_mask):
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown linear_attention implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [batch, length, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
   if q.shape != k.shape:
@@ -41,6 +44,8 @@ def _check(q, k, v, chunk_size, implementation):
     raise ValueError(f"v must match q in batch, length and heads: {v.shape[:3]} vs {q.shape[:3]}")
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size=}")
+  if key_mask is not None and tuple(key_mask.shape) != k.shape[:2]:
+    raise ValueError(f"key_mask must have shape [batch, keys] = {k.shape[:2]}, got {tuple(key_mask.shape)}")
 
 
 def _kernels(q, k, v, *, causal, normalize, chunk_size, eps) -> dict[platform.Backend, object]:
@@ -59,9 +64,12 @@ def _kernels(q, k, v, *, causal, normalize, chunk_size, eps) -> dict[platform.Ba
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, normalize: bool = True,
-                     chunk_size: int = 64, implementation: str | None = None, eps: float = DEFAULT_EPS) -> jax.Array:
+                     chunk_size: int = 64, implementation: str | None = None, eps: float = DEFAULT_EPS,
+                     key_mask: jax.Array | None = None) -> jax.Array:
   """Linear attention on `[batch, length, heads, dim]` feature-mapped q, k and values v (see module docstring)."""
-  _check(q, k, v, chunk_size, implementation)
+  _check(q, k, v, chunk_size, implementation, key_mask)
+  if key_mask is not None:  # a padded key adds nothing to the states S and z: its feature row is zero
+    k = jnp.where(key_mask.astype(bool)[:, :, None, None], k, jnp.zeros((), k.dtype))
   if implementation == "reference":
     return linear_attention_reference(q, k, v, causal=causal, normalize=normalize, eps=eps)
   if implementation == "interpret":

@@ -13,8 +13,12 @@ Causal: one forward kernel and two backward kernels (dq walking forward, dk/dv w
 state across the sequential chunk axis in on-chip scratch. Non-causal: every query sees the total state, so a state
 kernel reduces `S, z` (and in the backward pass `P, y`) over the chunks and a parallel kernel applies them.
 
-This module holds the custom_vjp that joins the forward and backward kernels of a backend: "tpu"
-(`kernels.linear_attention.pallas_tpu`) or "gpu" (Mosaic GPU, `kernels.linear_attention.pallas_gpu`). Accumulation is
+This module is the backend-neutral driver: the custom_vjp that joins the forward and backward kernels of a backend,
+"tpu" (`kernels.linear_attention.pallas_tpu`) or "gpu" (Mosaic GPU, `kernels.linear_attention.pallas_gpu`), which
+never import each other. A feature map wider than a backend's kernel takes (GPU: 64 or 128; performer's default is
+256) is split into feature blocks (`tables.feature_block`) that run as extra heads of one unnormalized kernel call,
+since `q S = sum_b q_b S_b` over feature blocks; their numerators are summed in float32 and the normalizer
+`q . cumsum(k)` (`q . sum(k)` non-causal) is computed by XLA in float32 (O(L F), no quadratic term). Accumulation is
 float32; matmul operands keep the input dtype (the state is rounded to it where it feeds a matmul, as the chunked
 kernels of flash-linear-attention do).
 """
@@ -22,12 +26,12 @@ kernels of flash-linear-attention do).
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 
-from kernels.linear_attention import pallas_gpu, pallas_tpu
-from kernels.linear_attention.params import ChunkSizes, KernelParams, check_supported
+from kernels.linear_attention.tables import ChunkSizes, KernelParams, check_supported, feature_block
 from kernels.platform import Backend
 
 
@@ -35,12 +39,21 @@ def _f32(x):
   return x.astype(jnp.float32)
 
 
+# Backend -> its kernel module, imported on first use so a TPU program never imports Mosaic GPU and vice versa.
+BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.linear_attention.pallas_tpu",
+                                       "gpu": "kernels.linear_attention.pallas_gpu"}
+
+
+def _backend(st: KernelParams):
+  return importlib.import_module(BACKEND_MODULES[st.backend])
+
+
 def _forward(st: KernelParams, q, k, v):
-  return (pallas_gpu if st.backend == "gpu" else pallas_tpu).forward(st, q, k, v)
+  return _backend(st).forward(st, q, k, v)
 
 
 def _backward(st: KernelParams, q, k, v, gn, gd, states):
-  return (pallas_gpu if st.backend == "gpu" else pallas_tpu).backward(st, q, k, v, gn, gd, states)
+  return _backend(st).backward(st, q, k, v, gn, gd, states)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -78,6 +91,10 @@ def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHx
   chunk = (chunk_sizes or ChunkSizes()).resolve(backend)
   dtype = jnp.result_type(q_BxLxHxF.dtype, k_BxLxHxF.dtype, v_BxLxHxD.dtype)
   check_supported(q_BxLxHxF.shape, v_BxLxHxD.shape, dtype, chunk, backend)
+  block = feature_block(q_BxLxHxF.shape[-1], backend)
+  if block != q_BxLxHxF.shape[-1]:
+    return feature_blocked(q_BxLxHxF, k_BxLxHxF, v_BxLxHxD, block=block, causal=causal, normalize=normalize, eps=eps,
+                           chunk_sizes=ChunkSizes(chunk), backend=backend, interpret=interpret)
   length = q_BxLxHxF.shape[1]
   pad = -length % chunk
 
@@ -91,4 +108,26 @@ def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHx
   return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxD.dtype)
 
 
-__all__ = ["ChunkSizes", "check_supported", "linear_attention_pallas"]
+def feature_blocked(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, block: int, causal: bool,
+                    normalize: bool = True, eps: float = 1e-6, chunk_sizes: ChunkSizes | None = None,
+                    backend: Backend = "tpu", interpret=False) -> jax.Array:
+  """`linear_attention_pallas` for a feature map wider than one kernel call takes: the `nb = F // block` feature
+  blocks become `nb` times the heads of one unnormalized kernel call (values repeated per block), numerators summed
+  in float32, the normalizer from XLA. (Any backend: tests check it on the TPU kernels in float32 too.)"""
+  b, length, h, features = q_BxLxHxF.shape
+  if block < 1 or features % block:
+    raise ValueError(f"feature {block=} must divide features={features}")
+  nb = features // block
+  split = lambda x: x.reshape(b, length, h * nb, block)  # noqa: E731  head h, block j -> head h * nb + j
+  num = linear_attention_pallas(split(q_BxLxHxF), split(k_BxLxHxF), jnp.repeat(v_BxLxHxD, nb, axis=2),
+                                causal=causal, normalize=False, chunk_sizes=chunk_sizes, backend=backend,
+                                interpret=interpret)
+  out = jnp.sum(_f32(num).reshape(b, length, h, nb, -1), axis=3)
+  if normalize:
+    k_sum = jnp.cumsum(_f32(k_BxLxHxF), axis=1) if causal else jnp.sum(_f32(k_BxLxHxF), axis=1, keepdims=True)
+    den_BxLxH = jnp.sum(_f32(q_BxLxHxF) * k_sum, axis=-1)
+    out = out / (den_BxLxH[..., None] + eps)
+  return out.astype(v_BxLxHxD.dtype)
+
+
+__all__ = ["BACKEND_MODULES", "ChunkSizes", "check_supported", "feature_blocked", "linear_attention_pallas"]

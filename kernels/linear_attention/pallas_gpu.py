@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mosaic_gpu as mg
-from kernels.linear_attention.params import KernelParams
+from kernels.linear_attention.tables import KernelParams
 
 _BLOCK = 64  # width of the state/output block one program owns
 

@@ -17,8 +17,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.linear_attention.params import LANES as _LANES
-from kernels.linear_attention.params import KernelParams
+from kernels.linear_attention.tables import LANES as _LANES
+from kernels.linear_attention.tables import KernelParams
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEG = -1e9  # finite "minus infinity": masked entries get exactly zero weight and fully masked rows stay finite
+from kernels.common import MASK_VALUE
 
 
-def sinkhorn_normalize(log_alpha: jax.Array, iters: int, *, mask: jax.Array | None = None,
-                       causal: bool = False) -> jax.Array:
+def sinkhorn_normalize_reference(log_alpha: jax.Array, iters: int, *, mask: jax.Array | None = None,
+                                 causal: bool = False) -> jax.Array:
   """Sinkhorn balancing over the last two axes `[..., rows, cols]`; returns `S = exp(...)` in float32.
 
   The rows are normalized, then each of the `iters` iterations normalizes the columns and then the rows, so `S` is
@@ -23,7 +23,9 @@ def sinkhorn_normalize(log_alpha: jax.Array, iters: int, *, mask: jax.Array | No
   allowed = jnp.ones((1,) * log_alpha.ndim, bool) if mask is None else mask
 
   def normalize(x: jax.Array, lse: jax.Array) -> jax.Array:
-    return jnp.where(allowed, x - lse, NEG)
+    # Finite "minus infinity" (in float32: the scores are cast first): masked entries get exactly zero weight and
+    # fully masked rows stay finite.
+    return jnp.where(allowed, x - lse, MASK_VALUE)
 
   def normalize_rows(x: jax.Array) -> jax.Array:
     return normalize(x, jax.nn.logsumexp(x, axis=-1, keepdims=True))
@@ -36,3 +38,6 @@ def sinkhorn_normalize(log_alpha: jax.Array, iters: int, *, mask: jax.Array | No
   # A loop rather than unrolled Python: compile time then does not grow with `iters`.
   x = jax.lax.fori_loop(0, iters, iteration, x)
   return jnp.where(allowed, jnp.exp(x), 0.0)
+
+
+__all__ = ["sinkhorn_normalize_reference"]

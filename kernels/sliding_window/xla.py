@@ -10,14 +10,14 @@ from kernels.sliding_window.reference import allowed_pairs, masked_softmax
 
 
 def sliding_window_attention_xla(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, *, window: int,
-                                 causal: bool, key_mask_BxL: jax.Array | None = None,
+                                 causal: bool, key_mask: jax.Array | None = None,
                                  scale: float | None = None) -> jax.Array:
   """Chunked form of `sliding_window_attention_reference` (same values)."""
   b, length, h, d = q_BxLxHxD.shape
   scale = d ** -0.5 if scale is None else scale
   f32 = jnp.float32
   q, k, v = (x.astype(f32) for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
-  key_mask = jnp.ones((b, length), bool) if key_mask_BxL is None else key_mask_BxL.astype(bool)
+  key_mask = jnp.ones((b, length), bool) if key_mask is None else key_mask.astype(bool)
   c = window
   pad = -length % c
   n = (length + pad) // c

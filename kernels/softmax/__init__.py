@@ -14,9 +14,9 @@ A query with no allowed key outputs 0 with finite gradients. Implementations (th
                kernels with a full or causal layout); never falls back (a call they cannot serve raises);
   "interpret"  those kernels (the TPU ones) in Pallas interpret mode, how CPU tests run them;
   None         the kernels on cuda/tpu when they can serve the call, chosen at lowering time
-               (`kernels.platform.dispatch`), and "xla" otherwise: on CPU, and for decoding (L != S), ALiBi, lengths
-               not a multiple of 8, or dtypes / head dims the kernel lacks (float32 on GPU), logged once with the
-               reason. So flash attention is the default on every platform, with attention dropout on.
+               (`kernels.platform.dispatch`), and "xla" otherwise: on CPU, and for decoding (L != S), ALiBi, or
+               dtypes / head dims the kernel lacks (float32 on GPU), logged once with the reason.
+So flash attention is the default on every platform, with attention dropout on.
 cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) is not in the vocabulary: it cannot take the project's
 dropout hash (training needs dropout; the same seed must give the same mask in every implementation) nor run on
 TPU/CPU, so it stays a candidate to benchmark against, not a dispatch target.
@@ -46,7 +46,7 @@ OP = "softmax_attention"
 
 def _check(q, k, v, key_mask, alibi_slopes, implementation, dropout_rate: float) -> None:
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown softmax implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [batch, length, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
   if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:

@@ -2,17 +2,18 @@
 layout are flash kernels (online softmax over key tiles, the hash dropout of `kernels.common` regenerated in their
 backward), so softmax runs them on GPU (Mosaic GPU, Hopper) and TPU rather than keeping kernels of its own.
 
-They serve self-attention (queries and keys of one length, a multiple of a layout block), without an ALiBi bias, in
-the dtypes and head dims `kernels.block_sparse` takes; `kernel_or_reason` says why a call is outside that, and
-`kernels.softmax.softmax_attention` then falls back to the XLA flash form (logged once with that reason).
+They serve self-attention (queries and keys of one length) without an ALiBi bias, in the dtypes and head dims
+`kernels.block_sparse` takes; `call_reason` / `kernel_reason` say why a call is outside that, and
+`kernels.softmax.softmax_attention` then falls back to the XLA flash form (logged once with that reason). A length
+that is not a multiple of the tile (LRA's CLS token makes 4K + 1) is padded to one: padded keys are masked, padded
+query rows cut off, and the dropout counters of real tokens (their positions) are unchanged.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kernels.platform import Backend
@@ -22,9 +23,15 @@ from kernels.platform import Backend
 BLOCK_SIZES = (512, 256, 128, 64, 32, 16, 8)
 
 
-def block_size_for(length: int) -> int | None:
-  """The layout block of a `length`-token call, or None when no candidate divides it."""
-  return next((b for b in BLOCK_SIZES if length % b == 0), None)
+def padded_length(length: int) -> int:
+  """The length the kernels run at: a multiple of 64 (the GPU tile), or of 8 for shorter sequences."""
+  unit = 64 if length >= 64 else 8
+  return -(-length // unit) * unit
+
+
+def block_size_for(length: int) -> int:
+  """The layout block of a `length`-token call (after padding: always found)."""
+  return next(b for b in BLOCK_SIZES if padded_length(length) % b == 0)
 
 
 def _layout(length: int, block_size: int, causal: bool) -> np.ndarray:
@@ -32,12 +39,6 @@ def _layout(length: int, block_size: int, causal: bool) -> np.ndarray:
   full = np.ones((1, n, n), bool)
   return np.tril(full) if causal else full
 
-
-@functools.cache
-def _mask_keyword() -> str:
-  """The key-padding keyword of `kernels.block_sparse.block_sparse_attention` (`key_mask`, formerly `kv_mask`)."""
-  from kernels.block_sparse import block_sparse_attention  # noqa: PLC0415
-  return "key_mask" if "key_mask" in inspect.signature(block_sparse_attention).parameters else "kv_mask"
 
 
 def call_reason(q_shape, k_shape, alibi_slopes) -> str | None:
@@ -47,16 +48,15 @@ def call_reason(q_shape, k_shape, alibi_slopes) -> str | None:
             f"cross-attention): the kernels take self-attention")
   if alibi_slopes is not None:
     return "alibi_slopes: the kernels add no positional bias"
-  if block_size_for(q_shape[1]) is None:
-    return f"length={q_shape[1]} is not a multiple of 8 (the smallest layout block)"
   return None
 
 
 def kernel_reason(backend: Backend, q_shape, dtype) -> str | None:
   """Why `backend`'s kernel cannot take this call's tiles, dtype or head dim (None when it can)."""
-  from kernels.block_sparse import pallas_tpu  # noqa: PLC0415  (Pallas imports only where kernels are wanted)
+  from kernels.block_sparse.tables import check_supported  # noqa: PLC0415
   try:
-    pallas_tpu.check_supported(q_shape, dtype, block_size_for(q_shape[1]), None, backend)
+    padded = (q_shape[0], padded_length(q_shape[1]), *q_shape[2:])
+    check_supported(padded, dtype, block_size_for(q_shape[1]), None, backend)
   except ValueError as e:
     return str(e)
   return None
@@ -69,11 +69,16 @@ def softmax_attention_pallas(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxH
   the kernel of the lowering platform; "interpret": the TPU kernels in interpret mode). Shapes must satisfy
   `call_reason` (checked by the caller)."""
   from kernels.block_sparse import block_sparse_attention  # noqa: PLC0415
-  length = q_BxLxHxD.shape[1]
-  block_size = block_size_for(length)
-  return block_sparse_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, _layout(length, block_size, causal),
-                                block_size=block_size, causal=causal, scale=scale, implementation=implementation,
-                                dropout_rate=dropout_rate, dropout_rng=dropout_rng, **{_mask_keyword(): key_mask})
+  batch, length = q_BxLxHxD.shape[:2]
+  padded, block_size = padded_length(length), block_size_for(length)
+  if padded != length:
+    key_mask = jnp.ones((batch, length), bool) if key_mask is None else key_mask
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask = map(pad, (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, key_mask))
+  out = block_sparse_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, _layout(padded, block_size, causal),
+                               block_size=block_size, causal=causal, scale=scale, implementation=implementation,
+                               dropout_rate=dropout_rate, dropout_rng=dropout_rng, key_mask=key_mask)
+  return out[:, :length]
 
 
-__all__ = ["BLOCK_SIZES", "block_size_for", "call_reason", "kernel_reason", "softmax_attention_pallas"]
+__all__ = ["BLOCK_SIZES", "block_size_for", "padded_length", "call_reason", "kernel_reason", "softmax_attention_pallas"]

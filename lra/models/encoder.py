@@ -18,6 +18,7 @@ import ml_collections
 
 import attention as attention_lib
 from kernels import sequence as sequence_lib
+from lra.models import embeddings, patches
 from lra.models.embeddings import PositionalEncoding
 from lra.models.mlp import MlpBlock
 from lra.models.precision import resolve_dtype
@@ -45,6 +46,7 @@ class EncoderBlock(nn.Module):
   decode: bool = False
   post_ln: bool = False
   dtype: Any = jnp.float32  # compute dtype
+  positions: str = "none"  # relative positions inside attention (`AttentionLayer.positions`: "rope", "alibi")
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
@@ -53,7 +55,8 @@ class EncoderBlock(nn.Module):
     attention call as keyword arguments."""
     layer = attention_lib.build_attention(self.attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
                                           causal=self.causal, dropout_rate=self.attention_dropout_rate,
-                                          decode=self.decode, dtype=self.dtype, name="attention")
+                                          decode=self.decode, dtype=self.dtype, positions=self.positions,
+                                          name="attention")
     mlp = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="mlp")
     ln_attention, ln_mlp = layer_norm("ln_attention", self.dtype), layer_norm("ln_mlp", self.dtype)
     dropout = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
@@ -76,19 +79,25 @@ class Encoder(nn.Module):
 
   Attributes:
     vocab_size, max_length: input vocabulary and the longest sequence (without the CLS token).
-    pos_encoding: "learned", "sinusoidal" or "none".
+    pos_encoding: one of `lra.models.embeddings.POSITIONAL_ENCODINGS` ("learned", "sinusoidal" (Vaswani's),
+      "lra_sinusoidal", "rope", "alibi", "none"); only "learned" is bounded by max_length.
     pooling: "cls" (a learned CLS vector prepended before the positional encoding, as LRA), "mean" (masked mean over
       real tokens) or "none" (return every position).
-    attention: `{"name": <registered variant>, **options}`.
+    attention: `{"name": <registered variant>, **the options the user set}` (unset ones: `attention.resolve`).
     causal / decode: passed to every attention layer (language modelling and autoregressive decoding).
     layer_options: per-layer attention options merged over `attention` (one mapping per layer), e.g. TransNormer's
-      DiagAttention in early layers. None uses the variant's `default_layer_options(num_layers)` if it defines one
-      (its paper's architecture), else the same options in every layer.
+      DiagAttention in early layers; they win over everything for their layer. None uses the variant's
+      `default_layer_options(num_layers)` (its paper's architecture) for the options `attention` does not set
+      (`attention.resolve`).
     remat: recompute each block's activations in the backward pass (memory for compute).
     reversible: RevNet residuals whose backward pass rebuilds activations (lra/models/reversible.py), so activation
       memory does not grow with depth. A different function from the ordinary pre-LN stack (two streams).
     post_ln: post-LN blocks (LayerNorm after each residual, no final LayerNorm) instead of pre-LN.
-    dtype: compute dtype, "float32", "bfloat16" or "auto" (`lra.models.precision.resolve_dtype`) or a jnp dtype.
+    sequence_output: return every input token's output `[B, L, emb_dim]` (the CLS position dropped) instead of the
+      pooled vector, with the same parameters as the pooled encoder: what self-pretraining heads read
+      (lra/training/pretrain.py), so a pretrained encoder loads into the classifier unchanged.
+    dtype: compute dtype, a name of `kernels.common.DTYPE_NAMES` ("auto": `lra.models.precision.resolve_dtype`) or a
+      jnp dtype.
   """
 
   vocab_size: int
@@ -108,29 +117,26 @@ class Encoder(nn.Module):
   remat: bool = False
   reversible: bool = False
   post_ln: bool = False
+  sequence_output: bool = False
   layer_options: tuple[Mapping[str, Any], ...] | None = None
   dtype: Any = "float32"
+  patch_size: int = 1  # > 1: inputs are `image_shape` pixel tokens embedded as p x p patches (lra/models/patches.py)
+  image_shape: tuple[int, int] | None = None
 
   @property
   def compute_dtype(self) -> jnp.dtype:
     return resolve_dtype(self.dtype)
 
   def attention_for_layers(self) -> list[ml_collections.FrozenConfigDict]:
-    """The attention sub-config of each layer."""
-    per_layer = self.layer_options
+    """The attention config of each layer (`{"name": ..., **every option}`), from `attention.resolve`: registry
+    defaults, the variant's per-layer schedule for what `attention` does not set, `attention` (the options the user
+    set), then `layer_options`."""
     user = dict(self.attention)
-    if per_layer is None:
-      cls = attention_lib.get_class(user["name"])
-      # The base class's default returns None: the same options in every layer.
-      per_layer = cls.default_layer_options(self.num_layers) or ({},) * self.num_layers
-      # The paper's schedule fills only what the user left at the registry default: configs record every option
-      # with its default, so `--config.model.attention.mode=taylor` must still mean taylor in every layer.
-      registry_defaults = attention_lib.options(user["name"])
-      per_layer = tuple({k: v for k, v in dict(o).items()
-                         if k not in user or user[k] == registry_defaults.get(k, v)} for o in per_layer)
-    if len(per_layer) != self.num_layers:
-      raise ValueError(f"layer_options has {len(per_layer)} entries; expected one per layer ({self.num_layers})")
-    return [ml_collections.FrozenConfigDict({**user, **dict(o)}) for o in per_layer]
+    name = user.pop("name")
+    # Model-owned entries go to `build_attention`, which refuses them unless they repeat the default or the model.
+    owned = {k: user.pop(k) for k in list(user) if k in attention_lib.encoder_owned_options()}
+    per_layer = attention_lib.resolve(name, self.num_layers, user, layer_options=self.layer_options)
+    return [ml_collections.FrozenConfigDict({"name": name, **owned, **o}) for o in per_layer]
 
   def shared_layer_inputs(self, per_layer: list[ml_collections.FrozenConfigDict],
                           length: int) -> list[dict[str, jax.Array]]:
@@ -143,14 +149,13 @@ class Encoder(nn.Module):
   def __call__(self, inputs_BxL: jax.Array, mask_BxL: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     if self.pooling not in POOLINGS:
       raise ValueError(f"unknown pooling {self.pooling!r}; valid choices: {POOLINGS}")
-    if self.pooling == "cls" and self.causal:
+    if self.pooling == "cls" and self.causal and not self.sequence_output:
       raise ValueError("pooling='cls' prepends a token that a causal encoder could never attend from; use 'mean' or "
                        "'none' with causal=True")
     if inputs_BxL.ndim != 2:
       raise ValueError(f"Encoder expects integer tokens of shape [batch, length], got shape {inputs_BxL.shape}")
-    if inputs_BxL.shape[1] > self.max_length and not self.decode:
-      raise ValueError(f"sequence length {inputs_BxL.shape[1]} exceeds the encoder's max_length={self.max_length}; "
-                       f"raise config.data.max_length or truncate the inputs")
+    if not self.decode:
+      embeddings.check_length(self.pos_encoding, inputs_BxL.shape[1], self.max_length)
     deterministic = not train
     dtype = self.compute_dtype
     if mask_BxL is None:
@@ -159,9 +164,14 @@ class Encoder(nn.Module):
     # Context parallelism: the host feeds row-sharded tokens; from the first op on, the length is sharded too.
     inputs_BxL, mask_BxL = sequence_lib.constrain(inputs_BxL), sequence_lib.constrain(mask_BxL)
 
-    x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0), dtype=dtype,
-                 param_dtype=jnp.float32, name="embed")(inputs_BxL)
-    max_length = self.max_length
+    patches.check_patch_size(self.patch_size, self.image_shape)
+    if self.patch_size > 1:  # positions over the patch grid
+      x, mask_BxL = patches.PatchEmbedding(self.image_shape, self.patch_size, self.emb_dim, dtype,
+                                           name="patches")(inputs_BxL, mask_BxL)
+    else:
+      x = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=nn.initializers.normal(stddev=1.0), dtype=dtype,
+                   param_dtype=jnp.float32, name="embed")(inputs_BxL)
+    max_length = self.max_length if self.patch_size == 1 else x.shape[1]
     if self.pooling == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.emb_dim))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.emb_dim)).astype(x.dtype), x], axis=1)
@@ -184,6 +194,9 @@ class Encoder(nn.Module):
     if self.reversible:
       if self.decode or self.post_ln:
         raise ValueError("reversible=True supports neither decode nor post_ln; use the ordinary encoder for those")
+      if embeddings.layer_positions(self.pos_encoding) != "none":
+        raise ValueError(f"reversible=True does not support pos_encoding={self.pos_encoding!r} (applied inside "
+                         f"attention); use learned, sinusoidal or lra_sinusoidal with reversible blocks")
       per_layer = self.attention_for_layers()
       x = ReversibleBlocks(tuple(per_layer), self.num_heads, self.qkv_dim, self.mlp_dim,
                            self.dropout_rate, self.attention_dropout_rate, self.causal, dtype=dtype,
@@ -196,10 +209,13 @@ class Encoder(nn.Module):
         x = block_cls(attention=layer_attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
                       mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                       attention_dropout_rate=self.attention_dropout_rate, causal=self.causal, decode=self.decode,
-                      post_ln=self.post_ln, dtype=dtype, name=f"block_{i}")(x, mask_BxL, deterministic, shared)
+                      post_ln=self.post_ln, dtype=dtype, positions=embeddings.layer_positions(self.pos_encoding),
+                      name=f"block_{i}")(x, mask_BxL, deterministic, shared)
     if not self.post_ln:
       x = layer_norm("ln_final", dtype)(x)
 
+    if self.sequence_output:
+      return x[:, 1:] if self.pooling == "cls" else x
     if self.pooling == "cls":
       return x[:, 0]
     if self.pooling == "mean":
@@ -213,7 +229,7 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                         **overrides: Any) -> Encoder:
   """Builds the encoder from `config.model` (see configs/); `overrides` set fields such as pooling or causal.
 
-  `config.model.dtype` ("float32", "bfloat16", "auto"; default float32) is resolved here, so "auto" means the backend
+  `config.model.dtype` (`kernels.common.DTYPE_NAMES`; default float32) is resolved here, so "auto" means the backend
   the model is built on."""
   attention = model_config.attention
   attention = dict(attention.to_dict() if hasattr(attention, "to_dict") else attention)
@@ -225,7 +241,7 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
                 pos_encoding=model_config.pos_encoding, pooling=model_config.pooling,
                 attention=ml_collections.FrozenConfigDict(attention), remat=model_config.get("remat", False),
                 reversible=model_config.get("reversible", False), post_ln=model_config.get("post_ln", False),
-                dtype=resolve_dtype(model_config.get("dtype", "float32")))
+                dtype=resolve_dtype(model_config.get("dtype", "float32")), patch_size=model_config.get("patch_size", 1))
   layer_options = model_config.get("layer_options")
   if layer_options is not None:
     kwargs["layer_options"] = tuple(dict(o) for o in layer_options)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.models import SequenceClassifier, encoder_from_config
 from lra.tasks import cache, listops_generator, validation
 from lra.tasks.base import ArrayDataset, ClassificationTask
 from lra.tasks.registry import register
@@ -79,6 +78,7 @@ class ListOps(ClassificationTask):
   """The ListOps task (Nangia & Bowman 2018, LRA settings)."""
 
   num_classes = NUM_CLASSES
+  vocab_size = len(VOCAB)
 
   def data_dir(self) -> Path:
     """The folder holding the split files, generating them into the cache first when `data_dir` is None."""
@@ -99,9 +99,7 @@ class ListOps(ClassificationTask):
       listops_generator.generate_listops(path, progress=True, **gen)
     return path
 
-  def dataset(self, split: str) -> ArrayDataset:
-    if split not in SPLIT_FILES:
-      raise ValueError(f"unknown ListOps split {split!r}; valid choices: {tuple(SPLIT_FILES)}")
+  def build_dataset(self, split: str) -> ArrayDataset:
     path = self.data_dir() / SPLIT_FILES[split]
     max_length = self.config.data.max_length
     key = cache.key_of("listops", cache.file_fingerprint(path), max_length)
@@ -110,14 +108,3 @@ class ListOps(ClassificationTask):
     # The mask comes from the pad token only (never from input values).
     arrays["mask"] = arrays["inputs"] != PAD_ID
     return ArrayDataset(arrays)
-
-  def model(self):
-    model_config = self.config.model
-    encoder = encoder_from_config(model_config, vocab_size=len(VOCAB), max_length=self.config.data.max_length)
-    return SequenceClassifier(encoder=encoder, num_classes=self.num_classes,
-                              head_mlp_dim=model_config.get("head_mlp_dim") or model_config.mlp_dim)
-
-  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    length = self.config.data.max_length
-    return {"inputs": np.zeros((batch_size, length), np.int16), "mask": np.ones((batch_size, length), bool),
-            "targets": np.zeros((batch_size,), np.int32)}

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from lra.tasks import cache, mqar_generator
-from lra.tasks.causal_lm import causal_lm_model, token_loss_and_metrics
-from lra.tasks.base import ArrayDataset, Metrics, Task
+from lra.tasks.base import ArrayDataset
+from lra.tasks.causal_lm import LanguageModelTask
 from lra.tasks.registry import register
 
 SPLITS = ("train", "validation", "test")
@@ -24,7 +24,7 @@ SIZE_KEYS = {"train": "num_train", "validation": "num_val", "test": "num_test"}
 
 
 @register("mqar")
-class MQAR(Task):
+class MQAR(LanguageModelTask):
   """Per-position next-token classification over the vocabulary, scored at query positions only."""
 
   best_metric = "accuracy"
@@ -47,9 +47,7 @@ class MQAR(Task):
   def vocab_size(self) -> int:
     return int(self.config.data.generate.vocab_size)
 
-  def dataset(self, split: str) -> ArrayDataset:
-    if split not in SPLITS:
-      raise ValueError(f"unknown MQAR split {split!r}; valid choices: {SPLITS}")
+  def build_dataset(self, split: str) -> ArrayDataset:
     args = self.generator_arguments()
     gen = self.config.data.generate
     num, seed = int(gen[SIZE_KEYS[split]]), [int(gen.get("seed", 0)), SPLITS.index(split)]
@@ -65,13 +63,9 @@ class MQAR(Task):
     arrays["mask"] = np.ones(arrays["inputs"].shape, bool)
     return ArrayDataset(arrays)
 
-  def model(self):
-    return causal_lm_model(self.config, self.vocab_size)
+  def input_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    spec = super().input_spec()
+    return {**spec, "query_mask": spec["mask"]}
 
-  def loss_and_metrics(self, logits_BxLxV: jax.Array, batch) -> tuple[jax.Array, Metrics]:
-    return token_loss_and_metrics(logits_BxLxV, batch, batch["query_mask"])
-
-  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    length = self.config.data.max_length
-    return {"inputs": np.zeros((batch_size, length), np.int32), "targets": np.zeros((batch_size, length), np.int32),
-            "mask": np.ones((batch_size, length), bool), "query_mask": np.ones((batch_size, length), bool)}
+  def loss_positions(self, batch) -> jax.Array:
+    return batch["query_mask"]  # the loss and accuracy count query positions only

@@ -2,7 +2,8 @@
 
 An image of H x W pixels is H*W tokens in row-major order, the token being the pixel value (vocabulary 256). There is
 no padding: every position is real, so the mask is all True. (The LRA code derived its mask from `inputs > 0`, which
-treated black pixels -- most of a Pathfinder image -- as padding.)
+treated black pixels -- most of a Pathfinder image -- as padding.) With `config.model.patch_size = p > 1` the encoder
+embeds the same pixel tokens as non-overlapping p x p patches (lra/models/patches.py); p must divide the image sides.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import abc
 
 import numpy as np
 
-from lra.tasks.base import ArrayDataset
-from lra.tasks.split_task import SplitTask, sequence_classifier
+from lra.models import patches
+from lra.tasks.base import ArrayDataset, ClassificationTask
 
 VOCAB_SIZE = 256
 
@@ -29,8 +30,11 @@ def to_grayscale(rgb: np.ndarray) -> np.ndarray:
   return np.clip(np.floor(luma * 255.5), 0, 255).astype(np.uint8)
 
 
-class PixelClassificationTask(SplitTask):
-  """Classification of `[H, W]` uint8 images read by `load_split`."""
+class PixelClassificationTask(ClassificationTask):
+  """Classification of `[H, W]` uint8 images read by `load_split` (tokens: pixel values, row-major)."""
+
+  vocab_size = VOCAB_SIZE
+  input_dtype = np.uint8
 
   @abc.abstractmethod
   def image_shape(self) -> tuple[int, int]:
@@ -55,9 +59,7 @@ class PixelClassificationTask(SplitTask):
     return ArrayDataset({"inputs": inputs, "mask": all_true_mask(len(inputs), self.length), "targets": targets})
 
   def model(self):
-    return sequence_classifier(self.config, vocab_size=VOCAB_SIZE, max_length=self.length,
-                               num_classes=self.num_classes)
-
-  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    return {"inputs": np.zeros((batch_size, self.length), np.uint8), "mask": np.ones((batch_size, self.length), bool),
-            "targets": np.zeros((batch_size,), np.int32)}
+    patches.check_patch_size(self.config.model.get("patch_size", 1), self.image_shape())  # before any data is read
+    model = super().model()
+    # p x p patches (config.model.patch_size > 1): the data stay pixel tokens, the encoder embeds them as patches.
+    return model.clone(encoder=model.encoder.clone(image_shape=tuple(self.image_shape())))

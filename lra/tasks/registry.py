@@ -1,10 +1,19 @@
-"""Task registry: tasks register by name, training code looks them up and never branches on a task name."""
+"""Task registry: tasks register by name, training code looks them up and never branches on a task name.
+
+A task defined outside the package joins through the `TASK_PLUGINS` environment variable (comma-separated module
+names, as `ATTENTION_PLUGINS` for attention variants): `lra.tasks` imports each module once, when it is itself
+imported, so `train.py`, `eval.py` (which rebuilds a run from its `config.json`), the scripts and the processes a
+sweep starts all know the task.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Callable, TypeVar
 
 _TASKS: dict[str, type] = {}
+PLUGINS_ENV = "TASK_PLUGINS"
 
 T = TypeVar("T", bound=type)
 
@@ -31,9 +40,23 @@ def get(name: str) -> type:
   try:
     return _TASKS[name]
   except (KeyError, TypeError):
-    raise ValueError(f"unknown task {name!r}; valid choices: {', '.join(names())}") from None
+    raise ValueError(f"unknown task {name!r}; valid choices: {', '.join(names())} (a task defined outside the "
+                     f"package is registered by naming its module in {PLUGINS_ENV})") from None
 
 
 def build(config):
   """The task named by `config.task`, constructed with the whole config."""
   return get(config.task)(config)
+
+
+def import_plugins(value: str | None = None) -> list[str]:
+  """Imports the modules named in `value` (default: the `TASK_PLUGINS` environment variable); their names."""
+  value = os.environ.get(PLUGINS_ENV, "") if value is None else value
+  modules = [m.strip() for m in value.split(",") if m.strip()]
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ValueError(f"{PLUGINS_ENV} names module {module!r}, which cannot be imported ({e}); fix the name or "
+                       f"PYTHONPATH") from e
+  return modules

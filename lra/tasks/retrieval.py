@@ -20,12 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.models import encoder_from_config
-from lra.models.heads import DualEncoderMatcher
 from lra.tasks import byte_tokens, cache, synthetic_aan
-from lra.tasks.base import ArrayDataset
+from lra.tasks.base import ArrayDataset, MatchingTask
 from lra.tasks.registry import register
-from lra.tasks.split_task import SplitTask
 
 SPLIT_FILES = {"train": "new_aan_pairs.train.tsv", "validation": "new_aan_pairs.eval.tsv",
                "test": "new_aan_pairs.test.tsv"}
@@ -60,10 +57,11 @@ def read_pairs(path: Path, max_length: int) -> dict[str, np.ndarray]:
 
 
 @register("retrieval")
-class Retrieval(SplitTask):
+class Retrieval(MatchingTask):
   """AAN document matching (LRA "Retrieval")."""
 
   num_classes = 2
+  vocab_size = byte_tokens.VOCAB_SIZE
 
   def data_dir(self) -> Path:
     """The folder holding the three TSV files (generating the synthetic set into the cache dir if asked to)."""
@@ -98,16 +96,3 @@ class Retrieval(SplitTask):
     arrays["mask1"] = byte_tokens.padding_mask(arrays["inputs1"])
     arrays["mask2"] = byte_tokens.padding_mask(arrays["inputs2"])
     return ArrayDataset(arrays)
-
-  def model(self) -> DualEncoderMatcher:
-    model_config = self.config.model
-    encoder = encoder_from_config(model_config, vocab_size=byte_tokens.VOCAB_SIZE,
-                                  max_length=self.config.data.max_length)
-    return DualEncoderMatcher(encoder=encoder, num_classes=self.num_classes,
-                              head_mlp_dim=model_config.get("head_mlp_dim") or model_config.mlp_dim)
-
-  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    length = self.config.data.max_length
-    tokens, mask = np.zeros((batch_size, length), np.int16), np.ones((batch_size, length), bool)
-    return {"inputs1": tokens, "mask1": mask, "inputs2": tokens, "mask2": mask,
-            "targets": np.zeros((batch_size,), np.int32)}

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.models import encoder_from_config
-from lra.models.heads import DualEncoderMatcher
 from lra.tasks import cache, validation
-from lra.tasks.base import ArrayDataset, ClassificationTask
+from lra.tasks.base import ArrayDataset, MatchingTask
 from lra.tasks.registry import register
 
 LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
@@ -98,10 +96,12 @@ def encode(pairs, vocab: dict[str, int], max_length: int) -> dict[str, np.ndarra
 
 
 @register("snli")
-class SNLI(ClassificationTask):
+class SNLI(MatchingTask):
   """Premise/hypothesis classification into entailment, neutral, contradiction."""
 
   num_classes = 3
+  input_dtype = np.int32
+  abs_difference = True  # |u - v|, the SNLI convention
 
   @functools.cached_property
   def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
@@ -149,22 +149,7 @@ class SNLI(ClassificationTask):
   def vocab_size(self) -> int:
     return int(self._arrays["_meta"]["vocab_size"])
 
-  def dataset(self, split: str) -> ArrayDataset:
-    if split not in ("train", "validation", "test"):
-      raise ValueError(f"unknown SNLI split {split!r}; valid choices: ('train', 'validation', 'test')")
+  def build_dataset(self, split: str) -> ArrayDataset:
     arrays = dict(self._arrays[split])
     arrays["mask1"], arrays["mask2"] = arrays["inputs1"] != 0, arrays["inputs2"] != 0  # from the pad token only
     return ArrayDataset(arrays)
-
-  def model(self):
-    model_config = self.config.model
-    encoder = encoder_from_config(model_config, vocab_size=self.vocab_size, max_length=self.config.data.max_length)
-    return DualEncoderMatcher(encoder=encoder, num_classes=self.num_classes,
-                              head_mlp_dim=model_config.get("head_mlp_dim") or model_config.mlp_dim,
-                              abs_difference=True)
-
-  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    length = self.config.data.max_length
-    ids, mask = np.zeros((batch_size, length), np.int32), np.ones((batch_size, length), bool)
-    return {"inputs1": ids, "inputs2": ids, "mask1": mask, "mask2": mask,
-            "targets": np.zeros((batch_size,), np.int32)}

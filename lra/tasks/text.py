@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from lra.tasks import archive, byte_tokens, cache, tfds_source, validation
-from lra.tasks.base import ArrayDataset
+from lra.tasks.base import ArrayDataset, ClassificationTask
 from lra.tasks.registry import register
-from lra.tasks.split_task import SplitTask, sequence_classifier
 
 REVIEW_PATTERN = re.compile(r"(?:^|/)(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 LABELS = {"neg": 0, "pos": 1}
@@ -86,10 +85,11 @@ def read_tfds(max_length: int) -> dict[str, np.ndarray]:
 
 
 @register("text")
-class Text(SplitTask):
+class Text(ClassificationTask):
   """Byte-level IMDB (LRA "Text")."""
 
   num_classes = 2
+  vocab_size = byte_tokens.VOCAB_SIZE
   splits = SPLITS
   validation_split = "test"
   eval_splits = ("test",)
@@ -124,12 +124,3 @@ class Text(SplitTask):
     inputs = arrays[f"{split}_inputs"]
     return ArrayDataset({"inputs": inputs, "mask": byte_tokens.padding_mask(inputs),
                          "targets": arrays[f"{split}_targets"]})
-
-  def model(self):
-    return sequence_classifier(self.config, vocab_size=byte_tokens.VOCAB_SIZE,
-                               max_length=self.config.data.max_length, num_classes=self.num_classes)
-
-  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    length = self.config.data.max_length
-    return {"inputs": np.zeros((batch_size, length), np.int16), "mask": np.ones((batch_size, length), bool),
-            "targets": np.zeros((batch_size,), np.int32)}

@@ -15,12 +15,11 @@ import functools
 import math
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from lra.tasks import cache, validation
-from lra.tasks.causal_lm import causal_lm_model, token_loss_and_metrics
-from lra.tasks.base import ArrayDataset, Metrics, Task
+from lra.tasks.base import ArrayDataset
+from lra.tasks.causal_lm import LanguageModelTask
 from lra.tasks.registry import register
 
 SPLIT_NAMES = {"train": "train", "validation": "valid", "test": "test"}
@@ -77,7 +76,7 @@ def to_blocks(ids: np.ndarray, max_length: int, keep_tail: bool) -> dict[str, np
 
 
 @register("wikitext2")
-class WikiText2(Task):
+class WikiText2(LanguageModelTask):
   """Next-word prediction; metrics: loss (mean token NLL), perplexity, accuracy. Best checkpoint: lowest
   validation perplexity."""
 
@@ -119,21 +118,8 @@ class WikiText2(Task):
     vocab = build_vocab(read_tokens(split_path(self._data_dir(), "train")))
     return sorted(vocab, key=vocab.__getitem__)
 
-  def dataset(self, split: str) -> ArrayDataset:
-    if split not in SPLIT_NAMES:
-      raise ValueError(f"unknown WikiText-2 split {split!r}; valid choices: {tuple(SPLIT_NAMES)}")
+  def build_dataset(self, split: str) -> ArrayDataset:
     return ArrayDataset(to_blocks(self._ids[split], self.config.data.max_length, keep_tail=split != "train"))
-
-  def model(self):
-    return causal_lm_model(self.config, self.vocab_size)
-
-  def loss_and_metrics(self, logits_BxLxV: jax.Array, batch) -> tuple[jax.Array, Metrics]:
-    return token_loss_and_metrics(logits_BxLxV, batch, batch["mask"])
 
   def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
     return {**metrics, "perplexity": math.exp(min(metrics["loss"], 700.0))}
-
-  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    length = self.config.data.max_length
-    return {"inputs": np.zeros((batch_size, length), np.int32), "targets": np.zeros((batch_size, length), np.int32),
-            "mask": np.ones((batch_size, length), bool)}

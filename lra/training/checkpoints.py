@@ -154,3 +154,28 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def step_directory(path: str | Path) -> Path:
+  """The checkpoint step folder `path` names: a step folder itself (`<workdir>/checkpoints/600`, `.../best/400`), a
+  checkpoint manager folder (its latest step) or a workdir (its `checkpoints/`, else its pretraining phase's:
+  `pretrain/checkpoints/`). FileNotFoundError naming the path when there is none."""
+  path = Path(path).expanduser().absolute()
+  if (path / "state").is_dir():
+    return path
+  for managed in (path, path / LATEST_DIR, path / "pretrain" / LATEST_DIR):
+    steps = sorted(int(p.name) for p in managed.glob("*") if p.name.isdigit() and (p / "state").is_dir()) \
+        if managed.is_dir() else []
+    if steps:
+      return managed / str(steps[-1])
+  raise FileNotFoundError(f"no checkpoint found at {path}: give a workdir of a finished or pretrained run, its "
+                          f"checkpoints/ folder or one step folder (e.g. {path / LATEST_DIR / '600'})")
+
+
+def read_params(path: str | Path) -> tuple[Any, Path]:
+  """The `params` tree (host arrays) of the checkpoint at `path` (see `step_directory`) and its step folder, restored
+  without a target model: for starting another run from it (`config.init_from`)."""
+  directory = step_directory(path)
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore(directory / "state")
+  return jax.device_get(state["params"]), directory

@@ -12,6 +12,9 @@ with its `config.json` and the checkpoint's array shapes: a workdir of another t
 A checkpoint written on preemption also holds the per-step metrics not yet logged (`meta["pending"]`), so the next
 log line averages the same steps as in an uninterrupted run.
 The last step of every run is logged, evaluated and checkpointed, so a larger `num_steps` extends a finished run.
+With self-pretraining (`config.pretrain.steps > 0`) step 1 is followed, when no fine-tuning checkpoint exists, by the
+pretraining phase (run or resumed with this same order in `<workdir>/pretrain`, see pretrain.py), whose encoder seeds
+the fine-tuning state; `config.init_from` seeds it from another run.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from jax.experimental import multihost_utils
 
 from lra.training import checkpoints as checkpoints_lib
 from lra.training import metric_writers, optim, preemption, sharding, validation
+from lra.training import pretrain as pretrain_lib
 from kernels import sequence as sequence_lib
 
 # Rng streams given to the model: "dropout" for dropout, "attention" for variants that draw fresh randomness per
@@ -97,13 +101,14 @@ def eval_step(params: Any, model_state: Any, batch: Mapping[str, jax.Array], *, 
 class Experiment:
   """Everything built from a config: task, model, mesh, jitted steps, and the initial state."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, task: tasks_lib.Task | None = None):
+    """`task`: the task to train (default: the one `config.task` names; the pretraining phase passes its own)."""
     self.config = config
     sharding.maybe_initialize_distributed(config.mesh.get("distributed", "auto"))
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.train.batch_size, self.mesh)
     sharding.check_batch_size(config.train.eval_batch_size, self.mesh, "config.train.eval_batch_size")
-    self.task = tasks_lib.build(config)
+    self.task = task if task is not None else tasks_lib.build(config)
     self.model: nn.Module = self.task.model()
     self.tx = optim.make_optimizer(config.train)
     self.batch_sharding = sharding.data_sharding(self.mesh)
@@ -188,16 +193,8 @@ def _pending_from_meta(records: list) -> list[tuple[int, dict[str, np.ndarray]]]
 
 
 def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`config` as a dict whose attention sub-config holds every option in force: the ones set plus the registry's
-  defaults (encoder-owned options such as num_heads live in `config.model` and are left out)."""
-  record = config.to_dict()
-  sub = dict(record.get("model", {}).get("attention") or {})
-  if "name" in sub:
-    owned = set(attention_lib.encoder_owned_options())
-    defaults = {k: v for k, v in attention_lib.options(sub["name"]).items()
-                if k not in owned and v is not dataclasses.MISSING}
-    record["model"]["attention"] = {**defaults, **sub}
-  return record
+  """`config` as config.json records it: the options the user set plus every layer's resolved attention options."""
+  return validation.config_record(config)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -212,17 +209,19 @@ def _due(step: int, every: int | None, last: int) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict[str, float]]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final metrics by split."""
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final metrics by split.
+
+  With `config.pretrain.steps > 0` the encoder is first self-pretrained in the same call, and `config.init_from`
+  starts fine-tuning from another run's encoder (lra/training/pretrain.py: phases, their workdir layout, resume)."""
   validation.validate_config(config)
   workdir = Path(workdir)
   validation.check_workdir_config(config, workdir, checkpoints_lib.LATEST_DIR)
+  validation.check_workdir_config(config, workdir, pretrain_lib.PRETRAIN_CHECKPOINTS)
   workdir.mkdir(parents=True, exist_ok=True)
   exp = Experiment(config)
-  train_cfg = config.train
-  num_steps = train_cfg.num_steps
   is_writer = jax.process_index() == 0
 
-  ckpt = checkpoints_lib.Checkpoints(workdir, keep=train_cfg.keep_checkpoints)
+  ckpt = checkpoints_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
   state = exp.init_state()
   meta: dict[str, Any] = {"step": 0, "best": None}
   try:
@@ -235,8 +234,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logging.info("Resumed from %s at step %d", workdir / checkpoints_lib.LATEST_DIR, meta["step"])
   if is_writer:  # after the checks above, so a refused run leaves the workdir's config.json as it was
     _write_config(config, workdir)
+  if restored is None:  # fine-tuning has not started: pretrain (or resume pretraining) first, or load init_from
+    try:
+      state = pretrain_lib.starting_state(config, workdir, exp, state)
+    except BaseException:
+      ckpt.close()
+      raise
+  writer = pretrain_lib.PhaseWriter(workdir, enabled=is_writer, phase=pretrain_lib.finetune_phase(config))
+  return run_loop(exp, workdir, state, meta, ckpt, writer)[1]
+
+
+def run_loop(exp: Experiment, workdir: Path, state: TrainState, meta: dict[str, Any],
+             ckpt: checkpoints_lib.Checkpoints, writer: metric_writers.MetricWriter
+             ) -> tuple[TrainState, dict[str, dict[str, float]]]:
+  """Trains `state` (at step `meta["step"]`) to `exp.config.train.num_steps`, logging to `writer` and checkpointing to
+  `ckpt`, evaluates `exp.task.eval_splits` at the end; closes `ckpt` and `writer`. One loop for every phase."""
+  config = exp.config
+  train_cfg = config.train
+  num_steps = train_cfg.num_steps
+  is_writer = jax.process_index() == 0
   start_step = int(meta["step"])
-  writer = metric_writers.MetricWriter(workdir, enabled=is_writer)
   writer.truncate_after(start_step)
 
   rows, row_groups = sharding.process_rows(exp.mesh)  # processes along "sequence" feed the same rows
@@ -312,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ckpt.wait()
     ckpt.close()
     writer.close()
-  return final
+  return state, final
 
 
 def restore_checkpoint(exp: Experiment, workdir: str | Path, checkpoint: str | int) -> tuple[TrainState, dict]:

@@ -68,7 +68,7 @@ def test_gradients_agree_across_implementations(causal):
 
 def test_unknown_implementation():
   q, k, v = _qkv()
-  with pytest.raises(ValueError, match="unknown softmax implementation 'triton'"):
+  with pytest.raises(ValueError, match="unknown softmax_attention implementation 'triton'"):
     softmax_attention(q, k, v, implementation="triton")
   with pytest.raises(ValueError, match="unknown softmax implementation"):
     attention.build("softmax", implementation="triton").init(jax.random.key(0), jnp.ones((1, 4, 8)))

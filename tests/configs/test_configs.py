@@ -1,5 +1,7 @@
 """Every config file loads (default, runlocal, each attention variant) with the values it had before configs became
-deltas of configs/common.py; argument parsing is strict; the attention variant swaps by flag in both directions."""
+deltas of configs/common.py and with the per-layer attention options it resolved to before options were resolved in
+one place (a snapshot); argument parsing is strict; the attention variant swaps by flag in both directions; what the
+user sets wins over a variant's per-layer schedule even when it equals the default."""
 
 import importlib.util
 import json
@@ -14,6 +16,8 @@ from absl import flags
 
 import attention
 from configs import common
+from lra.models.encoder import encoder_from_config
+from lra.training import validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").rglob("*.py")
@@ -33,21 +37,21 @@ EXPECTED = {
                                        1000, 0.1, 0.98, None, 500),
     ("configs/lra/listops.py", "runlocal"): (2, 64, 4, 64, 128, 0.0, "cls", "learned", 128, 600, 32, 100, 0.001,
                                              "cosine", 60, 0.01, 0.999, 1.0, 200),
-    ("configs/lra/pathfinder.py", None): (4, 32, 4, 16, 32, 0.2, "mean", "sinusoidal", None, 62400, 512, 512, 0.001,
+    ("configs/lra/pathfinder.py", None): (4, 32, 4, 16, 32, 0.2, "mean", "lra_sinusoidal", None, 62400, 512, 512, 0.001,
                                           "cosine", 312, 0.0, 0.98, None, 3120),
-    ("configs/lra/pathfinder.py", "runlocal"): (2, 32, 2, 32, 64, 0.0, "mean", "sinusoidal", None, 300, 16, 50, 0.001,
-                                                "cosine", 30, 0.0, 0.999, 1.0, 150),
+    ("configs/lra/pathfinder.py", "runlocal"): (2, 32, 2, 32, 64, 0.0, "mean", "lra_sinusoidal", None, 300, 16, 50,
+                                                0.001, "cosine", 30, 0.0, 0.999, 1.0, 150),
     ("configs/lra/pathx.py", None): (1, 32, 2, 16, 32, 0.1, "mean", "learned", None, 500000, 64, 64, 0.001, "cosine",
                                      2500, 0.0, 0.98, 1.0, 25000),
     ("configs/lra/pathx.py", "runlocal"): (1, 32, 1, 32, 64, 0.0, "mean", "learned", None, 40, 4, 4, 0.001, "cosine",
                                            4, 0.0, 0.999, 1.0, 20),
-    ("configs/lra/retrieval.py", None): (4, 128, 4, 128, 512, 0.1, "cls", "sinusoidal", 4000, 5000, 32, 32, 0.05,
+    ("configs/lra/retrieval.py", None): (4, 128, 4, 128, 512, 0.1, "cls", "lra_sinusoidal", 4000, 5000, 32, 32, 0.05,
                                          "rsqrt", 8000, 0.1, 0.98, None, 500),
-    ("configs/lra/retrieval.py", "runlocal"): (2, 64, 4, 64, 128, 0.0, "cls", "sinusoidal", 256, 200, 32, 100, 0.001,
-                                               "cosine", 20, 0.01, 0.999, 1.0, 100),
-    ("configs/lra/text.py", None): (4, 256, 4, 256, 1024, 0.1, "cls", "sinusoidal", 4000, 20000, 32, 64, 0.05, "rsqrt",
-                                    8000, 0.1, 0.98, None, 1000),
-    ("configs/lra/text.py", "runlocal"): (2, 64, 4, 64, 128, 0.1, "cls", "sinusoidal", 512, 300, 32, 100, 0.001,
+    ("configs/lra/retrieval.py", "runlocal"): (2, 64, 4, 64, 128, 0.0, "cls", "lra_sinusoidal", 256, 200, 32, 100,
+                                               0.001, "cosine", 20, 0.01, 0.999, 1.0, 100),
+    ("configs/lra/text.py", None): (4, 256, 4, 256, 1024, 0.1, "cls", "lra_sinusoidal", 4000, 20000, 32, 64, 0.05,
+                                    "rsqrt", 8000, 0.1, 0.98, None, 1000),
+    ("configs/lra/text.py", "runlocal"): (2, 64, 4, 64, 128, 0.1, "cls", "lra_sinusoidal", 512, 300, 32, 100, 0.001,
                                           "cosine", 30, 0.01, 0.999, 1.0, 150),
     ("configs/mqar.py", None): (2, 128, 2, 128, 512, 0.0, "none", "learned", 256, 20000, 64, 128, 0.001, "cosine",
                                 1000, 0.1, 0.98, 1.0, 1000),
@@ -100,9 +104,9 @@ def test_config_file_loads(path):
     assert {"remat", "reversible", "post_ln", "pooling", "pos_encoding"} <= set(config.model), sorted(config.model)
   for name in attention.names():
     config = module.get_config(f"runlocal,attention={name}")
-    assert config.model.attention.name == name
-    resolved = common.resolve_attention(config.model.attention).to_dict()
-    assert resolved.keys() == {"name", *common.attention_options(name)}
+    assert config.model.attention.to_dict() == {"name": name}
+    for layer in validation.resolved_layers(config):
+      assert layer.keys() == common.attention_options(name).keys()
   with pytest.raises(ValueError, match="unknown config argument 'bogus'.*valid keys"):
     module.get_config("bogus=1")
   with pytest.raises(ValueError, match="unknown attention variant 'nope'.*valid choices"):
@@ -144,14 +148,16 @@ def test_attention_sub_config_and_overrides():
   assert common.attention_config("performer", num_features=64).to_dict() == {"name": "performer", "num_features": 64}
   with pytest.raises(ValueError, match="unknown option.*'window'.*valid options: implementation"):
     common.attention_config("softmax", window=3)
-  resolved = common.resolve_attention({"name": "performer", "num_features": 64})
-  assert resolved.num_features == 64 and resolved.kernel == "softmax" and "num_heads" not in resolved
-  assert resolved.get_type("implementation") is str  # None default: strings from the command line still parse
   base = _load(ROOT / "configs/lra/listops.py").get_config("runlocal,attention=performer")
   swapped = common.apply_overrides(base, {"model.attention.name": "linear", "model.attention.feature_map": "relu",
                                           "train.learning_rate": "2e-3"})
-  assert swapped.model.attention.name == "linear" and swapped.model.attention.feature_map == "relu"
-  assert "num_features" not in swapped.model.attention and swapped.train.learning_rate == 0.002
+  # Only what the overrides set: the registry's defaults are not copied into the config.
+  assert swapped.model.attention.to_dict() == {"name": "linear", "feature_map": "relu"}
+  assert swapped.train.learning_rate == 0.002
+  # An option with a None default parses from its annotation (`str | None`); "none" gives None back.
+  assert common.apply_overrides(base, {"model.attention.implementation": "xla"}).model.attention.to_dict() == {
+      "name": "performer", "implementation": "xla"}
+  assert common.apply_overrides(base, {"model.attention.num_features": "32"}).model.attention.num_features == 32
   assert base.model.attention.to_dict() == {"name": "performer"}  # a copy
   with pytest.raises(ValueError, match="model.attention.num_features: model.attention has no 'num_features'"):
     common.apply_overrides(base, {"model.attention.name": "softmax", "model.attention.num_features": 8})
@@ -175,15 +181,21 @@ def test_variant_swaps_by_flag_both_ways():
     for order in (1, -1):
       flags_ = ["--config.model.attention.name=performer", "--config.model.attention.num_features=128"][::order]
       config = _parse_flags(["prog", listops, *flags_])
-      assert config.model.attention.name == "performer" and config.model.attention.num_features == 128
-      assert config.model.attention.kernel == "softmax"  # the defaults in force are recorded
+      assert config.model.attention.to_dict() == {"name": "performer", "num_features": 128}  # what the user set
+      assert {layer["kernel"] for layer in validation.resolved_layers(config)} == {"softmax"}  # the default in force
     # performer -> softmax: performer's options go, softmax's come.
     config = _parse_flags(["prog", listops + ",attention=performer", "--config.model.attention.name=softmax",
                            "--config.model.attention.implementation=xla"])
     assert config.model.attention.to_dict() == {"name": "softmax", "implementation": "xla"}
-    # Without a swap the file's variant gets its defaults too (so config.json records them).
+    # Without a swap nothing is filled in: the registry supplies the defaults when the model is built.
     config = _parse_flags(["prog", listops + ",attention=linear"])
-    assert config.model.attention.to_dict() == {"name": "linear", **common.attention_options("linear")}
+    assert config.model.attention.to_dict() == {"name": "linear"}
+    # An option set to its default value is still the user's: it wins over TransNormer's per-layer schedule.
+    config = _parse_flags(["prog", listops + ",attention=transnormer", "--config.model.attention.mode=norm"])
+    assert config.model.attention.to_dict() == {"name": "transnormer", "mode": "norm"}
+    assert [layer["mode"] for layer in validation.resolved_layers(config)] == ["norm", "norm"]
+    config = _parse_flags(["prog", listops + ",attention=transnormer"])
+    assert [layer["mode"] for layer in validation.resolved_layers(config)] == ["diag", "norm"]
     with pytest.raises(flags.IllegalFlagValueError, match="num_features: unknown option.*'softmax'.*valid options: "
                        "implementation"):
       _parse_flags(["prog", listops, "--config.model.attention.num_features=128"])
@@ -202,17 +214,40 @@ TINY = ["--config.train.num_steps=2", "--config.train.warmup_steps=1", "--config
         "--config.data.generate.min_length=8", "--config.data.generate.max_length=32"]
 
 
-@pytest.mark.parametrize("start,swap,option,value", [
-    ("runlocal", "performer", "num_features", 16),
-    ("runlocal,attention=performer", "softmax", "implementation", "xla"),
+@pytest.mark.parametrize("start,swap,option,value,num_layers", [
+    # softmax -> transnormer with an option set to its default value: NormAttention in every layer, not TransNormer's
+    # DiagAttention lower half (in-process flag tests cover other variants' options; one subprocess per direction).
+    ("runlocal", "transnormer", "mode", "norm", 2),
+    ("runlocal,attention=performer", "softmax", "implementation", "xla", 1),
 ])
-def test_train_py_swaps_variant_and_records_options(tmp_path, data_cache, start, swap, option, value):
+def test_train_py_swaps_variant_and_records_options(tmp_path, data_cache, start, swap, option, value, num_layers):
   cmd = [sys.executable, "train.py", f"--config=configs/lra/listops.py:{start}", f"--workdir={tmp_path}",
-         f"--config.data.cache_dir={data_cache}", *TINY, f"--config.model.attention.name={swap}",
-         f"--config.model.attention.{option}={value}"]
+         f"--config.data.cache_dir={data_cache}", *TINY, f"--config.model.num_layers={num_layers}",
+         f"--config.model.attention.name={swap}", f"--config.model.attention.{option}={value}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
                         env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  recorded = json.loads((tmp_path / "config.json").read_text())["model"]["attention"]
-  assert recorded == {**common.attention_options(swap), "name": swap, option: value}
+  model = json.loads((tmp_path / "config.json").read_text())["model"]
+  assert model["attention"] == {"name": swap, option: value}  # what the user set
+  # Every layer's options as they ran: the registry defaults with the user's option over them.
+  assert model["resolved_attention"] == [{**common.attention_options(swap), "name": swap, option: value}] * num_layers
   assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1] == 2
+
+
+SNAPSHOT = json.loads((ROOT / "tests/configs/resolved_attention_snapshot.json").read_text())
+
+
+@pytest.mark.parametrize("path", sorted({k.partition(":")[0] for k in SNAPSHOT}))
+def test_every_config_resolves_to_the_snapshot_taken_before_options_were_resolved_once(path):
+  """The per-layer attention options each (config file, arg) built before issue 23 (the snapshot was written by the
+  old code: configs filling registry defaults, the encoder guessing which ones the user set), for every file with
+  its default arg, `runlocal`, `attention=<name>` and `runlocal,attention=<name>`."""
+  module = _load(ROOT / path)
+  entries = {k.partition(":")[2]: v for k, v in SNAPSHOT.items() if k.partition(":")[0] == path}
+  assert {"", "runlocal"} | {f"attention={n}" for n in ("softmax", "transnormer", "based")} <= set(entries)
+  for arg, expected in entries.items():
+    config = common.prepare_for_command_line(module.get_config(arg or None), {})  # train.py without attention flags
+    layers = encoder_from_config(config.model, vocab_size=8, max_length=16).attention_for_layers()
+    assert json.loads(json.dumps([dict(layer) for layer in layers])) == expected, f"{path}:{arg}"
+    # config.json records the same layers.
+    assert json.loads(json.dumps(validation.config_record(config)))["model"]["resolved_attention"] == expected

@@ -1,8 +1,6 @@
 """kernels.block_sparse_attention: reference against a numpy loop, xla against reference (values and gradients), the
 memory claim, errors."""
 
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,7 @@ TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=2e-2, rt
 GRAD_TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-4), jnp.bfloat16: dict(atol=5e-2, rtol=5e-2)}
 
 
-def numpy_block_sparse(q, k, v, layout, block_size, causal=False, kv_mask=None):
+def numpy_block_sparse(q, k, v, layout, block_size, causal=False, key_mask=None):
   """Per-token loops in float64, independent of the code under test: rows with no allowed key give 0."""
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   b, length, h, d = q.shape
@@ -28,7 +26,7 @@ def numpy_block_sparse(q, k, v, layout, block_size, causal=False, kv_mask=None):
       lay = layout[hi if layout.shape[0] > 1 else 0]
       for t in range(length):
         keys = [s for s in range(length) if lay[t // block_size, s // block_size] and (not causal or s <= t)
-                and (kv_mask is None or kv_mask[bi, s])]
+                and (key_mask is None or key_mask[bi, s])]
         if not keys:
           continue
         scores = np.array([q[bi, t, hi] @ k[bi, s, hi] for s in keys]) / np.sqrt(d)
@@ -54,10 +52,10 @@ def _random_layout(heads, n, seed, density=0.4, empty_row=True):
 def test_reference_matches_numpy_loop(causal, heads_in_layout):
   q, k, v = _qkv((2, 12, 3, 4))
   layout = _random_layout(heads_in_layout, 4, seed=heads_in_layout)
-  kv_mask = np.arange(12)[None, :] < np.array([[9], [12]])
+  key_mask = np.arange(12)[None, :] < np.array([[9], [12]])
   got = block_sparse_attention(q, k, v, layout, block_size=3, causal=causal, implementation="reference",
-                               kv_mask=jnp.asarray(kv_mask))
-  np.testing.assert_allclose(got, numpy_block_sparse(q, k, v, layout, 3, causal, kv_mask), **TOL[jnp.float32])
+                               key_mask=jnp.asarray(key_mask))
+  np.testing.assert_allclose(got, numpy_block_sparse(q, k, v, layout, 3, causal, key_mask), **TOL[jnp.float32])
 
 
 GRID = [  # (block_size, length, heads_in_layout, causal, dtype)
@@ -75,13 +73,13 @@ GRID = [  # (block_size, length, heads_in_layout, causal, dtype)
 def test_xla_matches_reference_values_and_gradients(block_size, length, heads_in_layout, causal, dtype):
   q, k, v = _qkv((2, length, 2, 8), dtype, seed=block_size)
   layout = _random_layout(heads_in_layout, length // block_size, seed=length + block_size)
-  kv_mask = jnp.arange(length)[None, :] < jnp.array([[length - block_size - 1], [length]])
+  key_mask = jnp.arange(length)[None, :] < jnp.array([[length - block_size - 1], [length]])
   ct = jax.random.normal(jax.random.key(9), q.shape, dtype)
 
   def value_and_grads(q, k, v):
     def f(q, k, v, impl):
       out = block_sparse_attention(q, k, v, layout, block_size=block_size, causal=causal, implementation=impl,
-                                   kv_mask=kv_mask)
+                                   key_mask=key_mask)
       return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
     return [jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v, impl) for impl in ("reference", "xla")]
 
@@ -107,10 +105,10 @@ def test_shared_layout_equals_the_same_layout_per_head():
 def test_rows_with_no_allowed_key_give_zero_with_finite_gradients(implementation):
   q, k, v = _qkv((2, 8, 1, 4))
   layout = np.array([[[True, False], [False, False]]])  # block 1 sees nothing
-  kv_mask = jnp.array([[False] * 8, [True] * 8])  # batch row 0 has no real key at all
+  key_mask = jnp.array([[False] * 8, [True] * 8])  # batch row 0 has no real key at all
 
   def f(q, k, v):
-    return block_sparse_attention(q, k, v, layout, block_size=4, implementation=implementation, kv_mask=kv_mask)
+    return block_sparse_attention(q, k, v, layout, block_size=4, implementation=implementation, key_mask=key_mask)
 
   out = f(q, k, v)
   np.testing.assert_array_equal(out[:, 4:], 0.0)
@@ -120,14 +118,14 @@ def test_rows_with_no_allowed_key_give_zero_with_finite_gradients(implementation
   assert all(np.all(np.isfinite(g)) for g in grads)
 
 
-def test_kv_mask_makes_masked_keys_irrelevant():
+def test_key_mask_makes_masked_keys_irrelevant():
   q, k, v = _qkv((2, 16, 2, 4))
   layout = np.ones((1, 4, 4), bool)
-  kv_mask = jnp.arange(16)[None, :] < jnp.array([[10], [16]])
-  noise = jax.random.normal(jax.random.key(3), k.shape) * (~kv_mask)[:, :, None, None]
+  key_mask = jnp.arange(16)[None, :] < jnp.array([[10], [16]])
+  noise = jax.random.normal(jax.random.key(3), k.shape) * (~key_mask)[:, :, None, None]
   for impl in ("reference", "xla"):
-    a = block_sparse_attention(q, k, v, layout, block_size=4, implementation=impl, kv_mask=kv_mask)
-    b = block_sparse_attention(q, k + noise, v + noise, layout, block_size=4, implementation=impl, kv_mask=kv_mask)
+    a = block_sparse_attention(q, k, v, layout, block_size=4, implementation=impl, key_mask=key_mask)
+    b = block_sparse_attention(q, k + noise, v + noise, layout, block_size=4, implementation=impl, key_mask=key_mask)
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -182,8 +180,8 @@ def test_errors_name_the_values():
     block_sparse_attention(q, k, v, np.ones((3, 2, 2), bool), block_size=5)
   with pytest.raises(ValueError, match="layout must be a bool array"):
     block_sparse_attention(q, k, v, np.ones((1, 2, 2)), block_size=5)
-  with pytest.raises(ValueError, match=r"kv_mask must have shape \[batch, length\] = \(1, 10\)"):
-    block_sparse_attention(q, k, v, layout, block_size=5, kv_mask=jnp.ones((1, 9), bool))
+  with pytest.raises(ValueError, match=r"key_mask must have shape \[batch, length\] = \(1, 10\)"):
+    block_sparse_attention(q, k, v, layout, block_size=5, key_mask=jnp.ones((1, 9), bool))
   with pytest.raises(ValueError, match="unknown block_sparse_attention implementation 'triton'"):
     block_sparse_attention(q, k, v, layout, block_size=5, implementation="triton")
   with pytest.raises(ValueError, match=r"implementation='pallas' has no kernel for this call \(tpu: block_q=1 must "):
@@ -209,17 +207,14 @@ def test_xla_forward_and_backward_lower_for_accelerators(platform):
   assert jax.export.export(grad, platforms=[platform])(spec, spec, spec).mlir_module()
 
 
-def _benchmark_script():
-  path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "benchmark_block_sparse_memory.py"
-  spec = importlib.util.spec_from_file_location("benchmark_block_sparse_memory", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_xla_memory_is_under_a_tenth_of_dense_at_4k_tokens():
-  """The issue's memory claim at a size that compiles in about a second (no execution); 8K: the benchmark script."""
-  dense, sparse = _benchmark_script().compiled_bytes(length=4096, heads=2, head_dim=32, block_size=64, band=3)
+  """The issue's memory claim at a size that compiles in about a second (no execution); 8K: `scripts/benchmark.py
+  --core=block_sparse --memory_only`, whose functions these are."""
+  from tests.conftest import load_script  # noqa: PLC0415
+  bench = load_script("benchmark", "benchmark")
+  fns = bench.core_functions("block_sparse", causal=False, dropout_rate=0.0, block_size=64, band=3)
+  dims = dict(length=4096, batch=1, heads=2, head_dim=32, dtype="float32", steps=1, warmup=0, memory_only=True)
+  dense, sparse = (bench.measure_core(fns[name], **dims)["memory_bytes"] for name in (bench.DENSE, "block_sparse"))
   assert sparse < 0.1 * dense, (sparse, dense)
 
 
@@ -263,14 +258,14 @@ def test_xla_with_global_rows_and_columns_matches_reference(block_size, n, heads
   layout = global_layout(heads_in_layout, n, seed=n + block_size, global_blocks=global_blocks)
   plan = xla_plan(layout, causal)
   assert plan.dense_rows.size and plan.sparse_rows.size, "the grid should exercise dense rows and the band"
-  kv_mask = jnp.arange(length)[None, :] < jnp.array([[length - block_size - 1], [length]])
+  key_mask = jnp.arange(length)[None, :] < jnp.array([[length - block_size - 1], [length]])
   ct = jax.random.normal(jax.random.key(9), q.shape)
   rng = jax.random.key(4)
 
   def value_and_grads(q, k, v):
     def f(q, k, v, impl):
       out = block_sparse_attention(q, k, v, layout, block_size=block_size, causal=causal, implementation=impl,
-                                   kv_mask=kv_mask, dropout_rate=dropout, dropout_rng=rng)
+                                   key_mask=key_mask, dropout_rate=dropout, dropout_rng=rng)
       return jnp.sum(out * ct), out
     return [jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v, impl) for impl in ("reference", "xla")]
 
@@ -280,7 +275,7 @@ def test_xla_with_global_rows_and_columns_matches_reference(block_size, n, heads
     np.testing.assert_allclose(g, w, **GRAD_TOL[jnp.float32])
   if not dropout and not causal:
     np.testing.assert_allclose(want[:, :, :1], numpy_block_sparse(q, k, v, layout, block_size, causal,
-                                                                  np.asarray(kv_mask))[:, :, :1], atol=1e-5)
+                                                                  np.asarray(key_mask))[:, :, :1], atol=1e-5)
 
 
 def test_dropout_mask_keeps_about_one_minus_rate_and_is_a_function_of_the_counters():

@@ -13,7 +13,7 @@ import pytest
 
 from attention.sparse_layouts import bigbird_layout
 from kernels import block_sparse_attention, platform
-from kernels.block_sparse.pallas_tpu import block_sparse_attention_pallas
+from kernels.block_sparse.pallas import block_sparse_attention_pallas
 
 PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", "mosaic_gpu_v2")}
 KERNELS = ["block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv"]
@@ -36,8 +36,8 @@ def test_kernels_with_global_blocks_and_dropout_lower(backend):
   block_size, length = 128, 4096
   layout = bigbird_layout(length // block_size, num_global_blocks=2, num_random_blocks=2, num_heads=2, seed=0)
 
-  def loss(q, k, v, kv_mask, seed):
-    out = block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, kv_mask=kv_mask, backend=backend,
+  def loss(q, k, v, key_mask, seed):
+    out = block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, key_mask=key_mask, backend=backend,
                                         dropout_rate=0.1, dropout_seed=seed)
     return jnp.sum(out.astype(jnp.float32))
 
@@ -78,8 +78,9 @@ def test_fallback_is_logged_once_with_its_reason_and_explicit_pallas_raises(capl
       module = _export(_default_loss(layout, 64), "cuda", "mosaic_gpu_v2", spec, spec, spec)
       assert _kernel_calls(module, "mosaic_gpu_v2") == 0
   lines = [r.getMessage() for r in caplog.records if "block_sparse_attention" in r.getMessage()]
-  assert len(lines) == 1 and "dtype=float32 is not supported by the GPU kernel" in lines[0] and "xla" in lines[0]
-  with pytest.raises(ValueError, match="dtype=float32 is not supported by the GPU kernel.*use bfloat16"):
+  reason = "dtype=float32: the Mosaic GPU kernels take only bfloat16/float16"
+  assert len(lines) == 1 and reason in lines[0] and "xla" in lines[0]
+  with pytest.raises(ValueError, match=f"{reason}.*config.model.dtype='bfloat16'"):
     _export(_default_loss(layout, 64, implementation="pallas"), "cuda", "mosaic_gpu_v2", spec, spec, spec)
   # The TPU kernel serves the same call.
   module = _export(_default_loss(layout, 64, implementation="pallas"), "tpu", "tpu_custom_call", spec, spec, spec)

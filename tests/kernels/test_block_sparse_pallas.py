@@ -1,6 +1,6 @@
-"""kernels.block_sparse.pallas_tpu / pallas_gpu: the Pallas kernels against the dense reference (values and gradients), run on CPU
-in interpret mode: the TPU kernels with `interpret=True` (and once under the TPU interpreter's race detector), the
-Mosaic GPU kernels under the GPU interpreter. Plus the host-side index tables, tile validation and dispatch.
+"""kernels.block_sparse.pallas (the driver over pallas_tpu / pallas_gpu): the Pallas kernels against the dense
+reference (values and gradients), run on CPU in interpret mode: the TPU kernels with `interpret=True` (and once under
+the TPU interpreter's race detector), the Mosaic GPU kernels under the GPU interpreter. Plus the host-side index tables, tile validation and dispatch.
 
 Shapes are small (interpret mode executes every grid step through callbacks or a while loop on CPU); lowering at
 realistic sizes is `test_lowering.py`.
@@ -14,8 +14,8 @@ import pytest
 import attention
 from kernels import block_sparse_attention
 from kernels.block_sparse import block_sparse_attention_reference, dropout_seed
-from kernels.block_sparse.common import BlockSizes
-from kernels.block_sparse.pallas_tpu import block_sparse_attention_pallas, check_supported
+from kernels.block_sparse.pallas import block_sparse_attention_pallas
+from kernels.block_sparse.tables import BlockSizes, check_supported
 from kernels.block_sparse.tables import make_tables, tile_bits, tile_layout
 
 # float32: kernel and reference both accumulate in float32 and differ in summation order (online softmax, tile
@@ -40,9 +40,9 @@ def _random_layout(heads, n, seed, density=0.5):
 def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, backend="tpu", interpret=True,
              block_sizes=None, batch=2, heads=2, dropout=0.0):
   q, k, v, ct = _qkv((batch, length, heads, head_dim), dtype, seed=length + head_dim)
-  kv_mask = None
+  key_mask = None
   if masked:  # row 0 loses the last block_size + 3 keys (a partial tile and a whole one), row 1 keeps all
-    kv_mask = jnp.arange(length)[None, :] < jnp.array([[length - block_size - 3]] + [[length]] * (batch - 1))
+    key_mask = jnp.arange(length)[None, :] < jnp.array([[length - block_size - 3]] + [[length]] * (batch - 1))
 
   seed = dropout_seed(jax.random.key(11)) if dropout else None
   drop = dict(dropout_rate=dropout, dropout_seed=seed)
@@ -50,9 +50,9 @@ def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, bac
   def fwd(impl):
     if impl == "reference":
       return lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, block_size=block_size, causal=causal,
-                                                              kv_mask=kv_mask, **drop)
+                                                              key_mask=key_mask, **drop)
     return lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, causal=causal,
-                                                         kv_mask=kv_mask, block_sizes=block_sizes, backend=backend,
+                                                         key_mask=key_mask, block_sizes=block_sizes, backend=backend,
                                                          interpret=interpret, **drop)
 
   def value_and_grads(q, k, v):
@@ -74,7 +74,7 @@ def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, bac
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **GRAD_TOL[dtype])
 
 
-TPU_GRID = [  # (length, block_size, block_sizes, head_dim, layout heads, causal, kv_mask, dtype, layout, dropout)
+TPU_GRID = [  # (length, block_size, block_sizes, head_dim, layout heads, causal, key_mask, dtype, layout, dropout)
     (64, 16, None, 32, 2, True, True, jnp.float32, "random", 0.0),
     (64, 16, BlockSizes(block_q=8, block_kv=16), 64, 1, True, False, jnp.float32, "random", 0.0),  # q tiles per block
     (96, 32, BlockSizes(block_q=32, block_kv=16), 128, 2, False, True, jnp.float32, "random", 0.0),  # kv tiles
@@ -131,12 +131,12 @@ def test_gpu_kernels_in_gpu_interpret_mode_match_reference(length, block_size, h
 def test_empty_layout_and_fully_masked_rows_give_zero_with_zero_gradients():
   q, k, v, _ = _qkv((2, 32, 2, 32), jnp.float32)
   layout = np.stack([np.zeros((2, 2), bool), np.ones((2, 2), bool)])  # head 0 sees nothing at all
-  kv_mask = jnp.array([[False] * 32, [True] * 32])  # batch row 0 has no real key at all
+  key_mask = jnp.array([[False] * 32, [True] * 32])  # batch row 0 has no real key at all
 
   @jax.jit
   def value_and_grads(q, k, v):
     f = lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=16, causal=True,  # noqa: E731
-                                               kv_mask=kv_mask, implementation="interpret")
+                                               key_mask=key_mask, implementation="interpret")
     return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
 
   out, grads = value_and_grads(q, k, v)
@@ -156,14 +156,14 @@ def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   q, k, v, _ = _qkv((1, 32, 1, 32), jnp.float32)
   layout = np.array([[[True, False], [True, True]]])
-  kv_mask = jnp.arange(32)[None, :] < 29
+  key_mask = jnp.arange(32)[None, :] < 29
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
   f = lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=16, causal=True,  # noqa: E731
-                                                     kv_mask=kv_mask, interpret=params)
+                                                     key_mask=key_mask, interpret=params)
   got, grads = jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
   assert not tpu_interpreter.races.races_found
   want = jax.value_and_grad(lambda *a: jnp.sum(block_sparse_attention_reference(
-      *a, layout, block_size=16, causal=True, kv_mask=kv_mask) ** 2), argnums=(0, 1, 2))(q, k, v)
+      *a, layout, block_size=16, causal=True, key_mask=key_mask) ** 2), argnums=(0, 1, 2))(q, k, v)
   np.testing.assert_allclose(got, want[0], rtol=1e-5)
   for g, w in zip(grads, want[1]):
     np.testing.assert_allclose(g, w, **GRAD_TOL[jnp.float32])
@@ -234,7 +234,7 @@ def test_block_sizes_and_backend_constraints_are_validated():
     check_supported(shape, jnp.float32, 32, BlockSizes(block_q=64), "tpu")
   with pytest.raises(ValueError, match="head_dim=32 must be 64 or 128 on GPU"):
     check_supported((1, 128, 2, 32), jnp.bfloat16, 64, None, "gpu")
-  with pytest.raises(ValueError, match="dtype=float32 is not supported by the GPU kernel"):
+  with pytest.raises(ValueError, match="dtype=float32: the Mosaic GPU kernels take only bfloat16/float16"):
     check_supported(shape, jnp.float32, 64, None, "gpu")
 
 

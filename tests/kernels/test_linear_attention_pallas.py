@@ -15,6 +15,8 @@ import re
 import attention
 from kernels import linear_attention, platform
 from kernels.linear_attention import ChunkSizes, check_supported, linear_attention_pallas, linear_attention_reference
+from kernels.linear_attention.pallas import feature_blocked
+from kernels.linear_attention.tables import feature_block
 
 # Relative to the largest magnitude of the compared tensor (elementwise relative error is meaningless where terms
 # cancel). float32: summation order only. bfloat16: the kernels round the intra-chunk scores and the carried state
@@ -78,12 +80,36 @@ GPU_GRID = [  # Mosaic GPU kernels: bfloat16, chunk 64, feature/value dims 64 or
     (128, 128, 64, True, True),
     (64, 64, 128, True, False),
     (100, 64, 128, False, True),
+    # Performer's default (256 features, non-causal): two 128-wide feature blocks as extra heads, normalizer from XLA
+    # (both causal forms of the blocking in float32 below, on the TPU kernels).
+    (64, 256, 64, False, True),
 ]
 
 
 @pytest.mark.parametrize("length,features,head_dim,causal,normalize", GPU_GRID)
 def test_gpu_kernels_in_gpu_interpret_mode_match_reference(length, features, head_dim, causal, normalize):
   _compare(length, 64, features, head_dim, causal, normalize, jnp.bfloat16, backend="gpu", b=1, h=1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_feature_blocks_match_the_reference_in_float32(causal):
+  """The feature blocking the GPU driver applies to wide feature maps (`feature_blocked`), on the TPU kernels in
+  interpret mode: values and gradients at the float32 tolerance (the numerators are the unnormalized kernel's, the
+  normalizer is XLA's)."""
+  q, k, v, ct = _inputs(24, 16, 8, jnp.float32, b=1, h=1)
+
+  def losses(q, k, v):
+    def loss(fn):
+      return lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
+    ref = lambda q, k, v: linear_attention_reference(q, k, v, causal=causal)  # noqa: E731
+    blocked = lambda q, k, v: feature_blocked(q, k, v, block=8, causal=causal, chunk_sizes=ChunkSizes(8),  # noqa
+                                              interpret=True)
+    return [jax.value_and_grad(loss(fn), argnums=(0, 1, 2))(q, k, v) for fn in (ref, blocked)]
+
+  (want, want_grads), (got, got_grads) = jax.jit(losses)(q, k, v)
+  _assert_close(got, want, jnp.float32)
+  for g, w in zip(got_grads, want_grads):
+    _assert_close(g, w, jnp.float32)
 
 
 def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
@@ -111,8 +137,13 @@ def test_constraints_are_validated():
     check_supported(shape, (1, 128, 2, 192), jnp.float32, 64, "tpu")
   with pytest.raises(ValueError, match="chunk=32 must be a multiple of 64 on GPU"):
     check_supported(shape, shape, jnp.bfloat16, 32, "gpu")
-  with pytest.raises(ValueError, match="features=32 must be 64 or 128 on GPU"):
+  with pytest.raises(ValueError, match="features=32 must be 64, 128 or a multiple of 64 on GPU"):
     check_supported((1, 128, 2, 32), shape, jnp.bfloat16, 64, "gpu")
+  with pytest.raises(ValueError, match="head_dim=256 must be 64 or 128 on GPU"):
+    check_supported(shape, (1, 128, 2, 256), jnp.bfloat16, 64, "gpu")
+  check_supported((1, 128, 2, 256), shape, jnp.bfloat16, 64, "gpu")  # performer's default: two 128-wide blocks
+  assert [feature_block(f, "gpu") for f in (64, 128, 192, 256)] == [64, 128, 64, 128]
+  assert feature_block(256, "tpu") == 256
   with pytest.raises(ValueError, match="dtype=float32: the Mosaic GPU kernels take only bfloat16/float16"):
     check_supported(shape, shape, jnp.float32, 64, "gpu")
   with pytest.raises(ValueError, match="chunk must be a positive integer, got chunk=0"):
@@ -160,6 +191,21 @@ def test_default_implementation_is_chosen_where_the_program_is_lowered(causal, c
   assert not [r for r in caplog.records if "linear_attention" in r.getMessage()]
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_wide_feature_maps_reach_the_gpu_kernel(causal, caplog):
+  """Performer's registry default of 256 random features runs as 128-wide feature blocks in the Mosaic GPU kernels
+  (forward and backward), with nothing logged."""
+  qk = jax.ShapeDtypeStruct((1, 128, 2, 256), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+  f = lambda q, k, v: linear_attention(q, k, v, causal=causal)  # noqa: E731
+  platform._logged.clear()  # noqa: SLF001
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    module = _lowered(f, "cuda", qk, qk, v)
+  assert _custom_calls(module) == {"mosaic_gpu_v2"}
+  assert re.search(r"linear_attention_fwd", module) and re.search(r"linear_attention_bwd", module)
+  assert not [r for r in caplog.records if "linear_attention" in r.getMessage()]
+
+
 def test_a_call_the_gpu_kernel_cannot_serve_falls_back_on_cuda_only_and_says_why(caplog):
   spec = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)  # Mosaic GPU takes only bfloat16/float16
   f = lambda q, k, v: linear_attention(q, k, v, causal=True)  # noqa: E731
@@ -172,7 +218,7 @@ def test_a_call_the_gpu_kernel_cannot_serve_falls_back_on_cuda_only_and_says_why
     _lowered(f, "cuda", spec, spec, spec)  # once per (op, platform, reason)
   messages = [r.getMessage() for r in caplog.records]
   assert len(messages) == 1, messages
-  assert re.match(r"kernels\.linear_attention: Pallas kernel cannot serve this call on cuda \(dtype=float32: .*"
+  assert re.match(r"linear_attention: Pallas kernel cannot serve this call on cuda \(dtype=float32: .*"
                   r"bfloat16.*\); using xla$", messages[0]), messages[0]
 
 

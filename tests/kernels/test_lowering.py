@@ -40,8 +40,8 @@ def test_block_sparse_forward_and_backward_lower(backend, head_dim):
   block_size = 128
   layout = np.random.default_rng(0).random((2, LENGTH // block_size, LENGTH // block_size)) < 0.1
 
-  def loss(q, k, v, kv_mask):
-    out = block_sparse_attention(q, k, v, layout, block_size=block_size, causal=True, kv_mask=kv_mask,
+  def loss(q, k, v, key_mask):
+    out = block_sparse_attention(q, k, v, layout, block_size=block_size, causal=True, key_mask=key_mask,
                                  implementation="pallas")
     return jnp.sum(out.astype(jnp.float32))
 

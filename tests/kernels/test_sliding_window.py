@@ -17,7 +17,7 @@ def test_xla_matches_reference(causal, length, window):
 
   def loss(implementation):
     def f(q, k, v):
-      out = sliding_window_attention(q, k, v, window=window, causal=causal, key_mask_BxL=key_mask,
+      out = sliding_window_attention(q, k, v, window=window, causal=causal, key_mask=key_mask,
                                      implementation=implementation)
       return jnp.sum(out * ct), out
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))

@@ -88,8 +88,8 @@ def test_errors_name_the_bad_value():
   tokens, mask = _inputs()
   with pytest.raises(ValueError, match="unknown pooling 'max'"):
     Encoder(**SMALL, pooling="max").init(jax.random.key(0), tokens, mask)
-  with pytest.raises(ValueError, match="unknown positional encoding 'rope'"):
-    Encoder(**SMALL, pos_encoding="rope").init(jax.random.key(0), tokens, mask)
+  with pytest.raises(ValueError, match="unknown positional encoding 'spiral'"):
+    Encoder(**SMALL, pos_encoding="spiral").init(jax.random.key(0), tokens, mask)
   with pytest.raises(ValueError, match="sequence length 10 exceeds .*max_length=8"):
     Encoder(**{**SMALL, "max_length": 8}).init(jax.random.key(0), tokens, mask)
   with pytest.raises(ValueError, match="pooling='cls'.*causal"):
@@ -101,9 +101,10 @@ def test_errors_name_the_bad_value():
 def test_sinusoidal_table_values():
   table = sinusoidal_table(50, 8)
   assert table.shape == (50, 8)
-  np.testing.assert_allclose(table[0, :4], 0.0)
-  np.testing.assert_allclose(table[0, 4:], 1.0)
-  np.testing.assert_allclose(table[:, :4] ** 2 + table[:, 4:] ** 2, 1.0, rtol=1e-6)
+  # Vaswani's interleaved layout: sin in even columns, cos in odd ones (the formula itself: tests/lra/test_positions.py).
+  np.testing.assert_allclose(table[0, 0::2], 0.0)
+  np.testing.assert_allclose(table[0, 1::2], 1.0)
+  np.testing.assert_allclose(table[:, 0::2] ** 2 + table[:, 1::2] ** 2, 1.0, rtol=1e-6)
 
 
 def test_classifier_shape():
@@ -146,7 +147,7 @@ def test_encoder_from_config_reads_and_resolves_the_dtype():
   expected = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
   assert encoder_from_config(config, vocab_size=8, max_length=8).compute_dtype == expected
   assert resolve_dtype(jnp.bfloat16) == jnp.bfloat16
-  with pytest.raises(ValueError, match="unknown model dtype 'fp8'.*float32, bfloat16, auto"):
+  with pytest.raises(ValueError, match="unknown model dtype .fp8..*float32, bfloat16, float16, auto"):
     resolve_dtype("fp8")
 
 
@@ -159,3 +160,14 @@ def test_attention_config_cannot_override_what_the_encoder_sets():
   # A config filled with the registry defaults (configs.common.attention_config) repeats them harmlessly.
   Encoder(**SMALL, attention={"name": "softmax", "dtype": "float32"}, dtype="bfloat16").init(
       jax.random.key(0), tokens, mask)
+
+
+def test_an_option_set_to_its_default_wins_over_the_variants_layer_schedule():
+  """TransNormer's schedule is DiagAttention in the lower half; `mode="norm"` set by the user (the registry default)
+  means NormAttention in every layer, and `layer_options` still win for their layers."""
+  kwargs = {**SMALL, "num_layers": 4}
+  modes = lambda **kw: [dict(a)["mode"] for a in Encoder(**kwargs, **kw).attention_for_layers()]  # noqa: E731
+  assert modes(attention={"name": "transnormer"}) == ["diag", "diag", "norm", "norm"]
+  assert modes(attention={"name": "transnormer", "mode": "norm"}) == ["norm"] * 4
+  assert modes(attention={"name": "transnormer", "mode": "norm"},
+               layer_options=({"mode": "diag"}, {}, {}, {})) == ["diag", "norm", "norm", "norm"]

@@ -94,7 +94,7 @@ def test_defaults_are_the_lra_settings():
   config = pathfinder_config.get_config()
   m, t = config.model, config.train
   assert (m.num_layers, m.emb_dim, m.num_heads, m.qkv_dim, m.mlp_dim, m.pooling, m.pos_encoding) == (
-      4, 32, 4, 16, 32, "mean", "sinusoidal")
+      4, 32, 4, 16, 32, "mean", "lra_sinusoidal")
   assert (t.batch_size, t.num_steps, t.learning_rate, t.schedule, t.warmup_steps) == (512, 62_400, 1e-3, "cosine", 312)
   assert (config.data.resolution, config.data.difficulty, config.data.generate.num_images) == (
       32, "contour_length_14", 200_000)

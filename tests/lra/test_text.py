@@ -110,7 +110,7 @@ def test_defaults_are_the_lra_settings():
   config = text_config.get_config()
   m, t = config.model, config.train
   assert (m.num_layers, m.emb_dim, m.num_heads, m.qkv_dim, m.mlp_dim, m.pooling, m.pos_encoding) == (
-      4, 256, 4, 256, 1024, "cls", "sinusoidal")
+      4, 256, 4, 256, 1024, "cls", "lra_sinusoidal")
   assert (t.batch_size, t.num_steps, t.learning_rate, t.schedule, t.warmup_steps, t.weight_decay) == (
       32, 20_000, 0.05, "rsqrt", 8000, 0.1)
   assert config.data.max_length == 4000

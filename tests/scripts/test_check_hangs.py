@@ -2,35 +2,50 @@
 
 The real check (every variant's compiled step in many fresh processes) takes minutes and is run by hand."""
 
-import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "check_hangs.py"
+from lra import cli
+from tests.conftest import load_script
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def check_hangs():
-  spec = importlib.util.spec_from_file_location("check_hangs", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("check_hangs", "check_hangs")  # registered: its dataclass needs its module
 
 
 def test_a_run_past_the_time_limit_is_a_hang(check_hangs, capsys):
   # No step compiles in 0.3 s: the run must be reported as a hang and the process group killed.
-  assert check_hangs.main(["--attention=linear", "--runs=2", "--timeout=0.3", "--jobs=2"]) == 1
+  assert check_hangs.check(["linear"], runs=2, timeout=0.3, jobs=2, run=check_hangs.Run()) == 1
   out = capsys.readouterr().out
   assert "linear: run 2/2 hang" in out
   assert "| linear             |  0 |    2 |     0 |" in out
 
 
-def test_bad_flags(check_hangs, capsys):
-  assert check_hangs.main(["--attention=nope"]) == 2
-  assert "unknown attention variant(s) ['nope']" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    check_hangs.main(["--runs=0"])
+def test_bad_flags(check_hangs):
+  with pytest.raises(cli.UserError, match=r"unknown attention variant\(s\) \['nope'\] in --attention; valid: "):
+    check_hangs.variants(["linear", "nope"])
+  assert check_hangs.variants([]) and check_hangs.variants([" linear "]) == ["linear"]
+  # A flag out of range stops the script before anything runs: one `error:` line, exit status 2 (lra.cli.run).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  env.pop(cli.TRACEBACK_ENV, None)
+  proc = subprocess.run([sys.executable, "scripts/check_hangs.py", "--runs=0"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  [line] = proc.stderr.strip().splitlines()
+  assert line.startswith("error: ") and "runs" in line, line
+
+
+def test_worker_command_line_round_trips_the_run(check_hangs):
+  run = check_hangs.Run(length=64, num_layers=1, batch_size=2, steps=1, cpus=1, performer_features="lapack_qr")
+  assert run.command_line() == ["--length=64", "--num_layers=1", "--batch_size=2", "--steps=1", "--cpus=1",
+                                "--performer_features=lapack_qr"]
 
 
 def test_custom_call_targets_from_hlo_and_stablehlo(check_hangs):

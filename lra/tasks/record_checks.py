@@ -1,4 +1,5 @@
-"""Record checks shared by the data readers: one-line errors naming the file, the line, the value and what was expected.
+"""Record checks shared by the data readers (`lra.tasks.record_checks`; formerly `lra.tasks.validation`, a name now
+kept for the data split): one-line errors naming the file, the line, the value and what was expected.
 
 Bad records are `ValueError`s (`"<file>:<line>: label 12 out of range; expected an integer in 0..9"`); files that
 cannot be opened as what they claim to be (a corrupt .gz, a truncated .tar.gz, a pickle that is not one) are

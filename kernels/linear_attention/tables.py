@@ -1,4 +1,5 @@
-"""Static parameters and tiling constraints of the linear-attention kernels, shared by every backend module."""
+"""Static parameters and tiling constraints of the linear-attention kernels, shared by every backend module (the op
+folder's one "tables" module: docs/architecture.md "Functional cores")."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from kernels import platform
 from kernels.platform import Backend
 
 LANES = 128  # TPU lane width: per-row scalars travel lane-broadcast, [C, 128], as in jax's TPU attention kernels
+# The widest feature map one kernel call takes per backend (None: any). Wider maps are split into blocks of the
+# widest width that divides them (`feature_block`); the driver sums the blocks' numerators (`pallas.py`).
+MAX_FEATURES: dict[Backend, int | None] = {"tpu": None, "gpu": 128}
+GPU_FEATURE_WIDTHS = (128, 64)  # swizzled wgmma operands: 64 or 128 bfloat16 columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,20 @@ class KernelParams:
   interpret: object
 
 
+def feature_block(features: int, backend: Backend) -> int:
+  """Feature width of one kernel call: `features` itself when the backend takes it whole, else the widest of
+  `GPU_FEATURE_WIDTHS` that divides it (so performer's 256 random features run as two 128-wide blocks on GPU).
+  Raises ValueError when no width divides it."""
+  widest = MAX_FEATURES[backend]
+  if widest is None or features in GPU_FEATURE_WIDTHS:
+    return features
+  for width in GPU_FEATURE_WIDTHS:
+    if features % width == 0:
+      return width
+  raise ValueError(f"features={features} must be 64, 128 or a multiple of 64 on GPU (swizzled wgmma operands; wider "
+                   f"feature maps run as blocks of 128 or 64); use a multiple of 64 or implementation='xla'")
+
+
 def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> None:
   """Raises ValueError naming the value and the constraint the backend's kernel imposes."""
   features, head_dim = q_shape[-1], v_shape[-1]
@@ -47,13 +66,14 @@ def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> No
   else:
     if chunk % 64:
       raise ValueError(f"{chunk=} must be a multiple of 64 on GPU (wgmma tiles of one warpgroup)")
-    for name, value in (("features", features), ("head_dim", head_dim)):
-      if value % 64 or value > 128:
-        raise ValueError(f"{name}={value} must be 64 or 128 on GPU (swizzled wgmma operands; the state blocks and "
-                         f"the double-buffered chunk tiles must fit in registers and shared memory)")
+    feature_block(features, backend)
+    if head_dim not in GPU_FEATURE_WIDTHS:
+      raise ValueError(f"{head_dim=} must be 64 or 128 on GPU (swizzled wgmma operands; the state blocks and the "
+                       f"double-buffered chunk tiles must fit in registers and shared memory)")
     reason = platform.mosaic_gpu_dtype_reason(dtype)
     if reason:
       raise ValueError(reason)
 
 
-__all__ = ["ChunkSizes", "KernelParams", "LANES", "check_supported"]
+__all__ = ["ChunkSizes", "GPU_FEATURE_WIDTHS", "KernelParams", "LANES", "MAX_FEATURES", "check_supported",
+           "feature_block"]

@@ -1,12 +1,17 @@
 """Checks a whole experiment config before any data is read or a model is built.
 
-`validate_config(config)` walks one declarative table, `RULES` (dotted key -> check), plus the attention options
-(the registry gives each variant's option names and defaults; `ATTENTION_RULES` gives ranges by option name). Keys
-a config does not have are skipped and keys the table does not know (task-specific sections) pass, so every task's
-config validates with the same table. All problems are reported together in one ValueError, each naming the key,
-the value and the valid range.
+`check_config(config)` (also `validate_config`, its name before "validation" meant only the data split) walks one
+declarative table, `RULES` (dotted key -> check), plus the attention options:
+the registry gives each variant's option names and defaults, and each variant declares its options' ranges beside its
+fields (`attention.option_ranges`), so a variant registered from outside the package is checked with no edit here.
+Keys a config does not have are skipped and keys the table does not know (task-specific sections) pass, so every
+task's config validates with the same table. All problems are reported together in one ValueError, each naming the
+key, the value and the valid range.
 
-`check_workdir_config(config, workdir)` compares a config with the `config.json` of a run it would resume, so a
+`config_record(config)` is what `config.json` holds: the config plus `model.resolved_attention`, every layer's
+attention options as `attention.resolve` decided them (exactly what runs; a record, not read back: a run reloaded from
+its config.json resolves `model.attention` again).
+`check_workdir_config(config, workdir)` compares that record with the `config.json` of a run it would resume, so a
 workdir of another task or model is refused before training starts (`RESUMABLE_CHANGES` may differ).
 """
 
@@ -15,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import ml_collections
 
 import attention as attention_lib
+from kernels.common import DTYPE_NAMES
 
 # A check returns None when the value is fine, else what was expected ("an integer >= 1").
 Check = Callable[[Any, ml_collections.ConfigDict], "str | None"]
@@ -127,7 +134,31 @@ def _mesh_data(value: Any, config: ml_collections.ConfigDict) -> str | None:
   return None if _is_int(value) and (value == -1 or value >= 1) else "-1 (all devices) or an integer >= 1"
 
 
-DTYPES = ("float32", "bfloat16", "auto")
+def _objectives() -> tuple[str, ...]:
+  from lra.models import heads  # pylint: disable=g-import-not-at-top
+  return tuple(heads.OBJECTIVES)
+
+
+def _pretrain_warmup(value: Any, config: ml_collections.ConfigDict) -> str | None:
+  steps = config.pretrain.get("steps")
+  if not _is_int(value) or value < 0:
+    return "an integer >= 0"
+  if config.pretrain.get("schedule") != "rsqrt" and _is_int(steps) and steps >= 1 and value > steps:
+    return f"an integer in [0, pretrain.steps={steps}]"
+  return None
+
+
+def _init_from(value: Any, config: ml_collections.ConfigDict) -> str | None:
+  if value is None:
+    return None
+  if not isinstance(value, str) or not value:
+    return "None or the path of another run's workdir or checkpoint"
+  if _is_int(config.get("pretrain", {}).get("steps")) and config.pretrain.steps > 0:
+    return "None when pretrain.steps > 0 (a run either pretrains its encoder or loads one; set one of the two)"
+  return None
+
+
+DTYPES = DTYPE_NAMES  # the one dtype vocabulary (kernels/common.py)
 
 # The table: dotted key -> check. A key missing from a config is skipped (not every task has every field).
 RULES: dict[str, Check] = {
@@ -142,6 +173,7 @@ RULES: dict[str, Check] = {
     "model.dropout_rate": real(0.0, 1.0, hi_open=True),
     "model.attention_dropout_rate": real(0.0, 1.0, hi_open=True),
     "model.pos_encoding": choice(_pos_encodings),
+    "model.patch_size": integer(1),
     "model.pooling": choice(_poolings),
     "model.dtype": choice(DTYPES),
     "model.remat": boolean,
@@ -169,26 +201,19 @@ RULES: dict[str, Check] = {
     "train.checkpoint_every_steps": integer(1),
     "train.keep_checkpoints": integer(1),
     "train.num_eval_batches": integer(1, allow_none=True),
+    "pretrain.objective": choice(_objectives),
+    "pretrain.steps": integer(0),
+    "pretrain.learning_rate": real(0.0, lo_open=True),
+    "pretrain.schedule": choice(_schedules),
+    "pretrain.warmup_steps": _pretrain_warmup,
+    "pretrain.mask_rate": real(0.0, 1.0, lo_open=True),
+    "pretrain.mask_token": integer(0),
+    "pretrain.tie_embeddings": boolean,
+    "init_from": _init_from,
     "mesh.data": _mesh_data,
     "mesh.sequence": integer(1),
     "mesh.distributed": choice(("auto", True, False, "true", "false")),
 }
-
-# Attention options by name, for every variant that has them (the variants check the same at build time; this
-# catches them before data is read). Options not listed are type-checked against their registry default only.
-ATTENTION_RULES: dict[str, Check] = {
-    "num_features": integer(1), "chunk_size": integer(1), "block_size": integer(1), "feature_dim": integer(1),
-    "window": integer(1), "num_global_blocks": integer(0), "num_random_blocks": integer(0), "k": integer(1),
-    "max_length": integer(0), "chunk_len": integer(1), "n_hashes": integer(1), "n_buckets": integer(0),
-    "sinkhorn_iters": integer(0), "temperature": real(0.0, lo_open=True), "sortcut_k": integer(0),
-    "max_num_blocks": integer(0), "stride": integer(1), "c": integer(1), "factor_k": integer(1),
-    "reduced_dim": integer(2), "eps": real(0.0, lo_open=True), "feature_redraw_interval": integer(0),
-    "dilation": integer(1), "num_dilated_heads": integer(0), "seed": integer(0),
-    "implementation": choice((None, "reference", "xla", "pallas", "interpret")),
-}
-# Options the encoder passes to every layer from config.model; they do not belong in config.model.attention.
-_ENCODER_OWNED = ("num_heads", "qkv_dim", "causal", "dropout_rate", "decode", "dtype")
-
 
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
   node: Any = config
@@ -216,6 +241,29 @@ def _type_problem(value: Any, default: Any) -> str | None:
   return None
 
 
+def _option_problems(name: str, given: Mapping[str, Any], where: str) -> list[str]:
+  """Problems of the options `given` (a mapping the user wrote at `where`, e.g. `config.model.attention`) of
+  variant `name`: model-owned or unknown options, values outside their declared range (`attention.option_ranges`),
+  and for options without one, a type other than the registry default's."""
+  defaults = attention_lib.options(name)
+  owned = attention_lib.encoder_owned_options()
+  ranges = attention_lib.option_ranges(name)
+  problems = []
+  for key in sorted(k for k in given.keys() if k != "name"):
+    value = given[key]
+    if key in owned:
+      problems.append(f"{where}.{key}={value!r}: set by the encoder from config.model; remove it from {where}")
+    elif key not in defaults:
+      valid = sorted(k for k in defaults if k not in owned)
+      problems.append(f"{where}.{key}: unknown option for attention {name!r}; valid options: {', '.join(valid)}")
+    else:
+      expected = (None if ranges[key].contains(value) else ranges[key].describe()) if key in ranges else \
+          _type_problem(value, defaults[key])
+      if expected is not None:
+        problems.append(f"{where}.{key}={value!r} is out of range for {name!r}: expected {expected}")
+  return problems
+
+
 def _attention_problems(config: ml_collections.ConfigDict) -> list[str]:
   found, sub = _lookup(config, "model.attention")
   if not found or not isinstance(sub, (ml_collections.ConfigDict, Mapping)):
@@ -223,23 +271,45 @@ def _attention_problems(config: ml_collections.ConfigDict) -> list[str]:
   name = sub.get("name")
   if name not in attention_lib.names():
     return []  # reported by RULES["model.attention.name"]
-  defaults = attention_lib.options(name)
-  problems = []
-  for key in sorted(k for k in sub.keys() if k != "name"):
-    value = sub[key]
-    if key in _ENCODER_OWNED:
-      problems.append(f"config.model.attention.{key}={value!r}: set by the encoder from config.model; remove it "
-                      f"from the attention sub-config")
-      continue
-    if key not in defaults:
-      valid = sorted(k for k in defaults if k not in _ENCODER_OWNED)
-      problems.append(f"config.model.attention.{key}: unknown option for attention {name!r}; valid options: "
-                      f"{', '.join(valid)}")
-      continue
-    expected = ATTENTION_RULES[key](value, config) if key in ATTENTION_RULES else _type_problem(value, defaults[key])
-    if expected is not None:
-      problems.append(f"config.model.attention.{key}={value!r} is out of range for {name!r}: expected {expected}")
+  problems = _option_problems(name, sub, "config.model.attention")
+  _, layer_options = _lookup(config, "model.layer_options")
+  for i, layer in enumerate(layer_options or ()):
+    if not isinstance(layer, (ml_collections.ConfigDict, Mapping)):
+      problems.append(f"config.model.layer_options[{i}]={layer!r}: expected a mapping of attention options")
+    else:
+      problems += _option_problems(name, layer, f"config.model.layer_options[{i}]")
+  _, num_layers = _lookup(config, "model.num_layers")
+  # What only the whole resolution tells (required options, one entry per layer), once the parts are fine.
+  if not problems and _is_int(num_layers) and num_layers >= 1:
+    try:
+      resolved_layers(config)
+    except ValueError as e:
+      problems.append(f"config.model.attention: {e}")
   return problems
+
+
+def resolved_layers(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], ...]:
+  """The options of every attention layer of `config`'s model (`attention.resolve` over `config.model.attention`,
+  `config.model.num_layers` and `config.model.layer_options`)."""
+  sub = dict(config.model.attention.items())
+  layer_options = config.model.get("layer_options")
+  return attention_lib.resolve(sub.pop("name"), config.model.get("num_layers", 1), sub,
+                               layer_options=None if layer_options is None else [dict(o) for o in layer_options])
+
+
+RESOLVED_ATTENTION = "resolved_attention"
+
+
+def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config` as the dict `config.json` holds: `model.attention` keeps the options the user set and
+  `model.resolved_attention` records every layer's options as they run (`{"name": ..., **options}` per layer; a
+  record only: the model is always built from `model.attention`, so a stale record cannot change it)."""
+  record = config.to_dict()
+  model = record.get("model")
+  if isinstance(model, dict) and isinstance(model.get("attention"), dict) and "name" in model["attention"]:
+    name = model["attention"]["name"]
+    model[RESOLVED_ATTENTION] = [{"name": name, **o} for o in resolved_layers(config)]
+  return record
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -256,11 +326,14 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every out-of-range value or invalid choice in `config` (see `RULES`)."""
   problems = config_problems(config)
   if problems:
     raise ValueError("invalid config: " + "; ".join(problems))
+
+
+validate_config = check_config  # the name before "validation" meant only the data split
 
 
 # Keys a resumed run may change: how long it runs and how often it reports, where data lives, the device mesh, and
@@ -276,20 +349,25 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   for key, value in tree.items():
     if isinstance(value, Mapping):
       out.update(_flatten(value, f"{prefix}{key}."))
+    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):  # one entry per layer
+      for i, v in enumerate(value):
+        out.update(_flatten(v, f"{prefix}{key}.{i}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
 
 
 def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  # The same round trip config.json went through (tuples become lists, odd objects strings).
-  return json.loads(json.dumps(config.to_dict(), default=str))
+  # The same record and round trip config.json went through (tuples become lists, odd objects strings).
+  return json.loads(json.dumps(config_record(config), default=str))
 
 
 def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """Keys present in both that differ, outside `RESUMABLE_CHANGES`, as `key: saved -> now` lines."""
   old, new = _flatten(saved), _flatten(_as_json(config))
-  allowed = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)  # noqa: E731
+  def allowed(key: str) -> bool:
+    key = re.sub(rf"^model\.{RESOLVED_ATTENTION}\.\d+\.", "model.attention.", key)  # a layer's: as the variant's
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
   # Keys only one side has are not compared: configs gain fields over time, and shapes are checked separately.
   return [f"{key}: {old[key]!r} in the workdir, {new[key]!r} now" for key in sorted(set(old) & set(new))
           if old[key] != new[key] and not allowed(key)]

@@ -1,0 +1,141 @@
+"""Option ranges: what values a variant's options accept, declared once beside the variant's fields.
+
+A variant lists its ranges in the class table `option_ranges` (merged along the class hierarchy, so a subclass adds
+to or replaces its base's):
+
+    @attention.register("transnormer")
+    class TransNormer(RecurrentLayer):
+      mode: str = "norm"
+      block_size: int = 64
+      option_ranges = {"mode": OneOf(MODES), "block_size": Integer(1)}
+
+`attention.build`, `attention.resolve` and the config validation (`lra/training/config_checks.py`) read these tables,
+so an out-of-range option is refused before data is read, with the same range in every message. Ranges say what
+holds for any model; constraints between options and the model (a window no wider than the sequence, heads that
+divide a width) stay in the variant's own checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """Base class: `contains(value)`; `describe()` ("an integer >= 1") for config errors and `requirement(option,
+  value)` ("block_size must be >= 1, got block_size=0") for build errors."""
+
+  def contains(self, value: Any) -> bool:
+    raise NotImplementedError
+
+  def describe(self) -> str:
+    raise NotImplementedError
+
+  def requirement(self, option: str, value: Any) -> str:
+    return f"{option} must be {self.describe()}, got {option}={value!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer(Range):
+  """An int in [lo, hi] (either bound open-ended when None); `allow_none` also accepts None."""
+
+  lo: int | None = None
+  hi: int | None = None
+  allow_none: bool = False
+
+  def contains(self, value: Any) -> bool:
+    if value is None:
+      return self.allow_none
+    return _is_int(value) and (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+
+  def _bound(self) -> str:
+    if self.lo is not None and self.hi is not None:
+      return f"in [{self.lo}, {self.hi}]"
+    if self.lo is not None:
+      return f">= {self.lo}"
+    return f"<= {self.hi}" if self.hi is not None else ""
+
+  def describe(self) -> str:
+    return " ".join(filter(None, ["an integer", self._bound()])) + (" or None" if self.allow_none else "")
+
+  def requirement(self, option: str, value: Any) -> str:
+    bound = self._bound() if _is_int(value) else self.describe()
+    return f"{option} must be {bound or self.describe()}, got {option}={value!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Real(Range):
+  """A finite number in the interval lo..hi; `lo_open` / `hi_open` exclude the ends."""
+
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  allow_none: bool = False
+
+  def contains(self, value: Any) -> bool:
+    if value is None:
+      return self.allow_none
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)):
+      return False
+    if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+      return False
+    return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+  def describe(self) -> str:
+    if self.lo is not None and self.hi is not None:
+      text = f"a number in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+    elif self.lo is not None:
+      text = f"a number {'>' if self.lo_open else '>='} {self.lo}"
+    elif self.hi is not None:
+      text = f"a number {'<' if self.hi_open else '<='} {self.hi}"
+    else:
+      text = "a finite number"
+    return text + (" or None" if self.allow_none else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf(Range):
+  """One of `choices`; `what` names the option in errors ("softmax implementation"), default its own name."""
+
+  choices: Sequence[Any]
+  what: str | None = None
+
+  def contains(self, value: Any) -> bool:
+    try:
+      return value in tuple(self.choices)
+    except TypeError:  # an unhashable value compared with hashable choices
+      return False
+
+  def describe(self) -> str:
+    return f"one of {', '.join(repr(c) for c in self.choices)}"
+
+  def requirement(self, option: str, value: Any) -> str:
+    return f"unknown {self.what or option} {value!r}; valid choices: {tuple(self.choices)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Satisfies(Range):
+  """Any rule a predicate states, with its description ("a non-empty tuple of positive integers")."""
+
+  predicate: Callable[[Any], bool]
+  description: str
+
+  def contains(self, value: Any) -> bool:
+    try:
+      return bool(self.predicate(value))
+    except (TypeError, ValueError):
+      return False
+
+  def describe(self) -> str:
+    return self.description
+
+
+__all__ = ["Integer", "OneOf", "Range", "Real", "Satisfies"]

@@ -1,0 +1,160 @@
+"""Positional encodings: the sinusoid tables against their formulas, RoPE's relativity and decode, evaluation beyond
+the training length for every encoding but "learned", refusals naming variant and encoding, and eval.py at another
+length (one shared tiny training run per encoding)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention import positions
+from configs import wikitext2 as wt2_config
+from lra.models import Encoder, embeddings
+from lra.training import train_and_evaluate
+from tests.attention import contract
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.filterwarnings("ignore:.*the WikiText-2 release has")
+
+
+def test_sinusoidal_is_vaswanis_interleaved_formula():
+  table = embeddings.sinusoidal_table(40, 10)
+  for pos in range(40):
+    for i in range(5):
+      angle = pos / 10000 ** (2 * i / 10)
+      assert table[pos, 2 * i] == pytest.approx(math.sin(angle), abs=2e-5)
+      assert table[pos, 2 * i + 1] == pytest.approx(math.cos(angle), abs=2e-5)
+
+
+def test_lra_sinusoidal_is_the_lra_table():
+  """First half sin, second half cos, frequencies 10000^(-i/(F/2-1)) (flax's old sinusoidal_init, used by LRA)."""
+  table = embeddings.lra_sinusoidal_table(30, 8)
+  for pos in range(30):
+    for i in range(4):
+      angle = pos * math.exp(-i * math.log(10000) / 3)
+      assert table[pos, i] == pytest.approx(math.sin(angle), abs=2e-5)
+      assert table[pos, 4 + i] == pytest.approx(math.cos(angle), abs=2e-5)
+
+
+def test_rope_scores_depend_on_the_offset_only():
+  q = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
+  k = jax.random.normal(jax.random.key(1), (1, 6, 2, 8))
+  scores = lambda a, b: jnp.einsum("blhd,bshd->bhls", a, b)  # noqa: E731
+  base = scores(positions.rope(q), positions.rope(k))
+  for shift in (1, 37, 1000):
+    np.testing.assert_allclose(scores(positions.rope(q, shift), positions.rope(k, shift)), base, atol=2e-4)
+  # Not trivially invariant: shifting only the queries changes the scores.
+  assert not np.allclose(scores(positions.rope(q, 3), positions.rope(k)), base, atol=1e-2)
+  # A rotation: norms are kept.
+  np.testing.assert_allclose(jnp.linalg.norm(positions.rope(q, 5), axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,options", [("softmax", {}), ("multiplicative", {"form": "dot"})])
+def test_rope_decode_at_t_equals_parallel_at_t(name, options):
+  contract.check_decode_equals_parallel(name, num_heads=2, positions="rope", **options)
+
+
+def test_softmax_alibi_equals_an_explicit_bias_and_decodes():
+  import attention  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(2), (2, 7, 12))
+  layer = attention.build("softmax", num_heads=2, causal=True, positions="alibi", implementation="xla")
+  variables = layer.init(jax.random.key(3), x)
+  p = variables["params"]
+  q, k, v = (jnp.einsum("blf,fhd->blhd", x, p[n]["kernel"]) + p[n]["bias"] for n in ("query", "key", "value"))
+  slopes = np.asarray(positions.alibi_slopes(2))
+  i, j = np.arange(7)[:, None], np.arange(7)[None, :]
+  scores = jnp.einsum("blhd,bshd->bhls", q, k) / np.sqrt(6) - slopes[None, :, None, None] * np.abs(i - j)
+  weights = jax.nn.softmax(jnp.where(i >= j, scores, -1e30), axis=-1)
+  want = jnp.einsum("bhls,bshd,hdf->blf", weights, v, p["out"]["kernel"]) + p["out"]["bias"]
+  np.testing.assert_allclose(layer.apply(variables, x), want, atol=2e-5, rtol=2e-5)
+  contract.check_decode_equals_parallel("softmax", num_heads=2, positions="alibi")
+
+
+SMALL = dict(vocab_size=20, emb_dim=16, num_layers=1, num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0,
+             attention_dropout_rate=0.0, pooling="none", causal=True)
+# Each encoding that extrapolates, with a variant that takes it.
+EXTRAPOLATING = [("sinusoidal", "softmax"), ("lra_sinusoidal", "softmax"), ("rope", "softmax"),
+                 ("alibi", "softmax"), ("alibi", "multiplicative"), ("none", "softmax")]
+
+
+@pytest.mark.parametrize("pos_encoding,variant", EXTRAPOLATING)
+def test_encoder_evaluates_beyond_its_training_length(pos_encoding, variant):
+  """Parameters made at max_length=8 run at 32 tokens; causal outputs of the first 8 are those of the short input."""
+  encoder = Encoder(**SMALL, max_length=8, pos_encoding=pos_encoding, attention={"name": variant})
+  tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 20)
+  variables = encoder.init(jax.random.key(1), tokens[:, :8])
+  long = encoder.apply(variables, tokens)
+  assert long.shape == (2, 32, 16) and np.all(np.isfinite(long))
+  np.testing.assert_allclose(long[:, :8], encoder.apply(variables, tokens[:, :8]), atol=1e-5)
+
+
+def test_learned_positions_refuse_longer_inputs():
+  encoder = Encoder(**SMALL, max_length=8, pos_encoding="learned")
+  tokens = jnp.zeros((1, 12), jnp.int32)
+  variables = encoder.init(jax.random.key(0), tokens[:, :8])
+  with pytest.raises(ValueError, match="sequence length 12 exceeds max_length=8 of pos_encoding='learned'"):
+    encoder.apply(variables, tokens)
+
+
+@pytest.mark.parametrize("pos_encoding,variant", [("rope", "linear"), ("alibi", "local"), ("rope", "additive")])
+def test_a_variant_that_cannot_take_an_encoding_refuses_naming_both(pos_encoding, variant):
+  encoder = Encoder(**SMALL, max_length=8, pos_encoding=pos_encoding, attention={"name": variant})
+  with pytest.raises(ValueError, match=f"attention {variant} cannot take pos_encoding='{pos_encoding}'"):
+    encoder.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+
+
+CORPUS = " = Title = \n\n the cat sat on the mat . \n the dog sat on the log . \n a <unk> ran to the cat . \n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """`trained(pos_encoding)`: the workdir of a tiny causal LM (length 8) trained for a few steps with it."""
+  runs = {}
+
+  def get(pos_encoding: str) -> pathlib.Path:
+    if pos_encoding not in runs:
+      tmp = tmp_path_factory.mktemp(pos_encoding)
+      data = tmp / "data"
+      data.mkdir()
+      for split in ("train", "valid", "test"):
+        (data / f"wiki.{split}.tokens").write_text(CORPUS * 8)
+      config = wt2_config.get_config("runlocal")
+      config.data.update(data_dir=str(data), cache_dir=str(tmp / "cache"), max_length=8)
+      config.model.update(num_layers=1, emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0,
+                          attention_dropout_rate=0.0, pos_encoding=pos_encoding)
+      config.train.update(num_steps=4, batch_size=4, eval_batch_size=4, warmup_steps=1, log_every_steps=4,
+                          eval_every_steps=4, checkpoint_every_steps=4)
+      train_and_evaluate(config, tmp / "run")
+      runs[pos_encoding] = tmp / "run"
+    return runs[pos_encoding]
+
+  return get
+
+
+def _eval(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--workdir={workdir}", "--split=validation",
+                         "--checkpoint=latest", *flags], capture_output=True, text=True, env=env, timeout=600,
+                        check=False)
+
+
+def test_eval_py_at_another_length(trained):
+  """eval.py evaluates a rope checkpoint at 4x its training length; a learned one is refused in one line."""
+  workdir = trained("rope")
+  result = _eval(workdir, "--max_length=32")
+  assert result.returncode == 0, result.stderr[-2000:]
+  saved = json.loads((workdir / "eval_validation_length32.json").read_text())
+  assert saved["max_length"] == 32 and saved["trained_max_length"] == 8 and math.isfinite(saved["perplexity"])
+  refused = _eval(trained("learned"), "--max_length=32")
+  assert refused.returncode == 2
+  lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "pos_encoding='learned'" in lines[0] and "32" in lines[0], refused.stderr[-2000:]
