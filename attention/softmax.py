@@ -18,7 +18,7 @@ from attention.registry import register
 from attention.ranges import OneOf
 from kernels import sequence as sequence_lib
 from kernels.softmax import IMPLEMENTATIONS, Implementation, softmax_attention, softmax_attention_reference
-from kernels.softmax.ring import ring_attention
+from kernels.softmax.sequence_parallel import ring_attention
 
 __all__ = ["IMPLEMENTATIONS", "SoftmaxAttention", "softmax_attention", "softmax_attention_reference"]
 
@@ -64,7 +64,7 @@ class SoftmaxAttention(AttentionLayer):
       cached, valid_BxS, _ = step
       y = attend(q, cached["key"], cached["value"], valid_BxS, False)
     elif sequence_lib.active() is not None and self.sequence_parallel_form() == "ring":
-      sequence_lib.log_once(type(self).__name__, "ring attention (kernels/softmax/ring.py)")
+      sequence_lib.log_once(type(self).__name__, "ring attention (kernels/softmax/sequence_parallel.py)")
       y = ring_attention(q, k, v, key_mask_BxL=mask, causal=self.causal, dropout_rate=self.dropout_rate,
                          dropout_rng=dropout_rng).astype(q.dtype)
     else:

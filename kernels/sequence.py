@@ -5,7 +5,7 @@ How a layer knows its input is sequence-sharded: the trainer traces its steps in
 variable, read at trace time, so the jitted program holds the choice); `active()` returns the `SequenceMesh` when the
 mesh's `"sequence"` axis has more than one device and None otherwise (one device, `init`, decoding, plain calls).
 Layers call `active()` where they pick their core: a sequence-parallel form in `kernels/<op>/sequence_parallel.py`
-(or `kernels/softmax/ring.py`) under `jax.shard_map` over the mesh, or `fallback_gather` (K/V replicated along the
+(or `kernels/softmax/sequence_parallel.py`) under `jax.shard_map` over the mesh, or `fallback_gather` (K/V replicated along the
 sequence by a sharding constraint: GSPMD then all-gathers them, and each device attends its own queries to every key,
 exactly as the unsharded call).
 

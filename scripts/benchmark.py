@@ -600,6 +600,25 @@ def plot(table_rows: Sequence[dict[str, Any]], path: Path, memory_only: bool) ->
 
 
 
+def layer_bytes(name: str, *, length: int, features: int = 256, num_heads: int = 4, batch: int = 1,
+                **options: Any) -> int:
+  """Compiled bytes (arguments + outputs + temporaries) of `jit(value_and_grad)` of one attention layer's
+  `sum(layer(x) * ct)` w.r.t. its parameters and `x`, with a padding mask as in training. Compiles, never runs."""
+  import attention  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  layer = attention.build(name, num_heads=num_heads, **options)
+  x = jax.ShapeDtypeStruct((batch, length, features), jnp.float32)
+  mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
+  params = jax.eval_shape(layer.init, jax.random.key(0), x)
+
+  def loss(params, x, mask, ct):
+    return jnp.sum(layer.apply(params, x, mask=mask) * ct)
+
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x, mask, x).compile()
+  return int(_memory_figures(compiled)["memory_bytes"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # --core: one functional core, forward + backward, beside flash and dense softmax, in this process.
 

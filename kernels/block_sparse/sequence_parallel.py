@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kernels import sequence
-from kernels.softmax.ring import merge
+from kernels.softmax.sequence_parallel import merge
 from kernels.softmax.xla import flash_block
 
 

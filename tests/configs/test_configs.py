@@ -118,7 +118,7 @@ def test_config_values_are_unchanged(key):
   path, arg = key
   config = _load(ROOT / path).get_config(arg)
   assert dict(zip(KEYS, (_get(config, k) for k in KEYS))) == dict(zip(KEYS, EXPECTED[key]))
-  assert config.seed == 0 and config.mesh.to_dict() == {"data": -1, "distributed": "auto"}
+  assert config.seed == 0 and config.mesh.to_dict() == {"data": -1, "sequence": 1, "distributed": "auto"}
   assert config.train.optimizer == "adamw" and config.train.keep_checkpoints == 3
   assert config.train.checkpoint_every_steps == config.train.eval_every_steps
 

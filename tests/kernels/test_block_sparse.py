@@ -207,6 +207,11 @@ def test_xla_forward_and_backward_lower_for_accelerators(platform):
   assert jax.export.export(grad, platforms=[platform])(spec, spec, spec).mlir_module()
 
 
+def _benchmark_script():
+  from tests.conftest import load_script  # noqa: PLC0415
+  return load_script("benchmark", "benchmark")
+
+
 def test_xla_memory_is_under_a_tenth_of_dense_at_4k_tokens():
   """The issue's memory claim at a size that compiles in about a second (no execution); 8K: `scripts/benchmark.py
   --core=block_sparse --memory_only`, whose functions these are."""

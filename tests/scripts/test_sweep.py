@@ -120,7 +120,10 @@ def test_point_names_axes_and_override_errors(data_cache):
   (overrides, point_config), = points.values()
   assert overrides == {"model.attention.name": "grassmann", "model.attention.offsets": (1, 2),
                        "train.learning_rate": 0.001}
-  assert point_config.model.attention.reduced_dim == 32 and config.model.attention.name == "softmax"
+  # The point's config holds what the axes set; the registry default of grassmann's other options resolves per layer.
+  from lra.training import config_checks  # pylint: disable=import-outside-toplevel
+  assert config_checks.resolved_layers(point_config)[0]["reduced_dim"] == 32
+  assert config.model.attention.name == "softmax"
   bad = [({"train.lr": ["1"]}, "--axis train.lr: train has no 'lr'; valid keys:.*learning_rate"),
          ({"train.learning_rate": ["fast"]}, "--axis train.learning_rate: could not parse 'fast'"),
          ({"model.attention.name": ["nope"]}, "--axis model.attention.name=nope: unknown attention variant 'nope'"),
