@@ -12,6 +12,20 @@ set, which always wins, even when it equals a default). Switching the variant is
 works from every config (`DEFINE_config_file` below handles the command line; `apply_overrides` does the same for
 sweep points): an option named by an override gets its field, typed from the registry default, just before the
 override sets it. A new variant name drops the previous variant's options.
+
+LRA protocols (`protocol=` argument) and self-pretraining (`pretrain=` argument), each combination a named config:
+- `protocol=paper` (default): each task file's own settings, Tay et al. 2020 (LRA Table 1; `scripts/lra_table.py` prints the
+  published numbers beside ours).
+- `protocol=small`: the small-model re-run protocol of Xiong et al. 2021 (Nystromformer; github.com/mlpen/Nystromformer
+  LRA/code/lra_config.py), also used by the Skyformer re-runs (Chen et al. 2021): 2 layers, emb 64, 2 heads, qkv 64,
+  MLP 128, dropout 0.1, learned positions, mean pooling, Adam lr 1e-4 without weight decay (`SMALL_MODEL` /
+  `SMALL_TRAIN` below).
+  Each task file states its own steps, batch, warmup and length. Published Transformer under it: 37.1 / 65.0 / 79.4 /
+  38.2 / 74.2 (ListOps / Text / Retrieval / Image / Pathfinder).
+- `pretrain=masked` / `pretrain=causal`: self-pretraining (Amos et al., "Never Train from Scratch", ICLR 2024) on the
+  task's own training inputs before fine-tuning, in the same run (`config.pretrain`, lra/training/pretrain.py): as
+  many pretraining steps as fine-tuning steps, at fine-tuning's peak learning rate and warmup; `pretrain=none`
+  (default) trains from scratch. Any setting can follow on the command line (`--config.pretrain.steps=2000`).
 """
 
 from __future__ import annotations

@@ -27,20 +27,12 @@ Command lines:
   # The learning-rate / warmup grid of get_sweep(), one workdir per point:
   python scripts/sweep.py --config configs/lra/text.py --workdir runs/sweep_text --config.data.data_dir=/path/to/imdb
 
-Protocols (`protocol=` argument) and self-pretraining (`pretrain=` argument), each combination a named config:
-- `protocol=paper` (default): the settings above, Tay et al. 2020 (LRA Table 1; `scripts/lra_table.py` prints the
-  published numbers beside ours).
-- `protocol=small`: the small-model re-run protocol of Xiong et al. 2021 (Nystromformer; github.com/mlpen/Nystromformer
-  LRA/code/lra_config.py), also used by the Skyformer re-runs (Chen et al. 2021): 2 layers, emb 64, 2 heads, qkv 64,
-  MLP 128, dropout 0.1, learned positions, mean pooling, Adam lr 1e-4 without weight decay (`configs/common.py`,
-  `SMALL_MODEL` / `SMALL_TRAIN`).
+Protocols (`protocol=paper|small`) and self-pretraining (`pretrain=none|masked|causal`): their sources and
+shared settings are documented once in `configs/common.py` (`apply_protocol`, `apply_pretrain`). This task under
+`protocol=small`:
   Text: batch 32, 20,000 steps, 8,000 warmup, 4,000 bytes. Their schedule decays linearly after warmup; ours by
   cosine (the closest schedule here). Published Transformer under it: 37.1 / 65.0 / 79.4 / 38.2 / 74.2
   (ListOps / Text / Retrieval / Image / Pathfinder).
-- `pretrain=masked` / `pretrain=causal`: self-pretraining (Amos et al., "Never Train from Scratch", ICLR 2024) on the
-  task's own training inputs before fine-tuning, in the same run (`config.pretrain`, lra/training/pretrain.py): as
-  many pretraining steps as fine-tuning steps, at fine-tuning's peak learning rate and warmup; `pretrain=none`
-  (default) trains from scratch. Any setting can follow on the command line (`--config.pretrain.steps=2000`).
 
   python train.py --config configs/lra/text.py:protocol=small,pretrain=masked --workdir runs/text_small_spt
 
