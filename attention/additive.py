@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from attention import positions as positions_lib
 from attention.base import AttentionLayer
+from attention.ranges import Integer, OneOf
 from attention.registry import register
 from kernels.common import MASK_VALUE
 from kernels.softmax import causal_mask
@@ -133,16 +134,14 @@ class AdditiveAttention(ScoredAttention):
   form: str = "bahdanau"
   attention_dim: int | None = None
   chunk_size: int = 128
+  option_ranges = {"form": OneOf(FORMS), "attention_dim": Integer(1, allow_none=True), "chunk_size": Integer(1)}
 
   supported_positions = ("none", "alibi")
 
   def prepare(self, q_BxLxHxD, k_BxSxHxD, offset):
     del offset
-    self.check_options(choices={"form": FORMS}, at_least={"chunk_size": 1})
     heads, head_dim = q_BxLxHxD.shape[2:]
     dim = head_dim if self.attention_dim is None else self.attention_dim
-    if dim < 1:
-      raise ValueError(f"AdditiveAttention: attention_dim must be >= 1 or None (the head dim), got {dim}")
     init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
     if self.form == "bahdanau":
       w_q = self.param("w_a", init, (heads, head_dim, dim), jnp.float32)

@@ -11,7 +11,7 @@ cache of the linear-attention family is `attention.recurrent.RecurrentLayer`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from kernels.common import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported)
 from attention import positions as positions_lib
+from attention import ranges as ranges_lib
 from kernels import sequence as sequence_lib
 from kernels.softmax import dropout_weights
 
@@ -76,7 +77,8 @@ class AttentionLayer(nn.Module):
     return resolve_compute_dtype(self.dtype)
 
   def check_inputs(self, x: jax.Array, mask: jax.Array | None) -> None:
-    """Validates shapes and options; errors name the value and what was expected."""
+    """Validates shapes, the common options and the variant's declared option ranges; errors name the value and
+    what was expected."""
     name = type(self).__name__
     if self.decode and not self.supports_decode:
       raise ValueError(f"{name} has no decode path (decode=True was given); use a variant that supports decoding")
@@ -96,18 +98,12 @@ class AttentionLayer(nn.Module):
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"{name}: dropout_rate must be in [0, 1), got {self.dropout_rate}")
     self.compute_dtype  # pylint: disable=pointless-statement  (validates `dtype` before any work)
-    positions_lib.check_positions(registered_name(type(self)), self.positions, self.supported_positions)
-
-  def check_options(self, *, choices: Mapping[str, Sequence[Any]] = (), at_least: Mapping[str, int] = ()) -> None:
-    """Validates the variant's own options: `choices={"mode": MODES}` (the value must be one of them),
-    `at_least={"block_size": 1}` (the value must be >= the bound). Errors name the option, the value and the range."""
-    name = type(self).__name__
-    for option, valid in dict(choices).items():
-      if getattr(self, option) not in valid:
-        raise ValueError(f"{name}: unknown {option} {getattr(self, option)!r}; valid choices: {tuple(valid)}")
-    for option, bound in dict(at_least).items():
-      if getattr(self, option) < bound:
-        raise ValueError(f"{name}: {option} must be >= {bound}, got {option}={getattr(self, option)}")
+    # The variant's own options against the ranges it declares (the same tables `build` and the config checks read):
+    # a layer constructed directly, not through `build`, is held to them too.
+    label = registered_name(type(self))
+    ranges_lib.check(type(self), label, {k: getattr(self, k) for k in ranges_lib.declared(type(self))
+                                         if hasattr(self, k)})
+    positions_lib.check_positions(label, self.positions, self.supported_positions)
 
   def head_dim(self, x: jax.Array) -> int:
     return (self.qkv_dim or x.shape[-1]) // self.num_heads

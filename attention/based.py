@@ -94,11 +94,6 @@ class Based(RecurrentLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    if self.mode not in MODES:
-      raise ValueError(f"unknown based mode {self.mode!r}; valid choices: {MODES}")
-    if self.feature_dim < 1 or self.window < 1 or self.conv_kernel_size < 1:
-      raise ValueError(f"feature_dim, window and conv_kernel_size must be >= 1, got {self.feature_dim=} "
-                       f"{self.window=} {self.conv_kernel_size=}")
     v = self.project(x, "value")
     if self.mode == "conv":
       return self.project_out(self._gated_conv(x, v, mask), x.shape[-1])

@@ -105,14 +105,6 @@ class GrassmannFlow(AttentionLayer):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
     offsets = tuple(int(o) for o in self.offsets)
-    if not offsets or min(offsets) < 1:
-      raise ValueError(f"offsets must be a non-empty tuple of positive integers, got {self.offsets}")
-    if self.reduced_dim < 2:
-      raise ValueError(f"reduced_dim must be >= 2 (Plücker coordinates need a pair of axes), got {self.reduced_dim}")
-    if self.gate_input not in GATE_INPUTS:
-      raise ValueError(f"unknown grassmann gate_input {self.gate_input!r}; valid choices: {GATE_INPUTS}")
-    if self.mixing not in MIXINGS:
-      raise ValueError(f"unknown grassmann mixing {self.mixing!r}; valid choices: {MIXINGS}")
     b, length, features = x.shape
     x = x.astype(self.compute_dtype)
     dense = lambda n, name: nn.Dense(n, dtype=self.compute_dtype, param_dtype=jnp.float32, name=name)  # noqa: E731

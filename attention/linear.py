@@ -36,7 +36,6 @@ class LinearAttention(RecurrentLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    self.check_options(choices={"feature_map": FEATURE_MAPS})
     q, k, v = self.project_qkv(x)
     # Features in float32: the normalizer phi(q)·z sums over the whole sequence.
     phi = lambda t: FEATURE_MAPS[self.feature_map](t.astype(jnp.float32))  # noqa: E731

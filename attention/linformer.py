@@ -109,10 +109,6 @@ class Linformer(AttentionLayer):
                shared_projection: jax.Array | None = None) -> jax.Array:
     """`shared_projection`: the model's layerwise `E = F` (`[max_length, k]`); only with `sharing="layerwise"`."""
     self.check_inputs(x, mask)
-    if self.sharing not in SHARING:
-      raise ValueError(f"unknown linformer sharing {self.sharing!r}; valid choices: {tuple(SHARING)}")
-    if self.k < 1:
-      raise ValueError(f"Linformer: k must be >= 1, got {self.k}")
     per_head, shared_kv = SHARING[self.sharing]
     b, length, _ = x.shape
     q, k, v = self.project_qkv(x)

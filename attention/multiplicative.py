@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from attention import positions as positions_lib
 from attention.additive import ScoredAttention
+from attention.ranges import OneOf
 from attention.registry import register
 
 FORMS = ("dot", "general")
@@ -27,13 +28,13 @@ class MultiplicativeAttention(ScoredAttention):
   """Attributes (besides the common ones of `AttentionLayer`): form, "dot" (`qᵀk`) or "general" (`qᵀ W_a k`)."""
 
   form: str = "dot"
+  option_ranges = {"form": OneOf(FORMS)}
 
   @property
   def supported_positions(self) -> tuple[str, ...]:  # type: ignore[override]  (depends on the form)
     return ("none", "rope", "alibi") if self.form == "dot" else ("none", "alibi")
 
   def prepare(self, q_BxLxHxD, k_BxSxHxD, offset):
-    self.check_options(choices={"form": FORMS})
     if self.form == "general":
       heads, head_dim = q_BxLxHxD.shape[2:]
       init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))

@@ -95,10 +95,6 @@ class Performer(RecurrentLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    if self.kernel not in KERNELS:
-      raise ValueError(f"unknown performer kernel {self.kernel!r}; valid choices: {KERNELS}")
-    if self.num_features < 1:
-      raise ValueError(f"num_features must be >= 1, got {self.num_features}")
     q, k, v = self.project_qkv(x)
     head_dim = q.shape[-1]
     draw = lambda key: gaussian_orthogonal_random_matrix(key, self.num_features, head_dim,  # noqa: E731

@@ -138,4 +138,21 @@ class Satisfies(Range):
     return self.description
 
 
-__all__ = ["Integer", "OneOf", "Range", "Real", "Satisfies"]
+def declared(cls: type) -> dict[str, Range]:
+  """The merged `option_ranges` of `cls`, base classes first (a subclass adds to or narrows its base's)."""
+  out: dict[str, Range] = {}
+  for klass in reversed(cls.__mro__):
+    out.update(vars(klass).get("option_ranges") or {})
+  return out
+
+
+def check(cls: type, label: str, values: Any) -> None:
+  """Raises ValueError naming the variant, each option outside its declared range, its value and the range;
+  `values` maps option names to values (options without a declared range are not checked here)."""
+  ranges = declared(cls)
+  problems = [(k, v, ranges[k]) for k, v in dict(values).items() if k in ranges and not ranges[k].contains(v)]
+  if problems:
+    raise ValueError(f"{cls.__name__} (attention {label!r}): " + "; ".join(r.requirement(k, v) for k, v, r in problems))
+
+
+__all__ = ["Integer", "OneOf", "Range", "Real", "Satisfies", "check", "declared"]

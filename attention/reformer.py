@@ -156,13 +156,6 @@ class Reformer(AttentionLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    if self.chunk_len < 1:
-      raise ValueError(f"Reformer: chunk_len must be >= 1, got {self.chunk_len}")
-    if self.n_hashes < 1:
-      raise ValueError(f"Reformer: n_hashes must be >= 1, got {self.n_hashes}")
-    if self.n_buckets and (self.n_buckets < 2 or self.n_buckets % 2):
-      raise ValueError(f"Reformer: n_buckets must be an even number >= 2 (or 0 for the paper's default), "
-                       f"got {self.n_buckets}")
     b, length, features = x.shape
     pad = -length % self.chunk_len
     pad_seq = lambda t: jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import flax.linen as nn
 
+from attention import ranges as ranges_lib
 from attention.ranges import Range
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
@@ -77,10 +78,7 @@ def options(name: str, /) -> dict[str, Any]:
 def option_ranges(name: str, /) -> dict[str, Range]:
   """The declared range of each option of variant `name`: its classes' `option_ranges` tables, base classes first
   (so a subclass adds to or narrows its base's). Options without a declared range are absent."""
-  out: dict[str, Range] = {}
-  for klass in reversed(get_class(name).__mro__):
-    out.update(vars(klass).get("option_ranges") or {})
-  return out
+  return ranges_lib.declared(get_class(name))
 
 
 def out_of_range(name: str, values: Mapping[str, Any], /) -> list[tuple[str, Any, Range]]:
@@ -90,10 +88,7 @@ def out_of_range(name: str, values: Mapping[str, Any], /) -> list[tuple[str, Any
 
 
 def _check_ranges(name: str, values: Mapping[str, Any]) -> None:
-  problems = out_of_range(name, values)
-  if problems:
-    cls = get_class(name).__name__
-    raise ValueError(f"{cls} (attention {name!r}): " + "; ".join(r.requirement(k, v) for k, v, r in problems))
+  ranges_lib.check(get_class(name), name, values)
 
 
 def build(name: str, /, **kwargs: Any) -> nn.Module:

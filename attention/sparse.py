@@ -51,17 +51,9 @@ class BlockSparseAttention(AttentionLayer):
     # kernel sees) gather K/V in __call__ (the exact fallback), so the projections are left sharded here.
     return None if self.decode else "halo"
 
-  def check_options(self) -> None:
-    name = type(self).__name__
-    if self.block_size < 1:
-      raise ValueError(f"{name}: block_size must be >= 1, got block_size={self.block_size}")
-    if self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"{name}: unknown implementation {self.implementation!r}; valid choices: {IMPLEMENTATIONS}")
-
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    self.check_options()
     q, k, v = self.project_qkv(x)
     batch, length = x.shape[:2]
     seq = sequence_lib.active() if not self.decode else None

@@ -87,7 +87,6 @@ class Synthesizer(AttentionLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    self.check_options(choices={"mode": MODES}, at_least={"factor_k": 1})
     length = x.shape[1]
     logits_fn, probe, axis = MODES[self.mode]
     collection = "params" if self.mode == "dense" or self.trainable_random else STATE

@@ -59,7 +59,6 @@ class TransNormer(RecurrentLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    self.check_options(choices={"mode": MODES}, at_least={"block_size": 1})
     q, k, v = self.project_qkv(x)
     if self.mode == "norm":
       phi = lambda t: jax.nn.elu(t.astype(jnp.float32)) + 1.0  # noqa: E731

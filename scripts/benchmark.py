@@ -46,7 +46,6 @@ variant exit abruptly, sleep forever, or raise, before the given length (every l
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import io
@@ -54,11 +53,8 @@ import json
 import math
 import os
 import platform
-import queue
 import shlex
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -73,13 +69,14 @@ if str(ROOT) not in sys.path:  # run as `python scripts/benchmark.py` from anywh
   sys.path.insert(0, str(ROOT))
 
 from lra import cli  # noqa: E402  (after the path set-up)
+from lra import pool  # noqa: E402
+from lra import tables  # noqa: E402
 
 BASELINE = "softmax"  # flash softmax: the default implementation
 DENSE = "softmax-dense"  # softmax with implementation="reference": the dense form (LRA's Transformer)
 BASELINES = (BASELINE, DENSE)
 CORES = ("softmax", "block_sparse", "linear")
 DEFAULT_LENGTHS = (1024, 2048, 3072, 4096)
-RESULT_PREFIX = "@@benchmark "  # worker stdout lines carrying results; anything else a library prints is ignored
 FAULT_ENV = "BENCHMARK_FAULT"
 FILES = ("benchmark.md", "benchmark.csv", "benchmark.png")
 
@@ -164,9 +161,6 @@ def _fault(variant: str, length: int) -> None:
       raise RuntimeError(f"BENCHMARK_FAULT: simulated error of {variant} at length {length}")
     raise ValueError(f"{FAULT_ENV} action {action!r} must be crash, hang or error")
 
-
-def _emit(record: dict[str, Any]) -> None:
-  print(RESULT_PREFIX + json.dumps(record), flush=True)
 
 
 def _memory_figures(compiled: Any) -> dict[str, int | None]:
@@ -265,11 +259,11 @@ def run_worker(variant: str, lengths: Sequence[int], **options: Any) -> None:
   """Measures `variant` at each length, printing one JSON line per cell; an exception is that cell's error."""
   import jax  # pylint: disable=import-outside-toplevel
   device = jax.devices()[0]
-  _emit({"kind": "device", "platform": device.platform, "device_kind": device.device_kind,
+  pool.emit_info({"platform": device.platform, "device_kind": device.device_kind,
          "num_devices": jax.device_count(), "jax_version": jax.__version__,
          "jaxlib_version": getattr(jax.lib, "__version__", None) or _jaxlib_version()})
   for length in lengths:
-    record: dict[str, Any] = {"kind": "cell", "variant": variant, "length": length}
+    record: dict[str, Any] = {"variant": variant, "length": length}
     try:
       _fault(variant, length)
       record.update(status="ok", **measure(variant, length, **options))
@@ -278,7 +272,7 @@ def run_worker(variant: str, lengths: Sequence[int], **options: Any) -> None:
       message = _error_line(e)
       record.update(status="oom" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
                     else "error", error=message)
-    _emit(record)
+    pool.emit(record)
 
 
 def _jaxlib_version() -> str | None:
@@ -310,74 +304,6 @@ def _worker_command(variant: str, lengths: Sequence[int], options: dict[str, Any
       continue
     cmd.append(f"--{key}={value}" if not isinstance(value, bool) else f"--{'' if value else 'no'}{key}")
   return cmd
-
-
-def _last_line(path: Path) -> str:
-  try:
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-  except OSError:
-    return ""
-  return lines[-1] if lines else ""
-
-
-def _read_lines(stream, out: queue.Queue) -> None:
-  for line in stream:
-    if line.startswith(RESULT_PREFIX):
-      out.put(json.loads(line[len(RESULT_PREFIX):]))
-  out.put(None)  # end of stream: the worker exited
-
-
-def run_variant(variant: str, lengths: Sequence[int], options: dict[str, Any], *, timeout: float, log_dir: Path,
-                on_cell, device_info: dict[str, Any], process_per_cell: bool = False) -> list[Cell]:
-  """Runs `variant`'s cells in worker processes; a crash restarts the worker on the remaining lengths, a timeout
-  kills it and skips the longer lengths. `on_cell(cell)` is called as each cell finishes."""
-  cells: list[Cell] = []
-  remaining = list(lengths)
-  attempt = 0
-
-  def finish(cell: Cell) -> None:
-    cells.append(cell)
-    on_cell(cell)
-
-  while remaining:
-    chunk = remaining[:1] if process_per_cell else list(remaining)
-    log_path = log_dir / f"{variant}.{attempt}.log"
-    attempt += 1
-    with open(log_path, "w") as log:
-      proc = subprocess.Popen(_worker_command(variant, chunk, options), stdout=subprocess.PIPE, stderr=log,
-                              stdin=subprocess.DEVNULL, text=True, cwd=str(ROOT))
-    results: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, results), daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while chunk:
-      length = chunk[0]
-      try:
-        record = results.get(timeout=max(deadline - time.monotonic(), 0.0))
-      except queue.Empty:  # the cell ran past its time limit
-        proc.kill()
-        proc.wait()
-        finish(Cell(variant, length, "timeout", error=f"no result within {timeout:g} s"))
-        for longer in remaining[1:]:
-          finish(Cell(variant, longer, "skipped", error=f"timeout at length {length}"))
-        return cells
-      if record is None:  # the worker died without reporting this cell
-        proc.wait()
-        line = _last_line(log_path) or f"worker exited with status {proc.returncode}"
-        finish(Cell(variant, length, "error", error=line))
-        remaining.pop(0)
-        break
-      if record.get("kind") == "device":
-        device_info.update({k: v for k, v in record.items() if k != "kind"})
-        continue
-      finish(Cell(variant, length, record["status"], error=record.get("error", ""),
-                  figures={k: v for k, v in record.items() if k not in ("kind", "variant", "length", "status",
-                                                                          "error")}))
-      chunk.pop(0)
-      remaining.pop(0)
-      deadline = time.monotonic() + timeout
-    else:
-      proc.wait()
-  return cells
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -504,23 +430,27 @@ def markdown(table_rows: Sequence[dict[str, Any]], lengths: Sequence[int], heade
                  (f"Device peak memory relative to {dense}", "peak_ratio_dense", "lra_memory_ratio", "{:.2f}")]
   for section, key, lra_key, fmt in sections:
     out.write(f"### {section}{'; LRA Table 2 in parentheses' if lra_key else ''}\n\n")
-    out.write("| variant | LRA name | " + " | ".join(labels) + " |\n")
-    out.write("|---|---|" + "---:|" * len(lengths) + "\n")
+    section_rows = []
     for v in variants:
       name = next((r["lra_name"] for r in table_rows if r["variant"] == v), "") or "-"
-      cells = [_cell_text(by[(v, n)], key, lra_key, fmt) if (v, n) in by else "-" for n in lengths]
-      out.write(f"| {v} | {name} | " + " | ".join(cells) + " |\n")
-    out.write("\n")
-  out.write("### The baselines, absolute\n\n| baseline | length | steps/s | compiled memory | device peak |\n"
-            "|---|---:|---:|---:|---:|\n")
+      section_rows.append({"variant": v, "LRA name": name, **{
+          label: _cell_text(by[(v, n)], key, lra_key, fmt) if (v, n) in by else "-"
+          for label, n in zip(labels, lengths)}})
+    out.write(tables.markdown(section_rows, ["variant", "LRA name", *labels], align=dict.fromkeys(labels, "right"))
+              + "\n\n")
+  baseline_rows = []
   for variant in BASELINES:
     for n in lengths:
       r = by.get((variant, n))
       if r is None:
         continue
       sps = "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.3g}"
-      out.write(f"| {variant} | {_label(n)} | {sps if r['status'] == 'ok' else r['status']} | "
-                f"{_mib(r['memory_bytes'])} | {_mib(r['peak_bytes'])} |\n")
+      baseline_rows.append({"baseline": variant, "length": _label(n),
+                            "steps/s": sps if r["status"] == "ok" else r["status"],
+                            "compiled memory": _mib(r["memory_bytes"]), "device peak": _mib(r["peak_bytes"])})
+  numbers = ("length", "steps/s", "compiled memory", "device peak")
+  out.write("### The baselines, absolute\n\n" + tables.markdown(
+      baseline_rows, ["baseline", *numbers], align=dict.fromkeys(numbers, "right")) + "\n")
   short = shortfalls(table_rows, memory_only)
   if short:
     out.write("\n### Below LRA Table 2 (ratios to dense softmax, as LRA's)\n\n")
@@ -556,11 +486,7 @@ def shortfalls(table_rows: Sequence[dict[str, Any]], memory_only: bool) -> list[
 
 
 def write_csv(table_rows: Sequence[dict[str, Any]], path: Path) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(table_rows[0]))
-    writer.writeheader()
-    for r in table_rows:
-      writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+  Path(path).write_text(tables.csv_text(table_rows))
 
 
 def plot(table_rows: Sequence[dict[str, Any]], path: Path, memory_only: bool) -> None:
@@ -711,17 +637,21 @@ def core_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def core_markdown(table_rows: Sequence[dict[str, Any]], title: str, header: str | None) -> str:
   fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
   lines = [f"## {title}", ""] + ([header, ""] if header else [])
-  lines += ["| implementation | length | fwd+bwd ms | compiled memory | speed-up over flash softmax | over dense "
-            "softmax | memory / flash softmax | memory / dense softmax |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  columns = ["implementation", "length", "fwd+bwd ms", "compiled memory", "speed-up over flash softmax",
+             "over dense softmax", "memory / flash softmax", "memory / dense softmax"]
+  cells = []
   for r in table_rows:
     if r.get("status", "ok") != "ok":
-      lines.append(f"| {r['implementation']} | {_label(r['length'])} | {r['status']}: {r.get('error', '')} |"
-                   + " - |" * 5)
+      cells.append({"implementation": r["implementation"], "length": _label(r["length"]),
+                    "fwd+bwd ms": f"{r['status']}: {r.get('error', '')}", **dict.fromkeys(columns[3:], "-")})
       continue
-    lines.append(f"| {r['implementation']} | {_label(r['length'])} | {fmt(r.get('call_ms'), '{:,.1f}')} | "
-                 f"{_mib(r['memory_bytes'])} | {fmt(r['speedup'], '{:.2f}×')} | "
-                 f"{fmt(r['speedup_dense'], '{:.2f}×')} | "
-                 f"{fmt(r['memory_ratio'], '{:.3f}')} | {fmt(r['memory_ratio_dense'], '{:.3f}')} |")
+    cells.append({"implementation": r["implementation"], "length": _label(r["length"]),
+                  "fwd+bwd ms": fmt(r.get("call_ms"), "{:,.1f}"), "compiled memory": _mib(r["memory_bytes"]),
+                  "speed-up over flash softmax": fmt(r["speedup"], "{:.2f}×"),
+                  "over dense softmax": fmt(r["speedup_dense"], "{:.2f}×"),
+                  "memory / flash softmax": fmt(r["memory_ratio"], "{:.3f}"),
+                  "memory / dense softmax": fmt(r["memory_ratio_dense"], "{:.3f}")})
+  lines.append(tables.markdown(cells, columns, align=dict.fromkeys(columns[1:], "right")))
   lines += ["", "Compiled memory: XLA's plan for `jit(value_and_grad)` of the core (arguments + outputs + temporaries "
             "- aliases). softmax is flash attention (the default implementation); softmax-dense is implementation="
             "\"reference\"; `<core>-reference` is that core's dense ground truth.", ""]
@@ -774,12 +704,7 @@ def run_core(argv: Sequence[str]) -> str:
   output_dir = Path(_OUTPUT_DIR.value).expanduser()
   output_dir.mkdir(parents=True, exist_ok=True)
   (output_dir / "core.md").write_text(text)
-  fields = list(dict.fromkeys(k for r in table_rows for k in r))
-  with open(output_dir / "core.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    for r in table_rows:
-      writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in fields})
+  write_csv(table_rows, output_dir / "core.csv")
   return text
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -845,11 +770,17 @@ def run(argv: Sequence[str]) -> str:
     else:
       print(message, file=sys.stderr, flush=True)
 
+  def on_outcome(outcome: pool.Outcome) -> None:
+    figures = {k: v for k, v in outcome.record.items() if k not in ("variant", "length", "status", "error")}
+    cell = Cell(outcome.job, outcome.item, outcome.status, figures=figures, error=outcome.error)
+    cells.append(cell)
+    on_cell(cell)
+
+  # One variant at a time (parallel=1): cells timed side by side must not share the machine.
+  jobs = [pool.Job(variant, lengths, lambda chunk, variant=variant: _worker_command(variant, chunk, options),
+                   process_per_item=_PROCESS_PER_CELL.value, label="length {}") for variant in variants]
   try:
-    for variant in variants:
-      bar.set_description(variant)
-      cells += run_variant(variant, lengths, options, timeout=_TIMEOUT.value, log_dir=log_dir, on_cell=on_cell,
-                           device_info=device, process_per_cell=_PROCESS_PER_CELL.value)
+    pool.run(jobs, log_dir=log_dir, timeout=_TIMEOUT.value, on_outcome=on_outcome, on_info=device.update, cwd=ROOT)
   finally:
     bar.close()
 

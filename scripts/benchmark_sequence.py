@@ -11,7 +11,8 @@ Per cell: XLA's compiled memory of the step per device (`memory_analysis()` of t
 outputs + temporaries - aliased, one device's share), attention dropout off (see `measure`), compile seconds and,
 unless `--memory_only`, steps/s. On a CPU
 host the worker gets N fake devices (`--xla_force_host_platform_device_count=N`, set before jax starts); on GPU/TPU
-hosts it uses the first N real devices. Each variant runs in its own worker process (this module as a script).
+hosts it uses the first N real devices. Each cell runs in its own worker process (`lra/pool.py`, the pool
+benchmark.py and sweep.py use; logs in `<output_dir>/logs`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from lra import pool  # noqa: E402  (after the path set-up)
+from lra import tables  # noqa: E402
 
 
 def _memory(compiled: Any) -> int | None:
@@ -84,27 +89,29 @@ def run(variants: Sequence[str], lengths: Sequence[int], sequence: int, *, num_l
   `sequence_parallel.md` / `.jsonl` into `output_dir` and returns the markdown."""
   output_dir = Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
-  env = dict(os.environ)
-  if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={sequence}".strip()
-  env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-  records: list[dict[str, Any]] = []
+  env = {}
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={sequence}".strip()
   seqs = ([1] if baseline and sequence > 1 else []) + [sequence]
-  for variant in variants:
-    for length in lengths:
-      for seq in seqs:
-        args = dict(variant=variant, length=length, sequence=seq, num_layers=num_layers, batch_size=batch_size,
-                    dtype=dtype, steps=steps, memory_only=memory_only)
-        try:
-          proc = subprocess.run([sys.executable, __file__, json.dumps(args)], env=env, cwd=ROOT, capture_output=True,
-                                text=True, timeout=timeout, check=False)
-          lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-          rec = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
-              **args, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-        except subprocess.TimeoutExpired:
-          rec = {**args, "error": f"timeout after {timeout:.0f} s"}
-        records.append(rec)
-        print(json.dumps(rec), file=sys.stderr, flush=True)
+  cells = {f"{variant}.{length}.sequence={seq}": dict(
+      variant=variant, length=length, sequence=seq, num_layers=num_layers, batch_size=batch_size, dtype=dtype,
+      steps=steps, memory_only=memory_only) for variant in variants for length in lengths for seq in seqs}
+  # Every cell in a fresh process (the memory of one must not be another's), one at a time, each with a time limit.
+  jobs = [pool.python_job(name, _measure_cell, [(args,)], work_dir=output_dir / "logs" / "calls", env=env)
+          for name, args in cells.items()]
+  records: list[dict[str, Any]] = []
+
+  def on_outcome(outcome: pool.Outcome) -> None:
+    args = cells[outcome.job]
+    if outcome.status == "ok":
+      rec = {k: v for k, v in outcome.record.items() if k != "status"}
+    else:
+      rec = {**args, "error": (outcome.error if outcome.status == "error" else
+                               f"{outcome.status}: {outcome.error}")[:300]}
+    records.append(rec)
+    print(json.dumps(rec), file=sys.stderr, flush=True)
+
+  pool.run(jobs, log_dir=output_dir / "logs", timeout=timeout, on_outcome=on_outcome, cwd=ROOT)
   (output_dir / "sequence_parallel.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   text = markdown(records, sequence, num_layers, batch_size, dtype, memory_only)
   (output_dir / "sequence_parallel.md").write_text(text)
@@ -118,25 +125,28 @@ def _mib(n: float | None) -> str:
 def markdown(records: Sequence[dict[str, Any]], sequence: int, num_layers: int, batch_size: int, dtype: str,
              memory_only: bool) -> str:
   lines = [f"Training step, LRA Text encoder ({num_layers} layers, emb 256, 4 heads, MLP 1024), batch {batch_size}, "
-           f"{dtype}: per-device compiled memory (XLA memory analysis) at mesh.sequence=1 and {sequence}.", "",
-           f"| variant | tokens | sequence=1 | sequence={sequence} | ratio |" + ("" if memory_only else " steps/s |"),
-           "|---|---|---|---|---|" + ("" if memory_only else "---|")]
+           f"{dtype}: per-device compiled memory (XLA memory analysis) at mesh.sequence=1 and {sequence}.", ""]
   by_key = {(r["variant"], r["length"], r["sequence"]): r for r in records}
+  columns = ["variant", "tokens", "sequence=1", f"sequence={sequence}", "ratio"] + ([] if memory_only else ["steps/s"])
+
+  def cell(r):
+    return "-" if r is None else (f"error: {r['error']}" if r.get("error") else _mib(r["memory_bytes"]))
+
+  table_rows = []
   for variant, length in dict.fromkeys((r["variant"], r["length"]) for r in records):
     one, many = by_key.get((variant, length, 1)), by_key.get((variant, length, sequence))
-    def cell(r):
-      return "-" if r is None else (f"error: {r['error']}" if r.get("error") else _mib(r["memory_bytes"]))
     ratio = "-"
     if one and many and one.get("memory_bytes") and many.get("memory_bytes"):
       ratio = f"{many['memory_bytes'] / one['memory_bytes']:.3f}"
-    row = f"| {variant} | {length:,} | {cell(one)} | {cell(many)} | {ratio} |"
+    row = {"variant": variant, "tokens": f"{length:,}", "sequence=1": cell(one), f"sequence={sequence}": cell(many),
+           "ratio": ratio}
     if not memory_only:
       sps = many.get("steps_per_s") if many else None
-      row += f" {sps:.3g} |" if sps and math.isfinite(sps) else " - |"
-    lines.append(row)
+      row["steps/s"] = f"{sps:.3g}" if sps and math.isfinite(sps) else "-"
+    table_rows.append(row)
+  lines.append(tables.markdown(table_rows, columns))
   return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-  sys.path.insert(0, str(ROOT))
-  print(json.dumps(measure(**json.loads(sys.argv[1]))), flush=True)
+def _measure_cell(args: dict[str, Any]) -> dict[str, Any]:
+  return measure(**args)

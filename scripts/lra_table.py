@@ -30,9 +30,7 @@ loan, or a CPU overnight, makes progress and leaves a partial table that says wh
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -53,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lra import cli  # noqa: E402  (after the path set-up)
+from lra import tables  # noqa: E402
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image", "pathfinder": "Path",
@@ -193,8 +192,8 @@ def _number(value: float | None, missing: str = "-") -> str:
 
 def to_markdown(table: list[dict], protocol: str = "paper") -> str:
   header = ["Model", *(TITLES[t] for t in TASKS), "Avg"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   notes = set()
+  cell_rows = []
   for row in table:
     cells = [row["title"]]
     for task in TASKS:
@@ -211,8 +210,8 @@ def to_markdown(table: list[dict], protocol: str = "paper") -> str:
     if row["published_average"] is not None:
       average += f" ({row['published_average']:.2f})"
     cells.append(average)
-    lines.append("| " + " | ".join(cells) + " |")
-  lines.append("")
+    cell_rows.append(dict(zip(header, cells)))
+  lines = [tables.markdown(cell_rows, header), ""]
   lines.append(f"Test accuracy (%); in parentheses {SOURCES[protocol]}. "
                "Avg: mean over ListOps, Text, Retrieval, Image and Path, as in LRA. "
                "`+masked` / `+causal`: self-pretrained on the task's own inputs (Amos et al. 2024) before fine-tuning.")
@@ -225,18 +224,17 @@ def to_markdown(table: list[dict], protocol: str = "paper") -> str:
 
 
 def to_csv(table: list[dict]) -> str:
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator="\n")
-  writer.writerow(["variant", *(c for t in TASKS for c in (t, f"{t}_published", f"{t}_synthetic")),
-                   "average", "average_tasks", "average_published"])
+  columns = ["variant", *(c for t in TASKS for c in (t, f"{t}_published", f"{t}_synthetic")),
+             "average", "average_tasks", "average_published"]
+  csv_rows = []
   for row in table:
     values = [row["variant"]]
     for task in TASKS:
       ours, reference, synthetic, known = row["cells"][task]
       values += [_number(ours, ""), _number(reference, "FAIL" if known else ""), int(synthetic)]
     values += [_number(row["average"], ""), row["average_tasks"], _number(row["published_average"], "")]
-    writer.writerow(values)
-  return buffer.getvalue()
+    csv_rows.append(dict(zip(columns, values)))
+  return tables.csv_text(csv_rows, columns)
 
 
 def build(root: str | Path, split: str = "test", protocol: str = "paper") -> tuple[str, str]:

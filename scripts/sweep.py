@@ -19,21 +19,19 @@ attention variant starts from that variant's defaults. A point is finished when 
 checkpoint. Afterwards `<workdir>/results.md` and `results.csv` hold one row per point: its overrides, status,
 validation and test metrics (test: the best checkpoint), parameter count and training steps/s.
 
-Launchers: `local` (default; `--parallel N` runs N points at a time in fresh processes, `--one_device_per_point`
-pins process i to GPU i) and `ray` (`pip install -e '.[ray]'`): each point is a Ray task in a fresh worker process
-calling `lra.training.train_and_evaluate`, with the resources of `--ray_resources` / `--ray_num_gpus`; one progress
+Launchers: `local` (default; `--parallel N` runs N points at a time, each in a fresh process of the pool that
+scripts/benchmark.py also uses (`lra/pool.py`; logs in `<workdir>/logs`), `--timeout=SECONDS` limits each point,
+`--one_device_per_point` pins the processes of slot i to GPU i) and `ray` (`pip install -e '.[ray]'`): each point
+is a Ray task in a fresh worker process calling `lra.training.train_and_evaluate`, with the resources of `--ray_resources` / `--ray_num_gpus`; one progress
 bar follows every point's steps, a failed point is reported with its last error line and the others go on.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import csv
 import inspect
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import re
 import sys
@@ -50,6 +48,8 @@ from absl import flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lra import cli  # noqa: E402  (after the path set-up)
+from lra import pool  # noqa: E402
+from lra import tables  # noqa: E402
 from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = common.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=False)
@@ -62,6 +62,8 @@ _LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "ray"], "Where poin
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "local: points run at a time (each in its own process when > 1).")
 _ONE_DEVICE = flags.DEFINE_bool(
     "one_device_per_point", False, "local: pin point process i to GPU i (CUDA_VISIBLE_DEVICES) when --parallel > 1.")
+_TIMEOUT = flags.DEFINE_float("timeout", None, "local: seconds a point may run, each point in its own process "
+                              "(killed past it, reported as timeout; a rerun resumes it from its checkpoint).")
 _SPLIT = flags.DEFINE_string("eval_split", "test", "Split evaluated on the best checkpoint after training.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only list the points, their workdirs and status.")
 _RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "ray: cluster address ('auto', 'ray://host:10001', "
@@ -184,12 +186,9 @@ def build_points(config: ml_collections.ConfigDict, sweep: Sequence[Mapping[str,
 
 
 def _config_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """The training library's config checks (ranges, choices), if it has them: a bad point fails before any runs."""
-  try:
-    from lra.training import validation  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return []
-  return list(validation.config_problems(config)) if hasattr(validation, "config_problems") else []
+  """The training library's config checks (ranges, choices): a bad point fails before any runs."""
+  from lra.training import config_checks  # pylint: disable=g-import-not-at-top  (jax only when points are checked)
+  return list(config_checks.config_problems(config))
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -260,17 +259,9 @@ def run_point(config: ml_collections.ConfigDict, overrides: dict[str, Any], work
   return row
 
 
-def _run_on_device(devices, *args) -> dict:
-  """`run_point` with CUDA_VISIBLE_DEVICES set to a device taken from the `devices` queue (given back after)."""
-  device = devices.get()
-  os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
-  try:
-    return run_point(*args)
-  finally:
-    devices.put(device)
-
-
 def last_error_line(error: BaseException) -> str:
+  if isinstance(error, PointFailed):
+    return str(error)
   cause = getattr(error, "cause", None) or error  # a RayTaskError carries the point's own exception
   text = f"{type(cause).__name__}: {cause}".strip()
   lines = [line for line in text.splitlines() if line.strip()]
@@ -281,9 +272,14 @@ def last_error_line(error: BaseException) -> str:
 # Launchers: each returns {name: row dict or exception}.
 
 
-def _launch_local(todo: Mapping[str, tuple], split: str, parallel: int, one_device_per_point: bool) -> dict:
+class PointFailed(Exception):
+  """A point that failed in its own process: the message is its error line (or its timeout)."""
+
+
+def _launch_local(todo: Mapping[str, tuple], split: str, parallel: int, one_device_per_point: bool,
+                  timeout: float | None = None) -> dict:
   results: dict[str, Any] = {}
-  if parallel == 1:
+  if parallel == 1 and timeout is None:
     for name, (overrides, root) in todo.items():
       try:
         results[name] = run_point(_CONFIG_CACHE["base"], overrides, str(root / name), split)
@@ -291,26 +287,25 @@ def _launch_local(todo: Mapping[str, tuple], split: str, parallel: int, one_devi
         logging.exception("sweep point %s failed", name)
         results[name] = e
     return results
-  # spawn: point processes start clean (no forked JAX state); each process runs one point.
-  context = multiprocessing.get_context("spawn")
-  with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
-      parallel, mp_context=context, max_tasks_per_child=1) as pool:
-    if one_device_per_point:
-      devices = manager.Queue()
-      for i in range(parallel):
-        devices.put(i)
-      submit = lambda *args: pool.submit(_run_on_device, devices, *args)  # noqa: E731
+  # Each point in a fresh process of lra.pool (no JAX state shared between points), with its log under
+  # <root>/logs and, with `timeout`, a time limit.
+  sweep_root = next(iter(todo.values()))[1]
+  jobs = [pool.python_job(name, run_point, [(_CONFIG_CACHE["base"], overrides, str(root / name), split)],
+                          work_dir=sweep_root / "logs" / "calls")
+          for name, (overrides, root) in todo.items()]
+  slot_env = (lambda i: {"CUDA_VISIBLE_DEVICES": str(i)}) if one_device_per_point else None
+
+  def on_outcome(outcome: pool.Outcome) -> None:
+    if outcome.status == "ok":
+      results[outcome.job] = {k: v for k, v in outcome.record.items() if k != "status"}
+      logging.info("sweep point %s: done", outcome.job)
     else:
-      submit = lambda *args: pool.submit(run_point, *args)  # noqa: E731
-    futures = {submit(_CONFIG_CACHE["base"], overrides, str(root / name), split): name
-               for name, (overrides, root) in todo.items()}
-    for future in concurrent.futures.as_completed(futures):
-      name = futures[future]
-      try:
-        results[name] = future.result()
-      except Exception as e:  # pylint: disable=broad-except
-        logging.error("sweep point %s failed: %s", name, e)
-        results[name] = e
+      message = outcome.error if outcome.status == "error" else f"{outcome.status}: {outcome.error}"
+      results[outcome.job] = PointFailed(message)
+      logging.error("sweep point %s failed: %s (log: %s)", outcome.job, message, outcome.log)
+
+  pool.run(jobs, log_dir=sweep_root / "logs", timeout=timeout, parallel=parallel, slot_env=slot_env,
+           on_outcome=on_outcome)
   return results
 
 
@@ -443,37 +438,30 @@ def _launch_ray(todo: Mapping[str, tuple], split: str, address: str | None, opti
 
 
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  columns = list(dict.fromkeys(k for r in rows for k in r))
-  def fmt(v):
-    if v is None:
-      return ""
-    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{v:.4g}" if isinstance(v, float) \
-        else str(v)
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-  return "\n".join(lines)
+  return tables.markdown(rows)
 
 
 def write_results(root: Path, rows: Sequence[Mapping[str, Any]]) -> str:
   """`<root>/results.md` and `results.csv`; returns the markdown table."""
-  table = markdown(rows)
-  (root / RESULTS_MD).write_text(table + "\n")
-  with open(root / RESULTS_CSV, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-  return table
+  return tables.write(rows, root / RESULTS_MD, root / RESULTS_CSV).rstrip("\n")
 
 
 def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[Mapping[str, Any]], root: str | Path, *,
               axes: Mapping[str, Sequence[str]] | None = None, launcher: str = "local", parallel: int = 1,
               split: str = "test", dry_run: bool = False, one_device_per_point: bool = False,
-              ray_address: str | None = None, ray_resources: str | Mapping[str, float] | None = None,
+              timeout: float | None = None, ray_address: str | None = None,
+              ray_resources: str | Mapping[str, float] | None = None,
               ray_num_gpus: float | None = None, ray_num_cpus: int | None = None) -> dict[str, str]:
   """Runs the unfinished points of `sweep` x `axes` under `root`, writes results.md / results.csv (unless
-  `dry_run`) and returns each point's folder name -> outcome. Points are all checked before any runs."""
+  `dry_run`) and returns each point's folder name -> outcome. Points are all checked before any runs. `timeout`
+  (seconds, local launcher): each point runs in its own process and fails as "timeout" past it (its checkpoints
+  stay: a rerun resumes it)."""
   if parallel < 1:
     raise ValueError(f"parallel={parallel} must be >= 1")
+  if timeout is not None and timeout <= 0:
+    raise ValueError(f"timeout={timeout} must be > 0 seconds")
+  if timeout is not None and launcher != "local":
+    raise ValueError(f"timeout={timeout} is for --launcher=local; Ray has its own limits (ray.cancel)")
   if launcher not in ("local", "ray"):
     raise ValueError(f"launcher={launcher!r}; valid choices: local, ray")
   options = ray_options(ray_resources, ray_num_gpus) if launcher == "ray" else {}
@@ -497,7 +485,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[Mapping[str, An
   elif launcher == "ray":
     results = _launch_ray(todo, split, ray_address, options, ray_num_cpus)
   else:
-    results = _launch_local(todo, split, parallel, one_device_per_point)
+    results = _launch_local(todo, split, parallel, one_device_per_point, timeout)
   rows = []
   keys = list(dict.fromkeys(k for overrides, _ in points.values() for k in overrides))
   for name, (overrides, _) in points.items():
@@ -532,7 +520,7 @@ def main(argv: Sequence[str]) -> None:
     sweep = load_sweep(config_arg, required=not axes) if (not axes or _WITH_CONFIG_SWEEP.value) else []
     outcome = run_sweep(_CONFIG.value, sweep, _WORKDIR.value, axes=axes, launcher=_LAUNCHER.value,
                         parallel=_PARALLEL.value, split=_SPLIT.value, dry_run=_DRY_RUN.value,
-                        one_device_per_point=_ONE_DEVICE.value, ray_address=_RAY_ADDRESS.value,
+                        one_device_per_point=_ONE_DEVICE.value, timeout=_TIMEOUT.value, ray_address=_RAY_ADDRESS.value,
                         ray_resources=_RAY_RESOURCES.value, ray_num_gpus=_RAY_NUM_GPUS.value,
                         ray_num_cpus=_RAY_NUM_CPUS.value)
   except (ValueError, FileNotFoundError) as e:

@@ -22,6 +22,20 @@ if os.environ.get("EA_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATION_
   _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ea-test-jax-cache-")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+# XLA:CPU's backend (LLVM) optimization off: the suite checks values, gradients, lowering and compiled memory (buffer
+# assignment is done before the backend, so memory figures do not change), never speed, and most of its time is
+# compiling small programs once: a quarter less time on 2 cores. EA_TEST_XLA_OPT=1 keeps XLA's default (benchmark
+# scripts always do). Every subprocess a test starts inherits it; tests that set XLA_FLAGS add to it (`xla_flags`).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if os.environ.get("EA_TEST_XLA_OPT", "0") != "1" and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(*extra: str) -> str:
+  """XLA_FLAGS for a test's subprocess: this session's flags plus `extra` (e.g. a fake device count)."""
+  return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
+
+
 import pytest  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402,F401  (app and logging define absl's own flags first)

@@ -8,7 +8,7 @@ import sys
 
 from lra.tasks import record_checks
 # The record checks were `lra.tasks.validation`; "validation" now names only the data split. The old module path
-# keeps working (set before the task modules import it).
+# is a deprecated alias for code written against it (nothing in this repository imports it); it keeps working (set before the task modules import it).
 validation = record_checks
 sys.modules.setdefault(f"{__name__}.validation", record_checks)
 

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from lra.tasks import validation
+from lra.tasks import record_checks
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -68,7 +68,7 @@ def _reading(archive: Path) -> Iterator[None]:
   try:
     yield
   except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-    raise ValueError(f"{archive}: not a readable tar archive ({validation.describe_error(e)}); expected a complete "
+    raise ValueError(f"{archive}: not a readable tar archive ({record_checks.describe_error(e)}); expected a complete "
                      f"{'/'.join(ARCHIVE_SUFFIXES)} file: download it again or extract it next to itself") from None
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from lra.tasks import archive, cache, pixels, tfds_source, validation
+from lra.tasks import archive, cache, pixels, record_checks, tfds_source
 from lra.tasks.registry import register
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -38,7 +38,7 @@ Raw = dict[str, np.ndarray]  # train_inputs [N, 32, 32] uint8, train_targets [N]
 
 def _check_split_sizes(raw: Raw, where: str) -> Raw:
   for split in ("train", "test"):
-    validation.check_count(f"{where} ({split})", f"{split} images", len(raw[f"{split}_targets"]),
+    record_checks.check_count(f"{where} ({split})", f"{split} images", len(raw[f"{split}_targets"]),
                            RELEASE_IMAGES[split], "CIFAR-10")
   return raw
 
@@ -50,7 +50,7 @@ def _unpickle_batch(name: str, content: bytes) -> tuple[np.ndarray, np.ndarray]:
   try:
     batch = pickle.loads(content, encoding="bytes")
   except Exception as e:  # pylint: disable=broad-except  # unpickling garbage can raise almost anything
-    raise ValueError(f"{name}: not readable as {expected} ({validation.describe_error(e)}); "
+    raise ValueError(f"{name}: not readable as {expected} ({record_checks.describe_error(e)}); "
                      f"download {DOWNLOAD} again") from None
   if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
     keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
@@ -58,7 +58,7 @@ def _unpickle_batch(name: str, content: bytes) -> tuple[np.ndarray, np.ndarray]:
   data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
   if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
     raise ValueError(f"{name}: expected data [N, 3072] and N labels, got data {data.shape} and labels {labels.shape}")
-  validation.check_labels(name, labels, range(len(CLASSES)), what="label of image")
+  record_checks.check_labels(name, labels, range(len(CLASSES)), what="label of image")
   rgb = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return pixels.to_grayscale(rgb), labels.astype(np.int32)
 
@@ -93,7 +93,7 @@ def _read_class_folders(sources: archive.Sources) -> Raw:
       with Image.open(io.BytesIO(content)) as image:
         rgb = np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-      raise ValueError(f"{name}: not a readable image ({validation.describe_error(e)}); "
+      raise ValueError(f"{name}: not a readable image ({record_checks.describe_error(e)}); "
                        f"expected a 32x32 JPEG or PNG") from None
     if rgb.shape != (32, 32, 3):
       raise ValueError(f"{name}: expected a 32x32 image, got {rgb.shape[1]}x{rgb.shape[0]}")

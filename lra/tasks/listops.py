@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks import cache, listops_generator, validation
+from lra.tasks import cache, listops_generator, record_checks
 from lra.tasks.base import ArrayDataset, ClassificationTask
 from lra.tasks.registry import register
 
@@ -45,7 +45,7 @@ def read_tsv(path: Path, max_length: int) -> dict[str, np.ndarray]:
   else is a ValueError naming the file, the line and the value (a label of 10 would otherwise become a NaN loss).
   """
   inputs, targets, lines = [], [], []
-  with open(path, encoding="utf-8", newline="") as f, validation.reading(path, "UTF-8 ListOps TSV file"):
+  with open(path, encoding="utf-8", newline="") as f, record_checks.reading(path, "UTF-8 ListOps TSV file"):
     reader = csv.reader(f, delimiter="\t")
     header = next(reader, None)
     if header is None or [h.strip() for h in header[:2]] != ["Source", "Target"]:
@@ -64,12 +64,12 @@ def read_tsv(path: Path, max_length: int) -> dict[str, np.ndarray]:
         inputs.append(encode(row[0], max_length))
       except ValueError as e:
         raise ValueError(f"{path}:{line}: {e}") from None
-      targets.append(validation.parse_int(path, line, row[1].strip()))
+      targets.append(record_checks.parse_int(path, line, row[1].strip()))
       lines.append(line)
   if not inputs:
     raise ValueError(f"{path} holds no examples (expected a header line and rows 'Source<TAB>Target')")
   targets_array = np.asarray(targets, np.int64)
-  validation.check_labels(path, targets_array, range(NUM_CLASSES), np.asarray(lines))
+  record_checks.check_labels(path, targets_array, range(NUM_CLASSES), np.asarray(lines))
   return {"inputs": np.stack(inputs), "targets": targets_array.astype(np.int32)}
 
 

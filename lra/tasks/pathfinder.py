@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks import cache, pathfinder_generator, pixels, validation
+from lra.tasks import cache, pathfinder_generator, pixels, record_checks
 from lra.tasks.registry import register
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}
@@ -50,7 +50,7 @@ def read_metadata(path: Path) -> list[tuple[str, str, int]]:
                        f"label) strings") from None
     rows = [(i + 1, row) for i, row in enumerate(np.atleast_2d(array).tolist())]
   else:
-    with validation.reading(path, "Pathfinder metadata file (text lines 'imgs/<batch> sample_<i>.png <i> <label>')"):
+    with record_checks.reading(path, "Pathfinder metadata file (text lines 'imgs/<batch> sample_<i>.png <i> <label>')"):
       text = raw.decode()
     rows = [(i + 1, line.split()) for i, line in enumerate(text.splitlines()) if line.strip()]
   out, labels, lines = [], [], []
@@ -58,10 +58,10 @@ def read_metadata(path: Path) -> list[tuple[str, str, int]]:
     if len(row) < 4:
       raise ValueError(f"{path}:{line}: expected at least 4 columns (folder, file, index, label), got {len(row)}: "
                        f"{row!r}")
-    labels.append(validation.parse_int(path, line, str(row[3])))
+    labels.append(record_checks.parse_int(path, line, str(row[3])))
     lines.append(line)
     out.append((str(row[0]), str(row[1]), labels[-1]))
-  validation.check_labels(path, np.asarray(labels, np.int64), (0, 1), np.asarray(lines))
+  record_checks.check_labels(path, np.asarray(labels, np.int64), (0, 1), np.asarray(lines))
   return out
 
 
@@ -82,7 +82,7 @@ def _load_image(path: Path, resolution: int) -> np.ndarray | None:
     with Image.open(path) as image:
       array = np.asarray(image.convert("L"))
   except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
-    raise ValueError(f"{path}: not a readable image ({validation.describe_error(e)}); expected a "
+    raise ValueError(f"{path}: not a readable image ({record_checks.describe_error(e)}); expected a "
                      f"{resolution}x{resolution} grayscale PNG: generate or download the data again") from None
   if array.shape != (resolution, resolution):
     raise ValueError(f"{path}: expected a {resolution}x{resolution} image, got {array.shape}")

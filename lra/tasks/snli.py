@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks import cache, validation
+from lra.tasks import cache, record_checks
 from lra.tasks.base import ArrayDataset, MatchingTask
 from lra.tasks.registry import register
 
@@ -56,7 +56,7 @@ def read_pairs(path: Path) -> list[tuple[list[str], list[str], int]]:
   """
   pairs = []
   expected = "gzip-compressed SNLI jsonl file" if path.suffix == ".gz" else "UTF-8 SNLI jsonl file"
-  with validation.open_text(path) as f, validation.reading(path, expected, "download snli_1.0.zip again"):
+  with record_checks.open_text(path) as f, record_checks.reading(path, expected, "download snli_1.0.zip again"):
     for line_number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -120,7 +120,7 @@ class SNLI(MatchingTask):
     def make():
       pairs = {s: read_pairs(p) for s, p in paths.items()}
       for s, p in paths.items():
-        validation.check_count(p, "pairs with a gold label", len(pairs[s]), RELEASE_PAIRS[s], "SNLI 1.0")
+        record_checks.check_count(p, "pairs with a gold label", len(pairs[s]), RELEASE_PAIRS[s], "SNLI 1.0")
       if source == "dev":
         order = np.random.default_rng(self.config.seed).permutation(len(pairs["dev"]))
         n_val = max(1, int(round(fraction * len(order))))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks import archive, byte_tokens, cache, tfds_source, validation
+from lra.tasks import archive, byte_tokens, cache, record_checks, tfds_source
 from lra.tasks.base import ArrayDataset, ClassificationTask
 from lra.tasks.registry import register
 
@@ -59,7 +59,8 @@ def read_aclimdb(sources: archive.Sources, max_length: int) -> dict[str, np.ndar
   for name, match, content in sources.read_named():
     split, label, review_id, rating = match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
     if rating not in RATINGS[label]:
-      raise ValueError(f"{name}: rating {rating} in a {label}/ folder; expected {validation.describe(RATINGS[label])} "
+      expected = record_checks.describe(RATINGS[label])
+      raise ValueError(f"{name}: rating {rating} in a {label}/ folder; expected {expected} "
                        f"(aclImdb: pos reviews are rated 7-10, neg 1-4): a file in the wrong folder?")
     examples[split].append((LABELS[label], review_id, content))
   empty = [split for split in SPLITS if not examples[split]]
@@ -69,7 +70,7 @@ def read_aclimdb(sources: archive.Sources, max_length: int) -> dict[str, np.ndar
                             f"download {DOWNLOAD}")
   where = ", ".join(map(str, sources.archives)) or str(sources.root)
   for split in SPLITS:
-    validation.check_count(f"{where} ({split}/)", f"{split} reviews", len(examples[split]), RELEASE_REVIEWS[split],
+    record_checks.check_count(f"{where} ({split}/)", f"{split} reviews", len(examples[split]), RELEASE_REVIEWS[split],
                            "aclImdb v1")
   return _arrays_of(examples, max_length)
 
@@ -79,7 +80,7 @@ def read_tfds(max_length: int) -> dict[str, np.ndarray]:
   examples = {split: [(int(ex["label"]), i, bytes(ex["text"])) for i, ex in
                       enumerate(tfds_source.examples("imdb_reviews", split))] for split in SPLITS}
   for split in SPLITS:
-    validation.check_count(f"tfds imdb_reviews/{split}", f"{split} reviews", len(examples[split]),
+    record_checks.check_count(f"tfds imdb_reviews/{split}", f"{split} reviews", len(examples[split]),
                            RELEASE_REVIEWS[split], "aclImdb v1")
   return _arrays_of(examples, max_length)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks import cache, validation
+from lra.tasks import cache, record_checks
 from lra.tasks.base import ArrayDataset
 from lra.tasks.causal_lm import LanguageModelTask
 from lra.tasks.registry import register
@@ -43,7 +43,7 @@ def split_path(data_dir: Path, split: str) -> Path:
 def read_tokens(path: Path) -> list[str]:
   """The file's whitespace-separated words, `<eos>` after every line; ValueError naming the file if it is not text."""
   words: list[str] = []
-  with open(path, encoding="utf-8") as f, validation.reading(path, "UTF-8 text file of space-separated tokens"):
+  with open(path, encoding="utf-8") as f, record_checks.reading(path, "UTF-8 text file of space-separated tokens"):
     for line in f:
       words.extend(line.split())
       words.append(EOS)
@@ -99,7 +99,8 @@ class WikiText2(LanguageModelTask):
     def make():
       words = {split: read_tokens(path) for split, path in paths.items()}
       for split, path in paths.items():
-        validation.check_count(path, "tokens including <eos>", len(words[split]), RELEASE_TOKENS[split], "WikiText-2")
+        record_checks.check_count(path, "tokens including <eos>", len(words[split]), RELEASE_TOKENS[split],
+                                  "WikiText-2")
       vocab = build_vocab(words["train"])
       unk = vocab.get(UNK, 0)
       out = {split: np.asarray([vocab.get(w, unk) for w in ws], np.int32) for split, ws in words.items()}

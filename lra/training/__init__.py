@@ -4,7 +4,7 @@ import sys
 
 from lra.training import config_checks
 # The config checks were `lra.training.validation`; "validation" now names only the data split. The old module path
-# keeps working (set before `trainer` imports it).
+# is a deprecated alias for code written against it (nothing in this repository imports it); it keeps working (set before `trainer` imports it).
 validation = config_checks
 sys.modules.setdefault(f"{__name__}.validation", config_checks)
 

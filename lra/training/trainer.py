@@ -7,7 +7,7 @@ Resume order (the one place it is written down):
      the next batches and keys equal those of an uninterrupted run;
   3. drop `metrics.jsonl` lines logged after that step (the crashed run may have logged past its last checkpoint);
   4. train from the restored step to `config.train.num_steps`.
-Before step 1 the config is validated (lra/training/validation.py) and, when the workdir holds checkpoints, compared
+Before step 1 the config is validated (lra/training/config_checks.py) and, when the workdir holds checkpoints, compared
 with its `config.json` and the checkpoint's array shapes: a workdir of another task or model is refused by name.
 A checkpoint written on preemption also holds the per-step metrics not yet logged (`meta["pending"]`), so the next
 log line averages the same steps as in an uninterrupted run.
@@ -43,7 +43,7 @@ from lra.tasks import pipeline
 from jax.experimental import multihost_utils
 
 from lra.training import checkpoints as checkpoints_lib
-from lra.training import metric_writers, optim, preemption, sharding, validation
+from lra.training import config_checks, metric_writers, optim, preemption, sharding
 from lra.training import pretrain as pretrain_lib
 from kernels import sequence as sequence_lib
 
@@ -194,11 +194,11 @@ def _pending_from_meta(records: list) -> list[tuple[int, dict[str, np.ndarray]]]
 
 def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`config` as config.json records it: the options the user set plus every layer's resolved attention options."""
-  return validation.config_record(config)
+  return config_checks.config_record(config)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  # Written to a temporary name and renamed: other processes may read it (validation.check_workdir_config).
+  # Written to a temporary name and renamed: other processes may read it (config_checks.check_workdir_config).
   tmp = workdir / f"config.json.tmp{jax.process_index()}"
   tmp.write_text(json.dumps(_config_record(config), indent=2, sort_keys=True, default=str) + "\n")
   tmp.replace(workdir / "config.json")
@@ -213,10 +213,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   With `config.pretrain.steps > 0` the encoder is first self-pretrained in the same call, and `config.init_from`
   starts fine-tuning from another run's encoder (lra/training/pretrain.py: phases, their workdir layout, resume)."""
-  validation.validate_config(config)
+  config_checks.validate_config(config)
   workdir = Path(workdir)
-  validation.check_workdir_config(config, workdir, checkpoints_lib.LATEST_DIR)
-  validation.check_workdir_config(config, workdir, pretrain_lib.PRETRAIN_CHECKPOINTS)
+  config_checks.check_workdir_config(config, workdir, checkpoints_lib.LATEST_DIR)
+  config_checks.check_workdir_config(config, workdir, pretrain_lib.PRETRAIN_CHECKPOINTS)
   workdir.mkdir(parents=True, exist_ok=True)
   exp = Experiment(config)
   is_writer = jax.process_index() == 0
@@ -349,7 +349,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path, 
                         checkpoint: str | int = "best") -> dict[str, Any]:
   """Restores `checkpoint` ("best", "latest" or a step) from `workdir`, evaluates `split`, writes
   `<workdir>/eval_<split>.json` and returns its content."""
-  validation.validate_config(config)
+  config_checks.validate_config(config)
   workdir = Path(workdir)
   exp = Experiment(config)
   valid = exp.task.eval_splits + (exp.task.train_split,)

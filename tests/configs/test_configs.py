@@ -17,7 +17,7 @@ from absl import flags
 import attention
 from configs import common
 from lra.models.encoder import encoder_from_config
-from lra.training import validation
+from lra.training import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").rglob("*.py")
@@ -105,7 +105,7 @@ def test_config_file_loads(path):
   for name in attention.names():
     config = module.get_config(f"runlocal,attention={name}")
     assert config.model.attention.to_dict() == {"name": name}
-    for layer in validation.resolved_layers(config):
+    for layer in config_checks.resolved_layers(config):
       assert layer.keys() == common.attention_options(name).keys()
   with pytest.raises(ValueError, match="unknown config argument 'bogus'.*valid keys"):
     module.get_config("bogus=1")
@@ -182,7 +182,7 @@ def test_variant_swaps_by_flag_both_ways():
       flags_ = ["--config.model.attention.name=performer", "--config.model.attention.num_features=128"][::order]
       config = _parse_flags(["prog", listops, *flags_])
       assert config.model.attention.to_dict() == {"name": "performer", "num_features": 128}  # what the user set
-      assert {layer["kernel"] for layer in validation.resolved_layers(config)} == {"softmax"}  # the default in force
+      assert {layer["kernel"] for layer in config_checks.resolved_layers(config)} == {"softmax"}  # the default in force
     # performer -> softmax: performer's options go, softmax's come.
     config = _parse_flags(["prog", listops + ",attention=performer", "--config.model.attention.name=softmax",
                            "--config.model.attention.implementation=xla"])
@@ -193,9 +193,9 @@ def test_variant_swaps_by_flag_both_ways():
     # An option set to its default value is still the user's: it wins over TransNormer's per-layer schedule.
     config = _parse_flags(["prog", listops + ",attention=transnormer", "--config.model.attention.mode=norm"])
     assert config.model.attention.to_dict() == {"name": "transnormer", "mode": "norm"}
-    assert [layer["mode"] for layer in validation.resolved_layers(config)] == ["norm", "norm"]
+    assert [layer["mode"] for layer in config_checks.resolved_layers(config)] == ["norm", "norm"]
     config = _parse_flags(["prog", listops + ",attention=transnormer"])
-    assert [layer["mode"] for layer in validation.resolved_layers(config)] == ["diag", "norm"]
+    assert [layer["mode"] for layer in config_checks.resolved_layers(config)] == ["diag", "norm"]
     with pytest.raises(flags.IllegalFlagValueError, match="num_features: unknown option.*'softmax'.*valid options: "
                        "implementation"):
       _parse_flags(["prog", listops, "--config.model.attention.num_features=128"])
@@ -250,4 +250,4 @@ def test_every_config_resolves_to_the_snapshot_taken_before_options_were_resolve
     layers = encoder_from_config(config.model, vocab_size=8, max_length=16).attention_for_layers()
     assert json.loads(json.dumps([dict(layer) for layer in layers])) == expected, f"{path}:{arg}"
     # config.json records the same layers.
-    assert json.loads(json.dumps(validation.config_record(config)))["model"]["resolved_attention"] == expected
+    assert json.loads(json.dumps(config_checks.config_record(config)))["model"]["resolved_attention"] == expected

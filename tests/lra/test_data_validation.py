@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from lra.tasks import archive, cache, image, listops, pathfinder, snli, text, validation, wikitext2
+from lra.tasks import archive, cache, image, listops, pathfinder, record_checks, snli, text, wikitext2
 from lra.tasks.validation import DataCountWarning
 
 
@@ -61,8 +61,8 @@ def test_listops_good_file_reads_and_label_error_reaches_the_task(tmp_path):
 def test_check_labels_is_vectorized_and_names_first_bad_record():
   labels = np.array([0, 1, 1, 7, 0, 9])
   with pytest.raises(ValueError, match=r"f.tsv:40: label 7 out of range; expected one of 0, 1 \(2 bad records"):
-    validation.check_labels("f.tsv", labels, (0, 1), lines=np.arange(10, 70, 10))
-  validation.check_labels("f.tsv", labels, range(10))
+    record_checks.check_labels("f.tsv", labels, (0, 1), lines=np.arange(10, 70, 10))
+  record_checks.check_labels("f.tsv", labels, range(10))
 
 
 # SNLI ---------------------------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_snli_skips_no_gold_label_and_warns_on_release_count(tmp_path):
 def test_release_counts_agree_without_warning():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert validation.check_count("x", "pairs", 9_842, snli.RELEASE_PAIRS["dev"], "SNLI 1.0")
+    assert record_checks.check_count("x", "pairs", 9_842, snli.RELEASE_PAIRS["dev"], "SNLI 1.0")
   assert snli.RELEASE_PAIRS["dev"] == 9_842
   assert wikitext2.RELEASE_TOKENS["train"] == 2_088_628
   assert text.RELEASE_REVIEWS == {"train": 25_000, "test": 25_000}

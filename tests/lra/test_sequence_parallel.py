@@ -19,7 +19,7 @@ import pytest
 
 from lra.training import train_and_evaluate
 from lra.training.metric_writers import read_metrics
-from tests.conftest import ROOT, tiny_listops_config
+from tests.conftest import ROOT, tiny_listops_config, xla_flags
 from tests.lra.multihost_support import run_processes, tiny_flags
 
 TIMEOUT = 900
@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def runs(data_cache, tmp_path_factory):
   root = tmp_path_factory.mktemp("seqpar")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": str(ROOT)}
   proc = subprocess.run([sys.executable, "-c", SCRIPT, str(data_cache), str(root)], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=TIMEOUT, check=False)
