@@ -3,6 +3,7 @@ baselines (flash and dense), a crashing or hanging variant that becomes a cell o
 and the `--core` mode."""
 
 import csv
+import json
 import os
 import pathlib
 import subprocess
@@ -89,3 +90,17 @@ def test_core_mode_measures_one_core_beside_both_softmax_baselines(tmp_path):
   assert int(rows["softmax-dense", 128]["memory_bytes"]) > int(rows["softmax-dense", 64]["memory_bytes"])
   markdown = (tmp_path / "core.md").read_text()
   assert markdown in proc.stdout and "block_sparse core, forward + backward" in markdown
+
+
+def test_sequence_parallel_mode_measures_the_sharded_step_per_device(tmp_path):
+  # One cell (linear, 64 tokens, sequence=2, no sequence=1 baseline): the step compiled on 2 fake devices through the
+  # worker pool, its per-device memory in the table and the JSON lines.
+  args = ["--sequence_parallel=2", "--nosequence_baseline", "--memory_only", "--attention=linear", "--lengths=64",
+          "--num_layers=1", "--batch_size=1"]
+  proc = subprocess.run([sys.executable, str(SCRIPT), f"--output_dir={tmp_path}", *args], capture_output=True,
+                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (record,) = [json.loads(line) for line in (tmp_path / "sequence_parallel.jsonl").read_text().splitlines()]
+  assert record["variant"] == "linear" and record["sequence"] == 2 and "error" not in record, record
+  assert record["memory_bytes"] > 0
+  assert "| linear | 64 | - | " in proc.stdout and (tmp_path / "logs" / "linear.64.sequence=2.0.log").exists()
