@@ -85,13 +85,11 @@ class ListOps(ClassificationTask):
     data = self.config.data
     if data.get("data_dir"):
       path = Path(data.data_dir).expanduser()
-      missing = [str(path / f) for f in SPLIT_FILES.values() if not (path / f).exists()]
-      if missing:
-        raise FileNotFoundError(
-            f"ListOps files not found: {', '.join(missing)}. Generate them with "
-            f"`python scripts/make_listops.py --output_dir {path}`, point --config.data.data_dir at the LRA "
-            f"release's listops-1000 folder, or set --config.data.data_dir=None to generate into the cache dir.")
-      return path
+      return record_checks.release_folder(
+          path, SPLIT_FILES.values(), "ListOps files",
+          f"Generate them with `python scripts/make_listops.py --output_dir {path}`, point --config.data.data_dir "
+          f"at the LRA release's listops-1000 folder, or set --config.data.data_dir=None to generate into the cache "
+          f"dir.")
     gen = dict(data.generate)
     path = cache.cache_dir(data) / "listops_generated" / cache.key_of(gen)
     if not all((path / f).exists() for f in SPLIT_FILES.values()):

@@ -17,7 +17,7 @@ import tarfile
 import warnings
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -81,6 +81,16 @@ def reading(path: str | Path, expected: str, fix: str = "download or generate it
     raise ValueError(f"{path}: not a readable {expected} ({describe_error(e)}); {fix}") from None
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 text at byte {e.start} ({expected} expected); {fix}") from None
+
+
+def release_folder(data_dir: str | Path, files: Iterable[str], what: str, how_to_get: str) -> Path:
+  """`data_dir` expanded, after checking it holds every one of `files`; otherwise a FileNotFoundError naming the
+  missing ones ("<what> not found: ...") and `how_to_get` them."""
+  path = Path(data_dir).expanduser()
+  missing = [str(path / name) for name in files if not (path / name).exists()]
+  if missing:
+    raise FileNotFoundError(f"{what} not found: {', '.join(missing)}. {how_to_get}")
+  return path
 
 
 def describe_error(e: BaseException) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lra.tasks import byte_tokens, cache, synthetic_aan
+from lra.tasks import byte_tokens, cache, record_checks, synthetic_aan
 from lra.tasks.base import ArrayDataset, MatchingTask
 from lra.tasks.registry import register
 
@@ -67,14 +67,10 @@ class Retrieval(MatchingTask):
     """The folder holding the three TSV files (generating the synthetic set into the cache dir if asked to)."""
     data = self.config.data
     if data.get("data_dir"):
-      path = Path(data.data_dir).expanduser()
-      missing = [str(path / name) for name in SPLIT_FILES.values() if not (path / name).exists()]
-      if missing:
-        raise FileNotFoundError(
-            f"AAN pair files not found: {', '.join(missing)}. They are in lra_release/tsv_data/ of {DOWNLOAD} "
-            f"(point --config.data.data_dir there), or use --config.data.synthetic=True with "
-            f"--config.data.data_dir=None for a small synthetic stand-in.")
-      return path
+      return record_checks.release_folder(
+          data.data_dir, SPLIT_FILES.values(), "AAN pair files",
+          f"They are in lra_release/tsv_data/ of {DOWNLOAD} (point --config.data.data_dir there), or use "
+          f"--config.data.synthetic=True with --config.data.data_dir=None for a small synthetic stand-in.")
     if not data.get("synthetic"):
       raise FileNotFoundError(
           f"config.data.data_dir is not set. The AAN pairs new_aan_pairs.{{train,eval,test}}.tsv are in "

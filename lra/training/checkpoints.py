@@ -146,6 +146,19 @@ class Checkpoints:
                                                              meta=ocp.args.JsonRestore()))
     return restored.state, dict(restored.meta)
 
+  def resume(self, state: Any) -> tuple[Any, dict, bool]:
+    """`(state, meta, resumed)`: the latest checkpoint restored into `state`'s structure, or `state` itself at step
+    0 when there is none. A restore that fails (another model's checkpoint) closes the managers before raising, so
+    the caller's error is not followed by orbax's background threads."""
+    try:
+      restored = self.restore(state, "latest")
+    except BaseException:
+      self.close()
+      raise
+    if restored is None:
+      return state, {"step": 0, "best": None}, False
+    return restored[0], restored[1], True
+
   def wait(self) -> None:
     """Blocks until both managers' async saves are committed (on every process, in this order)."""
     self.latest.wait_until_finished()

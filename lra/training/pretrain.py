@@ -177,15 +177,8 @@ def run_pretraining(config: ml_collections.ConfigDict, workdir: Path, task: Any)
   directory.mkdir(parents=True, exist_ok=True)
   exp = trainer.Experiment(pconfig, task=PretrainTask(task, config))
   ckpt = checkpoints_lib.Checkpoints(directory, keep=pconfig.train.keep_checkpoints)
-  state = exp.init_state()
-  meta: dict[str, Any] = {"step": 0, "best": None}
-  try:
-    restored = ckpt.restore(state, "latest")
-  except BaseException:
-    ckpt.close()
-    raise
-  if restored is not None:
-    state, meta = restored
+  state, meta, resumed = ckpt.resume(exp.init_state())
+  if resumed:
     if int(meta["step"]) >= pconfig.train.num_steps:
       ckpt.close()
       logging.info("Pretraining finished at step %d (%s): fine-tuning starts from it", meta["step"], directory)

@@ -19,7 +19,6 @@ the fine-tuning state; `config.init_from` seeds it from another run.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -37,7 +36,6 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-import attention as attention_lib
 from lra import tasks as tasks_lib
 from lra.tasks import pipeline
 from jax.experimental import multihost_utils
@@ -222,19 +220,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   is_writer = jax.process_index() == 0
 
   ckpt = checkpoints_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-  state = exp.init_state()
-  meta: dict[str, Any] = {"step": 0, "best": None}
-  try:
-    restored = ckpt.restore(state, "latest")
-  except BaseException:
-    ckpt.close()
-    raise
-  if restored is not None:
-    state, meta = restored
+  state, meta, resumed = ckpt.resume(exp.init_state())
+  if resumed:
     logging.info("Resumed from %s at step %d", workdir / checkpoints_lib.LATEST_DIR, meta["step"])
   if is_writer:  # after the checks above, so a refused run leaves the workdir's config.json as it was
     _write_config(config, workdir)
-  if restored is None:  # fine-tuning has not started: pretrain (or resume pretraining) first, or load init_from
+  if not resumed:  # fine-tuning has not started: pretrain (or resume pretraining) first, or load init_from
     try:
       state = pretrain_lib.starting_state(config, workdir, exp, state)
     except BaseException:
