@@ -45,6 +45,16 @@ from configs.lra import listops  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+  """Under xdist (`-n`), distribute with `loadgroup` unless a `--dist` mode was chosen: tests marked
+  `xdist_group(name)` run on one worker (modules whose module fixture is a long subprocess or a shared training run,
+  which plain `load` may split over both workers so that each runs it); the rest are balanced as with `load`.
+  Set here rather than in addopts, which would break `-p no:xdist` runs (the contract suite starts one)."""
+  if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no":
+    config.option.dist = "loadgroup"
+
+
 def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
   """The session's compilation cache goes with it (only in the process that made it: the controller under xdist)."""
   if _OWN_CACHE and not hasattr(session.config, "workerinput"):
