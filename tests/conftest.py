@@ -47,12 +47,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-  """Under xdist (`-n`), distribute with `loadgroup` unless a `--dist` mode was chosen: tests marked
-  `xdist_group(name)` run on one worker (modules whose module fixture is a long subprocess or a shared training run,
-  which plain `load` may split over both workers so that each runs it); the rest are balanced as with `load`.
-  Set here rather than in addopts, which would break `-p no:xdist` runs (the contract suite starts one)."""
+  """Under xdist (`-n`), distribute whole modules (`loadscope`) unless a `--dist` mode was chosen.
+
+  Several modules compute what their tests check once, in a module fixture: a long subprocess (the sequence-parallel
+  contract case on 8 devices, ~150-190 s here; the 8-device training runs) or shared training runs. xdist's default
+  `load` hands out single tests, so both workers may get tests of such a module and each runs its fixture (seen here:
+  the 8-device subprocess twice in one run). `loadgroup` with `xdist_group` marks would keep only those modules
+  together, but under pytest 9.2 xdist 3.8 no longer renames the grouped tests, so the groups are ignored. Set here
+  rather than in addopts, which would break `-p no:xdist` runs (the contract suite starts one)."""
   if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no":
-    config.option.dist = "loadgroup"
+    config.option.dist = "loadscope"
 
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001

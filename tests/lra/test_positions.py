@@ -23,8 +23,7 @@ from lra.training import train_and_evaluate
 from tests.attention import contract
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# One worker runs this module: its module fixture trains the checkpoints the tests share (once, not per worker).
-pytestmark = [pytest.mark.filterwarnings("ignore:.*the WikiText-2 release has"), pytest.mark.xdist_group("lra_positions")]
+pytestmark = pytest.mark.filterwarnings("ignore:.*the WikiText-2 release has")
 
 
 def test_sinusoidal_is_vaswanis_interleaved_formula():

@@ -23,8 +23,6 @@ from tests.conftest import ROOT, tiny_listops_config, xla_flags
 from tests.lra.multihost_support import run_processes, tiny_flags
 
 TIMEOUT = 900
-# One worker runs this module: its module fixture (the 8-device subprocess) must not run on both xdist workers.
-pytestmark = pytest.mark.xdist_group("lra_sequence_parallel")
 MULTIHOST_TIMEOUT = 240
 RTOL = 1e-5
 

@@ -18,8 +18,7 @@ from tests.conftest import load_script
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 generate = load_script("generate")
 
-# One worker runs this module: its module fixture trains the checkpoints the tests share (once, not per worker).
-pytestmark = [pytest.mark.filterwarnings("ignore:.*the WikiText-2 release has"), pytest.mark.xdist_group("scripts_generate")]
+pytestmark = pytest.mark.filterwarnings("ignore:.*the WikiText-2 release has")
 
 CORPUS = " = Title = \n\n the cat sat on the mat . \n the dog sat on the log . \n a <unk> ran to the cat . \n"
 
