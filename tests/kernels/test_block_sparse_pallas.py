@@ -64,9 +64,9 @@ def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, bac
     return [jax.value_and_grad(loss(impl), argnums=(0, 1, 2), has_aux=True)(q, k, v)
             for impl in ("reference", "kernel")]
 
-  # GPU interpret mode runs io_callbacks and cannot be jitted with them more cheaply; the TPU kernels jit once.
-  run = value_and_grads if backend == "gpu" else jax.jit(value_and_grads)
-  ((_, want), want_grads), ((_, got), got_grads) = run(q, k, v)
+  # One compiled program for both backends: run eagerly, the GPU interpreter's driver compiled each small op on its
+  # own (about 150 compilations, twice the time); its io_callbacks run inside the jitted program just as well.
+  ((_, want), want_grads), ((_, got), got_grads) = jax.jit(value_and_grads)(q, k, v)
   assert got.dtype == dtype
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **TOL[dtype])
   for g, w in zip(got_grads, want_grads):
