@@ -120,10 +120,12 @@ def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
   # Causal: the kernels whose correctness rests on the carried state and the sequential chunk axis.
   f = lambda q, k, v: linear_attention_pallas(q, k, v, causal=True, chunk_sizes=ChunkSizes(16),  # noqa: E731
                                               interpret=params)
-  got, grads = jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+  # Jitted: the interpreter's callbacks run when the program does (eagerly, the driver's ops compiled one by one).
+  got, grads = jax.block_until_ready(jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(
+      q, k, v))
   assert not tpu_interpreter.races.races_found
-  want, want_grads = jax.value_and_grad(lambda *a: jnp.sum(linear_attention_reference(*a, causal=True) ** 2),
-                                        argnums=(0, 1, 2))(q, k, v)
+  want, want_grads = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(linear_attention_reference(*a, causal=True) ** 2),
+                                                argnums=(0, 1, 2)))(q, k, v)
   _assert_close(got, want, jnp.float32)
   for g, w in zip(grads, want_grads):
     _assert_close(g, w, jnp.float32)
