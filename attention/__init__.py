@@ -26,4 +26,4 @@ from attention import additive  # noqa: F401
 from attention import multiplicative  # noqa: F401
 
 __all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",
-           "names", "options", "register", "resolve_compute_dtype"]
+           "names", "option_ranges", "options", "register", "resolve", "resolve_compute_dtype"]
