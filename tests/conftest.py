@@ -47,6 +47,9 @@ def _xla_accepts(flag: str) -> bool:
 
 if os.environ.get("EA_TEST_XLA_OPT", "0") != "1" and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   _accepted = [flag for flag in OPTIONAL_XLA_FLAGS if _xla_accepts(flag)]
+  for _flag in sorted(set(OPTIONAL_XLA_FLAGS) - set(_accepted)):  # said once, by the session's first process
+    print(f"tests/conftest.py: this jaxlib does not accept {_flag}; compiling without it (slower suite)",
+          file=sys.stderr)
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, *_accepted]).strip()
 
 
