@@ -6,8 +6,9 @@ status 2.
 
 Extrapolation: `--max_length=N` (or `--config ... --config.data.max_length=N`) evaluates the checkpoint on sequences
 of another length than it was trained at, where the positional encoding allows it (every encoding but "learned",
-whose table ends at the training length: a one-line error). The result is also written to
-`<workdir>/eval_<split>_length<N>.json`:
+whose table ends at the training length: a one-line error). Every result records the length it was evaluated at
+(`max_length`); a result at another length than the run's own goes to `<workdir>/eval_<split>_length<N>.json` (with
+`trained_max_length`) and never to `eval_<split>.json`, which only ever holds the run's own length:
 
   python eval.py --workdir runs/wt2_alibi --split validation --max_length=128
 """
@@ -66,11 +67,7 @@ def main(argv):
   if checkpoint not in ("best", "latest") and not isinstance(checkpoint, int):
     raise cli.UserError(f"--checkpoint={checkpoint!r}: expected 'best', 'latest' or a step number")
   for split in _SPLIT.value:
-    result = evaluate_checkpoint(config, _WORKDIR.value, split, checkpoint)
-    if other_length:
-      result = {**result, "max_length": length, "trained_max_length": trained_length}
-      (Path(_WORKDIR.value) / f"eval_{split}_length{length}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(evaluate_checkpoint(config, _WORKDIR.value, split, checkpoint), indent=2))
 
 
 def check_extrapolation(config: ml_collections.ConfigDict, trained_length: int) -> None:

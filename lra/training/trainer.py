@@ -338,8 +338,13 @@ def restore_checkpoint(exp: Experiment, workdir: str | Path, checkpoint: str | i
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path, split: str,
                         checkpoint: str | int = "best") -> dict[str, Any]:
-  """Restores `checkpoint` ("best", "latest" or a step) from `workdir`, evaluates `split`, writes
-  `<workdir>/eval_<split>.json` and returns its content."""
+  """Restores `checkpoint` ("best", "latest" or a step) from `workdir`, evaluates `split`, writes the result and
+  returns it.
+
+  The result records the length it was evaluated at (`max_length`). At the run's own length (the `config.json` in
+  `workdir`, or no record of one) it goes to `<workdir>/eval_<split>.json`; at another length N (extrapolation) to
+  `<workdir>/eval_<split>_length<N>.json` with `trained_max_length` beside it, so the run's own result is never
+  overwritten by another length's."""
   config_checks.validate_config(config)
   workdir = Path(workdir)
   exp = Experiment(config)
@@ -348,7 +353,24 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path, 
     raise ValueError(f"unknown split {split!r} for task {config.task!r}; valid choices: {valid}")
   state, meta = restore_checkpoint(exp, workdir, checkpoint)
   metrics = exp.evaluate(state, split)
-  result = {"split": split, "checkpoint": checkpoint, "step": int(meta["step"]), **metrics}
+  length = config.data.get("max_length")
+  trained_length = trained_max_length(workdir)
+  result = {"split": split, "checkpoint": checkpoint, "step": int(meta["step"]), "max_length": length, **metrics}
+  name = f"eval_{split}.json"
+  if trained_length is not None and length != trained_length:
+    result["trained_max_length"] = trained_length
+    name = f"eval_{split}_length{length}.json"
   if jax.process_index() == 0:
-    (workdir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (workdir / name).write_text(json.dumps(result, indent=2) + "\n")
   return result
+
+
+def trained_max_length(workdir: str | Path) -> int | None:
+  """`data.max_length` of the run in `workdir` (its config.json), or None when it records none."""
+  path = Path(workdir) / "config.json"
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text()).get("data", {}).get("max_length")
+  except json.JSONDecodeError:
+    return None

@@ -150,10 +150,16 @@ def _eval(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
 def test_eval_py_at_another_length(trained):
   """eval.py evaluates a rope checkpoint at 4x its training length; a learned one is refused in one line."""
   workdir = trained("rope")
+  own = _eval(workdir)
+  assert own.returncode == 0, own.stderr[-2000:]
+  own_result = json.loads((workdir / "eval_validation.json").read_text())
+  assert own_result["max_length"] == 8 and "trained_max_length" not in own_result
   result = _eval(workdir, "--max_length=32")
   assert result.returncode == 0, result.stderr[-2000:]
   saved = json.loads((workdir / "eval_validation_length32.json").read_text())
   assert saved["max_length"] == 32 and saved["trained_max_length"] == 8 and math.isfinite(saved["perplexity"])
+  # The run's own result is not overwritten by the other length's (it was, with the same numbers, before).
+  assert json.loads((workdir / "eval_validation.json").read_text()) == own_result
   refused = _eval(trained("learned"), "--max_length=32")
   assert refused.returncode == 2
   lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
