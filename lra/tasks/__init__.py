@@ -4,14 +4,6 @@ A task subclasses `ClassificationTask`, `MatchingTask` or `LanguageModelTask` (R
 outside the package are imported from the `TASK_PLUGINS` environment variable (`registry.import_plugins`).
 """
 
-import sys
-
-from lra.tasks import record_checks
-# The record checks were `lra.tasks.validation`; "validation" now names only the data split. The old module path
-# is a deprecated alias for code written against it (nothing in this repository imports it); it keeps working (set before the task modules import it).
-validation = record_checks
-sys.modules.setdefault(f"{__name__}.validation", record_checks)
-
 from lra.tasks.base import ArrayDataset, ClassificationTask, MatchingTask, Metrics, Task
 from lra.tasks.causal_lm import LanguageModelTask
 from lra.tasks import registry

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lra.tasks import archive, cache, image, listops, pathfinder, record_checks, snli, text, wikitext2
-from lra.tasks.validation import DataCountWarning
+from lra.tasks.record_checks import DataCountWarning
 
 
 def _one_line_error(excinfo, *fragments):

@@ -14,7 +14,7 @@ from lra.tasks import image, pixels
 from tests.lra.runlocal_support import RUNLOCAL_ATTENTION, run_steps, runlocal_config
 
 # Tiny files stand in for the release files here: their sizes are meant to differ from the release's.
-pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.validation.DataCountWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.record_checks.DataCountWarning")
 
 PER_BATCH = 4  # images per data_batch_<i>: 20 training images, 18 train / 2 validation
 

@@ -13,7 +13,7 @@ from lra.training import train_and_evaluate
 from lra.training.metric_writers import read_metrics
 
 # Tiny files stand in for the release files here: their sizes are meant to differ from the release's.
-pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.validation.DataCountWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.record_checks.DataCountWarning")
 
 WORDS = ["a", "man", "woman", "dog", "runs", "sleeps", "plays", "outside", "inside", "the", "park"]
 

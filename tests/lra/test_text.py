@@ -12,7 +12,7 @@ from lra.tasks import byte_tokens
 from tests.lra.runlocal_support import RUNLOCAL_ATTENTION, run_steps, runlocal_config
 
 # Tiny files stand in for the release files here: their sizes are meant to differ from the release's.
-pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.validation.DataCountWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.record_checks.DataCountWarning")
 
 # (split, label folder, id, rating, bytes): a NUL byte, UTF-8 and a long review exercise the byte encoding.
 REVIEWS = [

@@ -14,7 +14,7 @@ from lra.training import Experiment, train_and_evaluate
 from lra.training.metric_writers import read_metrics
 
 # Tiny files stand in for the release files here: their sizes are meant to differ from the release's.
-pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.validation.DataCountWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.record_checks.DataCountWarning")
 
 TEXT = {
     "train": " = Title = \n\n the cat sat on the mat . \n the dog sat on the log . \n a <unk> ran . \n",
