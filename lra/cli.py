@@ -71,6 +71,19 @@ def _root_user_error(error: BaseException) -> BaseException | None:
   return None
 
 
+def check_flag(holder: flags.FlagHolder, predicate: Callable[[Any], bool], expected: str) -> None:
+  """Refuses a value of the flag for which `predicate` is false (an unset None always passes) while the flags are
+  parsed: one line `error: flag --name=value: expected <expected>`, exit status 2. For counts, durations and other
+  values absl's `lower_bound=` cannot say (strictly positive floats, lists of lengths)."""
+  flags.register_validator(holder.name, lambda value: value is None or predicate(value),
+                           message=f"expected {expected}")
+
+
+def positive_ints(values: Sequence[str]) -> bool:
+  """Every item of a list flag is an integer > 0 (sequence lengths, sizes)."""
+  return all(str(v).strip().isdigit() and int(v) > 0 for v in values)
+
+
 def report(error: BaseException) -> NoReturn:
   """Prints `error: <message>` on stderr and exits with status 2."""
   print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)

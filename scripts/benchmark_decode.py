@@ -131,14 +131,16 @@ def write_outputs(rows: Sequence[dict[str, Any]], output_dir: Path, device: str)
 
 _ATTENTION = flags.DEFINE_list("attention", list(DEFAULT_VARIANTS), "Attention variants (each must decode).")
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "1024", "4096", "16384"], "Context lengths (cache sizes).")
+cli.check_flag(_LENGTHS, cli.positive_ints, "comma-separated positive integers")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for decode.md, decode.csv and decode.png.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Sequences decoded together.")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder blocks.")
-_EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "Model width (also qkv_dim).")
-_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
-_MLP_DIM = flags.DEFINE_integer("mlp_dim", 1024, "MLP hidden width.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed decode steps per point (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Sequences decoded together.", lower_bound=1)
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder blocks.", lower_bound=1)
+_EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "Model width (also qkv_dim).", lower_bound=1)
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.", lower_bound=1)
+_MLP_DIM = flags.DEFINE_integer("mlp_dim", 1024, "MLP hidden width.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed decode steps per point (the median is reported).",
+                              lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).", lower_bound=0)
 flags.mark_flags_as_required(["output_dir"])
 
 

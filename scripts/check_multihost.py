@@ -21,6 +21,7 @@ from absl import flags  # noqa: E402
 from lra import cli  # noqa: E402
 
 _TIMEOUT = flags.DEFINE_float("timeout", 240.0, "Seconds before both processes are killed and the check fails.")
+cli.check_flag(_TIMEOUT, lambda seconds: seconds > 0, "a positive number of seconds")
 
 
 def main(argv):

@@ -154,9 +154,10 @@ class Generator:
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run's folder (config.json and checkpoints).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue (whitespace-separated words of the task's vocabulary).")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 20, "Number of tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy (argmax).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 20, "Number of tokens to generate.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy (argmax).",
+                                  lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
 flags.mark_flags_as_required(["workdir", "prompt"])

@@ -97,6 +97,7 @@ _PRETRAIN = flags.DEFINE_list("pretrain", ["none"], "--run: self-pretraining obj
 _RUNLOCAL = flags.DEFINE_bool("runlocal", False, "--run: each task's runlocal (CPU-sized) settings.")
 _SET = flags.DEFINE_multi_string("set", [], "--run: dotted override for every point, key=value.")
 _DATA_DIR = flags.DEFINE_multi_string("data_dir", [], "--run: task=path: config.data.data_dir of one task.")
+cli.check_flag(_TIME_BUDGET, lambda seconds: seconds > 0, "a positive number of seconds (omit it for no limit)")
 
 
 @dataclasses.dataclass

@@ -22,13 +22,16 @@ from lra import cli
 from lra.tasks import listops_generator
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write basic_{train,val,test}.tsv into.", required=True)
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 96_000, "Number of training examples.")
-_NUM_VAL = flags.DEFINE_integer("num_val", 2_000, "Number of validation examples.")
-_NUM_TEST = flags.DEFINE_integer("num_test", 2_000, "Number of test examples.")
-_MIN_LENGTH = flags.DEFINE_integer("min_length", 500, "Keep trees with min_length < length (exclusive).")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 2000, "Keep trees with length < max_length (exclusive).")
-_MAX_DEPTH = flags.DEFINE_integer("max_depth", 10, "Maximum tree depth (the root is depth 1).")
-_MAX_ARGS = flags.DEFINE_integer("max_args", 10, "Maximum number of arguments per operator (at least 2).")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 96_000, "Number of training examples.", lower_bound=1)
+_NUM_VAL = flags.DEFINE_integer("num_val", 2_000, "Number of validation examples.", lower_bound=1)
+_NUM_TEST = flags.DEFINE_integer("num_test", 2_000, "Number of test examples.", lower_bound=1)
+_MIN_LENGTH = flags.DEFINE_integer("min_length", 500, "Keep trees with min_length < length (exclusive).",
+                                  lower_bound=0)
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 2000, "Keep trees with length < max_length (exclusive).",
+                                  lower_bound=1)
+_MAX_DEPTH = flags.DEFINE_integer("max_depth", 10, "Maximum tree depth (the root is depth 1).", lower_bound=1)
+_MAX_ARGS = flags.DEFINE_integer("max_args", 10, "Maximum number of arguments per operator (at least 2).",
+                                lower_bound=2)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; the output is a function of the flags.")
 
 

@@ -33,9 +33,9 @@ _RESOLUTION = flags.DEFINE_enum("resolution", "32", [str(r) for r in pathfinder_
 _DIFFICULTIES = flags.DEFINE_multi_enum("difficulties", list(pathfinder_generator.DIFFICULTIES),
                                         list(pathfinder_generator.DIFFICULTIES),
                                         "Contour lengths to generate (LRA's easy, intermediate, hard).")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 200_000, "Images per difficulty.")
-_IMAGES_PER_BATCH = flags.DEFINE_integer("images_per_batch", 1000, "Images per imgs/<batch>/ folder.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Worker processes (0: one per CPU core).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 200_000, "Images per difficulty.", lower_bound=1)
+_IMAGES_PER_BATCH = flags.DEFINE_integer("images_per_batch", 1000, "Images per imgs/<batch>/ folder.", lower_bound=1)
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Worker processes (0: one per CPU core).", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; the output is a function of the flags.")
 
 

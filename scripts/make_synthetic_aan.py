@@ -17,13 +17,14 @@ from lra import cli
 from lra.tasks import synthetic_aan
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write new_aan_pairs.*.tsv into.", required=True)
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 4000, "Training pairs.")
-_NUM_EVAL = flags.DEFINE_integer("num_eval", 500, "Validation pairs (the .eval.tsv file).")
-_NUM_TEST = flags.DEFINE_integer("num_test", 500, "Test pairs.")
-_NUM_TOPICS = flags.DEFINE_integer("num_topics", 8, "Made-up topics.")
-_MIN_LENGTH = flags.DEFINE_integer("min_length", 200, "Shortest document, characters.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 400, "Longest document, characters.")
-_TOPIC_SHARE = flags.DEFINE_float("topic_share", 0.5, "Share of topic words in a document (the rest are common).")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 4000, "Training pairs.", lower_bound=1)
+_NUM_EVAL = flags.DEFINE_integer("num_eval", 500, "Validation pairs (the .eval.tsv file).", lower_bound=1)
+_NUM_TEST = flags.DEFINE_integer("num_test", 500, "Test pairs.", lower_bound=1)
+_NUM_TOPICS = flags.DEFINE_integer("num_topics", 8, "Made-up topics.", lower_bound=1)
+_MIN_LENGTH = flags.DEFINE_integer("min_length", 200, "Shortest document, characters.", lower_bound=1)
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 400, "Longest document, characters.", lower_bound=1)
+_TOPIC_SHARE = flags.DEFINE_float("topic_share", 0.5, "Share of topic words in a document (the rest are common).",
+                                  lower_bound=0.0, upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; the output is a function of the flags.")
 
 

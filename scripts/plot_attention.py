@@ -242,7 +242,7 @@ def example_batch(task: Any, split: str, index: int) -> dict[str, np.ndarray]:
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder (config.json and checkpoints).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split to take the example from (without --text).")
-_INDEX = flags.DEFINE_integer("index", 0, "Example index in --split.")
+_INDEX = flags.DEFINE_integer("index", 0, "Example index in --split.", lower_bound=0)
 _TEXT = flags.DEFINE_string("text", None, "Draw this text instead of an example (task vocabulary words or bytes).")
 _OUTPUT = flags.DEFINE_string("output", None, "PNG path (default <workdir>/attention_<split>_<index>.png).")
 flags.mark_flags_as_required(["workdir"])

@@ -57,6 +57,7 @@ _BASELINE = flags.DEFINE_enum("baseline", "float32", BASELINES,
                               "float32: the same implementation on float32 inputs; reference: the float32 reference.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "--baseline=float32: also the TPU Pallas kernel in interpret mode.")
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "8192"], "--baseline=reference: sequence lengths (tokens).")
+cli.check_flag(_LENGTHS, cli.positive_ints, "comma-separated positive integers")
 _IMPLEMENTATION = flags.DEFINE_enum("implementation", "pallas", ["pallas", "interpret", "xla"],
                                     "--baseline=reference: the bfloat16 implementation checked against the reference.")
 _CASES = flags.DEFINE_list("cases", list(REFERENCE_CASES), "--baseline=reference: cases to run.")
