@@ -14,11 +14,11 @@ an error raised when the program is lowered for that platform (or the CPU defaul
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Callable, Literal, Mapping, TypeVar
 
 import jax
-from jax._src import effects as _effects
 from jax.extend.core import Effect, Primitive
 from jax.interpreters import mlir
 
@@ -80,7 +80,24 @@ class KernelUnavailableError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 # The note primitive: no inputs, no outputs, an (unordered) effect so that dead-code elimination keeps it in its
 # branch whatever the caller differentiates; its lowering (or eager run) logs a fallback or raises a kernel error.
-# The effect-type registries are not public API (jax._src.effects, stable since 2022); lowering emits nothing.
+
+# jax versions whose private effect registries this module was checked against (tests/kernels/test_platform.py).
+PRIVATE_EFFECT_REGISTRIES_CHECKED = ((0, 10), (0, 11))
+# The registries an effect must join to pass through control flow, custom_vjp and remat. jax has no public name for
+# them (only `jax.interpreters.mlir.lowerable_effects` is public): this is the one private use, kept here.
+_PRIVATE_EFFECT_REGISTRIES = ("control_flow_allowed_effects", "custom_derivatives_allowed_effects",
+                              "remat_allowed_effects")
+
+
+def _private_effect_registries(module_name: str = "jax._src.effects") -> list:
+  """The effect-type registries of `_PRIVATE_EFFECT_REGISTRIES`; ImportError naming the jax version if one moved."""
+  effects = importlib.import_module(module_name)
+  missing = [n for n in _PRIVATE_EFFECT_REGISTRIES if not hasattr(getattr(effects, n, None), "add_type")]
+  if missing:
+    checked = ", ".join(f"{a}.{b}" for a, b in PRIVATE_EFFECT_REGISTRIES_CHECKED)
+    raise ImportError(f"kernels.platform: jax {jax.__version__} has no {module_name}.{missing[0]} (checked with jax "
+                      f"{checked}); install a checked jax version or update kernels/platform.py for this one")
+  return [getattr(effects, n) for n in _PRIVATE_EFFECT_REGISTRIES]
 
 
 class _KernelNoteEffect(Effect):
@@ -88,8 +105,7 @@ class _KernelNoteEffect(Effect):
 
 
 _NOTE_EFFECT = _KernelNoteEffect()
-for _allowed in (_effects.lowerable_effects, _effects.control_flow_allowed_effects,
-                 _effects.custom_derivatives_allowed_effects, _effects.remat_allowed_effects):
+for _allowed in (mlir.lowerable_effects, *_private_effect_registries()):
   _allowed.add_type(_KernelNoteEffect)
 
 _note_p = Primitive("kernel_fallback_note")

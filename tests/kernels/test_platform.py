@@ -70,3 +70,34 @@ def test_require_kernel_never_falls_back():
     fn(jnp.ones(4))  # eagerly, on this host
   with pytest.raises(ValueError, match=r"has no kernel for this call \(tpu: a; gpu: b\)"):
     platform.require_kernel(OP, kernels={"tpu": "a", "gpu": "b"})
+
+
+def test_fallback_note_survives_remat_custom_vjp_and_scan(caplog):
+  """The note's effect joins jax's effect registries (the one private use, kernels/platform.py): a dispatched op inside
+  remat, a custom_vjp and a scan still lowers its note for cuda under jax.grad."""
+  platform._logged.clear()  # noqa: SLF001
+  reason = "head_dim=48 is not a multiple of 64 (inside remat/custom_vjp/scan)"
+
+  @jax.custom_vjp
+  def wrapped(x):
+    return _dispatched(x, lambda x: reason)
+
+  wrapped.defvjp(lambda x: (wrapped(x), x), lambda x, g: (g * jnp.cos(x),))
+  body = jax.checkpoint(lambda x: wrapped(x) + _dispatched(x, lambda x: reason))
+  fn = lambda x: jax.lax.scan(lambda c, _: (body(c), None), x, None, length=2)[0]  # noqa: E731
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    _text(fn, "cuda")
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{OP}: Pallas kernel cannot serve this call on cuda ({reason}); using xla"]
+
+
+def test_private_effect_registries_missing_is_one_line(tmp_path, monkeypatch):
+  """A jax whose private effect registries moved fails at import with one line naming the version and the fix."""
+  (tmp_path / "fake_effects.py").write_text("lowerable_effects = None\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(ImportError) as e:
+    platform._private_effect_registries("fake_effects")  # noqa: SLF001
+  message = str(e.value)
+  assert "\n" not in message and f"jax {jax.__version__} has no fake_effects.control_flow_allowed_effects" in message
+  assert "checked with jax 0.10, 0.11" in message and "update kernels/platform.py" in message
+  assert len(platform._private_effect_registries()) == 3  # noqa: SLF001  (the installed jax has them)
