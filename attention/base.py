@@ -137,7 +137,8 @@ class AttentionLayer(nn.Module):
   def dropout_rng(self, deterministic: bool) -> jax.Array | None:
     """The key for attention dropout from the `dropout` stream; None in evaluation or at `dropout_rate=0`.
 
-    Functional cores take this key (`dropout_rng=`) and apply `kernels.softmax.dropout_weights` to their weights.
+    Functional cores that take this key (`dropout_rng=`: softmax, block-sparse) drop weights inside the kernel by
+    the counter hash of `kernels.common`; a layer that computes its weights itself uses `attention_dropout`.
     """
     if deterministic or self.dropout_rate <= 0.0:
       return None
@@ -187,7 +188,7 @@ class AttentionLayer(nn.Module):
 
 def registered_name(cls: type) -> str:
   """The registry name of a variant class (its class name if it is not registered)."""
-  from attention import registry  # pylint: disable=import-outside-toplevel  (registry imports nothing of base)
+  from attention import registry  # pylint: disable=import-outside-toplevel  (registry.py imports this module)
   return next((n for n in registry.names() if registry.get_class(n) is cls), cls.__name__)
 
 
