@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+import flax.linen as nn
+
 from configs import wikitext2 as wt2_config
 from lra import cli
 from lra.training import Experiment, train_and_evaluate
@@ -40,7 +42,7 @@ def _config(tmp_path, attention_name: str, options=None, pos_encoding="learned")
   return config
 
 
-VARIANTS = [("softmax", {}, "rope"), ("additive", {"chunk_size": 5}, "alibi"),
+VARIANTS = [("softmax", {}, "rope"), ("softmax", {}, "alibi"), ("additive", {"chunk_size": 5}, "alibi"),
             ("multiplicative", {"form": "general"}, "none"), ("local", {"block_size": 4, "window": 1}, "learned"),
             ("linear", {}, "sinusoidal")]
 
@@ -59,6 +61,49 @@ def test_maps_are_distributions_over_the_allowed_keys(tmp_path, name, options, p
     assert not allowed[:, np.triu_indices(12, 1)[0], np.triu_indices(12, 1)[1]].any()  # causal LM
   if name == "local":  # the band layout is visible: far keys are blocked
     assert not allowed[:, 11, 0].any()
+  # The plotted weights are the ones the layer applied: per head, weights @ (its value projection) equals what the
+  # layer hands its `out` projection (scale, RoPE, ALiBi and the layout included: a map recomputed with any of them
+  # wrong fails here, while rows summing to 1 would not notice).
+  values, mixed = _values_and_mixed(exp.model, variables, batch)
+  assert sorted(values) == sorted(m[0] for m in maps)
+  for path, _, weights, _ in maps:
+    expected_LxHxD = np.einsum("hls,shd->lhd", weights, values[path][0])
+    np.testing.assert_allclose(expected_LxHxD, mixed[path][0], rtol=1e-4, atol=1e-5, err_msg=f"{name} {path}")
+
+
+def _values_and_mixed(model, variables, batch):
+  """Per attention layer: its `value` projection's output and its `out` projection's input ([B, L, H, D] each)."""
+  values, mixed = {}, {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    path = context.module.path
+    if context.method_name == "__call__" and len(path) > 1 and context.module.name in ("value", "out"):
+      key = "/".join(path[:-1])
+      if context.module.name == "value":
+        values[key] = np.asarray(out, np.float32)
+      else:
+        mixed[key] = np.asarray(args[0], np.float32)
+    return out
+
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, batch, train=False)
+  return values, mixed
+
+
+def test_the_weights_check_can_fail(tmp_path):
+  """A map recomputed without ALiBi (as if the script forgot it) does not reproduce the layer's mixing."""
+  exp = Experiment(_config(tmp_path, "softmax", {}, "alibi"))
+  batch = {"inputs": (np.arange(12)[None] % 9).astype(np.int32)}
+  variables = exp.model.init(jax.random.key(0), batch)
+  captured = plot_attention.capture(exp.model, variables, batch)
+  path, c = captured[0]
+  no_alibi = c.module.clone(positions="none")
+  c.module = no_alibi
+  weights = np.asarray(plot_attention.softmax_weights(c)[0][0])
+  values, mixed = _values_and_mixed(exp.model, variables, batch)
+  wrong_LxHxD = np.einsum("hls,shd->lhd", weights, values[path][0])
+  assert np.abs(wrong_LxHxD - mixed[path][0]).max() > 1e-3
 
 
 def test_a_variant_without_weights_is_refused_in_one_line():
