@@ -24,6 +24,7 @@ from attention import synthesizer  # noqa: F401
 from attention import sinkhorn  # noqa: F401
 from attention import additive  # noqa: F401
 from attention import multiplicative  # noqa: F401
+from attention import nsa, moba, compressed  # noqa: F401  (content-adaptive sparsity)
 
 __all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",
            "names", "option_ranges", "options", "register", "resolve", "resolve_compute_dtype"]

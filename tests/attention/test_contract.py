@@ -35,6 +35,11 @@ OPTIONS: dict[str, list[dict]] = {
     "synthesizer": [{"mode": "dense"}, {"mode": "factorized", "factor_k": 4, "trainable_random": False,
                                         "mix_dot_product": True}],
     "transnormer": [{"mode": "norm", "chunk_size": 4}, {"mode": "diag", "block_size": 4}],
+    # Content-adaptive sparsity: blocks of 3-4 at lengths 7-12 (padded last blocks), GQA, each mode once.
+    "nsa": [{"compress_block": 4, "compress_stride": 2, "select_block": 4, "num_selected": 2, "num_local_blocks": 1,
+             "window": 4, "num_kv_heads": 1, "query_chunk": 4}],
+    "moba": [{"block_size": 4, "top_k": 2, "query_chunk": 4}, {"block_size": 3, "top_k": 2, "coarse": True}],
+    "compressed": [{"factor": 3, "query_chunk": 4}, {"mode": "local", "block_size": 4}],
 }
 # The recurrent family keeps a decode cache whose size does not depend on the sequence length.
 RECURRENT = ("based", "grassmann", "linear", "performer", "transnormer")

@@ -26,7 +26,7 @@ ROOT = pathlib.Path(kernels.__file__).parent
 REPO = ROOT.parent
 # Folders being rewritten in parallel, checked once merged: delete the entry then (the test fails for a folder that
 # no longer needs it).
-PENDING: dict[str, str] = {}  # op -> why it is not on the template yet (none now)
+PENDING: dict[str, str] = {"flex": "issue 33: the Pallas kernels are being written"}  # op -> why not yet checked
 OPS = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__")
 CHECKED = [op for op in OPS if op not in PENDING]
 BACKENDS = ("pallas_tpu", "pallas_gpu")

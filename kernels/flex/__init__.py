@@ -1,0 +1,271 @@
+"""Flex attention: softmax attention whose sparsity and score modification are functions a researcher writes.
+
+`flex_attention(q, k, v, *, mask_mod=None, score_mod=None, block_mask=None, key_mask=None, scale=None,
+dropout_rate=0.0, dropout_rng=None, implementation=None)` with q `[B, Lq, H, D]`, k and v `[B, Lk, Hkv, D]` (`Hkv`
+divides `H`: grouped-query attention, key/value head `h * Hkv // H` serves query head h).
+  mask_mod(b, h, q_idx, kv_idx) -> bool   and   score_mod(score, b, h, q_idx, kv_idx) -> score
+are jnp functions of broadcastable int32 index arrays (score_mod sees the scaled float32 score). The block mask
+(`tables.BlockMask`, from `create_block_mask` on the host or built in the traced program) says which tiles are empty
+(never visited), full (no mask work) or partial (mask_mod evaluated inside the tile); without one it is made here
+from mask_mod (host tables, cached, when mask_mod is a pure index function; traced tables when it closes over
+traced data such as per-example document ids). `key_mask` bool `[B, Lk]` (True = a real key) masks padding; a query
+with no allowed key outputs 0 with finite gradients. Dropout (`dropout_rate` with `dropout_rng`) drops normalized
+weights by the counter hash every op shares (`kernels.common.dropout_keep`, counters b * H + h, q_idx, kv_idx).
+
+Implementations (the op template):
+  "reference"  dense `[B, H, Lq, Lk]` scores (`reference`): the ground truth;
+  "xla"        the visited tile pairs gathered a step at a time, online softmax, recomputing custom_vjp (`xla`);
+  "pallas"     the Pallas kernels of the platform the program is lowered for (`pallas`: TPU kernels with the
+               tables scalar-prefetched); never falls back: a call they cannot serve raises;
+  "interpret"  the TPU kernels in Pallas interpret mode (CPU tests);
+  None         the kernels where the program is lowered for a platform they serve, "xla" otherwise (CPU), with one
+               logged line naming why a kernel could not serve (e.g. a score_mod closing over a trainable array:
+               the kernels do not accumulate its gradient; the XLA form does).
+Each call is planned once (`plan`): tiles, tables, the backend or the reason none serves it; the plan is logged once.
+
+Built-in score functions (`alibi`, `softcap`, `relative_position_bias`, with `t5_bucket`) live here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import platform
+from kernels.common import dropout_seed
+from kernels.flex.reference import flex_attention_reference
+from kernels.flex.tables import (BlockMask, block_mask_from_indices, create_block_mask, create_block_mask_traced,
+                                 tile_sizes)
+from kernels.flex.xla import flex_attention_xla
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
+OP = "flex_attention"
+DEFAULT_BLOCK = 128
+
+logger = logging.getLogger("kernels")
+_logged_plans: set = set()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Built-in score functions.
+
+
+def alibi(num_heads: int):
+  """ALiBi (Press et al.): `score - slope_h * |q_idx - kv_idx|` with the paper's slopes (`2^(-8 (h+1) / n)` for a
+  power-of-two n, else the next lower power's slopes then every other one of the next higher: the slopes of
+  `attention.positions.alibi_slopes`), computed from h in closed form, so the kernels take it (no closed-over
+  array)."""
+  if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+    raise ValueError(f"alibi: num_heads must be a positive int, got {num_heads!r}")
+  lower = 2 ** int(math.floor(math.log2(num_heads)))
+  ln2 = math.log(2.0)
+
+  def score_mod(score, b, h, q_idx, kv_idx):
+    hf = jnp.asarray(h).astype(jnp.float32)
+    low = jnp.exp(-(hf + 1.0) * (8.0 * ln2 / lower))
+    high = jnp.exp(-(2.0 * (hf - lower) + 1.0) * (8.0 * ln2 / (2 * lower)))
+    slope = jnp.where(hf < lower, low, high)
+    dist = jnp.abs(jnp.asarray(q_idx) - jnp.asarray(kv_idx)).astype(jnp.float32)
+    return score - slope * dist
+
+  return score_mod
+
+
+def softcap(cap: float):
+  """tanh soft-capping (Gemma 2, Grok): `cap * tanh(score / cap)`."""
+  if not cap > 0:
+    raise ValueError(f"softcap: cap must be > 0, got {cap!r}")
+  cap = float(cap)
+  return lambda score, b, h, q_idx, kv_idx: cap * jnp.tanh(score / cap)
+
+
+def t5_bucket(relative_position, *, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128):
+  """T5's relative-position buckets of `kv_idx - q_idx` (int32, in [0, num_buckets)): exact for small distances,
+  logarithmic up to `max_distance`, the sign in the upper half when bidirectional."""
+  n = -jnp.asarray(relative_position, jnp.int32)
+  ret = jnp.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  nf = jnp.maximum(n, 1).astype(jnp.float32)
+  large = max_exact + (jnp.log(nf / max_exact) / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return ret + jnp.where(n < max_exact, n, large)
+
+
+def relative_position_bias(table_NxH: jax.Array, *, bidirectional: bool = True, max_distance: int = 128):
+  """T5's learned relative-position bias: `score + table[t5_bucket(kv_idx - q_idx), h]`; `table` float
+  `[num_buckets, heads]` is a parameter: its gradient flows (through the XLA form, which accumulates it)."""
+  table = jnp.asarray(table_NxH)
+  if table.ndim != 2:
+    raise ValueError(f"relative_position_bias: table must be [num_buckets, heads], got shape {table.shape}")
+  num_buckets = table.shape[0]
+
+  def score_mod(score, b, h, q_idx, kv_idx):
+    bucket = t5_bucket(jnp.asarray(kv_idx) - jnp.asarray(q_idx), bidirectional=bidirectional,
+                       num_buckets=num_buckets, max_distance=max_distance)
+    return score + table[bucket, jnp.asarray(h)].astype(score.dtype)
+
+  return score_mod
+
+
+def causal(b, h, q_idx, kv_idx):
+  """The causal mask: key position <= query position."""
+  return kv_idx <= q_idx
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Planning.
+
+
+def closes_over_arrays(fn, *example_args) -> tuple[bool, bool]:
+  """(closes over any array, closes over a traced value) for `fn` traced at `example_args`."""
+  if fn is None:
+    return False, False
+  consts = jax.make_jaxpr(fn)(*example_args).consts
+  return bool(consts), any(isinstance(c, jax.core.Tracer) for c in consts)
+
+
+def _index_examples(with_score: bool):
+  i32 = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
+  return ((jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32),) if with_score else ()) + (i32,) * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One call's plan: the block mask, the implementation that runs and, for None, why each kernel cannot serve."""
+
+  block_mask: BlockMask
+  mask_mod: object
+  kernel_reasons: dict  # backend -> reason string, or None when the kernel can serve
+
+  def describe(self) -> str:
+    bm = self.block_mask
+    try:
+      tiles = f"{bm.visited_fraction():.1%} of tiles visited, {bm.partial_fraction():.0%} of them partial"
+    except Exception:  # noqa: BLE001  (traced tables: counts known only when the program runs)
+      tiles = "traced tables"
+    kernels = "; ".join(f"{b}: {'kernel' if r is None else r}" for b, r in self.kernel_reasons.items())
+    return f"{OP}: tiles {bm.q_block}x{bm.kv_block}, {tiles}; {kernels}"
+
+
+def _kernel_reasons(q, k, mask_mod, score_mod, bm: BlockMask) -> dict:
+  from kernels.flex.pallas import check_supported  # noqa: PLC0415
+  reasons = {}
+  mask_arrays, _ = closes_over_arrays(mask_mod, *_index_examples(False))
+  score_arrays, _ = closes_over_arrays(score_mod, *_index_examples(True))
+  common = None
+  if score_arrays:
+    common = ("score_mod closes over arrays (e.g. a learned bias table): the kernels evaluate pure index functions "
+              "and cannot accumulate those arrays' gradients")
+  elif mask_arrays:
+    common = ("mask_mod closes over arrays (e.g. document ids): the kernels evaluate pure index functions of "
+              "(b, h, q_idx, kv_idx)")
+  for backend in ("tpu", "gpu"):
+    reasons[backend] = common or check_supported(q.shape, k.shape, q.dtype, bm, backend)
+  return reasons
+
+
+def _check(q, k, v, key_mask, block_mask, implementation, dropout_rate) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, length, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+  b, lq, h, d = q.shape
+  if k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"k must match q in batch and head_dim: k {k.shape} vs q {q.shape}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"v must match k in batch, keys and heads: v {v.shape} vs k {k.shape}")
+  if h % k.shape[2]:
+    raise ValueError(f"key/value heads {k.shape[2]} must divide the query heads {h} (grouped-query attention)")
+  if key_mask is not None and tuple(key_mask.shape) != (b, k.shape[1]):
+    raise ValueError(f"key_mask must be bool [batch, keys] = {(b, k.shape[1])}, got shape {tuple(key_mask.shape)}")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate=}")
+  if block_mask is not None:
+    if not isinstance(block_mask, BlockMask):
+      raise ValueError(f"block_mask must be a kernels.flex.BlockMask, got {type(block_mask).__name__}")
+    if (block_mask.q_len, block_mask.kv_len) != (lq, k.shape[1]):
+      raise ValueError(f"block_mask was made for q_len={block_mask.q_len}, kv_len={block_mask.kv_len}; the call has "
+                       f"{lq} queries and {k.shape[1]} keys")
+    if block_mask.batch not in (1, b):
+      raise ValueError(f"block_mask batch {block_mask.batch} must be 1 or the batch {b}")
+    if block_mask.heads not in (1, k.shape[2], h):
+      raise ValueError(f"block_mask heads {block_mask.heads} must be 1, the key/value heads {k.shape[2]} or the "
+                       f"query heads {h}")
+
+
+def plan(q, k, v, *, mask_mod=None, score_mod=None, block_mask=None, key_mask=None, block_size=None) -> Plan:
+  """The call's plan (see the module docstring); logged once per distinct description."""
+  b, lq, h, _ = q.shape
+  lk = k.shape[1]
+  if block_mask is None:
+    tiles = tile_sizes(block_size) if block_size is not None else (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    _, traced = closes_over_arrays(mask_mod, *_index_examples(False))
+    builder = create_block_mask_traced if traced else create_block_mask
+    block_mask = builder(mask_mod, b, h, lq, lk, tiles)
+  elif block_size is not None and tile_sizes(block_size) != (block_mask.q_block, block_mask.kv_block):
+    raise ValueError(f"block_size={block_size} disagrees with the block_mask's tiles "
+                     f"({block_mask.q_block}, {block_mask.kv_block}); pass one of them")
+  mask_mod = block_mask.mask_mod if mask_mod is None else mask_mod
+  result = Plan(block_mask=block_mask, mask_mod=mask_mod,
+                kernel_reasons=_kernel_reasons(q, k, mask_mod, score_mod, block_mask))
+  text = result.describe()
+  if text not in _logged_plans:
+    _logged_plans.add(text)
+    logger.info("%s", text)
+  return result
+
+
+def flex_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_mod=None, score_mod=None,
+                   block_mask: BlockMask | None = None, key_mask: jax.Array | None = None, scale: float | None = None,
+                   dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+                   implementation: str | None = None, block_size=None) -> jax.Array:
+  """Flex attention (module docstring). `block_size` (int or (q_block, kv_block)) sets the tiles when no
+  `block_mask` is given (default 128)."""
+  _check(q, k, v, key_mask, block_mask, implementation, dropout_rate)
+  p = plan(q, k, v, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask, key_mask=key_mask,
+           block_size=block_size)
+  rate = float(dropout_rate) if dropout_rng is not None else 0.0
+  seed = dropout_seed(dropout_rng) if rate else None
+  common = dict(mask_mod=p.mask_mod, score_mod=score_mod, key_mask=key_mask, scale=scale, dropout_rate=rate,
+                dropout_seed=seed)
+
+  if implementation == "reference":
+    return flex_attention_reference(q, k, v, block_mask=p.block_mask, **common)
+
+  def xla():
+    return flex_attention_xla(q, k, v, p.block_mask, **common)
+
+  def kernel(backend, interpret):
+    from kernels.flex.pallas import flex_attention_pallas  # noqa: PLC0415
+    return lambda: flex_attention_pallas(q, k, v, p.block_mask, backend=backend, interpret=interpret, **common)
+
+  if implementation == "xla":
+    return xla()
+  if implementation == "interpret":
+    reason = p.kernel_reasons["tpu"]
+    if reason is not None and "closes over" in reason:
+      raise ValueError(f"{OP}: implementation='interpret' cannot serve this call: {reason}")
+    return kernel("tpu", True)()
+  kernels = {backend: (kernel(backend, False) if reason is None else reason)
+             for backend, reason in p.kernel_reasons.items()}
+  if implementation == "pallas":
+    return platform.require_kernel(OP, kernels=kernels)
+  return platform.dispatch(OP, xla=xla, kernels=kernels)
+
+
+__all__ = ["BlockMask", "DEFAULT_BLOCK", "IMPLEMENTATIONS", "OP", "Plan", "alibi", "block_mask_from_indices", "causal",
+           "closes_over_arrays", "create_block_mask", "create_block_mask_traced", "flex_attention",
+           "flex_attention_reference", "flex_attention_xla", "plan", "relative_position_bias", "softcap",
+           "t5_bucket"]

@@ -1,0 +1,306 @@
+"""Block masks: which (query tile, key tile) pairs the flex kernels visit, as traced int32 tile tables.
+
+THE CONTRACT (shared by `kernels.flex`, the `flex` layer and the content-adaptive variants that build selections
+inside `jit`). A `BlockMask` is a pytree (its arrays are leaves, so it passes through `jit`, `scan` and `shard_map`;
+the tiling and the mask function are static aux data). Every (query tile i, key tile j) pair is
+  empty    never visited, forward or backward;
+  full     every element allowed: no mask work at all (only key padding, if any);
+  partial  `mask_mod(b, h, q_idx, kv_idx)` is evaluated on the tile's indices inside the kernel.
+Tables (int32; `B'` is 1 or the batch, `Hm` is 1, the key/value heads `Hkv` or the query heads `H`; query head `h`
+reads table row `h * Hm // H`, so `Hm = Hkv` shares one selection across a GQA group, as NSA does):
+  kv_num_full    [B', Hm, Tq]       how many full key tiles query tile i visits
+  kv_full_idx    [B', Hm, Tq, Kf]   their key tile indices, increasing, first `kv_num_full` entries real
+  kv_num_partial [B', Hm, Tq]       likewise for partial key tiles
+  kv_partial_idx [B', Hm, Tq, Kp]
+  q_num_full     [B', Hm, Tk]       the transpose, for the dK/dV pass: query tiles that see key tile j fully
+  q_full_idx     [B', Hm, Tk, Qf]
+  q_num_partial  [B', Hm, Tk]
+  q_partial_idx  [B', Hm, Tk, Qp]
+`Tq = ceil(q_len / q_block)`, `Tk = ceil(kv_len / kv_block)`. Entries past a row's count repeat its last real entry
+(0 for an empty row): a kernel pipeline then keeps that tile resident and issues no copy for padding steps, which
+skip their compute. Widths are at least 1. Keys at or past `kv_len` never count (a tile over the end is partial only
+if the mask is partial inside the real keys: the kernels mask the overhang by position). The size is
+O(visited tiles), never O(L^2) elements.
+
+Builders:
+  `create_block_mask`   host (numpy) tables from a mask function, cached per (function, shapes, tiles): the mask is
+                        evaluated a chunk of query tiles at a time (jitted, vectorized), so 64K tokens need memory for
+                        one chunk plus the tile classification, and the list widths are the real maxima;
+  `create_block_mask_traced`  the same inside `jit` for masks that depend on data (document ids, prefix lengths);
+                        list widths are static bounds (`kv_width`, `q_width`; default every tile);
+  `block_mask_from_indices`   from a per-query-tile selection of key tiles (top-k inside the step, as NSA/MoBA do):
+                        the transposed lists are built in the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MaskMod = Callable[..., jax.Array]
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# Mask elements evaluated per chunk (the builders' peak memory is a few bytes times this).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["kv_num_full", "kv_full_idx", "kv_num_partial", "kv_partial_idx", "q_num_full",
+                                "q_full_idx", "q_num_partial", "q_partial_idx"],
+                   meta_fields=["q_block", "kv_block", "q_len", "kv_len", "mask_mod"])
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+  """Tile tables of a mask (see the module docstring for every field's shape and meaning)."""
+
+  kv_num_full: jax.Array
+  kv_full_idx: jax.Array
+  kv_num_partial: jax.Array
+  kv_partial_idx: jax.Array
+  q_num_full: jax.Array
+  q_full_idx: jax.Array
+  q_num_partial: jax.Array
+  q_partial_idx: jax.Array
+  q_block: int
+  kv_block: int
+  q_len: int
+  kv_len: int
+  mask_mod: MaskMod | None = None
+
+  @property
+  def num_q_tiles(self) -> int:
+    return -(-self.q_len // self.q_block)
+
+  @property
+  def num_kv_tiles(self) -> int:
+    return -(-self.kv_len // self.kv_block)
+
+  @property
+  def batch(self) -> int:
+    return self.kv_num_full.shape[0]
+
+  @property
+  def heads(self) -> int:
+    return self.kv_num_full.shape[1]
+
+  def visited_fraction(self) -> float:
+    """Visited tiles / all tiles, averaged over the table's rows (host: needs concrete tables)."""
+    visited = np.asarray(self.kv_num_full).sum() + np.asarray(self.kv_num_partial).sum()
+    return float(visited) / (self.batch * self.heads * self.num_q_tiles * self.num_kv_tiles)
+
+  def partial_fraction(self) -> float:
+    """Partial tiles / visited tiles (host)."""
+    partial = float(np.asarray(self.kv_num_partial).sum())
+    return partial / max(partial + float(np.asarray(self.kv_num_full).sum()), 1.0)
+
+  def to_dense(self) -> jax.Array:
+    """int8 `[B', Hm, Tq, Tk]` classification (EMPTY, PARTIAL, FULL) rebuilt from the forward lists (tests,
+    the reference)."""
+    tk = self.num_kv_tiles
+    full = _lists_to_dense(self.kv_num_full, self.kv_full_idx, tk)
+    part = _lists_to_dense(self.kv_num_partial, self.kv_partial_idx, tk)
+    return jnp.where(full, FULL, jnp.where(part, PARTIAL, EMPTY)).astype(jnp.int8)
+
+
+def _lists_to_dense(num_BxHxR, idx_BxHxRxK, cols: int) -> jax.Array:
+  k = idx_BxHxRxK.shape[-1]
+  valid = jnp.arange(k) < jnp.asarray(num_BxHxR)[..., None]
+  hit = (jnp.asarray(idx_BxHxRxK)[..., None] == jnp.arange(cols)) & valid[..., None]
+  return hit.any(axis=-2)
+
+
+def tile_sizes(block_size) -> tuple[int, int]:
+  """`block_size` (an int, or a (q_block, kv_block) pair) -> (q_block, kv_block), validated."""
+  pair = tuple(block_size) if isinstance(block_size, (tuple, list)) else (block_size, block_size)
+  if len(pair) != 2 or not all(isinstance(x, (int, np.integer)) and x >= 1 for x in pair):
+    raise ValueError(f"block_size must be a positive int or a (q_block, kv_block) pair of them, got {block_size=}")
+  return int(pair[0]), int(pair[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classification: the mask evaluated a chunk of query tiles at a time.
+
+
+def mask_broadcast_dims(mask_mod: MaskMod, batch: int, heads: int) -> tuple[int, int]:
+  """(B', Hm): whether `mask_mod` uses its batch and head arguments, read from the shape of its output when `b` is
+  `[B, 1, 1, 1]` and `h` is `[1, H, 1, 1]` (a mask that ignores `b` broadcasts to 1 there)."""
+  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+  out = jax.eval_shape(mask_mod, i32(batch, 1, 1, 1), i32(1, heads, 1, 1), i32(1, 1, 1, 1), i32(1, 1, 1, 1))
+  shape = (1,) * (4 - len(out.shape)) + tuple(out.shape)
+  if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] not in (1, heads) or shape[2:] != (1, 1):
+    raise ValueError(f"mask_mod(b, h, q_idx, kv_idx) must broadcast its index arguments; with b [{batch},1,1,1] and "
+                     f"h [1,{heads},1,1] it returned shape {tuple(out.shape)}")
+  if jnp.dtype(out.dtype) != jnp.bool_:
+    raise ValueError(f"mask_mod must return bool, got dtype {out.dtype}")
+  return shape[0], shape[1]
+
+
+def classify(mask_mod: MaskMod | None, batch: int, heads: int, q_len: int, kv_len: int, q_block: int,
+             kv_block: int) -> jax.Array:
+  """int8 `[B', Hm, Tq, Tk]`: EMPTY / PARTIAL / FULL per tile pair (jnp; traceable). Keys at or past `kv_len` and
+  queries at or past `q_len` are not part of any tile's verdict."""
+  tq, tk = -(-q_len // q_block), -(-kv_len // kv_block)
+  if mask_mod is None:
+    return jnp.full((1, 1, tq, tk), FULL, jnp.int8)
+  b_dim, h_dim = mask_broadcast_dims(mask_mod, batch, heads)
+  rows = max(1, min(tq, _CHUNK_ELEMENTS // max(1, b_dim * h_dim * q_block * tk * kv_block)))
+  chunks = -(-tq // rows)
+  b = jnp.arange(b_dim, dtype=jnp.int32)[:, None, None, None]
+  h = jnp.arange(h_dim, dtype=jnp.int32)[None, :, None, None]
+  kv = jnp.arange(tk * kv_block, dtype=jnp.int32)
+  kv_real = (kv < kv_len)[None, None, None, :]
+  kv_cols = jnp.clip(kv_len - jnp.arange(tk) * kv_block, 0, kv_block)
+
+  def chunk(c):
+    q = c * rows * q_block + jnp.arange(rows * q_block, dtype=jnp.int32)
+    allowed = jnp.broadcast_to(mask_mod(b, h, q[None, None, :, None], kv[None, None, None, :]),
+                               (b_dim, h_dim, q.size, kv.size))
+    real = allowed & (q < q_len)[None, None, :, None] & kv_real
+    # One integer reduction, contiguous axis first (bools reduced over strided axes are several times slower on CPU).
+    n = real.astype(jnp.int32).reshape(b_dim, h_dim, rows, q_block, tk, kv_block).sum(-1).sum(3)
+    q_rows = jnp.clip(q_len - (c * rows + jnp.arange(rows)) * q_block, 0, q_block)[:, None]
+    total = q_rows * kv_cols[None, :]  # real elements per tile
+    return jnp.where((n == total) & (n > 0), FULL, jnp.where(n > 0, PARTIAL, EMPTY)).astype(jnp.int8)
+
+  out = jax.lax.map(chunk, jnp.arange(chunks, dtype=jnp.int32))  # [chunks, B', Hm, rows, Tk]
+  out = jnp.moveaxis(out, 0, 2).reshape(b_dim, h_dim, chunks * rows, tk)
+  return out[:, :, :tq]
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_classify(mask_mod, batch, heads, q_len, kv_len, q_block, kv_block):
+  return jax.jit(lambda: classify(mask_mod, batch, heads, q_len, kv_len, q_block, kv_block))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lists from a classification.
+
+
+def _np_lists(hit_BxHxRxC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(counts [B, H, R], idx [B, H, R, W]) of a bool grid: columns in increasing order, padding repeats the last."""
+  counts = hit_BxHxRxC.sum(-1).astype(np.int32)
+  width = max(int(counts.max(initial=0)), 1)
+  order = np.argsort(~hit_BxHxRxC, axis=-1, kind="stable")[..., :width]
+  last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
+  idx = np.where(np.arange(width) < counts[..., None], order, np.where(counts[..., None] > 0, last, 0))
+  return counts, idx.astype(np.int32)
+
+
+def _jnp_lists(hit_BxHxRxC: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+  """Traced `_np_lists` at a static width (a row with more hits than `width` keeps its first `width`)."""
+  cols = hit_BxHxRxC.shape[-1]
+  width = max(1, min(int(width), cols))
+  counts = jnp.minimum(hit_BxHxRxC.sum(-1), width).astype(jnp.int32)
+  # Hits first in increasing column order: sort keys (0 for a hit, 1 otherwise) * cols + column.
+  key = jnp.where(hit_BxHxRxC, 0, cols) + jnp.arange(cols, dtype=jnp.int32)
+  order = jnp.sort(key, axis=-1)[..., :width] % cols
+  last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  idx = jnp.where(jnp.arange(width) < counts[..., None], order, jnp.where(counts[..., None] > 0, last, 0))
+  return counts, idx.astype(jnp.int32)
+
+
+def _from_classes(classes, q_block, kv_block, q_len, kv_len, mask_mod, lists, widths) -> BlockMask:
+  full, part = classes == FULL, classes == PARTIAL
+  t = lambda x: jnp.swapaxes(x, -1, -2) if isinstance(x, jax.Array) else np.swapaxes(x, -1, -2)  # noqa: E731
+  kf, kp, qf, qp = widths
+  kv_num_full, kv_full_idx = lists(full, kf)
+  kv_num_partial, kv_partial_idx = lists(part, kp)
+  q_num_full, q_full_idx = lists(t(full), qf)
+  q_num_partial, q_partial_idx = lists(t(part), qp)
+  return BlockMask(kv_num_full, kv_full_idx, kv_num_partial, kv_partial_idx, q_num_full, q_full_idx, q_num_partial,
+                   q_partial_idx, q_block=q_block, kv_block=kv_block, q_len=q_len, kv_len=kv_len, mask_mod=mask_mod)
+
+
+def _check_sizes(batch, heads, q_len, kv_len):
+  for name, value in (("batch", batch), ("heads", heads), ("q_len", q_len), ("kv_len", kv_len)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _create_cached(mask_mod, batch, heads, q_len, kv_len, q_block, kv_block) -> BlockMask:
+  with jax.ensure_compile_time_eval():  # host tables even when called while a step is being traced
+    classes = np.asarray(_jitted_classify(mask_mod, batch, heads, q_len, kv_len, q_block, kv_block)())
+  return _from_classes(classes, q_block, kv_block, q_len, kv_len, mask_mod, lambda hit, _: _np_lists(hit),
+                       (None,) * 4)
+
+
+def create_block_mask(mask_mod: MaskMod | None, batch: int | None, heads: int | None, q_len: int, kv_len: int,
+                      block_size=128) -> BlockMask:
+  """Host-built (numpy) `BlockMask` of `mask_mod(b, h, q_idx, kv_idx) -> bool` (None: every key allowed), cached per
+  (mask_mod, shapes, tiles): a static pattern is classified once per process. `batch` / `heads` None mean 1 (the mask
+  must not use that argument then); the tables keep a batch or head axis only where the mask uses it.
+  `block_size`: int or (q_block, kv_block)."""
+  q_block, kv_block = tile_sizes(block_size)
+  batch, heads = batch or 1, heads or 1
+  _check_sizes(batch, heads, q_len, kv_len)
+  if isinstance(mask_mod, jax.core.Tracer) or not (mask_mod is None or callable(mask_mod)):
+    raise ValueError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool or None, got {mask_mod!r}")
+  return _create_cached(mask_mod, int(batch), int(heads), int(q_len), int(kv_len), q_block, kv_block)
+
+
+def create_block_mask_traced(mask_mod: MaskMod | None, batch: int | None, heads: int | None, q_len: int, kv_len: int,
+                             block_size=128, *, kv_width: int | None = None,
+                             q_width: int | None = None) -> BlockMask:
+  """`create_block_mask` inside the traced program, for masks that close over data (document ids, prefix lengths).
+  List widths are static: `kv_width` bounds the full and the partial key tiles of any query tile (default every key
+  tile), `q_width` the query tiles of any key tile (default every query tile). A row with more tiles than its bound
+  keeps its first ones (wrong results), so a bound must be a true bound."""
+  q_block, kv_block = tile_sizes(block_size)
+  batch, heads = batch or 1, heads or 1
+  _check_sizes(batch, heads, q_len, kv_len)
+  classes = classify(mask_mod, batch, heads, q_len, kv_len, q_block, kv_block)
+  tq, tk = classes.shape[-2:]
+  kv_w, q_w = kv_width or tk, q_width or tq
+  return _from_classes(classes, q_block, kv_block, q_len, kv_len, mask_mod, _jnp_lists, (kv_w, kv_w, q_w, q_w))
+
+
+def block_mask_from_indices(kv_idx, kv_count=None, *, q_len: int, kv_len: int, block_size, mask_mod=None,
+                            full=None, valid=None, q_width: int | None = None) -> BlockMask:
+  """A `BlockMask` from a per-query-tile selection of key tiles, built in the graph (top-k block selection).
+
+  kv_idx: int `[B', Hm, Tq, K]` selected key tiles (duplicates allowed: counted once; order free).
+  kv_count: int `[B', Hm, Tq]`: the first `kv_count` entries are real; or `valid`: bool `[B', Hm, Tq, K]`.
+    Neither: all K are real.
+  mask_mod: evaluated on the selected tiles in the kernels (element-level masking inside them, e.g. causality);
+    None: the selected tiles are wholly attended.
+  full: optional bool `[B', Hm, Tq, K]` marking selected tiles the caller knows to be wholly allowed by `mask_mod`
+    (e.g. key tiles before the query tile under causality): they skip the mask work. Without it every selected tile
+    is partial when `mask_mod` is given, full otherwise.
+  q_width: static bound on the query tiles selecting one key tile (default every query tile).
+  """
+  q_block, kv_block = tile_sizes(block_size)
+  kv_idx = jnp.asarray(kv_idx).astype(jnp.int32)
+  if kv_idx.ndim != 4:
+    raise ValueError(f"kv_idx must be [batch or 1, heads, q_tiles, k], got shape {kv_idx.shape}")
+  tq, tk = -(-q_len // q_block), -(-kv_len // kv_block)
+  if kv_idx.shape[2] != tq:
+    raise ValueError(f"kv_idx has {kv_idx.shape[2]} query tiles; q_len={q_len} with q_block={q_block} has {tq}")
+  k = kv_idx.shape[-1]
+  if valid is None:
+    valid = jnp.ones(kv_idx.shape, bool) if kv_count is None else jnp.arange(k) < jnp.asarray(kv_count)[..., None]
+  valid = jnp.asarray(valid, bool) & (kv_idx >= 0) & (kv_idx < tk)
+  # Scatter into a [B', Hm, Tq, Tk + 1] grid (column Tk absorbs the unselected entries): O(tiles), not O(tiles * K).
+  b_dim, h_dim = kv_idx.shape[:2]
+  at = (jnp.arange(b_dim)[:, None, None, None], jnp.arange(h_dim)[None, :, None, None],
+        jnp.arange(tq)[None, None, :, None])
+  grid = lambda keep: jnp.zeros((b_dim, h_dim, tq, tk + 1), bool).at[  # noqa: E731
+      (*at, jnp.where(keep, kv_idx, tk))].set(True)[..., :tk]
+  selected = grid(valid)
+  if mask_mod is None:
+    fullgrid = selected
+  elif full is None:
+    fullgrid = jnp.zeros_like(selected)
+  else:
+    fullgrid = grid(valid & jnp.asarray(full, bool))
+  classes = jnp.where(fullgrid, FULL, jnp.where(selected, PARTIAL, EMPTY)).astype(jnp.int8)
+  q_w = q_width or tq
+  return _from_classes(classes, q_block, kv_block, q_len, kv_len, mask_mod, _jnp_lists, (k, k, q_w, q_w))
+
+
+__all__ = ["BlockMask", "EMPTY", "FULL", "PARTIAL", "block_mask_from_indices", "classify", "create_block_mask",
+           "create_block_mask_traced", "mask_broadcast_dims", "tile_sizes"]

@@ -1,0 +1,305 @@
+"""Flex attention in pure JAX: the visited tile pairs gathered a step at a time under one online softmax, with a
+custom_vjp backward that recomputes each pair from the saved log-sum-exp.
+
+The block mask's per-query-tile lists (full and partial, possibly traced) are flattened in the graph into a compact
+list of (query tile, key tile) pairs per table row, pairs of one row of the tables first, so the work is the number of
+*visited* pairs, not the widest row times the rows (a causal mask visits half the tiles and costs half). A loop whose
+trip count is the (possibly data-dependent) number of pairs walks `C` pairs per step:
+  gather the C query tiles `[B, Hkv, C, G, bq, D]` (G query heads per key/value head: each key/value tile is gathered
+  once per group) and key/value tiles `[B, Hkv, C, bkv, D]`, score them, apply `score_mod`, mask (partial pairs only:
+  `mask_mod` on the tile's indices; full pairs do no mask work beyond key padding), and fold them into the running
+  (max, sum, weighted values) of their query rows by scatter-max / scatter-add.
+Empty tiles are never touched. The backward walks the same pairs: `P = exp(S - lse)`, the dropout mask regenerated
+from the seed, `dS = P ∘ (dP - rowsum(dO ∘ O))` pulled back through `score_mod` (its vjp on the tile, which also
+gives the gradient of the arrays `score_mod` closes over: a learned bias table trains), and dQ, dK, dV scatter-added
+into their tiles. Memory is O(L·D) plus one step's scores; no `[L, L]` buffer exists. float32 scores and statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.common import MASK_VALUE, dropout_keep
+from kernels.flex.tables import BlockMask
+
+F32 = jnp.float32
+# Scores per batch row and key/value head in one step.
+_STEP_SCORES = 1 << 18
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  batch: int
+  heads: int  # query heads H
+  kv_heads: int  # Hx: key/value heads of the computation (K/V repeated to H when the tables are per query head)
+  group: int  # G = H // Hx
+  q_tiles: int
+  kv_tiles: int
+  q_block: int
+  kv_block: int
+  q_len: int
+  kv_len: int
+  scale: float
+  rate: float
+  chunk: int  # pairs per step
+  mask_mod: object
+  score_mod: object  # closure-converted: score_mod(s, b, h, q, kv, *params)
+  has_key_mask: bool
+
+
+def _pairs(num_BxHxT, idx_BxHxTxK, q_tiles: int, chunk: int):
+  """Compact (query tile, key tile) pairs `[B', Hx', P]` (P a multiple of `chunk`; unused slots point at query tile
+  `q_tiles`, the padding tile) and the number of steps that covers every row's pairs."""
+  b, h, t, k = idx_BxHxTxK.shape
+  valid = (jnp.arange(k) < jnp.asarray(num_BxHxT)[..., None]).reshape(b, h, t * k)
+  pos = jnp.cumsum(valid, axis=-1) - 1
+  total = t * k
+  p = -(-total // chunk) * chunk
+  slot = jnp.where(valid, pos, p)  # invalid entries scatter out of bounds (dropped)
+  qt_src = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(t * k)
+  at = (jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], slot)
+  qt = jnp.full((b, h, p), q_tiles, jnp.int32).at[at].set(jnp.broadcast_to(qt_src, (b, h, total)), mode="drop")
+  kt = jnp.zeros((b, h, p), jnp.int32).at[at].set(jnp.asarray(idx_BxHxTxK, jnp.int32).reshape(b, h, total),
+                                                   mode="drop")
+  count = valid.sum(-1).max()
+  return qt, kt, (count + chunk - 1) // chunk
+
+
+def _rows(spec: _Spec, x):
+  """Table `[B', Hm, ...]` -> `[B', Hx', ...]` with Hx' in {1, Hx}: row of key/value head j is j * Hm // Hx."""
+  hm = x.shape[1]
+  if hm in (1, spec.kv_heads):
+    return x
+  return x[:, (np.arange(spec.kv_heads) * hm) // spec.kv_heads]
+
+
+class _Step:
+  """Gathers and tile math of one step of C pairs."""
+
+  def __init__(self, spec: _Spec, qt, kt, kmask, seed, params):
+    self.spec, self.seed, self.params = spec, seed, params
+    b, hx, c = spec.batch, spec.kv_heads, qt.shape[-1]
+    self.qt = jnp.broadcast_to(qt, (b, hx, c))
+    self.kt = jnp.broadcast_to(kt, (b, hx, c))
+    self.at_q = (jnp.arange(b)[:, None, None], jnp.arange(hx)[None, :, None], self.qt)
+    self.at_k = (jnp.arange(b)[:, None, None], jnp.arange(hx)[None, :, None], self.kt)
+    g, bq, bkv = spec.group, spec.q_block, spec.kv_block
+    self.b = jnp.arange(b, dtype=jnp.int32)[:, None, None, None, None, None]
+    self.h = (jnp.arange(hx, dtype=jnp.int32)[:, None] * g + jnp.arange(g, dtype=jnp.int32))[None, :, None, :, None,
+                                                                                             None]
+    self.q_idx = (self.qt[..., None] * bq + jnp.arange(bq, dtype=jnp.int32))[:, :, :, None, :, None]
+    self.kv_idx = (self.kt[..., None] * bkv + jnp.arange(bkv, dtype=jnp.int32))[:, :, :, None, None, :]
+    self.kmask = None if kmask is None else kmask[jnp.arange(b)[:, None, None], self.kt][:, :, :, None, None, :]
+
+  def allowed(self, partial: bool):
+    allowed = self.kmask
+    if partial and self.spec.mask_mod is not None:
+      m = jnp.asarray(self.spec.mask_mod(self.b, self.h, self.q_idx, self.kv_idx), bool)
+      allowed = m if allowed is None else allowed & m
+    return allowed
+
+  def raw_scores(self, q_t, k_t):
+    return jnp.einsum("bxcgqd,bxckd->bxcgqk", q_t, k_t, preferred_element_type=F32) * self.spec.scale
+
+  def modded(self, s, params):
+    if self.spec.score_mod is None:
+      return s
+    return jnp.asarray(self.spec.score_mod(s, self.b, self.h, self.q_idx, self.kv_idx, *params), F32)
+
+  def keep(self):
+    if not self.spec.rate:
+      return None
+    return dropout_keep(self.seed, self.b * self.spec.heads + self.h, self.q_idx, self.kv_idx, self.spec.rate)
+
+  def drop(self, x, keep):
+    return x if keep is None else jnp.where(keep, x * (1.0 / (1.0 - self.spec.rate)), 0.0)
+
+
+def _blocks_q(spec: _Spec, x_BxLxHxD):
+  """`[B, Lq, H, D]` -> `[B, Hx, Tq + 1, G, bq, D]` (zero-padded to whole tiles plus one padding tile)."""
+  b, length, _, d = x_BxLxHxD.shape
+  tq, bq = spec.q_tiles, spec.q_block
+  x = jnp.pad(x_BxLxHxD, ((0, 0), (0, (tq + 1) * bq - length), (0, 0), (0, 0)))
+  x = x.reshape(b, tq + 1, bq, spec.kv_heads, spec.group, d)
+  return jnp.transpose(x, (0, 3, 1, 4, 2, 5))
+
+
+def _unblock_q(spec: _Spec, x):
+  b, hx, _, g, bq, d = x.shape
+  x = jnp.transpose(x[:, :, :spec.q_tiles], (0, 2, 4, 1, 3, 5)).reshape(b, spec.q_tiles * bq, hx * g, d)
+  return x[:, :spec.q_len]
+
+
+def _blocks_kv(spec: _Spec, x_BxSxHxD):
+  b, length, _, d = x_BxSxHxD.shape
+  tk, bkv = spec.kv_tiles, spec.kv_block
+  x = jnp.pad(x_BxSxHxD, ((0, 0), (0, tk * bkv - length), (0, 0), (0, 0)))
+  return jnp.transpose(x.reshape(b, tk, bkv, spec.kv_heads, d), (0, 3, 1, 2, 4))  # [B, Hx, Tk, bkv, D]
+
+
+def _unblock_kv(spec: _Spec, x):
+  b, hx, tk, bkv, d = x.shape
+  return jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b, tk * bkv, hx, d)[:, :spec.kv_len]
+
+
+def _key_tiles(spec: _Spec, key_mask):
+  """bool `[B, Tk, bkv]` (real, unpadded keys), or None when every key is real."""
+  tk, bkv = spec.kv_tiles, spec.kv_block
+  if key_mask is None and tk * bkv == spec.kv_len:
+    return None
+  km = jnp.ones((spec.batch, spec.kv_len), bool) if key_mask is None else jnp.asarray(key_mask, bool)
+  return jnp.pad(km, ((0, 0), (0, tk * bkv - spec.kv_len))).reshape(spec.batch, tk, bkv)
+
+
+def _pair_sets(spec: _Spec, tables):
+  """[(qt, kt, steps, partial)] for the full and the partial lists."""
+  kv_num_full, kv_full_idx, kv_num_partial, kv_partial_idx = (_rows(spec, jnp.asarray(x)) for x in tables)
+  out = []
+  for num, idx, partial in ((kv_num_full, kv_full_idx, False), (kv_num_partial, kv_partial_idx, True)):
+    qt, kt, steps = _pairs(num, idx, spec.q_tiles, spec.chunk)
+    out.append((qt, kt, steps, partial))
+  return out
+
+
+def _slice(x, s, c):
+  return jax.lax.dynamic_slice_in_dim(x, s * c, c, axis=-1)
+
+
+def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params):
+  qb, kb, vb = _blocks_q(spec, q), _blocks_kv(spec, k), _blocks_kv(spec, v)
+  kmask = _key_tiles(spec, key_mask)
+  stat_shape = qb.shape[:-1]  # [B, Hx, Tq + 1, G, bq]
+  carry = (jnp.full(stat_shape, MASK_VALUE, F32), jnp.zeros(stat_shape, F32), jnp.zeros(qb.shape[:-1] + vb.shape[-1:],
+                                                                                         F32))
+  for qt, kt, steps, partial in _pair_sets(spec, tables):
+    def body(s, carry, qt=qt, kt=kt, partial=partial):
+      m, l, acc = carry
+      st = _Step(spec, _slice(qt, s, spec.chunk), _slice(kt, s, spec.chunk), kmask, seed, params)
+      q_t, k_t, v_t = qb[st.at_q], kb[st.at_k], vb[st.at_k]
+      sc = st.modded(st.raw_scores(q_t, k_t), params)
+      allowed = st.allowed(partial)
+      if allowed is not None:
+        sc = jnp.where(allowed, sc, MASK_VALUE)
+      m_new = m.at[st.at_q].max(jnp.max(sc, axis=-1))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.exp(sc - m_new[st.at_q][..., None])
+      if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)  # a row that saw nothing so far (m_new = MASK_VALUE) stays at 0
+      pv = jnp.einsum("bxcgqk,bxckd->bxcgqd", st.drop(p, st.keep()).astype(v_t.dtype), v_t,
+                      preferred_element_type=F32)
+      l = (alpha * l).at[st.at_q].add(jnp.sum(p, axis=-1))
+      acc = (alpha[..., None] * acc).at[st.at_q].add(pv)
+      return m_new, l, acc
+
+    carry = jax.lax.fori_loop(0, steps, body, carry)
+  m, l, acc = carry
+  seen = l > 0.0
+  safe = jnp.where(seen, l, 1.0)
+  out = jnp.where(seen[..., None], acc / safe[..., None], 0.0)
+  lse = jnp.where(seen, m + jnp.log(safe), 0.0)
+  return _unblock_q(spec, out).astype(q.dtype), lse
+
+
+def _backward(spec: _Spec, tables, res, do):
+  q, k, v, key_mask, seed, params, out, lse = res
+  qb, kb, vb = _blocks_q(spec, q), _blocks_kv(spec, k), _blocks_kv(spec, v)
+  dob = _blocks_q(spec, do)
+  delta = jnp.sum(dob.astype(F32) * _blocks_q(spec, out).astype(F32), axis=-1)  # rowsum(dO ∘ O)
+  kmask = _key_tiles(spec, key_mask)
+  carry = (jnp.zeros(qb.shape, F32), jnp.zeros(kb.shape, F32), jnp.zeros(vb.shape, F32),
+           tuple(jnp.zeros(jnp.shape(p), F32) for p in params))
+  for qt, kt, steps, partial in _pair_sets(spec, tables):
+    def body(s, carry, qt=qt, kt=kt, partial=partial):
+      dq, dk, dv, dparams = carry
+      st = _Step(spec, _slice(qt, s, spec.chunk), _slice(kt, s, spec.chunk), kmask, seed, params)
+      q_t, do_t, k_t, v_t = qb[st.at_q], dob[st.at_q], kb[st.at_k], vb[st.at_k]
+      raw = st.raw_scores(q_t, k_t)
+      sc, pull = jax.vjp(st.modded, raw, params)
+      allowed = st.allowed(partial)
+      p = jnp.exp(sc - lse[st.at_q][..., None])
+      if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+      keep = st.keep()
+      dv_t = jnp.einsum("bxcgqk,bxcgqd->bxckd", st.drop(p, keep).astype(do_t.dtype), do_t,
+                        preferred_element_type=F32)
+      dp = st.drop(jnp.einsum("bxcgqd,bxckd->bxcgqk", do_t, v_t, preferred_element_type=F32), keep)
+      ds = p * (dp - delta[st.at_q][..., None])
+      ds_raw, dparams_t = pull(ds)
+      ds_raw = ds_raw * spec.scale
+      dq = dq.at[st.at_q].add(jnp.einsum("bxcgqk,bxckd->bxcgqd", ds_raw.astype(k_t.dtype), k_t,
+                                         preferred_element_type=F32))
+      dk = dk.at[st.at_k].add(jnp.einsum("bxcgqk,bxcgqd->bxckd", ds_raw.astype(q_t.dtype), q_t,
+                                         preferred_element_type=F32))
+      dv = dv.at[st.at_k].add(dv_t)
+      dparams = tuple(a + jnp.asarray(g, F32) for a, g in zip(dparams, dparams_t))
+      return dq, dk, dv, dparams
+
+    carry = jax.lax.fori_loop(0, steps, body, carry)
+  dq, dk, dv, dparams = carry
+  dparams = tuple(g.astype(jnp.result_type(p)) for g, p in zip(dparams, params))
+  return (_unblock_q(spec, dq).astype(q.dtype), _unblock_kv(spec, dk).astype(k.dtype),
+          _unblock_kv(spec, dv).astype(v.dtype), None, None, dparams)
+
+
+def _attention(spec: _Spec, tables, q, k, v, key_mask, seed, params):
+  @jax.custom_vjp
+  def attend(q, k, v, key_mask, seed, params):
+    return _forward(spec, tables, q, k, v, key_mask, seed, params)[0]
+
+  def fwd(q, k, v, key_mask, seed, params):
+    out, lse = _forward(spec, tables, q, k, v, key_mask, seed, params)
+    return out, (q, k, v, key_mask, seed, params, out, lse)
+
+  attend.defvjp(fwd, functools.partial(_backward, spec, tables))
+  return attend(q, k, v, key_mask, seed, params)
+
+
+def explicit_score_mod(score_mod, example_args):
+  """`(score_mod(s, b, h, q, kv, *params), params)`: the floating arrays `score_mod` closes over that may be
+  differentiated, hoisted into explicit arguments (`jax.closure_convert` at the shapes it is called with), so the
+  custom_vjp can return their gradients."""
+  if score_mod is None:
+    return None, ()
+  converted, params = jax.closure_convert(score_mod, *example_args)
+  return converted, tuple(params)
+
+
+def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, block_mask: BlockMask, *,
+                       mask_mod=None, score_mod=None, key_mask=None, scale: float | None = None,
+                       dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None) -> jax.Array:
+  """The gathered-pairs form (module docstring); `block_mask` gives the tiles and `mask_mod` (default its own) the
+  element mask of partial tiles. Inputs are assumed validated by `kernels.flex.flex_attention`."""
+  b, q_len, h, d = q_BxLxHxD.shape
+  kv_len, hkv = k_BxSxKxD.shape[1:3]
+  hm = block_mask.heads
+  mask_mod = block_mask.mask_mod if mask_mod is None else mask_mod
+  k, v = k_BxSxKxD, v_BxSxKxD
+  if hm > hkv:  # tables per query head under GQA: each query head walks its own tiles (K/V repeated, grads summed)
+    k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
+    hkv = h
+  bq, bkv = block_mask.q_block, block_mask.kv_block
+  group = h // hkv
+  chunk = max(1, _STEP_SCORES // (group * bq * bkv))
+  rate = float(dropout_rate) if dropout_seed is not None and dropout_rate > 0.0 else 0.0
+  seed = jnp.asarray(dropout_seed, jnp.int32) if rate else None
+  spec = _Spec(batch=b, heads=h, kv_heads=hkv, group=group, q_tiles=block_mask.num_q_tiles,
+               kv_tiles=block_mask.num_kv_tiles, q_block=bq, kv_block=bkv, q_len=q_len, kv_len=kv_len,
+               scale=float(d ** -0.5 if scale is None else scale), rate=rate, chunk=chunk, mask_mod=mask_mod,
+               score_mod=None, has_key_mask=key_mask is not None)
+  params = ()
+  if score_mod is not None:
+    i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
+    examples = (jnp.zeros((b, hkv, chunk, group, bq, bkv), F32), i32(b, 1, 1, 1, 1, 1), i32(1, hkv, 1, group, 1, 1),
+                i32(b, hkv, chunk, 1, bq, 1), i32(b, hkv, chunk, 1, 1, bkv))
+    converted, params = explicit_score_mod(score_mod, examples)
+    spec = dataclasses.replace(spec, score_mod=converted)
+  tables = (block_mask.kv_num_full, block_mask.kv_full_idx, block_mask.kv_num_partial, block_mask.kv_partial_idx)
+  return _attention(spec, tables, q_BxLxHxD, k, v, key_mask, seed, params)
+
+
+__all__ = ["explicit_score_mod", "flex_attention_xla"]
