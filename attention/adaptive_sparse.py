@@ -1,0 +1,279 @@
+"""Cores shared by the content-adaptive sparse variants (nsa, moba, routing, compressed): attention of every query
+token over key blocks chosen per token, over a sliding window, or over a short list of summary keys.
+
+Tensors are `[batch, length, heads, head_dim]`; keys and values may have fewer heads than queries (grouped-query
+attention: query head `h` reads key/value head `h // (H // Hkv)`). Every core has two forms with the same values and
+gradients:
+  - a dense reference (`masked_attention_reference`) given the token mask the selection stands for, the ground
+    truth of the tests;
+  - a gathered XLA form that never touches a key outside the selection: queries are taken in chunks of
+    `query_chunk` tokens (a `lax.map` whose body is rematerialized, so the backward recomputes each chunk from its
+    inputs and memory stays O(chunk x selected keys)), and each chunk gathers the key blocks its tokens selected.
+Selections (block indices) are integers computed inside the jitted step: not differentiated, as in the papers.
+
+Attention dropout is the project's counter hash (`kernels.common.dropout_keep`) keyed by (batch * heads + head,
+query position, key position) and a per-branch seed, so the gathered forms and the reference draw the same mask.
+A query with no allowed key outputs 0 (finite gradients).
+
+Positions: query `i` sits at `q_offset + i` (a traced scalar in decoding); keys carry explicit positions where they
+summarize a span (a compressed token, a pooled block): such a key is visible to a causal query once the last token of
+its span is.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from kernels.common import MASK_VALUE, dropout_keep
+
+DEFAULT_QUERY_CHUNK = 64
+
+
+def branch_seed(seed: jax.Array | None, branch: int) -> jax.Array | None:
+  """A distinct dropout seed per branch of a layer (so two branches' masks are not the same hash)."""
+  if seed is None:
+    return None
+  return seed ^ jnp.int32(0x2545F491 * (branch + 1) & 0x7FFFFFFF)
+
+
+def _softmax_rows(scores: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Softmax over the last axis restricted to `allowed`; rows with nothing allowed give 0. Returns (weights, lse)."""
+  scores = jnp.where(allowed, scores, MASK_VALUE)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  e = jnp.where(allowed, jnp.exp(scores - m), 0.0)
+  s = jnp.sum(e, axis=-1, keepdims=True)
+  weights = e / jnp.where(s > 0, s, 1.0)
+  lse = jnp.where(s[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(s > 0, s, 1.0))[..., 0], -jnp.inf)
+  return weights, lse
+
+
+def _dropout(weights: jax.Array, seed: jax.Array | None, rate: float, bh: jax.Array, q_pos: jax.Array,
+             k_pos: jax.Array) -> jax.Array:
+  if seed is None or rate == 0.0:
+    return weights
+  return jnp.where(dropout_keep(seed, bh, q_pos, k_pos, rate), weights / (1.0 - rate), 0.0)
+
+
+def _group(q_BxLxHxD: jax.Array, num_kv_heads: int) -> jax.Array:
+  b, l, h, d = q_BxLxHxD.shape
+  if h % num_kv_heads:
+    raise ValueError(f"query heads {h} must be a multiple of key/value heads {num_kv_heads}")
+  return q_BxLxHxD.reshape(b, l, num_kv_heads, h // num_kv_heads, d)
+
+
+def _batch_head(batch: int, hkv: int, g: int) -> jax.Array:
+  """`[B, Hkv, G]` int32: batch * heads + head of every grouped query head (the dropout counter)."""
+  return (jnp.arange(batch)[:, None, None] * (hkv * g) + jnp.arange(hkv)[None, :, None] * g
+          + jnp.arange(g)[None, None, :]).astype(jnp.int32)
+
+
+# ---- the dense reference -----------------------------------------------------------------------------------------
+
+def masked_attention_reference(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.Array,
+                               allowed_BxGxLxS: jax.Array, *, scale: float, q_pos_L: jax.Array | None = None,
+                               k_pos_S: jax.Array | None = None, dropout_rate: float = 0.0,
+                               dropout_seed: jax.Array | None = None, return_lse: bool = False):
+  """Dense softmax attention over the keys `allowed` marks (bool, broadcastable to `[B, Hkv, L, S]`, shared by the
+  query heads of a group). Float32 output `[B, L, H, D]` (and `[B, L, H]` log-sum-exp with `return_lse`)."""
+  b, l, h, d = q_BxLxHxD.shape
+  hkv = k_BxSxGxD.shape[2]
+  q = _group(q_BxLxHxD, hkv).astype(jnp.float32)
+  q_pos = jnp.arange(l) if q_pos_L is None else q_pos_L
+  k_pos = jnp.arange(k_BxSxGxD.shape[1]) if k_pos_S is None else k_pos_S
+  scores = jnp.einsum("blxgd,bsxd->bxgls", q, k_BxSxGxD.astype(jnp.float32)) * scale
+  weights, lse = _softmax_rows(scores, jnp.broadcast_to(allowed_BxGxLxS, (b, hkv, l, k_pos.shape[0]))[:, :, None])
+  bh = _batch_head(b, hkv, h // hkv)[..., None, None]
+  weights = _dropout(weights, dropout_seed, dropout_rate, bh, q_pos[:, None], k_pos[None, :])
+  out = jnp.einsum("bxgls,bsxd->blxgd", weights, v_BxSxGxD.astype(jnp.float32)).reshape(b, l, h, d)
+  if return_lse:
+    return out, lse.transpose(0, 3, 1, 2).reshape(b, l, h)
+  return out
+
+
+def selection_mask(block_idx_BxGxLxN: jax.Array, *, block_size: int, num_keys: int, causal: bool,
+                   q_pos_L: jax.Array, key_mask_BxS: jax.Array | None) -> jax.Array:
+  """The token mask a per-token block selection stands for: `[B, Hkv, L, S]` (the reference's input)."""
+  blocks = jnp.arange(num_keys) // block_size
+  chosen = jnp.any((block_idx_BxGxLxN[..., None] == blocks) & (block_idx_BxGxLxN[..., None] >= 0), axis=-2)
+  if causal:
+    chosen = chosen & (jnp.arange(num_keys)[None, :] <= q_pos_L[:, None])
+  if key_mask_BxS is not None:
+    chosen = chosen & key_mask_BxS[:, None, None, :]
+  return chosen
+
+
+# ---- chunked driver ------------------------------------------------------------------------------------------------
+
+def _chunked(fn: Callable, q_BxLxHxD: jax.Array, per_query: tuple[jax.Array, ...], chunk: int,
+             q_offset) -> tuple:
+  """Runs `fn(q_chunk, per_query_chunks, q_pos_C)` over query chunks (rematerialized lax.map) and joins the
+  results along the length axis (axis 1 of every output)."""
+  b, l = q_BxLxHxD.shape[:2]
+  c = max(1, min(chunk, l))
+  pad = -l % c
+  n = (l + pad) // c
+
+  def split(t):  # [B, L, ...] -> [N, B, C, ...]
+    t = jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2))
+    return jnp.moveaxis(t.reshape(b, n, c, *t.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def body(args):
+    i, qc, extras = args
+    return fn(qc, extras, q_offset + i * c + jnp.arange(c))
+
+  outs = jax.lax.map(body, (jnp.arange(n), split(q_BxLxHxD), tuple(split(t) for t in per_query)))
+  return tuple(jnp.moveaxis(o, 0, 1).reshape(b, n * c, *o.shape[3:])[:, :l] for o in outs)
+
+
+def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.Array,
+                       block_idx_BxLxGxN: jax.Array, *, block_size: int, causal: bool,
+                       key_mask_BxS: jax.Array | None, scale: float, q_offset=0, dropout_rate: float = 0.0,
+                       dropout_seed: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK) -> jax.Array:
+  """Each query token attends to the key blocks it selected (`block_idx`, -1 = none; shared by a GQA group), with
+  token-level causality and key padding. Gathered form: each chunk loads only the selected blocks. `S` must be a
+  multiple of `block_size`. Float32 `[B, L, H, D]`."""
+  b, l, h, d = q_BxLxHxD.shape
+  s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
+  if s % block_size:
+    raise ValueError(f"selected_attention: keys={s} must be a multiple of block_size={block_size}")
+  g = h // hkv
+  nb = s // block_size
+  kb = k_BxSxGxD.reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)  # [B, Hkv, Nb, bs, D]
+  vb = v_BxSxGxD.reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)
+  real_BxNbxbs = (jnp.ones((b, s), bool) if key_mask_BxS is None else key_mask_BxS).reshape(b, nb, block_size)
+  bh = _batch_head(b, hkv, g)
+
+  def fn(qc_BxCxHxD, extras, q_pos_C):
+    (idx_BxCxGxN,) = extras
+    c, n = idx_BxCxGxN.shape[1], idx_BxCxGxN.shape[-1]
+    idx = idx_BxCxGxN.transpose(0, 2, 1, 3)  # [B, Hkv, C, N]
+    safe = jnp.maximum(idx, 0)
+    take = jax.vmap(jax.vmap(lambda blocks, i: blocks[i]))  # over B, Hkv: [Nb, ...][C, N] -> [C, N, ...]
+    kg = take(kb, safe).reshape(b, hkv, c, n * block_size, d)
+    vg = take(vb, safe).reshape(b, hkv, c, n * block_size, d)
+    k_pos = (safe[..., None] * block_size + jnp.arange(block_size)).reshape(b, hkv, c, n * block_size)
+    real = jax.vmap(lambda r, i: r[i])(real_BxNbxbs, safe.reshape(b, -1)).reshape(b, hkv, c, n * block_size)
+    allowed = real & jnp.repeat(idx >= 0, block_size, axis=-1)
+    if causal:
+      allowed = allowed & (k_pos <= q_pos_C[:, None])
+    q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)  # [B, C, Hkv, G, D]
+    scores = jnp.einsum("bcxgd,bxcsd->bxgcs", q, kg.astype(jnp.float32)) * scale
+    weights, _ = _softmax_rows(scores, allowed[:, :, None])
+    weights = _dropout(weights, dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None],
+                       k_pos[:, :, None])
+    out = jnp.einsum("bxgcs,bxcsd->bcxgd", weights, vg.astype(jnp.float32))
+    return (out.reshape(b, c, h, d),)
+
+  return _chunked(fn, q_BxLxHxD, (block_idx_BxLxGxN,), query_chunk, q_offset)[0]
+
+
+def window_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.Array, *, window: int, causal: bool,
+                     key_mask_BxS: jax.Array | None, scale: float, q_offset=0, dropout_rate: float = 0.0,
+                     dropout_seed: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK) -> jax.Array:
+  """Query t attends keys s with `t - window < s <= t` (causal) or `|t - s| < window`; each chunk slices only its
+  band of keys. Float32 `[B, L, H, D]`."""
+  b, l, h, d = q_BxLxHxD.shape
+  s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
+  g = h // hkv
+  c = max(1, min(query_chunk, l))
+  left, right = window - 1, (0 if causal else window - 1)
+  span = c + left + right
+  pad_k = lambda t: jnp.pad(t, ((0, 0), (left, right + c)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731
+  kp, vp = pad_k(k_BxSxGxD), pad_k(v_BxSxGxD)
+  real = pad_k(jnp.ones((b, s), bool) if key_mask_BxS is None else key_mask_BxS)
+  bh = _batch_head(b, hkv, g)
+
+  def fn(qc_BxCxHxD, extras, q_pos_C):
+    del extras
+    start = q_pos_C[0]  # padded coordinates: key position p sits at p + left
+    kc = jax.lax.dynamic_slice_in_dim(kp, start, span, axis=1)
+    vc = jax.lax.dynamic_slice_in_dim(vp, start, span, axis=1)
+    rc = jax.lax.dynamic_slice_in_dim(real, start, span, axis=1)
+    k_pos = start - left + jnp.arange(span)
+    delta = q_pos_C[:, None] - k_pos[None, :]
+    band = (delta < window) & (delta >= (0 if causal else 1 - window))
+    allowed = band[None] & rc[:, None, :]  # [B, C, span]
+    q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
+    scores = jnp.einsum("bcxgd,bsxd->bxgcs", q, kc.astype(jnp.float32)) * scale
+    weights, _ = _softmax_rows(scores, allowed[:, None, None])
+    weights = _dropout(weights, dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None], k_pos[None, :])
+    out = jnp.einsum("bxgcs,bsxd->bcxgd", weights, vc.astype(jnp.float32))
+    return (out.reshape(b, c, h, d),)
+
+  return _chunked(fn, q_BxLxHxD, (), c, q_offset)[0]
+
+
+def window_mask(num_queries: int, num_keys: int, *, window: int, causal: bool, q_pos_L: jax.Array,
+                key_mask_BxS: jax.Array | None) -> jax.Array:
+  """The token mask of `window_attention`: `[B or 1, 1, L, S]`."""
+  delta = q_pos_L[:, None] - jnp.arange(num_keys)[None, :]
+  band = (delta < window) & (delta >= (0 if causal else 1 - window))
+  band = band[None, None]
+  return band if key_mask_BxS is None else band & key_mask_BxS[:, None, None, :]
+
+
+def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.Array, *, k_pos_S: jax.Array,
+                      key_valid_BxS: jax.Array | None, causal: bool, scale: float, q_offset=0,
+                      dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
+                      query_chunk: int = DEFAULT_QUERY_CHUNK,
+                      probs_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+  """Every query over a short list of summary keys (compressed tokens, pooled blocks), key `j` visible to a causal
+  query at `t >= k_pos_S[j]`. With `probs_fn(probs_BxGxgxCxS, q_pos_C) -> [B, C, ...]` the chunk's attention
+  probabilities (before dropout, not differentiated) are reduced in the chunk, and its result returned as well: how
+  NSA scores blocks without an `[L, S]` buffer. Returns float32 `[B, L, H, D]` (and the reductions)."""
+  b, l, h, d = q_BxLxHxD.shape
+  hkv = k_BxSxGxD.shape[2]
+  g = h // hkv
+  valid = jnp.ones((b, k_BxSxGxD.shape[1]), bool) if key_valid_BxS is None else key_valid_BxS
+  bh = _batch_head(b, hkv, g)
+
+  def fn(qc_BxCxHxD, extras, q_pos_C):
+    del extras
+    allowed = valid[:, None, :] & ((k_pos_S[None, :] <= q_pos_C[:, None]) if causal else True)  # [B, C, S]
+    q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
+    scores = jnp.einsum("bcxgd,bsxd->bxgcs", q, k_BxSxGxD.astype(jnp.float32)) * scale
+    probs, _ = _softmax_rows(scores, allowed[:, None, None])
+    weights = _dropout(probs, dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None],
+                       jnp.arange(k_pos_S.shape[0])[None, :])
+    out = jnp.einsum("bxgcs,bsxd->bcxgd", weights, v_BxSxGxD.astype(jnp.float32)).reshape(b, -1, h, d)
+    if probs_fn is None:
+      return (out,)
+    return out, probs_fn(jax.lax.stop_gradient(probs), q_pos_C)
+
+  outs = _chunked(fn, q_BxLxHxD, (), query_chunk, q_offset)
+  return outs if probs_fn is not None else outs[0]
+
+
+def summary_mask(q_pos_L: jax.Array, k_pos_S: jax.Array, key_valid_BxS: jax.Array | None, causal: bool):
+  """The token mask of `summary_attention`: `[B or 1, 1, L, S]`."""
+  allowed = (k_pos_S[None, :] <= q_pos_L[:, None]) if causal else jnp.ones((q_pos_L.shape[0], k_pos_S.shape[0]), bool)
+  allowed = allowed[None, None]
+  return allowed if key_valid_BxS is None else allowed & key_valid_BxS[:, None, None, :]
+
+
+def top_blocks(scores_BxLxGxN: jax.Array, num_selected: int) -> jax.Array:
+  """Top-`num_selected` block indices per row, ties to the lower index (`lax.top_k`'s rule); blocks scored -inf
+  (not allowed) come back as -1. Integers, not differentiated."""
+  values, idx = jax.lax.top_k(jax.lax.stop_gradient(scores_BxLxGxN), num_selected)
+  return jnp.where(values == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+def first_real_position(key_mask_BxS: jax.Array | None, batch: int, num_keys: int, block_size: int) -> jax.Array:
+  """`[B, Nb]`: the first real key position of each block (`num_keys` where it has none): a block is selectable
+  by a causal query at `t` once `t` reaches it, the same rule in parallel and in decoding."""
+  real = jnp.ones((batch, num_keys), bool) if key_mask_BxS is None else key_mask_BxS
+  pos = jnp.where(real, jnp.arange(num_keys), num_keys).reshape(batch, num_keys // block_size, block_size)
+  return jnp.min(pos, axis=-1)
+
+
+def pad_length(x: jax.Array, multiple: int, axis: int = 1, value=0) -> jax.Array:
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)

@@ -1,0 +1,252 @@
+"""Native Sparse Attention (Yuan et al., DeepSeek, ACL 2025): per query, three branches mixed by learned gates.
+
+  o_t = g_cmp * Attn(q_t, compressed) + g_slc * Attn(q_t, selected) + g_win * Attn(q_t, window),  g = sigmoid(W x_t)
+
+- compressed: the keys (values) cut into blocks of `compress_block` (l) tokens every `compress_stride` (d) tokens,
+  each block (plus a learned intra-block position embedding) mapped to one token by an MLP (`phi`); a causal query
+  sees a compressed token once the block's last token is in its past;
+- selected: the sequence cut into blocks of `select_block` (l') tokens; a block's importance for query t is the
+  compressed branch's attention probability of the compressed tokens covering it (each weighted by how many of its
+  stride-d steps fall in the block: the paper's Eq. 9 for d | l and d | l'), summed over the query heads of a GQA
+  group, so the group shares one selection (the paper's kernel loads each selected block once per group). The top
+  `num_selected` (n) blocks are attended token by token, always including the first block and the
+  `num_local_blocks` blocks ending at the query's own; ties go to the lower block index;
+- window: the last `window` (w) tokens (bidirectional: |t - s| < w).
+Selection is integer top-k inside the step, not differentiated (as in the paper): gradients reach the selector
+through the compressed branch and the gates.
+
+The paper's defaults: l=32, d=16, l'=64, n=16 (including 1 initial and 2 local blocks), w=512, GQA with 4 groups
+(64 query heads in their 27B model), at 64K tokens. They are this layer's defaults too; scale them to shorter
+sequences by options (e.g. at 1K-4K: `select_block=32, num_selected=8, window=128`). `use_compressed`,
+`use_selected`, `use_window` switch branches off for the paper's ablations (the compressed scores are still computed
+when only selection uses them).
+
+Causal (language modelling) and bidirectional (classification: every block selectable, the local blocks are the
+query's own and the ones before it). Decoding keeps every key and value (the selected branch may pick any block), the
+compressed tokens (one appended every d steps once a block of l is complete) and selects per step; stepping equals the
+parallel causal output.
+
+Implementation: the gathered XLA cores of `attention/adaptive_sparse.py` (each chunk of queries gathers only the
+blocks its tokens selected, forward and backward). Flex kernels with traced tile lists (kernels/flex) are the
+intended next form of the selected branch; see the module there.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention import adaptive_sparse as core
+from attention.base import AttentionLayer, default_kernel_init
+from attention.registry import register
+from attention.ranges import Integer
+from kernels import sequence as sequence_lib
+from kernels.common import dropout_seed
+
+
+def coverage_matrix(num_compressed: int, num_blocks: int, *, compress_block: int, compress_stride: int,
+                    select_block: int) -> np.ndarray:
+  """`[Nc, Ns]` float32: how many of compressed token i's stride-d steps lie in selection block j (its overlap with
+  the block, in tokens, over d): p_slc = p_cmp @ M, the paper's Eq. 9."""
+  starts = np.arange(num_compressed)[:, None] * compress_stride
+  b0 = np.arange(num_blocks)[None, :] * select_block
+  overlap = np.clip(np.minimum(starts + compress_block, b0 + select_block) - np.maximum(starts, b0), 0, None)
+  return (overlap / compress_stride).astype(np.float32)
+
+
+def num_compressed_tokens(length: int, compress_block: int, compress_stride: int) -> int:
+  return 0 if length < compress_block else (length - compress_block) // compress_stride + 1
+
+
+def select_scores(block_scores_BxCxGxN: jax.Array, q_pos_C: jax.Array, first_real_BxN: jax.Array, *,
+                  select_block: int, num_local_blocks: int, causal: bool, num_keys: int) -> jax.Array:
+  """Block scores with the rules of the selection: blocks not yet reached (causal) or without a real key get -inf;
+  the first block and the local blocks get +inf (always selected when allowed)."""
+  blocks = jnp.arange(block_scores_BxCxGxN.shape[-1])
+  own = (q_pos_C // select_block)[:, None]  # [C, 1]
+  reach = q_pos_C[:, None] if causal else num_keys - 1
+  allowed = first_real_BxN[:, None, :] <= reach  # [B, C, N]
+  forced = (blocks[None, :] == 0) | ((blocks[None, :] <= own) & (blocks[None, :] > own - num_local_blocks))
+  scores = jnp.where(forced[None, :, None], jnp.inf, block_scores_BxCxGxN)
+  return jnp.where(allowed[:, :, None], scores, -jnp.inf)
+
+
+@register("nsa")
+class NativeSparseAttention(AttentionLayer):
+  """Attributes (paper defaults; see the module docstring): compress_block (l=32), compress_stride (d=16),
+  select_block (l'=64), num_selected (n=16), num_local_blocks (2), window (w=512), num_kv_heads (None = num_heads;
+  a divisor of num_heads), use_compressed / use_selected / use_window (ablations), query_chunk (queries per chunk
+  of the gathered XLA form: memory, not values)."""
+
+  compress_block: int = 32
+  compress_stride: int = 16
+  select_block: int = 64
+  num_selected: int = 16
+  num_local_blocks: int = 2
+  window: int = 512
+  num_kv_heads: int | None = None
+  use_compressed: bool = True
+  use_selected: bool = True
+  use_window: bool = True
+  query_chunk: int = core.DEFAULT_QUERY_CHUNK
+  option_ranges = {"compress_block": Integer(1), "compress_stride": Integer(1), "select_block": Integer(1),
+                   "num_selected": Integer(1), "num_local_blocks": Integer(0), "window": Integer(1),
+                   "num_kv_heads": Integer(1, allow_none=True), "query_chunk": Integer(1)}
+
+  supports_decode = True
+
+  def _check_options(self, length: int) -> None:
+    name = "nsa"
+    l, d, ls = self.compress_block, self.compress_stride, self.select_block
+    if l % d:
+      raise ValueError(f"{name}: compress_stride={d} must divide compress_block={l} (e.g. l=32, d=16)")
+    if ls % d:
+      raise ValueError(f"{name}: compress_stride={d} must divide select_block={ls} (e.g. l'=64, d=16)")
+    if l > ls:
+      raise ValueError(f"{name}: compress_block={l} must be <= select_block={ls} (the paper: l=32, l'=64)")
+    if self.window < ls:
+      raise ValueError(f"{name}: window={self.window} is shorter than a block (select_block={ls}); use window >= "
+                       f"{ls}")
+    blocks = -(-length // ls)
+    if self.num_selected > blocks:
+      raise ValueError(f"{name}: num_selected={self.num_selected} is larger than the {blocks} blocks of "
+                       f"select_block={ls} in a sequence of {length}; use num_selected <= {blocks}")
+    if self.num_selected < 1 + self.num_local_blocks:
+      raise ValueError(f"{name}: num_selected={self.num_selected} cannot hold the first block and "
+                       f"num_local_blocks={self.num_local_blocks}; use num_selected >= {1 + self.num_local_blocks}")
+    if not (self.use_compressed or self.use_selected or self.use_window):
+      raise ValueError(f"{name}: every branch is switched off (use_compressed, use_selected, use_window); keep one")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"{name}: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  def _compress(self, blocks_BxNxLxGxD: jax.Array, which: str) -> jax.Array:
+    """phi: a block of l keys (values) plus intra-block positions -> one token, per KV head, shared weights."""
+    l, dim = blocks_BxNxLxGxD.shape[2], blocks_BxNxLxGxD.shape[-1]
+    pos = self.param(f"compress_{which}_position", nn.initializers.normal(0.02), (l, dim), jnp.float32)
+    x = blocks_BxNxLxGxD + pos[:, None, :].astype(blocks_BxNxLxGxD.dtype)
+    b, n, _, g, _ = x.shape
+    x = x.transpose(0, 1, 3, 2, 4).reshape(b, n, g, l * dim)
+    hidden = self.dense(dim, f"compress_{which}_hidden", kernel_init=default_kernel_init)(x)
+    return self.dense(dim, f"compress_{which}_out", kernel_init=default_kernel_init)(nn.gelu(hidden))
+
+  def _compressed_tokens(self, k_BxSxGxD: jax.Array, starts_N: jax.Array, which: str) -> jax.Array:
+    idx = starts_N[:, None] + jnp.arange(self.compress_block)[None, :]  # [N, l]
+    return self._compress(k_BxSxGxD[:, idx], which)
+
+  def _branches(self, q, k, v, kc, vc, valid_c, real_BxS, gates_BxLxHx3, q_offset, seed, *, causal: bool):
+    """The three branches on (possibly cached) keys: float32 `[B, L, H, D]`."""
+    b, l, h, dim = q.shape
+    s = k.shape[1]
+    scale = dim ** -0.5
+    nc, ns = kc.shape[1], s // self.select_block
+    k_pos_c = jnp.arange(nc) * self.compress_stride + self.compress_block - 1
+    coverage = jnp.asarray(coverage_matrix(nc, ns, compress_block=self.compress_block,
+                                           compress_stride=self.compress_stride, select_block=self.select_block))
+    first_real = core.first_real_position(real_BxS, b, s, self.select_block)
+    rate = self.dropout_rate if seed is not None else 0.0
+
+    def block_choice(probs_BxGxgxCxNc, q_pos_C):
+      importance = jnp.einsum("bxgcn,nm->bcxm", probs_BxGxgxCxNc, coverage)
+      scores = select_scores(importance, q_pos_C, first_real, select_block=self.select_block,
+                             num_local_blocks=self.num_local_blocks, causal=causal, num_keys=s)
+      return core.top_blocks(scores, self.num_selected)
+
+    out = jnp.zeros((b, l, h, dim), jnp.float32)
+    o_cmp, block_idx = core.summary_attention(
+        q, kc, vc, k_pos_S=k_pos_c, key_valid_BxS=valid_c, causal=causal, scale=scale, q_offset=q_offset,
+        dropout_rate=rate, dropout_seed=core.branch_seed(seed, 0), query_chunk=self.query_chunk,
+        probs_fn=block_choice)
+    if self.use_compressed:
+      out = out + gates_BxLxHx3[..., 0:1] * o_cmp
+    if self.use_selected:
+      o_slc = core.selected_attention(q, k, v, block_idx, block_size=self.select_block, causal=causal,
+                                      key_mask_BxS=real_BxS, scale=scale, q_offset=q_offset, dropout_rate=rate,
+                                      dropout_seed=core.branch_seed(seed, 1), query_chunk=self.query_chunk)
+      out = out + gates_BxLxHx3[..., 1:2] * o_slc
+    if self.use_window:
+      o_win = core.window_attention(q, k, v, window=self.window, causal=causal, key_mask_BxS=real_BxS, scale=scale,
+                                    q_offset=q_offset, dropout_rate=rate, dropout_seed=core.branch_seed(seed, 2),
+                                    query_chunk=self.query_chunk)
+      out = out + gates_BxLxHx3[..., 2:3] * o_win
+    self.sow("intermediates", "block_idx", block_idx)
+    return out
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    self.check_inputs(x, mask)
+    b, length, features = x.shape
+    dim = self.head_dim(x)
+    q = self.project(x, "query")
+    kv = lambda name: sequence_lib.fallback_gather(  # noqa: E731  (no sequence-parallel form: the exact fallback)
+        self.dense((self.kv_heads, dim), name, axis=-1, kernel_init=default_kernel_init)(x), "nsa")
+    k, v = kv("key"), kv("value")
+    gates = nn.sigmoid(self.dense((self.num_heads, 3), "gate", axis=-1)(x).astype(jnp.float32))
+    step_real = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
+    # Padded keys are zeroed before compression, so a compressed token never carries padded content.
+    k = k * step_real[..., None, None].astype(k.dtype)
+    v = v * step_real[..., None, None].astype(v.dtype)
+    drop = self.dropout_rng(deterministic)
+    seed = None if drop is None else dropout_seed(drop)
+    l, d = self.compress_block, self.compress_stride
+
+    if self.decode and self.has_variable("cache", "index"):
+      return self._decode_step(x, q, k, v, step_real, gates, seed)
+
+    padded = length + (-length % self.select_block)
+    self._check_options(padded)
+    k_p, v_p = core.pad_length(k, self.select_block), core.pad_length(v, self.select_block)
+    real = core.pad_length(step_real, self.select_block, value=False)
+    nc = num_compressed_tokens(padded, l, d)
+    starts = jnp.arange(nc) * d
+    kc, vc = self._compressed_tokens(k_p, starts, "key"), self._compressed_tokens(v_p, starts, "value")
+    valid_c = jnp.any(real[:, starts[:, None] + jnp.arange(l)], axis=-1)
+    if self.decode:  # init: allocate the cache for this (maximum) length
+      self._cache(k_p, v_p, real, kc, vc)
+    out = self._branches(q, k_p, v_p, kc, vc, valid_c, real, gates, 0, seed, causal=self.causal)
+    return self.project_out(out.astype(self.compute_dtype), features)
+
+  def _cache(self, k, v, real, kc, vc):
+    zeros = lambda t: (lambda: jnp.zeros(t.shape, t.dtype))  # noqa: E731
+    return {"key": self.variable("cache", "cached_key", zeros(k)),
+            "value": self.variable("cache", "cached_value", zeros(v)),
+            "real": self.variable("cache", "real", zeros(real)),
+            "compressed_key": self.variable("cache", "compressed_key", zeros(kc)),
+            "compressed_value": self.variable("cache", "compressed_value", zeros(vc)),
+            "index": self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))}
+
+  def _decode_step(self, x, q, k, v, step_real, gates, seed):
+    if x.shape[1] != 1:
+      raise ValueError(f"nsa: a decode step takes one position per call, got length {x.shape[1]}")
+    cache = self._cache(k, k, step_real, k, k)  # shapes come from the allocated variables
+    t = cache["index"].value
+    self._check_options(cache["key"].value.shape[1])
+    put = lambda buf, new, at: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), at, axis=1)  # noqa
+    cache["key"].value = put(cache["key"].value, k, t)
+    cache["value"].value = put(cache["value"].value, v, t)
+    cache["real"].value = put(cache["real"].value, step_real, t)
+    l, d = self.compress_block, self.compress_stride
+    # A compressed token is appended when the step completes a block of l keys (every d steps after the first l).
+    completes = (t + 1 >= l) & ((t + 1 - l) % d == 0)
+    i = jnp.maximum(t + 1 - l, 0) // d
+    for name, raw in (("key", cache["key"]), ("value", cache["value"])):
+      block = jax.lax.dynamic_slice_in_dim(raw.value, i * d, l, axis=1)
+      token = self._compress(block[:, None], name)  # [B, 1, Hkv, D]
+      buf = cache[f"compressed_{name}"]
+      buf.value = jnp.where(completes, put(buf.value, token, jnp.minimum(i, buf.value.shape[1] - 1)), buf.value)
+    cache["index"].value = t + 1
+    real = cache["real"].value
+    nc = cache["compressed_key"].value.shape[1]
+    starts = jnp.arange(nc) * d
+    valid_c = jnp.any(real[:, starts[:, None] + jnp.arange(l)], axis=-1)
+    out = self._branches(q, cache["key"].value, cache["value"].value, cache["compressed_key"].value,
+                         cache["compressed_value"].value, valid_c, real, gates, t, seed, causal=True)
+    return self.project_out(out.astype(self.compute_dtype), x.shape[-1])
+
+
+__all__ = ["NativeSparseAttention", "coverage_matrix", "num_compressed_tokens", "select_scores"]
