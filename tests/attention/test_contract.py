@@ -40,9 +40,16 @@ OPTIONS: dict[str, list[dict]] = {
              "window": 4, "num_kv_heads": 1, "query_chunk": 4}],
     "moba": [{"block_size": 4, "top_k": 2, "query_chunk": 4}, {"block_size": 3, "top_k": 2, "coarse": True}],
     "compressed": [{"factor": 3, "query_chunk": 4}, {"mode": "local", "block_size": 4}],
+    # The gated / delta-rule family: chunks of 4 at lengths 7-12 (a padded last chunk); d_state 4, low rank 4.
+    "retnet": [{"chunk_size": 4}],
+    "gla": [{"chunk_size": 4, "gate_low_rank": 4}],
+    "mamba2": [{"chunk_size": 4, "d_state": 4}],
+    "deltanet": [{"chunk_size": 4}],
+    "gated_deltanet": [{"chunk_size": 4}],
 }
 # The recurrent family keeps a decode cache whose size does not depend on the sequence length.
-RECURRENT = ("based", "grassmann", "linear", "performer", "transnormer")
+RECURRENT = ("based", "grassmann", "linear", "performer", "transnormer", "retnet", "gla", "mamba2", "deltanet",
+             "gated_deltanet")
 
 
 def _cases() -> list:

@@ -1,0 +1,81 @@
+"""The delta rule: `S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`, `o_t = S_t^T q_t` (causal).
+
+DeltaNet (Schlag et al. 2021; the chunked form of Yang et al., NeurIPS 2024) with `log_decay=None`, Gated DeltaNet
+(Yang et al., ICLR 2025) with `log_decay [B, L, H]` (`alpha_t = exp(g_t)`, finite, <= 0). `beta [B, L, H]` in [0, 1]
+is the writing strength; the layers L2-normalize k so that `I - beta k k^T` is a contraction. `key_mask` (bool
+`[batch, keys]`) drops a padded token from the state (beta = 0, no decay); `segment_ids` (int `[batch, length]`)
+restart the state at each boundary (packed sequences); `initial_state` / `return_state` as in
+`kernels.gated_linear`. Implementations:
+  "reference"  `reference.py`: the token-by-token recurrence: the ground truth in tests;
+  "xla"        `xla.py`: chunked through the WY / UT-transform representation (one triangular solve per chunk, the
+               chunk transitions scanned);
+  None         the XLA form on every platform (no Pallas kernel for this op yet; logged once on cuda / tpu).
+Precision: float32 inside whatever the input dtype; the output has v's dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels import platform
+from kernels.delta_rule.reference import delta_rule_reference, delta_rule_step
+from kernels.delta_rule.xla import DEFAULT_CHUNK, delta_rule_xla
+
+IMPLEMENTATIONS = ("reference", "xla", None)
+OP = "delta_rule_attention"
+NO_KERNEL = "no Pallas kernel for the delta rule yet: the chunked XLA form runs"
+
+
+def _check(q, k, v, beta, log_decay, chunk_size, implementation, key_mask, segment_ids, initial_state):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, length, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+  if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"q and k must have one shape and v their batch, length and heads; got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  for name, x in (("beta", beta), ("log_decay", log_decay)):
+    if x is not None and tuple(x.shape) != q.shape[:3]:
+      raise ValueError(f"{name} must be [batch, length, heads] = {q.shape[:3]}, got {tuple(x.shape)}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size=}")
+  for name, x in (("key_mask", key_mask), ("segment_ids", segment_ids)):
+    if x is not None and tuple(x.shape) != q.shape[:2]:
+      raise ValueError(f"{name} must have shape [batch, length] = {q.shape[:2]}, got {tuple(x.shape)}")
+  want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+  if initial_state is not None and tuple(initial_state.shape) != want:
+    raise ValueError(f"initial_state must be [batch, heads, key dim, value dim] = {want}, got "
+                     f"{tuple(initial_state.shape)}")
+
+
+def mask_tokens(beta: jax.Array, log_decay: jax.Array | None, key_mask: jax.Array | None):
+  """A padded token neither writes (beta = 0) nor decays (g = 0)."""
+  if key_mask is None:
+    return beta, log_decay
+  m = key_mask.astype(bool)[:, :, None]
+  beta = jnp.where(m, beta, jnp.zeros((), beta.dtype))
+  return beta, None if log_decay is None else jnp.where(m, log_decay, jnp.zeros((), log_decay.dtype))
+
+
+def delta_rule_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+                         log_decay: jax.Array | None = None, *, chunk_size: int = DEFAULT_CHUNK,
+                         key_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                         initial_state: jax.Array | None = None, return_state: bool = False,
+                         implementation: str | None = None):
+  """The (gated) delta rule on `[batch, length, heads, dim]` q, k, v (see the module docstring). Returns the output
+  `[B, L, H, V]` (v's dtype), and with `return_state=True` also the final float32 state `[B, H, K, V]`."""
+  _check(q, k, v, beta, log_decay, chunk_size, implementation, key_mask, segment_ids, initial_state)
+  beta, log_decay = mask_tokens(beta, log_decay, key_mask)
+  if implementation == "reference":
+    out, state = delta_rule_reference(q, k, v, beta, log_decay, segment_ids=segment_ids, initial_state=initial_state)
+  else:
+    xla = lambda: delta_rule_xla(q, k, v, beta, log_decay, chunk_size=chunk_size,  # noqa: E731
+                                 segment_ids=segment_ids, initial_state=initial_state)
+    out, state = xla() if implementation == "xla" else platform.dispatch(
+        OP, xla=xla, kernels={"gpu": NO_KERNEL, "tpu": NO_KERNEL})
+  return (out, state) if return_state else out
+
+
+__all__ = ["IMPLEMENTATIONS", "OP", "delta_rule_attention", "delta_rule_reference", "delta_rule_step",
+           "delta_rule_xla", "mask_tokens"]

@@ -1,0 +1,85 @@
+"""Gated linear attention: `S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = S_t^T q_t` (causal by construction).
+
+One op for the decay family, as the maths groups it (`log_decay` = g):
+  `[B, L, H]`     a decay per head and token: RetNet (fixed gamma_h = 1 - 2^(-5-h), broadcast over tokens),
+                  Mamba-2 / SSD (`dt_t * A_h`);
+  `[B, L, H, K]`  a decay per key dimension: GLA (`log sigmoid(.) / 16`).
+`log_decay` must be finite and <= 0 (a decay in (0, 1]). `key_mask` (bool `[batch, keys]`, True = a real token) drops
+a padded token from the state: it neither writes (k = 0) nor decays (g = 0). `segment_ids` (int `[batch, length]`)
+packs several sequences in one row: the state restarts from zero where the id changes. `initial_state` (`[B, H, K,
+V]`) continues a previous call (sequence-parallel shards); `return_state=True` also returns the final float32 state.
+Implementations (the op template of docs/architecture.md "Functional cores"):
+  "reference"  `reference.py`: the token-by-token recurrence (a `lax.scan` over tokens): the ground truth in tests;
+  "xla"        `xla.py`: chunkwise parallel with cumulative log-decays, states carried across chunks (memory linear
+               in length);
+  None         the XLA form on every platform (no Pallas kernel for this op yet: on cuda / tpu that choice is
+               logged once when the program is lowered there).
+Precision: float32 inside (states, decays, matmuls), whatever the input dtype; the output has v's dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels import platform
+from kernels.gated_linear.reference import gated_linear_reference, gated_linear_step
+from kernels.gated_linear.xla import DEFAULT_CHUNK, gated_linear_xla
+
+IMPLEMENTATIONS = ("reference", "xla", None)
+OP = "gated_linear_attention"
+NO_KERNEL = "no Pallas kernel for gated linear attention yet: the chunked XLA form runs"
+
+
+def _check(q, k, v, log_decay, chunk_size, implementation, key_mask, segment_ids, initial_state):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, length, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+  if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"q and k must have one shape and v their batch, length and heads; got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  if tuple(log_decay.shape) not in (q.shape[:3], q.shape):
+    raise ValueError(f"log_decay must be [batch, length, heads] = {q.shape[:3]} (per head) or {q.shape} (per key "
+                     f"dimension), got {tuple(log_decay.shape)}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size=}")
+  for name, x in (("key_mask", key_mask), ("segment_ids", segment_ids)):
+    if x is not None and tuple(x.shape) != q.shape[:2]:
+      raise ValueError(f"{name} must have shape [batch, length] = {q.shape[:2]}, got {tuple(x.shape)}")
+  want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+  if initial_state is not None and tuple(initial_state.shape) != want:
+    raise ValueError(f"initial_state must be [batch, heads, key dim, value dim] = {want}, got "
+                     f"{tuple(initial_state.shape)}")
+
+
+def mask_tokens(k: jax.Array, log_decay: jax.Array, key_mask: jax.Array | None):
+  """A padded token neither writes (k = 0) nor decays (g = 0): it is dropped from the state."""
+  if key_mask is None:
+    return k, log_decay
+  m = key_mask.astype(bool)
+  k = jnp.where(m[:, :, None, None], k, jnp.zeros((), k.dtype))
+  log_decay = jnp.where(m.reshape(m.shape + (1,) * (log_decay.ndim - 2)), log_decay, jnp.zeros((), log_decay.dtype))
+  return k, log_decay
+
+
+def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, *,
+                           chunk_size: int = DEFAULT_CHUNK, key_mask: jax.Array | None = None,
+                           segment_ids: jax.Array | None = None, initial_state: jax.Array | None = None,
+                           return_state: bool = False, implementation: str | None = None):
+  """Gated linear attention of `[batch, length, heads, dim]` q, k, v (see the module docstring). Returns the output
+  `[B, L, H, V]` (v's dtype), and with `return_state=True` also the final float32 state `[B, H, K, V]`."""
+  _check(q, k, v, log_decay, chunk_size, implementation, key_mask, segment_ids, initial_state)
+  k, log_decay = mask_tokens(k, log_decay, key_mask)
+  if implementation == "reference":
+    out, state = gated_linear_reference(q, k, v, log_decay, segment_ids=segment_ids, initial_state=initial_state)
+  else:
+    xla = lambda: gated_linear_xla(q, k, v, log_decay, chunk_size=chunk_size, segment_ids=segment_ids,  # noqa: E731
+                                   initial_state=initial_state)
+    out, state = xla() if implementation == "xla" else platform.dispatch(
+        OP, xla=xla, kernels={"gpu": NO_KERNEL, "tpu": NO_KERNEL})
+  return (out, state) if return_state else out
+
+
+__all__ = ["IMPLEMENTATIONS", "OP", "gated_linear_attention", "gated_linear_reference", "gated_linear_step",
+           "gated_linear_xla", "mask_tokens"]
