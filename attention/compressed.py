@@ -48,10 +48,11 @@ class MemoryCompressedAttention(AttentionLayer):
     return tuple({"mode": MODES[(i + 1) % 2]} for i in range(num_layers))
 
   def _conv(self, t_BxSxHxD: jax.Array, which: str) -> jax.Array:
+    """The strided convolution (kernel = stride = factor) as one dense map of each span of `factor` positions."""
     b, s, h, d = t_BxSxHxD.shape
-    conv = nn.Conv(h * d, (self.factor,), strides=(self.factor,), padding="VALID", dtype=self.compute_dtype,
-                   param_dtype=jnp.float32, kernel_init=default_kernel_init, name=f"compress_{which}")
-    return conv(t_BxSxHxD.reshape(b, s, h * d)).reshape(b, s // self.factor, h, d)
+    spans = t_BxSxHxD.reshape(b, s // self.factor, self.factor, h * d)
+    out = self.dense(h * d, f"compress_{which}", axis=(-2, -1), kernel_init=default_kernel_init)(spans)
+    return out.reshape(b, s // self.factor, h, d)
 
   def _attend(self, q, k, v, real_BxS, q_offset, seed, causal: bool) -> jax.Array:
     d = q.shape[-1]
