@@ -1,0 +1,138 @@
+"""`kernels.delta_rule` against its token-by-token recurrence: values and gradients of the chunked (WY / UT) XLA form
+with chunk sizes that do not divide the length, key padding, packed segments, beta at 0, at 1 and between, no decay
+(DeltaNet) and decays near 0 and near 1 (Gated DeltaNet); float32 against a float64 recurrence; decode steps; carried
+states; bfloat16; errors. Tolerances: float32 2e-5 (absolute on O(1) values); bfloat16 0.05 of the output's scale."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.delta_rule import delta_rule_reference, delta_rule_step
+from kernels.delta_rule import delta_rule_attention as _entry
+
+B, L, H, K, V = 2, 11, 2, 4, 3
+SEGMENTS = jnp.array([[0] * 4 + [1] * 7, [0] * 2 + [3] * 5 + [7] * 4])
+KEY_MASK = jnp.arange(L)[None] < jnp.array([[8], [L]])
+DECAYS = {"none": None, "near0": (-30.0, -5.0), "near1": (-1e-4, -1e-5)}
+BETAS = {"zero": (0.0, 0.0), "one": (1.0, 1.0), "mixed": (0.0, 1.0)}
+delta_rule_attention = jax.jit(_entry, static_argnames=("chunk_size", "return_state", "implementation"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Tiny programs: compile them with few optimizations (as the contract suite does)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _unit(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _inputs(decay: str, beta: str = "mixed", seed: int = 0, length: int = L):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  q, k = (_unit(jax.random.normal(x, (B, length, H, K))) for x in ks[:2])
+  v = jax.random.normal(ks[2], (B, length, H, V))
+  b = jax.random.uniform(ks[3], (B, length, H), minval=BETAS[beta][0], maxval=BETAS[beta][1])
+  g = None if DECAYS[decay] is None else jax.random.uniform(ks[4], (B, length, H), minval=DECAYS[decay][0],
+                                                            maxval=DECAYS[decay][1])
+  return q, k, v, b, g, jax.random.normal(ks[5], (B, length, H, V))
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "chunk_size"))
+def _value_and_grads(q, k, v, b, g, ct, *, implementation, chunk_size):
+  def f(q, k, v, b, g):
+    out = _entry(q, k, v, b, g, chunk_size=chunk_size, key_mask=KEY_MASK, segment_ids=SEGMENTS,
+                 implementation=implementation)
+    return jnp.sum(out * ct), out
+  argnums = (0, 1, 2, 3) if g is None else (0, 1, 2, 3, 4)
+  (_, out), grads = jax.value_and_grad(f, argnums=argnums, has_aux=True)(q, k, v, b, g)
+  return out, grads
+
+
+@pytest.mark.parametrize("decay", list(DECAYS))
+@pytest.mark.parametrize("beta", list(BETAS))
+def test_xla_matches_the_recurrence(decay, beta):
+  q, k, v, b, g, ct = _inputs(decay, beta)
+  want, want_grads = _value_and_grads(q, k, v, b, g, ct, implementation="reference", chunk_size=1)
+  for chunk_size in (3, 16):  # 3 does not divide 11; 16 is longer than the sequence
+    got, grads = _value_and_grads(q, k, v, b, g, ct, implementation="xla", chunk_size=chunk_size)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=f"chunk={chunk_size}")
+    for name, x, y in zip(("q", "k", "v", "beta", "log_decay"), grads, want_grads):
+      np.testing.assert_allclose(x, y, atol=2e-5, rtol=2e-5, err_msg=f"chunk={chunk_size} d{name}")
+  if beta == "zero":  # nothing is ever written
+    np.testing.assert_array_equal(np.asarray(got), 0.0)
+
+
+def test_padding_and_segments_act():
+  q, k, v, b, g, _ = _inputs("near1")
+  hole = jnp.ones((B, L), bool).at[:, 3:5].set(False)  # padding in the middle: later tokens would read it
+  out = delta_rule_attention(q, k, v, b, g, key_mask=hole, implementation="xla", chunk_size=3)
+  noise = 5.0 * (~hole)[:, :, None, None]
+  np.testing.assert_allclose(delta_rule_attention(q, k + noise, v + noise, b, g, key_mask=hole, implementation="xla",
+                                                  chunk_size=3)[:, 5:], out[:, 5:], atol=1e-5)
+  assert not np.allclose(delta_rule_attention(q, k + noise, v + noise, b, g, implementation="xla")[:, 5:], out[:, 5:])
+  packed = delta_rule_attention(q, k, v, b, g, segment_ids=SEGMENTS, implementation="xla", chunk_size=3)
+  alone = delta_rule_attention(q[:, 4:], k[:, 4:], v[:, 4:], b[:, 4:], g[:, 4:], implementation="xla", chunk_size=3)
+  np.testing.assert_allclose(packed[0, 4:], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("decay", ["none", "near1"])
+def test_float32_against_a_float64_recurrence(decay):
+  """Relative error below 1e-5 (of the output's largest magnitude) at 512 tokens; 4K: scripts/benchmark_gated.py."""
+  q, k, v, b, g, _ = _inputs(decay, seed=3, length=512)
+  got = jax.jit(lambda *a: _entry(*a, implementation="xla"))(q, k, v, b, g)
+  with jax.enable_x64(True):
+    args = [None if x is None else np.asarray(x, np.float64) for x in (q, k, v, b, g)]
+    want = np.asarray(jax.jit(delta_rule_reference)(*args)[0])
+  assert want.dtype == np.float64
+  error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+  assert error < 1e-5, error
+
+
+@pytest.mark.parametrize("decay", ["none", "near1"])
+def test_decode_steps_and_carried_states_equal_the_parallel_output(decay):
+  q, k, v, b, g, _ = _inputs(decay)
+  want, final = delta_rule_attention(q, k, v, b, g, key_mask=KEY_MASK, chunk_size=4, return_state=True,
+                                     implementation="xla")
+  step = jax.jit(delta_rule_step)
+  state = jnp.zeros((B, H, K, V), jnp.float32)
+  outs = []
+  for t in range(L):
+    state, out = step(state, q[:, t], k[:, t], v[:, t], b[:, t], None if g is None else g[:, t],
+                      key_mask_B=KEY_MASK[:, t])
+    outs.append(out)
+  np.testing.assert_allclose(jnp.stack(outs, 1), want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(state, final, atol=2e-5, rtol=2e-5)
+  cut = 5
+  part = lambda x, s: None if x is None else x[:, s]  # noqa: E731
+  first, mid = delta_rule_attention(*(part(x, slice(cut)) for x in (q, k, v, b, g)), key_mask=KEY_MASK[:, :cut],
+                                    chunk_size=4, return_state=True, implementation="xla")
+  second = delta_rule_attention(*(part(x, slice(cut, None)) for x in (q, k, v, b, g)), key_mask=KEY_MASK[:, cut:],
+                                chunk_size=4, initial_state=mid, implementation="xla")
+  np.testing.assert_allclose(jnp.concatenate([first, second], 1), want, atol=2e-5, rtol=2e-5)
+
+
+def test_bfloat16_inputs_stay_finite_and_close():
+  q, k, v, b, g, _ = _inputs("near1")
+  want = delta_rule_attention(q, k, v, b, g, implementation="xla", chunk_size=4)
+  got = delta_rule_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v, b, g)), implementation="xla", chunk_size=4)
+  assert got.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(got, np.float32)))
+  assert np.abs(np.asarray(got, np.float32) - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_bad_inputs_are_one_line_errors():
+  q, k, v, b, g, _ = _inputs("near1")
+  with pytest.raises(ValueError, match=r"beta must be \[batch, length, heads\]"):
+    _entry(q, k, v, b[..., :1], g)
+  with pytest.raises(ValueError, match="unknown delta_rule_attention implementation 'pallas'"):
+    _entry(q, k, v, b, g, implementation="pallas")
+  with pytest.raises(ValueError, match="initial_state must be"):
+    _entry(q, k, v, b, g, initial_state=jnp.zeros((B, H, K, K)))

@@ -1,0 +1,141 @@
+"""`kernels.gated_linear` against its token-by-token recurrence: values and gradients of the chunked XLA form with
+chunk sizes that do not divide the length, key padding, packed segments, decays near 0 and near 1, a decay per head
+and per key dimension; float32 against a float64 recurrence; decode steps; carried states; bfloat16; errors.
+Tolerances: float32 2e-5 (absolute on O(1) values); bfloat16 inputs 0.05 of the float32 output's scale."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.gated_linear import gated_linear_reference, gated_linear_step
+from kernels.gated_linear import gated_linear_attention as _entry
+
+B, L, H, K, V = 2, 11, 2, 4, 3
+SEGMENTS = jnp.array([[0] * 4 + [1] * 7, [0] * 2 + [3] * 5 + [7] * 4])
+KEY_MASK = jnp.arange(L)[None] < jnp.array([[8], [L]])
+# log-decays: near 0 (a decay of e^-30..e^-5: the state forgets at once), near 1 (1 - 1e-4), and mixed.
+REGIMES = {"near0": (-30.0, -5.0), "near1": (-1e-4, -1e-5), "mixed": (-3.0, 0.0)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Tiny programs: compile them with few optimizations (as the contract suite does)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _inputs(per_key: bool, regime: str, seed: int = 0, length: int = L):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q, k = (jax.random.normal(x, (B, length, H, K)) for x in ks[:2])
+  v = jax.random.normal(ks[2], (B, length, H, V))
+  lo, hi = REGIMES[regime]
+  g = jax.random.uniform(ks[3], (B, length, H, K) if per_key else (B, length, H), minval=lo, maxval=hi)
+  ct = jax.random.normal(ks[4], (B, length, H, V))
+  return q, k, v, g, ct
+
+
+# One compiled program per static configuration.
+gated_linear_attention = jax.jit(_entry, static_argnames=("chunk_size", "return_state", "implementation"))
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "chunk_size", "packed"))
+def _value_and_grads(q, k, v, g, ct, *, implementation, chunk_size, packed):
+  def f(q, k, v, g):
+    out = _entry(q, k, v, g, chunk_size=chunk_size, key_mask=KEY_MASK,
+                                 segment_ids=SEGMENTS if packed else None, implementation=implementation)
+    return jnp.sum(out * ct), out
+  (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, g)
+  return out, grads
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["per_head", "per_key"])
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_xla_matches_the_recurrence(per_key, regime):
+  q, k, v, g, ct = _inputs(per_key, regime)
+  for packed in (True,):  # segments and key padding together (the unpacked path: the decode and state tests)
+    want, want_grads = _value_and_grads(q, k, v, g, ct, implementation="reference", chunk_size=1, packed=packed)
+    for chunk_size in (3, 16):  # 3 does not divide 11; 16 is longer than the sequence
+      got, grads = _value_and_grads(q, k, v, g, ct, implementation="xla", chunk_size=chunk_size, packed=packed)
+      label = f"chunk={chunk_size} packed={packed}"
+      np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=label)
+      for name, a, b in zip("qkvg", grads, want_grads):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=f"{label} d{name}")
+    assert np.all(np.isfinite(np.asarray(got)))
+
+
+def test_padding_and_segments_act():
+  """The masks do something: padded tokens are dropped from the state, and segments do not see each other."""
+  q, k, v, g, _ = _inputs(False, "near1")
+  hole = jnp.ones((B, L), bool).at[:, 3:5].set(False)  # padding in the middle: later tokens would read it
+  out = gated_linear_attention(q, k, v, g, key_mask=hole, implementation="xla", chunk_size=3)
+  noise = 5.0 * (~hole)[:, :, None, None]
+  np.testing.assert_allclose(gated_linear_attention(q, k + noise, v + noise, g, key_mask=hole, implementation="xla",
+                                                    chunk_size=3)[:, 5:], out[:, 5:], atol=1e-5)
+  assert not np.allclose(gated_linear_attention(q, k + noise, v + noise, g, implementation="xla")[:, 5:], out[:, 5:])
+  # Packed: the second segment of row 0 equals that segment run on its own.
+  packed = gated_linear_attention(q, k, v, g, segment_ids=SEGMENTS, implementation="xla", chunk_size=3)
+  alone = gated_linear_attention(q[:, 4:], k[:, 4:], v[:, 4:], g[:, 4:], implementation="xla", chunk_size=3)
+  np.testing.assert_allclose(packed[0, 4:], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["per_head", "per_key"])
+def test_float32_against_a_float64_recurrence(per_key):
+  """Relative error below 1e-5 (of the output's largest magnitude) at 512 tokens; 4K: scripts/benchmark_gated.py."""
+  length = 512
+  q, k, v, g, _ = _inputs(per_key, "mixed", seed=3, length=length)
+  g = g * 0.05  # long memories: many tokens contribute to each output
+  got = jax.jit(lambda *a: gated_linear_attention(*a, implementation="xla"))(q, k, v, g)
+  with jax.enable_x64(True):
+    want, _ = jax.jit(gated_linear_reference)(*(np.asarray(x, np.float64) for x in (q, k, v, g)))
+    want = np.asarray(want)
+  assert want.dtype == np.float64
+  error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+  assert error < 1e-5, error
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["per_head", "per_key"])
+def test_decode_steps_and_carried_states_equal_the_parallel_output(per_key):
+  q, k, v, g, _ = _inputs(per_key, "mixed")
+  want, final = gated_linear_attention(q, k, v, g, key_mask=KEY_MASK, chunk_size=4, return_state=True,
+                                       implementation="xla")
+  step = jax.jit(gated_linear_step)
+  state = jnp.zeros((B, H, K, V), jnp.float32)
+  outs = []
+  for t in range(L):
+    state, out = step(state, q[:, t], k[:, t], v[:, t], g[:, t], key_mask_B=KEY_MASK[:, t])
+    outs.append(out)
+  np.testing.assert_allclose(jnp.stack(outs, 1), want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(state, final, atol=2e-5, rtol=2e-5)
+  # Two calls, the second entered with the first's state, equal one call.
+  cut = 5
+  first, mid = gated_linear_attention(*(x[:, :cut] for x in (q, k, v, g)), key_mask=KEY_MASK[:, :cut], chunk_size=4,
+                                      return_state=True, implementation="xla")
+  second = gated_linear_attention(*(x[:, cut:] for x in (q, k, v, g)), key_mask=KEY_MASK[:, cut:], chunk_size=4,
+                                  initial_state=mid, implementation="xla")
+  np.testing.assert_allclose(jnp.concatenate([first, second], 1), want, atol=2e-5, rtol=2e-5)
+
+
+def test_bfloat16_inputs_stay_finite_and_close():
+  q, k, v, g, _ = _inputs(True, "mixed")
+  want = gated_linear_attention(q, k, v, g, implementation="xla", chunk_size=4)
+  got = gated_linear_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), g.astype(jnp.bfloat16),
+                               implementation="xla", chunk_size=4)
+  assert got.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(got, np.float32)))
+  assert np.abs(np.asarray(got, np.float32) - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_bad_inputs_are_one_line_errors():
+  q, k, v, g, _ = _inputs(False, "mixed")
+  with pytest.raises(ValueError, match=r"log_decay must be \[batch, length, heads\]"):
+    gated_linear_attention(q, k, v, g[..., :1])
+  with pytest.raises(ValueError, match="unknown gated_linear_attention implementation 'pallas'"):
+    gated_linear_attention(q, k, v, g, implementation="pallas")
+  with pytest.raises(ValueError, match="segment_ids must have shape"):
+    gated_linear_attention(q, k, v, g, segment_ids=SEGMENTS[:, :3])
