@@ -39,8 +39,8 @@ import numpy as np
 from kernels import platform
 from kernels.common import dropout_seed
 from kernels.flex.reference import flex_attention_reference
-from kernels.flex.tables import (BlockMask, block_mask_from_indices, create_block_mask, create_block_mask_traced,
-                                 tile_sizes)
+from kernels.flex.tables import (BlockMask, block_mask_from_indices, check_supported, create_block_mask,
+                                 create_block_mask_traced, tile_sizes)
 from kernels.flex.xla import flex_attention_xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
@@ -160,7 +160,6 @@ class Plan:
 
 
 def _kernel_reasons(q, k, mask_mod, score_mod, bm: BlockMask) -> dict:
-  from kernels.flex.pallas import check_supported  # noqa: PLC0415
   reasons = {}
   mask_arrays, _ = closes_over_arrays(mask_mod, *_index_examples(False))
   score_arrays, _ = closes_over_arrays(score_mod, *_index_examples(True))

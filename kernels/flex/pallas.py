@@ -1,14 +1,92 @@
-"""The backend-neutral driver of the flex Pallas kernels (work in progress)."""
+"""The backend-neutral driver of the flex Pallas kernels: padding to whole tiles, the key-validity tiles, the static
+call description, the `jax.custom_vjp` joining a backend's forward and backward kernels, and the routing to that
+backend's module (`pallas_tpu`; a Mosaic GPU module is not written yet: `check_supported` says so, and the entry then
+runs the XLA form on cuda with that reason logged once).
+
+The tables are *arguments* (traced int32 arrays: host-built ones become constants, ones built in the step from data or
+a top-k selection stay traced); the kernels read them by scalar prefetch. The backward recomputes from the forward's
+log-sum-exp with `delta = rowsum(o * do)` from XLA (the dropped output, so dropout's rescaling is inside), as
+FlashAttention-2 does; dK/dV walk the transposed lists.
+"""
 
 from __future__ import annotations
 
-from kernels.flex.tables import BlockMask
+import dataclasses
+import functools
+import importlib
 
-TPU_LANES = 128
+import jax
+import jax.numpy as jnp
+
+from kernels.flex.tables import BlockMask, FlexStatic, check_supported, heads_per_program
+from kernels.platform import Backend
+
+BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.flex.pallas_tpu"}
 
 
-def check_supported(q_shape, k_shape, dtype, bm: BlockMask, backend: str) -> str | None:
-  """Why `backend`'s kernels cannot serve this call, or None."""
-  if backend == "gpu":
-    return "no Mosaic GPU flex kernel yet (the TPU kernels and the XLA form serve flex)"
-  return "the TPU flex kernels are not written yet"
+def _backend(st: FlexStatic):
+  return importlib.import_module(BACKEND_MODULES[st.backend])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st: FlexStatic, q, k, v, kvm, seed, tables):
+  return _backend(st).forward(st, q, k, v, kvm, seed, tables)[0]
+
+
+def _attention_fwd(st, q, k, v, kvm, seed, tables):
+  o, lse = _backend(st).forward(st, q, k, v, kvm, seed, tables)
+  return o, (q, k, v, kvm, seed, tables, o, lse)
+
+
+def _attention_bwd(st, res, do):
+  q, k, v, kvm, seed, tables, o, lse = res
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  dq, dk, dv = _backend(st).backward(st, q, k, v, kvm, seed, tables, do, lse, delta)
+  return dq, dk, dv, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, bm: BlockMask, *,
+                          mask_mod=None, score_mod=None, key_mask=None, scale: float | None = None,
+                          dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
+                          backend: Backend = "tpu", interpret=False) -> jax.Array:
+  """Flex attention through the Pallas kernels of `backend`; `[B, L, H, D]` in and out. `mask_mod` and `score_mod`
+  must be pure index functions (no closed-over arrays: the entry checks)."""
+  reason = check_supported(q_BxLxHxD.shape, k_BxSxKxD.shape, q_BxLxHxD.dtype, bm, backend)
+  if reason is not None and not (interpret and "Mosaic GPU" not in reason):
+    raise ValueError(f"flex_attention: the {backend} kernels cannot serve this call: {reason}")
+  b, lq, h, d = q_BxLxHxD.shape
+  lk, hkv = k_BxSxKxD.shape[1:3]
+  bq, bkv = bm.q_block, bm.kv_block
+  tq, tk = bm.num_q_tiles, bm.num_kv_tiles
+  mask_mod = bm.mask_mod if mask_mod is None else mask_mod
+  gp = heads_per_program(h, hkv, bm.heads)
+  rate = float(dropout_rate) if dropout_seed is not None and dropout_rate > 0.0 else 0.0
+  kvm = None
+  if key_mask is not None or tk * bkv != lk:
+    km = jnp.ones((b, lk), bool) if key_mask is None else jnp.asarray(key_mask, bool)
+    kvm = jnp.pad(km, ((0, 0), (0, tk * bkv - lk))).astype(jnp.int32).reshape(b * tk, 1, bkv)
+  st = FlexStatic(q_block=bq, kv_block=bkv, q_tiles=tq, kv_tiles=tk, heads=h, kv_heads=hkv, group_per_program=gp,
+                  table_batch=bm.batch, table_heads=bm.heads, scale=float(d ** -0.5 if scale is None else scale),
+                  rate=rate, has_key_tiles=kvm is not None, mask_mod=mask_mod, score_mod=score_mod,
+                  mods_key=(id(mask_mod), id(score_mod)), backend=backend, interpret=interpret)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+  # [B, L, H, D] -> [B, H // gp, gp, L, D]: the gp query heads of a program are one block.
+  q = jnp.transpose(pad(q_BxLxHxD, tq * bq), (0, 2, 1, 3)).reshape(b, h // gp, gp, tq * bq, d)
+  k = jnp.transpose(pad(k_BxSxKxD, tk * bkv), (0, 2, 1, 3))
+  v = jnp.transpose(pad(v_BxSxKxD, tk * bkv), (0, 2, 1, 3))
+  seed = jnp.zeros((1,), jnp.int32) if not rate else jnp.reshape(dropout_seed, (1,)).astype(jnp.int32)
+  tables = tuple(jnp.asarray(x, jnp.int32).reshape(-1) for x in (
+      bm.kv_num_full, bm.kv_full_idx, bm.kv_num_partial, bm.kv_partial_idx,
+      bm.q_num_full, bm.q_full_idx, bm.q_num_partial, bm.q_partial_idx))
+  widths = (bm.kv_full_idx.shape[-1], bm.kv_partial_idx.shape[-1], bm.q_full_idx.shape[-1],
+            bm.q_partial_idx.shape[-1])
+  st = dataclasses.replace(st, mods_key=st.mods_key + (widths,))
+  out = _attention(st, q, k, v, kvm, seed, tables)  # [B, H // gp, gp, Lq_pad, D]
+  out = out.reshape(b, h, tq * bq, -1)[:, :, :lq]
+  return jnp.transpose(out, (0, 2, 1, 3))
+
+
+__all__ = ["BACKEND_MODULES", "flex_attention_pallas"]

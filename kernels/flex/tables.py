@@ -42,6 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.common import keep_threshold
+from kernels.platform import Backend, mosaic_gpu_dtype_reason
+
 MaskMod = Callable[..., jax.Array]
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -302,5 +305,73 @@ def block_mask_from_indices(kv_idx, kv_count=None, *, q_len: int, kv_len: int, b
   return _from_classes(classes, q_block, kv_block, q_len, kv_len, mask_mod, _jnp_lists, (k, k, q_w, q_w))
 
 
-__all__ = ["BlockMask", "EMPTY", "FULL", "PARTIAL", "block_mask_from_indices", "classify", "create_block_mask",
-           "create_block_mask_traced", "mask_broadcast_dims", "tile_sizes"]
+# ----------------------------------------------------------------------------------------------------------------------
+# The kernels' static call description and each backend's constraints (shared by pallas, pallas_tpu, pallas_gpu).
+
+TPU_LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexStatic:
+  """Everything static about one kernel call (rides through custom_vjp as a non-differentiable argument)."""
+
+  q_block: int
+  kv_block: int
+  q_tiles: int
+  kv_tiles: int
+  heads: int  # query heads H
+  kv_heads: int
+  group_per_program: int  # gp: query heads sharing one program (and one K/V tile load)
+  table_batch: int  # B'
+  table_heads: int  # Hm
+  scale: float
+  rate: float
+  has_key_tiles: bool
+  mask_mod: object = dataclasses.field(compare=False, hash=False)
+  score_mod: object = dataclasses.field(compare=False, hash=False)
+  mods_key: tuple = ()  # identity of mask_mod / score_mod for hashing
+  backend: Backend = "tpu"
+  interpret: object = False
+
+  @property
+  def programs(self) -> int:  # program heads: H // gp
+    return self.heads // self.group_per_program
+
+  @property
+  def keep_threshold(self) -> int:
+    return keep_threshold(self.rate)
+
+
+def heads_per_program(heads: int, kv_heads: int, table_heads: int) -> int:
+  """All query heads of a GQA group share one program (K/V loaded once per group) when they share a table row."""
+  return heads // kv_heads if table_heads <= kv_heads else 1
+
+
+def check_supported(q_shape, k_shape, dtype, bm: BlockMask, backend: Backend) -> str | None:
+  """Why `backend`'s kernels cannot serve this call, or None."""
+  if backend == "gpu":
+    reason = mosaic_gpu_dtype_reason(dtype)
+    return reason or ("no Mosaic GPU flex kernel yet: the flex kernels are the TPU ones (Mosaic TPU, and the "
+                      "interpret mode on CPU); cuda runs the XLA form")
+  bq, bkv, d = bm.q_block, bm.kv_block, q_shape[-1]
+  if bq % 8:
+    return f"q_block={bq} must be a multiple of 8 on TPU (sublane tiling); use block_size 128 or implementation='xla'"
+  for name, value in (("kv_block", bkv), ("head_dim", d)):
+    if value > TPU_LANES and value % TPU_LANES:
+      return f"{name}={value} must be at most {TPU_LANES} or a multiple of it on TPU (lane tiling)"
+  gp = heads_per_program(q_shape[2], k_shape[2], bm.heads)
+  if gp > 1 and bq & (bq - 1):
+    return f"q_block={bq} must be a power of two when {gp} query heads share a program (rows split by a shift)"
+  return None
+
+
+def table_widths(st: FlexStatic, tables) -> tuple[int, int, int, int]:
+  """(Kf, Kp, Qf, Qp) of the flattened tables."""
+  rows_q = st.table_batch * st.table_heads * st.q_tiles
+  rows_k = st.table_batch * st.table_heads * st.kv_tiles
+  return (tables[1].size // rows_q, tables[3].size // rows_q, tables[5].size // rows_k, tables[7].size // rows_k)
+
+
+__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "PARTIAL", "TPU_LANES", "block_mask_from_indices",
+           "check_supported", "classify", "create_block_mask", "create_block_mask_traced", "heads_per_program",
+           "mask_broadcast_dims", "table_widths", "tile_sizes"]

@@ -26,7 +26,7 @@ ROOT = pathlib.Path(kernels.__file__).parent
 REPO = ROOT.parent
 # Folders being rewritten in parallel, checked once merged: delete the entry then (the test fails for a folder that
 # no longer needs it).
-PENDING: dict[str, str] = {"flex": "issue 33: the Pallas kernels are being written"}  # op -> why not yet checked
+PENDING: dict[str, str] = {}  # op -> why it is not on the template yet (none now)
 OPS = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__")
 CHECKED = [op for op in OPS if op not in PENDING]
 BACKENDS = ("pallas_tpu", "pallas_gpu")
@@ -172,6 +172,8 @@ def _attention_call(op: str):
   calls = {
       "softmax": lambda q, k, v, m, impl: entry(q, k, v, key_mask=m, implementation=impl),
       "block_sparse": lambda q, k, v, m, impl: entry(q, k, v, LAYOUT, block_size=8, key_mask=m, implementation=impl),
+      "flex": lambda q, k, v, m, impl: entry(q, k, v, mask_mod=lambda b, h, i, j: j <= i, block_size=8, key_mask=m,
+                                             implementation=impl),
       "linear_attention": lambda q, k, v, m, impl: entry(jax.nn.elu(q) + 1, jax.nn.elu(k) + 1, v, causal=False,
                                                          chunk_size=8, key_mask=m, implementation=impl),
       "sliding_window": lambda q, k, v, m, impl: entry(q, k, v, window=4, causal=False, key_mask=m,
@@ -193,7 +195,8 @@ def _attention_call(op: str):
 
 
 def test_every_op_has_a_key_mask_case():
-  assert set(CHECKED) == {"softmax", "block_sparse", "linear_attention", "sliding_window", "block_diagonal", "sinkhorn",
+  assert set(CHECKED) == {"softmax", "block_sparse", "flex", "linear_attention", "sliding_window", "block_diagonal",
+                          "sinkhorn",
                           "gated_linear", "delta_rule"}, \
       "a new op folder: add its call to _attention_call"
 
