@@ -1,0 +1,59 @@
+"""A bfloat16 WikiText-2 training step with `gated_deltanet` and with `mamba2` (issue 35), as
+`lra.training.trainer.Experiment` builds it, exported for `cuda` and `tpu` from this CPU host (jax.export, nothing
+executed), like tests/kernels/test_export_training_step.py. The gated / delta-rule cores have no Pallas kernel yet:
+the exported step holds their chunked XLA form (no kernel custom call) and the choice is logged once per platform
+with its reason when the program is lowered there."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from unittest import mock
+
+import jax
+import pytest
+
+from configs import wikitext2
+from lra.tasks.wikitext2 import WikiText2
+from lra.training import trainer
+
+LENGTH, BATCH = 64, 2
+VOCAB = 33_278  # WikiText-2's vocabulary: the step is traced without reading the corpus ("WikiText-2-like")
+VARIANTS = {"gated_deltanet": "delta_rule_attention", "mamba2": "gated_linear_attention"}
+
+
+@functools.lru_cache(maxsize=None)
+def _step_and_args(name: str):
+  config = wikitext2.get_config(f"runlocal,attention={name}")
+  config.model.update(dtype="bfloat16", num_layers=1, qkv_dim=128, num_heads=2, emb_dim=64, mlp_dim=64)
+  config.data.max_length = LENGTH
+  config.train.batch_size = BATCH
+  config.train.eval_batch_size = BATCH
+  with mock.patch.object(WikiText2, "vocab_size", property(lambda self: VOCAB)):
+    experiment = trainer.Experiment(config)
+    state_shapes = jax.eval_shape(experiment.init_state)
+  rep, data = experiment.replicated, experiment.batch_sharding
+  abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  state = jax.tree_util.tree_map(lambda x: abstract(x, rep), state_shapes)
+  batch = {k: abstract(v, data) for k, v in experiment.task.dummy_batch(BATCH).items()}
+  return experiment.jit_train_step, (state, batch, abstract(experiment.key, rep))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_bfloat16_wikitext2_step_exports_for_accelerators_with_the_xla_form_logged(name, caplog):
+  step, args = _step_and_args(name)
+  for platform in ("cuda", "tpu"):
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+      module = jax.export.export(step, platforms=[platform])(*args).mlir_module()
+    assert "bf16" in module
+    assert not re.findall(r"custom_call @(tpu_custom_call|mosaic_gpu\w*)\(", module), f"{name} on {platform}"
+    op = VARIANTS[name]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{op}: ")]
+    assert any(f"on {platform} (no Pallas kernel" in m for m in logged) or _logged_before(op, platform), logged
+
+
+def _logged_before(op: str, platform: str) -> bool:
+  """The fallback is logged once per process: an earlier export in this process may have said it."""
+  from kernels import platform as platform_lib  # pylint: disable=import-outside-toplevel
+  return any(key[0] == op and key[1] == platform for key in platform_lib._logged)  # pylint: disable=protected-access
