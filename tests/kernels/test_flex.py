@@ -1,0 +1,237 @@
+"""kernels.flex: block-mask tables (classification counts derived by hand, traced and from-indices builders), and the
+XLA form against the dense reference on the full index grid (values and gradients) for the built-in mask and score
+functions, causal and not, lengths that are not a multiple of the tile, key padding, rows with no allowed key,
+dropout, GQA, a traced document mask and a learned relative bias's gradient.
+
+Tolerances: float32 forms differ only in summation order (online softmax over tiles): 1e-5 absolute on O(1) values.
+bfloat16 inputs: matmul operands rounded to bfloat16 in both forms, the weights fed to the second matmul rounded in
+the XLA form only, outputs bfloat16 (8 mantissa bits): 2e-2 on values, 5e-2 on gradients.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import flex
+from kernels.common import dropout_seed
+from kernels.flex import tables
+
+TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+GRAD_TOL = {jnp.float32: dict(atol=2e-5, rtol=1e-4), jnp.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+
+B, H, HKV, D = 2, 4, 2, 8
+
+
+def _qkv(lq, lk, dtype=jnp.float32, heads=H, kv_heads=HKV, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (B, lq, heads, D), dtype)
+  k = jax.random.normal(ks[1], (B, lk, kv_heads, D), dtype)
+  v = jax.random.normal(ks[2], (B, lk, kv_heads, D), dtype)
+  ct = jax.random.normal(ks[3], (B, lq, heads, D), jnp.float32)
+  return q, k, v, ct
+
+
+def _value_and_grads(impl, q, k, v, ct, **options):
+  def loss(q, k, v):
+    out = flex.flex_attention(q, k, v, implementation=impl, **options)
+    return jnp.sum(out.astype(jnp.float32) * ct), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+def _assert_close(a, b, dtype=jnp.float32, grads=False):
+  tol = (GRAD_TOL if grads else TOL)[dtype]
+  np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+def _compare(lq, lk, dtype=jnp.float32, impl="xla", **options):
+  q, k, v, ct = _qkv(lq, lk, dtype)
+  out_r, g_r = _value_and_grads("reference", q, k, v, ct, **options)
+  out_x, g_x = _value_and_grads(impl, q, k, v, ct, **options)
+  _assert_close(out_x, out_r, dtype)
+  for a, b in zip(g_x, g_r):
+    assert np.isfinite(np.asarray(a, np.float32)).all()
+    _assert_close(a, b, dtype, grads=True)
+  return out_r
+
+
+window = lambda b, h, i, j: jnp.abs(i - j) < 10  # noqa: E731
+dilated = lambda b, h, i, j: (jnp.abs(i - j) < 24) & ((i - j) % 3 == 0)  # noqa: E731
+per_head = lambda b, h, i, j: (j <= i) & ((h % 2 == 0) | (i - j < 7))  # noqa: E731  (tables per query head)
+late_start = lambda b, h, i, j: (j <= i) & (i >= 5)  # noqa: E731  (rows 0..4 see nothing)
+CASES = {
+    "full": dict(),
+    "causal": dict(mask_mod=flex.causal),
+    "window": dict(mask_mod=window),
+    "dilated": dict(mask_mod=dilated),
+    "per_head_causal_alibi": dict(mask_mod=per_head, score_mod=flex.alibi(H)),
+    "causal_softcap": dict(mask_mod=flex.causal, score_mod=flex.softcap(1.5)),
+    "window_alibi_odd_heads_slopes": dict(mask_mod=window, score_mod=flex.alibi(3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_xla_equals_reference(name):
+  """40 tokens in 16-token tiles (the last tile overhangs), key padding on batch row 0, dropout off."""
+  key_mask = jnp.arange(40)[None, :] < jnp.array([[33], [40]])
+  _compare(40, 40, block_size=16, key_mask=key_mask, **CASES[name])
+
+
+def test_xla_cross_attention_and_uneven_tiles():
+  _compare(24, 56, block_size=(8, 16), mask_mod=lambda b, h, i, j: j < 2 * i + 3, score_mod=flex.softcap(3.0))
+
+
+def test_rows_without_keys_output_zero_with_finite_gradients():
+  key_mask = jnp.array([[False] * 32, [True] * 32])  # batch row 0: no real key at all
+  out = _compare(32, 32, block_size=8, mask_mod=late_start, key_mask=key_mask)
+  assert float(jnp.abs(out[0]).max()) == 0.0
+  assert float(jnp.abs(out[1, :5]).max()) == 0.0 and float(jnp.abs(out[1, 5:]).max()) > 0.0
+
+
+def test_dropout_equals_the_reference_mask():
+  q, k, v, ct = _qkv(40, 40)
+  options = dict(mask_mod=flex.causal, block_size=16, dropout_rate=0.3, dropout_rng=jax.random.key(7))
+  out_r, g_r = _value_and_grads("reference", q, k, v, ct, **options)
+  out_x, g_x = _value_and_grads("xla", q, k, v, ct, **options)
+  _assert_close(out_x, out_r)
+  for a, b in zip(g_x, g_r):
+    _assert_close(a, b, grads=True)
+  no_drop, _ = _value_and_grads("reference", q, k, v, ct, mask_mod=flex.causal, block_size=16)
+  assert float(jnp.abs(out_r - no_drop).max()) > 1e-2  # dropout did act
+
+
+def test_bfloat16():
+  _compare(40, 40, jnp.bfloat16, block_size=16, mask_mod=window, score_mod=flex.alibi(H))
+
+
+def test_gqa_equals_repeated_key_value_heads():
+  q, k, v, ct = _qkv(32, 32, kv_heads=1)
+  options = dict(mask_mod=flex.causal, block_size=8)
+  out, (dq, dk, dv) = _value_and_grads("xla", q, k, v, ct, **options)
+  rep = lambda x: jnp.repeat(x, H, axis=2)  # noqa: E731
+  out_r, (dq_r, dk_r, dv_r) = _value_and_grads("xla", q, rep(k), rep(v), ct, **options)
+  _assert_close(out, out_r)
+  _assert_close(dq, dq_r, grads=True)
+  _assert_close(dk, dk_r.sum(axis=2, keepdims=True), grads=True)
+  _assert_close(dv, dv_r.sum(axis=2, keepdims=True), grads=True)
+
+
+def test_learned_relative_bias_gradient():
+  q, k, v, ct = _qkv(40, 40)
+  table = jax.random.normal(jax.random.key(3), (16, H))
+
+  def loss(table, impl):
+    score_mod = flex.relative_position_bias(table, bidirectional=True, max_distance=20)
+    out = flex.flex_attention(q, k, v, mask_mod=window, score_mod=score_mod, block_size=16, implementation=impl)
+    return jnp.sum(out * ct)
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g_r, g_x = grad(table, "reference"), grad(table, "xla")
+  assert float(jnp.abs(g_r).max()) > 1e-2
+  _assert_close(g_x, g_r, grads=True)
+
+
+def test_t5_buckets_and_alibi_slopes():
+  from attention.positions import alibi_slopes  # noqa: PLC0415  (the layers' slopes: the same numbers)
+  for heads in (1, 3, 4, 6, 8):
+    got = flex.alibi(heads)(jnp.zeros((1, heads, 1, 1)), 0, jnp.arange(heads)[None, :, None, None], 1, 0)
+    np.testing.assert_allclose(-np.asarray(got).reshape(-1), alibi_slopes(heads), rtol=1e-6)
+  rel = jnp.array([-200, -20, -9, -8, -1, 0, 1, 7, 8, 100, 1000])
+  buckets = flex.t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
+  # Small distances exact (negative kv - q: the first half), the sign in the upper half, logarithmic then clipped.
+  np.testing.assert_array_equal(np.asarray(buckets)[[4, 5, 6, 7]], [1, 0, 17, 23])
+  assert int(buckets[0]) == 15 and int(buckets[-1]) == 31 and 8 <= int(buckets[2]) <= 9
+
+
+def _counts(bm):
+  dense = np.asarray(bm.to_dense())
+  return int((dense == tables.FULL).sum()), int((dense == tables.PARTIAL).sum())
+
+
+def test_block_mask_counts_causal_window_document():
+  # Causal, 8 tiles: 28 below the diagonal full, the 8 diagonal tiles partial.
+  bm = flex.create_block_mask(flex.causal, 1, 1, 128, 128, 16)
+  assert _counts(bm) == (28, 8)
+  np.testing.assert_array_equal(np.asarray(bm.kv_num_full)[0, 0], np.arange(8))
+  # Window |i - j| < 16 with 16-token tiles: only the diagonal tile is full, both neighbours partial: 8 + 14.
+  bm = flex.create_block_mask(lambda b, h, i, j: jnp.abs(i - j) < 16, 1, 1, 128, 128, 16)
+  assert _counts(bm) == (8, 14)
+  # Documents [0, 24), [24, 64) in 8-token tiles: doc 0 has tiles 0-2 (full), doc 1 tiles 3-7 (full), no partial.
+  # With a boundary inside tile 2 ([0, 20), [20, 64)): tiles {0, 1} and {3..7} full among themselves; tile 2 is
+  # partial against every tile (8) and every other tile against it (7).
+  for cut, expect in ((24, (3 * 3 + 5 * 5, 0)), (20, (2 * 2 + 5 * 5, 8 + 7))):
+    doc = np.asarray(np.arange(64) >= cut, np.int32)
+    mask = lambda b, h, i, j, doc=doc: jnp.asarray(doc)[i] == jnp.asarray(doc)[j]  # noqa: E731
+    assert _counts(flex.create_block_mask(mask, 1, 1, 64, 64, 8)) == expect, cut
+
+
+def test_block_mask_transposed_lists_and_broadcast_dims():
+  bm = flex.create_block_mask(per_head, 2, H, 40, 40, 8)
+  assert bm.kv_num_full.shape == (1, H, 5)  # the mask ignores b: one batch row; uses h: per head
+  dense = np.asarray(bm.to_dense())
+  t = tables._lists_to_dense(bm.q_num_full, bm.q_full_idx, bm.num_q_tiles)
+  np.testing.assert_array_equal(np.swapaxes(np.asarray(t), -1, -2), dense == tables.FULL)
+  t = tables._lists_to_dense(bm.q_num_partial, bm.q_partial_idx, bm.num_q_tiles)
+  np.testing.assert_array_equal(np.swapaxes(np.asarray(t), -1, -2), dense == tables.PARTIAL)
+  # Padding entries repeat the row's last real tile (kernels keep it resident).
+  idx, num = np.asarray(bm.kv_full_idx), np.asarray(bm.kv_num_full)
+  for row, n in np.ndenumerate(num):
+    if n:
+      assert (idx[row][n:] == idx[row][n - 1]).all()
+  assert flex.create_block_mask(per_head, 2, H, 40, 40, 8) is bm  # cached
+
+
+def test_traced_document_mask_inside_jit():
+  doc = jnp.array([[0] * 10 + [1] * 20 + [2] * 10, [0] * 25 + [1] * 15])
+  q, k, v, ct = _qkv(40, 40)
+
+  def loss(q, doc, impl):
+    mask = lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (j <= i)  # noqa: E731
+    return jnp.sum(flex.flex_attention(q, k, v, mask_mod=mask, block_size=8, implementation=impl) * ct)
+
+  f = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+  (l_r, g_r), (l_x, g_x) = f(q, doc, "reference"), f(q, doc, "xla")
+  _assert_close(l_x, l_r)
+  _assert_close(g_x, g_r, grads=True)
+
+  @jax.jit
+  def traced_tables(doc):
+    mask = lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (j <= i)  # noqa: E731
+    return flex.create_block_mask_traced(mask, 2, 1, 40, 40, 8).to_dense()
+
+  host = flex.create_block_mask(lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (j <= i), 2, 1, 40, 40, 8)
+  np.testing.assert_array_equal(np.asarray(traced_tables(doc)), np.asarray(host.to_dense()))
+
+
+def test_block_mask_from_indices_selection():
+  """A top-k style selection (duplicates, per key/value head), causal inside the selected tiles."""
+  tq = 5
+  sel = jnp.array([[[[0, 0, 1], [1, 0, 0], [2, 0, 1], [3, 1, 2], [4, 2, 0]],
+                    [[0, 0, 0], [1, 1, 1], [0, 2, 2], [3, 3, 0], [1, 4, 3]]]])  # [1, HKV, Tq, 3]
+  bm = jax.jit(lambda s: flex.block_mask_from_indices(s, q_len=40, kv_len=40, block_size=8, mask_mod=flex.causal,
+                                                      full=s < jnp.arange(tq)[:, None]))(sel)
+  dense = np.asarray(bm.to_dense())
+  expect = np.zeros((1, HKV, tq, tq), np.int8)
+  for h in range(HKV):
+    for i in range(tq):
+      for j in np.asarray(sel)[0, h, i]:
+        expect[0, h, i, j] = tables.FULL if j < i else tables.PARTIAL
+  np.testing.assert_array_equal(dense, expect)
+  t = np.asarray(tables._lists_to_dense(bm.q_num_partial, bm.q_partial_idx, tq))
+  np.testing.assert_array_equal(np.swapaxes(t, -1, -2), dense == tables.PARTIAL)
+  _compare(40, 40, block_mask=bm)
+
+
+def test_bad_inputs_are_refused_in_one_line():
+  q, k, v, _ = _qkv(16, 16, kv_heads=3, heads=4)
+  with pytest.raises(ValueError, match="must divide the query heads"):
+    flex.flex_attention(q, k, v)
+  q, k, v, _ = _qkv(16, 16)
+  bm = flex.create_block_mask(flex.causal, 1, 1, 32, 32, 8)
+  with pytest.raises(ValueError, match="block_mask was made for q_len=32"):
+    flex.flex_attention(q, k, v, block_mask=bm)
+  with pytest.raises(ValueError, match="unknown flex_attention implementation"):
+    flex.flex_attention(q, k, v, implementation="cuda")
+  with pytest.raises(ValueError, match="must return bool"):
+    flex.create_block_mask(lambda b, h, i, j: i - j, 1, 1, 16, 16, 8)
