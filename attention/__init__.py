@@ -5,6 +5,10 @@
 registers every variant.
 """
 
+# First, before anything imports `kernels`: another installed package may use that name (attention/packages.py).
+from attention import packages
+packages.check(("kernels",))
+
 from attention.registry import build, build_attention, get_class, names, option_ranges, options, register, resolve
 from attention.base import AttentionLayer, encoder_owned_options, resolve_compute_dtype
 from attention.recurrent import RecurrentLayer
@@ -29,3 +33,8 @@ from attention import retnet, gla, mamba2, deltanet  # noqa: F401  (the gated / 
 
 __all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",
            "names", "option_ranges", "options", "register", "resolve", "resolve_compute_dtype"]
+
+# Last: plugin modules named in ATTENTION_PLUGINS (variants, flex mask / score functions) import this package and find
+# every built-in variant and registry above (attention/plugins.py).
+from attention import plugins  # noqa: E402
+plugins.import_plugins()

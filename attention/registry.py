@@ -15,6 +15,7 @@ win), then per-layer overrides.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import flax.linen as nn
@@ -31,16 +32,22 @@ M = TypeVar("M", bound=type[nn.Module])
 
 
 def register(name: str) -> Callable[[M], M]:
-  """Class decorator that registers a Flax attention module under `name`."""
+  """Class decorator that registers a Flax attention module (linen, or nnx through attention/nnx_bridge.py) under
+  `name`."""
   if not isinstance(name, str) or not name:
     raise ValueError(f"attention name must be a non-empty string, got {name!r}")
 
   def decorator(cls: M) -> M:
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-      raise TypeError(f"@register({name!r}) expects a flax.linen.Module subclass, got {cls!r}")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
+    variant = cls
+    if isinstance(cls, type) and "flax.nnx" in sys.modules and issubclass(cls, sys.modules["flax.nnx"].Module):  # an NNX class imported it
+      from attention import nnx_bridge  # pylint: disable=import-outside-toplevel  (flax.nnx only where used)
+      # Registered as the linen layer that runs it; the decorator returns the NNX class unchanged.
+      variant = nnx_bridge.linen_variant(cls, name)
+    if not (isinstance(variant, type) and issubclass(variant, nn.Module)):
+      raise TypeError(f"@register({name!r}) expects a flax.linen.Module or flax.nnx.Module subclass, got {cls!r}")
+    if name in _REGISTRY and _REGISTRY[name] is not variant:
       raise ValueError(f"attention variant {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-    _REGISTRY[name] = cls
+    _REGISTRY[name] = variant
     return cls
 
   return decorator

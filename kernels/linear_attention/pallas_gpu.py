@@ -172,8 +172,8 @@ def _causal_dk(st, q, v, gn, gd):
   d, c, dt = v.shape[-1], st.chunk, q.dtype
   n, lay, norm, w = length // c, mg.Layouts(bool(st.interpret)), st.normalize, _BLOCK
 
-  def kernel(v_ref, gnT_ref, q_ref, gd_ref, dk_ref, v_smem, gnT_smem, q_smem, gd_smem, pt_smem, dat_smem, dk_smem,
-             v_bar, gnT_bar, q_bar, gd_bar):
+  def kernel(v_ref, gnT_ref, q_ref, gd_ref, dk_ref, v_smem, gnT_smem, q_smem, gd_smem, gdc_smem, pt_smem, dat_smem,
+             dk_smem, v_bar, gnT_bar, q_bar, gd_bar, gdc_bar):
     fb, hi, bi = lax.axis_index("f"), lax.axis_index("h"), lax.axis_index("b")
     feats = pl.ds(fb * w, w)
 
@@ -184,6 +184,7 @@ def _causal_dk(st, q, v, gn, gd):
       plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows, feats], q_smem.at[slot], q_bar.at[slot])
       if norm:
         plgpu.copy_gmem_to_smem(gd_ref.at[bi, hi, rows], gd_smem.at[slot], gd_bar.at[slot])
+        plgpu.copy_gmem_to_smem(gd_ref.at[bi, hi, rows], gdc_smem.at[slot], gdc_bar.at[slot])
 
     mg.stage(pt_smem, mg.full((d, w), 0.0, lay.WGMMA))
 
@@ -192,7 +193,10 @@ def _causal_dk(st, q, v, gn, gd):
       dat = mg.mma(v_smem.at[slot], gnT_smem.at[slot], (c, c))  # dA^T [s, t]
       if norm:
         q_f32 = mg.load(q_smem.at[slot], lay.WGMMA).astype(jnp.float32)
-        dat = dat + lax.broadcast_in_dim(mg.load(gd_smem.at[slot], lay.COL), (c, c), [1])
+        # gd is needed per column (dA^T) and per row (y): two copies of it, one per layout. Loaded from one buffer,
+        # jax 0.11's Mosaic GPU merges the two loads into one value that would need both layouts, and its layout
+        # inference then finds no solution (jax 0.10 lowered it).
+        dat = dat + lax.broadcast_in_dim(mg.load(gdc_smem.at[slot], lay.COL), (c, c), [1])
         gd_rows = mg.load(gd_smem.at[slot], lay.ROW)
       mg.stage(dat_smem, _tri(dat, lay, lower=False))
       dk = mg.mma(dat_smem, q_smem.at[slot], (c, w)) + mg.mma(v_smem.at[slot], pt_smem, (c, w))
@@ -204,12 +208,13 @@ def _causal_dk(st, q, v, gn, gd):
       _emit(dk_smem, dk, dk_ref.at[bi, hi, pl.ds((n - 1 - step) * c, c), feats])
       return pt_state, y
 
-    barriers = (v_bar, gnT_bar, q_bar, gd_bar) if norm else (v_bar, gnT_bar, q_bar)
+    barriers = (v_bar, gnT_bar, q_bar, gd_bar, gdc_bar) if norm else (v_bar, gnT_bar, q_bar)
     mg.stream(n, fetch, body, (mg.full((d, w), 0.0, lay.WGMMA), mg.full((w,), 0.0, lay.COL)), barriers)
     plgpu.wait_smem_to_gmem(0)
 
   scratch = [mg.smem((2, c, d), dt), mg.smem((2, d, c), dt), mg.smem((2, c, w), dt), plgpu.SMEM((2, c), jnp.float32),
-             mg.smem((d, w), dt), mg.smem((c, c), dt), mg.smem((c, w), dt)] + [plgpu.Barrier(num_barriers=2)] * 4
+             plgpu.SMEM((2, c), jnp.float32), mg.smem((d, w), dt), mg.smem((c, c), dt), mg.smem((c, w), dt)]
+  scratch += [plgpu.Barrier(num_barriers=2)] * 5
   return _call(st, kernel, jax.ShapeDtypeStruct(q.shape, q.dtype), scratch, (f // w, h, b), ("f", "h", "b"),
                "linear_attention_bwd_dk", v, _t(gn), q, gd)
 

@@ -160,7 +160,7 @@ def _kernel_cases(mesh, compare) -> list[dict]:
 def results():
   from tests.conftest import xla_flags  # pylint: disable=import-outside-toplevel  (this file is also the subprocess)
   env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": str(ROOT)}
+         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # plugins' folders
   proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve())], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=TIMEOUT, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
