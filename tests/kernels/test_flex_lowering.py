@@ -1,0 +1,63 @@
+"""kernels.flex inside lowered programs, from this CPU host: a bfloat16 GQA step with a window mask, ALiBi, key
+padding and dropout exports for TPU holding the three flex kernels and no `[L, L]` tensor; on cuda (no Mosaic GPU flex
+kernel yet) and for a score_mod closing over a trainable table the default runs the XLA form with one logged line
+naming why; an explicit "pallas" never falls back."""
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels import flex, platform
+
+L, H, HKV, D = 1024, 4, 2, 64
+KERNELS = ("flex_fwd", "flex_bwd_dq", "flex_bwd_dkv")
+window = lambda b, h, i, j: (j <= i) & (i - j < 300)  # noqa: E731
+
+
+def _export(loss, platform_name, target, *specs):
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  checks = [jax.export.DisabledSafetyCheck.custom_call(target)] if target else []
+  return jax.export.export(grad, platforms=[platform_name], disabled_checks=checks)(*specs).mlir_module()
+
+
+def _specs():
+  qs = jax.ShapeDtypeStruct((2, L, H, D), jnp.bfloat16)
+  kvs = jax.ShapeDtypeStruct((2, L, HKV, D), jnp.bfloat16)
+  return qs, kvs, kvs, jax.ShapeDtypeStruct((2, L), jnp.bool_), jax.random.key(0)
+
+
+def _loss(**options):
+  def loss(q, k, v, key_mask, rng):
+    out = flex.flex_attention(q, k, v, key_mask=key_mask, dropout_rate=0.1, dropout_rng=rng, **options)
+    return jnp.sum(out.astype(jnp.float32))
+  return loss
+
+
+def _no_square(module: str) -> bool:
+  return not re.search(rf"tensor<[0-9x]*{L}x{L}x", module)
+
+
+def test_tpu_export_holds_the_kernels():
+  module = _export(_loss(mask_mod=window, score_mod=flex.alibi(H)), "tpu", "tpu_custom_call", *_specs())
+  assert len(re.findall(r"custom_call @tpu_custom_call\(", module)) == len(KERNELS)
+  for name in KERNELS:
+    assert re.search(rf"\b{name}\b", module), name
+  assert _no_square(module)
+
+
+def test_fallbacks_are_logged_with_their_reason_and_explicit_pallas_raises(caplog):
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    module = _export(_loss(mask_mod=window), "cuda", None, *_specs())
+  assert "tpu_custom_call" not in module and "mosaic_gpu" not in module and _no_square(module)
+  assert any("flex_attention" in r.message and "no Mosaic GPU flex kernel" in r.message for r in caplog.records)
+  table = jnp.zeros((32, H))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    module = _export(_loss(mask_mod=window, score_mod=flex.relative_position_bias(table)), "tpu", None, *_specs())
+  assert "tpu_custom_call" not in module
+  assert any("score_mod closes over arrays" in r.message for r in caplog.records)
+  with pytest.raises(platform.KernelUnavailableError):
+    _export(_loss(mask_mod=window, implementation="pallas"), "cpu", None, *_specs())
