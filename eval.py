@@ -20,8 +20,8 @@ from pathlib import Path
 import ml_collections
 from absl import flags, logging
 
+from lra import cli  # first: lra refuses another package named attention/kernels/configs (attention/packages.py)
 from configs import common
-from lra import cli
 from lra.models import embeddings
 from lra.training import evaluate_checkpoint
 

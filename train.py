@@ -9,8 +9,8 @@ import logging as std_logging
 
 from absl import flags, logging
 
+from lra import cli  # first: lra refuses another package named attention/kernels/configs (attention/packages.py)
 from configs import common
-from lra import cli
 from lra.training import train_and_evaluate
 
 # Attention-aware: `--config.model.attention.name=X` switches the variant and X's options may follow.

@@ -39,9 +39,10 @@ def register(name: str) -> Callable[[M], M]:
 
   def decorator(cls: M) -> M:
     variant = cls
-    if isinstance(cls, type) and "flax.nnx" in sys.modules and issubclass(cls, sys.modules["flax.nnx"].Module):  # an NNX class imported it
+    if isinstance(cls, type) and "flax.nnx" in sys.modules and issubclass(cls, sys.modules["flax.nnx"].Module):
+      # An NNX class (whose module imported flax.nnx) is registered as the linen layer that runs it; the decorator
+      # returns the NNX class unchanged.
       from attention import nnx_bridge  # pylint: disable=import-outside-toplevel  (flax.nnx only where used)
-      # Registered as the linen layer that runs it; the decorator returns the NNX class unchanged.
       variant = nnx_bridge.linen_variant(cls, name)
     if not (isinstance(variant, type) and issubclass(variant, nn.Module)):
       raise TypeError(f"@register({name!r}) expects a flax.linen.Module or flax.nnx.Module subclass, got {cls!r}")

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
+from lra import cli  # first: lra refuses another package named attention/kernels/configs (attention/packages.py)
 import attention as attention_lib
-from lra import cli
 from lra.models import Encoder
 
 DEFAULT_VARIANTS = ("softmax", "linear", "performer", "transnormer", "based", "grassmann")

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
+from lra import cli  # first: lra refuses another package named attention/kernels/configs (attention/packages.py)
 import attention as attention_lib
-from lra import cli
 from lra.training import Experiment
 from lra.training import trainer
 

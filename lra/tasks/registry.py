@@ -8,9 +8,9 @@ sweep starts all know the task.
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Callable, TypeVar
+
+from attention import plugins
 
 _TASKS: dict[str, type] = {}
 PLUGINS_ENV = "TASK_PLUGINS"
@@ -50,13 +50,7 @@ def build(config):
 
 
 def import_plugins(value: str | None = None) -> list[str]:
-  """Imports the modules named in `value` (default: the `TASK_PLUGINS` environment variable); their names."""
-  value = os.environ.get(PLUGINS_ENV, "") if value is None else value
-  modules = [m.strip() for m in value.split(",") if m.strip()]
-  for module in modules:
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      raise ValueError(f"{PLUGINS_ENV} names module {module!r}, which cannot be imported ({e}); fix the name or "
-                       f"PYTHONPATH") from e
-  return modules
+  """Imports the modules named in `value` (default: the `TASK_PLUGINS` environment variable); their names. One loader
+  for both plugin kinds (`attention.plugins.import_modules`): a module that cannot be imported is a one-line
+  ValueError naming it, the variable and the fix."""
+  return plugins.import_modules(PLUGINS_ENV, value)
