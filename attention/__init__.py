@@ -28,7 +28,7 @@ from attention import synthesizer  # noqa: F401
 from attention import sinkhorn  # noqa: F401
 from attention import additive  # noqa: F401
 from attention import multiplicative  # noqa: F401
-from attention import nsa, moba, compressed  # noqa: F401  (content-adaptive sparsity)
+from attention import nsa, moba, routing, compressed  # noqa: F401  (content-adaptive sparsity)
 from attention import retnet, gla, mamba2, deltanet  # noqa: F401  (the gated / delta-rule family)
 
 __all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",

@@ -40,6 +40,8 @@ OPTIONS: dict[str, list[dict]] = {
              "window": 4, "num_kv_heads": 1, "query_chunk": 4}],
     "moba": [{"block_size": 4, "top_k": 2, "query_chunk": 4}, {"block_size": 3, "top_k": 2, "coarse": True}],
     "compressed": [{"factor": 3, "query_chunk": 4}, {"mode": "local", "block_size": 4}],
+    "routing": [{"num_clusters": 2, "local_window": 3, "num_local_heads": 1},
+                {"num_clusters": 3, "num_local_heads": 0}],
     # The gated / delta-rule family: chunks of 4 at lengths 7-12 (a padded last chunk); d_state 4, low rank 4.
     "retnet": [{"chunk_size": 4}],
     "gla": [{"chunk_size": 4, "gate_low_rank": 4}],

@@ -29,7 +29,8 @@ OPTIONS = {"local": dict(block_size=4), "longformer": dict(block_size=4, num_dil
            "transnormer": dict(block_size=4), "linformer": dict(k=8), "reformer": {}, "based": dict(window=4)}
 # Content-adaptive sparsity (issue 34): blocks of 4 at length 32, so selections cross shards (the exact fallback).
 OPTIONS.update(nsa=dict(compress_block=4, compress_stride=2, select_block=4, num_selected=3, num_local_blocks=1,
-                        window=4, num_kv_heads=1), moba=dict(block_size=4, top_k=2), compressed=dict(factor=4))
+                        window=4, num_kv_heads=1), moba=dict(block_size=4, top_k=2), compressed=dict(factor=4),
+               routing=dict(num_clusters=4, local_window=4, num_local_heads=1))
 # Extra option sets checked beside the defaults (other sequence-parallel forms of the same variant).
 EXTRA = {"transnormer": [dict(block_size=4, mode="diag")], "based": [dict(window=4, mode="taylor")]}
 
