@@ -4,7 +4,8 @@ The paper's model stacks three kinds of sequence-mixing layers; `mode` picks one
 - `"taylor"`: linear attention with the second-order Taylor feature map of `exp(q·k)`:
   `phi(x) = [1, x / d'^(1/4), vec(x x^T) / (sqrt(2) sqrt(d'))]`, so `phi(q)·phi(k) = 1 + s + s^2/2` with
   `s = q·k / sqrt(d')`, which is always positive; q and k are projected to a small feature dimension `d' =
-  feature_dim` (default 16, the paper's) by their own projections (`feature_query`, `feature_key`), values by `value`;
+  feature_dim` (default 16, the paper's) by their own projections (`feature_query`, `feature_key`), values by `value`
+  (`1 + 16 + 256 = 273` features, which the Mosaic GPU kernel zero-pads to 320: `kernels.linear_attention`);
 - `"window"`: exact softmax attention over a sliding window of `window` positions (default 64) with the shared
   `query` / `key` / `value` projections (`kernels.sliding_window_attention`);
 - `"conv"`: a gated short convolution (the paper's BaseConv): `y = silu(conv(u)) * gate` with `u = value(x)`,

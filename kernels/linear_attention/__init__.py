@@ -8,9 +8,9 @@ cores"):
   "xla"        `xla.py`: chunked, quadratic inside chunks of `chunk_size`, the `[F, D]` state carried across chunks by
                `lax.scan` (causal) or a single sum (non-causal): memory linear in length;
   "pallas"     `pallas.py` (the driver: custom_vjp) over `pallas_tpu.py` (Mosaic TPU) and `pallas_gpu.py` (Mosaic
-               GPU, Hopper: bfloat16/float16, chunk a multiple of 64, value dim 64 or 128, features a multiple of 64:
-               wider than 128 they run as feature blocks), chosen by the platform the program is lowered for; never
-               falls back: a call the kernel cannot serve is a ValueError;
+               GPU, Hopper: bfloat16/float16, chunk a multiple of 64, value dim 64 or 128; features are zero-padded
+               to a multiple of 64 and wider than 128 they run as feature blocks), chosen by the platform the program
+               is lowered for; never falls back: a call the kernel cannot serve is a ValueError;
   "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them);
   None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`): Pallas on tpu and
                cuda, XLA on cpu. A call a kernel cannot serve (dtype, dims, chunk) uses XLA there, logged once.

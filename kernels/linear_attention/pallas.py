@@ -18,7 +18,9 @@ This module is the backend-neutral driver: the custom_vjp that joins the forward
 never import each other. A feature map wider than a backend's kernel takes (GPU: 64 or 128; performer's default is
 256) is split into feature blocks (`tables.feature_block`) that run as extra heads of one unnormalized kernel call,
 since `q S = sum_b q_b S_b` over feature blocks; their numerators are summed in float32 and the normalizer
-`q . cumsum(k)` (`q . sum(k)` non-causal) is computed by XLA in float32 (O(L F), no quadratic term). Accumulation is
+`q . cumsum(k)` (`q . sum(k)` non-causal) is computed by XLA in float32 (O(L F), no quadratic term). A feature count
+no GPU width divides is first zero-padded to a multiple of 64 (`tables.padded_features`: based's 273 Taylor features run
+as 320; a zero feature adds nothing to `q k^T` or `q z`). Accumulation is
 float32; matmul operands keep the input dtype (the state is rounded to it where it feeds a matmul, as the chunked
 kernels of flash-linear-attention do).
 """
@@ -31,7 +33,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from kernels.linear_attention.tables import ChunkSizes, KernelParams, check_supported, feature_block
+from kernels.linear_attention.tables import ChunkSizes, KernelParams, check_supported, feature_block, padded_features
 from kernels.platform import Backend
 
 
@@ -91,7 +93,13 @@ def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHx
   chunk = (chunk_sizes or ChunkSizes()).resolve(backend)
   dtype = jnp.result_type(q_BxLxHxF.dtype, k_BxLxHxF.dtype, v_BxLxHxD.dtype)
   check_supported(q_BxLxHxF.shape, v_BxLxHxD.shape, dtype, chunk, backend)
-  block = feature_block(q_BxLxHxF.shape[-1], backend)
+  features = q_BxLxHxF.shape[-1]
+  if padded_features(features, backend) != features:  # zero features add nothing to q·k or q·z; their grads dropped
+    widths = ((0, 0),) * 3 + ((0, padded_features(features, backend) - features),)
+    return linear_attention_pallas(jnp.pad(q_BxLxHxF, widths), jnp.pad(k_BxLxHxF, widths), v_BxLxHxD, causal=causal,
+                                   normalize=normalize, eps=eps, chunk_sizes=ChunkSizes(chunk), backend=backend,
+                                   interpret=interpret)
+  block = feature_block(features, backend)
   if block != q_BxLxHxF.shape[-1]:
     return feature_blocked(q_BxLxHxF, k_BxLxHxF, v_BxLxHxD, block=block, causal=causal, normalize=normalize, eps=eps,
                            chunk_sizes=ChunkSizes(chunk), backend=backend, interpret=interpret)

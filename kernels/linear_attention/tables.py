@@ -41,10 +41,19 @@ class KernelParams:
   interpret: object
 
 
+def padded_features(features: int, backend: Backend) -> int:
+  """Feature width the backend's kernel runs `features` at: on GPU the next multiple of 64 (swizzled wgmma operands),
+  the extra features zero (a zero feature adds nothing to `q·k` or `q·z`: based's 273 Taylor features run as 320);
+  on TPU `features` itself."""
+  if MAX_FEATURES[backend] is None:
+    return features
+  return -(-features // GPU_FEATURE_WIDTHS[-1]) * GPU_FEATURE_WIDTHS[-1]
+
+
 def feature_block(features: int, backend: Backend) -> int:
-  """Feature width of one kernel call: `features` itself when the backend takes it whole, else the widest of
-  `GPU_FEATURE_WIDTHS` that divides it (so performer's 256 random features run as two 128-wide blocks on GPU).
-  Raises ValueError when no width divides it."""
+  """Feature width of one kernel call for a (padded, `padded_features`) feature map: `features` itself when the
+  backend takes it whole, else the widest of `GPU_FEATURE_WIDTHS` that divides it (so performer's 256 random features
+  run as two 128-wide blocks on GPU). Raises ValueError when no width divides it."""
   widest = MAX_FEATURES[backend]
   if widest is None or features in GPU_FEATURE_WIDTHS:
     return features
@@ -52,7 +61,7 @@ def feature_block(features: int, backend: Backend) -> int:
     if features % width == 0:
       return width
   raise ValueError(f"features={features} must be 64, 128 or a multiple of 64 on GPU (swizzled wgmma operands; wider "
-                   f"feature maps run as blocks of 128 or 64); use a multiple of 64 or implementation='xla'")
+                   f"feature maps run as blocks of 128 or 64): pad them with zeros (padded_features)")
 
 
 def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> None:
@@ -66,7 +75,7 @@ def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> No
   else:
     if chunk % 64:
       raise ValueError(f"{chunk=} must be a multiple of 64 on GPU (wgmma tiles of one warpgroup)")
-    feature_block(features, backend)
+    feature_block(padded_features(features, backend), backend)
     if head_dim not in GPU_FEATURE_WIDTHS:
       raise ValueError(f"{head_dim=} must be 64 or 128 on GPU (swizzled wgmma operands; the state blocks and the "
                        f"double-buffered chunk tiles must fit in registers and shared memory)")
@@ -76,4 +85,4 @@ def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> No
 
 
 __all__ = ["ChunkSizes", "GPU_FEATURE_WIDTHS", "KernelParams", "LANES", "MAX_FEATURES", "check_supported",
-           "feature_block"]
+           "feature_block", "padded_features"]

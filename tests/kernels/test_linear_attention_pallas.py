@@ -16,7 +16,7 @@ import attention
 from kernels import linear_attention, platform
 from kernels.linear_attention import ChunkSizes, check_supported, linear_attention_pallas, linear_attention_reference
 from kernels.linear_attention.pallas import feature_blocked
-from kernels.linear_attention.tables import feature_block
+from kernels.linear_attention.tables import feature_block, padded_features
 
 # Relative to the largest magnitude of the compared tensor (elementwise relative error is meaningless where terms
 # cancel). float32: summation order only. bfloat16: the kernels round the intra-chunk scores and the carried state
@@ -77,7 +77,9 @@ def test_tpu_kernels_in_interpret_mode_match_reference(length, chunk, features, 
 
 
 GPU_GRID = [  # Mosaic GPU kernels: bfloat16, chunk 64, feature/value dims 64 or 128 (128 = two 64-wide blocks)
-    (128, 128, 64, True, True),
+    # 100 features: no wgmma width divides them (based's Taylor map has 273), zero-padded to 128 (two 64-wide blocks
+    # in the dQ and dK kernels, as 128 would be).
+    (128, 100, 64, True, True),
     (64, 64, 128, True, False),
     (100, 64, 128, False, True),
     # Performer's default (256 features, non-causal): two 128-wide feature blocks as extra heads, normalizer from XLA
@@ -139,8 +141,12 @@ def test_constraints_are_validated():
     check_supported(shape, (1, 128, 2, 192), jnp.float32, 64, "tpu")
   with pytest.raises(ValueError, match="chunk=32 must be a multiple of 64 on GPU"):
     check_supported(shape, shape, jnp.bfloat16, 32, "gpu")
+  for features in (32, 273):  # zero-padded to a multiple of 64 on GPU (as they are; TPU takes any width)
+    check_supported((1, 128, 2, features), shape, jnp.bfloat16, 64, "gpu")
+  assert [padded_features(f, "gpu") for f in (32, 64, 100, 273)] == [64, 64, 128, 320]
+  assert padded_features(273, "tpu") == 273
   with pytest.raises(ValueError, match="features=32 must be 64, 128 or a multiple of 64 on GPU"):
-    check_supported((1, 128, 2, 32), shape, jnp.bfloat16, 64, "gpu")
+    feature_block(32, "gpu")
   with pytest.raises(ValueError, match="head_dim=256 must be 64 or 128 on GPU"):
     check_supported(shape, (1, 128, 2, 256), jnp.bfloat16, 64, "gpu")
   check_supported((1, 128, 2, 256), shape, jnp.bfloat16, 64, "gpu")  # performer's default: two 128-wide blocks
@@ -193,11 +199,12 @@ def test_default_implementation_is_chosen_where_the_program_is_lowered(causal, c
   assert not [r for r in caplog.records if "linear_attention" in r.getMessage()]
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_wide_feature_maps_reach_the_gpu_kernel(causal, caplog):
+@pytest.mark.parametrize("causal,features", [(True, 256), (False, 256), (True, 273)])
+def test_wide_feature_maps_reach_the_gpu_kernel(causal, features, caplog):
   """Performer's registry default of 256 random features runs as 128-wide feature blocks in the Mosaic GPU kernels
-  (forward and backward), with nothing logged."""
-  qk = jax.ShapeDtypeStruct((1, 128, 2, 256), jnp.bfloat16)
+  (forward and backward), and based's 273 Taylor features as 320 (zero-padded: five 64-wide blocks), with nothing
+  logged."""
+  qk = jax.ShapeDtypeStruct((1, 128, 2, features), jnp.bfloat16)
   v = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
   f = lambda q, k, v: linear_attention(q, k, v, causal=causal)  # noqa: E731
   platform._logged.clear()  # noqa: SLF001
