@@ -30,6 +30,7 @@ from attention import additive  # noqa: F401
 from attention import multiplicative  # noqa: F401
 from attention import nsa, moba, routing, compressed  # noqa: F401  (content-adaptive sparsity)
 from attention import retnet, gla, mamba2, deltanet  # noqa: F401  (the gated / delta-rule family)
+from attention import flex  # noqa: F401
 
 __all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",
            "names", "option_ranges", "options", "register", "resolve", "resolve_compute_dtype"]

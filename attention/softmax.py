@@ -14,8 +14,9 @@ import jax.numpy as jnp
 
 from attention import positions
 from attention.base import AttentionLayer
+from attention.flex import check_kv_heads, project_kv, repeat_kv
 from attention.registry import register
-from attention.ranges import OneOf
+from attention.ranges import Integer, OneOf
 from kernels import sequence as sequence_lib
 from kernels.softmax import IMPLEMENTATIONS, Implementation, softmax_attention, softmax_attention_reference
 from kernels.softmax.sequence_parallel import ring_attention
@@ -29,10 +30,14 @@ class SoftmaxAttention(AttentionLayer):
 
   Attributes (besides the common ones of `AttentionLayer`):
     implementation: see `kernels.softmax.softmax_attention`; default None picks the best available on the backend.
+    num_kv_heads: key/value heads (grouped-query attention: a divisor of `num_heads`, 1 = multi-query; None =
+      `num_heads`); the decode cache holds this many heads, repeated to the query heads for the core.
   """
 
   implementation: Implementation = None
-  option_ranges = {"implementation": OneOf(IMPLEMENTATIONS, what="softmax implementation")}
+  num_kv_heads: int | None = None
+  option_ranges = {"implementation": OneOf(IMPLEMENTATIONS, what="softmax implementation"),
+                   "num_kv_heads": Integer(1, allow_none=True)}
 
   supports_decode = True
   supported_positions = ("none", "rope", "alibi")
@@ -46,7 +51,8 @@ class SoftmaxAttention(AttentionLayer):
     self.check_inputs(x, mask)
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"unknown softmax implementation {self.implementation!r}; valid choices: {IMPLEMENTATIONS}")
-    q, k, v = self.project_qkv(x)
+    check_kv_heads(self)
+    q, k, v = self.project(x, "query"), project_kv(self, x, "key"), project_kv(self, x, "value")
     if self.positions == "rope":  # rotated before caching: a decode step sits at the cache's index
       offset = positions.decode_offset(self, "cached") if self.decode else 0
       q, k = positions.rope(q, offset), positions.rope(k, offset)
@@ -55,7 +61,8 @@ class SoftmaxAttention(AttentionLayer):
     # bias from its true position t (softmax ignores it; unwritten slots are masked).
     slopes = jnp.asarray(positions.alibi_slopes(self.num_heads)) if self.positions == "alibi" else None
     attend = lambda q, k, v, m, causal: softmax_attention(  # noqa: E731
-        q, k, v, key_mask=m, causal=causal, implementation=self.implementation, dropout_rate=self.dropout_rate,
+        q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), key_mask=m, causal=causal,
+        implementation=self.implementation, dropout_rate=self.dropout_rate,
         dropout_rng=dropout_rng, alibi_slopes=slopes)
 
     # Decoding: the cache holds every position up to the length `init` saw; unwritten slots are masked.
@@ -65,7 +72,8 @@ class SoftmaxAttention(AttentionLayer):
       y = attend(q, cached["key"], cached["value"], valid_BxS, False)
     elif sequence_lib.active() is not None and self.sequence_parallel_form() == "ring":
       sequence_lib.log_once(type(self).__name__, "ring attention (kernels/softmax/sequence_parallel.py)")
-      y = ring_attention(q, k, v, key_mask_BxL=mask, causal=self.causal, dropout_rate=self.dropout_rate,
+      y = ring_attention(q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), key_mask_BxL=mask,
+                         causal=self.causal, dropout_rate=self.dropout_rate,
                          dropout_rng=dropout_rng).astype(q.dtype)
     else:
       y = attend(q, k, v, mask, self.causal)
