@@ -374,11 +374,14 @@ def _launch_ray(todo: Mapping[str, tuple], split: str, address: str | None, opti
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
   started_here = not ray.is_initialized()
   if started_here:
+    # Plugin modules (ATTENTION_PLUGINS, TASK_PLUGINS) are named to every worker, on a cluster too (each node must be
+    # able to import them); `attention` and `lra.tasks` import them in the worker.
+    plugins = {k: os.environ[k] for k in ("ATTENTION_PLUGINS", "TASK_PLUGINS") if os.environ.get(k)}
     if address:
-      ray.init(address=address, log_to_driver=False)
+      ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": plugins} if plugins else None)
     else:
       # A local instance; its workers see this process's environment (JAX_PLATFORMS, XLA_FLAGS, ...).
-      env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_", "CUDA_", "TPU_"))}
+      env = {**{k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_", "CUDA_", "TPU_"))}, **plugins}
       ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                runtime_env={"env_vars": env} if env else None)
   results: dict[str, Any] = {}
