@@ -5,6 +5,8 @@
 registers every variant.
 """
 
+__project__ = "efficient-attention"  # this project's package, not another of the same name (attention/packages.py)
+
 # First, before anything imports `kernels`: another installed package may use that name (attention/packages.py).
 from attention import packages
 packages.check(("kernels",))

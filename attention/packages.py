@@ -17,6 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_PACKAGES = ("attention", "kernels", "configs", "lra")
+# Each of this project's packages says so in its __init__.py (read as text, so nothing is imported to check it): a
+# non-editable install of another package can overwrite files in the same site-packages folder.
+MARKER = "efficient-attention"
+MARKER_LINE = f'__project__ = "{MARKER}"'
 
 
 def location(name: str) -> Path | None:
@@ -35,14 +39,36 @@ def location(name: str) -> Path | None:
   return Path(origin).resolve() if origin else None
 
 
-def check(names: tuple[str, ...] = PROJECT_PACKAGES) -> None:
-  """ImportError naming the clash if a name in `names` resolves to another package than this project's."""
+def _marked(name: str, found: Path) -> bool:
+  module = sys.modules.get(name)
+  if module is not None:
+    return getattr(module, "__project__", None) == MARKER or MARKER_LINE in _text(found)
+  return MARKER_LINE in _text(found)
+
+
+def _text(path: Path) -> str:
+  try:
+    return path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError):
+    return ""
+
+
+def check(names: tuple[str, ...] = PROJECT_PACKAGES, *, root: Path = ROOT) -> None:
+  """ImportError naming the clash if a name in `names` resolves to another package than this project's (the one
+  under `root`, whose __init__.py holds `MARKER_LINE`)."""
+  fix = (f"install this project in its own virtual environment (python -m venv .venv && .venv/bin/pip install -e "
+         f"{root}), or uninstall the other package there")
   for name in names:
     found = location(name)
-    if found is None or found.is_relative_to(ROOT / name):
-      continue
-    raise ImportError(
-        f"the package {name!r} imported here is not this project's: {found} (this project's is {ROOT / name}); "
-        f"another installed package uses the import name {name!r} (e.g. huggingface 'kernels', Keras 'attention'): "
-        f"install this project in its own virtual environment (python -m venv .venv && .venv/bin/pip install -e "
-        f"{ROOT}), or uninstall the other package there")
+    if found is None:
+      continue  # not installed at all: the import itself says so
+    if not found.is_relative_to(root / name):
+      raise ImportError(
+          f"the package {name!r} imported here is not this project's: {found} (this project's is {root / name}); "
+          f"another installed package uses the import name {name!r} (e.g. huggingface 'kernels', Keras "
+          f"'attention'): {fix}")
+    if not _marked(name, found):
+      raise ImportError(
+          f"the package {name!r} at {found} is not this project's: its __init__.py lacks the line {MARKER_LINE}, so "
+          f"another package installed into the same folder replaced it (e.g. huggingface 'kernels', Keras "
+          f"'attention'): {fix}")

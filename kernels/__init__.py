@@ -9,6 +9,8 @@ lowered for), and `key_mask` (bool [batch, keys], True = a real key) masks padde
 docs/architecture.md "Functional cores".
 """
 
+__project__ = "efficient-attention"  # this project's package, not another of the same name (attention/packages.py)
+
 from kernels.linear_attention import linear_attention
 from kernels.block_sparse import block_sparse_attention
 from kernels.softmax import softmax_attention

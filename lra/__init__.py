@@ -1,5 +1,7 @@
 """The experiment library: models (one encoder, heads), tasks (data, metrics) and training (loop, checkpoints)."""
 
+__project__ = "efficient-attention"  # this project's package, not another of the same name (attention/packages.py)
+
 import importlib.util as _importlib_util
 from pathlib import Path as _Path
 

@@ -43,3 +43,23 @@ def test_this_projects_packages_pass():
   packages.check()  # the suite's own imports resolve here
   assert packages.location("kernels") == ROOT / "kernels" / "__init__.py"
   assert packages.location("no_such_package_anywhere") is None
+
+
+def test_a_package_overwritten_in_place_is_one_line(tmp_path):
+  """A non-editable install of another `kernels` into the same folder: the path is right, the marker is not."""
+  (tmp_path / "kernels").mkdir()
+  (tmp_path / "kernels" / "__init__.py").write_text('"""huggingface kernels, installed over ours."""\n')
+  script = (f"import importlib.util, pathlib\n"
+            f"spec = importlib.util.spec_from_file_location('checker', {str(ROOT / 'attention' / 'packages.py')!r})\n"
+            f"checker = importlib.util.module_from_spec(spec)\n"
+            f"spec.loader.exec_module(checker)\n"
+            f"checker.check(('kernels',), root=pathlib.Path({str(tmp_path)!r}))\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                        check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"ImportError: the package 'kernels' at {(tmp_path / 'kernels' / '__init__.py').resolve()} is not this "
+      f"project's: its __init__.py lacks the line {packages.MARKER_LINE}, so another package installed into the same "
+      f"folder replaced it (e.g. huggingface 'kernels', Keras 'attention'): install this project in its own virtual "
+      f"environment (python -m venv .venv && .venv/bin/pip install -e {tmp_path}), or uninstall the other package "
+      f"there"), proc.stderr[-2000:]
