@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from kernels.common import MASK_VALUE, dropout_keep
 
 DEFAULT_QUERY_CHUNK = 64
+IMPLEMENTATIONS = ("xla", "reference")  # the gathered form; the dense token-mask form (the tests' ground truth)
 
 
 def branch_seed(seed: jax.Array | None, branch: int) -> jax.Array | None:
@@ -132,7 +133,8 @@ def _chunked(fn: Callable, q_BxLxHxD: jax.Array, per_query: tuple[jax.Array, ...
 def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.Array,
                        block_idx_BxLxGxN: jax.Array, *, block_size: int, causal: bool,
                        key_mask_BxS: jax.Array | None, scale: float, q_offset=0, dropout_rate: float = 0.0,
-                       dropout_seed: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK) -> jax.Array:
+                       dropout_seed: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
+                       implementation: str = "xla") -> jax.Array:
   """Each query token attends to the key blocks it selected (`block_idx`, -1 = none; shared by a GQA group), with
   token-level causality and key padding. Gathered form: each chunk loads only the selected blocks. `S` must be a
   multiple of `block_size`. Float32 `[B, L, H, D]`."""
@@ -142,6 +144,12 @@ def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: ja
     raise ValueError(f"selected_attention: keys={s} must be a multiple of block_size={block_size}")
   g = h // hkv
   nb = s // block_size
+  if implementation == "reference":
+    q_pos = q_offset + jnp.arange(l)
+    allowed = selection_mask(block_idx_BxLxGxN.transpose(0, 2, 1, 3), block_size=block_size, num_keys=s,
+                             causal=causal, q_pos_L=q_pos, key_mask_BxS=key_mask_BxS)
+    return masked_attention_reference(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, allowed, scale=scale, q_pos_L=q_pos,
+                                      dropout_rate=dropout_rate, dropout_seed=dropout_seed)
   kb = k_BxSxGxD.reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)  # [B, Hkv, Nb, bs, D]
   vb = v_BxSxGxD.reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)
   real_BxNbxbs = (jnp.ones((b, s), bool) if key_mask_BxS is None else key_mask_BxS).reshape(b, nb, block_size)
@@ -173,12 +181,18 @@ def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: ja
 
 def window_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.Array, *, window: int, causal: bool,
                      key_mask_BxS: jax.Array | None, scale: float, q_offset=0, dropout_rate: float = 0.0,
-                     dropout_seed: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK) -> jax.Array:
+                     dropout_seed: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
+                     implementation: str = "xla") -> jax.Array:
   """Query t attends keys s with `t - window < s <= t` (causal) or `|t - s| < window`; each chunk slices only its
   band of keys. Float32 `[B, L, H, D]`."""
   b, l, h, d = q_BxLxHxD.shape
   s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
   g = h // hkv
+  if implementation == "reference":
+    q_pos = q_offset + jnp.arange(l)
+    allowed = window_mask(l, s, window=window, causal=causal, q_pos_L=q_pos, key_mask_BxS=key_mask_BxS)
+    return masked_attention_reference(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, allowed, scale=scale, q_pos_L=q_pos,
+                                      dropout_rate=dropout_rate, dropout_seed=dropout_seed)
   c = max(1, min(query_chunk, l))
   left, right = window - 1, (0 if causal else window - 1)
   span = c + left + right
@@ -220,7 +234,8 @@ def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax
                       key_valid_BxS: jax.Array | None, causal: bool, scale: float, q_offset=0,
                       dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
                       query_chunk: int = DEFAULT_QUERY_CHUNK,
-                      probs_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+                      probs_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                      implementation: str = "xla"):
   """Every query over a short list of summary keys (compressed tokens, pooled blocks), key `j` visible to a causal
   query at `t >= k_pos_S[j]`. With `probs_fn(probs_BxGxgxCxS, q_pos_C) -> [B, C, ...]` the chunk's attention
   probabilities (before dropout, not differentiated) are reduced in the chunk, and its result returned as well: how
@@ -230,6 +245,18 @@ def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax
   g = h // hkv
   valid = jnp.ones((b, k_BxSxGxD.shape[1]), bool) if key_valid_BxS is None else key_valid_BxS
   bh = _batch_head(b, hkv, g)
+  if implementation == "reference":
+    q_pos = q_offset + jnp.arange(l)
+    allowed = summary_mask(q_pos, k_pos_S, valid, causal)
+    out = masked_attention_reference(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, allowed, scale=scale, q_pos_L=q_pos,
+                                     k_pos_S=jnp.arange(k_pos_S.shape[0]), dropout_rate=dropout_rate,
+                                     dropout_seed=dropout_seed)
+    if probs_fn is None:
+      return out
+    scores = jnp.einsum("blxgd,bsxd->bxgls", _group(q_BxLxHxD, hkv).astype(jnp.float32),
+                        k_BxSxGxD.astype(jnp.float32)) * scale
+    probs, _ = _softmax_rows(scores, jnp.broadcast_to(allowed, (b, hkv, l, k_pos_S.shape[0]))[:, :, None])
+    return out, probs_fn(jax.lax.stop_gradient(probs), q_pos)
 
   def fn(qc_BxCxHxD, extras, q_pos_C):
     del extras

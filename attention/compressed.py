@@ -32,13 +32,16 @@ MODES = ("compressed", "local")
 @register("compressed")
 class MemoryCompressedAttention(AttentionLayer):
   """Attributes: mode ("compressed" | "local"), factor (3: the convolution's kernel and stride), block_size (256,
-  local mode), query_chunk (queries per chunk of the XLA form)."""
+  local mode), query_chunk (queries per chunk of the XLA form), implementation ("xla" | "reference": dense token
+  masks)."""
 
   mode: str = "compressed"
   factor: int = 3
   block_size: int = 256
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  option_ranges = {"mode": OneOf(MODES), "factor": Integer(1), "block_size": Integer(1), "query_chunk": Integer(1)}
+  implementation: str = "xla"
+  option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="compressed implementation"),
+                   "mode": OneOf(MODES), "factor": Integer(1), "block_size": Integer(1), "query_chunk": Integer(1)}
 
   supports_decode = True
 
@@ -57,7 +60,8 @@ class MemoryCompressedAttention(AttentionLayer):
   def _attend(self, q, k, v, real_BxS, q_offset, seed, causal: bool) -> jax.Array:
     d = q.shape[-1]
     rate = self.dropout_rate if seed is not None else 0.0
-    kw = dict(scale=d ** -0.5, q_offset=q_offset, dropout_rate=rate, dropout_seed=seed, query_chunk=self.query_chunk)
+    kw = dict(scale=d ** -0.5, q_offset=q_offset, dropout_rate=rate, dropout_seed=seed, query_chunk=self.query_chunk,
+              implementation=self.implementation)
     if self.mode == "local":
       own = ((q_offset + jnp.arange(q.shape[1])) // self.block_size).astype(jnp.int32)
       idx = jnp.broadcast_to(own[None, :, None, None], (q.shape[0], q.shape[1], k.shape[2], 1))

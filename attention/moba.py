@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from attention import adaptive_sparse as core
 from attention.base import AttentionLayer
 from attention.registry import register
-from attention.ranges import Integer
+from attention.ranges import Integer, OneOf
 from kernels.common import dropout_seed
 
 
@@ -53,13 +53,16 @@ def gate_scores(q_BxLxHxD: jax.Array, kmean_BxNxHxD: jax.Array, q_pos_L: jax.Arr
 @register("moba")
 class MixtureOfBlockAttention(AttentionLayer):
   """Attributes: block_size (512), top_k (3, own block included), coarse (VSA's pooled attention added),
-  query_chunk (queries per chunk of the gathered XLA form)."""
+  query_chunk (queries per chunk of the gathered XLA form), implementation ("xla" | "reference": dense token
+  masks of the same selection)."""
 
   block_size: int = 512
   top_k: int = 3
   coarse: bool = False
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  option_ranges = {"block_size": Integer(1), "top_k": Integer(1), "query_chunk": Integer(1)}
+  implementation: str = "xla"
+  option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="moba implementation"),
+                   "block_size": Integer(1), "top_k": Integer(1), "query_chunk": Integer(1)}
 
   supports_decode = True
 
@@ -82,13 +85,15 @@ class MixtureOfBlockAttention(AttentionLayer):
     rate = self.dropout_rate if seed is not None else 0.0
     out = core.selected_attention(q, k, v, idx, block_size=self.block_size, causal=causal, key_mask_BxS=real_BxS,
                                   scale=scale, q_offset=q_offset, dropout_rate=rate,
-                                  dropout_seed=core.branch_seed(seed, 0), query_chunk=self.query_chunk)
+                                  dropout_seed=core.branch_seed(seed, 0), query_chunk=self.query_chunk,
+                                  implementation=self.implementation)
     if self.coarse:
       vmean = pooled(v, real_BxS, self.block_size)
       ends = (jnp.arange(s // self.block_size) + 1) * self.block_size - 1
       out = out + core.summary_attention(q, kmean, vmean, k_pos_S=ends, key_valid_BxS=first_real < s, causal=causal,
                                          scale=scale, q_offset=q_offset, dropout_rate=rate,
-                                         dropout_seed=core.branch_seed(seed, 1), query_chunk=self.query_chunk)
+                                         dropout_seed=core.branch_seed(seed, 1), query_chunk=self.query_chunk,
+                                         implementation=self.implementation)
     return out
 
   @nn.compact

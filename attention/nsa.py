@@ -41,7 +41,7 @@ import numpy as np
 from attention import adaptive_sparse as core
 from attention.base import AttentionLayer, default_kernel_init
 from attention.registry import register
-from attention.ranges import Integer
+from attention.ranges import Integer, OneOf
 from kernels import sequence as sequence_lib
 from kernels.common import dropout_seed
 
@@ -73,12 +73,25 @@ def select_scores(block_scores_BxCxGxN: jax.Array, q_pos_C: jax.Array, first_rea
   return jnp.where(allowed[:, :, None], scores, -jnp.inf)
 
 
+def select_blocks(probs_BxGxgxCxNc: jax.Array, q_pos_C: jax.Array, *, coverage_NcxNs: jax.Array,
+                  first_real_BxNs: jax.Array, select_block: int, num_local_blocks: int, num_selected: int,
+                  causal: bool, num_keys: int) -> jax.Array:
+  """The selected blocks `[B, C, Hkv, n]` (-1 = none) from the compressed branch's probabilities: importance summed
+  over the query heads of each group, spread onto selection blocks (`coverage_matrix`), the rules of
+  `select_scores`, top-n with ties to the lower block."""
+  importance = jnp.einsum("bxgcn,nm->bcxm", probs_BxGxgxCxNc, coverage_NcxNs)
+  scores = select_scores(importance, q_pos_C, first_real_BxNs, select_block=select_block,
+                         num_local_blocks=num_local_blocks, causal=causal, num_keys=num_keys)
+  return core.top_blocks(scores, num_selected)
+
+
 @register("nsa")
 class NativeSparseAttention(AttentionLayer):
   """Attributes (paper defaults; see the module docstring): compress_block (l=32), compress_stride (d=16),
   select_block (l'=64), num_selected (n=16), num_local_blocks (2), window (w=512), num_kv_heads (None = num_heads;
   a divisor of num_heads), use_compressed / use_selected / use_window (ablations), query_chunk (queries per chunk
-  of the gathered XLA form: memory, not values)."""
+  of the gathered XLA form: memory, not values), implementation ("xla": the gathered form; "reference": the same
+  selection as dense token masks, the tests' ground truth)."""
 
   compress_block: int = 32
   compress_stride: int = 16
@@ -91,7 +104,9 @@ class NativeSparseAttention(AttentionLayer):
   use_selected: bool = True
   use_window: bool = True
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  option_ranges = {"compress_block": Integer(1), "compress_stride": Integer(1), "select_block": Integer(1),
+  implementation: str = "xla"
+  option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="nsa implementation"),
+                   "compress_block": Integer(1), "compress_stride": Integer(1), "select_block": Integer(1),
                    "num_selected": Integer(1), "num_local_blocks": Integer(0), "window": Integer(1),
                    "num_kv_heads": Integer(1, allow_none=True), "query_chunk": Integer(1)}
 
@@ -152,27 +167,27 @@ class NativeSparseAttention(AttentionLayer):
     rate = self.dropout_rate if seed is not None else 0.0
 
     def block_choice(probs_BxGxgxCxNc, q_pos_C):
-      importance = jnp.einsum("bxgcn,nm->bcxm", probs_BxGxgxCxNc, coverage)
-      scores = select_scores(importance, q_pos_C, first_real, select_block=self.select_block,
-                             num_local_blocks=self.num_local_blocks, causal=causal, num_keys=s)
-      return core.top_blocks(scores, self.num_selected)
+      return select_blocks(probs_BxGxgxCxNc, q_pos_C, coverage_NcxNs=coverage, first_real_BxNs=first_real,
+                           select_block=self.select_block, num_local_blocks=self.num_local_blocks,
+                           num_selected=self.num_selected, causal=causal, num_keys=s)
 
     out = jnp.zeros((b, l, h, dim), jnp.float32)
     o_cmp, block_idx = core.summary_attention(
         q, kc, vc, k_pos_S=k_pos_c, key_valid_BxS=valid_c, causal=causal, scale=scale, q_offset=q_offset,
         dropout_rate=rate, dropout_seed=core.branch_seed(seed, 0), query_chunk=self.query_chunk,
-        probs_fn=block_choice)
+        probs_fn=block_choice, implementation=self.implementation)
     if self.use_compressed:
       out = out + gates_BxLxHx3[..., 0:1] * o_cmp
     if self.use_selected:
       o_slc = core.selected_attention(q, k, v, block_idx, block_size=self.select_block, causal=causal,
                                       key_mask_BxS=real_BxS, scale=scale, q_offset=q_offset, dropout_rate=rate,
-                                      dropout_seed=core.branch_seed(seed, 1), query_chunk=self.query_chunk)
+                                      dropout_seed=core.branch_seed(seed, 1), query_chunk=self.query_chunk,
+                                      implementation=self.implementation)
       out = out + gates_BxLxHx3[..., 1:2] * o_slc
     if self.use_window:
       o_win = core.window_attention(q, k, v, window=self.window, causal=causal, key_mask_BxS=real_BxS, scale=scale,
                                     q_offset=q_offset, dropout_rate=rate, dropout_seed=core.branch_seed(seed, 2),
-                                    query_chunk=self.query_chunk)
+                                    query_chunk=self.query_chunk, implementation=self.implementation)
       out = out + gates_BxLxHx3[..., 2:3] * o_win
     self.sow("intermediates", "block_idx", block_idx)
     return out
@@ -249,4 +264,4 @@ class NativeSparseAttention(AttentionLayer):
     return self.project_out(out.astype(self.compute_dtype), x.shape[-1])
 
 
-__all__ = ["NativeSparseAttention", "coverage_matrix", "num_compressed_tokens", "select_scores"]
+__all__ = ["NativeSparseAttention", "coverage_matrix", "num_compressed_tokens", "select_blocks", "select_scores"]

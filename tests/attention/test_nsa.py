@@ -1,0 +1,167 @@
+"""Native Sparse Attention (attention/nsa.py) and the gathered cores it shares (attention/adaptive_sparse.py).
+
+The gathered XLA form against the dense reference that builds the same selection as a token mask (values and
+gradients, padding, attention dropout on, causal and bidirectional, GQA); the top-n block lists against a numpy
+oracle (ties to the lower block); decoding against the parallel causal output; the branch switches; options refused
+in one line naming the value. Tolerances (float32): 2e-5 absolute on outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attention
+from attention import adaptive_sparse as core
+from attention import nsa
+from tests.attention import contract
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Tiny programs: compile with few optimizations (as the contract suite does)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+TINY = dict(num_heads=4, num_kv_heads=2, compress_block=4, compress_stride=2, select_block=4, num_selected=3,
+            num_local_blocks=1, window=4, query_chunk=8)
+
+
+def compare_to_reference(name: str, *, length: int = 19, features: int = 16, causal: bool, atol: float = ATOL,
+                         dropout_rate: float = 0.1, **options) -> dict:
+  """The layer's gathered form (`implementation="xla"`) against its dense token-mask form on the same parameters:
+  outputs and gradients (parameters and input), with padding and attention dropout. Returns the variables."""
+  x = jax.random.normal(jax.random.key(0), (2, length, features))
+  mask = jnp.arange(length)[None, :] < jnp.array([[length - 5], [length]])
+  layers = {impl: attention.build(name, causal=causal, dropout_rate=dropout_rate, implementation=impl, **options)
+            for impl in ("xla", "reference")}
+  variables = jax.jit(layers["xla"].init)(contract.RNGS, x)
+  w = jax.random.normal(jax.random.key(1), x.shape) * mask[..., None]
+  frozen = {k: v for k, v in variables.items() if k != "params"}
+
+  @jax.jit
+  def run(params, x):
+    def loss(impl, params, x):
+      y = layers[impl].apply({**frozen, "params": params}, x, mask=mask, deterministic=False,
+                             rngs={"dropout": jax.random.key(2), "attention": jax.random.key(3)})
+      return jnp.sum(y * w), y
+    return {impl: jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1), has_aux=True)(params, x)
+            for impl in layers}
+
+  out = run(variables["params"], x)
+  (_, y_x), g_x = out["xla"]
+  (_, y_r), g_r = out["reference"]
+  np.testing.assert_allclose(y_x, y_r, atol=atol, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-4), g_x, g_r)
+  assert np.abs(np.asarray(g_x[1])).sum() > 0
+  return variables
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_gathered_form_equals_the_dense_token_mask_reference(causal):
+  compare_to_reference("nsa", causal=causal, **TINY)
+
+
+def _numpy_selection(q, kc, *, valid_c, k_pos_c, coverage, first_real, causal, num_keys, select_block,
+                     num_local_blocks, num_selected):
+  """The oracle: dense compressed probabilities, importance per group, the selection rules, a stable sort."""
+  b, l, h, d = q.shape
+  hkv = kc.shape[2]
+  qg = q.reshape(b, l, hkv, h // hkv, d)
+  scores = np.einsum("blxgd,bsxd->bxgls", qg, kc) * d ** -0.5
+  allowed = valid_c[:, None, None, None, :] & ((k_pos_c[None, :] <= np.arange(l)[:, None]) if causal else True)
+  scores = np.where(allowed, scores, -np.inf)
+  m = np.max(scores, axis=-1, keepdims=True)
+  e = np.where(allowed, np.exp(scores - np.where(np.isfinite(m), m, 0)), 0)
+  p = e / np.maximum(e.sum(-1, keepdims=True), 1e-30)
+  importance = np.einsum("bxgln,nm->blxm", p, coverage)
+  out = np.full((b, l, hkv, num_selected), -1)
+  for bi in range(b):
+    for t in range(l):
+      own = t // select_block
+      for x in range(hkv):
+        s = importance[bi, t, x].copy()
+        for j in range(s.shape[0]):
+          reach = t if causal else num_keys - 1
+          if first_real[bi, j] > reach:
+            s[j] = -np.inf
+          elif j == 0 or own - num_local_blocks < j <= own:
+            s[j] = np.inf
+        order = np.argsort(-s, kind="stable")[:num_selected]
+        out[bi, t, x] = np.where(s[order] == -np.inf, -1, order)
+  return out
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_top_n_block_lists_equal_a_numpy_oracle(causal):
+  b, l, h, hkv, d, ls, cb, cs, n = 2, 24, 4, 2, 8, 4, 4, 2, 3
+  kq, kk = jax.random.split(jax.random.key(5))
+  q = jax.random.normal(kq, (b, l, h, d))
+  nc = nsa.num_compressed_tokens(l, cb, cs)
+  kc = jax.random.normal(kk, (b, nc, hkv, d))
+  real = np.arange(l)[None, :] < np.array([[l - 7], [l]])
+  valid_c = np.array([[real[i, j * cs:j * cs + cb].any() for j in range(nc)] for i in range(b)])
+  k_pos_c = np.arange(nc) * cs + cb - 1
+  coverage = nsa.coverage_matrix(nc, l // ls, compress_block=cb, compress_stride=cs, select_block=ls)
+  first_real = np.asarray(core.first_real_position(jnp.asarray(real), b, l, ls))
+  rules = dict(select_block=ls, num_local_blocks=1, num_selected=n, causal=causal, num_keys=l)
+  choose = functools.partial(nsa.select_blocks, coverage_NcxNs=jnp.asarray(coverage),
+                             first_real_BxNs=jnp.asarray(first_real), **rules)
+  _, idx = jax.jit(lambda q, kc: core.summary_attention(
+      q, kc, kc, k_pos_S=jnp.asarray(k_pos_c), key_valid_BxS=jnp.asarray(valid_c), causal=causal, scale=d ** -0.5,
+      query_chunk=5, probs_fn=choose))(q, kc)
+  expected = _numpy_selection(np.asarray(q), np.asarray(kc), valid_c=valid_c, k_pos_c=k_pos_c, coverage=coverage,
+                              first_real=first_real, **rules)
+  np.testing.assert_array_equal(np.asarray(idx), expected)
+  assert (expected >= 0).sum() > b * l * hkv  # more than the forced block: the scores chose
+  # Coverage: each compressed token's strides are spread over the blocks it overlaps (total l / d per token).
+  np.testing.assert_allclose(coverage.sum(axis=1), cb / cs)
+
+
+def test_decoding_equals_the_parallel_causal_output():
+  """20 steps: compressed tokens appended every d steps, selection per step, the window, GQA."""
+  contract.check_decode("nsa", length=20, **TINY)
+
+
+def test_selection_is_not_differentiated_the_compressor_learns_through_its_branch():
+  x = jax.random.normal(jax.random.key(0), (1, 16, 16))
+  grads = {}
+  for use_compressed in (True, False):
+    layer = attention.build("nsa", causal=True, use_compressed=use_compressed, **TINY)
+    variables = jax.jit(layer.init)(contract.RNGS, x)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2)))(variables["params"])
+    grads[use_compressed] = sum(float(jnp.abs(v).sum()) for k, v in jax.tree_util.tree_leaves_with_path(g)
+                                if "compress_key" in jax.tree_util.keystr(k))
+  assert grads[True] > 0
+  assert grads[False] == 0.0  # only the (integer) selection reads the compressed keys then
+
+
+@pytest.mark.parametrize("options,needle", [
+    (dict(num_selected=9), "num_selected=9"),
+    (dict(compress_stride=3), "compress_stride=3"),
+    (dict(window=2), "window=2"),
+    (dict(select_block=3, compress_block=3, compress_stride=3, window=3, num_selected=2, num_kv_heads=3),
+     "num_kv_heads=3"),
+])
+def test_bad_options_are_refused_in_one_line(options, needle):
+  with pytest.raises(ValueError) as e:
+    attention.build("nsa", **{**TINY, **options}).init(contract.RNGS, jnp.ones((1, 16, 16)))
+  assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_ablation_switches_change_the_output():
+  x = jax.random.normal(jax.random.key(0), (1, 16, 16))
+  layer = attention.build("nsa", causal=True, **TINY)
+  variables = jax.jit(layer.init)(contract.RNGS, x)
+  full = layer.apply(variables, x)
+  for switch in ("use_compressed", "use_selected", "use_window"):
+    ablated = attention.build("nsa", causal=True, **TINY, **{switch: False}).apply(variables, x)
+    assert np.abs(np.asarray(full - ablated)).max() > 1e-4, switch
