@@ -15,11 +15,13 @@ Every variant runs with its registry defaults, performer's 256 random features i
 from __future__ import annotations
 
 import functools
+import logging
 import re
 
 import jax
 import pytest
 
+from configs import mqar
 from configs.lra import listops
 from lra.training import trainer
 
@@ -90,3 +92,53 @@ def test_bfloat16_training_step_holds_the_kernels_for_accelerators_and_xla_for_c
   assert not _kernel_calls(cpu), f"{name} lowered for cpu holds kernel custom calls"
   assert not any(re.search(rf"\b{kernel}", cpu) for kernel in kernel_names)
 
+
+
+# A bfloat16 causal language-model training step (issue 32): MQAR at 1,024 tokens, head dim 64 (qkv 128 over 2 heads),
+# 2 layers (transnormer's kernel layer is its second, based's "hybrid" Taylor + window layer its second), a vocabulary
+# of 256 (smaller than the length, so an `[L, L]` buffer cannot hide behind the logits' `[L, vocab]` shape). Each
+# variant's step holds its causal kernels, forward and backward, and no `[L, L]`-sized tensor; softmax is the flash
+# default (the block-sparse kernels with a full causal layout).
+CAUSAL_LINEAR_KERNELS = ("linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dk")  # tpu: dkv
+LM_VARIANTS = {"linear": CAUSAL_LINEAR_KERNELS, "performer": CAUSAL_LINEAR_KERNELS,
+               "transnormer": CAUSAL_LINEAR_KERNELS, "based": CAUSAL_LINEAR_KERNELS, "softmax": SPARSE_KERNELS}
+LM_LENGTH, LM_VOCAB = 1024, 256
+
+
+@functools.lru_cache(maxsize=None)
+def _lm_step_and_args(name: str):
+  config = mqar.get_config(f"attention={name}")
+  config.model.update(dtype="bfloat16", num_layers=2, emb_dim=128, qkv_dim=128, num_heads=2, mlp_dim=256)
+  config.data.max_length = LM_LENGTH
+  config.data.generate.vocab_size = LM_VOCAB
+  config.train.batch_size = config.train.eval_batch_size = BATCH
+  experiment = trainer.Experiment(config)
+  rep, data = experiment.replicated, experiment.batch_sharding
+  abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  state = jax.tree_util.tree_map(lambda x: abstract(x, rep), jax.eval_shape(experiment.init_state))
+  batch = {k: abstract(v, data) for k, v in experiment.task.dummy_batch(BATCH).items()}
+  return experiment.jit_train_step, (state, batch, abstract(experiment.key, rep))
+
+
+def _square_shapes(module: str, length: int) -> list[str]:
+  """Tensor types with two dimensions both at least the sequence length."""
+  return [t for t in re.findall(r"tensor<([0-9x]+)x\w+>", module) if sum(int(d) >= length for d in t.split("x")) >= 2]
+
+
+@pytest.mark.parametrize("name", list(LM_VARIANTS))
+def test_bfloat16_causal_lm_step_exports_with_the_causal_kernels_and_no_length_squared_tensor(name, caplog):
+  step, args = _lm_step_and_args(name)
+  for platform, target in TARGETS.items():
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+      module = jax.export.export(
+          step, platforms=[platform],
+          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(*args).mlir_module()
+    calls = _kernel_calls(module)
+    assert calls and set(calls) == {target}, f"{name} exported for {platform}: kernel custom calls {calls}"
+    for kernel in LM_VARIANTS[name]:
+      assert re.search(rf"\b{kernel}", module), f"{name} exported for {platform} lacks the kernel {kernel}"
+    assert "bf16" in module
+    square = _square_shapes(module, LM_LENGTH)
+    assert not square, f"[L, L]-sized tensors in the {name} step for {platform}: {square[:5]}"
+  fallbacks = [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
+  assert not fallbacks, fallbacks  # every attention layer's call reached its kernel (based's window has none: XLA)
