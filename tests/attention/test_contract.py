@@ -21,6 +21,13 @@ from tests.attention import contract
 # Tiny sizes: lengths 8-12 against block sizes 3-5 cover both padded and unpadded block layouts.
 OPTIONS: dict[str, list[dict]] = {
     "based": [{"window": 3, "feature_dim": 4, "chunk_size": 4}],
+    # flex: every built-in mask once (the combinators carry the rest), every score, GQA, a partial last tile; the
+    # combinations on the op's dense form (its XLA form costs minutes under jacrev here; tests/kernels check it).
+    "flex": [{"mask": "sliding_window", "window": 3, "block_size": 4, "score": "relative_bias", "num_kv_heads": 1},
+             {"mask": "and_masks", "masks": ("document", "dilated", "causal"), "window": 3, "dilation": 2,
+              "block_size": 4, "score": "softcap", "implementation": "reference"},
+             {"mask": "or_masks", "masks": ("prefix_lm", "global_window", "full"), "prefix_length": 3, "window": 2,
+              "block_size": 4, "score": "alibi", "implementation": "reference"}],
     "bigbird": [{"block_size": 5, "window": 1, "num_global_blocks": 1, "num_random_blocks": 1}],
     "grassmann": [{"reduced_dim": 4, "offsets": (1, 3)}],
     "linear": [{"chunk_size": 4}],

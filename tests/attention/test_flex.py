@@ -304,3 +304,31 @@ def test_a_users_mask_with_its_own_option_is_selectable_by_name():
   from configs import common  # pylint: disable=import-outside-toplevel
   assert common.attention_config("flex", mask="test_stripes", test_period=2).to_dict() == {
       "name": "flex", "mask": "test_stripes", "test_period": 2}
+
+
+def test_any_config_takes_flex_and_its_function_options_from_the_command_line(monkeypatch):
+  """`--config.model.attention.name=flex --config.model.attention.mask=...` and the functions' options, through the
+  registry's fields and ranges (no per-variant code in configs)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from configs import common  # pylint: disable=import-outside-toplevel
+  from lra.training import config_checks  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[2])
+
+  def parse(*argv):
+    values = flags.FlagValues()
+    holder = common.DEFINE_config_file("config", flag_values=values, sys_argv=["prog", *argv])
+    values(["prog", *argv])
+    return holder.value
+
+  config = parse("--config=configs/lra/listops.py:runlocal", "--config.model.attention.name=flex",
+                 "--config.model.attention.mask=and_masks", "--config.model.attention.masks=('sliding_window', "
+                 "'document')", "--config.model.attention.window=4", "--config.model.attention.score=alibi")
+  assert config.model.attention.to_dict() == {"name": "flex", "mask": "and_masks", "masks": ("sliding_window",
+                                              "document"), "window": 4, "score": "alibi"}
+  layers = config_checks.resolved_layers(config)
+  assert {(layer["mask"], tuple(layer["masks"]), layer["window"], layer["score"]) for layer in layers} == {
+      ("and_masks", ("sliding_window", "document"), 4, "alibi")}
+  with pytest.raises(ValueError, match=r"window=0.*integer >= 1"):  # the one gate, with the mask's declared range
+    config_checks.check_config(parse("--config=configs/lra/listops.py:runlocal", "--config.model.attention.name=flex",
+                                     "--config.model.attention.window=0"))
