@@ -95,7 +95,8 @@ def test_bfloat16_training_step_holds_the_kernels_for_accelerators_and_xla_for_c
 
 
 # A bfloat16 causal language-model training step (issue 32): MQAR at 1,024 tokens, head dim 64 (qkv 128 over 2 heads),
-# 2 layers (transnormer's kernel layer is its second, based's "hybrid" Taylor + window layer its second), a vocabulary
+# 1 layer (the registry defaults give transnormer's "norm" kernel layer and based's "hybrid" Taylor + window layer), a
+# vocabulary
 # of 256 (smaller than the length, so an `[L, L]` buffer cannot hide behind the logits' `[L, vocab]` shape). Each
 # variant's step holds its causal kernels, forward and backward, and no `[L, L]`-sized tensor; softmax is the flash
 # default (the block-sparse kernels with a full causal layout).
@@ -108,7 +109,7 @@ LM_LENGTH, LM_VOCAB = 1024, 256
 @functools.lru_cache(maxsize=None)
 def _lm_step_and_args(name: str):
   config = mqar.get_config(f"attention={name}")
-  config.model.update(dtype="bfloat16", num_layers=2, emb_dim=128, qkv_dim=128, num_heads=2, mlp_dim=256)
+  config.model.update(dtype="bfloat16", num_layers=1, emb_dim=128, qkv_dim=128, num_heads=2, mlp_dim=256)
   config.data.max_length = LM_LENGTH
   config.data.generate.vocab_size = LM_VOCAB
   config.train.batch_size = config.train.eval_batch_size = BATCH
