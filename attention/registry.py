@@ -64,7 +64,8 @@ def get_class(name: str) -> type[nn.Module]:
   try:
     return _REGISTRY[name]
   except (KeyError, TypeError):
-    raise ValueError(f"unknown attention variant {name!r}; valid choices: {', '.join(names())}") from None
+    raise ValueError(f"unknown attention variant {name!r}; valid choices: {', '.join(names())} (a variant defined "
+                     f"outside the package is registered by naming its module in ATTENTION_PLUGINS)") from None
 
 
 def options(name: str, /) -> dict[str, Any]:

@@ -112,3 +112,11 @@ def test_task_plugins_use_the_same_loader():
   with pytest.raises(ValueError, match=r"^TASK_PLUGINS names module 'no_such_task_plugin', which cannot be imported "
                                        r"\(No module named 'no_such_task_plugin'\); fix the name in TASK_PLUGINS"):
     registry.import_plugins("no_such_task_plugin")
+
+
+def test_an_unknown_variant_names_the_plugin_variable():
+  import attention  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"unknown attention variant 'my_attention'; valid choices: .*softmax.* \(a "
+                                       r"variant defined outside the package is registered by naming its module in "
+                                       r"ATTENTION_PLUGINS\)$"):
+    attention.build("my_attention")
