@@ -28,8 +28,8 @@ from kernels.common import MASK_VALUE, dropout_keep
 from kernels.flex.tables import BlockMask
 
 F32 = jnp.float32
-# Scores per batch row and key/value head in one step.
-_STEP_SCORES = 1 << 18
+# Keys per step (one query tile against this many keys of its list: one matmul of G·bq x _STEP_KEYS per head).
+_STEP_KEYS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,28 +46,29 @@ class _Spec:
   kv_len: int
   scale: float
   rate: float
-  chunk: int  # pairs per step
+  chunk: int  # C: key tiles per step
   mask_mod: object
   score_mod: object  # closure-converted: score_mod(s, b, h, q, kv, *params)
   has_key_mask: bool
 
 
-def _pairs(num_BxHxT, idx_BxHxTxK, q_tiles: int, chunk: int):
-  """Compact (query tile, key tile) pairs `[B', Hx', P]` (P a multiple of `chunk`; unused slots point at query tile
-  `q_tiles`, the padding tile) and the number of steps that covers every row's pairs."""
+def _items(num_BxHxT, idx_BxHxTxK, q_tiles: int, chunk: int):
+  """Work items of one list: (query tile, offset into its list) `[B', Hx', W]`, compacted so each row of the tables
+  lists its items first (W = Tq * ceil(K / chunk); unused slots point at query tile `q_tiles`, the padding tile), and
+  the number of steps covering every row's items (traced when the tables are)."""
   b, h, t, k = idx_BxHxTxK.shape
-  valid = (jnp.arange(k) < jnp.asarray(num_BxHxT)[..., None]).reshape(b, h, t * k)
+  per_row = -(-k // chunk)
+  n_items = (jnp.asarray(num_BxHxT, jnp.int32) + chunk - 1) // chunk  # [B', Hx', Tq]
+  valid = (jnp.arange(per_row) < n_items[..., None]).reshape(b, h, t * per_row)
   pos = jnp.cumsum(valid, axis=-1) - 1
-  total = t * k
-  p = -(-total // chunk) * chunk
-  slot = jnp.where(valid, pos, p)  # invalid entries scatter out of bounds (dropped)
-  qt_src = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(t * k)
+  w = t * per_row
+  slot = jnp.where(valid, pos, w)  # invalid entries scatter out of bounds (dropped)
+  src_q = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, per_row)).reshape(w)
+  src_off = jnp.broadcast_to(jnp.arange(per_row, dtype=jnp.int32)[None, :] * chunk, (t, per_row)).reshape(w)
   at = (jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], slot)
-  qt = jnp.full((b, h, p), q_tiles, jnp.int32).at[at].set(jnp.broadcast_to(qt_src, (b, h, total)), mode="drop")
-  kt = jnp.zeros((b, h, p), jnp.int32).at[at].set(jnp.asarray(idx_BxHxTxK, jnp.int32).reshape(b, h, total),
-                                                   mode="drop")
-  count = valid.sum(-1).max()
-  return qt, kt, (count + chunk - 1) // chunk
+  item_q = jnp.full((b, h, w), q_tiles, jnp.int32).at[at].set(jnp.broadcast_to(src_q, (b, h, w)), mode="drop")
+  item_off = jnp.zeros((b, h, w), jnp.int32).at[at].set(jnp.broadcast_to(src_off, (b, h, w)), mode="drop")
+  return item_q, item_off, valid.sum(-1).max()
 
 
 def _rows(spec: _Spec, x):
@@ -79,32 +80,47 @@ def _rows(spec: _Spec, x):
 
 
 class _Step:
-  """Gathers and tile math of one step of C pairs."""
+  """One step: for every (batch row, key/value head), one query tile against `C` key tiles of its list.
 
-  def __init__(self, spec: _Spec, qt, kt, kmask, seed, params):
-    self.spec, self.seed, self.params = spec, seed, params
-    b, hx, c = spec.batch, spec.kv_heads, qt.shape[-1]
-    self.qt = jnp.broadcast_to(qt, (b, hx, c))
+  Shapes: queries `[B, Hx, G, bq, D]`, keys `[B, Hx, C, bkv, D]`, scores `[B, Hx, G, bq, C, bkv]` (one matmul of
+  G·bq x C·bkv per batch row and head)."""
+
+  def __init__(self, spec: _Spec, s, items, kmask, seed):
+    self.spec, self.seed = spec, seed
+    item_q, item_off, num, idx = items
+    b, hx, c = spec.batch, spec.kv_heads, spec.chunk
+    bt = jnp.arange(item_q.shape[0])[:, None]
+    ht = jnp.arange(item_q.shape[1])[None, :]
+    qt = item_q[:, :, s]  # [B', Hx']
+    slots = item_off[:, :, s][..., None] + jnp.arange(c, dtype=jnp.int32)  # [B', Hx', C]
+    k = idx.shape[-1]
+    row_q = jnp.minimum(qt, spec.q_tiles - 1)
+    kt = idx[bt[..., None], ht[..., None], row_q[..., None], jnp.minimum(slots, k - 1)]
+    valid = (slots < num[bt, ht, row_q][..., None]) & (qt < spec.q_tiles)[..., None]
+    self.qt = jnp.broadcast_to(qt, (b, hx))
     self.kt = jnp.broadcast_to(kt, (b, hx, c))
-    self.at_q = (jnp.arange(b)[:, None, None], jnp.arange(hx)[None, :, None], self.qt)
-    self.at_k = (jnp.arange(b)[:, None, None], jnp.arange(hx)[None, :, None], self.kt)
+    valid = jnp.broadcast_to(valid, (b, hx, c))
+    self.bi, self.hi = jnp.arange(b)[:, None], jnp.arange(hx)[None, :]
+    self.at_q = (self.bi, self.hi, self.qt)
+    self.at_k = (self.bi[..., None], self.hi[..., None], self.kt)
     g, bq, bkv = spec.group, spec.q_block, spec.kv_block
-    self.b = jnp.arange(b, dtype=jnp.int32)[:, None, None, None, None, None]
-    self.h = (jnp.arange(hx, dtype=jnp.int32)[:, None] * g + jnp.arange(g, dtype=jnp.int32))[None, :, None, :, None,
-                                                                                             None]
-    self.q_idx = (self.qt[..., None] * bq + jnp.arange(bq, dtype=jnp.int32))[:, :, :, None, :, None]
-    self.kv_idx = (self.kt[..., None] * bkv + jnp.arange(bkv, dtype=jnp.int32))[:, :, :, None, None, :]
-    self.kmask = None if kmask is None else kmask[jnp.arange(b)[:, None, None], self.kt][:, :, :, None, None, :]
+    ar = lambda n: jnp.arange(n, dtype=jnp.int32)  # noqa: E731
+    self.b = ar(b)[:, None, None, None, None, None]
+    self.h = (ar(hx)[:, None] * g + ar(g))[None, :, :, None, None, None]
+    self.q_idx = (self.qt[..., None] * bq + ar(bq))[:, :, None, :, None, None]
+    self.kv_idx = (self.kt[..., None] * bkv + ar(bkv))[:, :, None, None, :, :]
+    tile_ok = valid[:, :, None, None, :, None]
+    if kmask is not None:
+      tile_ok = tile_ok & kmask[self.bi[..., None], self.kt][:, :, None, None, :, :]
+    self.tile_ok = tile_ok
 
   def allowed(self, partial: bool):
-    allowed = self.kmask
     if partial and self.spec.mask_mod is not None:
-      m = jnp.asarray(self.spec.mask_mod(self.b, self.h, self.q_idx, self.kv_idx), bool)
-      allowed = m if allowed is None else allowed & m
-    return allowed
+      return self.tile_ok & jnp.asarray(self.spec.mask_mod(self.b, self.h, self.q_idx, self.kv_idx), bool)
+    return self.tile_ok
 
   def raw_scores(self, q_t, k_t):
-    return jnp.einsum("bxcgqd,bxckd->bxcgqk", q_t, k_t, preferred_element_type=F32) * self.spec.scale
+    return jnp.einsum("bxgqd,bxckd->bxgqck", q_t, k_t, preferred_element_type=F32) * self.spec.scale
 
   def modded(self, s, params):
     if self.spec.score_mod is None:
@@ -156,45 +172,40 @@ def _key_tiles(spec: _Spec, key_mask):
   return jnp.pad(km, ((0, 0), (0, tk * bkv - spec.kv_len))).reshape(spec.batch, tk, bkv)
 
 
-def _pair_sets(spec: _Spec, tables):
-  """[(qt, kt, steps, partial)] for the full and the partial lists."""
-  kv_num_full, kv_full_idx, kv_num_partial, kv_partial_idx = (_rows(spec, jnp.asarray(x)) for x in tables)
+def _lists(spec: _Spec, tables):
+  """[(items, steps, partial)] for the full and the partial lists."""
+  kv_num_full, kv_full_idx, kv_num_partial, kv_partial_idx = (_rows(spec, jnp.asarray(x, jnp.int32)) for x in tables)
   out = []
   for num, idx, partial in ((kv_num_full, kv_full_idx, False), (kv_num_partial, kv_partial_idx, True)):
-    qt, kt, steps = _pairs(num, idx, spec.q_tiles, spec.chunk)
-    out.append((qt, kt, steps, partial))
+    item_q, item_off, steps = _items(num, idx, spec.q_tiles, spec.chunk)
+    out.append(((item_q, item_off, num, idx), steps, partial))
   return out
-
-
-def _slice(x, s, c):
-  return jax.lax.dynamic_slice_in_dim(x, s * c, c, axis=-1)
 
 
 def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params):
   qb, kb, vb = _blocks_q(spec, q), _blocks_kv(spec, k), _blocks_kv(spec, v)
   kmask = _key_tiles(spec, key_mask)
   stat_shape = qb.shape[:-1]  # [B, Hx, Tq + 1, G, bq]
-  carry = (jnp.full(stat_shape, MASK_VALUE, F32), jnp.zeros(stat_shape, F32), jnp.zeros(qb.shape[:-1] + vb.shape[-1:],
-                                                                                         F32))
-  for qt, kt, steps, partial in _pair_sets(spec, tables):
-    def body(s, carry, qt=qt, kt=kt, partial=partial):
+  carry = (jnp.full(stat_shape, MASK_VALUE, F32), jnp.zeros(stat_shape, F32),
+           jnp.zeros(stat_shape + vb.shape[-1:], F32))
+  for items, steps, partial in _lists(spec, tables):
+    def body(s, carry, items=items, partial=partial):
       m, l, acc = carry
-      st = _Step(spec, _slice(qt, s, spec.chunk), _slice(kt, s, spec.chunk), kmask, seed, params)
+      st = _Step(spec, s, items, kmask, seed)
       q_t, k_t, v_t = qb[st.at_q], kb[st.at_k], vb[st.at_k]
       sc = st.modded(st.raw_scores(q_t, k_t), params)
       allowed = st.allowed(partial)
-      if allowed is not None:
-        sc = jnp.where(allowed, sc, MASK_VALUE)
-      m_new = m.at[st.at_q].max(jnp.max(sc, axis=-1))
-      alpha = jnp.exp(m - m_new)
-      p = jnp.exp(sc - m_new[st.at_q][..., None])
-      if allowed is not None:
-        p = jnp.where(allowed, p, 0.0)  # a row that saw nothing so far (m_new = MASK_VALUE) stays at 0
-      pv = jnp.einsum("bxcgqk,bxckd->bxcgqd", st.drop(p, st.keep()).astype(v_t.dtype), v_t,
+      sc = jnp.where(allowed, sc, MASK_VALUE)
+      m_old, l_old, acc_old = m[st.at_q], l[st.at_q], acc[st.at_q]
+      m_new = jnp.maximum(m_old, jnp.max(sc, axis=(-2, -1)))
+      alpha = jnp.exp(m_old - m_new)
+      # Masked entries are zeroed: a row that saw nothing so far (m_new = MASK_VALUE) stays at 0.
+      p = jnp.where(allowed, jnp.exp(sc - m_new[..., None, None]), 0.0)
+      pv = jnp.einsum("bxgqck,bxckd->bxgqd", st.drop(p, st.keep()).astype(v_t.dtype), v_t,
                       preferred_element_type=F32)
-      l = (alpha * l).at[st.at_q].add(jnp.sum(p, axis=-1))
-      acc = (alpha[..., None] * acc).at[st.at_q].add(pv)
-      return m_new, l, acc
+      l_new = alpha * l_old + jnp.sum(p, axis=(-2, -1))
+      acc_new = alpha[..., None] * acc_old + pv
+      return m.at[st.at_q].set(m_new), l.at[st.at_q].set(l_new), acc.at[st.at_q].set(acc_new)
 
     carry = jax.lax.fori_loop(0, steps, body, carry)
   m, l, acc = carry
@@ -213,28 +224,27 @@ def _backward(spec: _Spec, tables, res, do):
   kmask = _key_tiles(spec, key_mask)
   carry = (jnp.zeros(qb.shape, F32), jnp.zeros(kb.shape, F32), jnp.zeros(vb.shape, F32),
            tuple(jnp.zeros(jnp.shape(p), F32) for p in params))
-  for qt, kt, steps, partial in _pair_sets(spec, tables):
-    def body(s, carry, qt=qt, kt=kt, partial=partial):
+  for items, steps, partial in _lists(spec, tables):
+    def body(s, carry, items=items, partial=partial):
       dq, dk, dv, dparams = carry
-      st = _Step(spec, _slice(qt, s, spec.chunk), _slice(kt, s, spec.chunk), kmask, seed, params)
+      st = _Step(spec, s, items, kmask, seed)
       q_t, do_t, k_t, v_t = qb[st.at_q], dob[st.at_q], kb[st.at_k], vb[st.at_k]
       raw = st.raw_scores(q_t, k_t)
       sc, pull = jax.vjp(st.modded, raw, params)
       allowed = st.allowed(partial)
-      p = jnp.exp(sc - lse[st.at_q][..., None])
-      if allowed is not None:
-        p = jnp.where(allowed, p, 0.0)
+      p = jnp.where(allowed, jnp.exp(sc - lse[st.at_q][..., None, None]), 0.0)
       keep = st.keep()
-      dv_t = jnp.einsum("bxcgqk,bxcgqd->bxckd", st.drop(p, keep).astype(do_t.dtype), do_t,
+      dv_t = jnp.einsum("bxgqck,bxgqd->bxckd", st.drop(p, keep).astype(do_t.dtype), do_t,
                         preferred_element_type=F32)
-      dp = st.drop(jnp.einsum("bxcgqd,bxckd->bxcgqk", do_t, v_t, preferred_element_type=F32), keep)
-      ds = p * (dp - delta[st.at_q][..., None])
+      dp = st.drop(jnp.einsum("bxgqd,bxckd->bxgqck", do_t, v_t, preferred_element_type=F32), keep)
+      ds = p * (dp - delta[st.at_q][..., None, None])
       ds_raw, dparams_t = pull(ds)
       ds_raw = ds_raw * spec.scale
-      dq = dq.at[st.at_q].add(jnp.einsum("bxcgqk,bxckd->bxcgqd", ds_raw.astype(k_t.dtype), k_t,
-                                         preferred_element_type=F32))
-      dk = dk.at[st.at_k].add(jnp.einsum("bxcgqk,bxcgqd->bxckd", ds_raw.astype(q_t.dtype), q_t,
-                                         preferred_element_type=F32))
+      dq_t = jnp.einsum("bxgqck,bxckd->bxgqd", ds_raw.astype(k_t.dtype), k_t, preferred_element_type=F32)
+      dk_t = jnp.einsum("bxgqck,bxgqd->bxckd", ds_raw.astype(q_t.dtype), q_t, preferred_element_type=F32)
+      # A row's listed key tiles are distinct; the clipped tail of a list carries exact zeros.
+      dq = dq.at[st.at_q].add(dq_t)
+      dk = dk.at[st.at_k].add(dk_t)
       dv = dv.at[st.at_k].add(dv_t)
       dparams = tuple(a + jnp.asarray(g, F32) for a, g in zip(dparams, dparams_t))
       return dq, dk, dv, dparams
@@ -284,7 +294,7 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
     hkv = h
   bq, bkv = block_mask.q_block, block_mask.kv_block
   group = h // hkv
-  chunk = max(1, _STEP_SCORES // (group * bq * bkv))
+  chunk = max(1, min(_STEP_KEYS // bkv, max(block_mask.kv_full_idx.shape[-1], block_mask.kv_partial_idx.shape[-1])))
   rate = float(dropout_rate) if dropout_seed is not None and dropout_rate > 0.0 else 0.0
   seed = jnp.asarray(dropout_seed, jnp.int32) if rate else None
   spec = _Spec(batch=b, heads=h, kv_heads=hkv, group=group, q_tiles=block_mask.num_q_tiles,
@@ -294,8 +304,8 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
   params = ()
   if score_mod is not None:
     i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
-    examples = (jnp.zeros((b, hkv, chunk, group, bq, bkv), F32), i32(b, 1, 1, 1, 1, 1), i32(1, hkv, 1, group, 1, 1),
-                i32(b, hkv, chunk, 1, bq, 1), i32(b, hkv, chunk, 1, 1, bkv))
+    examples = (jnp.zeros((b, hkv, group, bq, chunk, bkv), F32), i32(b, 1, 1, 1, 1, 1), i32(1, hkv, group, 1, 1, 1),
+                i32(b, hkv, 1, bq, 1, 1), i32(b, hkv, 1, 1, chunk, bkv))
     converted, params = explicit_score_mod(score_mod, examples)
     spec = dataclasses.replace(spec, score_mod=converted)
   tables = (block_mask.kv_num_full, block_mask.kv_full_idx, block_mask.kv_num_partial, block_mask.kv_partial_idx)
