@@ -7,6 +7,7 @@ matmul needs one), and a register value feeding a matmul is stored to shared mem
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
@@ -55,10 +56,16 @@ def mma(a_ref, b_ref, shape: tuple[int, int]) -> jax.Array:
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
+# jax 0.10's `plgpu.load(ref, idx, ...)` requires the index; jax 0.11 deprecates passing it (the ref is indexed instead).
+_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
 def load(ref, layout) -> jax.Array:
   """The whole of `ref` in registers with `layout` (a plain read when interpreting: the interpreter has no rule for
   `plgpu.load`)."""
-  return ref[...] if layout is None else plgpu.load(ref, (), layout=layout)
+  if layout is None:
+    return ref[...]
+  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
 
 
 def full(shape, value: float, layout) -> jax.Array:
