@@ -89,15 +89,16 @@ _PRIVATE_EFFECT_REGISTRIES = ("control_flow_allowed_effects", "custom_derivative
                               "remat_allowed_effects")
 
 
-def _private_effect_registries(module_name: str = "jax._src.effects") -> list:
-  """The effect-type registries of `_PRIVATE_EFFECT_REGISTRIES`; ImportError naming the jax version if one moved."""
+def _private_effect_registries(module_name: str = "jax._src.effects",
+                               names: tuple[str, ...] = _PRIVATE_EFFECT_REGISTRIES) -> list:
+  """The effect-type registries `names`; ImportError naming the jax version if one moved."""
   effects = importlib.import_module(module_name)
-  missing = [n for n in _PRIVATE_EFFECT_REGISTRIES if not hasattr(getattr(effects, n, None), "add_type")]
+  missing = [n for n in names if not hasattr(getattr(effects, n, None), "add_type")]
   if missing:
     checked = ", ".join(f"{a}.{b}" for a, b in PRIVATE_EFFECT_REGISTRIES_CHECKED)
     raise ImportError(f"kernels.platform: jax {jax.__version__} has no {module_name}.{missing[0]} (checked with jax "
                       f"{checked}); install a checked jax version or update kernels/platform.py for this one")
-  return [getattr(effects, n) for n in _PRIVATE_EFFECT_REGISTRIES]
+  return [getattr(effects, n) for n in names]
 
 
 class _KernelNoteEffect(Effect):
@@ -105,7 +106,10 @@ class _KernelNoteEffect(Effect):
 
 
 _NOTE_EFFECT = _KernelNoteEffect()
-for _allowed in (mlir.lowerable_effects, *_private_effect_registries()):
+# `lowerable_effects` has a public name (jax.interpreters.mlir) in the checked versions; the private one if it loses it.
+_LOWERABLE = getattr(mlir, "lowerable_effects", None)
+for _allowed in ((_LOWERABLE,) if _LOWERABLE is not None else ()) + tuple(_private_effect_registries(
+    names=_PRIVATE_EFFECT_REGISTRIES + (() if _LOWERABLE is not None else ("lowerable_effects",)))):
   _allowed.add_type(_KernelNoteEffect)
 
 _note_p = Primitive("kernel_fallback_note")
