@@ -51,10 +51,6 @@ _SUPPLIED = ("rngs",)
 _VARIANTS: dict[type, type[AttentionLayer]] = {}
 
 
-def is_nnx_module(cls: Any) -> bool:
-  return isinstance(cls, type) and issubclass(cls, nnx.Module)
-
-
 def _common_fields() -> dict[str, dataclasses.Field]:
   return {f.name: f for f in dataclasses.fields(AttentionLayer) if f.init and f.name not in ("parent", "name")}
 
