@@ -4,8 +4,10 @@
 Implementations (the op template of docs/architecture.md "Functional cores"): "reference" (`reference.py`) builds
 the dense `[L, L]` mask (ground truth); "xla" (`xla.py`) works in chunks of `window` positions, each query chunk
 scoring only its own and the neighbouring key chunks, so memory is `O(L * window)`; None is "xla" on every platform
-(no Pallas kernel for this op yet: "pallas" and "interpret" are refused). Softmax in float32; a query with no
-allowed key (only possible at padded positions) gets 0.
+(no Pallas kernel for this op yet: "pallas" and "interpret" are refused). Short inputs take the dense path whatever
+the implementation: a length no longer than `window` runs the reference (its `[L, L]` is at most `[window, window]`,
+less than the chunked form's one padded chunk scoring two). Softmax in float32; a query with no allowed key (only
+possible at padded positions) gets 0.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def sliding_window_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxH
   if window < 1:
     raise ValueError(f"window must be >= 1, got {window=}")
   kw = dict(window=window, causal=causal, key_mask=key_mask, scale=scale)
-  if implementation == "reference" or q_BxLxHxD.shape[1] <= window:
+  if implementation == "reference" or q_BxLxHxD.shape[1] <= window:  # short inputs: dense (module docstring)
     return sliding_window_attention_reference(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, **kw)
   return sliding_window_attention_xla(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, **kw)
 
