@@ -56,7 +56,7 @@ def mma(a_ref, b_ref, shape: tuple[int, int]) -> jax.Array:
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-# jax 0.10's `plgpu.load(ref, idx, ...)` requires the index; jax 0.11 deprecates passing it (the ref is indexed instead).
+# jax 0.10's `plgpu.load(ref, idx, ...)` requires the index; jax 0.11 deprecates it (the ref is indexed instead).
 _LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
 
 

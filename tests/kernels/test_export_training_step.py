@@ -10,6 +10,7 @@ test what training runs. Nothing is executed on an accelerator: the step is only
 (`jax.export`), with `disabled_checks` for the kernels' custom-call targets.
 Every variant runs with its registry defaults, performer's 256 random features included (the Mosaic GPU kernel takes
 64 or 128 features per call; the driver runs 256 as two 128-wide feature blocks, issue 21).
+A second test exports a bfloat16 causal language-model step (MQAR, 1,024 tokens) for the causal kernels (issue 32).
 """
 
 from __future__ import annotations
@@ -96,10 +97,9 @@ def test_bfloat16_training_step_holds_the_kernels_for_accelerators_and_xla_for_c
 
 # A bfloat16 causal language-model training step (issue 32): MQAR at 1,024 tokens, head dim 64 (qkv 128 over 2 heads),
 # 1 layer (the registry defaults give transnormer's "norm" kernel layer and based's "hybrid" Taylor + window layer), a
-# vocabulary
-# of 256 (smaller than the length, so an `[L, L]` buffer cannot hide behind the logits' `[L, vocab]` shape). Each
-# variant's step holds its causal kernels, forward and backward, and no `[L, L]`-sized tensor; softmax is the flash
-# default (the block-sparse kernels with a full causal layout).
+# vocabulary of 256 (smaller than the length, so an `[L, L]` buffer cannot hide behind the logits' `[L, vocab]`
+# shape). Each variant's step holds its causal kernels, forward and backward, and no `[L, L]`-sized tensor; softmax is
+# the flash default (the block-sparse kernels with a full causal layout). Nothing runs: export only.
 CAUSAL_LINEAR_KERNELS = ("linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dk")  # tpu: dkv
 LM_VARIANTS = {"linear": CAUSAL_LINEAR_KERNELS, "performer": CAUSAL_LINEAR_KERNELS,
                "transnormer": CAUSAL_LINEAR_KERNELS, "based": CAUSAL_LINEAR_KERNELS, "softmax": SPARSE_KERNELS}
@@ -131,9 +131,10 @@ def test_bfloat16_causal_lm_step_exports_with_the_causal_kernels_and_no_length_s
   step, args = _lm_step_and_args(name)
   for platform, target in TARGETS.items():
     with caplog.at_level(logging.WARNING, logger="kernels"):
-      module = jax.export.export(
+      exported = jax.export.export(
           step, platforms=[platform],
-          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(*args).mlir_module()
+          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(*args)
+    module = exported.mlir_module()
     calls = _kernel_calls(module)
     assert calls and set(calls) == {target}, f"{name} exported for {platform}: kernel custom calls {calls}"
     for kernel in LM_VARIANTS[name]:
