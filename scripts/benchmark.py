@@ -16,7 +16,11 @@ form, what LRA's Transformer row measured). Both are always measured.
 `--core_head_dim`, float32 or `--dtype`, `--core_causal`, `--core_dropout`; its default implementation and its
 "reference" side by side with flash and dense softmax, in one process: time per call and compiled memory, and ratios
 to both softmax baselines (`core.md`, `core.csv`). block_sparse runs a band layout (`--core_block_size`,
-`--core_band` blocks wide); linear takes elu+1 feature maps of q and k.
+`--core_band` blocks wide); linear takes elu+1 feature maps of q and k. flex runs the masks of issue 33 (causal,
+sliding window 512, dilated, longformer, bigbird, sparse_transformer; `flex_masks`) with 128-token tiles beside
+flash softmax (full and causal), and adds per mask the fraction of tiles visited and the time over
+(fraction x flash softmax's time): `python scripts/benchmark.py --core=flex --lengths=8192,16384 --core_dropout=0.1
+--output_dir=runs/core_flex`.
 
 The step is the project's own: `lra.training.trainer.Experiment` builds the Text task's model from
 configs/lra/text.py (its sizes: emb 256, 4 heads, qkv 256, MLP 1024, dropout, CLS pooling, sinusoidal positions, AdamW)
@@ -47,6 +51,7 @@ variant exit abruptly, sleep forever, or raise, before the given length (every l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import io
 import json
@@ -75,7 +80,7 @@ from lra import tables  # noqa: E402
 BASELINE = "softmax"  # flash softmax: the default implementation
 DENSE = "softmax-dense"  # softmax with implementation="reference": the dense form (LRA's Transformer)
 BASELINES = (BASELINE, DENSE)
-CORES = ("softmax", "block_sparse", "linear")
+CORES = ("softmax", "block_sparse", "linear", "flex")
 DEFAULT_LENGTHS = (1024, 2048, 3072, 4096)
 FAULT_ENV = "BENCHMARK_FAULT"
 FILES = ("benchmark.md", "benchmark.csv", "benchmark.png")
@@ -577,13 +582,64 @@ def core_functions(core: str, *, causal: bool, dropout_rate: float, block_size: 
     return lambda q, k, v, rng: linear_attention(phi(q), phi(k), v, causal=causal, implementation=implementation)
 
   out = {BASELINE: softmax(None), DENSE: softmax("reference")}
-  if core == "block_sparse":
+  if core == "flex":  # no dense baseline: [B, H, L, L] scores at 16K do not fit this machine
+    from kernels.flex import flex_attention
+
+    def flex(name):
+      return lambda q, k, v, rng: flex_attention(q, k, v, mask_mod=flex_masks(q.shape[1])[name],
+                                                 dropout_rate=dropout_rate, dropout_rng=rng)
+    causal_softmax = lambda q, k, v, rng: softmax_attention(q, k, v, causal=True, dropout_rate=dropout_rate,  # noqa
+                                                            dropout_rng=rng)
+    out = {BASELINE: softmax(None), "softmax-causal": causal_softmax}
+    out.update({f"flex-{name}": flex(name) for name in FLEX_MASK_NAMES})
+  elif core == "block_sparse":
     out.update({"block_sparse": block_sparse(None), "block_sparse-reference": block_sparse("reference")})
   elif core == "linear":
     out.update({"linear": linear(None), "linear-reference": linear("reference")})
   elif core != "softmax":
     raise ValueError(f"--core={core!r}: valid choices are {', '.join(CORES)}")
   return out
+
+
+FLEX_MASK_NAMES = ("causal", "sliding_window", "dilated", "longformer", "bigbird", "sparse_transformer")
+
+
+@functools.lru_cache(maxsize=None)
+def flex_masks(length: int) -> dict[str, Any]:
+  """`--core=flex`'s mask functions at `length` tokens (token level, 128-token blocks where a pattern has blocks;
+  one function object per length, so the block masks are built once). bigbird's random blocks (3 per query block)
+  come from a fixed numpy seed, as a table indexed by block."""
+  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+  import numpy as np
+  blk, window = 128, 512
+  nb = -(-length // blk)
+  rand = np.random.default_rng(0).integers(0, nb, (nb, 3))  # the random key blocks of each query block
+
+  def bigbird(b, h, i, j):
+    bi, bj = i // blk, j // blk
+    r = jnp.asarray(rand)[bi]
+    rnd = (r[..., 0] == bj) | (r[..., 1] == bj) | (r[..., 2] == bj)
+    return (jnp.abs(bi - bj) <= 1) | (bi == 0) | (bj == 0) | rnd
+
+  return {
+      "causal": lambda b, h, i, j: j <= i,
+      "sliding_window": lambda b, h, i, j: jnp.abs(i - j) < window,
+      "dilated": lambda b, h, i, j: (jnp.abs(i - j) < 4 * window) & ((i - j) % 4 == 0),
+      "longformer": lambda b, h, i, j: (jnp.abs(i - j) < window) | (i < blk) | (j < blk),
+      "bigbird": bigbird,
+      "sparse_transformer": lambda b, h, i, j: (jnp.abs(i - j) < 2 * blk) | (j % (2 * blk) >= 2 * blk - 8),
+  }
+
+
+
+
+def flex_visited(label: str, length: int) -> float | None:
+  """Fraction of 128x128 tiles the `--core=flex` mask `label` ("flex-<mask>") visits at `length` tokens."""
+  from kernels.flex import create_block_mask  # pylint: disable=import-outside-toplevel
+  if not label.startswith("flex-"):
+    return None
+  return create_block_mask(flex_masks(length)[label[5:]], 1, 1, length, length, 128).visited_fraction()
 
 
 def measure_core(fn, *, length: int, batch: int, heads: int, head_dim: int, dtype: str, steps: int, warmup: int,
@@ -630,6 +686,9 @@ def core_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       base = by.get((base_name, r["length"]), {})
       row[f"speedup{suffix}"] = _ratio(base.get("call_ms"), r.get("call_ms"))
       row[f"memory_ratio{suffix}"] = _ratio(r.get("memory_bytes"), base.get("memory_bytes"))
+    if r.get("visited") is not None:  # flex: time over (fraction of tiles visited x flash softmax's time)
+      flash = by.get((BASELINE, r["length"]), {}).get("call_ms")
+      row["tile_ratio"] = _ratio(r.get("call_ms"), None if flash is None else r["visited"] * flash)
     out.append(row)
   return out
 
@@ -652,6 +711,12 @@ def core_markdown(table_rows: Sequence[dict[str, Any]], title: str, header: str 
                   "memory / flash softmax": fmt(r["memory_ratio"], "{:.3f}"),
                   "memory / dense softmax": fmt(r["memory_ratio_dense"], "{:.3f}")})
   lines.append(tables.markdown(cells, columns, align=dict.fromkeys(columns[1:], "right")))
+  flex = [r for r in table_rows if r.get("visited") is not None]
+  if flex:
+    lines += ["", "| mask | length | tiles visited | fwd+bwd ms | time / (visited x flash softmax time) |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['implementation'][5:]} | {_label(r['length'])} | {r['visited']:.3f} | "
+              f"{fmt(r.get('call_ms'), '{:,.1f}')} | {fmt(r.get('tile_ratio'), '{:.2f}')} |" for r in flex]
   lines += ["", "Compiled memory: XLA's plan for `jit(value_and_grad)` of the core (arguments + outputs + temporaries "
             "- aliases). softmax is flash attention (the default implementation); softmax-dense is implementation="
             "\"reference\"; `<core>-reference` is that core's dense ground truth.", ""]
@@ -685,6 +750,10 @@ def run_core(argv: Sequence[str]) -> str:
       record: dict[str, Any] = {"implementation": label, "length": length}
       try:
         record.update(status="ok", **measure_core(fn, length=length, **dims))
+        if label.startswith("flex-"):
+          t0 = time.perf_counter()
+          record["visited"] = flex_visited(label, length)
+          record["tables_s"] = time.perf_counter() - t0
       except Exception as e:  # pylint: disable=broad-except  # one failing cell must not end the table
         record.update(status="error", error=_error_line(e))
       print(f"{label} @ {length}: {record.get('call_ms', '-')} ms, {_mib(record.get('memory_bytes'))}",
