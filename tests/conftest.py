@@ -53,6 +53,13 @@ if os.environ.get("EA_TEST_XLA_OPT", "0") != "1" and TEST_XLA_FLAGS not in os.en
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, *_accepted]).strip()
 
 
+def python_path() -> str:
+  """PYTHONPATH for a test's subprocess: the repository first, then the caller's own entries (plugin modules named in
+  ATTENTION_PLUGINS / TASK_PLUGINS live there; replacing it would leave the subprocess without them)."""
+  return os.pathsep.join(filter(None, [str(pathlib.Path(__file__).resolve().parents[1]),
+                                       os.environ.get("PYTHONPATH")]))
+
+
 def xla_flags(*extra: str) -> str:
   """XLA_FLAGS for a test's subprocess: this session's flags plus `extra` (e.g. a fake device count)."""
   return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()

@@ -18,6 +18,7 @@ import attention
 from configs import common
 from lra.models.encoder import encoder_from_config
 from lra.training import config_checks
+from tests.conftest import python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").rglob("*.py")
@@ -225,7 +226,7 @@ def test_train_py_swaps_variant_and_records_options(tmp_path, data_cache, start,
          f"--config.data.cache_dir={data_cache}", *TINY, f"--config.model.num_layers={num_layers}",
          f"--config.model.attention.name={swap}", f"--config.model.attention.{option}={value}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+                        env={**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   model = json.loads((tmp_path / "config.json").read_text())["model"]
   assert model["attention"] == {"name": swap, option: value}  # what the user set

@@ -19,7 +19,7 @@ import time
 from typing import Callable, Sequence
 
 from configs.lra import listops
-from tests.conftest import tiny_listops_config, xla_flags
+from tests.conftest import python_path, tiny_listops_config, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ def run_processes(argv: Sequence[str], *, num_processes: int = 2, devices_per_pr
     try:
       for i in range(num_processes):
         proc_env = {**os.environ, "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices_per_process}"),
-                    "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **(env or {})}
+                    "JAX_PLATFORMS": "cpu", "PYTHONPATH": python_path(), **(env or {})}
         if num_processes > 1:  # one process runs without jax.distributed, as a plain `python train.py`
           proc_env.update({"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(num_processes),
                            "JAX_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"})

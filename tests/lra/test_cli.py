@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import pytest
 
 from lra import cli
+from tests.conftest import python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(script, *args, timeout=120):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": python_path()}
   env.pop(cli.TRACEBACK_ENV, None)
   return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout, check=False)

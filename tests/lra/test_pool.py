@@ -10,9 +10,10 @@ import textwrap
 import pytest
 
 from lra import pool
+from tests.conftest import python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-ENV = {"PYTHONPATH": str(ROOT)}
+ENV = {"PYTHONPATH": python_path()}
 
 # A worker: reports each item given on its command line; "die" exits abruptly, "hang" sleeps, "fail" reports an
 # error of its own, "slot" reports the SLOT variable of its environment.

@@ -21,6 +21,7 @@ from configs import wikitext2 as wt2_config
 from lra.models import Encoder, embeddings
 from lra.training import train_and_evaluate
 from tests.attention import contract
+from tests.conftest import python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore:.*the WikiText-2 release has")
@@ -141,7 +142,7 @@ def trained(tmp_path_factory):
 
 
 def _eval(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--workdir={workdir}", "--split=validation",
                          "--checkpoint=latest", *flags], capture_output=True, text=True, env=env, timeout=600,
                         check=False)

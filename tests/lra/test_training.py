@@ -16,7 +16,7 @@ from lra.training import Experiment, evaluate_checkpoint, train_and_evaluate
 from lra.training import checkpoints as checkpoints_lib
 from lra.training.trainer import STEPS_PER_SECOND
 from lra.training.metric_writers import read_metrics
-from tests.conftest import tiny_listops_config, xla_flags
+from tests.conftest import python_path, tiny_listops_config, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -145,7 +145,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 
 def test_data_parallel_on_8_devices_matches_one_device(data_cache, tmp_path):
   env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": str(ROOT)}
+         "PYTHONPATH": python_path()}
   proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, str(data_cache), str(tmp_path)], env=env,
                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import load_script
+from tests.conftest import load_script, python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 benchmark_decode = load_script("benchmark_decode")
@@ -19,7 +19,7 @@ def test_cache_bytes_grow_for_softmax_and_stay_constant_for_linear(tmp_path):
          f"--output_dir={tmp_path}", "--num_layers=1", "--emb_dim=16", "--num_heads=2", "--mlp_dim=32", "--steps=2",
          "--warmup=1"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+                        env={**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "decode.csv") as f:
     rows = {(r["attention"], int(r["context_length"])): r for r in csv.DictReader(f)}

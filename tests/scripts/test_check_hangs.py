@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lra import cli
-from tests.conftest import load_script
+from tests.conftest import load_script, python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def test_bad_flags(check_hangs):
     check_hangs.variants(["linear", "nope"])
   assert check_hangs.variants([]) and check_hangs.variants([" linear "]) == ["linear"]
   # A flag out of range stops the script before anything runs: one `error:` line, exit status 2 (lra.cli.run).
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": python_path()}
   env.pop(cli.TRACEBACK_ENV, None)
   proc = subprocess.run([sys.executable, "scripts/check_hangs.py", "--runs=0"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120, check=False)

@@ -13,7 +13,7 @@ import pytest
 from configs import wikitext2 as wt2_config
 from lra.training import train_and_evaluate
 
-from tests.conftest import load_script
+from tests.conftest import load_script, python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 generate = load_script("generate")
@@ -79,7 +79,7 @@ def test_greedy_generation_equals_parallel_argmax(trained, attention_name):
 
 def test_command_line_and_errors(trained, tmp_path):
   workdir = trained("softmax")
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"}
   run = lambda *args: subprocess.run(  # noqa: E731
       [sys.executable, "scripts/generate.py", f"--workdir={workdir}", *args], cwd=ROOT, capture_output=True, text=True,
       timeout=300, env=env, check=False)

@@ -18,7 +18,7 @@ import flax.linen as nn
 from configs import wikitext2 as wt2_config
 from lra import cli
 from lra.training import Experiment, train_and_evaluate
-from tests.conftest import load_script
+from tests.conftest import load_script, python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 plot_attention = load_script("plot_attention")
@@ -115,7 +115,7 @@ def test_a_variant_without_weights_is_refused_in_one_line():
 def test_plot_script_writes_a_png_from_a_trained_checkpoint(tmp_path):
   workdir = tmp_path / "run"
   train_and_evaluate(_config(tmp_path, "softmax"), workdir)
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"}
   output = tmp_path / "maps.png"
   result = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_attention.py"), f"--workdir={workdir}",
                            "--checkpoint=latest", "--text=the cat sat on the mat", f"--output={output}"],

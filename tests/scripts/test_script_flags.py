@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.conftest import python_path
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 CASES = [
@@ -26,7 +28,7 @@ CASES = [
 
 
 def _run_all(tmp_path):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"}
   procs = []
   for script, args, _, _ in CASES:
     extra = [str(tmp_path / "runs")] if script == "lra_table.py" else []

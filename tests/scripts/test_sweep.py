@@ -14,7 +14,7 @@ import pytest
 from configs.lra import text as text_config
 from lra.tasks import pipeline
 from lra.training.metric_writers import read_metrics
-from tests.conftest import load_script, tiny_listops_config
+from tests.conftest import load_script, python_path, tiny_listops_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Importable by name, as the point processes of a parallel sweep import it (they start with this sys.path).
@@ -141,7 +141,7 @@ def test_point_names_axes_and_override_errors(data_cache):
 def _run_cli(args, tmp_path, script="sweep.py"):
   return subprocess.run([sys.executable, str(ROOT / "scripts" / script), f"--workdir={tmp_path / 'w'}", *args],
                         capture_output=True, text=True, check=False, cwd=ROOT, timeout=300,
-                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+                        env={**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"})
 
 
 def test_command_line_lists_a_configs_sweep_and_refuses_bad_axes(tmp_path):
