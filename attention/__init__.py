@@ -11,7 +11,8 @@ __project__ = "efficient-attention"  # this project's package, not another of th
 from attention import packages
 packages.check(("kernels",))
 
-from attention.registry import build, build_attention, get_class, names, option_ranges, options, register, resolve
+from attention.registry import (AttentionSpec, OptionError, build, build_attention, get_class, names, option_ranges,
+                                options, register, resolve)
 from attention.base import AttentionLayer, encoder_owned_options, resolve_compute_dtype
 from attention.recurrent import RecurrentLayer
 
@@ -34,8 +35,9 @@ from attention import nsa, moba, routing, compressed  # noqa: F401  (content-ada
 from attention import retnet, gla, mamba2, deltanet  # noqa: F401  (the gated / delta-rule family)
 from attention import flex  # noqa: F401
 
-__all__ = ["AttentionLayer", "RecurrentLayer", "build", "build_attention", "encoder_owned_options", "get_class",
-           "names", "option_ranges", "options", "register", "resolve", "resolve_compute_dtype"]
+__all__ = ["AttentionLayer", "AttentionSpec", "OptionError", "RecurrentLayer", "build", "build_attention",
+           "encoder_owned_options", "get_class", "names", "option_ranges", "options", "register", "resolve",
+           "resolve_compute_dtype"]
 
 # Last: plugin modules named in ATTENTION_PLUGINS (variants, flex mask / score functions) import this package and find
 # every built-in variant and registry above (attention/plugins.py).

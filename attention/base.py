@@ -6,6 +6,11 @@ Every variant subclasses `AttentionLayer`, so the common options (`num_heads`, `
 related variants. The machinery variants share lives here once: the compute dtype, the attention-dropout key, the
 window/ring decode cache and the per-model default layer schedule (`default_layer_options`). The recurrent-state
 cache of the linear-attention family is `attention.recurrent.RecurrentLayer`.
+
+Options are checked by the gate (attention/registry.py: `resolve`, `AttentionSpec.build`, `build`), which reads the
+ranges declared here (`COMMON_RANGES`) and in each variant (`option_ranges`) and asks the class the questions a
+constant cannot answer (`causal_refusal`). This module imports nothing of the registry; `check_inputs` checks only
+what a call knows (shapes, masks).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kernels.common import DTYPES, resolve_dtype  # noqa: F401  (DTYPES re-exported)
+from kernels.common import DTYPE_NAMES, resolve_dtype
 from attention import positions as positions_lib
 from attention import ranges as ranges_lib
 from kernels import sequence as sequence_lib
@@ -28,6 +33,28 @@ default_kernel_init = nn.initializers.xavier_uniform()
 
 # Compute dtypes by name: the one vocabulary from config to kernel lives in kernels/common.py.
 resolve_compute_dtype = resolve_dtype
+
+
+def _is_compute_dtype(value: Any) -> bool:
+  try:
+    resolve_dtype(value)
+  except (ValueError, TypeError):
+    return False
+  return True
+
+
+# The ranges of the common options (the model sets them on every layer: `encoder_owned_options()`), read by the gate
+# when a spec is built into a layer.
+COMMON_RANGES: Mapping[str, ranges_lib.Range] = {
+    "num_heads": ranges_lib.Integer(1),
+    "qkv_dim": ranges_lib.Integer(1, allow_none=True),
+    "causal": ranges_lib.Boolean(),
+    "dropout_rate": ranges_lib.Real(0.0, 1.0, hi_open=True),
+    "decode": ranges_lib.Boolean(),
+    "dtype": ranges_lib.Satisfies(_is_compute_dtype, f"one of {', '.join(repr(d) for d in DTYPE_NAMES)} or a "
+                                                     f"floating jnp dtype"),
+    "positions": ranges_lib.OneOf(positions_lib.LAYER_POSITIONS, what="positions"),
+}
 
 
 class AttentionLayer(nn.Module):
@@ -66,6 +93,21 @@ class AttentionLayer(nn.Module):
   supported_positions: ClassVar[tuple[str, ...]] = ("none",)
 
   @classmethod
+  def causal_refusal(cls, options: Mapping[str, Any]) -> str | None:
+    """Why a layer with these (resolved) options cannot be causal; None when it can. The class constant answers
+    for most variants; a variant whose causality depends on its options (Longformer: no global blocks) overrides
+    this. Asked by the gate (`AttentionSpec.can_be_causal`), never by the layer."""
+    del options
+    return None if cls.supports_causal else cls.not_causal_reason
+
+  @classmethod
+  def positions_for(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+    """The `positions` a layer with these (resolved) options applies: `supported_positions` unless the answer depends
+    on the options (multiplicative attention: RoPE only in its "dot" form). Asked by the gate."""
+    del options
+    return tuple(cls.supported_positions)
+
+  @classmethod
   def default_layer_options(cls, num_layers: int) -> tuple[dict[str, Any], ...] | None:
     """Per-layer options of the variant's paper architecture (merged over the user's options), or None: the same
     options in every layer. The encoder calls it when `config.model.layer_options` is not set."""
@@ -77,33 +119,16 @@ class AttentionLayer(nn.Module):
     return resolve_compute_dtype(self.dtype)
 
   def check_inputs(self, x: jax.Array, mask: jax.Array | None) -> None:
-    """Validates shapes, the common options and the variant's declared option ranges; errors name the value and
-    what was expected."""
+    """What only a call knows: the input and mask shapes, and heads that divide the width when `qkv_dim` is the
+    input's. The options were checked by the gate (attention/registry.py) when the layer was built."""
     name = type(self).__name__
-    if self.decode and not self.supports_decode:
-      raise ValueError(f"{name} has no decode path (decode=True was given); use a variant that supports decoding")
-    if self.causal and not self.supports_causal:
-      raise ValueError(f"{name} cannot be causal (causal=True was given): {self.not_causal_reason}")
-    if self.decode and not self.causal:
-      raise ValueError(f"{name}: decode=True requires causal=True")
     if x.ndim != 3:
       raise ValueError(f"{name} expects x of shape [batch, length, features], got shape {x.shape}")
     if mask is not None and (mask.shape != x.shape[:2]):
       raise ValueError(f"{name}: mask must have shape [batch, length] = {x.shape[:2]}, got {mask.shape}")
-    if self.num_heads < 1:
-      raise ValueError(f"{name}: num_heads must be >= 1, got {self.num_heads}")
     qkv_dim = self.qkv_dim or x.shape[-1]
     if qkv_dim % self.num_heads:
       raise ValueError(f"{name}: qkv_dim={qkv_dim} must be a multiple of num_heads={self.num_heads}")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"{name}: dropout_rate must be in [0, 1), got {self.dropout_rate}")
-    self.compute_dtype  # pylint: disable=pointless-statement  (validates `dtype` before any work)
-    # The variant's own options against the ranges it declares (the same tables `build` and the config checks read):
-    # a layer constructed directly, not through `build`, is held to them too.
-    label = registered_name(type(self))
-    ranges_lib.check(type(self), label, {k: getattr(self, k) for k in ranges_lib.declared(type(self))
-                                         if hasattr(self, k)})
-    positions_lib.check_positions(label, self.positions, self.supported_positions)
 
   def head_dim(self, x: jax.Array) -> int:
     return (self.qkv_dim or x.shape[-1]) // self.num_heads
@@ -187,9 +212,12 @@ class AttentionLayer(nn.Module):
 
 
 def registered_name(cls: type) -> str:
-  """The registry name of a variant class (its class name if it is not registered)."""
-  from attention import registry  # pylint: disable=import-outside-toplevel  (registry.py imports this module)
-  return next((n for n in registry.names() if registry.get_class(n) is cls), cls.__name__)
+  """The registry name of a variant class (its class name if it is not registered): `attention.register` writes it
+  on the class, so this module needs nothing of the registry."""
+  return vars(cls).get(REGISTERED_AS) or cls.__name__
+
+
+REGISTERED_AS = "_registered_as"  # the class attribute `attention.register` sets
 
 
 def encoder_owned_options() -> tuple[str, ...]:

@@ -12,6 +12,8 @@ values of every position in a ring cache of the maximum length.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -30,9 +32,10 @@ class MultiplicativeAttention(ScoredAttention):
   form: str = "dot"
   option_ranges = {"form": OneOf(FORMS)}
 
-  @property
-  def supported_positions(self) -> tuple[str, ...]:  # type: ignore[override]  (depends on the form)
-    return ("none", "rope", "alibi") if self.form == "dot" else ("none", "alibi")
+  @classmethod
+  def positions_for(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+    # RoPE rotates q and k before q^T k; the "general" form's W_a between them would not commute with the rotation.
+    return ("none", "rope", "alibi") if options.get("form", cls.form) == "dot" else ("none", "alibi")
 
   def prepare(self, q_BxLxHxD, k_BxSxHxD, offset):
     if self.form == "general":

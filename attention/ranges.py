@@ -9,10 +9,12 @@ to or replaces its base's):
       block_size: int = 64
       option_ranges = {"mode": OneOf(MODES), "block_size": Integer(1)}
 
-`attention.build`, `attention.resolve` and the config validation (`lra/training/config_checks.py`) read these tables,
-so an out-of-range option is refused before data is read, with the same range in every message. Ranges say what
+The one gate (`attention.resolve` / `attention.build`, attention/registry.py) reads these tables once; the config
+validation (`lra/training/config_checks.py`) formats the gate's problems and states its own rules (`config.train.*`,
+...) in this same vocabulary, so an out-of-range value is refused before data is read with the same range text
+everywhere. An option without a declared range is held to the type of its default (`like_default`). Ranges say what
 holds for any model; constraints between options and the model (a window no wider than the sequence, heads that
-divide a width) stay in the variant's own checks.
+divide a width) stay in the variant's own checks, where only a call knows the shapes.
 """
 
 from __future__ import annotations
@@ -97,28 +99,65 @@ class Real(Range):
     elif self.hi is not None:
       text = f"a number {'<' if self.hi_open else '<='} {self.hi}"
     else:
-      text = "a finite number"
+      text = "a number"
     return text + (" or None" if self.allow_none else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class OneOf(Range):
-  """One of `choices`; `what` names the option in errors ("softmax implementation"), default its own name."""
+  """One of `choices` (a sequence, or a function giving it, so a registry is read when the check runs); `what` names
+  the option in errors ("softmax implementation"), default its own name."""
 
-  choices: Sequence[Any]
+  choices: Sequence[Any] | Callable[[], Sequence[Any]]
   what: str | None = None
+
+  def valid(self) -> tuple[Any, ...]:
+    return tuple(self.choices() if callable(self.choices) else self.choices)
 
   def contains(self, value: Any) -> bool:
     try:
-      return value in tuple(self.choices)
+      return value in self.valid()
     except TypeError:  # an unhashable value compared with hashable choices
       return False
 
   def describe(self) -> str:
-    return f"one of {', '.join(repr(c) for c in self.choices)}"
+    return f"one of {', '.join(repr(c) for c in self.valid())}"
 
   def requirement(self, option: str, value: Any) -> str:
-    return f"unknown {self.what or option} {value!r}; valid choices: {tuple(self.choices)}"
+    return f"unknown {self.what or option} {value!r}; valid choices: {self.valid()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Boolean(Range):
+  """True or False (not 0 / 1)."""
+
+  def contains(self, value: Any) -> bool:
+    return isinstance(value, bool)
+
+  def describe(self) -> str:
+    return "True or False"
+
+
+@dataclasses.dataclass(frozen=True)
+class Text(Range):
+  """Any string."""
+
+  def contains(self, value: Any) -> bool:
+    return isinstance(value, str)
+
+  def describe(self) -> str:
+    return "a string"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequence_(Range):
+  """A tuple or list (of anything)."""
+
+  def contains(self, value: Any) -> bool:
+    return isinstance(value, (tuple, list))
+
+  def describe(self) -> str:
+    return "a tuple"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +177,24 @@ class Satisfies(Range):
     return self.description
 
 
+def like_default(default: Any) -> Range | None:
+  """The range an option without a declared one is held to: the type of its default (None or no default: any
+  value). Integers accept integers, floats any finite number."""
+  if default is None or default is dataclasses.MISSING:
+    return None
+  if isinstance(default, bool):
+    return Boolean()
+  if isinstance(default, numbers.Integral):
+    return Integer()
+  if isinstance(default, numbers.Real):
+    return Real()
+  if isinstance(default, str):
+    return Text()
+  if isinstance(default, (tuple, list)):
+    return Sequence_()
+  return None
+
+
 def declared(cls: type) -> dict[str, Range]:
   """The merged `option_ranges` of `cls`, base classes first (a subclass adds to or narrows its base's)."""
   out: dict[str, Range] = {}
@@ -155,4 +212,5 @@ def check(cls: type, label: str, values: Any) -> None:
     raise ValueError(f"{cls.__name__} (attention {label!r}): " + "; ".join(r.requirement(k, v) for k, v, r in problems))
 
 
-__all__ = ["Integer", "OneOf", "Range", "Real", "Satisfies", "check", "declared"]
+__all__ = ["Boolean", "Integer", "OneOf", "Range", "Real", "Satisfies", "Sequence_", "Text", "check", "declared",
+           "like_default"]

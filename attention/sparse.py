@@ -14,7 +14,7 @@ is applied to the attention weights of the allowed blocks.
 from __future__ import annotations
 
 import zlib
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import flax.linen as nn
 import jax
@@ -138,11 +138,10 @@ class LongformerAttention(BlockSparseAttention):
   not_causal_reason = ("global tokens see and are seen by every position, future ones included; set "
                        "num_global_blocks=0 for the causal sliding-window Longformer")
 
-  def check_inputs(self, x: jax.Array, mask: jax.Array | None) -> None:
-    if self.causal and self.num_global_blocks == 0:
-      # The paper's causal sliding window: check everything else as for a non-causal layer.
-      return super(LongformerAttention, self.clone(parent=None, causal=False)).check_inputs(x, mask)
-    return super().check_inputs(x, mask)
+  @classmethod
+  def causal_refusal(cls, options: Mapping[str, Any]) -> str | None:
+    # The paper's causal sliding window: causal exactly when there are no global blocks.
+    return None if options.get("num_global_blocks", cls.num_global_blocks) == 0 else cls.not_causal_reason
 
   def layout(self, num_blocks: int) -> np.ndarray:
     if self.dilation > 1 and not 0 <= self.num_dilated_heads <= self.num_heads:

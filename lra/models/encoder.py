@@ -1,8 +1,9 @@
 """The one generic encoder: embeddings, positional encoding, pre-LN blocks with attention as the plug, pooling.
 
-Attention is built from the `attention` mapping (`{"name": ..., **options}`) through the registry
-(`attention.build_attention`), so every variant runs in the same encoder and its parameters sit under the same path
-(`block_<i>/attention/...`). Mixed precision: `dtype` is the compute dtype of activations and matmuls (embeddings,
+Attention is built from the per-layer `attention.AttentionSpec`s the gate resolved once (`attention.resolve`, called
+by `encoder_from_config`), so every variant runs in the same encoder and its parameters sit under the same path
+(`block_<i>/attention/...`); the blocks build their layers from the specs without checking the options again.
+Mixed precision: `dtype` is the compute dtype of activations and matmuls (embeddings,
 attention, MLP, heads); parameters stay float32, LayerNorm statistics, softmax, normalizers and recurrent states are
 computed in float32, and heads return float32 logits.
 """
@@ -36,7 +37,7 @@ class EncoderBlock(nn.Module):
   """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)); post-LN (`post_ln=True`, the original Transformer and the
   Grassmann paper): LN(x + Attn(x)), then LN(x + MLP(x))."""
 
-  attention: Mapping[str, Any]
+  attention: attention_lib.AttentionSpec
   num_heads: int
   qkv_dim: int
   mlp_dim: int
@@ -53,10 +54,9 @@ class EncoderBlock(nn.Module):
                shared: Mapping[str, jax.Array] | None = None) -> jax.Array:
     """`shared`: arrays the encoder owns for all layers (e.g. Linformer's layerwise projection), passed to the
     attention call as keyword arguments."""
-    layer = attention_lib.build_attention(self.attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
-                                          causal=self.causal, dropout_rate=self.attention_dropout_rate,
-                                          decode=self.decode, dtype=self.dtype, positions=self.positions,
-                                          name="attention")
+    layer = self.attention.build(num_heads=self.num_heads, qkv_dim=self.qkv_dim, causal=self.causal,
+                                 dropout_rate=self.attention_dropout_rate, decode=self.decode, dtype=self.dtype,
+                                 positions=self.positions, name="attention")
     mlp = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="mlp")
     ln_attention, ln_mlp = layer_norm("ln_attention", self.dtype), layer_norm("ln_mlp", self.dtype)
     dropout = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
@@ -83,7 +83,9 @@ class Encoder(nn.Module):
       "lra_sinusoidal", "rope", "alibi", "none"); only "learned" is bounded by max_length.
     pooling: "cls" (a learned CLS vector prepended before the positional encoding, as LRA), "mean" (masked mean over
       real tokens) or "none" (return every position).
-    attention: `{"name": <registered variant>, **the options the user set}` (unset ones: `attention.resolve`).
+    attention: the per-layer `attention.AttentionSpec`s (`attention.resolve`; what `encoder_from_config` passes), or
+      `{"name": <registered variant>, **the options the user set}`, resolved through the same gate when the encoder
+      is constructed directly.
     causal / decode: passed to every attention layer (language modelling and autoregressive decoding).
     layer_options: per-layer attention options merged over `attention` (one mapping per layer), e.g. TransNormer's
       DiagAttention in early layers; they win over everything for their layer. None uses the variant's
@@ -111,7 +113,8 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.1
   pos_encoding: str = "learned"
   pooling: str = "cls"
-  attention: Mapping[str, Any] = ml_collections.FrozenConfigDict({"name": "softmax"})
+  attention: tuple[attention_lib.AttentionSpec, ...] | Mapping[str, Any] = ml_collections.FrozenConfigDict(
+      {"name": "softmax"})
   causal: bool = False
   decode: bool = False
   remat: bool = False
@@ -127,22 +130,33 @@ class Encoder(nn.Module):
   def compute_dtype(self) -> jnp.dtype:
     return resolve_dtype(self.dtype)
 
-  def attention_for_layers(self) -> list[ml_collections.FrozenConfigDict]:
-    """The attention config of each layer (`{"name": ..., **every option}`), from `attention.resolve`: registry
-    defaults, the variant's per-layer schedule for what `attention` does not set, `attention` (the options the user
-    set), then `layer_options`."""
+  def attention_specs(self) -> tuple[attention_lib.AttentionSpec, ...]:
+    """Each layer's `attention.AttentionSpec`: the ones given (`encoder_from_config` resolves them once), else the
+    gate's answer for the `attention` mapping and `layer_options` (registry defaults, the variant's per-layer
+    schedule for what `attention` does not set, `attention`, then `layer_options`)."""
+    if isinstance(self.attention, tuple) and all(isinstance(a, attention_lib.AttentionSpec) for a in self.attention):
+      if len(self.attention) != self.num_layers:
+        raise ValueError(f"Encoder: {len(self.attention)} attention specs for num_layers={self.num_layers}; give "
+                         f"one per layer (attention.resolve(name, num_layers, options))")
+      return self.attention
     user = dict(self.attention)
-    name = user.pop("name")
-    # Model-owned entries go to `build_attention`, which refuses them unless they repeat the default or the model.
-    owned = {k: user.pop(k) for k in list(user) if k in attention_lib.encoder_owned_options()}
-    per_layer = attention_lib.resolve(name, self.num_layers, user, layer_options=self.layer_options)
-    return [ml_collections.FrozenConfigDict({"name": name, **owned, **o}) for o in per_layer]
+    name = user.pop("name", None)
+    # Model-owned entries may only repeat the registry default or the encoder's own value.
+    user = attention_lib.registry.owned_entries(name, user, {
+        "num_heads": self.num_heads, "qkv_dim": self.qkv_dim, "causal": self.causal,
+        "dropout_rate": self.attention_dropout_rate, "decode": self.decode, "dtype": self.compute_dtype,
+        "positions": embeddings.layer_positions(self.pos_encoding)})
+    return attention_lib.resolve(name, self.num_layers, user, layer_options=self.layer_options)
 
-  def shared_layer_inputs(self, per_layer: list[ml_collections.FrozenConfigDict],
+  def attention_for_layers(self) -> list[dict[str, Any]]:
+    """Each layer's `{"name": ..., **options}` (`AttentionSpec.record`): what config.json records."""
+    return [spec.record() for spec in self.attention_specs()]
+
+  def shared_layer_inputs(self, per_layer: tuple[attention_lib.AttentionSpec, ...],
                           length: int) -> list[dict[str, jax.Array]]:
     """Parameters the encoder owns once for every layer, as each layer's extra call arguments: a variant that shares
     across layers (Linformer's `sharing="layerwise"`) defines `shared_layer_inputs(module, layer_options, length)`."""
-    hook = getattr(attention_lib.get_class(self.attention["name"]), "shared_layer_inputs", None)
+    hook = getattr(per_layer[0].cls, "shared_layer_inputs", None)
     return hook(self, per_layer, length) if hook else [{} for _ in per_layer]
 
   @nn.compact
@@ -197,14 +211,14 @@ class Encoder(nn.Module):
       if embeddings.layer_positions(self.pos_encoding) != "none":
         raise ValueError(f"reversible=True does not support pos_encoding={self.pos_encoding!r} (applied inside "
                          f"attention); use learned, sinusoidal or lra_sinusoidal with reversible blocks")
-      per_layer = self.attention_for_layers()
-      x = ReversibleBlocks(tuple(per_layer), self.num_heads, self.qkv_dim, self.mlp_dim,
+      per_layer = self.attention_specs()
+      x = ReversibleBlocks(per_layer, self.num_heads, self.qkv_dim, self.mlp_dim,
                            self.dropout_rate, self.attention_dropout_rate, self.causal, dtype=dtype,
                            name="reversible")(
                                x, mask_BxL, deterministic, self.shared_layer_inputs(per_layer, x.shape[1]))
     else:
       block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
-      per_layer = self.attention_for_layers()
+      per_layer = self.attention_specs()
       for i, (layer_attention, shared) in enumerate(zip(per_layer, self.shared_layer_inputs(per_layer, x.shape[1]))):
         x = block_cls(attention=layer_attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
                       mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
@@ -233,7 +247,6 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
   the model is built on."""
   attention = model_config.attention
   attention = dict(attention.to_dict() if hasattr(attention, "to_dict") else attention)
-  attention_lib.get_class(attention.get("name"))  # fail early, naming the valid choices
   kwargs = dict(vocab_size=vocab_size, max_length=max_length, emb_dim=model_config.emb_dim,
                 num_layers=model_config.num_layers, num_heads=model_config.num_heads,
                 qkv_dim=model_config.qkv_dim, mlp_dim=model_config.mlp_dim,
@@ -246,4 +259,9 @@ def encoder_from_config(model_config: ml_collections.ConfigDict, *, vocab_size: 
   if layer_options is not None:
     kwargs["layer_options"] = tuple(dict(o) for o in layer_options)
   kwargs.update(overrides)
-  return Encoder(**kwargs)
+  encoder = Encoder(**kwargs)
+  if "attention" in overrides:
+    return encoder
+  # The gate runs once here (its answer is shared with the config check and config.json's record); the encoder and
+  # its blocks build their layers from these specs.
+  return encoder.clone(attention=encoder.attention_specs(), layer_options=None)

@@ -28,7 +28,7 @@ from lra.models.mlp import MlpBlock
 class AttentionBranch(nn.Module):
   """F: LN -> attention -> dropout."""
 
-  attention: Mapping[str, Any]
+  attention: attention_lib.AttentionSpec
   num_heads: int
   qkv_dim: int
   dropout_rate: float
@@ -38,9 +38,8 @@ class AttentionBranch(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, deterministic: bool, shared: Mapping[str, jax.Array] | None = None):
-    layer = attention_lib.build_attention(self.attention, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
-                                          causal=self.causal, dropout_rate=self.attention_dropout_rate,
-                                          dtype=self.dtype, name="attention")
+    layer = self.attention.build(num_heads=self.num_heads, qkv_dim=self.qkv_dim, causal=self.causal,
+                                 dropout_rate=self.attention_dropout_rate, dtype=self.dtype, name="attention")
     ln = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_attention")
     y = layer(ln(x), mask=mask, deterministic=deterministic, **dict(shared or {}))
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -112,7 +111,8 @@ def reversible_stack(fs: Sequence[Callable], g: Callable, recompute: bool = True
 class ReversibleBlocks(nn.Module):
   """The encoder's block stack with reversible residuals; parameters under `block_<i>/{f,g}`."""
 
-  attention_per_layer: Sequence[Mapping[str, Any]]
+  # Resolved once by the gate (attention.resolve, in the encoder); a `{"name": ..., **options}` mapping goes through it.
+  attention_per_layer: Sequence[attention_lib.AttentionSpec | Mapping[str, Any]]
   num_heads: int
   qkv_dim: int
   mlp_dim: int
@@ -128,8 +128,9 @@ class ReversibleBlocks(nn.Module):
     """`shared_per_layer[i]`: arrays the encoder owns for all layers (Linformer's layerwise projection), passed to
     block i's attention call; each block's copy gets its own gradient and autodiff sums them into the one array."""
     shared_per_layer = list(shared_per_layer or [{} for _ in self.attention_per_layer])
+    specs = [attention_lib.registry.spec_of(a) for a in self.attention_per_layer]  # specs pass through as they are
     fs = [AttentionBranch(a, self.num_heads, self.qkv_dim, self.dropout_rate, self.attention_dropout_rate,
-                          self.causal, self.dtype, parent=None) for a in self.attention_per_layer]
+                          self.causal, self.dtype, parent=None) for a in specs]
     g_module = MlpBranch(self.mlp_dim, self.dropout_rate, self.dtype, parent=None)
     params = []
     for i, f_module in enumerate(fs):
@@ -138,7 +139,7 @@ class ReversibleBlocks(nn.Module):
         extra = set(f_vars) - {"params"}
         if extra:
           raise ValueError(f"reversible=True needs attention variants whose only variables are params; "
-                           f"{dict(f_module.attention)['name']!r} also has {sorted(extra)}")
+                           f"{f_module.attention.name!r} also has {sorted(extra)}")
         return {"f": f_vars["params"], "g": g_module.init(jax.random.fold_in(rng, 1), x, True)["params"]}
       params.append(self.param(f"block_{i}", init))
 

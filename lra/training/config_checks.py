@@ -1,9 +1,10 @@
 """Checks a whole experiment config before any data is read or a model is built.
 
 `check_config(config)` (also `validate_config`, its name before "validation" meant only the data split) walks one
-declarative table, `RULES` (dotted key -> check), plus the attention options:
-the registry gives each variant's option names and defaults, and each variant declares its options' ranges beside its
-fields (`attention.option_ranges`), so a variant registered from outside the package is checked with no edit here.
+declarative table, `RULES` (dotted key -> a range of the one vocabulary, attention/ranges.py, or a rule reading other
+keys), plus the attention options, which are checked by the one gate (`attention.resolve`: each variant declares its
+options' ranges beside its fields) and only formatted here, so a variant registered from outside the package is
+checked with no edit here.
 Keys a config does not have are skipped and keys the table does not know (task-specific sections) pass, so every
 task's config validates with the same table. All problems are reported together in one ValueError, each naming the
 key, the value and the valid range.
@@ -17,81 +18,25 @@ workdir of another task or model is refused before training starts (`RESUMABLE_C
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import ml_collections
 
 import attention as attention_lib
+from attention.ranges import Boolean, Integer, OneOf, Range, Real, Satisfies
 from kernels.common import DTYPE_NAMES
 
-# A check returns None when the value is fine, else what was expected ("an integer >= 1").
+# A rule is a range of the one vocabulary (attention/ranges.py: what the attention options use too), or, for rules
+# that read other keys, a function returning None when the value is fine, else what was expected ("an integer >= 1").
 Check = Callable[[Any, ml_collections.ConfigDict], "str | None"]
+Rule = Union[Range, Check]
 
 
 def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
-def integer(lo: int | None = None, hi: int | None = None, *, allow_none: bool = False) -> Check:
-  """An int in [lo, hi] (either bound may be open-ended)."""
-  expected = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "") + (
-      f" in [{lo}, {hi}]" if lo is not None and hi is not None else "") + (" or None" if allow_none else "")
-
-  def check(value, config):
-    del config
-    if value is None and allow_none:
-      return None
-    ok = _is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
-    return None if ok else expected
-  return check
-
-
-def real(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-         allow_none: bool = False) -> Check:
-  """A finite number in the interval given by lo/hi and whether each end is open."""
-  if lo is not None and hi is not None:
-    expected = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-  elif lo is not None:
-    expected = f"a number {'>' if lo_open else '>='} {lo}"
-  else:
-    expected = "a number"
-  expected += " or None" if allow_none else ""
-
-  def check(value, config):
-    del config
-    if value is None and allow_none:
-      return None
-    if not _is_real(value):
-      return expected
-    if lo is not None and (value <= lo if lo_open else value < lo):
-      return expected
-    if hi is not None and (value >= hi if hi_open else value > hi):
-      return expected
-    return None
-  return check
-
-
-def choice(options: Callable[[], tuple] | tuple) -> Check:
-  """One of `options` (a tuple, or a function giving it, so registries are read when the check runs)."""
-  def check(value, config):
-    del config
-    valid = tuple(options() if callable(options) else options)
-    return None if value in valid else f"one of {', '.join(repr(v) for v in valid)}"
-  return check
-
-
-def boolean(value: Any, config: ml_collections.ConfigDict) -> str | None:
-  del config
-  return None if isinstance(value, bool) else "True or False"
 
 
 def _warmup(value: Any, config: ml_collections.ConfigDict) -> str | None:
@@ -129,9 +74,7 @@ def _poolings() -> tuple[str, ...]:
   return tuple(encoder.POOLINGS)
 
 
-def _mesh_data(value: Any, config: ml_collections.ConfigDict) -> str | None:
-  del config
-  return None if _is_int(value) and (value == -1 or value >= 1) else "-1 (all devices) or an integer >= 1"
+_MESH_DATA = Satisfies(lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (all devices) or an integer >= 1")
 
 
 def _objectives() -> tuple[str, ...]:
@@ -158,62 +101,61 @@ def _init_from(value: Any, config: ml_collections.ConfigDict) -> str | None:
   return None
 
 
-DTYPES = DTYPE_NAMES  # the one dtype vocabulary (kernels/common.py)
-
 # The table: dotted key -> check. A key missing from a config is skipped (not every task has every field).
-RULES: dict[str, Check] = {
-    "task": choice(_tasks),
-    "seed": integer(0),
-    "model.num_layers": integer(1),
-    "model.emb_dim": integer(1),
-    "model.num_heads": integer(1),
-    "model.qkv_dim": integer(1),
-    "model.mlp_dim": integer(1),
-    "model.head_mlp_dim": integer(1),
-    "model.dropout_rate": real(0.0, 1.0, hi_open=True),
-    "model.attention_dropout_rate": real(0.0, 1.0, hi_open=True),
-    "model.pos_encoding": choice(_pos_encodings),
-    "model.patch_size": integer(1),
-    "model.pooling": choice(_poolings),
-    "model.dtype": choice(DTYPES),
-    "model.remat": boolean,
-    "model.reversible": boolean,
-    "model.post_ln": boolean,
-    "model.tie_embeddings": boolean,
-    "model.attention.name": choice(attention_lib.names),
-    "data.max_length": integer(1),
-    "data.resolution": integer(1),
-    "data.validation_fraction": real(0.0, 1.0, lo_open=True, hi_open=True),
-    "train.num_steps": integer(1),
-    "train.batch_size": integer(1),
-    "train.eval_batch_size": integer(1),
-    "train.optimizer": choice(_optimizers),
-    "train.learning_rate": real(0.0, lo_open=True),
-    "train.schedule": choice(_schedules),
+RULES: dict[str, Rule] = {
+    "task": OneOf(_tasks),
+    "seed": Integer(0),
+    "model.num_layers": Integer(1),
+    "model.emb_dim": Integer(1),
+    "model.num_heads": Integer(1),
+    "model.qkv_dim": Integer(1),
+    "model.mlp_dim": Integer(1),
+    "model.head_mlp_dim": Integer(1),
+    "model.dropout_rate": Real(0.0, 1.0, hi_open=True),
+    "model.attention_dropout_rate": Real(0.0, 1.0, hi_open=True),
+    "model.pos_encoding": OneOf(_pos_encodings),
+    "model.patch_size": Integer(1),
+    "model.pooling": OneOf(_poolings),
+    "model.dtype": OneOf(DTYPE_NAMES),
+    "model.remat": Boolean(),
+    "model.reversible": Boolean(),
+    "model.post_ln": Boolean(),
+    "model.tie_embeddings": Boolean(),
+    "model.attention.name": OneOf(attention_lib.names),
+    "data.max_length": Integer(1),
+    "data.resolution": Integer(1),
+    "data.validation_fraction": Real(0.0, 1.0, lo_open=True, hi_open=True),
+    "train.num_steps": Integer(1),
+    "train.batch_size": Integer(1),
+    "train.eval_batch_size": Integer(1),
+    "train.optimizer": OneOf(_optimizers),
+    "train.learning_rate": Real(0.0, lo_open=True),
+    "train.schedule": OneOf(_schedules),
     "train.warmup_steps": _warmup,
-    "train.weight_decay": real(0.0),
-    "train.b1": real(0.0, 1.0, hi_open=True),
-    "train.b2": real(0.0, 1.0, hi_open=True),
-    "train.eps": real(0.0, lo_open=True),
-    "train.grad_clip_norm": real(0.0, lo_open=True, allow_none=True),
-    "train.log_every_steps": integer(1),
-    "train.eval_every_steps": integer(1),
-    "train.checkpoint_every_steps": integer(1),
-    "train.keep_checkpoints": integer(1),
-    "train.num_eval_batches": integer(1, allow_none=True),
-    "pretrain.objective": choice(_objectives),
-    "pretrain.steps": integer(0),
-    "pretrain.learning_rate": real(0.0, lo_open=True),
-    "pretrain.schedule": choice(_schedules),
+    "train.weight_decay": Real(0.0),
+    "train.b1": Real(0.0, 1.0, hi_open=True),
+    "train.b2": Real(0.0, 1.0, hi_open=True),
+    "train.eps": Real(0.0, lo_open=True),
+    "train.grad_clip_norm": Real(0.0, lo_open=True, allow_none=True),
+    "train.log_every_steps": Integer(1),
+    "train.eval_every_steps": Integer(1),
+    "train.checkpoint_every_steps": Integer(1),
+    "train.keep_checkpoints": Integer(1),
+    "train.num_eval_batches": Integer(1, allow_none=True),
+    "pretrain.objective": OneOf(_objectives),
+    "pretrain.steps": Integer(0),
+    "pretrain.learning_rate": Real(0.0, lo_open=True),
+    "pretrain.schedule": OneOf(_schedules),
     "pretrain.warmup_steps": _pretrain_warmup,
-    "pretrain.mask_rate": real(0.0, 1.0, lo_open=True),
-    "pretrain.mask_token": integer(0),
-    "pretrain.tie_embeddings": boolean,
+    "pretrain.mask_rate": Real(0.0, 1.0, lo_open=True),
+    "pretrain.mask_token": Integer(0),
+    "pretrain.tie_embeddings": Boolean(),
     "init_from": _init_from,
-    "mesh.data": _mesh_data,
-    "mesh.sequence": integer(1),
-    "mesh.distributed": choice(("auto", True, False, "true", "false")),
+    "mesh.data": _MESH_DATA,
+    "mesh.sequence": Integer(1),
+    "mesh.distributed": OneOf(("auto", True, False, "true", "false")),
 }
+
 
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
   node: Any = config
@@ -224,73 +166,47 @@ def _lookup(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
   return True, node
 
 
-def _type_problem(value: Any, default: Any) -> str | None:
-  """Whether `value` has the type of the registry default (None defaults accept anything)."""
-  if default is None or default is dataclasses.MISSING:
-    return None
-  if isinstance(default, bool):
-    return None if isinstance(value, bool) else "True or False"
-  if isinstance(default, int):
-    return None if _is_int(value) else "an integer"
-  if isinstance(default, float):
-    return None if _is_real(value) else "a number"
-  if isinstance(default, str):
-    return None if isinstance(value, str) else "a string"
-  if isinstance(default, (tuple, list)):
-    return None if isinstance(value, (tuple, list)) else "a tuple"
-  return None
-
-
-def _option_problems(name: str, given: Mapping[str, Any], where: str) -> list[str]:
-  """Problems of the options `given` (a mapping the user wrote at `where`, e.g. `config.model.attention`) of
-  variant `name`: model-owned or unknown options, values outside their declared range (`attention.option_ranges`),
-  and for options without one, a type other than the registry default's."""
-  defaults = attention_lib.options(name)
-  owned = attention_lib.encoder_owned_options()
-  ranges = attention_lib.option_ranges(name)
-  problems = []
-  for key in sorted(k for k in given.keys() if k != "name"):
-    value = given[key]
-    if key in owned:
-      problems.append(f"{where}.{key}={value!r}: set by the encoder from config.model; remove it from {where}")
-    elif key not in defaults:
-      valid = sorted(k for k in defaults if k not in owned)
-      problems.append(f"{where}.{key}: unknown option for attention {name!r}; valid options: {', '.join(valid)}")
-    else:
-      expected = (None if ranges[key].contains(value) else ranges[key].describe()) if key in ranges else \
-          _type_problem(value, defaults[key])
-      if expected is not None:
-        problems.append(f"{where}.{key}={value!r} is out of range for {name!r}: expected {expected}")
-  return problems
+def _format(problem: attention_lib.registry.Problem, name: str) -> str:
+  """One of the gate's problems as a config line, named by the key the user wrote."""
+  where = "config.model." + (problem.where or "attention")
+  key, value = problem.option, problem.value
+  if problem.kind == "owned":
+    return f"{where}.{key}={value!r}: set by the encoder from config.model; remove it from {where}"
+  if problem.kind == "unknown":
+    return f"{where}.{key}: unknown option for attention {name!r}; valid options: {problem.expected}"
+  return f"{where}.{key}={value!r} is out of range for {name!r}: expected {problem.expected}"
 
 
 def _attention_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The gate's answer (`attention.resolve`) for `config.model.attention` and `config.model.layer_options`,
+  formatted with the config's key paths; nothing is checked here."""
   found, sub = _lookup(config, "model.attention")
   if not found or not isinstance(sub, (ml_collections.ConfigDict, Mapping)):
     return []
   name = sub.get("name")
   if name not in attention_lib.names():
     return []  # reported by RULES["model.attention.name"]
-  problems = _option_problems(name, sub, "config.model.attention")
   _, layer_options = _lookup(config, "model.layer_options")
-  for i, layer in enumerate(layer_options or ()):
-    if not isinstance(layer, (ml_collections.ConfigDict, Mapping)):
-      problems.append(f"config.model.layer_options[{i}]={layer!r}: expected a mapping of attention options")
-    else:
-      problems += _option_problems(name, layer, f"config.model.layer_options[{i}]")
+  problems = [f"config.model.layer_options[{i}]={layer!r}: expected a mapping of attention options"
+              for i, layer in enumerate(layer_options or ())
+              if not isinstance(layer, (ml_collections.ConfigDict, Mapping))]
+  if problems:
+    return problems
   _, num_layers = _lookup(config, "model.num_layers")
-  # What only the whole resolution tells (required options, one entry per layer), once the parts are fine.
-  if not problems and _is_int(num_layers) and num_layers >= 1:
-    try:
-      resolved_layers(config)
-    except ValueError as e:
-      problems.append(f"config.model.attention: {e}")
-  return problems
+  try:
+    resolved_layers(config)
+  except attention_lib.OptionError as e:
+    return [_format(p, name) for p in e.problems]
+  except ValueError as e:
+    if _is_int(num_layers) and num_layers >= 1:  # a bad num_layers is reported by RULES
+      return [f"config.model.attention: {e}"]
+  return []
 
 
-def resolved_layers(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], ...]:
-  """The options of every attention layer of `config`'s model (`attention.resolve` over `config.model.attention`,
-  `config.model.num_layers` and `config.model.layer_options`)."""
+def resolved_layers(config: ml_collections.ConfigDict) -> tuple[attention_lib.AttentionSpec, ...]:
+  """The `AttentionSpec` of every attention layer of `config`'s model (`attention.resolve` over
+  `config.model.attention`, `config.model.num_layers` and `config.model.layer_options`): the gate's answer, computed
+  once and shared with the model (`lra.models.encoder_from_config`)."""
   sub = dict(config.model.attention.items())
   layer_options = config.model.get("layer_options")
   return attention_lib.resolve(sub.pop("name"), config.model.get("num_layers", 1), sub,
@@ -307,19 +223,21 @@ def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
   record = config.to_dict()
   model = record.get("model")
   if isinstance(model, dict) and isinstance(model.get("attention"), dict) and "name" in model["attention"]:
-    name = model["attention"]["name"]
-    model[RESOLVED_ATTENTION] = [{"name": name, **o} for o in resolved_layers(config)]
+    model[RESOLVED_ATTENTION] = [spec.record() for spec in resolved_layers(config)]
   return record
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every problem found in `config`, one line each (empty when the config is valid)."""
   problems = []
-  for key, check in RULES.items():
+  for key, rule in RULES.items():
     found, value = _lookup(config, key)
     if not found:
       continue
-    expected = check(value, config)
+    if isinstance(rule, Range):
+      expected = None if rule.contains(value) else rule.describe()
+    else:
+      expected = rule(value, config)
     if expected is not None:
       problems.append(f"config.{key}={value!r} is out of range: expected {expected}")
   problems += _attention_problems(config)
