@@ -12,8 +12,12 @@ Implementations (the op template of docs/architecture.md "Functional cores"):
   "reference"  `reference.py`: the token-by-token recurrence (a `lax.scan` over tokens): the ground truth in tests;
   "xla"        `xla.py`: chunkwise parallel with cumulative log-decays, states carried across chunks (memory linear
                in length);
-  None         the XLA form on every platform (no Pallas kernel for this op yet: on cuda / tpu that choice is
-               logged once when the program is lowered there).
+  "pallas"     `pallas.py` (custom_vjp: the backward pass is three calls of the forward kernel) over `pallas_tpu.py`
+               (Mosaic TPU): a decay per head, no segment_ids / initial_state / return_state, chunk a multiple of 8;
+               no Mosaic GPU kernel yet. Never falls back: a call it cannot serve is a ValueError;
+  "interpret"  the TPU kernel in Pallas interpret mode (how CPU tests run it);
+  None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`): the TPU kernel
+               on tpu where it serves the call, else the XLA form, the reason logged once (cuda: no kernel yet).
 Precision: float32 inside (states, decays, matmuls), whatever the input dtype; the output has v's dtype.
 """
 
@@ -23,12 +27,27 @@ import jax
 import jax.numpy as jnp
 
 from kernels import platform
+from kernels.gated_linear.pallas import gated_linear_pallas
 from kernels.gated_linear.reference import gated_linear_reference, gated_linear_step
+from kernels.gated_linear.tables import check_supported
 from kernels.gated_linear.xla import DEFAULT_CHUNK, gated_linear_xla
 
-IMPLEMENTATIONS = ("reference", "xla", None)
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
 OP = "gated_linear_attention"
-NO_KERNEL = "no Pallas kernel for gated linear attention yet: the chunked XLA form runs"
+
+
+def _kernels(q, k, v, log_decay, chunk_size, *, interpret=False, **unsupported) -> dict:
+  """Per backend: a thunk running its kernel on this call, or the reason it cannot serve it."""
+  out = {}
+  for backend in ("tpu", "gpu"):
+    try:
+      check_supported(q.shape, v.shape, log_decay.shape, chunk_size, backend, **unsupported)
+    except ValueError as err:
+      out[backend] = str(err)
+      continue
+    out[backend] = (lambda b: lambda: gated_linear_pallas(  # noqa: E731  (bind the backend now)
+        q, k, v, log_decay, chunk_size=chunk_size, backend=b, interpret=interpret))(backend)
+  return out
 
 
 def _check(q, k, v, log_decay, chunk_size, implementation, key_mask, segment_ids, initial_state):
@@ -73,13 +92,26 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
   k, log_decay = mask_tokens(k, log_decay, key_mask)
   if implementation == "reference":
     out, state = gated_linear_reference(q, k, v, log_decay, segment_ids=segment_ids, initial_state=initial_state)
-  else:
-    xla = lambda: gated_linear_xla(q, k, v, log_decay, chunk_size=chunk_size, segment_ids=segment_ids,  # noqa: E731
-                                   initial_state=initial_state)
-    out, state = xla() if implementation == "xla" else platform.dispatch(
-        OP, xla=xla, kernels={"gpu": NO_KERNEL, "tpu": NO_KERNEL})
-  return (out, state) if return_state else out
+    return (out, state) if return_state else out
+  xla = lambda: gated_linear_xla(q, k, v, log_decay, chunk_size=chunk_size, segment_ids=segment_ids,  # noqa: E731
+                                 initial_state=initial_state)
+  if implementation == "xla":
+    out, state = xla()
+    return (out, state) if return_state else out
+  if return_state:  # the kernels return no state
+    if implementation is not None:  # explicit kernels never fall back
+      raise ValueError(f"{OP}: return_state=True is served by implementation='xla' or None, not {implementation!r}")
+    reason = "return_state=True is served by the XLA form only"
+    return platform.dispatch(OP, xla=xla, kernels={"tpu": reason, "gpu": reason})
+  unsupported = dict(segment_ids=segment_ids is not None, initial_state=initial_state is not None, return_state=False)
+  if implementation == "interpret":
+    check_supported(q.shape, v.shape, log_decay.shape, chunk_size, "tpu", **unsupported)
+    return gated_linear_pallas(q, k, v, log_decay, chunk_size=chunk_size, backend="tpu", interpret=True)
+  kernels = _kernels(q, k, v, log_decay, chunk_size, **unsupported)
+  if implementation == "pallas":
+    return platform.require_kernel(OP, kernels=kernels)
+  return platform.dispatch(OP, xla=lambda: xla()[0], kernels=kernels)
 
 
-__all__ = ["IMPLEMENTATIONS", "OP", "gated_linear_attention", "gated_linear_reference", "gated_linear_step",
-           "gated_linear_xla", "mask_tokens"]
+__all__ = ["IMPLEMENTATIONS", "OP", "gated_linear_attention", "gated_linear_pallas", "gated_linear_reference",
+           "gated_linear_step", "gated_linear_xla", "mask_tokens"]

@@ -135,7 +135,55 @@ def test_bad_inputs_are_one_line_errors():
   q, k, v, g, _ = _inputs(False, "mixed")
   with pytest.raises(ValueError, match=r"log_decay must be \[batch, length, heads\]"):
     gated_linear_attention(q, k, v, g[..., :1])
-  with pytest.raises(ValueError, match="unknown gated_linear_attention implementation 'pallas'"):
-    gated_linear_attention(q, k, v, g, implementation="pallas")
+  with pytest.raises(ValueError, match="unknown gated_linear_attention implementation 'bogus'"):
+    gated_linear_attention(q, k, v, g, implementation="bogus")
   with pytest.raises(ValueError, match="segment_ids must have shape"):
     gated_linear_attention(q, k, v, g, segment_ids=SEGMENTS[:, :3])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Pallas kernel (decay per head): interpret mode on CPU, lowering for tpu, the reasons elsewhere.
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_interpret_kernel_matches_the_recurrence(dtype):
+  """Values and gradients (q, k, v, log_decay) at 21 tokens in chunks of 8 (a padded last chunk), with padding."""
+  q, k, v, g, ct = _inputs(False, "mixed", length=21)
+  mask = jnp.arange(21)[None] < jnp.array([[15], [21]])
+  cast = lambda x: x.astype(dtype)  # noqa: E731
+
+  @functools.partial(jax.jit, static_argnames="implementation")
+  def run(q, k, v, g, implementation):
+    f = lambda q, k, v, g: jnp.sum(_entry(q, k, v, g, chunk_size=8, key_mask=mask,  # noqa: E731
+                                          implementation=implementation).astype(jnp.float32) * ct)
+    return jax.value_and_grad(f, argnums=(0, 1, 2, 3))(q, k, v, g)
+
+  (want, want_grads), (got, grads) = run(q, k, v, g, "reference"), run(cast(q), cast(k), cast(v), g, "interpret")
+  tol = 2e-5 if dtype == "float32" else 5e-2  # bfloat16 operands: relative to each gradient's scale
+  np.testing.assert_allclose(got, want, rtol=tol)
+  for name, a, b in zip("qkvg", grads, want_grads):
+    scale = np.abs(np.asarray(b)).max()
+    assert np.abs(np.asarray(a, np.float32) - np.asarray(b)).max() <= tol * max(scale, 1.0), name
+
+
+def test_the_kernel_lowers_for_tpu_and_cuda_takes_the_logged_xla_form(caplog):
+  spec = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+  g_spec = jax.ShapeDtypeStruct((2, 256, 2), jnp.float32)
+
+  def loss(q, k, v, g):
+    return jnp.sum(_entry(q, k, v, g).astype(jnp.float32))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  tpu = jax.export.export(step, platforms=["tpu"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call("tpu_custom_call")])(spec, spec, spec, g_spec).mlir_module()
+  for kernel in ("gated_linear_fwd", "gated_linear_bwd_dq", "gated_linear_bwd_dk", "gated_linear_bwd_dv"):
+    assert kernel in tpu, kernel
+  with caplog.at_level("WARNING", logger="kernels"):
+    cuda = jax.export.export(step, platforms=["cuda"])(spec, spec, spec, g_spec).mlir_module()
+  assert "tpu_custom_call" not in cuda and "mosaic_gpu" not in cuda
+  from kernels import platform  # pylint: disable=import-outside-toplevel
+  assert any(key[:2] == ("gated_linear_attention", "cuda") and "Mosaic GPU" in key[2]
+             for key in platform._logged)  # pylint: disable=protected-access  (logged once per process)
+  with pytest.raises(platform.KernelUnavailableError, match="no Pallas kernel for this platform"):
+    jax.jit(lambda *a: _entry(*a, implementation="pallas"))(*(jnp.ones(s.shape, s.dtype)
+                                                              for s in (spec, spec, spec, g_spec)))

@@ -1,0 +1,88 @@
+"""Pallas driver of gated linear attention with a decay per head (RetNet, Mamba-2): padding, the custom_vjp, routing
+to the backend module (`pallas_tpu.py`; no Mosaic GPU kernel yet: `tables.check_supported` says so and the XLA form
+runs on cuda).
+
+The backward pass reuses the forward kernel three times. With `w_ij = exp(B_i - B_j)` (j <= i, B the cumulative
+log-decay) the output is `o_i = sum_j w_ij (q_i . k_j) v_j`, so
+  dq = fwd(q=dO, k=v, v=k; g)                     dq_i = sum_{j<=i} w_ij (dO_i . v_j) k_j
+  dk = R fwd(q=R v, k=R dO, v=R q; g')            dk_j = sum_{i>=j} w_ij (dO_i . v_j) q_i
+  dv = R fwd(q=R k, k=R q, v=R dO; g')            dv_j = sum_{i>=j} w_ij (q_i . k_j) dO_i
+with R the time reversal and `g'_t = g_{L-t}` (`g'_0 = 0`: the reversed pairs' decays, shifted by one), and the
+decays' gradient from the identity `dL/dB_t = q_t . dq_t - k_t . dk_t` (w depends on B only through `B_i - B_j`),
+`dg_t = sum_{s >= t} dL/dB_s`. float32 accumulation throughout; the output has v's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from kernels.gated_linear.tables import DEFAULT_TPU_CHUNK, LANES, KernelParams, check_supported
+from kernels.platform import Backend
+
+BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.gated_linear.pallas_tpu"}
+
+
+def _cum_lanes(g_BxHxLp: jax.Array, chunk: int) -> jax.Array:
+  """Cumulative log-decay inside each chunk, lane-broadcast: `[B, H, Lp, 128]` float32."""
+  b, h, length = g_BxHxLp.shape
+  cum = jnp.cumsum(g_BxHxLp.astype(jnp.float32).reshape(b, h, length // chunk, chunk), axis=-1)
+  return jnp.broadcast_to(cum.reshape(b, h, length, 1), (b, h, length, LANES))
+
+
+def _fwd(st: KernelParams, q, k, v, g, name: str):
+  module = importlib.import_module(BACKEND_MODULES[st.backend])
+  return module.forward(st, q, k, v, _cum_lanes(g, st.chunk), name=name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated(st: KernelParams, q, k, v, g):
+  return _fwd(st, q, k, v, g, "gated_linear_fwd")
+
+
+def _gated_fwd(st, q, k, v, g):
+  return _gated(st, q, k, v, g), (q, k, v, g)
+
+
+def _gated_bwd(st, res, do):
+  q, k, v, g = res
+  do = do.astype(v.dtype)
+  rev = lambda x: jnp.flip(x, axis=2)  # noqa: E731  [B, H, Lp, *]: time is axis 2
+  g_rev = jnp.pad(jnp.flip(g, axis=2)[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
+  dq = _fwd(st, do, v, k, g, "gated_linear_bwd_dq")
+  dk = rev(_fwd(st, rev(v), rev(do), rev(q), g_rev, "gated_linear_bwd_dk"))
+  dv = rev(_fwd(st, rev(k), rev(q), rev(do), g_rev, "gated_linear_bwd_dv"))
+  f32 = jnp.float32
+  d_cum = jnp.sum(q.astype(f32) * dq.astype(f32) - k.astype(f32) * dk.astype(f32), axis=-1)  # [B, H, Lp]
+  dg = jnp.flip(jnp.cumsum(jnp.flip(d_cum, axis=2), axis=2), axis=2)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype)
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+def gated_linear_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.Array, log_decay_BxLxH: jax.Array,
+                        *, chunk_size: int | None = None, backend: Backend = "tpu", interpret=False) -> jax.Array:
+  """Gated linear attention (decay per head) through the Pallas kernel of `backend`; `[B, L, H, *]` in, `[B, L, H,
+  V]` (v's dtype) out. The length is padded to a multiple of the chunk with tokens that neither write nor decay."""
+  chunk = DEFAULT_TPU_CHUNK if chunk_size is None else chunk_size
+  check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, log_decay_BxLxH.shape, chunk, backend, segment_ids=False,
+                  initial_state=False, return_state=False)
+  dtype = jnp.result_type(q_BxLxHxK.dtype, k_BxLxHxK.dtype, v_BxLxHxV.dtype)
+  length = q_BxLxHxK.shape[1]
+  pad = -length % chunk
+
+  def prep(x, dt):  # [B, L, H, ...] -> [B, H, Lp, ...]
+    x = jnp.swapaxes(x.astype(dt), 1, 2)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3)) if pad else x
+
+  st = KernelParams(chunk=chunk, backend=backend, interpret=interpret)
+  out = _gated(st, prep(q_BxLxHxK, dtype), prep(k_BxLxHxK, dtype), prep(v_BxLxHxV, dtype),
+               prep(log_decay_BxLxH, jnp.float32))
+  return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxV.dtype)
+
+
+__all__ = ["gated_linear_pallas"]
