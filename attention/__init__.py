@@ -13,7 +13,8 @@ packages.check(("kernels",))
 
 from attention.registry import (AttentionSpec, OptionError, build, build_attention, get_class, names, option_ranges,
                                 options, register, resolve)
-from attention.base import AttentionLayer, encoder_owned_options, resolve_compute_dtype
+from attention.base import AttentionLayer, encoder_owned_options
+from kernels.common import resolve_dtype as resolve_compute_dtype  # the one dtype resolver, under attention's name
 from attention.recurrent import RecurrentLayer
 
 # Variant modules register themselves on import.

@@ -31,10 +31,6 @@ from kernels.softmax import dropout_weights
 # LRA's initialisation for attention projections.
 default_kernel_init = nn.initializers.xavier_uniform()
 
-# Compute dtypes by name: the one vocabulary from config to kernel lives in kernels/common.py.
-resolve_compute_dtype = resolve_dtype
-
-
 def _is_compute_dtype(value: Any) -> bool:
   try:
     resolve_dtype(value)
@@ -116,7 +112,7 @@ class AttentionLayer(nn.Module):
 
   @property
   def compute_dtype(self) -> jnp.dtype:
-    return resolve_compute_dtype(self.dtype)
+    return resolve_dtype(self.dtype)  # the one dtype vocabulary: kernels/common.py
 
   def check_inputs(self, x: jax.Array, mask: jax.Array | None) -> None:
     """What only a call knows: the input and mask shapes, and heads that divide the width when `qkv_dim` is the

@@ -49,10 +49,6 @@ from ml_collections import config_flags
 import attention as attention_lib
 from kernels.common import DTYPE_NAMES
 
-# Compute dtypes `config.model.dtype` accepts (the one vocabulary, kernels/common.py): "auto" lets the trainer pick
-# (bfloat16 on accelerators that have it).
-DTYPES = DTYPE_NAMES
-
 # The skeleton every config starts from; config files pass only what differs.
 MODEL = dict(remat=False, reversible=False, post_ln=False, dtype="float32", patch_size=1)
 DATA = dict(cache_dir="~/.cache/efficient_attention")
@@ -91,8 +87,9 @@ def make_config(task: str, *, model: Mapping[str, Any], data: Mapping[str, Any],
   and `checkpoint_every_steps` to `eval_every_steps`.
   """
   model_fields = {**MODEL, **model}
-  if model_fields["dtype"] not in DTYPES:
-    raise ValueError(f"model dtype {model_fields['dtype']!r}: valid choices {DTYPES}")
+  if model_fields["dtype"] not in DTYPE_NAMES:  # the one vocabulary (kernels/common.py); "auto": bf16 on accelerators
+    raise ValueError(f"model dtype {model_fields['dtype']!r}: valid choices {DTYPE_NAMES}; pass one of them as "
+                     f"make_config(model=dict(dtype=...))")
   data_fields = {**({"data_dir": None} if data_dir else {}), **DATA, **data}
   train_fields = {**TRAIN, **train}
   train_fields.setdefault("eval_batch_size", train_fields["batch_size"])

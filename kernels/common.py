@@ -106,22 +106,24 @@ __all__ = ["IMPLEMENTATION_VOCABULARY", "KEY_MASK", "MASK_VALUE", "OP_FILES", "R
 # the kernels' inputs all mean the same names; "auto" is bfloat16 where the default backend is a GPU or TPU (bfloat16
 # matmuls at full rate, and the Pallas kernels take it) and float32 on CPU.
 
-DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPE_BY_NAME: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 AUTO_DTYPE = "auto"
-# Every name a config or a layer accepts, in the order errors list them.
-DTYPE_NAMES: tuple[str, ...] = (*DTYPES, AUTO_DTYPE)
+# Every name a config or a layer accepts, in the order errors list them: the one dtype vocabulary (configs,
+# config_checks, the attention layers' `dtype`, the encoder and the kernels all read this tuple).
+DTYPE_NAMES: tuple[str, ...] = (*DTYPE_BY_NAME, AUTO_DTYPE)
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
   """A dtype name of `DTYPE_NAMES` or a floating jnp/numpy dtype -> `jnp.dtype`; ValueError naming the valid names
   otherwise. "auto" is read against `jax.default_backend()` when called."""
-  valid = f"valid choices: {', '.join(DTYPE_NAMES)} (or a floating jnp dtype)"
+  valid = (f"valid choices: {', '.join(DTYPE_NAMES)} (or a floating jnp dtype); set config.model.dtype (or the "
+           f"layer's dtype=) to one of them")
   if isinstance(dtype, str):
     if dtype == AUTO_DTYPE:
       return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_BY_NAME:
       raise ValueError(f"unknown compute dtype {dtype!r}; {valid}")
-    return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(DTYPE_BY_NAME[dtype])
   try:
     resolved = jnp.dtype(dtype)
   except TypeError:
@@ -131,4 +133,4 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
   return resolved
 
 
-__all__ += ["AUTO_DTYPE", "DTYPES", "DTYPE_NAMES", "resolve_dtype"]
+__all__ += ["AUTO_DTYPE", "DTYPE_BY_NAME", "DTYPE_NAMES", "resolve_dtype"]

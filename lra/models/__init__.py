@@ -5,7 +5,7 @@ from lra.models.mlp import MlpBlock
 from lra.models.reversible import ReversibleBlocks, reversible_stack
 from lra.models.embeddings import POSITIONAL_ENCODINGS, PositionalEncoding, sinusoidal_table
 from lra.models.heads import ClassifierHead, SequenceClassifier
-from lra.models.precision import resolve_dtype
+from kernels.common import resolve_dtype  # the one dtype vocabulary and resolver
 
 __all__ = ["ClassifierHead", "Encoder", "EncoderBlock", "MlpBlock", "POOLINGS", "POSITIONAL_ENCODINGS",
            "PositionalEncoding", "ReversibleBlocks", "SequenceClassifier", "encoder_from_config", "resolve_dtype",

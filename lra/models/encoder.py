@@ -22,7 +22,7 @@ from kernels import sequence as sequence_lib
 from lra.models import embeddings, patches
 from lra.models.embeddings import PositionalEncoding
 from lra.models.mlp import MlpBlock
-from lra.models.precision import resolve_dtype
+from kernels.common import resolve_dtype
 from lra.models.reversible import ReversibleBlocks
 
 POOLINGS = ("cls", "mean", "none")
@@ -98,7 +98,7 @@ class Encoder(nn.Module):
     sequence_output: return every input token's output `[B, L, emb_dim]` (the CLS position dropped) instead of the
       pooled vector, with the same parameters as the pooled encoder: what self-pretraining heads read
       (lra/training/pretrain.py), so a pretrained encoder loads into the classifier unchanged.
-    dtype: compute dtype, a name of `kernels.common.DTYPE_NAMES` ("auto": `lra.models.precision.resolve_dtype`) or a
+    dtype: compute dtype, a name of `kernels.common.DTYPE_NAMES` ("auto": `kernels.common.resolve_dtype`) or a
       jnp dtype.
   """
 

@@ -16,6 +16,7 @@ from absl import flags
 
 import attention
 from configs import common
+from kernels.common import DTYPE_NAMES
 from lra.models.encoder import encoder_from_config
 from lra.training import config_checks
 from tests.conftest import python_path
@@ -100,7 +101,7 @@ def test_config_file_loads(path):
       assert section in config, section
     # The attention sub-config holds the variant and only the options the file sets.
     assert config.model.attention.to_dict() == {"name": "softmax"}
-    assert config.model.dtype in common.DTYPES
+    assert config.model.dtype in DTYPE_NAMES
     # Encoder options every config exposes, so dotted overrides work on every task.
     assert {"remat", "reversible", "post_ln", "pooling", "pos_encoding"} <= set(config.model), sorted(config.model)
   for name in attention.names():

@@ -136,7 +136,7 @@ def test_bfloat16_encoder_keeps_float32_params_and_logits_and_follows_float32():
 def test_encoder_from_config_reads_and_resolves_the_dtype():
   import ml_collections  # pylint: disable=import-outside-toplevel
   from lra.models import encoder_from_config  # pylint: disable=import-outside-toplevel
-  from lra.models.precision import resolve_dtype  # pylint: disable=import-outside-toplevel
+  from lra.models import resolve_dtype  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(dict(emb_dim=16, num_layers=1, num_heads=2, qkv_dim=16, mlp_dim=32,
                                           dropout_rate=0.0, attention_dropout_rate=0.0, pos_encoding="learned",
                                           pooling="cls", attention={"name": "softmax"}))
@@ -147,7 +147,8 @@ def test_encoder_from_config_reads_and_resolves_the_dtype():
   expected = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
   assert encoder_from_config(config, vocab_size=8, max_length=8).compute_dtype == expected
   assert resolve_dtype(jnp.bfloat16) == jnp.bfloat16
-  with pytest.raises(ValueError, match="unknown model dtype .fp8..*float32, bfloat16, float16, auto"):
+  with pytest.raises(ValueError,
+                     match="unknown compute dtype .fp8..*float32, bfloat16, float16, auto.*config.model.dtype"):
     resolve_dtype("fp8")
 
 
