@@ -15,8 +15,9 @@ weights by the counter hash every op shares (`kernels.common.dropout_keep`, coun
 Implementations (the op template):
   "reference"  dense `[B, H, Lq, Lk]` scores (`reference`): the ground truth;
   "xla"        the visited tile pairs gathered a step at a time, online softmax, recomputing custom_vjp (`xla`);
-  "pallas"     the Pallas kernels of the platform the program is lowered for (`pallas`: TPU kernels with the
-               tables scalar-prefetched); never falls back: a call they cannot serve raises;
+  "pallas"     the Pallas kernels of the platform the program is lowered for (`pallas`: `pallas_tpu` with the
+               tables scalar-prefetched, `pallas_gpu` (Mosaic GPU, Hopper) reading them from global memory);
+               never falls back: a call they cannot serve raises;
   "interpret"  the TPU kernels in Pallas interpret mode (CPU tests);
   None         the kernels where the program is lowered for a platform they serve, "xla" otherwise (CPU), with one
                logged line naming why a kernel could not serve (e.g. a score_mod closing over a trainable array:
@@ -45,7 +46,10 @@ from kernels.flex.xla import flex_attention_xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
 OP = "flex_attention"
-DEFAULT_BLOCK = 128
+# Default tiles, largest first: the first pair both kernel backends can serve for the call (the platform is known only
+# when the program is lowered, and the tables are built before): 128x128 on TPU, but the Mosaic GPU dK/dV kernel's
+# shared memory takes 128x64 at head_dim 64 and 64x64 at 128.
+DEFAULT_BLOCKS = ((128, 128), (128, 64), (64, 64))
 
 logger = logging.getLogger("kernels")
 _logged_plans: set = set()
@@ -204,12 +208,23 @@ def _check(q, k, v, key_mask, block_mask, implementation, dropout_rate) -> None:
                        f"query heads {h}")
 
 
+def default_tiles(q_shape, dtype) -> tuple[int, int]:
+  """The first of `DEFAULT_BLOCKS` that the TPU kernels and (for the dtypes they take) the GPU kernels both serve."""
+  from kernels.flex.tables import gpu_reason  # noqa: PLC0415
+  from kernels.platform import mosaic_gpu_dtype_reason  # noqa: PLC0415
+  gpu_dtype = mosaic_gpu_dtype_reason(dtype) is None
+  for bq, bkv in DEFAULT_BLOCKS:
+    if not gpu_dtype or gpu_reason(bq, bkv, q_shape[-1], dtype) is None:
+      return bq, bkv
+  return DEFAULT_BLOCKS[-1]
+
+
 def plan(q, k, v, *, mask_mod=None, score_mod=None, block_mask=None, key_mask=None, block_size=None) -> Plan:
   """The call's plan (see the module docstring); logged once per distinct description."""
   b, lq, h, _ = q.shape
   lk = k.shape[1]
   if block_mask is None:
-    tiles = tile_sizes(block_size) if block_size is not None else (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    tiles = tile_sizes(block_size) if block_size is not None else default_tiles(q.shape, q.dtype)
     _, traced = closes_over_arrays(mask_mod, *_index_examples(False))
     builder = create_block_mask_traced if traced else create_block_mask
     block_mask = builder(mask_mod, b, h, lq, lk, tiles)
@@ -231,7 +246,7 @@ def flex_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_mod=None, s
                    dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                    implementation: str | None = None, block_size=None) -> jax.Array:
   """Flex attention (module docstring). `block_size` (int or (q_block, kv_block)) sets the tiles when no
-  `block_mask` is given (default 128)."""
+  `block_mask` is given (default `default_tiles`: 128x128, smaller where the GPU kernels need it)."""
   _check(q, k, v, key_mask, block_mask, implementation, dropout_rate)
   p = plan(q, k, v, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask, key_mask=key_mask,
            block_size=block_size)
@@ -264,7 +279,7 @@ def flex_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_mod=None, s
   return platform.dispatch(OP, xla=xla, kernels=kernels)
 
 
-__all__ = ["BlockMask", "DEFAULT_BLOCK", "IMPLEMENTATIONS", "OP", "Plan", "alibi", "block_mask_from_indices", "causal",
+__all__ = ["BlockMask", "DEFAULT_BLOCKS", "default_tiles", "IMPLEMENTATIONS", "OP", "Plan", "alibi", "block_mask_from_indices", "causal",
            "closes_over_arrays", "create_block_mask", "create_block_mask_traced", "flex_attention",
            "flex_attention_reference", "flex_attention_xla", "plan", "relative_position_bias", "softcap",
            "t5_bucket"]

@@ -1,7 +1,6 @@
 """The backend-neutral driver of the flex Pallas kernels: padding to whole tiles, the key-validity tiles, the static
 call description, the `jax.custom_vjp` joining a backend's forward and backward kernels, and the routing to that
-backend's module (`pallas_tpu`; a Mosaic GPU module is not written yet: `check_supported` says so, and the entry then
-runs the XLA form on cuda with that reason logged once).
+backend's module (`pallas_tpu` or `pallas_gpu`, which never import each other).
 
 The tables are *arguments* (traced int32 arrays: host-built ones become constants, ones built in the step from data or
 a top-k selection stay traced); the kernels read them by scalar prefetch. The backward recomputes from the forward's
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 from kernels.flex.tables import BlockMask, FlexStatic, check_supported, heads_per_program
 from kernels.platform import Backend
 
-BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.flex.pallas_tpu"}
+BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.flex.pallas_tpu", "gpu": "kernels.flex.pallas_gpu"}
 
 
 def _backend(st: FlexStatic):
@@ -55,7 +54,7 @@ def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   """Flex attention through the Pallas kernels of `backend`; `[B, L, H, D]` in and out. `mask_mod` and `score_mod`
   must be pure index functions (no closed-over arrays: the entry checks)."""
   reason = check_supported(q_BxLxHxD.shape, k_BxSxKxD.shape, q_BxLxHxD.dtype, bm, backend)
-  if reason is not None and not (interpret and "Mosaic GPU" not in reason):
+  if reason is not None and not interpret:
     raise ValueError(f"flex_attention: the {backend} kernels cannot serve this call: {reason}")
   b, lq, h, d = q_BxLxHxD.shape
   lk, hkv = k_BxSxKxD.shape[1:3]

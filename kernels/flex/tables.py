@@ -347,12 +347,31 @@ def heads_per_program(heads: int, kv_heads: int, table_heads: int) -> int:
   return heads // kv_heads if table_heads <= kv_heads else 1
 
 
+GPU_SMEM_BYTES = 220 * 1024  # of the 227 KiB a Hopper block may use, some left for barriers and statistics
+
+
+def gpu_reason(bq: int, bkv: int, d: int, dtype) -> str | None:
+  reason = mosaic_gpu_dtype_reason(dtype)
+  if reason:
+    return reason
+  for name, value in (("q_block", bq), ("kv_block", bkv)):
+    if value % 64 or value > 256:
+      return f"{name}={value} must be a multiple of 64 and at most 256 on GPU (wgmma tiles of one warpgroup)"
+  if d % 64 or d > 128:
+    return f"head_dim={d} must be 64 or 128 on GPU (128-byte swizzled wgmma operands)"
+  item = jnp.dtype(dtype).itemsize
+  # The dK/dV kernel holds the most: its K and V tiles, Q, Q^T, dO, dO^T double-buffered, P and dS.
+  smem = item * (2 * bkv * d + 8 * bq * d + 2 * bkv * bq) + 4 * (bkv + 4 * bq)
+  if smem > GPU_SMEM_BYTES:
+    return (f"tiles {bq}x{bkv} with head_dim={d} need {smem // 1024} KiB of shared memory in the dK/dV kernel "
+            f"(at most {GPU_SMEM_BYTES // 1024}); use block_size=64 on GPU")
+  return None
+
+
 def check_supported(q_shape, k_shape, dtype, bm: BlockMask, backend: Backend) -> str | None:
   """Why `backend`'s kernels cannot serve this call, or None."""
   if backend == "gpu":
-    reason = mosaic_gpu_dtype_reason(dtype)
-    return reason or ("no Mosaic GPU flex kernel yet: the flex kernels are the TPU ones (Mosaic TPU, and the "
-                      "interpret mode on CPU); cuda runs the XLA form")
+    return gpu_reason(bm.q_block, bm.kv_block, q_shape[-1], dtype)
   bq, bkv, d = bm.q_block, bm.kv_block, q_shape[-1]
   if bq % 8:
     return f"q_block={bq} must be a multiple of 8 on TPU (sublane tiling); use block_size 128 or implementation='xla'"
@@ -372,6 +391,6 @@ def table_widths(st: FlexStatic, tables) -> tuple[int, int, int, int]:
   return (tables[1].size // rows_q, tables[3].size // rows_q, tables[5].size // rows_k, tables[7].size // rows_k)
 
 
-__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "PARTIAL", "TPU_LANES", "block_mask_from_indices",
+__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "block_mask_from_indices", "gpu_reason",
            "check_supported", "classify", "create_block_mask", "create_block_mask_traced", "heads_per_program",
            "mask_broadcast_dims", "table_widths", "tile_sizes"]

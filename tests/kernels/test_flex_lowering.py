@@ -1,6 +1,6 @@
 """kernels.flex inside lowered programs, from this CPU host: a bfloat16 GQA step with a window mask, ALiBi, key
-padding and dropout exports for TPU holding the three flex kernels and no `[L, L]` tensor; on cuda (no Mosaic GPU flex
-kernel yet) and for a score_mod closing over a trainable table the default runs the XLA form with one logged line
+padding and dropout exports for TPU and for CUDA holding the three flex kernels (Mosaic TPU, Mosaic GPU) and no
+`[L, L]` tensor; float32 on cuda and a score_mod closing over a trainable table run the XLA form with one logged line
 naming why; an explicit "pallas" never falls back."""
 
 import logging
@@ -12,9 +12,9 @@ import pytest
 
 from kernels import flex, platform
 
-L, H, HKV, D = 1024, 4, 2, 64
+L, H, HKV, D = 512, 4, 2, 64
 KERNELS = ("flex_fwd", "flex_bwd_dq", "flex_bwd_dkv")
-window = lambda b, h, i, j: (j <= i) & (i - j < 300)  # noqa: E731
+window = lambda b, h, i, j: (j <= i) & (i - j < 200)  # noqa: E731
 
 
 def _export(loss, platform_name, target, *specs):
@@ -23,9 +23,9 @@ def _export(loss, platform_name, target, *specs):
   return jax.export.export(grad, platforms=[platform_name], disabled_checks=checks)(*specs).mlir_module()
 
 
-def _specs():
-  qs = jax.ShapeDtypeStruct((2, L, H, D), jnp.bfloat16)
-  kvs = jax.ShapeDtypeStruct((2, L, HKV, D), jnp.bfloat16)
+def _specs(dtype=jnp.bfloat16):
+  qs = jax.ShapeDtypeStruct((2, L, H, D), dtype)
+  kvs = jax.ShapeDtypeStruct((2, L, HKV, D), dtype)
   return qs, kvs, kvs, jax.ShapeDtypeStruct((2, L), jnp.bool_), jax.random.key(0)
 
 
@@ -40,9 +40,10 @@ def _no_square(module: str) -> bool:
   return not re.search(rf"tensor<[0-9x]*{L}x{L}x", module)
 
 
-def test_tpu_export_holds_the_kernels():
-  module = _export(_loss(mask_mod=window, score_mod=flex.alibi(H)), "tpu", "tpu_custom_call", *_specs())
-  assert len(re.findall(r"custom_call @tpu_custom_call\(", module)) == len(KERNELS)
+@pytest.mark.parametrize("platform_name,target", [("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu_v2")])
+def test_export_holds_the_kernels(platform_name, target):
+  module = _export(_loss(mask_mod=window, score_mod=flex.alibi(H)), platform_name, target, *_specs())
+  assert len(re.findall(rf"custom_call @{target}\(", module)) == len(KERNELS)
   for name in KERNELS:
     assert re.search(rf"\b{name}\b", module), name
   assert _no_square(module)
@@ -50,9 +51,9 @@ def test_tpu_export_holds_the_kernels():
 
 def test_fallbacks_are_logged_with_their_reason_and_explicit_pallas_raises(caplog):
   with caplog.at_level(logging.WARNING, logger="kernels"):
-    module = _export(_loss(mask_mod=window), "cuda", None, *_specs())
+    module = _export(_loss(mask_mod=window), "cuda", None, *_specs(jnp.float32))
   assert "tpu_custom_call" not in module and "mosaic_gpu" not in module and _no_square(module)
-  assert any("flex_attention" in r.message and "no Mosaic GPU flex kernel" in r.message for r in caplog.records)
+  assert any("flex_attention" in r.message and "dtype=float32" in r.message for r in caplog.records)
   table = jnp.zeros((32, H))
   caplog.clear()
   with caplog.at_level(logging.WARNING, logger="kernels"):

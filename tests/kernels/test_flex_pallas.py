@@ -1,4 +1,4 @@
-"""kernels.flex Pallas TPU kernels in interpret mode on CPU against the dense reference (values and gradients):
+"""kernels.flex Pallas kernels in interpret mode (TPU; and Mosaic GPU under the GPU interpreter, bfloat16) on CPU against the dense reference (values and gradients):
 GQA heads sharing a program, per-query-head tables (one program per head, dK/dV summed over the group), score_mod
 in the forward and backward, key padding, an overhanging last tile, dropout, and tables built inside `jit` from a
 top-k style selection. Shapes are tiny: interpret mode runs every grid step on the CPU.
@@ -72,3 +72,35 @@ def test_interpret_kernels_with_traced_selection():
     return dict(block_mask=bm)
 
   _check(_both(options_of))
+
+
+def test_gpu_kernels_under_the_gpu_interpreter():
+  """bfloat16 (the Mosaic GPU kernels' dtypes), 64-token tiles, 2 query heads on 1 key/value head, a window mask
+  with an overhanging last tile, ALiBi, key padding and dropout. Tolerance: bfloat16 outputs and gradients, 2e-2."""
+  from kernels.common import dropout_seed  # noqa: PLC0415
+  from kernels.flex.pallas import flex_attention_pallas  # noqa: PLC0415
+  length, d = 100, 64
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (1, length, 2, d), jnp.bfloat16)
+  k, v = (jax.random.normal(key, (1, length, 1, d), jnp.bfloat16) for key in ks[1:3])
+  ct = jax.random.normal(ks[3], q.shape)
+  mask = lambda b, h, i, j: (j <= i) & (i - j < 70)  # noqa: E731
+  bm = flex.create_block_mask(mask, 1, 2, length, length, 64)
+  common = dict(score_mod=flex.alibi(2), key_mask=jnp.arange(length)[None, :] < length - 5, dropout_rate=0.1,
+                dropout_seed=dropout_seed(jax.random.key(2)))
+
+  def run(kernel):
+    def loss(q, k, v):
+      if kernel:
+        out = flex_attention_pallas(q, k, v, bm, backend="gpu", interpret=True, **common)
+      else:
+        out = flex.flex_attention_reference(q, k, v, block_mask=bm, **common)
+      return jnp.sum(out.astype(jnp.float32) * ct), out
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+  ((_, want), want_g), ((_, got), got_g) = jax.jit(lambda: (run(False), run(True)))()
+  tol = dict(atol=2e-2, rtol=2e-2)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+  for g, w in zip(got_g, want_g):
+    assert float(jnp.abs(w.astype(jnp.float32)).max()) > 0.1
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **tol)
