@@ -1,8 +1,11 @@
-"""Fixed-pattern sparse attention: local, Sparse Transformer, Longformer and BigBird on one block-sparse core.
+"""Fixed-pattern sparse attention: local, Sparse Transformer, Longformer and BigBird as flex mask functions.
 
-Each variant builds a static block layout (`attention.sparse_layouts`) for the padded length and calls
-`kernels.block_sparse_attention`, whose "xla" implementation gathers only the allowed key blocks, so memory grows with
-the number of allowed blocks rather than with length squared. Patterns are applied at block granularity: every size
+Each variant is a token-level mask function (`mask_mod`, from `attention.sparse_layouts`, whose docstrings say which
+mask each one is) for the padded length, run by `kernels.flex.flex_attention` with tiles of `block_size` tokens: the
+pattern is constant on those tiles, so empty tiles are never visited and full ones pay no mask work, and memory and
+time grow with the number of allowed blocks rather than with length squared. The block layout (`layout`, for the
+halo exchange of a sequence-sharded call and for plots) is the same mask at one token per block. Patterns are applied
+at block granularity: every size
 option (`window`, `stride`, `c`, `num_global_blocks`, `num_random_blocks`) counts blocks of `block_size` tokens, so a
 paper's token window `w` is `w / block_size` blocks here, and a global block makes all of its tokens global.
 
@@ -14,7 +17,7 @@ is applied to the attention weights of the allowed blocks.
 from __future__ import annotations
 
 import zlib
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import flax.linen as nn
 import jax
@@ -26,7 +29,8 @@ from attention.base import AttentionLayer
 from attention.registry import register
 from attention.ranges import Integer, OneOf
 from kernels import sequence as sequence_lib
-from kernels.block_sparse import IMPLEMENTATIONS, block_sparse_attention
+from kernels.block_sparse import IMPLEMENTATIONS
+from kernels.flex import flex_attention
 from kernels.block_sparse.sequence_parallel import halo_block_sparse_attention
 
 
@@ -42,9 +46,14 @@ class BlockSparseAttention(AttentionLayer):
   implementation: str | None = None
   option_ranges = {"block_size": Integer(1), "implementation": OneOf(IMPLEMENTATIONS)}
 
-  def layout(self, num_blocks: int) -> np.ndarray:
-    """The bool `[num_heads or 1, num_blocks, num_blocks]` block layout."""
+  def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
+    """The pattern as a token-level `mask_mod(b, h, q_idx, kv_idx)` over `num_blocks` blocks of `block_size` tokens
+    (causal ones included `kv_idx <= q_idx`)."""
     raise NotImplementedError
+
+  def layout(self, num_blocks: int) -> np.ndarray:
+    """The bool `[num_heads or 1, num_blocks, num_blocks]` block layout: the mask at one token per block."""
+    return sparse_layouts.layout_of(self.mask_mod(num_blocks, 1), self.num_heads, num_blocks)
 
   def sequence_parallel_form(self) -> str | None:
     # A band layout exchanges halos; other layouts (and attention dropout, whose hash is keyed by the positions the
@@ -73,9 +82,9 @@ class BlockSparseAttention(AttentionLayer):
     if seq is not None and y is None:
       k, v = (sequence_lib.fallback_gather(t, type(self).__name__) for t in (k, v))
     if y is None:
-      y = block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
-                               implementation=self.implementation, key_mask=key_mask_BxL,
-                               dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+      y = flex_attention(q, k, v, mask_mod=self.mask_mod(layout_HxNxN.shape[-1], self.block_size),
+                         key_mask=key_mask_BxL, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+                         implementation=self.implementation, block_size=self.block_size)
     return self.project_out(y[:, :length], x.shape[-1])
 
 
@@ -87,8 +96,9 @@ class LocalAttention(BlockSparseAttention):
   window: int = 3
   option_ranges = {"window": Integer(1)}
 
-  def layout(self, num_blocks: int) -> np.ndarray:
-    return sparse_layouts.local_layout(num_blocks, window=self.window, causal=self.causal)
+  def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
+    del num_blocks
+    return sparse_layouts.local_mask(block_size=block_size, window=self.window, causal=self.causal)
 
 
 @register("sparse_transformer")
@@ -110,13 +120,13 @@ class SparseTransformerAttention(BlockSparseAttention):
   PATTERNS: ClassVar[tuple[str, ...]] = ("strided", "fixed")
   option_ranges = {"pattern": OneOf(PATTERNS), "stride": Integer(1, allow_none=True), "c": Integer(1)}
 
-  def layout(self, num_blocks: int) -> np.ndarray:
+  def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
     # The automatic stride never goes below c (a chunk must hold its summary blocks); a set stride is checked as is.
     stride = max(sparse_layouts.default_stride(num_blocks), self.c) if self.stride is None else self.stride
     if self.pattern == "strided":
-      return sparse_layouts.strided_layout(num_blocks, stride=stride, causal=self.causal)
+      return sparse_layouts.strided_mask(block_size=block_size, stride=stride, causal=self.causal)
     if self.pattern == "fixed":
-      return sparse_layouts.fixed_layout(num_blocks, stride=stride, c=self.c, causal=self.causal)
+      return sparse_layouts.fixed_mask(block_size=block_size, stride=stride, c=self.c, causal=self.causal)
     raise ValueError(f"SparseTransformerAttention: unknown pattern {self.pattern!r}; valid choices: {self.PATTERNS}")
 
 
@@ -143,14 +153,16 @@ class LongformerAttention(BlockSparseAttention):
     # The paper's causal sliding window: causal exactly when there are no global blocks.
     return None if options.get("num_global_blocks", cls.num_global_blocks) == 0 else cls.not_causal_reason
 
-  def layout(self, num_blocks: int) -> np.ndarray:
+  def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
+    del num_blocks
     if self.dilation > 1 and not 0 <= self.num_dilated_heads <= self.num_heads:
       raise ValueError(f"LongformerAttention: num_dilated_heads must be in [0, num_heads={self.num_heads}], got "
                        f"{self.num_dilated_heads}")
     dilated = min(self.num_dilated_heads, self.num_heads)
-    dilations = [1] * (self.num_heads - dilated) + [self.dilation] * dilated
-    return sparse_layouts.longformer_layout(num_blocks, window=self.window, num_global_blocks=self.num_global_blocks,
-                                            dilation=dilations if self.dilation > 1 else 1, causal=self.causal)
+    dilations = (1,) * (self.num_heads - dilated) + (self.dilation,) * dilated
+    return sparse_layouts.longformer_mask(block_size=block_size, window=self.window,
+                                          num_global_blocks=self.num_global_blocks,
+                                          dilation=dilations if self.dilation > 1 else 1, causal=self.causal)
 
 
 @register("bigbird")
@@ -170,9 +182,10 @@ class BigBirdAttention(BlockSparseAttention):
   supports_causal = False
   not_causal_reason = "global tokens see and are seen by every position, and random blocks reach into the future"
 
-  def layout(self, num_blocks: int) -> np.ndarray:
+  def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
     path = self.path if self.scope is not None else ()  # unbound (e.g. for plotting): the root's pattern
     path_hash = zlib.crc32("/".join(map(str, path)).encode())
-    return sparse_layouts.bigbird_layout(num_blocks, window=self.window, num_global_blocks=self.num_global_blocks,
-                                         num_random_blocks=self.num_random_blocks, num_heads=self.num_heads,
-                                         seed=(self.seed, path_hash))
+    return sparse_layouts.bigbird_mask(num_blocks, block_size=block_size, window=self.window,
+                                       num_global_blocks=self.num_global_blocks,
+                                       num_random_blocks=self.num_random_blocks, num_heads=self.num_heads,
+                                       seed=(self.seed, path_hash))

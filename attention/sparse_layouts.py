@@ -1,18 +1,34 @@
-"""Block layouts of the fixed-pattern sparse attentions: pure numpy functions of static sizes.
+"""The fixed sparse patterns as flex mask functions, and their block layouts derived from them.
 
-Each builder returns a bool array `[heads or 1, N, N]` for `kernels.block_sparse_attention`: entry `[h, i, j]` says
-whether query block `i` may attend to key block `j` in head `h`. All sizes are counted in blocks (a block is
-`block_size` tokens, chosen by the layer): a paper's token-level window `w` or stride `l` corresponds to
-`w // block_size` or `l // block_size` blocks here, and its patterns are applied at block granularity. Patterns wider
-than the sequence are clipped to it. Causal layouts keep only blocks `j <= i`; the kernel masks the future inside the
-diagonal block.
+Each `*_mask` returns `mask_mod(b, h, q_idx, kv_idx) -> bool` for `kernels.flex.flex_attention`: a token-level mask
+that is constant on `block_size x block_size` blocks (plus `kv <= q` when causal), so with the flex tile equal to
+`block_size` every tile is empty or full (partial only on a causal diagonal): the kernels do no mask work. All sizes
+count blocks, as in the papers' block-sparse implementations: a token window `w` is `w // block_size` blocks. With
+`qb = q_idx // block_size`, `kb = kv_idx // block_size` and `d = qb - kb`:
+
+  local              `|d| <= window // 2` (odd window; `window=1`: block-diagonal); causal `0 <= d < window`
+  strided (Child)    `|d| < stride or d % stride == 0`; causal also `kv <= q`
+  fixed (Child)      `qb // stride == kb // stride or kb % stride >= stride - c`; causal also `kv <= q`
+  longformer         the local window on the grid `d % dilation_h == 0` spread `dilation_h` times wider, or
+                     `qb < g or kb < g` (`g` global blocks); causal (g = 0) `0 <= d < window * dilation_h`
+  bigbird            local window or global blocks, or `random[h, qb, kb]`: per head, `num_random_blocks` key
+                     blocks per non-global row drawn on the host from `seed` (numpy), as before
+
+The `*_layout` functions are the same masks at one token per block (`block_size=1`) evaluated on the N x N block
+grid: bool `[heads or 1, N, N]`, entry `[h, i, j]` = query block `i` may attend to key block `j` (for
+`kernels.block_sparse_attention`, the halo exchange and plots). Patterns wider than the sequence are clipped to it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+MaskMod = Callable[..., object]
 
 
 def _check_positive(**values: int) -> None:
@@ -21,29 +37,41 @@ def _check_positive(**values: int) -> None:
       raise ValueError(f"{name} must be >= 1, got {name}={value}")
 
 
-def _offsets(num_blocks: int) -> np.ndarray:
-  """`[N, N]` signed block distance `i - j` (query minus key)."""
-  rows = np.arange(num_blocks)
-  return rows[:, None] - rows[None, :]
-
-
-def _window(num_blocks: int, window: int, causal: bool, dilation: int = 1) -> np.ndarray:
-  """`[N, N]` sliding window of `window` blocks: centred (odd window) or the block and `window - 1` before it."""
-  distance = _offsets(num_blocks)
-  on_grid = distance % dilation == 0
-  if causal:
-    return on_grid & (distance >= 0) & (distance < window * dilation)
-  if window % 2 == 0:
+def _check_window(window: int, causal: bool) -> None:
+  _check_positive(window=window)
+  if not causal and window % 2 == 0:
     raise ValueError(f"a bidirectional window must be odd (the block itself and (window - 1) / 2 on each side), "
                      f"got window={window}")
-  return on_grid & (np.abs(distance) <= (window // 2) * dilation)
 
 
-def local_layout(num_blocks: int, *, window: int = 3, causal: bool = False) -> np.ndarray:
-  """Local (banded) attention: each block sees `window` blocks around it (`window=1`: block-diagonal, LRA's local
-  attention); causal: itself and the `window - 1` blocks before it. `[1, N, N]`."""
-  _check_positive(num_blocks=num_blocks, window=window)
-  return _window(num_blocks, window, causal)[None]
+def _blocks(q_idx, kv_idx, block_size: int):
+  qb, kb = q_idx // block_size, kv_idx // block_size
+  return qb, kb, qb - kb
+
+
+def _window(d, window: int, causal: bool, dilation=1):
+  """The band of `window` blocks (centred, or the block and `window - 1` before it) on the grid `d % dilation`."""
+  on_grid = d % dilation == 0
+  if causal:
+    return on_grid & (d >= 0) & (d < window * dilation)
+  return on_grid & (jnp.abs(d) <= (window // 2) * dilation)
+
+
+def _causal(mask: MaskMod, causal: bool) -> MaskMod:
+  if not causal:
+    return mask
+  return lambda b, h, q_idx, kv_idx: mask(b, h, q_idx, kv_idx) & (kv_idx <= q_idx)
+
+
+@functools.lru_cache(maxsize=256)
+def local_mask(*, block_size: int, window: int = 3, causal: bool = False) -> MaskMod:
+  """Local attention: the band of `window` blocks around each block (causal: the block and `window - 1` before)."""
+  _check_positive(block_size=block_size)
+  _check_window(window, causal)
+
+  def mask(b, h, q_idx, kv_idx):
+    return _window(_blocks(q_idx, kv_idx, block_size)[2], window, causal)
+  return _causal(mask, causal)
 
 
 def default_stride(num_blocks: int) -> int:
@@ -53,76 +81,158 @@ def default_stride(num_blocks: int) -> int:
   return max(1, int(round(float(np.sqrt(num_blocks)))))
 
 
-def strided_layout(num_blocks: int, *, stride: int, causal: bool = True) -> np.ndarray:
-  """Sparse Transformer "strided" (Child et al., 2019), heads merged: A1 = the `stride` previous blocks
-  (`i - stride < j <= i`), A2 = every `stride`-th block before (`(i - j) % stride == 0`). Bidirectional: the
-  mirrored pattern (`|i - j| < stride` or `(i - j) % stride == 0`). `[1, N, N]`."""
-  _check_positive(num_blocks=num_blocks, stride=stride)
-  distance = _offsets(num_blocks)
-  allowed = (np.abs(distance) < stride) | (distance % stride == 0)
-  return (allowed & (distance >= 0) if causal else allowed)[None]
+@functools.lru_cache(maxsize=256)
+def strided_mask(*, block_size: int, stride: int, causal: bool = True) -> MaskMod:
+  """Sparse Transformer "strided" (Child et al., 2019), heads merged: A1 = the `stride` previous blocks, A2 = every
+  `stride`-th block before; bidirectional: the mirrored pattern (`|d| < stride or d % stride == 0`)."""
+  _check_positive(block_size=block_size, stride=stride)
+
+  def mask(b, h, q_idx, kv_idx):
+    d = _blocks(q_idx, kv_idx, block_size)[2]
+    return (jnp.abs(d) < stride) | (d % stride == 0)
+  return _causal(mask, causal)
 
 
-def fixed_layout(num_blocks: int, *, stride: int, c: int, causal: bool = True) -> np.ndarray:
-  """Sparse Transformer "fixed", heads merged: A1 = the blocks of the same `stride`-block chunk
-  (`floor(j / stride) == floor(i / stride)`), A2 = the `c` summary blocks at the end of every chunk
-  (`j % stride >= stride - c`). Causal keeps `j <= i`; bidirectional keeps all summary blocks. `[1, N, N]`."""
-  _check_positive(num_blocks=num_blocks, stride=stride, c=c)
+@functools.lru_cache(maxsize=256)
+def fixed_mask(*, block_size: int, stride: int, c: int, causal: bool = True) -> MaskMod:
+  """Sparse Transformer "fixed", heads merged: A1 = the blocks of the same `stride`-block chunk, A2 = the `c` summary
+  blocks at the end of every chunk (`kb % stride >= stride - c`); bidirectional keeps every summary block."""
+  _check_positive(block_size=block_size, stride=stride, c=c)
   if c > stride:
     raise ValueError(f"c (summary blocks per chunk) must be in [1, stride={stride}], got c={c}")
-  blocks = np.arange(num_blocks)
-  same_chunk = (blocks[:, None] // stride) == (blocks[None, :] // stride)
-  summary = np.broadcast_to((blocks % stride >= stride - c)[None, :], same_chunk.shape)
-  allowed = same_chunk | summary
-  return (allowed & (_offsets(num_blocks) >= 0) if causal else allowed)[None]
+
+  def mask(b, h, q_idx, kv_idx):
+    qb, kb, _ = _blocks(q_idx, kv_idx, block_size)
+    return (qb // stride == kb // stride) | (kb % stride >= stride - c)
+  return _causal(mask, causal)
 
 
-def _add_global(layout_HxNxN: np.ndarray, num_global_blocks: int) -> np.ndarray:
-  """Global blocks (the first `num_global_blocks`) see every block and are seen by every block."""
-  g = min(num_global_blocks, layout_HxNxN.shape[-1])
-  layout_HxNxN = layout_HxNxN.copy()
-  layout_HxNxN[:, :g, :] = True
-  layout_HxNxN[:, :, :g] = True
-  return layout_HxNxN
+def _per_head(values: Sequence[int], h):
+  """`values[h]` as arithmetic on `h` (no closed-over array: the kernels take pure index functions)."""
+  out = values[0]
+  for i, value in enumerate(values[1:], start=1):
+    if value != values[0]:
+      out = jnp.where(h == i, value, out)
+  return out
 
 
-def longformer_layout(num_blocks: int, *, window: int = 3, num_global_blocks: int = 1,
-                      dilation: int | Sequence[int] = 1, causal: bool = False) -> np.ndarray:
-  """Longformer (Beltagy et al., 2020): a sliding window of `window` blocks, dilated by `dilation` (an int for all
-  heads, or one value per head: the paper dilates a few heads of the upper layers), plus `num_global_blocks` global
-  blocks at the start. Causal (the paper's autoregressive models) requires `num_global_blocks=0`.
-  `[len(dilation) or 1, N, N]`."""
-  dilations = [dilation] if isinstance(dilation, (int, np.integer)) else list(dilation)
-  _check_positive(num_blocks=num_blocks, window=window, **{f"dilation[{i}]": d for i, d in enumerate(dilations)})
+@functools.lru_cache(maxsize=256)
+def longformer_mask(*, block_size: int, window: int = 3, num_global_blocks: int = 1,
+                    dilation: int | tuple[int, ...] = 1, causal: bool = False) -> MaskMod:
+  """Longformer (Beltagy et al., 2020): a sliding window of `window` blocks dilated by `dilation` (an int, or one
+  value per head), plus `num_global_blocks` global blocks at the start. Causal requires no global blocks."""
+  dilations = (dilation,) if isinstance(dilation, (int, np.integer)) else tuple(dilation)
+  _check_positive(block_size=block_size, **{f"dilation[{i}]": d for i, d in enumerate(dilations)})
+  _check_window(window, causal)
   if num_global_blocks < 0:
     raise ValueError(f"num_global_blocks must be >= 0, got num_global_blocks={num_global_blocks}")
   if causal and num_global_blocks:
     raise ValueError(f"a causal Longformer cannot have global blocks (got num_global_blocks={num_global_blocks}): "
                      "global tokens see every position")
-  layout = np.stack([_window(num_blocks, window, causal, d) for d in dilations])
-  return _add_global(layout, num_global_blocks)
+  g = num_global_blocks
+
+  def mask(b, h, q_idx, kv_idx):
+    qb, kb, d = _blocks(q_idx, kv_idx, block_size)
+    band = _window(d, window, causal, _per_head(dilations, h))
+    return band | (qb < g) | (kb < g) if g else band
+  return _causal(mask, causal)
+
+
+def _evaluate(mask: MaskMod, heads: int, num_blocks: int) -> np.ndarray:
+  """`[heads, N, N]` bool: the mask at one token per block."""
+  idx = np.arange(num_blocks)
+  with jax.ensure_compile_time_eval():  # host values even while a step is being traced
+    out = mask(0, np.arange(heads)[:, None, None], idx[None, :, None], idx[None, None, :])
+  return np.broadcast_to(np.asarray(out, bool), (heads, num_blocks, num_blocks)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _bigbird_random(num_blocks: int, window: int, num_global_blocks: int, num_random_blocks: int, num_heads: int,
+                    seed: int | tuple[int, ...]) -> np.ndarray:
+  """`[num_heads, N, N]` bool: the random blocks, drawn per head and non-global row without replacement from the
+  blocks the row does not already see (fewer when not enough are left), from `numpy.random.default_rng(seed)`."""
+  base_NxN = _evaluate(longformer_mask(block_size=1, window=window, num_global_blocks=num_global_blocks), 1,
+                       num_blocks)[0]
+  rng = np.random.default_rng(seed)
+  random_HxNxN = np.zeros((num_heads, num_blocks, num_blocks), bool)
+  for h in range(num_heads):
+    for i in range(min(num_global_blocks, num_blocks), num_blocks):
+      candidates = np.flatnonzero(~base_NxN[i])
+      chosen = rng.choice(candidates, size=min(num_random_blocks, candidates.size), replace=False)
+      random_HxNxN[h, i, chosen] = True
+  random_HxNxN.setflags(write=False)
+  return random_HxNxN
+
+
+@functools.lru_cache(maxsize=64)
+def bigbird_mask(num_blocks: int, *, block_size: int, window: int = 3, num_global_blocks: int = 2,
+                 num_random_blocks: int = 3, num_heads: int = 1, seed: int | tuple[int, ...] = 0) -> MaskMod:
+  """BigBird-ITC (Zaheer et al., 2020) over `num_blocks` blocks: a window of `window` blocks, `num_global_blocks`
+  global blocks at the start, and per head the random blocks of `_bigbird_random` (from `seed`: the same seed gives
+  the same mask). The random blocks are a host table the function looks up. Bidirectional only."""
+  _check_positive(num_blocks=num_blocks, block_size=block_size, window=window, num_heads=num_heads)
+  if num_global_blocks < 0 or num_random_blocks < 0:
+    raise ValueError(f"num_global_blocks and num_random_blocks must be >= 0, got {num_global_blocks=}, "
+                     f"{num_random_blocks=}")
+  base = longformer_mask(block_size=block_size, window=window, num_global_blocks=num_global_blocks)
+  if num_random_blocks == 0:
+    return base
+  random_HxNxN = _bigbird_random(num_blocks, window, num_global_blocks, num_random_blocks, num_heads, seed)
+
+  def mask(b, h, q_idx, kv_idx):
+    qb, kb, _ = _blocks(q_idx, kv_idx, block_size)
+    return base(b, h, q_idx, kv_idx) | jnp.asarray(random_HxNxN)[h, qb, kb]
+  return mask
+
+
+def layout_of(mask: MaskMod, heads: int, num_blocks: int) -> np.ndarray:
+  """The block layout of a mask built with `block_size=1`: `[heads, N, N]`, or `[1, N, N]` when every head agrees."""
+  layout = _evaluate(mask, heads, num_blocks)
+  return layout[:1] if (layout == layout[:1]).all() else layout
+
+
+# ---- block layouts: the masks at one token per block ---------------------------------------------------------------
+
+
+def _tuple(value):
+  return value if isinstance(value, (int, np.integer)) else tuple(value)
+
+
+def local_layout(num_blocks: int, *, window: int = 3, causal: bool = False) -> np.ndarray:
+  """`local_mask` as a `[1, N, N]` block layout."""
+  _check_positive(num_blocks=num_blocks)
+  return _evaluate(local_mask(block_size=1, window=window, causal=causal), 1, num_blocks)
+
+
+def strided_layout(num_blocks: int, *, stride: int, causal: bool = True) -> np.ndarray:
+  """`strided_mask` as a `[1, N, N]` block layout."""
+  _check_positive(num_blocks=num_blocks)
+  return _evaluate(strided_mask(block_size=1, stride=stride, causal=causal), 1, num_blocks)
+
+
+def fixed_layout(num_blocks: int, *, stride: int, c: int, causal: bool = True) -> np.ndarray:
+  """`fixed_mask` as a `[1, N, N]` block layout."""
+  _check_positive(num_blocks=num_blocks)
+  return _evaluate(fixed_mask(block_size=1, stride=stride, c=c, causal=causal), 1, num_blocks)
+
+
+def longformer_layout(num_blocks: int, *, window: int = 3, num_global_blocks: int = 1,
+                      dilation: int | Sequence[int] = 1, causal: bool = False) -> np.ndarray:
+  """`longformer_mask` as a `[len(dilation) or 1, N, N]` block layout."""
+  _check_positive(num_blocks=num_blocks)
+  dilation = _tuple(dilation)
+  heads = 1 if isinstance(dilation, (int, np.integer)) else len(dilation)
+  return _evaluate(longformer_mask(block_size=1, window=window, num_global_blocks=num_global_blocks,
+                                   dilation=dilation, causal=causal), heads, num_blocks)
 
 
 def bigbird_layout(num_blocks: int, *, window: int = 3, num_global_blocks: int = 2, num_random_blocks: int = 3,
                    num_heads: int = 1, seed: int | Sequence[int] = 0) -> np.ndarray:
-  """BigBird-ITC (Zaheer et al., 2020): a sliding window of `window` blocks, `num_global_blocks` global blocks at the
-  start, and per head `num_random_blocks` random key blocks for every other row, drawn without replacement from the
-  blocks the row does not already see (fewer when not enough are left). The random blocks come from
-  `numpy.random.default_rng(seed)`: the same seed gives the same layout. Bidirectional only. `[num_heads, N, N]`."""
-  _check_positive(num_blocks=num_blocks, window=window, num_heads=num_heads)
-  if num_global_blocks < 0 or num_random_blocks < 0:
-    raise ValueError(f"num_global_blocks and num_random_blocks must be >= 0, got {num_global_blocks=}, "
-                     f"{num_random_blocks=}")
-  base_NxN = _add_global(_window(num_blocks, window, causal=False)[None], num_global_blocks)[0]
-  rng = np.random.default_rng(seed)
-  layout = np.repeat(base_NxN[None], num_heads, axis=0)
-  g = min(num_global_blocks, num_blocks)
-  for h in range(num_heads):
-    for i in range(g, num_blocks):
-      candidates = np.flatnonzero(~base_NxN[i])
-      chosen = rng.choice(candidates, size=min(num_random_blocks, candidates.size), replace=False)
-      layout[h, i, chosen] = True
-  return layout
+  """`bigbird_mask` as a `[num_heads, N, N]` block layout."""
+  return _evaluate(bigbird_mask(num_blocks, block_size=1, window=window, num_global_blocks=num_global_blocks,
+                                num_random_blocks=num_random_blocks, num_heads=num_heads, seed=_tuple(seed)),
+                   num_heads, num_blocks)
 
 
-__all__ = ["bigbird_layout", "default_stride", "fixed_layout", "local_layout", "longformer_layout", "strided_layout"]
+__all__ = ["bigbird_layout", "bigbird_mask", "default_stride", "fixed_layout", "fixed_mask", "layout_of",
+           "local_layout", "local_mask", "longformer_layout", "longformer_mask", "strided_layout", "strided_mask"]

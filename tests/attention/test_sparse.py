@@ -1,6 +1,8 @@
 """The sparse variants (local, sparse_transformer, longformer, bigbird): layer contract, the attended pattern equals
 the layout, non-causal variants refuse causal=True, option errors, and a short ListOps run lowers the loss."""
 
+import zlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,10 +12,12 @@ import pytest
 import attention
 from attention import sparse_layouts
 from configs import common
-from kernels.block_sparse import expand_layout
+from kernels.block_sparse import block_sparse_attention, expand_layout
 from lra.training import train_and_evaluate
 from lra.training.metric_writers import read_metrics
 from tests.attention import contract
+from tests.attention.test_sparse_layouts import (old_bigbird_layout, old_default_stride, old_fixed_layout,
+                                                 old_local_layout, old_longformer_layout, old_strided_layout)
 from tests.conftest import tiny_listops_config
 
 SPARSE = ("bigbird", "local", "longformer", "sparse_transformer")
@@ -149,3 +153,60 @@ def test_sparse_transformer_stride_defaults_to_the_square_root_of_the_blocks():
   np.testing.assert_array_equal(set_stride.layout(64), sparse_layouts.strided_layout(64, stride=3, causal=True))
   fixed = attention.build("sparse_transformer", num_heads=2, block_size=4, pattern="fixed", c=2)
   np.testing.assert_array_equal(fixed.layout(100), sparse_layouts.fixed_layout(100, stride=10, c=2, causal=False))
+
+
+# ---- the variants on flex equal today's block-sparse layers (issue 33: the old layouts are the oracle) ---------------
+
+ORACLE_LAYERS = [  # 13 tokens: a partial last block for every block size here
+    ("local", dict(block_size=3, window=3), False, lambda n: old_local_layout(n, window=3)),
+    ("local", dict(block_size=4, window=2), True, lambda n: old_local_layout(n, window=2, causal=True)),
+    ("sparse_transformer", dict(pattern="strided", block_size=2), True,
+     lambda n: old_strided_layout(n, stride=old_default_stride(n))),
+    ("sparse_transformer", dict(pattern="fixed", block_size=2, stride=3, c=1), False,
+     lambda n: old_fixed_layout(n, stride=3, c=1, causal=False)),
+    ("longformer", dict(block_size=2, window=3, num_global_blocks=1, dilation=2, num_dilated_heads=1), False,
+     lambda n: old_longformer_layout(n, window=3, num_global_blocks=1, dilation=[1, 2])),
+    ("bigbird", dict(block_size=2, window=1, num_global_blocks=1, num_random_blocks=2, seed=3), False,
+     lambda n: old_bigbird_layout(n, window=1, num_global_blocks=1, num_random_blocks=2, num_heads=2,
+                                  seed=(3, zlib.crc32(b"")))),
+]
+
+
+def _block_sparse_oracle(params, x, mask, layout_fn, block, causal, rng):
+  """Today's layer: the old layout through kernels.block_sparse_attention, on the flex layer's parameters."""
+  proj = lambda n: jnp.einsum("blf,fhd->blhd", x, params[n]["kernel"]) + params[n]["bias"]  # noqa: E731
+  q, k, v = proj("query"), proj("key"), proj("value")
+  length = x.shape[1]
+  pad = -length % block
+  q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+  key_mask = jnp.pad(mask, ((0, 0), (0, pad)))
+  y = block_sparse_attention(q, k, v, layout_fn((length + pad) // block), block_size=block, causal=causal,
+                             key_mask=key_mask, dropout_rate=0.1, dropout_rng=rng, implementation="xla")
+  return jnp.einsum("blhd,hdf->blf", y[:, :length], params["out"]["kernel"]) + params["out"]["bias"]
+
+
+@pytest.mark.parametrize("name,options,causal,layout_fn", ORACLE_LAYERS,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(ORACLE_LAYERS)])
+def test_the_flex_layer_equals_the_old_block_sparse_layer(name, options, causal, layout_fn):
+  """Values and gradients (inputs and parameters) within 1e-5 in float32, attention dropout on (the same hash)."""
+  x = jax.random.normal(jax.random.key(1), (2, 13, 8))
+  mask = jnp.arange(13)[None, :] < jnp.array([[9], [13]])
+  layer = attention.build(name, num_heads=2, causal=causal, dropout_rate=0.1, **options)
+  params = layer.init(jax.random.key(0), x)["params"]
+  rng = jax.random.key(5)
+
+  def ours(p, x):
+    y = layer.apply({"params": p}, x, mask=mask, deterministic=False, rngs={"dropout": rng})
+    return jnp.sum(jnp.sin(y) * mask[..., None])
+
+  # The key the layer draws from its "dropout" stream (its first and only draw in a call).
+  key = layer.apply({"params": params}, method=lambda m: m.make_rng("dropout"), rngs={"dropout": rng})
+
+  def theirs(p, x):
+    y = _block_sparse_oracle(p, x, mask, layout_fn, options["block_size"], causal, key)
+    return jnp.sum(jnp.sin(y) * mask[..., None])
+
+  (v1, g1), (v2, g2) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x) for f in (ours, theirs))
+  np.testing.assert_allclose(v1, v2, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
