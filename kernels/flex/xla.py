@@ -269,6 +269,27 @@ def _attention(spec: _Spec, tables, q, k, v, key_mask, seed, params):
   return attend(q, k, v, key_mask, seed, params)
 
 
+# A step's fixed cost (gathers, the row statistics' update) in units of one tile's work: the chunk trades it against
+# the padding of each row's last item.
+_STEP_COST = 1.0
+
+
+def _chunk(bm: BlockMask, most: int) -> int:
+  """Key tiles per step: with concrete tables, the C <= `most` minimizing the steps' cost over the longest row
+  (each row's list padded to whole items of C tiles, plus `_STEP_COST` per step); traced tables: `most` (or the
+  widest list when narrower)."""
+  nums = (bm.kv_num_full, bm.kv_num_partial)
+  widest = max(bm.kv_full_idx.shape[-1], bm.kv_partial_idx.shape[-1])
+  if any(isinstance(n, jax.core.Tracer) for n in nums):
+    return max(1, min(most, widest))
+  counts = [np.asarray(n).reshape(-1, np.shape(n)[-1]) for n in nums]  # [rows, Tq]
+
+  def cost(c):
+    return max(sum((-(-n // c) * (c + _STEP_COST)).sum(-1) for n in counts))
+
+  return min(range(1, max(1, min(most, widest)) + 1), key=cost)
+
+
 def explicit_score_mod(score_mod, example_args):
   """`(score_mod(s, b, h, q, kv, *params), params)`: the floating arrays `score_mod` closes over that may be
   differentiated, hoisted into explicit arguments (`jax.closure_convert` at the shapes it is called with), so the
@@ -294,7 +315,7 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
     hkv = h
   bq, bkv = block_mask.q_block, block_mask.kv_block
   group = h // hkv
-  chunk = max(1, min(_STEP_KEYS // bkv, max(block_mask.kv_full_idx.shape[-1], block_mask.kv_partial_idx.shape[-1])))
+  chunk = _chunk(block_mask, max(1, _STEP_KEYS // bkv))
   rate = float(dropout_rate) if dropout_seed is not None and dropout_rate > 0.0 else 0.0
   seed = jnp.asarray(dropout_seed, jnp.int32) if rate else None
   spec = _Spec(batch=b, heads=h, kv_heads=hkv, group=group, q_tiles=block_mask.num_q_tiles,
