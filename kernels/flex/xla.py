@@ -1,18 +1,22 @@
-"""Flex attention in pure JAX: the visited tile pairs gathered a step at a time under one online softmax, with a
-custom_vjp backward that recomputes each pair from the saved log-sum-exp.
+"""Flex attention in pure JAX: each step takes, for every (batch row, key/value head), one query tile against `C`
+tiles of its key-tile list, under one online softmax; a custom_vjp backward recomputes the tiles from the saved
+log-sum-exp.
 
-The block mask's per-query-tile lists (full and partial, possibly traced) are flattened in the graph into a compact
-list of (query tile, key tile) pairs per table row, pairs of one row of the tables first, so the work is the number of
-*visited* pairs, not the widest row times the rows (a causal mask visits half the tiles and costs half). A loop whose
-trip count is the (possibly data-dependent) number of pairs walks `C` pairs per step:
-  gather the C query tiles `[B, Hkv, C, G, bq, D]` (G query heads per key/value head: each key/value tile is gathered
-  once per group) and key/value tiles `[B, Hkv, C, bkv, D]`, score them, apply `score_mod`, mask (partial pairs only:
-  `mask_mod` on the tile's indices; full pairs do no mask work beyond key padding), and fold them into the running
-  (max, sum, weighted values) of their query rows by scatter-max / scatter-add.
-Empty tiles are never touched. The backward walks the same pairs: `P = exp(S - lse)`, the dropout mask regenerated
-from the seed, `dS = P ∘ (dP - rowsum(dO ∘ O))` pulled back through `score_mod` (its vjp on the tile, which also
-gives the gradient of the arrays `score_mod` closes over: a learned bias table trains), and dQ, dK, dV scatter-added
-into their tiles. Memory is O(L·D) plus one step's scores; no `[L, L]` buffer exists. float32 scores and statistics.
+The block mask's per-query-tile lists (full and partial, possibly traced) are cut in the graph into *work items* of
+`C` consecutive list entries (a row of n tiles makes ceil(n / C) items), compacted so that a loop whose trip count is
+the (possibly data-dependent) number of items walks only visited tiles: a causal mask costs about half of a full one,
+a window mask its band. A step gathers the item's query tile `[B, Hkv, G, bq, D]` (the G query heads of a key/value
+head together: each key/value tile is gathered once per group) and its key/value tiles `[B, Hkv, C, bkv, D]`, scores
+them in one `G·bq x C·bkv` matmul per head, applies `score_mod`, masks (partial lists only: `mask_mod` on the tiles'
+index arrays; full lists do no mask work beyond key padding), and updates that query tile's running (max, sum,
+weighted values) in place. `C` (`_chunk`) trades the padding of each row's last item against the per-step cost,
+from the concrete tables (`_STEP_KEYS` keys per step at most). Empty tiles are never touched.
+The backward walks the same items: `P = exp(S - lse)`, the dropout mask regenerated from the seed,
+`dS = P ∘ (dP - rowsum(dO ∘ O))` pulled back through `score_mod` (its vjp on the tile, which also gives the gradient
+of the arrays `score_mod` closes over, hoisted by `jax.closure_convert`: a learned bias table trains), dQ added to
+the item's query tile and dK, dV scattered into its key tiles (a row lists a tile once, so the transposed lists the
+kernels need are not needed here). Memory is O(L·D) plus one step's scores; no `[L, L]` buffer exists. float32
+scores and statistics; matmul operands keep the input dtype.
 """
 
 from __future__ import annotations
