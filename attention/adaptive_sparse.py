@@ -27,17 +27,23 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels.common import MASK_VALUE, dropout_keep
+from kernels.common import MASK_VALUE, dropout_keep, dropout_seed as seed_of
 
 DEFAULT_QUERY_CHUNK = 64
-IMPLEMENTATIONS = ("xla", "reference")  # the gathered form; the dense token-mask form (the tests' ground truth)
+DEFAULT_Q_TILE = 64  # query tile of the flex form
+# "flex": the selected branch through kernels.flex with traced tile lists; "xla": the gathered per-token form;
+# "reference": the dense token-mask form (the tests' ground truth).
+IMPLEMENTATIONS = ("flex", "xla", "reference")
 
 
-def branch_seed(seed: jax.Array | None, branch: int) -> jax.Array | None:
-  """A distinct dropout seed per branch of a layer (so two branches' masks are not the same hash)."""
-  if seed is None:
-    return None
-  return seed ^ jnp.int32(0x2545F491 * (branch + 1) & 0x7FFFFFFF)
+def branch_rng(rng: jax.Array | None, branch: int) -> jax.Array | None:
+  """A distinct dropout key per branch of a layer (so two branches' masks are not the same hash)."""
+  return None if rng is None else jax.random.fold_in(rng, branch)
+
+
+def branch_seed(rng: jax.Array | None, branch: int) -> jax.Array | None:
+  """The int32 hash seed of `branch_rng(rng, branch)`."""
+  return None if rng is None else seed_of(branch_rng(rng, branch))
 
 
 def _softmax_rows(scores: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -133,8 +139,8 @@ def _chunked(fn: Callable, q_BxLxHxD: jax.Array, per_query: tuple[jax.Array, ...
 def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.Array,
                        block_idx_BxLxGxN: jax.Array, *, block_size: int, causal: bool,
                        key_mask_BxS: jax.Array | None, scale: float, q_offset=0, dropout_rate: float = 0.0,
-                       dropout_seed: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
-                       implementation: str = "xla") -> jax.Array:
+                       dropout_rng: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
+                       implementation: str = "xla", q_tile: int = DEFAULT_Q_TILE) -> jax.Array:
   """Each query token attends to the key blocks it selected (`block_idx`, -1 = none; shared by a GQA group), with
   token-level causality and key padding. Gathered form: each chunk loads only the selected blocks. `S` must be a
   multiple of `block_size`. Float32 `[B, L, H, D]`."""
@@ -144,6 +150,11 @@ def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: ja
     raise ValueError(f"selected_attention: keys={s} must be a multiple of block_size={block_size}")
   g = h // hkv
   nb = s // block_size
+  if implementation == "flex":
+    return _selected_flex(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, block_size=block_size, causal=causal,
+                          key_mask_BxS=key_mask_BxS, scale=scale, q_offset=q_offset, dropout_rate=dropout_rate,
+                          dropout_rng=dropout_rng, q_tile=q_tile)
+  dropout_seed = None if dropout_rng is None or dropout_rate == 0.0 else seed_of(dropout_rng)
   if implementation == "reference":
     q_pos = q_offset + jnp.arange(l)
     allowed = selection_mask(block_idx_BxLxGxN.transpose(0, 2, 1, 3), block_size=block_size, num_keys=s,
@@ -177,6 +188,49 @@ def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: ja
     return (out.reshape(b, c, h, d),)
 
   return _chunked(fn, q_BxLxHxD, (block_idx_BxLxGxN,), query_chunk, q_offset)[0]
+
+
+def selection_bitmap(block_idx_BxLxGxN: jax.Array, num_blocks: int) -> jax.Array:
+  """`[B, Hkv, L, Nb]` bool: token l of group x selected block j."""
+  b, l, hkv, n = block_idx_BxLxGxN.shape
+  idx = block_idx_BxLxGxN.transpose(0, 2, 1, 3)
+  at = (jnp.arange(b)[:, None, None, None], jnp.arange(hkv)[None, :, None, None], jnp.arange(l)[None, None, :, None])
+  grid = jnp.zeros((b, hkv, l, num_blocks + 1), bool)
+  return grid.at[(*at, jnp.where(idx >= 0, idx, num_blocks))].set(True)[..., :num_blocks]
+
+
+def _selected_flex(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, *, block_size: int, causal: bool,
+                   key_mask_BxS, scale: float, q_offset, dropout_rate: float, dropout_rng, q_tile: int) -> jax.Array:
+  """The selected branch through `kernels.flex` with traced tile lists: per query tile of `q_tile` tokens, the key
+  tiles (blocks) any of its tokens selected (`block_mask_from_indices`: the transposed lists for the backward are
+  built in the graph), and a mask function reading each token's own selection inside the visited tiles. Tiles no
+  token of a query tile selected are never touched, forward or backward. The mask function closes over the traced
+  selection, which flex's kernels do not take (they evaluate pure index functions): its XLA form runs on every
+  platform (`implementation="xla"`; through flex's dispatch, a closure over traced values fails to stage in
+  `platform_dependent` under jax 0.10)."""
+  from kernels import flex  # pylint: disable=import-outside-toplevel  (flex imports nothing of attention)
+
+  b, l, h, d = q_BxLxHxD.shape
+  s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
+  g, nb = h // hkv, s // block_size
+  tile = max(1, min(q_tile, l))
+  sel = selection_bitmap(block_idx_BxLxGxN, nb)  # [B, Hkv, L, Nb]
+  tq = -(-l // tile)
+  padded = jnp.pad(sel, ((0, 0), (0, 0), (0, tq * tile - l), (0, 0)))
+  union = jnp.any(padded.reshape(b, hkv, tq, tile, nb), axis=3)  # [B, Hkv, Tq, Nb]
+  order = jnp.argsort(~union, axis=-1, stable=True).astype(jnp.int32)  # selected tiles first, in block order
+  count = jnp.sum(union, axis=-1).astype(jnp.int32)
+
+  def mask_mod(bb, hh, q_idx, kv_idx):
+    ok = sel[bb, hh // g, jnp.minimum(q_idx, l - 1), jnp.minimum(kv_idx // block_size, nb - 1)]
+    return (ok & (kv_idx <= q_idx + q_offset)) if causal else ok
+
+  bm = flex.block_mask_from_indices(order, count, q_len=l, kv_len=s, block_size=(tile, block_size),
+                                    mask_mod=mask_mod)
+  out = flex.flex_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, mask_mod=mask_mod, block_mask=bm,
+                            key_mask=key_mask_BxS, scale=scale, dropout_rate=dropout_rate if dropout_rng is not None
+                            else 0.0, dropout_rng=dropout_rng, implementation="xla")
+  return out.astype(jnp.float32)
 
 
 def window_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.Array, *, window: int, causal: bool,

@@ -24,7 +24,6 @@ from attention import adaptive_sparse as core
 from attention.base import AttentionLayer, default_kernel_init
 from attention.registry import register
 from attention.ranges import Integer, OneOf
-from kernels.common import dropout_seed
 
 MODES = ("compressed", "local")
 
@@ -39,7 +38,7 @@ class MemoryCompressedAttention(AttentionLayer):
   factor: int = 3
   block_size: int = 256
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  implementation: str = "xla"
+  implementation: str = "flex"
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="compressed implementation"),
                    "mode": OneOf(MODES), "factor": Integer(1), "block_size": Integer(1), "query_chunk": Integer(1)}
 
@@ -60,19 +59,20 @@ class MemoryCompressedAttention(AttentionLayer):
   def _attend(self, q, k, v, real_BxS, q_offset, seed, causal: bool) -> jax.Array:
     d = q.shape[-1]
     rate = self.dropout_rate if seed is not None else 0.0
-    kw = dict(scale=d ** -0.5, q_offset=q_offset, dropout_rate=rate, dropout_seed=seed, query_chunk=self.query_chunk,
-              implementation=self.implementation)
+    kw = dict(scale=d ** -0.5, q_offset=q_offset, dropout_rate=rate, query_chunk=self.query_chunk)
     if self.mode == "local":
       own = ((q_offset + jnp.arange(q.shape[1])) // self.block_size).astype(jnp.int32)
       idx = jnp.broadcast_to(own[None, :, None, None], (q.shape[0], q.shape[1], k.shape[2], 1))
       return core.selected_attention(q, k, v, idx, block_size=self.block_size, causal=causal, key_mask_BxS=real_BxS,
-                                     **kw)
+                                     dropout_rng=core.branch_rng(seed, 0), implementation=self.implementation, **kw)
     zero = lambda t: t * real_BxS[..., None, None].astype(t.dtype)  # noqa: E731
     kc, vc = self._conv(zero(k), "key"), self._conv(zero(v), "value")
     n = kc.shape[1]
     valid = jnp.any(real_BxS.reshape(real_BxS.shape[0], n, self.factor), axis=-1)
     ends = (jnp.arange(n) + 1) * self.factor - 1
-    return core.summary_attention(q, kc, vc, k_pos_S=ends, key_valid_BxS=valid, causal=causal, **kw)
+    return core.summary_attention(q, kc, vc, k_pos_S=ends, key_valid_BxS=valid, causal=causal,
+                                  dropout_seed=core.branch_seed(seed, 0),
+                                  implementation="reference" if self.implementation == "reference" else "xla", **kw)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -80,7 +80,7 @@ class MemoryCompressedAttention(AttentionLayer):
     b, length, features = x.shape
     q, k, v = self.project_qkv(x)
     drop = self.dropout_rng(deterministic)
-    seed = None if drop is None else dropout_seed(drop)
+    seed = drop  # a key: each branch folds in its own
     multiple = self.factor if self.mode == "compressed" else self.block_size
     padded = length + (-length % multiple)
     if self.decode:

@@ -27,7 +27,6 @@ from attention import adaptive_sparse as core
 from attention.base import AttentionLayer
 from attention.registry import register
 from attention.ranges import Integer, OneOf
-from kernels.common import dropout_seed
 
 
 def pooled(t_BxSxHxD: jax.Array, real_BxS: jax.Array, block_size: int) -> jax.Array:
@@ -60,7 +59,7 @@ class MixtureOfBlockAttention(AttentionLayer):
   top_k: int = 3
   coarse: bool = False
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  implementation: str = "xla"
+  implementation: str = "flex"
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="moba implementation"),
                    "block_size": Integer(1), "top_k": Integer(1), "query_chunk": Integer(1)}
 
@@ -85,7 +84,7 @@ class MixtureOfBlockAttention(AttentionLayer):
     rate = self.dropout_rate if seed is not None else 0.0
     out = core.selected_attention(q, k, v, idx, block_size=self.block_size, causal=causal, key_mask_BxS=real_BxS,
                                   scale=scale, q_offset=q_offset, dropout_rate=rate,
-                                  dropout_seed=core.branch_seed(seed, 0), query_chunk=self.query_chunk,
+                                  dropout_rng=core.branch_rng(seed, 0), query_chunk=self.query_chunk,
                                   implementation=self.implementation)
     if self.coarse:
       vmean = pooled(v, real_BxS, self.block_size)
@@ -93,7 +92,8 @@ class MixtureOfBlockAttention(AttentionLayer):
       out = out + core.summary_attention(q, kmean, vmean, k_pos_S=ends, key_valid_BxS=first_real < s, causal=causal,
                                          scale=scale, q_offset=q_offset, dropout_rate=rate,
                                          dropout_seed=core.branch_seed(seed, 1), query_chunk=self.query_chunk,
-                                         implementation=self.implementation)
+                                         implementation="reference" if self.implementation == "reference"
+                                         else "xla")
     return out
 
   @nn.compact
@@ -102,7 +102,7 @@ class MixtureOfBlockAttention(AttentionLayer):
     b, length, features = x.shape
     q, k, v = self.project_qkv(x)
     drop = self.dropout_rng(deterministic)
-    seed = None if drop is None else dropout_seed(drop)
+    seed = drop  # a key: each branch folds in its own
     real = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
     padded = length + (-length % self.block_size)
     if self.decode:

@@ -43,7 +43,6 @@ from attention.base import AttentionLayer, default_kernel_init
 from attention.registry import register
 from attention.ranges import Integer, OneOf
 from kernels import sequence as sequence_lib
-from kernels.common import dropout_seed
 
 
 def coverage_matrix(num_compressed: int, num_blocks: int, *, compress_block: int, compress_stride: int,
@@ -85,6 +84,49 @@ def select_blocks(probs_BxGxgxCxNc: jax.Array, q_pos_C: jax.Array, *, coverage_N
   return core.top_blocks(scores, num_selected)
 
 
+def nsa_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, kc_BxNxGxD, vc_BxNxGxD, valid_c_BxN, real_BxS, gates_BxLxHx3, *,
+                  compress_block: int, compress_stride: int, select_block: int, num_selected: int,
+                  num_local_blocks: int, window: int, use_compressed: bool = True, use_selected: bool = True,
+                  use_window: bool = True, causal: bool, q_offset=0, dropout_rate: float = 0.0,
+                  dropout_rng: jax.Array | None = None, query_chunk: int = core.DEFAULT_QUERY_CHUNK,
+                  implementation: str = "xla") -> tuple[jax.Array, jax.Array]:
+  """NSA's core on projected, padded keys (`S` a multiple of `select_block`) and their compressed tokens: the gated
+  sum of the branches (float32 `[B, L, H, D]`) and the selected blocks `[B, L, Hkv, n]`."""
+  b, l, h, dim = q_BxLxHxD.shape
+  s = k_BxSxGxD.shape[1]
+  scale = dim ** -0.5
+  nc, ns = kc_BxNxGxD.shape[1], s // select_block
+  k_pos_c = jnp.arange(nc) * compress_stride + compress_block - 1
+  coverage = jnp.asarray(coverage_matrix(nc, ns, compress_block=compress_block, compress_stride=compress_stride,
+                                         select_block=select_block))
+  first_real = core.first_real_position(real_BxS, b, s, select_block)
+
+  def block_choice(probs_BxGxgxCxNc, q_pos_C):
+    return select_blocks(probs_BxGxgxCxNc, q_pos_C, coverage_NcxNs=coverage, first_real_BxNs=first_real,
+                         select_block=select_block, num_local_blocks=num_local_blocks, num_selected=num_selected,
+                         causal=causal, num_keys=s)
+
+  dense = "reference" if implementation == "reference" else "xla"  # the branches flex does not serve
+  kw = dict(scale=scale, q_offset=q_offset, dropout_rate=dropout_rate, query_chunk=query_chunk, implementation=dense)
+  out = jnp.zeros((b, l, h, dim), jnp.float32)
+  o_cmp, block_idx = core.summary_attention(
+      q_BxLxHxD, kc_BxNxGxD, vc_BxNxGxD, k_pos_S=k_pos_c, key_valid_BxS=valid_c_BxN, causal=causal,
+      dropout_seed=core.branch_seed(dropout_rng, 0), probs_fn=block_choice, **kw)
+  if use_compressed:
+    out = out + gates_BxLxHx3[..., 0:1] * o_cmp
+  if use_selected:
+    o_slc = core.selected_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx, block_size=select_block,
+                                    causal=causal, key_mask_BxS=real_BxS,
+                                    dropout_rng=core.branch_rng(dropout_rng, 1),
+                                    **{**kw, "implementation": implementation})
+    out = out + gates_BxLxHx3[..., 1:2] * o_slc
+  if use_window:
+    o_win = core.window_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, window=window, causal=causal,
+                                  key_mask_BxS=real_BxS, dropout_seed=core.branch_seed(dropout_rng, 2), **kw)
+    out = out + gates_BxLxHx3[..., 2:3] * o_win
+  return out, block_idx
+
+
 @register("nsa")
 class NativeSparseAttention(AttentionLayer):
   """Attributes (paper defaults; see the module docstring): compress_block (l=32), compress_stride (d=16),
@@ -104,7 +146,7 @@ class NativeSparseAttention(AttentionLayer):
   use_selected: bool = True
   use_window: bool = True
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  implementation: str = "xla"
+  implementation: str = "flex"
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="nsa implementation"),
                    "compress_block": Integer(1), "compress_stride": Integer(1), "select_block": Integer(1),
                    "num_selected": Integer(1), "num_local_blocks": Integer(0), "window": Integer(1),
@@ -156,39 +198,13 @@ class NativeSparseAttention(AttentionLayer):
 
   def _branches(self, q, k, v, kc, vc, valid_c, real_BxS, gates_BxLxHx3, q_offset, seed, *, causal: bool):
     """The three branches on (possibly cached) keys: float32 `[B, L, H, D]`."""
-    b, l, h, dim = q.shape
-    s = k.shape[1]
-    scale = dim ** -0.5
-    nc, ns = kc.shape[1], s // self.select_block
-    k_pos_c = jnp.arange(nc) * self.compress_stride + self.compress_block - 1
-    coverage = jnp.asarray(coverage_matrix(nc, ns, compress_block=self.compress_block,
-                                           compress_stride=self.compress_stride, select_block=self.select_block))
-    first_real = core.first_real_position(real_BxS, b, s, self.select_block)
-    rate = self.dropout_rate if seed is not None else 0.0
-
-    def block_choice(probs_BxGxgxCxNc, q_pos_C):
-      return select_blocks(probs_BxGxgxCxNc, q_pos_C, coverage_NcxNs=coverage, first_real_BxNs=first_real,
-                           select_block=self.select_block, num_local_blocks=self.num_local_blocks,
-                           num_selected=self.num_selected, causal=causal, num_keys=s)
-
-    out = jnp.zeros((b, l, h, dim), jnp.float32)
-    o_cmp, block_idx = core.summary_attention(
-        q, kc, vc, k_pos_S=k_pos_c, key_valid_BxS=valid_c, causal=causal, scale=scale, q_offset=q_offset,
-        dropout_rate=rate, dropout_seed=core.branch_seed(seed, 0), query_chunk=self.query_chunk,
-        probs_fn=block_choice, implementation=self.implementation)
-    if self.use_compressed:
-      out = out + gates_BxLxHx3[..., 0:1] * o_cmp
-    if self.use_selected:
-      o_slc = core.selected_attention(q, k, v, block_idx, block_size=self.select_block, causal=causal,
-                                      key_mask_BxS=real_BxS, scale=scale, q_offset=q_offset, dropout_rate=rate,
-                                      dropout_seed=core.branch_seed(seed, 1), query_chunk=self.query_chunk,
-                                      implementation=self.implementation)
-      out = out + gates_BxLxHx3[..., 1:2] * o_slc
-    if self.use_window:
-      o_win = core.window_attention(q, k, v, window=self.window, causal=causal, key_mask_BxS=real_BxS, scale=scale,
-                                    q_offset=q_offset, dropout_rate=rate, dropout_seed=core.branch_seed(seed, 2),
-                                    query_chunk=self.query_chunk, implementation=self.implementation)
-      out = out + gates_BxLxHx3[..., 2:3] * o_win
+    out, block_idx = nsa_attention(
+        q, k, v, kc, vc, valid_c, real_BxS, gates_BxLxHx3, compress_block=self.compress_block,
+        compress_stride=self.compress_stride, select_block=self.select_block, num_selected=self.num_selected,
+        num_local_blocks=self.num_local_blocks, window=self.window, use_compressed=self.use_compressed,
+        use_selected=self.use_selected, use_window=self.use_window, causal=causal, q_offset=q_offset,
+        dropout_rate=self.dropout_rate if seed is not None else 0.0, dropout_rng=seed,
+        query_chunk=self.query_chunk, implementation=self.implementation)
     self.sow("intermediates", "block_idx", block_idx)
     return out
 
@@ -207,7 +223,7 @@ class NativeSparseAttention(AttentionLayer):
     k = k * step_real[..., None, None].astype(k.dtype)
     v = v * step_real[..., None, None].astype(v.dtype)
     drop = self.dropout_rng(deterministic)
-    seed = None if drop is None else dropout_seed(drop)
+    seed = drop  # a key: each branch folds in its own
     l, d = self.compress_block, self.compress_stride
 
     if self.decode and self.has_variable("cache", "index"):
@@ -264,4 +280,5 @@ class NativeSparseAttention(AttentionLayer):
     return self.project_out(out.astype(self.compute_dtype), x.shape[-1])
 
 
-__all__ = ["NativeSparseAttention", "coverage_matrix", "num_compressed_tokens", "select_blocks", "select_scores"]
+__all__ = ["NativeSparseAttention", "coverage_matrix", "nsa_attention", "num_compressed_tokens", "select_blocks",
+           "select_scores"]

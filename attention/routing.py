@@ -35,7 +35,7 @@ from attention import adaptive_sparse as core
 from attention.base import AttentionLayer
 from attention.registry import register
 from attention.ranges import Integer, OneOf, Real
-from kernels.common import MASK_VALUE, dropout_keep, dropout_seed
+from kernels.common import MASK_VALUE, dropout_keep
 
 STATE = "attention_state"  # the non-trainable collection the trainer carries (performer's features live there too)
 
@@ -147,7 +147,7 @@ class RoutingAttention(AttentionLayer):
   local_window: int = 256
   ema_decay: float = 0.999
   implementation: str = "xla"
-  option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="routing implementation"),
+  option_ranges = {"implementation": OneOf(("xla", "reference"), what="routing implementation"),
                    "num_clusters": Integer(0), "num_local_heads": Integer(0, allow_none=True),
                    "local_window": Integer(1), "ema_decay": Real(0.0, 1.0)}
 
@@ -168,7 +168,7 @@ class RoutingAttention(AttentionLayer):
     hl, hr = self.local_heads, self.num_heads - self.local_heads
     real = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
     drop = self.dropout_rng(deterministic)
-    seed = None if drop is None else dropout_seed(drop)
+    seed = drop  # a key: each branch folds in its own
     rate = self.dropout_rate if seed is not None else 0.0
     outs = []
     if hl:

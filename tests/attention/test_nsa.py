@@ -36,14 +36,14 @@ TINY = dict(num_heads=4, num_kv_heads=2, compress_block=4, compress_stride=2, se
 
 
 def compare_to_reference(name: str, *, length: int = 19, features: int = 16, causal: bool, atol: float = ATOL,
-                         dropout_rate: float = 0.1, **options) -> dict:
-  """The layer's gathered form (`implementation="xla"`) against its dense token-mask form on the same parameters:
-  outputs and gradients (parameters and input), with padding and attention dropout. Returns the variables."""
+                         dropout_rate: float = 0.1, implementations=("flex", "xla"), **options) -> dict:
+  """The layer's flex and gathered forms against its dense token-mask form (`implementation="reference"`) on the
+  same parameters: outputs and gradients (parameters and input), with padding and attention dropout."""
   x = jax.random.normal(jax.random.key(0), (2, length, features))
   mask = jnp.arange(length)[None, :] < jnp.array([[length - 5], [length]])
   layers = {impl: attention.build(name, causal=causal, dropout_rate=dropout_rate, implementation=impl, **options)
-            for impl in ("xla", "reference")}
-  variables = jax.jit(layers["xla"].init)(contract.RNGS, x)
+            for impl in (*implementations, "reference")}
+  variables = jax.jit(layers["reference"].init)(contract.RNGS, x)
   w = jax.random.normal(jax.random.key(1), x.shape) * mask[..., None]
   frozen = {k: v for k, v in variables.items() if k != "params"}
 
@@ -57,11 +57,12 @@ def compare_to_reference(name: str, *, length: int = 19, features: int = 16, cau
             for impl in layers}
 
   out = run(variables["params"], x)
-  (_, y_x), g_x = out["xla"]
   (_, y_r), g_r = out["reference"]
-  np.testing.assert_allclose(y_x, y_r, atol=atol, rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-4), g_x, g_r)
-  assert np.abs(np.asarray(g_x[1])).sum() > 0
+  for impl in implementations:
+    (_, y_x), g_x = out[impl]
+    np.testing.assert_allclose(y_x, y_r, atol=atol, rtol=1e-4, err_msg=impl)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-4, err_msg=impl), g_x, g_r)
+  assert np.abs(np.asarray(g_r[1])).sum() > 0
   return variables
 
 
