@@ -28,13 +28,16 @@ same parameters and metrics as an uninterrupted run.
 `config.init_from`: a workdir (its fine-tuning checkpoints, else its pretraining checkpoints), a checkpoint folder
 or one step folder of another run; its `params["encoder"]` start this run's fine-tuning. Shapes must match: a
 mismatch is one ValueError naming the differing arrays.
+
+This module holds what the pretraining phase is made of (its config, task, model, metric rows, encoder transfer);
+trainer.py owns the phases and runs both with one setup (`trainer.run_phase`). The dependency runs one way:
+trainer -> pretrain.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -167,33 +170,6 @@ def phase_records(records: list[dict], phase: str = "finetune") -> list[dict]:
   return [r for r in records if r.get("phase", "finetune") == phase]
 
 
-def run_pretraining(config: ml_collections.ConfigDict, workdir: Path, task: Any) -> Any:
-  """Runs (or resumes, or finds finished) the pretraining phase in `<workdir>/pretrain`; returns the encoder params
-  of its last step."""
-  from lra.training import trainer  # pylint: disable=g-import-not-at-top  (trainer imports this module)
-
-  pconfig = phase_config(config)
-  directory = Path(workdir) / PRETRAIN_DIR
-  directory.mkdir(parents=True, exist_ok=True)
-  exp = trainer.Experiment(pconfig, task=PretrainTask(task, config))
-  ckpt = checkpoints_lib.Checkpoints(directory, keep=pconfig.train.keep_checkpoints)
-  state, meta, resumed = ckpt.resume(exp.init_state())
-  if resumed:
-    if int(meta["step"]) >= pconfig.train.num_steps:
-      ckpt.close()
-      logging.info("Pretraining finished at step %d (%s): fine-tuning starts from it", meta["step"], directory)
-      return state.params[ENCODER]
-    logging.info("Resumed pretraining from %s at step %d", directory / checkpoints_lib.LATEST_DIR, meta["step"])
-  is_writer = jax.process_index() == 0
-  if is_writer:
-    trainer._write_config(pconfig, directory)  # pylint: disable=protected-access
-  writer = PhaseWriter(Path(workdir), enabled=is_writer, phase="pretrain")
-  logging.info("Self-pretraining (%s) for %d steps in %s", config.pretrain.objective, pconfig.train.num_steps,
-               directory)
-  state, _ = trainer.run_loop(exp, directory, state, meta, ckpt, writer)
-  return state.params[ENCODER]
-
-
 def load_init_from(path: str) -> tuple[Any, Path]:
   """The encoder params of the run at `path` (see `checkpoints.step_directory`) and the step folder read."""
   params, directory = checkpoints_lib.read_params(path)
@@ -213,17 +189,3 @@ def with_encoder(state: Any, encoder_params: Any, source: str) -> Any:
                      f"(layers, widths, vocabulary, max_length, pooling, attention parameters) must match")
   placed = jax.tree.map(lambda t, s: jax.device_put(np.asarray(s, dtype=t.dtype), t.sharding), target, encoder_params)
   return state.replace(params={**state.params, ENCODER: placed})
-
-
-def starting_state(config: ml_collections.ConfigDict, workdir: Path, exp: Any, state: Any) -> Any:
-  """The state fine-tuning starts from: `state` (from `config.seed`) with the pretrained encoder (running or resuming
-  the pretraining phase first) or `config.init_from`'s encoder; `state` itself when neither is configured."""
-  if enabled(config):
-    encoder = run_pretraining(config, workdir, exp.task)
-    return with_encoder(state, jax.device_get(encoder), f"the pretraining phase in {Path(workdir) / PRETRAIN_DIR}")
-  init_from = config.get("init_from")
-  if init_from:
-    encoder, directory = load_init_from(init_from)
-    logging.info("Fine-tuning starts from the encoder of %s", directory)
-    return with_encoder(state, encoder, f"config.init_from={init_from} ({directory})")
-  return state

@@ -14,7 +14,9 @@ log line averages the same steps as in an uninterrupted run.
 The last step of every run is logged, evaluated and checkpointed, so a larger `num_steps` extends a finished run.
 With self-pretraining (`config.pretrain.steps > 0`) step 1 is followed, when no fine-tuning checkpoint exists, by the
 pretraining phase (run or resumed with this same order in `<workdir>/pretrain`, see pretrain.py), whose encoder seeds
-the fine-tuning state; `config.init_from` seeds it from another run.
+the fine-tuning state; `config.init_from` seeds it from another run. This module owns the phases: both run through
+one setup, `run_phase` (checkpoints and resume, config.json, metric writer, loop); pretrain.py supplies the pretraining
+phase's parts and imports nothing from here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
@@ -42,7 +44,7 @@ from jax.experimental import multihost_utils
 
 from lra.training import checkpoints as checkpoints_lib
 from lra.training import config_checks, metric_writers, optim, preemption, sharding
-from lra.training import pretrain as pretrain_lib
+from lra.training import pretrain as pretrain_lib  # the pretraining phase's parts (pretrain.py imports no trainer)
 from kernels import sequence as sequence_lib
 
 # Rng streams given to the model: "dropout" for dropout, "attention" for variants that draw fresh randomness per
@@ -217,22 +219,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   config_checks.check_workdir_config(config, workdir, pretrain_lib.PRETRAIN_CHECKPOINTS)
   workdir.mkdir(parents=True, exist_ok=True)
   exp = Experiment(config)
-  is_writer = jax.process_index() == 0
+  # Fine-tuning has not started when no checkpoint exists: pretrain (or resume pretraining) first, or load init_from.
+  _, final = run_phase(exp, workdir, workdir, pretrain_lib.finetune_phase(config),
+                       seed_state=lambda state: starting_state(config, workdir, exp, state))
+  return final
 
-  ckpt = checkpoints_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+
+def run_phase(exp: Experiment, directory: Path, metrics_dir: Path, phase: str | None, *,
+              seed_state: Callable[[TrainState], TrainState] | None = None, skip_finished: bool = False
+              ) -> tuple[TrainState, dict[str, dict[str, float]] | None]:
+  """One training phase, the same setup for fine-tuning and pretraining: checkpoints in `directory` and resume
+  (`Checkpoints.resume`), `directory/config.json` (the phase's config, written after the checks so a refused run
+  leaves it as it was), the metric rows of `phase` in `metrics_dir`, then `run_loop`.
+
+  `seed_state(state)` replaces the initial state of a phase that did not resume (fine-tuning from a pretrained
+  encoder); `skip_finished`: a phase resumed at its last step returns `(state, None)` without running again."""
+  ckpt = checkpoints_lib.Checkpoints(directory, keep=exp.config.train.keep_checkpoints)
   state, meta, resumed = ckpt.resume(exp.init_state())
   if resumed:
-    logging.info("Resumed from %s at step %d", workdir / checkpoints_lib.LATEST_DIR, meta["step"])
-  if is_writer:  # after the checks above, so a refused run leaves the workdir's config.json as it was
-    _write_config(config, workdir)
-  if not resumed:  # fine-tuning has not started: pretrain (or resume pretraining) first, or load init_from
+    if skip_finished and int(meta["step"]) >= exp.config.train.num_steps:
+      ckpt.close()
+      logging.info("%s finished at step %d (%s)", phase or "training", meta["step"], directory)
+      return state, None
+    logging.info("Resumed %s from %s at step %d", phase or "training", directory / checkpoints_lib.LATEST_DIR,
+                 meta["step"])
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    _write_config(exp.config, directory)
+  if not resumed and seed_state is not None:
     try:
-      state = pretrain_lib.starting_state(config, workdir, exp, state)
+      state = seed_state(state)
     except BaseException:
       ckpt.close()
       raise
-  writer = pretrain_lib.PhaseWriter(workdir, enabled=is_writer, phase=pretrain_lib.finetune_phase(config))
-  return run_loop(exp, workdir, state, meta, ckpt, writer)[1]
+  writer = pretrain_lib.PhaseWriter(metrics_dir, enabled=is_writer, phase=phase)
+  return run_loop(exp, directory, state, meta, ckpt, writer)
+
+
+def run_pretraining(config: ml_collections.ConfigDict, workdir: Path, task: Any) -> Any:
+  """Runs (or resumes, or finds finished) the pretraining phase in `<workdir>/pretrain`; returns the encoder params
+  of its last step."""
+  pconfig = pretrain_lib.phase_config(config)
+  directory = Path(workdir) / pretrain_lib.PRETRAIN_DIR
+  directory.mkdir(parents=True, exist_ok=True)
+  exp = Experiment(pconfig, task=pretrain_lib.PretrainTask(task, config))
+  logging.info("Self-pretraining (%s) for %d steps in %s", config.pretrain.objective, pconfig.train.num_steps,
+               directory)
+  state, _ = run_phase(exp, directory, Path(workdir), "pretrain", skip_finished=True)
+  return state.params[pretrain_lib.ENCODER]
+
+
+def starting_state(config: ml_collections.ConfigDict, workdir: Path, exp: Experiment, state: TrainState) -> TrainState:
+  """The state fine-tuning starts from: `state` (from `config.seed`) with the pretrained encoder (running or resuming
+  the pretraining phase first) or `config.init_from`'s encoder; `state` itself when neither is configured."""
+  if pretrain_lib.enabled(config):
+    encoder = run_pretraining(config, workdir, exp.task)
+    return pretrain_lib.with_encoder(state, jax.device_get(encoder),
+                                     f"the pretraining phase in {Path(workdir) / pretrain_lib.PRETRAIN_DIR}")
+  init_from = config.get("init_from")
+  if init_from:
+    encoder, directory = pretrain_lib.load_init_from(init_from)
+    logging.info("Fine-tuning starts from the encoder of %s", directory)
+    return pretrain_lib.with_encoder(state, encoder, f"config.init_from={init_from} ({directory})")
+  return state
 
 
 def run_loop(exp: Experiment, workdir: Path, state: TrainState, meta: dict[str, Any],
