@@ -233,32 +233,12 @@ class FlexAttention(AttentionLayer):
 
 
 def _declare_ranges(cls: type) -> None:
-  cls.option_ranges = {"mask": OneOf(_Names("mask"), what="flex mask"),
-                       "score": OneOf(_Names("score", extra=("none",)), what="flex score"),
+  # The registered names are read when a value is checked: a plugin registered later is a valid choice.
+  cls.option_ranges = {"mask": OneOf(lambda: flex_mods.names("mask"), what="flex mask"),
+                       "score": OneOf(lambda: ("none", *flex_mods.names("score")), what="flex score"),
                        "num_kv_heads": Integer(1, allow_none=True), "block_size": Integer(1),
                        "implementation": OneOf(IMPLEMENTATIONS, what="flex implementation"),
                        **{k: o.range for k, o in flex_mods.all_options().items()}}
-
-
-class _Names(tuple):
-  """The registered names of one kind, read when a range is checked (a plugin registered later is a valid choice)."""
-
-  def __new__(cls, kind: str, extra: tuple[str, ...] = ()):
-    self = super().__new__(cls)
-    self.kind, self.extra = kind, extra
-    return self
-
-  def __iter__(self):
-    return iter(self.extra + flex_mods.names(self.kind))
-
-  def __len__(self):
-    return len(self.extra) + len(flex_mods.names(self.kind))
-
-  def __contains__(self, value):
-    return value in tuple(iter(self))
-
-  def __repr__(self):
-    return repr(tuple(iter(self)))
 
 
 def _add_option_fields(spec: flex_mods.ModSpec) -> None:

@@ -65,7 +65,10 @@ def _causal(mask: MaskMod, causal: bool) -> MaskMod:
 
 @functools.lru_cache(maxsize=256)
 def local_mask(*, block_size: int, window: int = 3, causal: bool = False) -> MaskMod:
-  """Local attention: the band of `window` blocks around each block (causal: the block and `window - 1` before)."""
+  """Local attention: the band of `window` blocks around each block (causal: the block and `window - 1` before).
+
+  Token mask (B = block_size): `|q//B - kv//B| <= window // 2`; causal `0 <= q//B - kv//B < window` and `kv <= q`:
+  a sliding window aligned to blocks (`window=1`: block-diagonal, LRA's local attention)."""
   _check_positive(block_size=block_size)
   _check_window(window, causal)
 
@@ -84,7 +87,10 @@ def default_stride(num_blocks: int) -> int:
 @functools.lru_cache(maxsize=256)
 def strided_mask(*, block_size: int, stride: int, causal: bool = True) -> MaskMod:
   """Sparse Transformer "strided" (Child et al., 2019), heads merged: A1 = the `stride` previous blocks, A2 = every
-  `stride`-th block before; bidirectional: the mirrored pattern (`|d| < stride or d % stride == 0`)."""
+  `stride`-th block before; bidirectional: the mirrored pattern.
+
+  Token mask (d = q//B - kv//B): `|d| < stride or d % stride == 0` (an `or_masks` of a block-aligned sliding window
+  and a block-dilated one); causal also `kv <= q`."""
   _check_positive(block_size=block_size, stride=stride)
 
   def mask(b, h, q_idx, kv_idx):
@@ -96,7 +102,10 @@ def strided_mask(*, block_size: int, stride: int, causal: bool = True) -> MaskMo
 @functools.lru_cache(maxsize=256)
 def fixed_mask(*, block_size: int, stride: int, c: int, causal: bool = True) -> MaskMod:
   """Sparse Transformer "fixed", heads merged: A1 = the blocks of the same `stride`-block chunk, A2 = the `c` summary
-  blocks at the end of every chunk (`kb % stride >= stride - c`); bidirectional keeps every summary block."""
+  blocks at the end of every chunk; bidirectional keeps every summary block.
+
+  Token mask: `q//(B*stride) == kv//(B*stride)` (a document mask whose documents are chunks of `stride` blocks) or
+  `(kv//B) % stride >= stride - c` (summary key columns); causal also `kv <= q`."""
   _check_positive(block_size=block_size, stride=stride, c=c)
   if c > stride:
     raise ValueError(f"c (summary blocks per chunk) must be in [1, stride={stride}], got c={c}")
@@ -120,7 +129,11 @@ def _per_head(values: Sequence[int], h):
 def longformer_mask(*, block_size: int, window: int = 3, num_global_blocks: int = 1,
                     dilation: int | tuple[int, ...] = 1, causal: bool = False) -> MaskMod:
   """Longformer (Beltagy et al., 2020): a sliding window of `window` blocks dilated by `dilation` (an int, or one
-  value per head), plus `num_global_blocks` global blocks at the start. Causal requires no global blocks."""
+  value per head), plus `num_global_blocks` global blocks at the start. Causal requires no global blocks.
+
+  Token mask (d = q//B - kv//B, dil = dilation of head h): `d % dil == 0 and |d| <= (window // 2) * dil` (a
+  block-aligned `dilated` mask) or `q < g*B or kv < g*B` (`global_window`'s global tokens); causal (g = 0)
+  `d % dil == 0 and 0 <= d < window * dil and kv <= q`."""
   dilations = (dilation,) if isinstance(dilation, (int, np.integer)) else tuple(dilation)
   _check_positive(block_size=block_size, **{f"dilation[{i}]": d for i, d in enumerate(dilations)})
   _check_window(window, causal)
@@ -169,7 +182,9 @@ def bigbird_mask(num_blocks: int, *, block_size: int, window: int = 3, num_globa
                  num_random_blocks: int = 3, num_heads: int = 1, seed: int | tuple[int, ...] = 0) -> MaskMod:
   """BigBird-ITC (Zaheer et al., 2020) over `num_blocks` blocks: a window of `window` blocks, `num_global_blocks`
   global blocks at the start, and per head the random blocks of `_bigbird_random` (from `seed`: the same seed gives
-  the same mask). The random blocks are a host table the function looks up. Bidirectional only."""
+  the same mask). The random blocks are a host table the function looks up. Bidirectional only.
+
+  Token mask: the bidirectional `longformer_mask` (window, globals) or `random[h, q//B, kv//B]`."""
   _check_positive(num_blocks=num_blocks, block_size=block_size, window=window, num_heads=num_heads)
   if num_global_blocks < 0 or num_random_blocks < 0:
     raise ValueError(f"num_global_blocks and num_random_blocks must be >= 0, got {num_global_blocks=}, "
