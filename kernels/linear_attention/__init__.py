@@ -14,6 +14,8 @@ cores"):
   "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them);
   None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`): Pallas on tpu and
                cuda, XLA on cpu. A call a kernel cannot serve (dtype, dims, chunk) uses XLA there, logged once.
+One plan per kernel call: the entry asks `tables.plan` once per backend for the call's `KernelPlan` (chunk, padded
+feature width, feature block) or the reason no kernel serves it, and the driver follows the plan without checking again.
 Precision: bfloat16 inputs run bfloat16 matmuls with float32 accumulation; states, normalizers and the denominator
 are float32; the output has v's dtype (tolerances against float32: docs/precision.md).
 """
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 
 from kernels import platform
 from kernels.linear_attention.pallas import linear_attention_pallas
-from kernels.linear_attention.tables import ChunkSizes, check_supported
+from kernels.linear_attention.tables import ChunkSizes, KernelPlan, check_supported, plan
 from kernels.linear_attention.reference import DEFAULT_EPS, linear_attention_reference
 from kernels.linear_attention.xla import linear_attention_step, linear_attention_xla
 
@@ -48,18 +50,22 @@ def _check(q, k, v, chunk_size, implementation, key_mask):
     raise ValueError(f"key_mask must have shape [batch, keys] = {k.shape[:2]}, got {tuple(key_mask.shape)}")
 
 
+def _plan(q, k, v, chunk_size: int, backend: platform.Backend) -> KernelPlan:
+  """The one plan of this call on `backend`'s kernels (ValueError with the reason when they cannot serve it)."""
+  return plan(q.shape, v.shape, jnp.result_type(q, k, v), ChunkSizes(chunk_size), backend)
+
+
 def _kernels(q, k, v, *, causal, normalize, chunk_size, eps) -> dict[platform.Backend, object]:
-  """Per backend: a thunk running its kernel on this call, or the reason the kernel cannot serve it."""
-  dtype = jnp.result_type(q, k, v)
+  """Per backend: a thunk running its kernel on this call as planned, or the reason the kernel cannot serve it."""
   out: dict[platform.Backend, object] = {}
   for backend in ("tpu", "gpu"):
     try:
-      check_supported(q.shape, v.shape, dtype, chunk_size, backend)
+      planned = _plan(q, k, v, chunk_size, backend)
     except ValueError as err:
       out[backend] = str(err)
       continue
-    out[backend] = (lambda b: lambda: linear_attention_pallas(  # noqa: E731  (bind the backend now)
-        q, k, v, causal=causal, normalize=normalize, eps=eps, chunk_sizes=ChunkSizes(chunk_size), backend=b))(backend)
+    out[backend] = (lambda p: lambda: linear_attention_pallas(  # noqa: E731  (bind the plan now)
+        q, k, v, plan=p, causal=causal, normalize=normalize, eps=eps))(planned)
   return out
 
 
@@ -73,8 +79,8 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, 
   if implementation == "reference":
     return linear_attention_reference(q, k, v, causal=causal, normalize=normalize, eps=eps)
   if implementation == "interpret":
-    return linear_attention_pallas(q, k, v, causal=causal, normalize=normalize, eps=eps,
-                                   chunk_sizes=ChunkSizes(chunk_size), backend="tpu", interpret=True)
+    return linear_attention_pallas(q, k, v, plan=_plan(q, k, v, chunk_size, "tpu"), causal=causal,
+                                   normalize=normalize, eps=eps, interpret=True)
   xla = lambda: linear_attention_xla(q, k, v, causal=causal, normalize=normalize, chunk_size=chunk_size,  # noqa: E731
                                      eps=eps)
   if implementation == "xla":
@@ -85,5 +91,6 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, 
   return platform.dispatch(OP, xla=xla, kernels=kernels)
 
 
-__all__ = ["ChunkSizes", "IMPLEMENTATIONS", "check_supported", "linear_attention", "linear_attention_pallas",
-           "linear_attention_reference", "linear_attention_step", "linear_attention_xla"]
+__all__ = ["ChunkSizes", "IMPLEMENTATIONS", "KernelPlan", "check_supported", "linear_attention",
+           "linear_attention_pallas", "linear_attention_reference", "linear_attention_step", "linear_attention_xla",
+           "plan"]

@@ -33,7 +33,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from kernels.linear_attention.tables import ChunkSizes, KernelParams, check_supported, feature_block, padded_features
+from kernels.linear_attention.tables import KernelParams, KernelPlan
 from kernels.platform import Backend
 
 
@@ -82,54 +82,52 @@ def _linear_bwd(st, res, g):
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, causal: bool,
-                            normalize: bool = True, eps: float = 1e-6, chunk_sizes: ChunkSizes | None = None,
-                            backend: Backend = "tpu", interpret=False) -> jax.Array:
-  """Linear attention through the Pallas kernels of `backend`, `[B, L, H, *]` in, `[B, L, H, D]` (dtype of v) out.
+def linear_attention_pallas(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, plan: KernelPlan,
+                            causal: bool, normalize: bool = True, eps: float = 1e-6, interpret=False) -> jax.Array:
+  """Linear attention through the Pallas kernels of `plan.backend`, `[B, L, H, *]` in, `[B, L, H, D]` (dtype of v)
+  out, as `plan` (`tables.plan`, made once by `kernels.linear_attention`) says: nothing is checked again here.
 
-  The length is zero-padded to a multiple of the chunk (zero rows add nothing to the states; their outputs are
-  dropped). Shapes are assumed checked by `kernels.linear_attention`; the kernel constraints are checked here.
+  Features are zero-padded to `plan.features` (a zero feature adds nothing to `q k^T` or `q z`; its gradients are
+  dropped), run as feature blocks when `plan.block` is narrower, and the length is zero-padded to a multiple of the
+  chunk (zero rows add nothing to the states; their outputs are dropped).
   """
-  chunk = (chunk_sizes or ChunkSizes()).resolve(backend)
-  dtype = jnp.result_type(q_BxLxHxF.dtype, k_BxLxHxF.dtype, v_BxLxHxD.dtype)
-  check_supported(q_BxLxHxF.shape, v_BxLxHxD.shape, dtype, chunk, backend)
   features = q_BxLxHxF.shape[-1]
-  if padded_features(features, backend) != features:  # zero features add nothing to q·k or q·z; their grads dropped
-    widths = ((0, 0),) * 3 + ((0, padded_features(features, backend) - features),)
-    return linear_attention_pallas(jnp.pad(q_BxLxHxF, widths), jnp.pad(k_BxLxHxF, widths), v_BxLxHxD, causal=causal,
-                                   normalize=normalize, eps=eps, chunk_sizes=ChunkSizes(chunk), backend=backend,
-                                   interpret=interpret)
-  block = feature_block(features, backend)
-  if block != q_BxLxHxF.shape[-1]:
-    return feature_blocked(q_BxLxHxF, k_BxLxHxF, v_BxLxHxD, block=block, causal=causal, normalize=normalize, eps=eps,
-                           chunk_sizes=ChunkSizes(chunk), backend=backend, interpret=interpret)
+  if plan.features != features:
+    widths = ((0, 0),) * 3 + ((0, plan.features - features),)
+    q_BxLxHxF, k_BxLxHxF = jnp.pad(q_BxLxHxF, widths), jnp.pad(k_BxLxHxF, widths)
+  if plan.block != plan.features:
+    return feature_blocked(q_BxLxHxF, k_BxLxHxF, v_BxLxHxD, plan=plan, causal=causal, normalize=normalize, eps=eps,
+                           interpret=interpret)
+  return _kernel_call(q_BxLxHxF, k_BxLxHxF, v_BxLxHxD, plan=plan, causal=causal, normalize=normalize, eps=eps,
+                      interpret=interpret)
+
+
+def _kernel_call(q_BxLxHxF, k_BxLxHxF, v_BxLxHxD, *, plan: KernelPlan, causal, normalize, eps, interpret):
+  """One kernel call (the features are one block): `[B, L, H, *]` -> `[B, H, Lp, *]` and back."""
+  dtype = jnp.result_type(q_BxLxHxF.dtype, k_BxLxHxF.dtype, v_BxLxHxD.dtype)
   length = q_BxLxHxF.shape[1]
-  pad = -length % chunk
+  pad = -length % plan.chunk
 
   def prep(x):  # [B, L, H, *] -> [B, H, Lp, *] in the common dtype
     x = jnp.swapaxes(x.astype(dtype), 1, 2)
     return jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else x
 
-  st = KernelParams(causal=bool(causal), normalize=bool(normalize), eps=float(eps), chunk=chunk, backend=backend,
-                    interpret=interpret)
+  st = KernelParams(causal=bool(causal), normalize=bool(normalize), eps=float(eps), chunk=plan.chunk,
+                    backend=plan.backend, interpret=interpret)
   out = _linear(st, prep(q_BxLxHxF), prep(k_BxLxHxF), prep(v_BxLxHxD))
   return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxD.dtype)
 
 
-def feature_blocked(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, block: int, causal: bool,
-                    normalize: bool = True, eps: float = 1e-6, chunk_sizes: ChunkSizes | None = None,
-                    backend: Backend = "tpu", interpret=False) -> jax.Array:
-  """`linear_attention_pallas` for a feature map wider than one kernel call takes: the `nb = F // block` feature
+def feature_blocked(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.Array, *, plan: KernelPlan,
+                    causal: bool, normalize: bool = True, eps: float = 1e-6, interpret=False) -> jax.Array:
+  """`linear_attention_pallas` for a feature map wider than one kernel call takes: the `nb = F // plan.block` feature
   blocks become `nb` times the heads of one unnormalized kernel call (values repeated per block), numerators summed
   in float32, the normalizer from XLA. (Any backend: tests check it on the TPU kernels in float32 too.)"""
   b, length, h, features = q_BxLxHxF.shape
-  if block < 1 or features % block:
-    raise ValueError(f"feature {block=} must divide features={features}")
-  nb = features // block
-  split = lambda x: x.reshape(b, length, h * nb, block)  # noqa: E731  head h, block j -> head h * nb + j
-  num = linear_attention_pallas(split(q_BxLxHxF), split(k_BxLxHxF), jnp.repeat(v_BxLxHxD, nb, axis=2),
-                                causal=causal, normalize=False, chunk_sizes=chunk_sizes, backend=backend,
-                                interpret=interpret)
+  nb = features // plan.block
+  split = lambda x: x.reshape(b, length, h * nb, plan.block)  # noqa: E731  head h, block j -> head h * nb + j
+  num = _kernel_call(split(q_BxLxHxF), split(k_BxLxHxF), jnp.repeat(v_BxLxHxD, nb, axis=2), plan=plan,
+                     causal=causal, normalize=False, eps=eps, interpret=interpret)
   out = jnp.sum(_f32(num).reshape(b, length, h, nb, -1), axis=3)
   if normalize:
     k_sum = jnp.cumsum(_f32(k_BxLxHxF), axis=1) if causal else jnp.sum(_f32(k_BxLxHxF), axis=1, keepdims=True)
@@ -138,4 +136,4 @@ def feature_blocked(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Array, v_BxLxHxD: jax.A
   return out.astype(v_BxLxHxD.dtype)
 
 
-__all__ = ["BACKEND_MODULES", "ChunkSizes", "check_supported", "feature_blocked", "linear_attention_pallas"]
+__all__ = ["BACKEND_MODULES", "KernelPlan", "feature_blocked", "linear_attention_pallas"]

@@ -64,9 +64,31 @@ def feature_block(features: int, backend: Backend) -> int:
                    f"feature maps run as blocks of 128 or 64): pad them with zeros (padded_features)")
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+  """How one backend's kernels serve one call, decided once by `plan` in the op's entry and followed unchecked by the
+  driver (`pallas.linear_attention_pallas`): the chunk, the feature width the kernels run at (`padded_features`) and
+  the width of one kernel call (`feature_block`; narrower: feature blocks run as extra heads)."""
+
+  backend: Backend
+  chunk: int
+  features: int
+  block: int
+
+
+def plan(q_shape, v_shape, dtype, chunk_sizes: ChunkSizes, backend: Backend) -> KernelPlan:
+  """The plan of one call on `backend`'s kernels; ValueError naming the value and the constraint when they cannot
+  serve it (the reason a dispatch logs, or an explicit `implementation="pallas"` raises)."""
+  chunk = chunk_sizes.resolve(backend)
+  check_supported(q_shape, v_shape, dtype, chunk, backend)
+  features = padded_features(q_shape[-1], backend)
+  return KernelPlan(backend=backend, chunk=chunk, features=features, block=feature_block(features, backend))
+
+
 def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> None:
-  """Raises ValueError naming the value and the constraint the backend's kernel imposes."""
-  features, head_dim = q_shape[-1], v_shape[-1]
+  """Raises ValueError naming the value and the constraint the backend's kernel imposes (any feature count is served:
+  on GPU it is zero-padded, `padded_features`)."""
+  head_dim = v_shape[-1]
   if backend == "tpu":
     if chunk % 8:
       raise ValueError(f"{chunk=} must be a multiple of 8 on TPU (sublane tiling of the [chunk, dim] blocks)")
@@ -75,7 +97,6 @@ def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> No
   else:
     if chunk % 64:
       raise ValueError(f"{chunk=} must be a multiple of 64 on GPU (wgmma tiles of one warpgroup)")
-    feature_block(padded_features(features, backend), backend)
     if head_dim not in GPU_FEATURE_WIDTHS:
       raise ValueError(f"{head_dim=} must be 64 or 128 on GPU (swizzled wgmma operands; the state blocks and the "
                        f"double-buffered chunk tiles must fit in registers and shared memory)")
@@ -84,5 +105,5 @@ def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend) -> No
       raise ValueError(reason)
 
 
-__all__ = ["ChunkSizes", "GPU_FEATURE_WIDTHS", "KernelParams", "LANES", "MAX_FEATURES", "check_supported",
-           "feature_block", "padded_features"]
+__all__ = ["ChunkSizes", "GPU_FEATURE_WIDTHS", "KernelParams", "KernelPlan", "LANES", "MAX_FEATURES",
+           "check_supported", "feature_block", "padded_features", "plan"]

@@ -14,7 +14,8 @@ import re
 
 import attention
 from kernels import linear_attention, platform
-from kernels.linear_attention import ChunkSizes, check_supported, linear_attention_pallas, linear_attention_reference
+from kernels.linear_attention import (ChunkSizes, KernelPlan, check_supported, linear_attention_pallas,
+                                      linear_attention_reference, plan)
 from kernels.linear_attention.pallas import feature_blocked
 from kernels.linear_attention.tables import feature_block, padded_features
 
@@ -49,8 +50,9 @@ def _compare(length, chunk, features, head_dim, causal, normalize, dtype, *, bac
         return jnp.sum((out * ct).astype(jnp.float32)), out
       return f
     ref = lambda q, k, v: linear_attention_reference(q, k, v, causal=causal, normalize=normalize)  # noqa: E731
+    planned = plan(q.shape, v.shape, dtype, ChunkSizes(chunk), backend)
     kernel = lambda q, k, v: linear_attention_pallas(  # noqa: E731
-        q, k, v, causal=causal, normalize=normalize, chunk_sizes=ChunkSizes(chunk), backend=backend, interpret=True)
+        q, k, v, plan=planned, causal=causal, normalize=normalize, interpret=True)
     return [jax.value_and_grad(loss(fn), argnums=(0, 1, 2), has_aux=True)(q, k, v) for fn in (ref, kernel)]
 
   # Jitted for both backends (run eagerly, the GPU interpreter's driver compiles each small op on its own).
@@ -104,8 +106,8 @@ def test_feature_blocks_match_the_reference_in_float32(causal):
     def loss(fn):
       return lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
     ref = lambda q, k, v: linear_attention_reference(q, k, v, causal=causal)  # noqa: E731
-    blocked = lambda q, k, v: feature_blocked(q, k, v, block=8, causal=causal, chunk_sizes=ChunkSizes(8),  # noqa
-                                              interpret=True)
+    two_blocks = KernelPlan(backend="tpu", chunk=8, features=16, block=8)
+    blocked = lambda q, k, v: feature_blocked(q, k, v, plan=two_blocks, causal=causal, interpret=True)  # noqa: E731
     return [jax.value_and_grad(loss(fn), argnums=(0, 1, 2))(q, k, v) for fn in (ref, blocked)]
 
   (want, want_grads), (got, got_grads) = jax.jit(losses)(q, k, v)
@@ -120,8 +122,8 @@ def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
   q, k, v, _ = _inputs(32, 16, 32, jnp.float32, b=1, h=1)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
   # Causal: the kernels whose correctness rests on the carried state and the sequential chunk axis.
-  f = lambda q, k, v: linear_attention_pallas(q, k, v, causal=True, chunk_sizes=ChunkSizes(16),  # noqa: E731
-                                              interpret=params)
+  planned = plan(q.shape, v.shape, q.dtype, ChunkSizes(16), "tpu")
+  f = lambda q, k, v: linear_attention_pallas(q, k, v, plan=planned, causal=True, interpret=params)  # noqa: E731
   # Jitted: the interpreter's callbacks run when the program does (eagerly, the driver's ops compiled one by one).
   got, grads = jax.block_until_ready(jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(
       q, k, v))
@@ -151,6 +153,9 @@ def test_constraints_are_validated():
     check_supported(shape, (1, 128, 2, 256), jnp.bfloat16, 64, "gpu")
   check_supported((1, 128, 2, 256), shape, jnp.bfloat16, 64, "gpu")  # performer's default: two 128-wide blocks
   assert [feature_block(f, "gpu") for f in (64, 128, 192, 256)] == [64, 128, 64, 128]
+  # The one plan per call: based's 273 Taylor features run as 320 in five 64-wide blocks on GPU, whole on TPU.
+  assert plan((1, 128, 2, 273), shape, jnp.bfloat16, ChunkSizes(), "gpu") == KernelPlan("gpu", 64, 320, 64)
+  assert plan((1, 128, 2, 273), shape, jnp.bfloat16, ChunkSizes(), "tpu") == KernelPlan("tpu", 128, 273, 273)
   assert feature_block(256, "tpu") == 256
   with pytest.raises(ValueError, match="dtype=float32: the Mosaic GPU kernels take only bfloat16/float16"):
     check_supported(shape, shape, jnp.float32, 64, "gpu")
@@ -252,3 +257,17 @@ def test_layer_implementation_option_reaches_the_kernel(implementation):
   layer = attention.build("linear", num_heads=2, causal=True, chunk_size=16, implementation=implementation)
   params = jax.eval_shape(layer.init, jax.random.key(1), x)
   assert _uses_pallas(layer.apply, params, x) == (implementation == "interpret")
+
+
+def test_one_plan_per_call(monkeypatch):
+  """The entry plans each call once per backend (`tables.plan`); the driver follows the plan and checks nothing again,
+  based's 273 features (padded, then feature-blocked on GPU) included."""
+  from kernels.linear_attention import tables  # noqa: PLC0415
+  checked = []
+  real = tables.check_supported
+  monkeypatch.setattr(tables, "check_supported", lambda *a: checked.append(a[-1]) or real(*a))
+  qk = jax.ShapeDtypeStruct((1, 128, 1, 273), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+  jax.make_jaxpr(jax.grad(lambda q, k, v: jnp.sum(linear_attention(q, k, v, causal=True).astype(jnp.float32)),
+                          argnums=(0, 1, 2)))(qk, qk, v)
+  assert sorted(checked) == ["gpu", "tpu"]
