@@ -11,7 +11,7 @@ form, what LRA's Transformer row measured). Both are always measured.
   python scripts/benchmark.py --core=softmax --lengths=8192 --core_dropout=0.1 --output_dir=runs/core   # one core
   python scripts/benchmark.py --core=block_sparse --memory_only --lengths=2048,8192 --output_dir=runs/core_bs
 
-`--core=softmax|block_sparse|linear` measures one functional core instead of the training step: forward + backward
+`--core=softmax|block_sparse|linear|flex` (scripts/benchmark_core.py) measures one functional core instead of the training step: forward + backward
 (`jit(value_and_grad)` of `sum(core(q, k, v) * ct)` w.r.t. q, k, v) at `--core_batch`, `--core_heads`,
 `--core_head_dim`, float32 or `--dtype`, `--core_causal`, `--core_dropout`; its default implementation and its
 "reference" side by side with flash and dense softmax, in one process: time per call and compiled memory, and ratios
@@ -51,14 +51,10 @@ variant exit abruptly, sleep forever, or raise, before the given length (every l
 from __future__ import annotations
 
 import dataclasses
-import functools
-import datetime
 import io
 import json
 import math
 import os
-import platform
-import shlex
 import sys
 import time
 import traceback
@@ -73,14 +69,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/benchmark.py` from anywhere
   sys.path.insert(0, str(ROOT))
 
+if str(ROOT / "scripts") not in sys.path:  # the core benchmark beside this file (also when loaded by path in tests)
+  sys.path.insert(0, str(ROOT / "scripts"))
+
 from lra import cli  # noqa: E402  (after the path set-up)
 from lra import pool  # noqa: E402
 from lra import tables  # noqa: E402
+# The core benchmark (`--core`) lives in scripts/benchmark_core.py with the figure helpers both tables use.
+from benchmark_core import (BASELINE, BASELINES, CORES, DENSE, FLEX_MASK_NAMES, core_functions,  # noqa: E402,F401
+                            core_markdown, core_rows, error_line, flex_masks, flex_visited, header_block,
+                            jaxlib_version, length_label, measure_core, memory_figures, mib, ratio, run_core,
+                            write_csv)
 
-BASELINE = "softmax"  # flash softmax: the default implementation
-DENSE = "softmax-dense"  # softmax with implementation="reference": the dense form (LRA's Transformer)
-BASELINES = (BASELINE, DENSE)
-CORES = ("softmax", "block_sparse", "linear", "flex")
 DEFAULT_LENGTHS = (1024, 2048, 3072, 4096)
 FAULT_ENV = "BENCHMARK_FAULT"
 FILES = ("benchmark.md", "benchmark.csv", "benchmark.png")
@@ -168,17 +168,6 @@ def _fault(variant: str, length: int) -> None:
 
 
 
-def _memory_figures(compiled: Any) -> dict[str, int | None]:
-  """XLA's planned bytes for one step; `memory` = arguments + outputs + temporaries - aliased (donated)."""
-  analysis = compiled.memory_analysis()
-  if analysis is None:  # some backends do not report it
-    return {"memory_bytes": None}
-  out = {f"{k}_bytes": int(getattr(analysis, f"{k}_size_in_bytes", 0) or 0)
-         for k in ("argument", "output", "temp", "alias")}
-  out["memory_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
-  return out
-
-
 def _peak_bytes(device: Any) -> int | None:
   try:
     stats = device.memory_stats()
@@ -235,7 +224,7 @@ def measure(variant: str, length: int, *, num_layers: int, batch_size: int, dtyp
 
   t0 = time.perf_counter()
   compiled = exp.jit_train_step.lower(state, batch, exp.key).compile()
-  out: dict[str, Any] = {"compile_s": time.perf_counter() - t0, **_memory_figures(compiled)}
+  out: dict[str, Any] = {"compile_s": time.perf_counter() - t0, **memory_figures(compiled)}
   if memory_only:
     return out
   metrics = None
@@ -255,18 +244,13 @@ def measure(variant: str, length: int, *, num_layers: int, batch_size: int, dtyp
   return out
 
 
-def _error_line(e: BaseException) -> str:
-  lines = [line for line in f"{type(e).__name__}: {e}".splitlines() if line.strip()]
-  return lines[0] if lines else type(e).__name__
-
-
 def run_worker(variant: str, lengths: Sequence[int], **options: Any) -> None:
   """Measures `variant` at each length, printing one JSON line per cell; an exception is that cell's error."""
   import jax  # pylint: disable=import-outside-toplevel
   device = jax.devices()[0]
   pool.emit_info({"platform": device.platform, "device_kind": device.device_kind,
          "num_devices": jax.device_count(), "jax_version": jax.__version__,
-         "jaxlib_version": getattr(jax.lib, "__version__", None) or _jaxlib_version()})
+         "jaxlib_version": getattr(jax.lib, "__version__", None) or jaxlib_version()})
   for length in lengths:
     record: dict[str, Any] = {"variant": variant, "length": length}
     try:
@@ -274,18 +258,10 @@ def run_worker(variant: str, lengths: Sequence[int], **options: Any) -> None:
       record.update(status="ok", **measure(variant, length, **options))
     except Exception as e:  # pylint: disable=broad-except  # one failing cell must not end the variant's row
       traceback.print_exc()  # the whole story goes to the worker's log in <output_dir>/logs
-      message = _error_line(e)
+      message = error_line(e)
       record.update(status="oom" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
                     else "error", error=message)
     pool.emit(record)
-
-
-def _jaxlib_version() -> str | None:
-  try:
-    import jaxlib  # pylint: disable=import-outside-toplevel
-    return jaxlib.__version__
-  except Exception:  # pylint: disable=broad-except
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -334,12 +310,6 @@ def _lra(variant: str, length: int) -> tuple[str, float | None, float | None, bo
   return name, speed, memory, length in LRA_VERIFIED_LENGTHS
 
 
-def _ratio(value: float | None, base: float | None) -> float | None:
-  if value is None or base is None or not base:
-    return None
-  return value / base
-
-
 def rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
   """One CSV row per cell, with ratios to both softmax baselines at the same length (`speedup`, `memory_ratio`,
   `peak_ratio`: to flash softmax; `*_dense`: to softmax-dense) and LRA's published ratios (to its dense
@@ -352,9 +322,9 @@ def rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     lra_name, lra_speed, lra_memory, verified = _lra(c.variant, c.length)
     ratios = {}
     for suffix, ref in (("", b), ("_dense", d)):
-      ratios.update({f"speedup{suffix}": _ratio(f.get("steps_per_s"), ref.get("steps_per_s")),
-                     f"memory_ratio{suffix}": _ratio(f.get("memory_bytes"), ref.get("memory_bytes")),
-                     f"peak_ratio{suffix}": _ratio(f.get("peak_bytes"), ref.get("peak_bytes"))})
+      ratios.update({f"speedup{suffix}": ratio(f.get("steps_per_s"), ref.get("steps_per_s")),
+                     f"memory_ratio{suffix}": ratio(f.get("memory_bytes"), ref.get("memory_bytes")),
+                     f"peak_ratio{suffix}": ratio(f.get("peak_bytes"), ref.get("peak_bytes"))})
     out.append({
         "variant": c.variant, "lra_name": lra_name, "length": c.length, "status": c.status,
         "steps_per_s": f.get("steps_per_s"), "speedup": ratios["speedup"], "speedup_dense": ratios["speedup_dense"],
@@ -366,10 +336,6 @@ def rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
         "compile_s": f.get("compile_s"), "loss": f.get("loss"), "lra_speedup": lra_speed,
         "lra_memory_ratio": lra_memory, "lra_verified": verified if lra_name else None, "error": c.error})
   return out
-
-
-def _label(length: int) -> str:
-  return f"{length // 1024}K" if length % 1024 == 0 else str(length)
 
 
 def _cell_text(row: dict[str, Any], value_key: str, lra_key: str | None, fmt: str) -> str:
@@ -387,31 +353,6 @@ def _cell_text(row: dict[str, Any], value_key: str, lra_key: str | None, fmt: st
   return text
 
 
-def _mib(n: float | None) -> str:
-  return "-" if n is None else f"{n / 2**20:,.1f} MiB"
-
-
-def header_block(argv: Sequence[str], device: dict[str, Any], options: dict[str, Any]) -> str:
-  """Command, date, machine, device and versions: what a reader needs to redo the table."""
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in argv[1:])
-  machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
-  processor = platform.processor()
-  if processor and processor != platform.machine():
-    machine = f"{processor}, " + machine
-  dev = (f"{device.get('num_devices', '?')} x {device.get('device_kind', '?')} ({device.get('platform', '?')}); "
-         f"measured on the first" if device else "unknown (no worker reported)")
-  settings = ", ".join(f"{k}={v}" for k, v in options.items())
-  return "\n".join([
-      f"- command: `{command}`",
-      f"- date: {date}",
-      f"- machine: {machine}; Python {platform.python_version()}",
-      f"- device: {dev}",
-      f"- jax {device.get('jax_version', '?')}, jaxlib {device.get('jaxlib_version', '?')}",
-      f"- settings: {settings}",
-  ])
-
-
 def markdown(table_rows: Sequence[dict[str, Any]], lengths: Sequence[int], header: str | None,
              memory_only: bool, title: str | None = None) -> str:
   """The speed-up and memory tables against flash softmax and against dense softmax (LRA Table 2, whose baseline is
@@ -423,7 +364,7 @@ def markdown(table_rows: Sequence[dict[str, Any]], lengths: Sequence[int], heade
     out.write(f"## {title}\n\n")
   if header:
     out.write(header + "\n\n")
-  labels = [_label(n) for n in lengths]
+  labels = [length_label(n) for n in lengths]
   flash, dense = "softmax (flash, the default)", "softmax-dense (implementation=\"reference\")"
   sections = [(f"Compiled step memory relative to {flash}", "memory_ratio", None, "{:.2f}"),
               (f"Compiled step memory relative to {dense}", "memory_ratio_dense", "lra_memory_ratio", "{:.2f}")]
@@ -450,9 +391,9 @@ def markdown(table_rows: Sequence[dict[str, Any]], lengths: Sequence[int], heade
       if r is None:
         continue
       sps = "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.3g}"
-      baseline_rows.append({"baseline": variant, "length": _label(n),
+      baseline_rows.append({"baseline": variant, "length": length_label(n),
                             "steps/s": sps if r["status"] == "ok" else r["status"],
-                            "compiled memory": _mib(r["memory_bytes"]), "device peak": _mib(r["peak_bytes"])})
+                            "compiled memory": mib(r["memory_bytes"]), "device peak": mib(r["peak_bytes"])})
   numbers = ("length", "steps/s", "compiled memory", "device peak")
   out.write("### The baselines, absolute\n\n" + tables.markdown(
       baseline_rows, ["baseline", *numbers], align=dict.fromkeys(numbers, "right")) + "\n")
@@ -486,12 +427,8 @@ def shortfalls(table_rows: Sequence[dict[str, Any]], memory_only: bool) -> list[
     if heavier:
       parts.append(f"memory vs dense {memory:.2f} > {r['lra_memory_ratio']:.2f}{mark}")
     if parts:
-      out.append(f"{r['variant']} at {_label(r['length'])}: " + ", ".join(parts))
+      out.append(f"{r['variant']} at {length_label(r['length'])}: " + ", ".join(parts))
   return out
-
-
-def write_csv(table_rows: Sequence[dict[str, Any]], path: Path) -> None:
-  Path(path).write_text(tables.csv_text(table_rows))
 
 
 def plot(table_rows: Sequence[dict[str, Any]], path: Path, memory_only: bool) -> None:
@@ -547,234 +484,8 @@ def layer_bytes(name: str, *, length: int, features: int = 256, num_heads: int =
     return jnp.sum(layer.apply(params, x, mask=mask) * ct)
 
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x, mask, x).compile()
-  return int(_memory_figures(compiled)["memory_bytes"])
+  return int(memory_figures(compiled)["memory_bytes"])
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# --core: one functional core, forward + backward, beside flash and dense softmax, in this process.
-
-
-def core_functions(core: str, *, causal: bool, dropout_rate: float, block_size: int = 64,
-                   band: int = 3) -> dict[str, Any]:
-  """`{label: fn(q, k, v, rng) -> out}`: the two softmax baselines (flash = the default implementation, dense =
-  "reference"), then `core`'s default and reference implementations (for `core="softmax"` the baselines are all)."""
-  # pylint: disable=import-outside-toplevel
-  import jax
-  from kernels.linear_attention import linear_attention
-  from kernels.softmax import softmax_attention
-
-  def softmax(implementation):
-    return lambda q, k, v, rng: softmax_attention(q, k, v, causal=causal, implementation=implementation,
-                                                  dropout_rate=dropout_rate, dropout_rng=rng)
-
-  def block_sparse(implementation):
-    from attention.sparse_layouts import local_layout
-    from kernels.block_sparse import block_sparse_attention
-
-    def fn(q, k, v, rng):
-      layout = local_layout(q.shape[1] // block_size, window=band)
-      return block_sparse_attention(q, k, v, layout, block_size=block_size, causal=causal,
-                                    implementation=implementation, dropout_rate=dropout_rate, dropout_rng=rng)
-    return fn
-
-  def linear(implementation):
-    phi = lambda x: jax.nn.elu(x) + 1.0  # noqa: E731  (non-negative features: normalized linear attention)
-    return lambda q, k, v, rng: linear_attention(phi(q), phi(k), v, causal=causal, implementation=implementation)
-
-  out = {BASELINE: softmax(None), DENSE: softmax("reference")}
-  if core == "flex":  # no dense baseline: [B, H, L, L] scores at 16K do not fit this machine
-    from kernels.flex import flex_attention
-
-    def flex(name):
-      return lambda q, k, v, rng: flex_attention(q, k, v, mask_mod=flex_masks(q.shape[1])[name],
-                                                 dropout_rate=dropout_rate, dropout_rng=rng)
-    causal_softmax = lambda q, k, v, rng: softmax_attention(q, k, v, causal=True, dropout_rate=dropout_rate,  # noqa
-                                                            dropout_rng=rng)
-    out = {BASELINE: softmax(None), "softmax-causal": causal_softmax}
-    out.update({f"flex-{name}": flex(name) for name in FLEX_MASK_NAMES})
-  elif core == "block_sparse":
-    out.update({"block_sparse": block_sparse(None), "block_sparse-reference": block_sparse("reference")})
-  elif core == "linear":
-    out.update({"linear": linear(None), "linear-reference": linear("reference")})
-  elif core != "softmax":
-    raise ValueError(f"--core={core!r}: valid choices are {', '.join(CORES)}")
-  return out
-
-
-FLEX_MASK_NAMES = ("causal", "sliding_window", "dilated", "longformer", "bigbird", "sparse_transformer")
-
-
-@functools.lru_cache(maxsize=None)
-def flex_masks(length: int) -> dict[str, Any]:
-  """`--core=flex`'s mask functions at `length` tokens (token level, 128-token blocks where a pattern has blocks;
-  one function object per length, so the block masks are built once). bigbird's random blocks (3 per query block)
-  come from a fixed numpy seed, as a table indexed by block."""
-  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp
-  import numpy as np
-  blk, window = 128, 512
-  nb = -(-length // blk)
-  rand = np.random.default_rng(0).integers(0, nb, (nb, 3))  # the random key blocks of each query block
-
-  def bigbird(b, h, i, j):
-    bi, bj = i // blk, j // blk
-    r = jnp.asarray(rand)[bi]
-    rnd = (r[..., 0] == bj) | (r[..., 1] == bj) | (r[..., 2] == bj)
-    return (jnp.abs(bi - bj) <= 1) | (bi == 0) | (bj == 0) | rnd
-
-  return {
-      "causal": lambda b, h, i, j: j <= i,
-      "sliding_window": lambda b, h, i, j: jnp.abs(i - j) < window,
-      "dilated": lambda b, h, i, j: (jnp.abs(i - j) < 4 * window) & ((i - j) % 4 == 0),
-      "longformer": lambda b, h, i, j: (jnp.abs(i - j) < window) | (i < blk) | (j < blk),
-      "bigbird": bigbird,
-      "sparse_transformer": lambda b, h, i, j: (jnp.abs(i - j) < 2 * blk) | (j % (2 * blk) >= 2 * blk - 8),
-  }
-
-
-
-
-def flex_visited(label: str, length: int) -> float | None:
-  """Fraction of 128x128 tiles the `--core=flex` mask `label` ("flex-<mask>") visits at `length` tokens."""
-  from kernels.flex import create_block_mask  # pylint: disable=import-outside-toplevel
-  if not label.startswith("flex-"):
-    return None
-  return create_block_mask(flex_masks(length)[label[5:]], 1, 1, length, length, 128).visited_fraction()
-
-
-def measure_core(fn, *, length: int, batch: int, heads: int, head_dim: int, dtype: str, steps: int, warmup: int,
-                 memory_only: bool) -> dict[str, Any]:
-  """Compiled memory (and unless `memory_only`, ms per call) of `jit(value_and_grad)` of `sum(fn(q, k, v) * ct)`
-  w.r.t. q, k, v. The dropout key is an argument, so XLA cannot fold the mask into a constant."""
-  # pylint: disable=import-outside-toplevel
-  import jax
-  import jax.numpy as jnp
-
-  def loss(q, k, v, ct, rng):
-    return jnp.sum(fn(q, k, v, rng).astype(jnp.float32) * ct)
-
-  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-  keys = jax.random.split(jax.random.key(length), 4)
-  q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim), jnp.dtype(dtype)) for key in keys[:3])
-  ct = jax.random.normal(keys[3], q.shape, jnp.float32)
-  rng = jax.random.key(1)
-  t0 = time.perf_counter()
-  compiled = grad.lower(q, k, v, ct, rng).compile()
-  out: dict[str, Any] = {"compile_s": time.perf_counter() - t0, **_memory_figures(compiled)}
-  if memory_only:
-    return out
-  result = None
-  for _ in range(warmup):
-    result = compiled(q, k, v, ct, rng)
-  jax.block_until_ready(result)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    result = compiled(q, k, v, ct, rng)
-  jax.block_until_ready(result)
-  out["call_ms"] = 1e3 * (time.perf_counter() - t0) / steps
-  return out
-
-
-def core_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Ratios of every record to flash softmax and to dense softmax at its length: speed-up (time ratio, > 1 is
-  faster) and memory ratio."""
-  by = {(r["implementation"], r["length"]): r for r in records}
-  out = []
-  for r in records:
-    row = dict(r)
-    for suffix, base_name in (("", BASELINE), ("_dense", DENSE)):
-      base = by.get((base_name, r["length"]), {})
-      row[f"speedup{suffix}"] = _ratio(base.get("call_ms"), r.get("call_ms"))
-      row[f"memory_ratio{suffix}"] = _ratio(r.get("memory_bytes"), base.get("memory_bytes"))
-    if r.get("visited") is not None:  # flex: time over (fraction of tiles visited x flash softmax's time)
-      flash = by.get((BASELINE, r["length"]), {}).get("call_ms")
-      row["tile_ratio"] = _ratio(r.get("call_ms"), None if flash is None else r["visited"] * flash)
-    out.append(row)
-  return out
-
-
-def core_markdown(table_rows: Sequence[dict[str, Any]], title: str, header: str | None) -> str:
-  fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
-  lines = [f"## {title}", ""] + ([header, ""] if header else [])
-  columns = ["implementation", "length", "fwd+bwd ms", "compiled memory", "speed-up over flash softmax",
-             "over dense softmax", "memory / flash softmax", "memory / dense softmax"]
-  cells = []
-  for r in table_rows:
-    if r.get("status", "ok") != "ok":
-      cells.append({"implementation": r["implementation"], "length": _label(r["length"]),
-                    "fwd+bwd ms": f"{r['status']}: {r.get('error', '')}", **dict.fromkeys(columns[3:], "-")})
-      continue
-    cells.append({"implementation": r["implementation"], "length": _label(r["length"]),
-                  "fwd+bwd ms": fmt(r.get("call_ms"), "{:,.1f}"), "compiled memory": _mib(r["memory_bytes"]),
-                  "speed-up over flash softmax": fmt(r["speedup"], "{:.2f}×"),
-                  "over dense softmax": fmt(r["speedup_dense"], "{:.2f}×"),
-                  "memory / flash softmax": fmt(r["memory_ratio"], "{:.3f}"),
-                  "memory / dense softmax": fmt(r["memory_ratio_dense"], "{:.3f}")})
-  lines.append(tables.markdown(cells, columns, align=dict.fromkeys(columns[1:], "right")))
-  flex = [r for r in table_rows if r.get("visited") is not None]
-  if flex:
-    lines += ["", "| mask | length | tiles visited | fwd+bwd ms | time / (visited x flash softmax time) |",
-              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['implementation'][5:]} | {_label(r['length'])} | {r['visited']:.3f} | "
-              f"{fmt(r.get('call_ms'), '{:,.1f}')} | {fmt(r.get('tile_ratio'), '{:.2f}')} |" for r in flex]
-  lines += ["", "Compiled memory: XLA's plan for `jit(value_and_grad)` of the core (arguments + outputs + temporaries "
-            "- aliases). softmax is flash attention (the default implementation); softmax-dense is implementation="
-            "\"reference\"; `<core>-reference` is that core's dense ground truth.", ""]
-  return "\n".join(lines)
-
-
-def run_core(argv: Sequence[str]) -> str:
-  """`--core`: every implementation of `core_functions` at every length, side by side; writes core.md, core.csv."""
-  if not _OUTPUT_DIR.value:
-    raise ValueError("--output_dir is required: the folder for core.md and core.csv")
-  for name, value, low in (("core_batch", _CORE_BATCH.value, 1), ("core_heads", _CORE_HEADS.value, 1),
-                           ("core_head_dim", _CORE_HEAD_DIM.value, 1), ("steps", _STEPS.value, 1),
-                           ("warmup", _WARMUP.value, 0), ("core_block_size", _CORE_BLOCK_SIZE.value, 1),
-                           ("core_band", _CORE_BAND.value, 1)):
-    if value < low:
-      raise ValueError(f"--{name}={value} must be at least {low}")
-  if not 0.0 <= _CORE_DROPOUT.value < 1.0:
-    raise ValueError(f"--core_dropout={_CORE_DROPOUT.value} must be in [0, 1)")
-  lengths = _parse_lengths(_LENGTHS.value)
-  if _CORE.value == "block_sparse" and any(n % _CORE_BLOCK_SIZE.value for n in lengths):
-    raise ValueError(f"--lengths={','.join(map(str, lengths))} must be multiples of "
-                     f"--core_block_size={_CORE_BLOCK_SIZE.value} for --core=block_sparse")
-  import jax  # pylint: disable=import-outside-toplevel
-  functions = core_functions(_CORE.value, causal=_CORE_CAUSAL.value, dropout_rate=_CORE_DROPOUT.value,
-                             block_size=_CORE_BLOCK_SIZE.value, band=_CORE_BAND.value)
-  dims = dict(batch=_CORE_BATCH.value, heads=_CORE_HEADS.value, head_dim=_CORE_HEAD_DIM.value, dtype=_DTYPE.value,
-              steps=_STEPS.value, warmup=_WARMUP.value, memory_only=_MEMORY_ONLY.value)
-  records = []
-  for length in lengths:
-    for label, fn in functions.items():
-      record: dict[str, Any] = {"implementation": label, "length": length}
-      try:
-        record.update(status="ok", **measure_core(fn, length=length, **dims))
-        if label.startswith("flex-"):
-          t0 = time.perf_counter()
-          record["visited"] = flex_visited(label, length)
-          record["tables_s"] = time.perf_counter() - t0
-      except Exception as e:  # pylint: disable=broad-except  # one failing cell must not end the table
-        record.update(status="error", error=_error_line(e))
-      print(f"{label} @ {length}: {record.get('call_ms', '-')} ms, {_mib(record.get('memory_bytes'))}",
-            file=sys.stderr, flush=True)
-      records.append(record)
-  table_rows = core_rows(records)
-  device = jax.devices()[0]
-  title = (f"{_CORE.value} core, forward + backward, on {device.device_kind} ({device.platform}), {_DTYPE.value}, "
-           f"batch {_CORE_BATCH.value}, {_CORE_HEADS.value} heads, head dim {_CORE_HEAD_DIM.value}, "
-           f"{'causal' if _CORE_CAUSAL.value else 'non-causal'}, attention dropout {_CORE_DROPOUT.value:g}")
-  header = None
-  if _MARKDOWN_HEADER.value:
-    header = header_block(argv, {"platform": device.platform, "device_kind": device.device_kind,
-                                 "num_devices": jax.device_count(), "jax_version": jax.__version__,
-                                 "jaxlib_version": _jaxlib_version()}, {**dims, "core": _CORE.value})
-  text = core_markdown(table_rows, title, header)
-  output_dir = Path(_OUTPUT_DIR.value).expanduser()
-  output_dir.mkdir(parents=True, exist_ok=True)
-  (output_dir / "core.md").write_text(text)
-  write_csv(table_rows, output_dir / "core.csv")
-  return text
 
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -829,12 +540,12 @@ def run(argv: Sequence[str]) -> str:
     bar.update(1)
     summary = cell.status if cell.status != "ok" else (
         f"{cell.figures.get('steps_per_s', math.nan):.3g} steps/s, " if not _MEMORY_ONLY.value else "") + \
-        _mib(cell.figures.get("memory_bytes"))
+        mib(cell.figures.get("memory_bytes"))
     if cell.status in ("error", "timeout", "oom", "skipped"):
       summary += f": {cell.error}"
     message = f"{cell.variant} @ {cell.length}: {summary}"
     if interactive:
-      bar.set_postfix_str(f"{cell.variant} {_label(cell.length)}")
+      bar.set_postfix_str(f"{cell.variant} {length_label(cell.length)}")
       bar.write(message)
     else:
       print(message, file=sys.stderr, flush=True)
@@ -876,8 +587,12 @@ def main(argv: Sequence[str]) -> None:
                memory_only=_MEMORY_ONLY.value, implementation=_IMPLEMENTATION.value,
                attention_dropout_rate=_ATTENTION_DROPOUT.value)
     return
-  if _CORE.value:
-    print(run_core(sys.argv))
+  if _CORE.value:  # the core benchmark (scripts/benchmark_core.py)
+    print(run_core(sys.argv, core=_CORE.value, lengths=_parse_lengths(_LENGTHS.value), output_dir=_OUTPUT_DIR.value,
+                   batch=_CORE_BATCH.value, heads=_CORE_HEADS.value, head_dim=_CORE_HEAD_DIM.value, dtype=_DTYPE.value,
+                   steps=_STEPS.value, warmup=_WARMUP.value, memory_only=_MEMORY_ONLY.value,
+                   causal=_CORE_CAUSAL.value, dropout_rate=_CORE_DROPOUT.value, block_size=_CORE_BLOCK_SIZE.value,
+                   band=_CORE_BAND.value, markdown_header=_MARKDOWN_HEADER.value))
     return
   if _SEQUENCE_PARALLEL.value > 1:  # context parallelism: its own table (scripts/benchmark_sequence.py)
     import benchmark_sequence  # pylint: disable=import-outside-toplevel
