@@ -13,6 +13,9 @@ sequence, softmax's KV cache does).
   # The table from the points finished so far (an interrupted sweep), without training:
   python scripts/recall_vs_state.py --config configs/mqar.py:runlocal,sweep=state_size --workdir runs/mqar_state \
       --table_only
+  # Other variants at the sweep's settings (here: the gated / delta-rule family at width 64 only):
+  python scripts/recall_vs_state.py --config configs/mqar.py:runlocal,sweep=state_size --workdir runs/mqar_state \
+      --variants=retnet,gla,mamba2,deltanet,gated_deltanet --widths=64
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ _CONFIG = common.DEFINE_config_file("config", None, "configs/mqar.py[:arg] with 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the sweep's points and the table.")
 _SPLIT = flags.DEFINE_string("eval_split", "test", "Split evaluated on the best checkpoint after training.")
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Only rebuild the table from the points already finished.")
+_VARIANTS = flags.DEFINE_list("variants", [], "Attention variants to run instead of the sweep's (each at every other "
+                              "setting of the sweep, e.g. its widths): the gated / delta-rule family is "
+                              "retnet,gla,mamba2,deltanet,gated_deltanet.")
+_WIDTHS = flags.DEFINE_list("widths", [], "Keep only the sweep points of these model widths (model.emb_dim).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 COLUMNS = ("attention", "width", "state_bytes", "accuracy", "parameters")
@@ -77,6 +84,21 @@ def collect(root: Path, points: dict, split: str) -> list[dict[str, Any]]:
                  "width": point_config.model.emb_dim, "state_bytes": state_bytes(point_config),
                  "accuracy": result.get(f"{split} accuracy"), "parameters": result.get("parameters")})
   return sorted(rows, key=lambda r: (r["attention"], r["state_bytes"]))
+
+
+def select_points(points_spec: list[dict], variants: Sequence[str], widths: Sequence[int]) -> list[dict]:
+  """The sweep's points with `variants` in place of its attention names (every other setting kept once per
+  variant), restricted to `widths` when given."""
+  if variants:
+    settings = []
+    for point in points_spec:
+      rest = {k: v for k, v in point.items() if k != "model.attention.name"}
+      if rest not in settings:
+        settings.append(rest)
+    points_spec = [{"model.attention.name": name, **rest} for name in variants for rest in settings]
+  if widths:
+    points_spec = [p for p in points_spec if p.get("model.emb_dim") in set(widths)]
+  return points_spec
 
 
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -116,7 +138,7 @@ def main(argv: Sequence[str]) -> None:
   root = Path(_WORKDIR.value)
   root.mkdir(parents=True, exist_ok=True)
   config_arg = flags.FLAGS["config"].config_filename
-  points_spec = sweep.load_sweep(config_arg)
+  points_spec = select_points(sweep.load_sweep(config_arg), _VARIANTS.value, [int(w) for w in _WIDTHS.value])
   if not _TABLE_ONLY.value:
     sweep.run_sweep(_CONFIG.value, points_spec, root, split=_SPLIT.value)
   points = sweep.build_points(_CONFIG.value, points_spec)
