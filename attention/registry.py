@@ -285,11 +285,12 @@ def _raise(name: str, problems: list[Problem]) -> None:
 
 
 def _frozen_key(value: Any) -> Any:
+  """A hashable key that tells apart values Python calls equal (True, 1 and 1.0 are one dict key, not one option)."""
   if isinstance(value, Mapping):
-    return tuple(sorted((k, _frozen_key(v)) for k, v in value.items()))
+    return ("mapping", tuple(sorted((k, _frozen_key(v)) for k, v in value.items())))
   if isinstance(value, (list, tuple)):
-    return tuple(_frozen_key(v) for v in value)
-  return value
+    return (type(value).__name__, tuple(_frozen_key(v) for v in value))
+  return (type(value), value)
 
 
 def resolve(name: str, num_layers: int, user_options: Mapping[str, Any], /, *,

@@ -1,0 +1,89 @@
+"""The one gate for attention options (issue 36): `attention.resolve` checks once and returns frozen specs; the model
+builds from them without checking again; questions a class constant cannot answer are the spec's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+import attention
+from attention import registry
+from lra.models import encoder_from_config
+from lra.training import config_checks
+
+MODEL = dict(emb_dim=16, num_layers=2, num_heads=2, qkv_dim=16, mlp_dim=16, dropout_rate=0.0,
+             attention_dropout_rate=0.0, pos_encoding="learned", pooling="mean")
+
+
+def test_specs_are_frozen_hashable_and_equal_to_their_options():
+  spec, = attention.resolve("local", 1, {"block_size": 4})
+  assert spec == {**{k: v for k, v in attention.options("local").items()
+                     if k not in attention.encoder_owned_options()}, "block_size": 4}
+  assert spec.name == "local" and spec.cls is attention.get_class("local") and hash(spec) == hash(spec)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.name = "softmax"
+  assert spec.record() == {"name": "local", **spec}
+
+
+def test_the_answer_is_computed_once_and_tells_true_from_one():
+  first = attention.resolve("performer", 2, {"num_features": 1})
+  assert attention.resolve("performer", 2, {"num_features": 1}) is first  # memoized: one answer shared
+  with pytest.raises(ValueError, match=r"num_features must be an integer >= 1, got num_features=True"):
+    attention.resolve("performer", 2, {"num_features": True})  # True == 1 in Python, not as an option
+
+
+def test_the_model_builds_from_the_specs_without_resolving_again(monkeypatch):
+  config = ml_collections.ConfigDict({**MODEL, "attention": {"name": "local", "block_size": 4}})
+  encoder = encoder_from_config(config, vocab_size=8, max_length=8)
+  assert all(isinstance(s, attention.AttentionSpec) for s in encoder.attention)
+  assert encoder.attention == config_checks.resolved_layers(  # the same answer as the config check's
+      ml_collections.ConfigDict({"model": {**MODEL, "attention": {"name": "local", "block_size": 4}}}))
+  calls = []
+  monkeypatch.setattr(registry, "_resolve", lambda *a: calls.append(a))  # any resolution would now fail loudly
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  variables = jax.eval_shape(encoder.init, jax.random.key(0), tokens)  # tracing builds every layer
+  jax.eval_shape(encoder.apply, variables, tokens)
+  assert calls == []
+
+
+def test_longformer_causality_is_a_question_of_its_options():
+  with_globals, = attention.resolve("longformer", 1, {})
+  without, = attention.resolve("longformer", 1, {"num_global_blocks": 0})
+  assert not with_globals.can_be_causal and without.can_be_causal
+  with pytest.raises(ValueError, match="cannot be causal .causal=True was given.: global tokens"):
+    with_globals.build(causal=True, num_heads=2)
+  layer = without.build(causal=True, num_heads=2)
+  layer.init(jax.random.key(0), jnp.ones((1, 8, 16)))
+
+
+def test_multiplicative_positions_depend_on_its_form():
+  dot, = attention.resolve("multiplicative", 1, {"form": "dot"})
+  general, = attention.resolve("multiplicative", 1, {"form": "general"})
+  assert "rope" in dot.supported_positions and "rope" not in general.supported_positions
+
+
+def test_model_owned_options_are_checked_when_the_layer_is_built():
+  spec, = attention.resolve("softmax", 1, {})
+  with pytest.raises(ValueError, match=r"dropout_rate must be a number in \[0.0, 1.0\), got dropout_rate=1.5"):
+    spec.build(num_heads=2, dropout_rate=1.5)
+  with pytest.raises(ValueError, match=r"decode=True requires causal=True"):
+    spec.build(num_heads=2, decode=True)
+  with pytest.raises(ValueError, match=r"\['window'\] are not model-owned options"):
+    spec.build(window=3)
+
+
+def test_the_config_check_formats_the_gates_problems():
+  config = ml_collections.ConfigDict({"model": {**MODEL, "attention": {"name": "local", "block_size": 0,
+                                                                       "window": "x", "causal": True,
+                                                                       "nope": 1}}})
+  assert config_checks.config_problems(config) == [
+      "config.model.attention.block_size=0 is out of range for 'local': expected an integer >= 1",
+      "config.model.attention.causal=True: set by the encoder from config.model; remove it from "
+      "config.model.attention",
+      "config.model.attention.nope: unknown option for attention 'local'; valid options: block_size, "
+      "implementation, window",
+      "config.model.attention.window='x' is out of range for 'local': expected an integer >= 1"]
