@@ -19,7 +19,7 @@ attention variant starts from that variant's defaults. A point is finished when 
 checkpoint. Afterwards `<workdir>/results.md` and `results.csv` hold one row per point: its overrides, status,
 validation and test metrics (test: the best checkpoint), parameter count and training steps/s.
 
-Launchers: `local` (default; `--parallel N` runs N points at a time, each in a fresh process of the pool that
+Launchers (scripts/sweep_launchers.py; this file is the runner): `local` (default; `--parallel N` runs N points at a time, each in a fresh process of the pool that
 scripts/benchmark.py also uses (`lra/pool.py`; logs in `<workdir>/logs`), `--timeout=SECONDS` limits each point,
 `--one_device_per_point` pins the processes of slot i to GPU i) and `ray` (`pip install -e '.[ray]'`): each point
 is a Ray task in a fresh worker process calling `lra.training.train_and_evaluate`, with the resources of `--ray_resources` / `--ray_num_gpus`; one progress
@@ -32,10 +32,8 @@ import inspect
 import itertools
 import json
 import logging
-import os
 import re
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,9 +46,12 @@ from absl import flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lra import cli  # noqa: E402  (after the path set-up)
-from lra import pool  # noqa: E402
 from lra import tables  # noqa: E402
 from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+_SCRIPTS = str(Path(__file__).resolve().parent)
+if _SCRIPTS not in sys.path:  # the launchers beside this file (also when loaded by path in tests)
+  sys.path.insert(0, _SCRIPTS)
+from sweep_launchers import PointFailed, last_error_line, launch_local, launch_ray, ray_options  # noqa: E402,F401
 
 _CONFIG = common.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder holding one workdir per sweep point and the results table.")
@@ -259,183 +260,6 @@ def run_point(config: ml_collections.ConfigDict, overrides: dict[str, Any], work
   return row
 
 
-def last_error_line(error: BaseException) -> str:
-  if isinstance(error, PointFailed):
-    return str(error)
-  cause = getattr(error, "cause", None) or error  # a RayTaskError carries the point's own exception
-  text = f"{type(cause).__name__}: {cause}".strip()
-  lines = [line for line in text.splitlines() if line.strip()]
-  return lines[-1] if lines else type(cause).__name__
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Launchers: each returns {name: row dict or exception}.
-
-
-class PointFailed(Exception):
-  """A point that failed in its own process: the message is its error line (or its timeout)."""
-
-
-def _launch_local(todo: Mapping[str, tuple], split: str, parallel: int, one_device_per_point: bool,
-                  timeout: float | None = None) -> dict:
-  results: dict[str, Any] = {}
-  if parallel == 1 and timeout is None:
-    for name, (overrides, root) in todo.items():
-      try:
-        results[name] = run_point(_CONFIG_CACHE["base"], overrides, str(root / name), split)
-      except Exception as e:  # pylint: disable=broad-except  (the other points still run)
-        logging.exception("sweep point %s failed", name)
-        results[name] = e
-    return results
-  # Each point in a fresh process of lra.pool (no JAX state shared between points), with its log under
-  # <root>/logs and, with `timeout`, a time limit.
-  sweep_root = next(iter(todo.values()))[1]
-  jobs = [pool.python_job(name, run_point, [(_CONFIG_CACHE["base"], overrides, str(root / name), split)],
-                          work_dir=sweep_root / "logs" / "calls")
-          for name, (overrides, root) in todo.items()]
-  slot_env = (lambda i: {"CUDA_VISIBLE_DEVICES": str(i)}) if one_device_per_point else None
-
-  def on_outcome(outcome: pool.Outcome) -> None:
-    if outcome.status == "ok":
-      results[outcome.job] = {k: v for k, v in outcome.record.items() if k != "status"}
-      logging.info("sweep point %s: done", outcome.job)
-    else:
-      message = outcome.error if outcome.status == "error" else f"{outcome.status}: {outcome.error}"
-      results[outcome.job] = PointFailed(message)
-      logging.error("sweep point %s failed: %s (log: %s)", outcome.job, message, outcome.log)
-
-  pool.run(jobs, log_dir=sweep_root / "logs", timeout=timeout, parallel=parallel, slot_env=slot_env,
-           on_outcome=on_outcome)
-  return results
-
-
-# The base config of the running sweep (set by run_sweep; launchers read it).
-_CONFIG_CACHE: dict[str, ml_collections.ConfigDict] = {}
-
-
-def ray_options(resources: str | Mapping[str, float] | None, num_gpus: float | None) -> dict[str, Any]:
-  """Ray task options from `--ray_resources` (JSON) and `--ray_num_gpus`; bad JSON -> ValueError."""
-  if isinstance(resources, str):
-    try:
-      resources = json.loads(resources)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"--ray_resources={resources!r} is not JSON ({e}); e.g. '{{\"GPU\": 1}}'") from None
-  resources = dict(resources or {})
-  if not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values()):
-    raise ValueError(f"--ray_resources={resources!r}: values must be non-negative numbers")
-  options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 1)}
-  if "GPU" in resources or num_gpus:
-    options["num_gpus"] = num_gpus if num_gpus is not None else resources.pop("GPU")
-  resources.pop("GPU", None)
-  if resources:
-    options["resources"] = resources
-  return options
-
-
-def _ray_point(config, overrides, workdir, split, name, queue) -> dict:
-  """A Ray task: `run_point`, reporting its training step to `queue` from a thread that follows metrics.jsonl."""
-  done = threading.Event()
-  metrics = Path(workdir) / "metrics.jsonl"
-
-  def report():
-    last = None
-    while not done.wait(1.0):
-      try:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        step = max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
-      except (OSError, ValueError):
-        continue
-      if step != last:
-        queue.put_nowait((name, step))
-        last = step
-
-  queue.put_nowait((name, "started"))
-  thread = threading.Thread(target=report, daemon=True)
-  thread.start()
-  try:
-    return run_point(config, overrides, workdir, split)
-  finally:
-    done.set()
-    thread.join()
-
-
-def _launch_ray(todo: Mapping[str, tuple], split: str, address: str | None, options: Mapping[str, Any],
-                num_cpus: int | None = None) -> dict:
-  try:
-    import ray  # pylint: disable=g-import-not-at-top
-    from ray.util.queue import Queue  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ValueError("--launcher=ray needs Ray: pip install -e '.[ray]' (or pip install ray)") from None
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  if __name__ != "__main__":
-    # Imported (tests, other scripts): ship this module's functions by value; workers import only the installed
-    # packages (configs, lra), which every node must have.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-  started_here = not ray.is_initialized()
-  if started_here:
-    # Plugin modules (ATTENTION_PLUGINS, TASK_PLUGINS) are named to every worker, on a cluster too (each node must be
-    # able to import them); `attention` and `lra.tasks` import them in the worker.
-    plugins = {k: os.environ[k] for k in ("ATTENTION_PLUGINS", "TASK_PLUGINS") if os.environ.get(k)}
-    if address:
-      ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": plugins} if plugins else None)
-    else:
-      # A local instance; its workers see this process's environment (JAX_PLATFORMS, XLA_FLAGS, ...).
-      env = {**{k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_", "CUDA_", "TPU_"))}, **plugins}
-      ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-               runtime_env={"env_vars": env} if env else None)
-  results: dict[str, Any] = {}
-  try:
-    queue = Queue(actor_options={"num_cpus": 0})
-    # max_calls=1: every point gets a fresh worker process, so JAX sees the devices Ray assigned to this task and
-    # frees their memory when the point ends.
-    task = ray.remote(max_calls=1)(_ray_point).options(**options)
-    refs = {task.remote(_CONFIG_CACHE["base"], overrides, str(root / name), split, name, queue): name
-            for name, (overrides, root) in todo.items()}
-    num_steps = {name: common.apply_overrides(_CONFIG_CACHE["base"], overrides).train.num_steps
-                 for name, (overrides, _) in todo.items()}
-    steps = dict.fromkeys(todo, 0)
-    running: set[str] = set()
-    # One bar over every point's steps on a terminal; elsewhere (logs, CI) only the per-point lines.
-    bar = tqdm(total=sum(num_steps.values()), desc="sweep", unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
-    pending = list(refs)
-    shown = [None]
-
-    def drain():
-      while not queue.empty():
-        name, event = queue.get_nowait()
-        if event == "started":
-          running.add(name)
-        else:
-          steps[name] = min(int(event), num_steps[name])
-      failed = sum(isinstance(r, Exception) for r in results.values())
-      state = (sum(steps.values()), f"running: {','.join(sorted(running)) or '-'} | done {len(results) - failed} "
-                                    f"| failed {failed}")
-      if state != shown[0]:
-        bar.n, shown[0] = state[0], state
-        bar.set_postfix_str(state[1], refresh=True)
-
-    while pending:
-      ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-      for ref in ready:
-        name = refs[ref]
-        running.discard(name)
-        try:
-          results[name] = ray.get(ref)
-          steps[name] = num_steps[name]
-          bar.write(f"{name}: done ({len(results)}/{len(refs)})")
-        except Exception as e:  # pylint: disable=broad-except  (report, keep the others running)
-          results[name] = e
-          bar.write(f"{name}: FAILED: {last_error_line(e)} ({len(results)}/{len(refs)})")
-      drain()
-    bar.close()
-  finally:
-    if started_here:
-      ray.shutdown()
-  return results
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The sweep and its table.
 
@@ -482,13 +306,12 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[Mapping[str, An
   if dry_run:
     return outcome
   root.mkdir(parents=True, exist_ok=True)
-  _CONFIG_CACHE["base"] = config
   if not todo:
     results = {}
-  elif launcher == "ray":
-    results = _launch_ray(todo, split, ray_address, options, ray_num_cpus)
+  elif launcher == "ray":  # scripts/sweep_launchers.py
+    results = launch_ray(run_point, config, todo, split, ray_address, options, ray_num_cpus)
   else:
-    results = _launch_local(todo, split, parallel, one_device_per_point, timeout)
+    results = launch_local(run_point, config, todo, split, parallel, one_device_per_point, timeout)
   rows = []
   keys = list(dict.fromkeys(k for overrides, _ in points.values() for k in overrides))
   for name, (overrides, _) in points.items():
