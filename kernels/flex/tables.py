@@ -347,6 +347,9 @@ def heads_per_program(heads: int, kv_heads: int, table_heads: int) -> int:
   return heads // kv_heads if table_heads <= kv_heads else 1
 
 
+# Scalar-prefetched tables per kernel call. Not measured on hardware (no TPU here): a guard so an oversized table set
+# is named instead of failing to compile; large sequences want larger tiles or bounded traced lists.
+TPU_SMEM_TABLE_BYTES = 1024 * 1024
 GPU_SMEM_BYTES = 220 * 1024  # of the 227 KiB a Hopper block may use, some left for barriers and statistics
 
 
@@ -378,6 +381,13 @@ def check_supported(q_shape, k_shape, dtype, bm: BlockMask, backend: Backend) ->
   for name, value in (("kv_block", bkv), ("head_dim", d)):
     if value > TPU_LANES and value % TPU_LANES:
       return f"{name}={value} must be at most {TPU_LANES} or a multiple of it on TPU (lane tiling)"
+  for name, tables in (("forward/dQ", (bm.kv_num_full, bm.kv_full_idx, bm.kv_num_partial, bm.kv_partial_idx)),
+                       ("dK/dV", (bm.q_num_full, bm.q_full_idx, bm.q_num_partial, bm.q_partial_idx))):
+    size = 4 * sum(int(np.prod(np.shape(x))) for x in tables)
+    if size > TPU_SMEM_TABLE_BYTES:
+      return (f"the {name} tile tables take {size // 1024} KiB of scalar memory (at most "
+              f"{TPU_SMEM_TABLE_BYTES // 1024} KiB are prefetched per kernel): use larger tiles or bound the lists "
+              f"(kv_width / q_width of the traced builders)")
   gp = heads_per_program(q_shape[2], k_shape[2], bm.heads)
   if gp > 1 and bq & (bq - 1):
     return f"q_block={bq} must be a power of two when {gp} query heads share a program (rows split by a shift)"
@@ -391,6 +401,6 @@ def table_widths(st: FlexStatic, tables) -> tuple[int, int, int, int]:
   return (tables[1].size // rows_q, tables[3].size // rows_q, tables[5].size // rows_k, tables[7].size // rows_k)
 
 
-__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "block_mask_from_indices", "gpu_reason",
+__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "TPU_SMEM_TABLE_BYTES", "block_mask_from_indices", "gpu_reason",
            "check_supported", "classify", "create_block_mask", "create_block_mask_traced", "heads_per_program",
            "mask_broadcast_dims", "table_widths", "tile_sizes"]
