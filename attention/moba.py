@@ -12,9 +12,11 @@ pooled keys and pooled values of all blocks (causal: a pooled block once its las
 with the fine (selected) output.
 
 The paper's defaults: block_size=512, top_k=3 at 8K (its ablations; 4096 / 12 at 1M), per head, no shared
-selection. They are this layer's defaults; scale `block_size` to shorter sequences by options. Decoding keeps every
+selection. They are this layer's defaults (`top_k=None`: 3, or every block of a shorter sequence); scale `block_size` to shorter sequences by options. Decoding keeps every
 key and value and selects per step (a past block's pooled key is final once the block is; the own block is always
-in), so stepping equals the parallel causal output.
+in), so stepping equals the parallel causal output. The selected blocks run through `kernels.flex` with traced tile
+lists (`implementation="flex"`, see attention/nsa.py), or gathered per token ("xla"), or as dense token masks
+("reference").
 """
 
 from __future__ import annotations
@@ -49,25 +51,28 @@ def gate_scores(q_BxLxHxD: jax.Array, kmean_BxNxHxD: jax.Array, q_pos_L: jax.Arr
   return jnp.where(allowed[:, :, None], scores, -jnp.inf)
 
 
+PAPER_TOP_K = 3
+
+
 @register("moba")
 class MixtureOfBlockAttention(AttentionLayer):
-  """Attributes: block_size (512), top_k (3, own block included), coarse (VSA's pooled attention added),
+  """Attributes: block_size (512), top_k (None = 3, or every block of a shorter sequence; own block included), coarse (VSA's pooled attention added),
   query_chunk (queries per chunk of the gathered XLA form), implementation ("xla" | "reference": dense token
   masks of the same selection)."""
 
   block_size: int = 512
-  top_k: int = 3
+  top_k: int | None = None
   coarse: bool = False
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
   implementation: str = "flex"
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="moba implementation"),
-                   "block_size": Integer(1), "top_k": Integer(1), "query_chunk": Integer(1)}
+                   "block_size": Integer(1), "top_k": Integer(1, allow_none=True), "query_chunk": Integer(1)}
 
   supports_decode = True
 
   def _check(self, padded: int) -> None:
     blocks = padded // self.block_size
-    if self.top_k > blocks:
+    if self.top_k is not None and self.top_k > blocks:
       raise ValueError(f"moba: top_k={self.top_k} is larger than the {blocks} blocks of block_size="
                        f"{self.block_size} in a sequence of {padded}; use top_k <= {blocks}")
 
@@ -79,7 +84,7 @@ class MixtureOfBlockAttention(AttentionLayer):
     first_real = core.first_real_position(real_BxS, b, s, self.block_size)
     q_pos = q_offset + jnp.arange(l)
     idx = core.top_blocks(gate_scores(q, kmean, q_pos, first_real, block_size=self.block_size, causal=causal,
-                                      num_keys=s), self.top_k)
+                                      num_keys=s), self.top_k or min(PAPER_TOP_K, s // self.block_size))
     self.sow("intermediates", "block_idx", idx)
     rate = self.dropout_rate if seed is not None else 0.0
     out = core.selected_attention(q, k, v, idx, block_size=self.block_size, causal=causal, key_mask_BxS=real_BxS,

@@ -16,8 +16,10 @@ Selection is integer top-k inside the step, not differentiated (as in the paper)
 through the compressed branch and the gates.
 
 The paper's defaults: l=32, d=16, l'=64, n=16 (including 1 initial and 2 local blocks), w=512, GQA with 4 groups
-(64 query heads in their 27B model), at 64K tokens. They are this layer's defaults too; scale them to shorter
-sequences by options (e.g. at 1K-4K: `select_block=32, num_selected=8, window=128`). `use_compressed`,
+(64 query heads in their 27B model), at 64K tokens. They are this layer's defaults too (`num_selected=None`: 16, or
+every block when the sequence has fewer); scale them to shorter sequences by options (e.g. at 1K-4K:
+`select_block=32, num_selected=8, window=128`; at 128 tokens: `compress_block=8, compress_stride=4,
+select_block=16, num_selected=4, window=32`). `use_compressed`,
 `use_selected`, `use_window` switch branches off for the paper's ablations (the compressed scores are still computed
 when only selection uses them).
 
@@ -26,9 +28,13 @@ query's own and the ones before it). Decoding keeps every key and value (the sel
 compressed tokens (one appended every d steps once a block of l is complete) and selects per step; stepping equals the
 parallel causal output.
 
-Implementation: the gathered XLA cores of `attention/adaptive_sparse.py` (each chunk of queries gathers only the
-blocks its tokens selected, forward and backward). Flex kernels with traced tile lists (kernels/flex) are the
-intended next form of the selected branch; see the module there.
+Implementation (`attention/adaptive_sparse.py`): the selected branch runs through `kernels.flex` with traced tile
+lists (`implementation="flex"`, the default: per query tile, the key blocks any of its tokens selected, the transposed
+lists for the backward built in the graph, each token's own selection applied inside the visited tiles; unselected
+tiles are never touched, forward or backward); the compressed and window branches are chunked XLA forms.
+`"xla"` gathers each token's blocks instead; `"reference"` builds the same selection as dense token masks (the tests'
+ground truth). flex's Pallas kernels take pure index functions only, so this per-token selection runs in flex's XLA
+form on every platform (the kernels would need the selection per query tile).
 """
 
 from __future__ import annotations
@@ -127,10 +133,13 @@ def nsa_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, kc_BxNxGxD, vc_BxNxGxD, valid
   return out, block_idx
 
 
+PAPER_NUM_SELECTED = 16
+
+
 @register("nsa")
 class NativeSparseAttention(AttentionLayer):
   """Attributes (paper defaults; see the module docstring): compress_block (l=32), compress_stride (d=16),
-  select_block (l'=64), num_selected (n=16), num_local_blocks (2), window (w=512), num_kv_heads (None = num_heads;
+  select_block (l'=64), num_selected (n; None = 16, or every block of a shorter sequence), num_local_blocks (2), window (w=512), num_kv_heads (None = num_heads;
   a divisor of num_heads), use_compressed / use_selected / use_window (ablations), query_chunk (queries per chunk
   of the gathered XLA form: memory, not values), implementation ("xla": the gathered form; "reference": the same
   selection as dense token masks, the tests' ground truth)."""
@@ -138,7 +147,7 @@ class NativeSparseAttention(AttentionLayer):
   compress_block: int = 32
   compress_stride: int = 16
   select_block: int = 64
-  num_selected: int = 16
+  num_selected: int | None = None
   num_local_blocks: int = 2
   window: int = 512
   num_kv_heads: int | None = None
@@ -149,7 +158,7 @@ class NativeSparseAttention(AttentionLayer):
   implementation: str = "flex"
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="nsa implementation"),
                    "compress_block": Integer(1), "compress_stride": Integer(1), "select_block": Integer(1),
-                   "num_selected": Integer(1), "num_local_blocks": Integer(0), "window": Integer(1),
+                   "num_selected": Integer(1, allow_none=True), "num_local_blocks": Integer(0), "window": Integer(1),
                    "num_kv_heads": Integer(1, allow_none=True), "query_chunk": Integer(1)}
 
   supports_decode = True
@@ -167,16 +176,22 @@ class NativeSparseAttention(AttentionLayer):
       raise ValueError(f"{name}: window={self.window} is shorter than a block (select_block={ls}); use window >= "
                        f"{ls}")
     blocks = -(-length // ls)
-    if self.num_selected > blocks:
+    if self.num_selected is None:
+      pass  # the paper's 16, or every block of a shorter sequence
+    elif self.num_selected > blocks:
       raise ValueError(f"{name}: num_selected={self.num_selected} is larger than the {blocks} blocks of "
                        f"select_block={ls} in a sequence of {length}; use num_selected <= {blocks}")
-    if self.num_selected < 1 + self.num_local_blocks:
+    elif self.num_selected < 1 + self.num_local_blocks:
       raise ValueError(f"{name}: num_selected={self.num_selected} cannot hold the first block and "
                        f"num_local_blocks={self.num_local_blocks}; use num_selected >= {1 + self.num_local_blocks}")
     if not (self.use_compressed or self.use_selected or self.use_window):
       raise ValueError(f"{name}: every branch is switched off (use_compressed, use_selected, use_window); keep one")
     if self.num_heads % self.kv_heads:
       raise ValueError(f"{name}: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+
+  def selected_count(self, blocks: int) -> int:
+    """n: the option, or (None) the paper's 16 capped at the sequence's blocks."""
+    return self.num_selected if self.num_selected is not None else min(PAPER_NUM_SELECTED, blocks)
 
   @property
   def kv_heads(self) -> int:
@@ -200,7 +215,8 @@ class NativeSparseAttention(AttentionLayer):
     """The three branches on (possibly cached) keys: float32 `[B, L, H, D]`."""
     out, block_idx = nsa_attention(
         q, k, v, kc, vc, valid_c, real_BxS, gates_BxLxHx3, compress_block=self.compress_block,
-        compress_stride=self.compress_stride, select_block=self.select_block, num_selected=self.num_selected,
+        compress_stride=self.compress_stride, select_block=self.select_block,
+        num_selected=self.selected_count(k.shape[1] // self.select_block),
         num_local_blocks=self.num_local_blocks, window=self.window, use_compressed=self.use_compressed,
         use_selected=self.use_selected, use_window=self.use_window, causal=causal, q_offset=q_offset,
         dropout_rate=self.dropout_rate if seed is not None else 0.0, dropout_rng=seed,
