@@ -332,3 +332,20 @@ def test_any_config_takes_flex_and_its_function_options_from_the_command_line(mo
   with pytest.raises(ValueError, match=r"window=0.*integer >= 1"):  # the one gate, with the mask's declared range
     config_checks.check_config(parse("--config=configs/lra/listops.py:runlocal", "--config.model.attention.name=flex",
                                      "--config.model.attention.window=0"))
+
+
+def test_rope_decoding_equals_the_parallel_output():
+  """RoPE rotates queries and keys at their positions before the cache; a decode row sits at its true position."""
+  opts = dict(mask="sliding_window", window=3, positions="rope", num_heads=H, block_size=4, implementation="reference")
+  parallel, decoder = attention.build("flex", causal=True, **opts), attention.build("flex", causal=True, decode=True,
+                                                                                   **opts)
+  params = parallel.init(jax.random.key(0), X)["params"]
+  expected = parallel.apply({"params": params}, X)
+  cache = decoder.apply({"params": params}, X, mutable=["cache"])[1]["cache"]
+  step = jax.jit(lambda c, x: decoder.apply({"params": params, "cache": c}, x, mutable=["cache"]))
+  outs = []
+  for t in range(L):
+    y, mutated = step(cache, X[:, t:t + 1])
+    cache = mutated["cache"]
+    outs.append(y)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), expected, atol=2e-5, rtol=1e-5)
