@@ -47,8 +47,9 @@ class DeltaNet(GatedRecurrentLayer):
     h, d = self.num_heads, self.head_dim(x)
     q, k, v = self.project_qkv(x)
     if self.conv_size:
-      conv = lambda t, name: ShortConv(self.conv_size, decode=self.decode, dtype=self.compute_dtype, name=name)(  # noqa: E731
-          t.reshape(*t.shape[:2], h * d), mask).reshape(t.shape)
+      def conv(t, name):
+        return ShortConv(self.conv_size, decode=self.decode, dtype=self.compute_dtype, name=name)(
+            t.reshape(*t.shape[:2], h * d), mask).reshape(t.shape)
       q, k, v = conv(q, "q_conv"), conv(k, "k_conv"), conv(v, "v_conv")
     q = (l2_normalize(q) * d ** -0.5).astype(v.dtype)
     k = l2_normalize(k).astype(v.dtype)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels import sequence
+from kernels.gated_linear.xla import record_form
 from kernels.delta_rule.xla import DEFAULT_CHUNK
 
 
@@ -41,6 +42,8 @@ def delta_rule_sequence_parallel(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_B
     widths = lambda x: ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)  # noqa: E731
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, beta_BxLxH, log_decay_BxLxH = (
         jnp.pad(x, widths(x)) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, beta_BxLxH, log_decay_BxLxH))
+  record_form("delta_rule_attention", "per-shard affine maps S -> P S + Z all-gathered and composed "
+                                      "(kernels/delta_rule/sequence_parallel.py)")
   axis, f32 = ctx.axis, jnp.float32
 
   def body(q, k, v, beta, g):

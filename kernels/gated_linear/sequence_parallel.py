@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels import sequence
-from kernels.gated_linear.xla import DEFAULT_CHUNK
+from kernels.gated_linear.xla import DEFAULT_CHUNK, record_form
 
 
 def gated_linear_sequence_parallel(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.Array,
@@ -36,6 +36,8 @@ def gated_linear_sequence_parallel(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v
     widths = lambda x: ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)  # noqa: E731
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, log_decay = (jnp.pad(x, widths(x)) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxV,
                                                                                   log_decay))
+  record_form("gated_linear_attention", "per-shard states all-gathered, decayed prefixes "
+                                        "(kernels/gated_linear/sequence_parallel.py)")
   axis, f32 = ctx.axis, jnp.float32
   per_key = log_decay.ndim == 4
 

@@ -23,6 +23,17 @@ from kernels.gated_linear.reference import state_dtype
 DEFAULT_CHUNK = 64
 
 
+def record_form(op: str, detail: str) -> None:
+  """Says that `op` runs the "state" sequence-parallel form: `kernels.sequence.ran` (recorded for the caller, or
+  logged once) where the tree has that recorder, else one log line."""
+  from kernels import sequence  # pylint: disable=import-outside-toplevel
+  ran = getattr(sequence, "ran", None)
+  if ran is not None:
+    ran(op, "state", detail)
+  else:
+    sequence.log_once(op, f"state passing: {detail}")
+
+
 def pad_to_chunks(x: jax.Array, chunk: int, mode: str = "constant") -> jax.Array:
   """`[B, L, ...]` padded along L to a multiple of `chunk` (zeros, or the edge value for segment ids)."""
   pad = -x.shape[1] % chunk
@@ -114,4 +125,4 @@ def gated_linear_xla(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.
 
 
 __all__ = ["DEFAULT_CHUNK", "chunk_masks", "decay_matrix", "from_chunks", "gated_linear_xla", "pad_to_chunks",
-           "segment_chunks", "to_chunks"]
+           "record_form", "segment_chunks", "to_chunks"]
