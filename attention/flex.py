@@ -33,10 +33,9 @@ import jax.numpy as jnp
 from attention import flex_mods
 from attention import positions
 from attention import registry
-from attention.base import AttentionLayer, default_kernel_init
+from attention.base import REGISTERED_AS, AttentionLayer, default_kernel_init
 from attention.ranges import Integer, OneOf, Range
 from kernels import sequence as sequence_lib
-
 from kernels.flex import IMPLEMENTATIONS, flex_attention
 
 
@@ -252,6 +251,7 @@ def _add_option_fields(spec: flex_mods.ModSpec) -> None:
                                            **{k: o.default for k, o in new.items()},
                                            "__module__": cls.__module__, "__doc__": cls.__doc__})
     registry._REGISTRY["flex"] = extended  # pylint: disable=protected-access  (the same variant, more fields)
+    setattr(extended, REGISTERED_AS, "flex")
     cls = extended
   _declare_ranges(cls)
 

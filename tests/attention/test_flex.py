@@ -295,6 +295,8 @@ def test_a_users_mask_with_its_own_option_is_selectable_by_name():
     return lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % test_period == 0
 
   assert "test_stripes" in flex_mods.names("mask") and attention.options("flex")["test_period"] == 3
+  from attention.base import registered_name  # pylint: disable=import-outside-toplevel
+  assert registered_name(attention.get_class("flex")) == "flex"  # the layer with the new field is still "flex"
   with pytest.raises(ValueError, match="test_period must be >= 1, got test_period=0"):
     attention.build("flex", mask="test_stripes", test_period=0)
   layer = attention.build("flex", mask="test_stripes", test_period=4, num_heads=H, block_size=4,
