@@ -9,7 +9,7 @@ a window mask its band. A step gathers the item's query tile `[B, Hkv, G, bq, D]
 head together: each key/value tile is gathered once per group) and its key/value tiles `[B, Hkv, C, bkv, D]`, scores
 them in one `G·bq x C·bkv` matmul per head, applies `score_mod`, masks (partial lists only: `mask_mod` on the tiles'
 index arrays; full lists do no mask work beyond key padding), and updates that query tile's running (max, sum,
-weighted values) in place. `C` (`_chunk`) trades the padding of each row's last item against the per-step cost,
+weighted values) in place. `C` (`_chunks`, per list) trades the padding of each row's last item against the per-step cost,
 from the concrete tables (`_STEP_KEYS` keys per step at most). Empty tiles are never touched.
 The backward walks the same items: `P = exp(S - lse)`, the dropout mask regenerated from the seed,
 `dS = P ∘ (dP - rowsum(dO ∘ O))` pulled back through `score_mod` (its vjp on the tile, which also gives the gradient
@@ -50,9 +50,9 @@ class _Spec:
   kv_len: int
   scale: float
   rate: float
-  chunk: int  # C: key tiles per step
+  chunks: tuple  # C of the full and of the partial list: key tiles per step
   mask_mod: object
-  score_mod: object  # closure-converted: score_mod(s, b, h, q, kv, *params)
+  score_mods: tuple  # per list, closure-converted at its step's shapes: score_mod(s, b, h, q, kv, *params)
   has_key_mask: bool
 
 
@@ -89,10 +89,10 @@ class _Step:
   Shapes: queries `[B, Hx, G, bq, D]`, keys `[B, Hx, C, bkv, D]`, scores `[B, Hx, G, bq, C, bkv]` (one matmul of
   G·bq x C·bkv per batch row and head)."""
 
-  def __init__(self, spec: _Spec, s, items, kmask, seed):
-    self.spec, self.seed = spec, seed
+  def __init__(self, spec: _Spec, s, items, kmask, seed, chunk: int, score_mod):
+    self.spec, self.seed, self.score_mod = spec, seed, score_mod
     item_q, item_off, num, idx = items
-    b, hx, c = spec.batch, spec.kv_heads, spec.chunk
+    b, hx, c = spec.batch, spec.kv_heads, chunk
     bt = jnp.arange(item_q.shape[0])[:, None]
     ht = jnp.arange(item_q.shape[1])[None, :]
     qt = item_q[:, :, s]  # [B', Hx']
@@ -127,9 +127,9 @@ class _Step:
     return jnp.einsum("bxgqd,bxckd->bxgqck", q_t, k_t, preferred_element_type=F32) * self.spec.scale
 
   def modded(self, s, params):
-    if self.spec.score_mod is None:
+    if self.score_mod is None:
       return s
-    return jnp.asarray(self.spec.score_mod(s, self.b, self.h, self.q_idx, self.kv_idx, *params), F32)
+    return jnp.asarray(self.score_mod(s, self.b, self.h, self.q_idx, self.kv_idx, *params), F32)
 
   def keep(self):
     if not self.spec.rate:
@@ -177,12 +177,13 @@ def _key_tiles(spec: _Spec, key_mask):
 
 
 def _lists(spec: _Spec, tables):
-  """[(items, steps, partial)] for the full and the partial lists."""
+  """[(items, steps, partial, chunk, score_mod)] for the full and the partial lists."""
   kv_num_full, kv_full_idx, kv_num_partial, kv_partial_idx = (_rows(spec, jnp.asarray(x, jnp.int32)) for x in tables)
   out = []
-  for num, idx, partial in ((kv_num_full, kv_full_idx, False), (kv_num_partial, kv_partial_idx, True)):
-    item_q, item_off, steps = _items(num, idx, spec.q_tiles, spec.chunk)
-    out.append(((item_q, item_off, num, idx), steps, partial))
+  lists = ((kv_num_full, kv_full_idx, False), (kv_num_partial, kv_partial_idx, True))
+  for (num, idx, partial), chunk, score_mod in zip(lists, spec.chunks, spec.score_mods):
+    item_q, item_off, steps = _items(num, idx, spec.q_tiles, chunk)
+    out.append(((item_q, item_off, num, idx), steps, partial, chunk, score_mod))
   return out
 
 
@@ -192,10 +193,10 @@ def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params):
   stat_shape = qb.shape[:-1]  # [B, Hx, Tq + 1, G, bq]
   carry = (jnp.full(stat_shape, MASK_VALUE, F32), jnp.zeros(stat_shape, F32),
            jnp.zeros(stat_shape + vb.shape[-1:], F32))
-  for items, steps, partial in _lists(spec, tables):
-    def body(s, carry, items=items, partial=partial):
+  for items, steps, partial, chunk, score_mod in _lists(spec, tables):
+    def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod):
       m, l, acc = carry
-      st = _Step(spec, s, items, kmask, seed)
+      st = _Step(spec, s, items, kmask, seed, chunk, score_mod)
       q_t, k_t, v_t = qb[st.at_q], kb[st.at_k], vb[st.at_k]
       sc = st.modded(st.raw_scores(q_t, k_t), params)
       allowed = st.allowed(partial)
@@ -228,10 +229,10 @@ def _backward(spec: _Spec, tables, res, do):
   kmask = _key_tiles(spec, key_mask)
   carry = (jnp.zeros(qb.shape, F32), jnp.zeros(kb.shape, F32), jnp.zeros(vb.shape, F32),
            tuple(jnp.zeros(jnp.shape(p), F32) for p in params))
-  for items, steps, partial in _lists(spec, tables):
-    def body(s, carry, items=items, partial=partial):
+  for items, steps, partial, chunk, score_mod in _lists(spec, tables):
+    def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod):
       dq, dk, dv, dparams = carry
-      st = _Step(spec, s, items, kmask, seed)
+      st = _Step(spec, s, items, kmask, seed, chunk, score_mod)
       q_t, do_t, k_t, v_t = qb[st.at_q], dob[st.at_q], kb[st.at_k], vb[st.at_k]
       raw = st.raw_scores(q_t, k_t)
       sc, pull = jax.vjp(st.modded, raw, params)
@@ -278,20 +279,19 @@ def _attention(spec: _Spec, tables, q, k, v, key_mask, seed, params):
 _STEP_COST = 1.0
 
 
-def _chunk(bm: BlockMask, most: int) -> int:
-  """Key tiles per step: with concrete tables, the C <= `most` minimizing the steps' cost over the longest row
-  (each row's list padded to whole items of C tiles, plus `_STEP_COST` per step); traced tables: `most` (or the
-  widest list when narrower)."""
-  nums = (bm.kv_num_full, bm.kv_num_partial)
-  widest = max(bm.kv_full_idx.shape[-1], bm.kv_partial_idx.shape[-1])
-  if any(isinstance(n, jax.core.Tracer) for n in nums):
-    return max(1, min(most, widest))
-  counts = [np.asarray(n).reshape(-1, np.shape(n)[-1]) for n in nums]  # [rows, Tq]
-
-  def cost(c):
-    return max(sum((-(-n // c) * (c + _STEP_COST)).sum(-1) for n in counts))
-
-  return min(range(1, max(1, min(most, widest)) + 1), key=cost)
+def _chunks(bm: BlockMask, most: int) -> tuple[int, int]:
+  """Key tiles per step of the full and of the partial list: with concrete tables, the C <= `most` minimizing the
+  steps' cost over the longest row (each row's list padded to whole items of C tiles, plus `_STEP_COST` per step);
+  traced tables: `most` (or the list's width when narrower)."""
+  out = []
+  for num, idx in ((bm.kv_num_full, bm.kv_full_idx), (bm.kv_num_partial, bm.kv_partial_idx)):
+    top = max(1, min(most, idx.shape[-1]))
+    if isinstance(num, jax.core.Tracer):
+      out.append(top)
+      continue
+    counts = np.asarray(num).reshape(-1, np.shape(num)[-1])  # [rows, Tq]
+    out.append(min(range(1, top + 1), key=lambda c: (-(-counts // c) * (c + _STEP_COST)).sum(-1).max()))
+  return out[0], out[1]
 
 
 def explicit_score_mod(score_mod, example_args):
@@ -319,20 +319,29 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
     hkv = h
   bq, bkv = block_mask.q_block, block_mask.kv_block
   group = h // hkv
-  chunk = _chunk(block_mask, max(1, _STEP_KEYS // bkv))
+  chunks = _chunks(block_mask, max(1, _STEP_KEYS // bkv))
   rate = float(dropout_rate) if dropout_seed is not None and dropout_rate > 0.0 else 0.0
   seed = jnp.asarray(dropout_seed, jnp.int32) if rate else None
   spec = _Spec(batch=b, heads=h, kv_heads=hkv, group=group, q_tiles=block_mask.num_q_tiles,
                kv_tiles=block_mask.num_kv_tiles, q_block=bq, kv_block=bkv, q_len=q_len, kv_len=kv_len,
-               scale=float(d ** -0.5 if scale is None else scale), rate=rate, chunk=chunk, mask_mod=mask_mod,
-               score_mod=None, has_key_mask=key_mask is not None)
+               scale=float(d ** -0.5 if scale is None else scale), rate=rate, chunks=chunks, mask_mod=mask_mod,
+               score_mods=(None, None), has_key_mask=key_mask is not None)
   params = ()
   if score_mod is not None:
     i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
-    examples = (jnp.zeros((b, hkv, group, bq, chunk, bkv), F32), i32(b, 1, 1, 1, 1, 1), i32(1, hkv, group, 1, 1, 1),
-                i32(b, hkv, 1, bq, 1, 1), i32(b, hkv, 1, 1, chunk, bkv))
-    converted, params = explicit_score_mod(score_mod, examples)
-    spec = dataclasses.replace(spec, score_mod=converted)
+
+    def convert(chunk):
+      examples = (jnp.zeros((b, hkv, group, bq, chunk, bkv), F32), i32(b, 1, 1, 1, 1, 1),
+                  i32(1, hkv, group, 1, 1, 1), i32(b, hkv, 1, bq, 1, 1), i32(b, hkv, 1, 1, chunk, bkv))
+      return explicit_score_mod(score_mod, examples)
+
+    (fn_full, params), (fn_part, hoisted) = convert(chunks[0]), convert(chunks[1])
+    if len(hoisted) != len(params) or any(a is not p for a, p in zip(hoisted, params)):
+      # Both lists must see the same hoisted arrays (one gradient each): one step shape for both then.
+      chunks = (max(chunks),) * 2
+      (fn_full, params), fn_part = convert(chunks[0]), None
+      fn_part = fn_full
+    spec = dataclasses.replace(spec, chunks=chunks, score_mods=(fn_full, fn_part))
   tables = (block_mask.kv_num_full, block_mask.kv_full_idx, block_mask.kv_num_partial, block_mask.kv_partial_idx)
   return _attention(spec, tables, q_BxLxHxD, k, v, key_mask, seed, params)
 
