@@ -19,7 +19,7 @@ from attention.registry import register
 from attention.ranges import Integer, OneOf
 from kernels import sequence as sequence_lib
 from kernels.softmax import IMPLEMENTATIONS, Implementation, softmax_attention, softmax_attention_reference
-from kernels.softmax.sequence_parallel import ring_attention
+from kernels.softmax.sequence_parallel import refusal as ring_refusal, ring_attention
 
 __all__ = ["IMPLEMENTATIONS", "SoftmaxAttention", "softmax_attention", "softmax_attention_reference"]
 
@@ -46,6 +46,10 @@ class SoftmaxAttention(AttentionLayer):
     # Ring attention over the flash block primitive; dropout is the counter hash keyed by global positions in both.
     return None if self.decode else "ring"
 
+  def sequence_parallel_refusal(self) -> str | None:
+    """Why these options cannot run sequence-sharded (read by the config checks before any data is read)."""
+    return ring_refusal(self.implementation, dropout=self.dropout_rate > 0.0, alibi=self.positions == "alibi")
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
@@ -71,10 +75,12 @@ class SoftmaxAttention(AttentionLayer):
       cached, valid_BxS, _ = step
       y = attend(q, cached["key"], cached["value"], valid_BxS, False)
     elif sequence_lib.active() is not None and self.sequence_parallel_form() == "ring":
-      sequence_lib.log_once(type(self).__name__, "ring attention (kernels/softmax/sequence_parallel.py)")
+      # Every option of the one-device call goes through (ALiBi at global positions, the implementation's blocks;
+      # what the ring cannot honour is refused there); RoPE was applied above to the whole (sharded) length.
       y = ring_attention(q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), key_mask_BxL=mask,
                          causal=self.causal, dropout_rate=self.dropout_rate,
-                         dropout_rng=dropout_rng).astype(q.dtype)
+                         dropout_rng=dropout_rng, alibi_slopes=slopes,
+                         implementation=self.implementation).astype(q.dtype)
     else:
       y = attend(q, k, v, mask, self.causal)
     return self.project_out(y, x.shape[-1])

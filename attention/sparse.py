@@ -31,7 +31,7 @@ from attention.ranges import Integer, OneOf
 from kernels import sequence as sequence_lib
 from kernels.block_sparse import IMPLEMENTATIONS
 from kernels.flex import flex_attention
-from kernels.block_sparse.sequence_parallel import halo_block_sparse_attention
+from kernels.block_sparse.sequence_parallel import halo_block_sparse_attention, halo_refusal
 
 
 class BlockSparseAttention(AttentionLayer):
@@ -56,8 +56,8 @@ class BlockSparseAttention(AttentionLayer):
     return sparse_layouts.layout_of(self.mask_mod(num_blocks, 1), self.num_heads, num_blocks)
 
   def sequence_parallel_form(self) -> str | None:
-    # A band layout exchanges halos; other layouts (and attention dropout, whose hash is keyed by the positions the
-    # kernel sees) gather K/V in __call__ (the exact fallback), so the projections are left sharded here.
+    # A band layout exchanges halos; what the halo cannot serve (`halo_refusal`: other layouts, attention dropout)
+    # gathers K/V in __call__ (the exact fallback, recorded with its reason), so the projections stay sharded here.
     return None if self.decode else "halo"
 
   @nn.compact
@@ -74,13 +74,14 @@ class BlockSparseAttention(AttentionLayer):
       key_mask_BxL = jnp.pad(real, ((0, 0), (0, pad)), constant_values=False)
     layout_HxNxN = self.layout((length + pad) // self.block_size)
     y, dropout_rng = None, self.dropout_rng(deterministic)  # drawn once: each call takes a new key
-    if seq is not None and dropout_rng is None:
-      y = halo_block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
-                                      key_mask_BxL=key_mask_BxL, implementation=self.implementation)
-      if y is not None:
-        sequence_lib.log_once(type(self).__name__, "halo exchange (kernels/block_sparse/sequence_parallel.py)")
-    if seq is not None and y is None:
-      k, v = (sequence_lib.fallback_gather(t, type(self).__name__) for t in (k, v))
+    if seq is not None:  # the halo form when it can serve every option of the call, else the exact fallback
+      refusal = halo_refusal(layout_HxNxN, length=length + pad, block_size=self.block_size, causal=self.causal,
+                             size=seq.size, implementation=self.implementation, dropout=dropout_rng is not None)
+      if refusal is None:
+        y = halo_block_sparse_attention(q, k, v, layout_HxNxN, block_size=self.block_size, causal=self.causal,
+                                        key_mask_BxL=key_mask_BxL, implementation=self.implementation)
+      else:
+        k, v = (sequence_lib.fallback_gather(t, type(self).__name__, refusal) for t in (k, v))
     if y is None:
       y = flex_attention(q, k, v, mask_mod=self.mask_mod(layout_HxNxN.shape[-1], self.block_size),
                          key_mask=key_mask_BxL, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,

@@ -5,9 +5,13 @@ How a layer knows its input is sequence-sharded: the trainer traces its steps in
 variable, read at trace time, so the jitted program holds the choice); `active()` returns the `SequenceMesh` when the
 mesh's `"sequence"` axis has more than one device and None otherwise (one device, `init`, decoding, plain calls).
 Layers call `active()` where they pick their core: a sequence-parallel form in `kernels/<op>/sequence_parallel.py`
-(or `kernels/softmax/sequence_parallel.py`) under `jax.shard_map` over the mesh, or `fallback_gather` (K/V replicated along the
-sequence by a sharding constraint: GSPMD then all-gathers them, and each device attends its own queries to every key,
-exactly as the unsharded call).
+under `jax.shard_map` over the mesh, or `fallback_gather` (K/V replicated along the sequence by a sharding
+constraint: GSPMD then all-gathers them, and each device attends its own queries to every key, exactly as the
+unsharded call).
+
+Which form ran is recorded, not guessed: every sequence-parallel core calls `ran(op, form, detail)` when it is traced
+(`"ring"`, `"halo"`, `"state"`, `"fallback"`), so `recording()` tells a caller (the encoder's one log line per layer,
+the tests' assertions) exactly what a sharded call ran; outside a recording the core logs its form once itself.
 
 Everything outside the shard_map'd cores stays under GSPMD (`jax.jit` with `NamedSharding`), whose partitioning keeps
 the program's semantics: pooling, losses and layer norms reduce across the sequence shards exactly (up to float
@@ -31,6 +35,10 @@ SEQUENCE_AXIS = "sequence"
 logger = logging.getLogger("kernels")
 _logged: set[tuple[str, str]] = set()
 _active: contextvars.ContextVar["SequenceMesh | None"] = contextvars.ContextVar("sequence_mesh", default=None)
+_recorder: contextvars.ContextVar["list[Ran] | None"] = contextvars.ContextVar("sequence_recorder", default=None)
+# The forms a core records (`Ran.form`); layers whose only work is partitioned by GSPMD declare theirs instead
+# (`AttentionLayer.sequence_parallel_form`: "psum", "halo", "gspmd").
+FORMS = ("ring", "halo", "state", "fallback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +95,48 @@ def suspended() -> Iterator[None]:
     _active.reset(token)
 
 
+@dataclasses.dataclass(frozen=True)
+class Ran:
+  """One sequence-parallel form a traced call ran: `form` (one of `FORMS`; None for a note) by `op`, and why."""
+
+  op: str
+  form: str | None
+  detail: str
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Ran]]:
+  """Collects the `Ran` records of the calls traced inside (nothing is logged meanwhile: the caller reports them).
+  A recording inside another passes its records on to the outer one when it ends."""
+  records: list[Ran] = []
+  token = _recorder.set(records)
+  try:
+    yield records
+  finally:
+    _recorder.reset(token)
+    outer = _recorder.get()
+    if outer is not None:
+      outer.extend(records)
+
+
+def ran(op: str, form: str, detail: str) -> None:
+  """Records that `op` runs the sequence-parallel `form` (see `FORMS`) for the call being traced, with `detail` (the
+  reason or the module that does it); logged once when no `recording()` is active."""
+  if form not in FORMS:
+    raise ValueError(f"unknown sequence-parallel form {form!r}; valid choices: {FORMS}")
+  records = _recorder.get()
+  if records is not None:
+    records.append(Ran(op, form, detail))
+  else:
+    log_once(op, f"{form}: {detail}")
+
+
 def log_once(op: str, reason: str) -> None:
-  """Logs `op`'s choice of form once per (op, reason)."""
+  """Logs `op`'s choice of form once per (op, reason); inside a `recording()` it is kept there as a note instead."""
+  records = _recorder.get()
+  if records is not None:
+    records.append(Ran(op, None, reason))
+    return
   if (op, reason) not in _logged:
     _logged.add((op, reason))
     logger.warning("sequence parallel: %s: %s", op, reason)
@@ -102,20 +150,23 @@ def constrain(x: jax.Array, *, sharded: bool = True) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, ctx.spec(x.shape[0], x.ndim, sharded=sharded)))
 
 
-FALLBACK = (f"no sequence-parallel form for these options: the exact fallback (K/V all-gathered along "
-            f"'{SEQUENCE_AXIS}'; the rest of the layer as GSPMD partitions it)")
+FALLBACK = (f"the exact fallback (K/V all-gathered along '{SEQUENCE_AXIS}'; the rest of the layer as GSPMD "
+            f"partitions it)")
+NO_FORM = "no sequence-parallel form for these options"
 
 
-def log_fallback(op: str) -> None:
-  log_once(op, FALLBACK)
+def log_fallback(op: str, reason: str = NO_FORM) -> None:
+  """Records (or logs once) that `op` takes the exact fallback, and why."""
+  ran(op, "fallback", f"{reason}: {FALLBACK}")
 
 
-def fallback_gather(x: jax.Array, op: str) -> jax.Array:
+def fallback_gather(x: jax.Array, op: str, reason: str = NO_FORM) -> jax.Array:
   """The exact fallback for a core without a sequence-parallel form: `x` (keys, values) replicated along the
-  sequence, so GSPMD all-gathers it and each device attends its own queries to every key. Logged once per op."""
+  sequence, so GSPMD all-gathers it and each device attends its own queries to every key. Recorded (`ran`) with
+  `reason`."""
   if active() is None:
     return x
-  log_fallback(op)
+  log_fallback(op, reason)
   return constrain(x, sharded=False)
 
 
@@ -127,6 +178,5 @@ def shard_map(f, ctx: SequenceMesh, in_specs, out_specs):
   return jax.shard_map(body, mesh=ctx.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-__all__ = ["DATA_AXIS", "SEQUENCE_AXIS", "SequenceMesh", "active", "constrain", "fallback_gather", "log_fallback",
-           "log_once",
-           "shard_map", "suspended", "use_mesh"]
+__all__ = ["DATA_AXIS", "FORMS", "Ran", "SEQUENCE_AXIS", "SequenceMesh", "active", "constrain", "fallback_gather",
+           "log_fallback", "log_once", "ran", "recording", "shard_map", "suspended", "use_mesh"]

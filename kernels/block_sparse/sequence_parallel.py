@@ -10,10 +10,16 @@ Communication per call: `(before + after) * block_size` tokens of K and V per de
 Global blocks (Longformer's, leading rows and columns all allowed) are gathered once: their K/V blocks are broadcast
 from device 0 and put in front of every extended sequence (the halo keys that are global are masked so each key counts
 once), and the global query rows, which see every key, are per-shard partial softmaxes (`flash_block`) all-gathered
-and merged. Layouts that are not a band between their non-global blocks (strided columns, random blocks) return None
-from `band_reach`, and the layer takes the exact fallback (K/V all-gathered). The halo form has no dropout: the
-block-sparse dropout hash is keyed
-by positions in the sequence the kernel sees, so a layer with attention dropout takes the fallback too.
+and merged. `halo_refusal` says, before any work, why a call has no halo form; the layer then takes the exact
+fallback (K/V all-gathered) with that reason recorded (`kernels.sequence.ran`):
+  * layouts that are not a band between their non-global blocks (strided columns, random blocks: Sparse Transformer,
+    BigBird), or a band wider than a shard;
+  * attention dropout: the block-sparse dropout hash is keyed by positions in the sequence the kernel sees (here the
+    extended local sequence), so the halo could not reproduce the unsharded mask;
+  * global blocks with an explicit Pallas `implementation`: the global rows' partial softmaxes need the log-sum-exp,
+    which the kernels do not return (the fallback runs the kernels asked for; they never fall back to XLA).
+Every other option reaches the per-shard call unchanged: `implementation` (the band's kernel work runs it), `causal`,
+key padding, per-head layouts (Longformer's dilated heads), `block_size`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kernels import sequence
-from kernels.softmax.sequence_parallel import merge
+from kernels.softmax.sequence_parallel import block_attention, merge
 from kernels.softmax.xla import flash_block
 
 
@@ -58,20 +64,48 @@ def band_reach(layout_HxNxN: np.ndarray) -> tuple[int, int] | None:
   return int(max(allowed.max(), 0)), int(max(-allowed.min(), 0))
 
 
+def halo_refusal(layout_HxNxN: np.ndarray, *, length: int, block_size: int, causal: bool, size: int,
+                 implementation: str | None = None, dropout: bool = False) -> str | None:
+  """Why a call of these options has no halo form over `size` sequence shards (None: it has one). `length` is the
+  caller's padded length (a multiple of `block_size`)."""
+  if length % block_size:
+    return f"length {length} is not a multiple of block_size={block_size}"
+  g = global_blocks(layout_HxNxN)
+  reach = band_reach(np.asarray(layout_HxNxN, bool)[:, g:, g:])
+  if reach is None:
+    return "the layout is not a band between its global blocks (strided or random blocks)"
+  local_blocks = -(-length // (size * block_size))
+  if max(*reach, g) > local_blocks:
+    return (f"the band (reach {reach} blocks) or the global blocks ({g}) are wider than a shard of {local_blocks} "
+            f"blocks")
+  if g and causal:
+    return "global blocks with causal=True"
+  if dropout:
+    return ("attention dropout (the block-sparse dropout hash is keyed by positions in the sequence the kernel sees, "
+            "which the halo's extended local sequence would shift)")
+  if g and implementation in ("pallas", "interpret"):
+    return (f"global blocks with implementation={implementation!r}: the global rows' partial softmaxes need the "
+            f"log-sum-exp the Pallas kernels do not return")
+  return None
+
+
 def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
                                 layout_HxNxN: np.ndarray, *, block_size: int, causal: bool,
                                 key_mask_BxL: jax.Array | None, implementation: str | None = None,
+                                scale: float | None = None,
                                 ctx: sequence.SequenceMesh | None = None) -> jax.Array | None:
   """`kernels.block_sparse_attention` of length-sharded inputs by halo exchange, or None when this call has no halo
-  form (not a band, or the halo wider than a shard). A length that mesh.sequence * block_size does not divide is
-  padded with masked key blocks (the band is the same at any length)."""
+  form (`halo_refusal`, recorded as the exact fallback's reason by the caller). A length that mesh.sequence *
+  block_size does not divide is padded with masked key blocks (the band is the same at any length)."""
   from kernels.block_sparse import block_sparse_attention  # pylint: disable=g-import-not-at-top  (package entry)
 
   ctx = ctx or sequence.active()
   b, length = q_BxLxHxD.shape[:2]
   n = ctx.size
-  if length % block_size:
+  if halo_refusal(layout_HxNxN, length=length, block_size=block_size, causal=causal, size=n,
+                  implementation=implementation) is not None:
     return None
+  scale = q_BxLxHxD.shape[-1] ** -0.5 if scale is None else float(scale)
   g = global_blocks(layout_HxNxN)
   rest = np.asarray(layout_HxNxN, bool)[:, g:, g:]  # the pattern between non-global blocks
   band, reach = _band(rest), band_reach(rest)
@@ -86,8 +120,6 @@ def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_Bx
     mask = jnp.pad(mask, ((0, 0), (0, pad)))
   before, after = reach
   local_blocks = (length + pad) // block_size // n
-  if before > local_blocks or after > local_blocks or g > local_blocks or (g and causal):
-    return None
   ext = before + local_blocks + after
   d = np.arange(ext)[:, None] - np.arange(ext)[None, :]
   layout_ext = np.where(np.abs(d) < n0, band[:, np.clip(d + n0 - 1, 0, 2 * n0 - 2)], False)
@@ -120,11 +152,12 @@ def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_Bx
       parts_m.append(mn & (me < n - 1) & not_global(first + local, ha))
     cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
     y = block_sparse_attention(cat(parts_q), cat(parts_k), cat(parts_v), layout_ext, block_size=block_size,
-                               causal=causal, implementation=implementation, key_mask=cat(parts_m))
+                               causal=causal, scale=scale, implementation=implementation, key_mask=cat(parts_m))
     y = y[:, gb + hb:gb + hb + local]
     if gb:  # global query rows see every key: per-shard partial softmaxes, all-gathered and merged
       qg = jax.lax.psum(jnp.where(me == 0, q[:, :gb], jnp.zeros_like(q[:, :gb])), axis)
-      o_p, lse_p = flash_block(qg, k, v, key_mask=m, causal=False)
+      partial = block_attention if implementation == "reference" else flash_block  # the dense form for "reference"
+      o_p, lse_p = partial(qg, k, v, key_mask=m, causal=False, scale=scale)
       os_, lses = jax.lax.all_gather(o_p, axis), jax.lax.all_gather(lse_p, axis)
       acc = (os_[0], lses[0])
       for j in range(1, n):
@@ -133,9 +166,12 @@ def halo_block_sparse_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_Bx
     return y
 
   spec4, spec2 = P(ctx.batch_axis(b), axis, None, None), P(ctx.batch_axis(b), axis)
+  sequence.ran("block_sparse_attention", "halo",
+               f"{before} + {after} neighbouring key blocks exchanged" + (f", {g} global blocks gathered" if g else "")
+               + " (kernels/block_sparse/sequence_parallel.py)")
   out = sequence.shard_map(body, ctx, in_specs=(spec4, spec4, spec4, spec2), out_specs=spec4)(
       q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask)
   return out[:, :length]
 
 
-__all__ = ["band_reach", "halo_block_sparse_attention"]
+__all__ = ["band_reach", "global_blocks", "halo_block_sparse_attention", "halo_refusal"]

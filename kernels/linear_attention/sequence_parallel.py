@@ -1,11 +1,13 @@
 """Linear attention with the length sharded over the "sequence" mesh axis (LASP-2 style state passing).
 
 Each device reduces its own chunk to the fixed-size state `S_j = sum phi(k) v^T [B, H, F, D]`, `z_j = sum phi(k)
-[B, H, F]`; one all-gather along the sequence shares them. Non-causal: every query reads the total `sum_j S_j`.
-Causal: a query on device i reads the prefix `sum_{j < i} S_j` plus its own chunk's causal part, which the public
-entry `kernels.linear_attention.linear_attention` computes (chunked scan / Pallas kernels, unnormalized); the
-intra-chunk normalizer is a cumulative sum of phi(k). Communication per call: the all-gather of n states,
-`n * B * H * F * (D + 1)` floats per device, independent of the length.
+[B, H, F]`; one all-gather along the sequence shares them. A query on device i reads its own chunk's part, which the
+public entry `kernels.linear_attention.linear_attention` computes with the layer's `implementation` and `chunk_size`
+(chunked scan / Pallas kernels, unnormalized: causal within the chunk, or the whole chunk), plus the other devices'
+states: those before it (causal) or all others (non-causal). The normalizer is a (cumulative) sum of phi(k) the same
+way. So an explicit `implementation="pallas"` runs the kernels on every shard's own work; nothing falls back.
+Communication per call: the all-gather of n states, `n * B * H * F * (D + 1)` floats per device, independent of the
+length.
 """
 
 from __future__ import annotations
@@ -37,25 +39,25 @@ def linear_attention_sequence_parallel(q_BxLxHxF: jax.Array, k_BxLxHxF: jax.Arra
                                        for t in (q_BxLxHxF, k_BxLxHxF, v_BxLxHxD))
   axis = ctx.axis
   f32 = jnp.float32
+  sequence.ran("linear_attention", "state",
+               f"per-shard states all-gathered, each shard's own part by implementation={implementation!r} "
+               f"(kernels/linear_attention/sequence_parallel.py)")
 
   def body(q, k, v):
     s_BxHxFxD = jnp.einsum("blhf,blhd->bhfd", k.astype(f32), v.astype(f32))
     z_BxHxF = jnp.einsum("blhf->bhf", k.astype(f32))
-    if not causal:
-      s_total, z_total = jax.lax.psum(s_BxHxFxD, axis), jax.lax.psum(z_BxHxF, axis)
-      num = jnp.einsum("blhf,bhfd->blhd", q.astype(f32), s_total)
-      den = jnp.einsum("blhf,bhf->blh", q.astype(f32), z_total)
-    else:
-      states = jax.lax.all_gather(s_BxHxFxD, axis)  # [n, B, H, F, D]
-      norms = jax.lax.all_gather(z_BxHxF, axis)
-      earlier = (jnp.arange(ctx.size) < jax.lax.axis_index(axis)).astype(f32)
-      s_prefix = jnp.einsum("n,nbhfd->bhfd", earlier, states)
-      z_prefix = jnp.einsum("n,nbhf->bhf", earlier, norms)
-      intra = linear_attention(q, k, v, causal=True, normalize=False, chunk_size=chunk_size,
-                               implementation=implementation, eps=eps).astype(f32)
-      num = intra + jnp.einsum("blhf,bhfd->blhd", q.astype(f32), s_prefix)
-      den = jnp.einsum("blhf,blhf->blh", q.astype(f32), jnp.cumsum(k.astype(f32), axis=1)) + \
-          jnp.einsum("blhf,bhf->blh", q.astype(f32), z_prefix)
+    states = jax.lax.all_gather(s_BxHxFxD, axis)  # [n, B, H, F, D]
+    norms = jax.lax.all_gather(z_BxHxF, axis)
+    me = jax.lax.axis_index(axis)
+    # The other shards' states a query reads: the earlier ones (causal) or all but its own (non-causal).
+    others = (jnp.arange(ctx.size) < me) if causal else (jnp.arange(ctx.size) != me)
+    s_others = jnp.einsum("n,nbhfd->bhfd", others.astype(f32), states)
+    z_others = jnp.einsum("n,nbhf->bhf", others.astype(f32), norms)
+    own = linear_attention(q, k, v, causal=causal, normalize=False, chunk_size=chunk_size,
+                           implementation=implementation, eps=eps).astype(f32)
+    num = own + jnp.einsum("blhf,bhfd->blhd", q.astype(f32), s_others)
+    z_own = jnp.cumsum(k.astype(f32), axis=1) if causal else jnp.broadcast_to(z_BxHxF[:, None], k.shape).astype(f32)
+    den = jnp.einsum("blhf,blhf->blh", q.astype(f32), z_own) + jnp.einsum("blhf,bhf->blh", q.astype(f32), z_others)
     out = num / (den[..., None] + eps) if normalize else num
     return out.astype(v.dtype)
 

@@ -12,26 +12,57 @@ the contiguous GSPMD layout by two ppermutes and back after). Then on every hop 
 same two chunk pairs: from an earlier device both its query chunks against the block's first chunk, from a later
 device its second query chunk against both of the block's chunks (`lax.cond` on the traced source index).
 
-Global positions (`q_offset`, `k_offset`) drive the causal mask and the attention-dropout counter hash
-(`kernels.common.dropout_keep`, keyed by (seed, global batch * heads + head, query, key)), so masks and dropout equal
-the unsharded call's. The block function is the flash block primitive (`kernels.softmax.xla.flash_block`: chunked
-online softmax, its own custom_vjp taking cotangents of out and lse); `block_attention` is the dense form of the same
-signature (plus the global batch offset of the dropout counters), used with dropout when the batch is split over
-"data".
+Global positions (`q_offset`, `k_offset`) drive the causal mask, the ALiBi bias `-slope_h * |q_pos - k_pos|` and the
+attention-dropout counter hash (`kernels.common.dropout_keep`, keyed by (seed, global batch * heads + head, query,
+key)), so masks, biases and dropout equal the unsharded call's. The block function is the flash block primitive
+(`kernels.softmax.xla.flash_block`: chunked online softmax, its own custom_vjp taking cotangents of out and lse);
+`block_attention` is the dense form of the same signature (plus the global batch offset of the dropout counters),
+used with dropout when the batch is split over "data", and for `implementation="reference"`.
+
+Every option of `kernels.softmax.softmax_attention` goes through. `implementation="pallas"` runs each block pair on
+the Pallas flash kernels of the lowering platform (`pallas_block_fn`: the block-sparse kernels with a full layout, or
+a causal one for a chunk against itself, returning their log-sum-exp; the backward kernels take `delta - dlse`), never
+falling back; `"interpret"` runs them in interpret mode (CPU tests). The kernels take no offsets, which the zig-zag
+layout makes unnecessary (every pair but a chunk against itself lies wholly below the diagonal), but their dropout
+counters are a block's own positions and they add no ALiBi bias: those calls are refused (`refusal`, one line naming
+the option and `mesh.sequence`) rather than run differently from one device. Keys and values with fewer heads than
+the queries (grouped-query attention) are repeated to the query heads before the ring.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kernels import sequence
+from kernels import platform, sequence
 from kernels.common import MASK_VALUE, dropout_keep, dropout_seed
+from kernels.softmax import IMPLEMENTATIONS, pallas
 from kernels.softmax.xla import flash_block
+
+
+KERNEL_IMPLEMENTATIONS = ("pallas", "interpret")
+
+
+def refusal(implementation: str | None, *, dropout: bool = False, alibi: bool = False) -> str | None:
+  """Why the ring cannot run a softmax call with these options (None: it can). One line, naming the option and
+  `mesh.sequence`. The ring runs the Pallas kernels for an explicit `implementation="pallas"` / `"interpret"`, but
+  they add no ALiBi bias (on one device either) and their dropout counters are a block's own positions."""
+  if implementation not in KERNEL_IMPLEMENTATIONS:
+    return None
+  if alibi:
+    return (f"softmax implementation={implementation!r} with pos_encoding='alibi' and mesh.sequence > 1: the Pallas "
+            f"kernels add no positional bias; use implementation=None or 'xla'")
+  if dropout:
+    return (f"softmax implementation={implementation!r} with attention dropout and mesh.sequence > 1: the Pallas "
+            f"kernels key their dropout counters by a ring block's own positions, not the global ones; use "
+            f"implementation=None or 'xla', attention_dropout_rate=0, or mesh.sequence=1")
+  return None
 
 
 def flash_block_fn(q, k, v, *, batch_offset, **kwargs):
@@ -79,6 +110,83 @@ def block_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
   return out, lse_BxHxL
 
 
+# ---- the Pallas block: the project's flash kernels (block-sparse with a full or causal layout) with their lse ------
+
+def _pallas_static(q_shape, dtype, causal: bool, scale: float, backend: str, interpret: bool):
+  """`(KernelStatic, padded length)` of one block pair of `q_shape` `[B, C, H, D]` on `backend`'s kernels (a full
+  layout, or a causal one for a chunk against itself), as `kernels.softmax.pallas` sets them up."""
+  from kernels.block_sparse.tables import KernelStatic, check_supported, make_tables, sub_blocks  # noqa: PLC0415
+  from kernels.softmax import pallas as softmax_pallas  # noqa: PLC0415
+
+  b, c, h, d = q_shape
+  block_size = softmax_pallas.block_size_for(c)
+  block_q, block_kv = check_supported((b, softmax_pallas.padded_length(c), h, d), dtype, block_size, None, backend)
+  padded = -(-softmax_pallas.padded_length(c) // math.lcm(block_q, block_kv, block_size)) * \
+      math.lcm(block_q, block_kv, block_size)
+  n = padded // block_size
+  layout = np.tril(np.ones((1, n, n), bool)) if causal else np.ones((1, n, n), bool)
+  st = KernelStatic(tables=make_tables(layout, block_size, block_q, block_kv, causal),
+                    key=(layout.shape, layout.tobytes(), block_size), block_q=block_q, block_kv=block_kv,
+                    causal=bool(causal), scale=float(scale), backend=backend, interpret=interpret, dropout_rate=0.0,
+                    heads=h, layout_block=block_size, sub_blocks=sub_blocks(block_size, block_q, block_kv))
+  if st.sub_blocks != (1, 1) and backend != "gpu":
+    raise ValueError(f"ring_attention: tiles {block_q}x{block_kv} spanning layout blocks of {block_size=} are GPU-only")
+  return st, padded
+
+
+def _kernel_module(st):
+  from kernels.block_sparse.pallas import BACKEND_MODULES  # noqa: PLC0415
+  return importlib.import_module(BACKEND_MODULES[st.backend])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_lse(st, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, key_mask_BxL):
+  return _kernel_module(st).forward(st, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, key_mask_BxL, jnp.zeros((1,), jnp.int32))
+
+
+def _pallas_lse_fwd(st, q, k, v, key_mask):
+  o, lse = _pallas_lse(st, q, k, v, key_mask)
+  return (o, lse), (q, k, v, key_mask, o, lse)
+
+
+def _pallas_lse_bwd(st, res, cts):
+  q, k, v, key_mask, o, lse = res
+  d_o, d_lse = cts
+  # With a cotangent of the lse too (d lse_i / d s_ij = p_ij): ds = p * (dp - (rowsum(do * o) - dlse)).
+  delta = jnp.sum(o.astype(jnp.float32) * d_o.astype(jnp.float32), axis=-1) - d_lse.astype(jnp.float32)
+  dq, dk, dv = _kernel_module(st).backward(st, q, k, v, key_mask, jnp.zeros((1,), jnp.int32), d_o.astype(o.dtype),
+                                           lse, delta)
+  return dq, dk, dv, None
+
+
+_pallas_lse.defvjp(_pallas_lse_fwd, _pallas_lse_bwd)
+
+
+def pallas_block_fn(backend: str, interpret: bool = False):
+  """The ring's block function on `backend`'s Pallas flash kernels ("tpu" with `interpret=True`: how CPU tests run
+  them): `(out float32, lse)` of one block pair, `causal` only for a chunk against itself (`_pairs`). The kernels
+  take neither offsets nor an ALiBi bias, and their dropout counters are block-local: `refusal` turns such calls
+  away before the ring is built."""
+
+  def block(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, *, key_mask, causal, scale, dropout_rate=0.0, seed=None, q_offset=0,
+            k_offset=0, batch_offset=0, alibi_slopes=None):
+    del seed, q_offset, k_offset, batch_offset  # positions only matter within a masked (diagonal) pair
+    if dropout_rate > 0.0 or alibi_slopes is not None:
+      raise ValueError("ring_attention: the Pallas block takes no dropout or ALiBi (see refusal)")
+    b, c = q_BxCxHxD.shape[:2]
+    st, padded = _pallas_static(q_BxCxHxD.shape, q_BxCxHxD.dtype, causal, scale, backend, interpret)
+    widen = lambda x: jnp.pad(x, [(0, 0), (0, padded - c)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    to_bhld = lambda x: jnp.swapaxes(widen(x), 1, 2)  # noqa: E731
+    mask = widen(jnp.ones((b, c), bool) if key_mask is None else key_mask.astype(bool))
+    o, lse = _pallas_lse(st, to_bhld(q_BxCxHxD), to_bhld(k_BxCxHxD), to_bhld(v_BxCxHxD), mask)
+    o, lse = jnp.swapaxes(o, 1, 2)[:, :c].astype(jnp.float32), lse[:, :, :c]
+    # A row without an allowed key: the kernels write lse = 0 (and out = 0); the merge needs MASK_VALUE.
+    seen_BxC = (jnp.cumsum(mask, axis=1) > 0)[:, :c] if causal else jnp.broadcast_to(mask.any(axis=1)[:, None], (b, c))
+    return o, jnp.where(seen_BxC[:, None, :], lse, MASK_VALUE)
+
+  return block
+
+
 def merge(acc: tuple[jax.Array, jax.Array], new: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """Online-softmax merge of two normalized `(out [B, L, H, D], lse [B, H, L])` partial results."""
   (o1, l1), (o2, l2) = acc, new
@@ -120,41 +228,43 @@ def _from_zigzag(x: jax.Array, axis: str, n: int) -> jax.Array:
 # ---- the ring --------------------------------------------------------------------------------------------------------
 
 def _pairs(causal: bool, hop: int):
-  """Static chunk pairs `(query half, key half)` a hop computes; for causal hops > 0 two alternatives chosen by
-  whether the key block comes from an earlier device."""
-  full = [(0, 0), (0, 1), (1, 0), (1, 1)]
+  """Static chunk pairs `(query half, key half, masked)` a hop computes; for causal hops > 0 two alternatives chosen
+  by whether the key block comes from an earlier device. Causal: only a chunk against itself (hop 0, same half) is
+  masked; every other pair computed lies wholly below the diagonal, so its blocks run unmasked (statically known:
+  what lets the Pallas kernels, which take no offsets, serve the ring)."""
   if not causal:
-    return full, None
+    return [(0, 0, False), (0, 1, False), (1, 0, False), (1, 1, False)], None
   if hop == 0:
-    return [(0, 0), (1, 0), (1, 1)], None  # (0, 1): chunk 2n-1-i is after chunk i
-  return [(0, 0), (1, 0)], [(1, 0), (1, 1)]  # earlier source: against its first chunk; later: second queries only
+    return [(0, 0, True), (1, 0, False), (1, 1, True)], None  # (0, 1): chunk 2n-1-i is after chunk i
+  # Earlier source: against its first chunk; later: second queries only.
+  return [(0, 0, False), (1, 0, False)], [(1, 0, False), (1, 1, False)]
 
 
 class _Ring:
   """The per-device ring body (inside shard_map): static settings bound once."""
 
-  def __init__(self, *, axis: str, n: int, causal: bool, scale: float, dropout_rate: float, block_fn):
+  def __init__(self, *, axis: str, n: int, causal: bool, scale: float, dropout_rate: float, alibi: bool, block_fn):
     self.axis, self.n, self.causal, self.scale, self.dropout_rate = axis, n, causal, scale, dropout_rate
-    self.block_fn = block_fn
+    self.alibi, self.block_fn = alibi, block_fn
 
   def chunk_index(self, device, half):
     return jnp.where(half == 0, device, 2 * self.n - 1 - device)
 
-  def block(self, q, k, v, mask, seed, batch_offset, me, src, qh, kh):
+  def block(self, q, k, v, mask, seed, batch_offset, slopes, me, src, qh, kh, masked):
     c = q.shape[1] // 2
     return self.block_fn(q[:, qh * c:(qh + 1) * c], k[:, kh * c:(kh + 1) * c], v[:, kh * c:(kh + 1) * c],
-                         key_mask=mask[:, kh * c:(kh + 1) * c], causal=self.causal, scale=self.scale,
+                         key_mask=mask[:, kh * c:(kh + 1) * c], causal=masked, scale=self.scale,
                          dropout_rate=self.dropout_rate, seed=seed,
                          q_offset=self.chunk_index(me, qh) * c, k_offset=self.chunk_index(src, kh) * c,
-                         batch_offset=batch_offset)
+                         batch_offset=batch_offset, alibi_slopes=slopes if self.alibi else None)
 
-  def hop_output(self, pairs, q, k, v, mask, seed, batch_offset, me, src):
+  def hop_output(self, pairs, q, k, v, mask, seed, batch_offset, slopes, me, src):
     """Merged `(out, lse)` over the 2c local query rows from `pairs` (rows no pair touches: 0, MASK_VALUE)."""
     b, two_c, h, d = q.shape
     c = two_c // 2
     halves = [(jnp.zeros((b, c, h, d), jnp.float32), jnp.full((b, h, c), MASK_VALUE, jnp.float32)) for _ in range(2)]
-    for qh, kh in pairs:
-      halves[qh] = merge(halves[qh], self.block(q, k, v, mask, seed, batch_offset, me, src, qh, kh))
+    for qh, kh, masked in pairs:
+      halves[qh] = merge(halves[qh], self.block(q, k, v, mask, seed, batch_offset, slopes, me, src, qh, kh, masked))
     return (jnp.concatenate([halves[0][0], halves[1][0]], axis=1),
             jnp.concatenate([halves[0][1], halves[1][1]], axis=2))
 
@@ -169,10 +279,10 @@ class _Ring:
       return fn(pairs, *args)
     return jax.lax.cond(src < jax.lax.axis_index(self.axis), lambda *a: fn(pairs, *a), lambda *a: fn(alt, *a), *args)
 
-  def forward(self, q, k, v, mask, seed, batch_offset):
+  def forward(self, q, k, v, mask, seed, batch_offset, slopes):
     me = jax.lax.axis_index(self.axis)
-    b, two_c, h, d = q.shape
-    out = lambda pairs, k, v, mask, src: self.hop_output(pairs, q, k, v, mask, seed, batch_offset, me, src)  # noqa
+    out = lambda pairs, k, v, mask, src: self.hop_output(  # noqa: E731
+        pairs, q, k, v, mask, seed, batch_offset, slopes, me, src)
     acc = self._hop(0, me, out, k, v, mask, me)
 
     # Hops 1..n-1 in a scan: one hop's blocks at a time (an unrolled loop lets XLA keep every hop's scores alive).
@@ -185,7 +295,7 @@ class _Ring:
     (acc, _, _, _), _ = jax.lax.scan(step, (acc, k, v, mask), jnp.arange(1, self.n))
     return acc
 
-  def backward(self, q, k, v, mask, seed, batch_offset, out, lse, d_out):
+  def backward(self, q, k, v, mask, seed, batch_offset, slopes, out, lse, d_out):
     """Gradients of q, k, v for the cotangent `d_out` of the merged output (`out`, `lse`: the forward's)."""
     me = jax.lax.axis_index(self.axis)
     c = q.shape[1] // 2
@@ -194,12 +304,12 @@ class _Ring:
     d_out = d_out.astype(jnp.float32)
 
     def hop_grads(pairs, k, v, mask, src, dq, dk, dv):
-      for qh, kh in pairs:
+      for qh, kh, masked in pairs:
         qs, ks = slice(qh * c, (qh + 1) * c), slice(kh * c, (kh + 1) * c)
-        f = lambda q_, k_, v_: self.block_fn(  # noqa: E731
-            q_, k_, v_, key_mask=mask[:, ks], causal=self.causal, scale=self.scale, dropout_rate=self.dropout_rate,
+        f = lambda q_, k_, v_, masked=masked: self.block_fn(  # noqa: E731
+            q_, k_, v_, key_mask=mask[:, ks], causal=masked, scale=self.scale, dropout_rate=self.dropout_rate,
             seed=seed, q_offset=self.chunk_index(me, qh) * c, k_offset=self.chunk_index(src, kh) * c,
-            batch_offset=batch_offset)
+            batch_offset=batch_offset, alibi_slopes=slopes if self.alibi else None)
         (o_p, lse_p), pullback = jax.vjp(f, q[:, qs], k[:, ks], v[:, ks])
         w_BxHxC = jnp.exp(lse_p - lse[:, :, qs])
         w = jnp.swapaxes(w_BxHxC, 1, 2)[..., None]
@@ -228,20 +338,22 @@ class _Ring:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_local(ring: _Ring, q, k, v, mask, seed, batch_offset):
-  return ring.forward(q, k, v, mask, seed, batch_offset)[0].astype(q.dtype)
+def _ring_local(ring: _Ring, q, k, v, mask, seed, batch_offset, slopes):
+  return ring.forward(q, k, v, mask, seed, batch_offset, slopes)[0].astype(q.dtype)
 
 
-def _ring_local_fwd(ring, q, k, v, mask, seed, batch_offset):
-  out, lse = ring.forward(q, k, v, mask, seed, batch_offset)
-  return out.astype(q.dtype), (q, k, v, mask, seed, batch_offset, out, lse)
+def _ring_local_fwd(ring, q, k, v, mask, seed, batch_offset, slopes):
+  out, lse = ring.forward(q, k, v, mask, seed, batch_offset, slopes)
+  return out.astype(q.dtype), (q, k, v, mask, seed, batch_offset, slopes, out, lse)
 
 
 def _ring_local_bwd(ring, res, d_out):
-  q, k, v, mask, seed, batch_offset, out, lse = res
-  dq, dk, dv = ring.backward(q, k, v, mask, seed, batch_offset, out, lse, d_out)
+  q, k, v, mask, seed, batch_offset, slopes, out, lse = res
+  dq, dk, dv = ring.backward(q, k, v, mask, seed, batch_offset, slopes, out, lse, d_out)
   zero = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)  # noqa: E731  (integer / bool inputs)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero(mask), zero(seed), zero(batch_offset)
+  # ALiBi slopes are constants of the method (as in the unsharded core, they take no gradient).
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero(mask), zero(seed), zero(batch_offset),
+          jnp.zeros_like(slopes))
 
 
 _ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
@@ -250,18 +362,36 @@ _ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, *,
                    key_mask_BxL: jax.Array | None = None, causal: bool = False, scale: float | None = None,
                    dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+                   alibi_slopes: jax.Array | None = None, implementation: str | None = None,
                    ctx: sequence.SequenceMesh | None = None, block_fn=None) -> jax.Array:
   """Exact softmax attention of length-sharded q, k, v over `ctx` (default: `sequence.active()`), `[B, L, H, D]`.
 
   A length that 2 * mesh.sequence does not divide is padded with masked keys (dropped from the output). Dropout (when
   `dropout_rng` is given and `dropout_rate > 0`) is the counter hash keyed by global positions, as in
-  `kernels.softmax.softmax_attention`. `block_fn` (default): the flash block primitive, or the dense `block_attention`
-  when dropout is on and the batch is split over "data" (flash_block's counters take the local batch index).
+  `kernels.softmax.softmax_attention`; `alibi_slopes` (float `[heads]`) add `-slope_h * |q_pos - k_pos|` at global
+  positions. `implementation`: None / "xla" run the flash block primitive, "reference" the dense `block_attention`,
+  "pallas" the Pallas flash kernels of the platform the program is lowered for (never falling back), "interpret"
+  those (TPU) kernels in interpret mode; a kernel call with dropout or ALiBi is refused (`refusal`). `block_fn`
+  (default from `implementation`): the flash block primitive, or the dense `block_attention` when dropout is on and
+  the batch is split over "data" (flash_block's counters take the local batch index). k and v may have fewer heads
+  than q (a divisor: grouped-query attention).
   """
   ctx = ctx or sequence.active()
   if ctx is None:
     raise ValueError("ring_attention needs a sequence mesh (kernels.sequence.use_mesh) with mesh.sequence > 1")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown ring_attention implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
+  use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+  if (reason := refusal(implementation, dropout=use_dropout, alibi=alibi_slopes is not None)) is not None:
+    raise ValueError(reason.replace("mesh.sequence > 1", f"mesh.sequence={ctx.size}", 1))
   b, length, h, d = q_BxLxHxD.shape
+  kv_heads = k_BxLxHxD.shape[2]
+  if kv_heads != h:  # grouped-query attention: each key/value head serves h // kv_heads query heads
+    if h % kv_heads or v_BxLxHxD.shape[2] != kv_heads:
+      raise ValueError(f"ring_attention: key/value heads {kv_heads} must divide the query heads {h}")
+    k_BxLxHxD, v_BxLxHxD = (jnp.repeat(t, h // kv_heads, axis=2) for t in (k_BxLxHxD, v_BxLxHxD))
+  if alibi_slopes is not None and tuple(jnp.shape(alibi_slopes)) != (h,):
+    raise ValueError(f"ring_attention: alibi_slopes must have shape [heads] = ({h},), got {jnp.shape(alibi_slopes)}")
   n = ctx.size
   scale = d ** -0.5 if scale is None else scale
   mask = jnp.ones((b, length), bool) if key_mask_BxL is None else key_mask_BxL.astype(bool)
@@ -270,28 +400,51 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0)))
                                        for t in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
     mask = jnp.pad(mask, ((0, 0), (0, pad)))
-  use_dropout = dropout_rate > 0.0 and dropout_rng is not None
   seed = dropout_seed(dropout_rng) if use_dropout else jnp.zeros((), jnp.int32)
   batch_axis = ctx.batch_axis(b)
-  if block_fn is None:
+  detail = "the flash block primitive per block pair (kernels/softmax/sequence_parallel.py)"
+  kernel_blocks = None
+  if block_fn is None and implementation in KERNEL_IMPLEMENTATIONS:
+    chunk_shape = (b, (length + pad) // (2 * n), h, d)
+    kernel_blocks = {backend: pallas.kernel_reason(backend, chunk_shape, q_BxLxHxD.dtype)
+                     or pallas_block_fn(backend) for backend in ("tpu", "gpu")}
+    if implementation == "interpret":
+      if isinstance(kernel_blocks["tpu"], str):
+        raise ValueError(f"ring_attention: implementation='interpret' cannot serve this call: {kernel_blocks['tpu']}")
+      block_fn, kernel_blocks = pallas_block_fn("tpu", interpret=True), None
+    detail = f"the Pallas flash kernels per block pair (implementation={implementation!r})"
+  elif block_fn is None:
     block_fn = flash_block_fn
-    if use_dropout and batch_axis is not None:
-      sequence.log_once("ring_attention", "dense per-block scores: dropout counters need the global batch index, "
-                                          "which flash_block does not take")
+    if implementation == "reference":
+      block_fn, detail = block_attention, "dense per-block scores (implementation='reference')"
+    elif use_dropout and batch_axis is not None:
       block_fn = block_attention
-  ring = _Ring(axis=ctx.axis, n=n, causal=causal, scale=scale, dropout_rate=dropout_rate if use_dropout else 0.0,
-               block_fn=block_fn)
-
-  def body(q, k, v, mask, seed):
-    batch_offset = jnp.asarray(jax.lax.axis_index(batch_axis) * q.shape[0] if batch_axis else 0, jnp.int32)
-    q, k, v, mask = (_to_zigzag(t, ctx.axis, n) for t in (q, k, v, mask))
-    out = _ring_local(ring, q, k, v, mask, seed, batch_offset)
-    return _from_zigzag(out, ctx.axis, n)
-
+      detail = ("dense per-block scores: dropout counters need the global batch index, which flash_block does not "
+                "take")
+  sequence.ran("ring_attention", "ring", detail)
+  slopes = jnp.zeros((h,), jnp.float32) if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
   spec4, spec2 = P(batch_axis, ctx.axis, None, None), P(batch_axis, ctx.axis)
-  out = sequence.shard_map(body, ctx, in_specs=(spec4, spec4, spec4, spec2, P()), out_specs=spec4)(
-      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask, seed)
+
+  def run(block_fn):
+    ring = _Ring(axis=ctx.axis, n=n, causal=causal, scale=scale, dropout_rate=dropout_rate if use_dropout else 0.0,
+                 alibi=alibi_slopes is not None, block_fn=block_fn)
+
+    def body(q, k, v, mask, seed, slopes):
+      batch_offset = jnp.asarray(jax.lax.axis_index(batch_axis) * q.shape[0] if batch_axis else 0, jnp.int32)
+      q, k, v, mask = (_to_zigzag(t, ctx.axis, n) for t in (q, k, v, mask))
+      out = _ring_local(ring, q, k, v, mask, seed, batch_offset, slopes)
+      return _from_zigzag(out, ctx.axis, n)
+
+    return sequence.shard_map(body, ctx, in_specs=(spec4, spec4, spec4, spec2, P(), P()), out_specs=spec4)(
+        q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask, seed, jax.lax.stop_gradient(slopes))
+
+  if kernel_blocks is not None:  # "pallas": the lowering platform's kernels, never a fallback
+    out = platform.require_kernel("ring_attention", kernels={
+        backend: fn if isinstance(fn, str) else functools.partial(run, fn) for backend, fn in kernel_blocks.items()})
+  else:
+    out = run(block_fn)
   return out[:, :length]
 
 
-__all__ = ["block_attention", "flash_block_fn", "merge", "ring_attention"]
+__all__ = ["KERNEL_IMPLEMENTATIONS", "block_attention", "flash_block_fn", "merge", "pallas_block_fn", "refusal",
+           "ring_attention"]

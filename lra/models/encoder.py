@@ -61,17 +61,44 @@ class EncoderBlock(nn.Module):
     ln_attention, ln_mlp = layer_norm("ln_attention", self.dtype), layer_norm("ln_mlp", self.dtype)
     dropout = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
     shared = dict(shared or {})
-    if sequence_lib.active() is not None:
-      form = layer.sequence_parallel_form()
-      if form is None:
-        sequence_lib.log_fallback(type(layer).__name__)
-      else:
-        sequence_lib.log_once(type(layer).__name__, f"sequence-parallel form {form!r}")
+    attend = lambda h: attend_logging_form(  # noqa: E731
+        "/".join(self.path), layer, h, mask=mask, deterministic=deterministic, **shared)
     if self.post_ln:
-      x = ln_attention(x + dropout(layer(x, mask=mask, deterministic=deterministic, **shared)))
+      x = ln_attention(x + dropout(attend(x)))
       return ln_mlp(x + dropout(mlp(x, deterministic)))
-    x = x + dropout(layer(ln_attention(x), mask=mask, deterministic=deterministic, **shared))
+    x = x + dropout(attend(ln_attention(x)))
     return x + dropout(mlp(ln_mlp(x), deterministic))
+
+
+def attend_logging_form(where: str, layer: nn.Module, x: jax.Array, **kwargs: Any) -> jax.Array:
+  """`layer(x, **kwargs)`; sequence-sharded, it logs the one form that ran (`log_sequence_form`)."""
+  if sequence_lib.active() is None:
+    return layer(x, **kwargs)
+  with sequence_lib.recording() as records:
+    y = layer(x, **kwargs)
+  log_sequence_form(where or "block", layer, records)
+  return y
+
+
+_announced: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def log_sequence_form(where: str, layer: nn.Module, records: list[sequence_lib.Ran]) -> None:
+  """One log line per layer (and form: a train and an eval trace of the same form are one line) naming the
+  sequence-parallel form `layer` ran: the forms its cores recorded with their details, or, when none recorded one,
+  the form the layer declares for GSPMD's partitioning."""
+  ran = [r for r in records if r.form is not None]
+  forms = tuple(dict.fromkeys(r.form for r in ran))
+  details = list(dict.fromkeys(f"{r.form}: {r.detail}" for r in ran))
+  if not ran:
+    declared = layer.sequence_parallel_form()
+    forms = (declared or "fallback",)
+    details = [f"{declared} (the layer's own work, partitioned by GSPMD)" if declared else
+               f"fallback: {sequence_lib.NO_FORM}: {sequence_lib.FALLBACK}"]
+  op = f"{where}/attention ({type(layer).__name__})"
+  if (op, forms) not in _announced:
+    _announced.add((op, forms))
+    sequence_lib.log_once(op, "; ".join(details))
 
 
 class Encoder(nn.Module):

@@ -241,7 +241,29 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     if expected is not None:
       problems.append(f"config.{key}={value!r} is out of range: expected {expected}")
   problems += _attention_problems(config)
+  if not problems:
+    problems += _sequence_parallel_problems(config)
   return problems
+
+
+def _sequence_parallel_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """With `mesh.sequence > 1`, the layers' options their sequence-parallel form cannot honour (a layer's
+  `sequence_parallel_refusal()`, e.g. softmax's explicit Pallas kernels under the ring): refused, never dropped."""
+  found, size = _lookup(config, "mesh.sequence")
+  if not found or not _is_int(size) or size <= 1:
+    return []
+  from lra.models import embeddings  # pylint: disable=g-import-not-at-top
+  cls = attention_lib.get_class(config.model.attention.name)
+  # The encoder-owned options a form may depend on (attention dropout, relative positions), as the encoder sets them.
+  owned = {"dropout_rate": config.model.get("attention_dropout_rate", 0.0),
+           "positions": embeddings.layer_positions(config.model.get("pos_encoding", "learned"))}
+  problems = []
+  for layer_options in resolved_layers(config):
+    refusal = getattr(cls(**dict(layer_options), **owned), "sequence_parallel_refusal", lambda: None)()
+    if refusal is not None:
+      refusal = refusal.replace("mesh.sequence > 1", f"config.mesh.sequence={size}", 1)
+      problems.append(f"config.model.attention: {refusal}")
+  return list(dict.fromkeys(problems))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

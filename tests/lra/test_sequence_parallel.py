@@ -78,7 +78,11 @@ def test_data2_sequence4_trains_like_one_device(runs):
 
 
 def test_sharded_run_uses_the_sequence_parallel_forms(runs):
-  assert "ring attention" in runs[1], runs[1][-2000:]
+  """The encoder logs one line per layer naming the form its core recorded (kernels.sequence.recording): the ring."""
+  lines = [l for l in runs[1].splitlines() if "sequence parallel: " in l and "/block_" in l]
+  assert lines and all("(SoftmaxAttention): ring: " in l for l in lines), runs[1][-2000:]
+  # One line per layer: the train and eval steps (dense and flash blocks) run the same form.
+  assert len({l.split("sequence parallel: ")[1].split(" ")[0] for l in lines}) == len(lines), lines
 
 
 def test_resume_with_another_sequence_matches_uninterrupted(runs):
@@ -107,8 +111,29 @@ def test_two_processes_with_sequence_across_them_train_like_one(data_cache, tmp_
   results = run_processes(argv, timeout=MULTIHOST_TIMEOUT)
   for i, r in enumerate(results):
     assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
-  assert "ring attention" in results[0].stderr
+  assert "(SoftmaxAttention): ring: " in results[0].stderr
   multi = [r["loss"] for r in read_metrics(tmp_path / "mh") if r["split"] == "train"]
   one = [r["loss"] for r in read_metrics(tmp_path / "single") if r["split"] == "train"]
   assert len(multi) == 3
   np.testing.assert_allclose(multi, one, rtol=RTOL)
+
+
+@pytest.mark.parametrize("attention_dropout,pos_encoding,refused", [
+    (0.1, "learned", "attention dropout"), (0.0, "alibi", "pos_encoding='alibi'"), (0.0, "learned", None)])
+def test_config_refuses_what_the_ring_cannot_honour(data_cache, attention_dropout, pos_encoding, refused):
+  """An explicit Pallas softmax with mesh.sequence > 1 runs the kernels in the ring, except with attention dropout or
+  ALiBi: refused before any data is read, in one line naming the option and mesh.sequence (never run without it)."""
+  from lra.training import config_checks
+  config = tiny_listops_config(data_cache)
+  config.model.attention.name = "softmax"
+  config.model.attention.implementation = "pallas"
+  config.model.attention_dropout_rate, config.model.pos_encoding = attention_dropout, pos_encoding
+  config.mesh.sequence = 4
+  problems = config_checks.config_problems(config)
+  if refused is None:
+    assert problems == []
+    return
+  assert len(problems) == 1 and refused in problems[0] and "implementation='pallas'" in problems[0], problems
+  assert "config.mesh.sequence=4" in problems[0] and "\n" not in problems[0]
+  config.mesh.sequence = 1  # one device: the kernels' own rules (ALiBi is refused by the kernels themselves)
+  assert not any("mesh.sequence" in p for p in config_checks.config_problems(config))
