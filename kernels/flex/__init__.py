@@ -25,6 +25,9 @@ Implementations (the op template):
 Each call is planned once (`plan`): tiles, tables, the backend or the reason none serves it; the plan is logged once.
 
 Built-in score functions (`alibi`, `softcap`, `relative_position_bias`, with `t5_bucket`) live here too.
+
+Not here yet: a sequence-parallel form (the op has no `sequence_parallel.py`; the mask and dropout counters use
+local query indices, so a sharded call needs a query offset the entry does not take).
 """
 
 from __future__ import annotations
