@@ -101,7 +101,8 @@ def test_errors_name_the_bad_value():
 def test_sinusoidal_table_values():
   table = sinusoidal_table(50, 8)
   assert table.shape == (50, 8)
-  # Vaswani's interleaved layout: sin in even columns, cos in odd ones (the formula itself: tests/lra/test_positions.py).
+  # Vaswani's interleaved layout: sin in even columns, cos in odd ones (the formula itself:
+  # tests/lra/models/test_embeddings.py).
   np.testing.assert_allclose(table[0, 0::2], 0.0)
   np.testing.assert_allclose(table[0, 1::2], 1.0)
   np.testing.assert_allclose(table[:, 0::2] ** 2 + table[:, 1::2] ** 2, 1.0, rtol=1e-6)

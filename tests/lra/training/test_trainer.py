@@ -18,7 +18,7 @@ from lra.training.trainer import STEPS_PER_SECOND
 from lra.training.metric_writers import read_metrics
 from tests.conftest import python_path, tiny_listops_config, xla_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 def _params(config, workdir, which="latest"):
@@ -152,5 +152,5 @@ def test_data_parallel_on_8_devices_matches_one_device(data_cache, tmp_path):
   losses = json.loads(proc.stdout.strip().splitlines()[-1])
   assert len(losses["1"]) == 10
   np.testing.assert_allclose(losses["8"], losses["1"], rtol=2e-5)
-"""Appended to tests/lra/test_training.py."""
+"""Appended to tests/lra/training/test_trainer.py."""
 

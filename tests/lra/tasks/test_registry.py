@@ -18,7 +18,7 @@ from configs import common
 from lra import tasks
 from lra.tasks import registry
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 CONFIGS = {"listops": "lra/listops", "text": "lra/text", "retrieval": "lra/retrieval", "image": "lra/image",
            "pathfinder": "lra/pathfinder", "pathx": "lra/pathx", "mqar": "mqar"}
 

@@ -23,7 +23,7 @@ from lra.training import train_and_evaluate
 from tests.attention import contract
 from tests.conftest import python_path
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.filterwarnings("ignore:.*the WikiText-2 release has")
 
 
