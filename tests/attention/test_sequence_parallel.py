@@ -231,6 +231,41 @@ def _kernel_cases(mesh, compare) -> list[dict]:
               "grads": max(compare(a, b) for a, b in zip(g1, g0))}
       out.append(case)
       print(json.dumps(case), flush=True)
+  out += _export_cases(mesh)
+  return out
+
+
+def _export_cases(mesh) -> list[dict]:
+  """The ring's training step with `implementation="pallas"` exported for cuda and tpu from the fake CPU devices
+  (bfloat16, head dim 64, 64-token chunks: the GPU tile): its block pairs reach the platform's kernels, forward and
+  backward, inside the shard_map, scan and cond (a lowering error here is what a GPU/TPU user would hit)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from kernels import sequence
+  from kernels.softmax import sequence_parallel as ring
+
+  spec = jax.ShapeDtypeStruct((2, 2 * 4 * 64, 1, 64), jnp.bfloat16,
+                              sharding=NamedSharding(mesh, P("data", "sequence")))
+
+  def step(q, k, v):
+    def loss(q, k, v):
+      with sequence.use_mesh(mesh):
+        return jnp.sum(ring.ring_attention(q, k, v, causal=True, implementation="pallas").astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  out = []
+  for platform, target in (("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu_v2")):
+    case = {"name": "export:ring_pallas", "platform": platform}
+    try:
+      exported = jax.export.export(jax.jit(step), platforms=[platform], disabled_checks=[
+          jax.export.DisabledSafetyCheck.custom_call(target)])(spec, spec, spec)
+      case["kernel_calls"] = exported.mlir_module().count(f"custom_call @{target}(")
+    except Exception as e:  # reported per platform
+      case["error"] = f"{type(e).__name__}: {e}"[:2000]
+    out.append(case)
+    print(json.dumps(case), flush=True)
   return out
 
 
@@ -376,6 +411,16 @@ def test_encoder_logs_one_line_per_layer_naming_the_form_that_ran(results, name,
     assert f"): {form}: " in mine[0] and all(f"): {other}" not in mine[0] for other in ("ring", "halo", "state",
                                                                                           "fallback") if other != form), mine
   assert len(case["lines"]) == 2, case["lines"]  # nothing else announces a form
+
+
+def test_pallas_ring_lowers_for_cuda_and_tpu(results):
+  """An explicit "pallas" ring reaches the platform's kernels when exported for cuda and for tpu (forward: one
+  kernel per block pair of hop 0 and of each branch of later hops; backward: dq and dk/dv kernels besides)."""
+  cases = [c for c in results[0] if c["name"] == "export:ring_pallas"]
+  assert {c["platform"] for c in cases} == {"tpu", "cuda"}, cases
+  for case in cases:
+    assert "error" not in case, case
+    assert case["kernel_calls"] >= 3 * 7, case  # 7 block pairs traced, each with a forward and backward kernels
 
 
 def test_pallas_ring_block_matches_the_flash_block():
