@@ -408,8 +408,8 @@ def test_encoder_logs_one_line_per_layer_naming_the_form_that_ran(results, name,
   for i in range(2):
     mine = [l for l in case["lines"] if f"block_{i}/attention " in l]
     assert len(mine) == 1, case["lines"]
-    assert f"): {form}: " in mine[0] and all(f"): {other}" not in mine[0] for other in ("ring", "halo", "state",
-                                                                                          "fallback") if other != form), mine
+    others = [f for f in ("ring", "halo", "state", "fallback") if f != form]
+    assert f"): {form}: " in mine[0] and all(f"): {other}" not in mine[0] for other in others), mine
   assert len(case["lines"]) == 2, case["lines"]  # nothing else announces a form
 
 
