@@ -5,8 +5,8 @@ Write the recurrence as `S_i = a_i S_{i-1} + beta_i k_i e_i^T` with the predicti
 k_i`. Inside a chunk entered with state `S_in`, with `b_i` the cumulative log-decay from the chunk's start and
 `R_ij = exp(b_i - b_j)` (j <= i; every exponent <= 0):
   (I + A) E = V - diag(exp(b)) K S_in,     A_ij = R_ij beta_j (k_i . k_j)  for j < i (strictly lower)
-so with the UT transform `T = (I + A)^-1` (one unit-lower triangular solve per chunk, shared by both right-hand
-sides): `U = T V`, `W = T diag(exp(b)) K`, `E = U - W S_in`, and
+so with the UT transform `T = (I + A)^-1` (`unit_lower_inverse`: one unit-lower triangular solve per chunk, its
+backward pass matmuls only; shared by both right-hand sides): `U = T V`, `W = T diag(exp(b)) K`, `E = U - W S_in`, and
   O = diag(exp(b)) Q S_in + M E,           M_ij = R_ij beta_j (q_i . k_j)  for j <= i
   S_out = exp(b_C) S_in + (K * beta * exp(b_C - b))^T E.
 `T`, `U`, `W` and `M` of every chunk are computed in parallel; only `S_out = (exp(b_C) I - Kd^T W) S_in + Kd^T U` is
@@ -22,6 +22,28 @@ from kernels.gated_linear.reference import state_dtype
 from kernels.gated_linear.xla import chunk_masks, decay_matrix, pad_to_chunks, segment_chunks
 
 DEFAULT_CHUNK = 64
+
+
+@jax.custom_vjp
+def unit_lower_inverse(a_XxCxC: jax.Array) -> jax.Array:
+  """`T = (I + A)^-1` for strictly lower-triangular `A`: one triangular solve (exact substitution) forward; the
+  backward pass is matmuls only, `dA = -T^T dT T^T`. (XLA:CPU's differentiated batched triangular solve hung here,
+  asleep, on 4K-token inputs at head dim 64 on the 2-core machine; the forward solve ran.)"""
+  eye = jnp.broadcast_to(jnp.eye(a_XxCxC.shape[-1], dtype=a_XxCxC.dtype), a_XxCxC.shape)
+  return jax.scipy.linalg.solve_triangular(eye + a_XxCxC, eye, lower=True, unit_diagonal=True)
+
+
+def _inverse_fwd(a):
+  t = unit_lower_inverse(a)
+  return t, t
+
+
+def _inverse_bwd(t, dt):
+  t_t = jnp.swapaxes(t, -1, -2)
+  return (-(t_t @ dt @ t_t),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
 def delta_rule_xla(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.Array, beta_BxLxH: jax.Array,
@@ -52,8 +74,7 @@ def delta_rule_xla(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.Ar
   m = jnp.einsum("bihk,bjhk->bhij", q, k) * ratio * beta_j
   gate_in = jnp.where(enter[:, :, None], jnp.exp(cum), 0.0)  # [BN, C, H]
   rhs = jnp.concatenate([v, k * gate_in[..., None]], axis=-1)  # [BN, C, H, V + K]
-  eye = jnp.eye(c, dtype=dt)
-  uw = jax.scipy.linalg.solve_triangular(eye + a, jnp.moveaxis(rhs, 2, 1), lower=True, unit_diagonal=True)
+  uw = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(a), jnp.moveaxis(rhs, 2, 1))
   u, w = uw[..., :dv], uw[..., dv:]  # [BN, H, C, V], [BN, H, C, K]
   k_out = jnp.where(keep[:, :, None], beta * jnp.exp(total[:, None] - cum), 0.0)[..., None] * k  # [BN, C, H, K]
   decay_out = jnp.where(carry[:, None], jnp.exp(total), 0.0)  # [BN, H]
@@ -75,4 +96,4 @@ def delta_rule_xla(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.Ar
   return out.astype(v_BxLxHxV.dtype), state
 
 
-__all__ = ["DEFAULT_CHUNK", "delta_rule_xla"]
+__all__ = ["DEFAULT_CHUNK", "delta_rule_xla", "unit_lower_inverse"]
