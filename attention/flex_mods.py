@@ -250,7 +250,7 @@ def sliding_window(ctx: ModContext, window: int) -> MaskMod:
 def dilated(ctx: ModContext, window: int, dilation: int) -> MaskMod:
   del ctx
   return lambda b, h, q_idx, kv_idx: ((jnp.abs(q_idx - kv_idx) < window * dilation)
-                                      & ((q_idx - kv_idx) % dilation == 0))
+                                      & (jax.lax.rem(q_idx - kv_idx, jnp.asarray(dilation, jnp.int32)) == 0))
 
 
 @register_mask("prefix_lm", options={"prefix_length": Option(0, Integer(0))})

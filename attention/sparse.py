@@ -46,6 +46,17 @@ class BlockSparseAttention(AttentionLayer):
   implementation: str | None = None
   option_ranges = {"block_size": Integer(1), "implementation": OneOf(IMPLEMENTATIONS)}
 
+  def kernel_tiles(self) -> int | None:
+    """Flex tiles for this layer (the mask is token-level, so any tile size gives the same values). A multiple of
+    `block_size` keeps the pattern's own tiles full (no mask work; BigBird's random-block table then never has to be
+    evaluated inside a kernel); 64 is the smallest tile the GPU kernels take (so 32-token blocks run in 64-token tiles
+    whose partial tiles evaluate the mask); None: flex's default tiles."""
+    if self.block_size % 64 == 0 and self.block_size <= 128:
+      return self.block_size
+    if 64 % self.block_size == 0:
+      return 64
+    return None
+
   def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
     """The pattern as a token-level `mask_mod(b, h, q_idx, kv_idx)` over `num_blocks` blocks of `block_size` tokens
     (causal ones included `kv_idx <= q_idx`)."""
@@ -85,7 +96,7 @@ class BlockSparseAttention(AttentionLayer):
     if y is None:
       y = flex_attention(q, k, v, mask_mod=self.mask_mod(layout_HxNxN.shape[-1], self.block_size),
                          key_mask=key_mask_BxL, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-                         implementation=self.implementation, block_size=self.block_size)
+                         implementation=self.implementation, block_size=self.kernel_tiles())
     return self.project_out(y[:, :length], x.shape[-1])
 
 

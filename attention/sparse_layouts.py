@@ -44,14 +44,28 @@ def _check_window(window: int, causal: bool) -> None:
                      f"got window={window}")
 
 
+def _div(x, n: int):
+  """`x // n` for the non-negative index arrays of a mask_mod, as a truncating `lax.div`: jnp's floor division
+  adds a `sign`, whose Mosaic TPU lowering asks for the TPU's generation (so a step exported for TPU from a CPU
+  host failed in the kernel)."""
+  x = jnp.asarray(x)
+  return jax.lax.div(x, jnp.asarray(n, x.dtype))
+
+
+def _multiple_of(d, n: int):
+  """`d % n == 0` for any sign of d (a truncating `lax.rem` is 0 exactly where the floor modulo is)."""
+  d = jnp.asarray(d)
+  return jax.lax.rem(d, jnp.asarray(n, d.dtype)) == 0
+
+
 def _blocks(q_idx, kv_idx, block_size: int):
-  qb, kb = q_idx // block_size, kv_idx // block_size
+  qb, kb = _div(q_idx, block_size), _div(kv_idx, block_size)
   return qb, kb, qb - kb
 
 
 def _window(d, window: int, causal: bool, dilation=1):
   """The band of `window` blocks (centred, or the block and `window - 1` before it) on the grid `d % dilation`."""
-  on_grid = d % dilation == 0
+  on_grid = _multiple_of(d, dilation)
   if causal:
     return on_grid & (d >= 0) & (d < window * dilation)
   return on_grid & (jnp.abs(d) <= (window // 2) * dilation)
@@ -95,7 +109,7 @@ def strided_mask(*, block_size: int, stride: int, causal: bool = True) -> MaskMo
 
   def mask(b, h, q_idx, kv_idx):
     d = _blocks(q_idx, kv_idx, block_size)[2]
-    return (jnp.abs(d) < stride) | (d % stride == 0)
+    return (jnp.abs(d) < stride) | _multiple_of(d, stride)
   return _causal(mask, causal)
 
 
@@ -112,7 +126,7 @@ def fixed_mask(*, block_size: int, stride: int, c: int, causal: bool = True) -> 
 
   def mask(b, h, q_idx, kv_idx):
     qb, kb, _ = _blocks(q_idx, kv_idx, block_size)
-    return (qb // stride == kb // stride) | (kb % stride >= stride - c)
+    return (_div(qb, stride) == _div(kb, stride)) | (kb - stride * _div(kb, stride) >= stride - c)
   return _causal(mask, causal)
 
 

@@ -174,12 +174,27 @@ def _kernel_reasons(q, k, mask_mod, score_mod, bm: BlockMask) -> dict:
   if score_arrays:
     common = ("score_mod closes over arrays (e.g. a learned bias table): the kernels evaluate pure index functions "
               "and cannot accumulate those arrays' gradients")
-  elif mask_arrays:
+  elif mask_arrays and not _without_partial_tiles(bm):
     common = ("mask_mod closes over arrays (e.g. document ids): the kernels evaluate pure index functions of "
               "(b, h, q_idx, kv_idx)")
   for backend in ("tpu", "gpu"):
     reasons[backend] = common or check_supported(q.shape, k.shape, q.dtype, bm, backend)
   return reasons
+
+
+def _without_partial_tiles(bm: BlockMask) -> bool:
+  """Concrete tables with no partial tile: the kernels never evaluate the mask (full tiles need no mask work), so a
+  mask closing over a constant table (BigBird's random blocks at tiles of its block size) is no obstacle."""
+  try:
+    return not np.asarray(bm.kv_num_partial).any()
+  except Exception:  # noqa: BLE001  (traced tables: unknown until the program runs)
+    return False
+
+
+def _every_key(b, h, q_idx, kv_idx):
+  """Stands in for a mask the kernels never evaluate (no partial tiles): a pure index function they can trace."""
+  del b, h
+  return jnp.full(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx)), True)
 
 
 def _check(q, k, v, key_mask, block_mask, implementation, dropout_rate) -> None:
@@ -266,7 +281,10 @@ def flex_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_mod=None, s
 
   def kernel(backend, interpret):
     from kernels.flex.pallas import flex_attention_pallas  # noqa: PLC0415
-    return lambda: flex_attention_pallas(q, k, v, p.block_mask, backend=backend, interpret=interpret, **common)
+    kernel_common = common
+    if closes_over_arrays(p.mask_mod, *_index_examples(False))[0] and _without_partial_tiles(p.block_mask):
+      kernel_common = {**common, "mask_mod": _every_key}
+    return lambda: flex_attention_pallas(q, k, v, p.block_mask, backend=backend, interpret=interpret, **kernel_common)
 
   if implementation == "xla":
     return xla()

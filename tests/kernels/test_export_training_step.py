@@ -29,16 +29,18 @@ from lra.training import trainer
 TARGETS = {"cuda": "mosaic_gpu_v2", "tpu": "tpu_custom_call"}
 LINEAR_KERNELS = ("linear_attention_fwd", "linear_attention_bwd")  # non-causal: *_fwd(_state), *_bwd(_state)
 SPARSE_KERNELS = ("block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv")
+FLEX_KERNELS = ("flex_fwd", "flex_bwd_dq", "flex_bwd_dkv")
 VARIANTS = {  # name: (attention options, kernel names the exported step must hold)
     "linear": ({}, LINEAR_KERNELS),
     "performer": ({}, LINEAR_KERNELS),  # num_features=256: two 128-wide feature blocks on cuda
     "transnormer": ({}, LINEAR_KERNELS),  # layer 0 "diag" (block-diagonal softmax, XLA), layer 1 "norm" (kernel)
-    # Registry defaults: 32-token blocks (local, longformer, sparse_transformer) run in 64-token GPU tiles that mask
-    # the layout's blocks inside them; bigbird's blocks are 64 tokens.
-    "local": ({}, SPARSE_KERNELS),
-    "bigbird": ({}, SPARSE_KERNELS),
-    "longformer": ({}, SPARSE_KERNELS),
-    "sparse_transformer": ({}, SPARSE_KERNELS),
+    # Registry defaults, through the flex kernels: 32-token blocks (local, longformer, sparse_transformer) run in
+    # 64-token tiles whose partial tiles evaluate the mask; bigbird's 64-token blocks are its tiles, all full, so its
+    # random-block table never reaches a kernel.
+    "local": ({}, FLEX_KERNELS),
+    "bigbird": ({}, FLEX_KERNELS),
+    "longformer": ({}, FLEX_KERNELS),
+    "sparse_transformer": ({}, FLEX_KERNELS),
 }
 LENGTH, BATCH = 256, 2
 
