@@ -60,7 +60,10 @@ def test_resolve_applies_defaults_then_the_schedule_then_the_user_then_layer_opt
   resolved = attention.resolve("transnormer", 2, {"mode": "norm"}, layer_options=[{"mode": "diag"}, {}])
   assert [o["mode"] for o in resolved] == ["diag", "norm"]
   # A variant without a schedule: the same options in every layer.
-  assert attention.resolve("softmax", 3, {"implementation": "xla"}) == ({"implementation": "xla"},) * 3
+  softmax_defaults = {k: v for k, v in attention.options("softmax").items()
+                      if k not in attention.encoder_owned_options()}
+  assert attention.resolve("softmax", 3, {"implementation": "xla"}) == (
+      {**softmax_defaults, "implementation": "xla"},) * 3
 
 
 def test_resolve_refuses_bad_options_naming_them():
