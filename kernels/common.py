@@ -134,3 +134,26 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
 
 
 __all__ += ["AUTO_DTYPE", "DTYPE_BY_NAME", "DTYPE_NAMES", "resolve_dtype"]
+
+
+def check_state_core_inputs(op: str, implementations: tuple, implementation, q, k, v, chunk_size: int, key_mask,
+                            segment_ids, initial_state) -> None:
+  """The checks every state-carrying chunked core (gated linear attention, the delta rule) makes of a call: the
+  implementation, q/k/v `[batch, length, heads, dim]`, the chunk, per-token masks and the carried state's shape."""
+  if implementation not in implementations:
+    raise ValueError(f"unknown {op} implementation {implementation!r}; valid choices: {implementations}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, length, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+  if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"q and k must have one shape and v their batch, length and heads; got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size=}")
+  for name, x in (("key_mask", key_mask), ("segment_ids", segment_ids)):
+    if x is not None and tuple(x.shape) != q.shape[:2]:
+      raise ValueError(f"{name} must have shape [batch, length] = {q.shape[:2]}, got {tuple(x.shape)}")
+  want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+  if initial_state is not None and tuple(initial_state.shape) != want:
+    raise ValueError(f"initial_state must be [batch, heads, key dim, value dim] = {want}, got "
+                     f"{tuple(initial_state.shape)}")
+__all__ += ["check_state_core_inputs"]

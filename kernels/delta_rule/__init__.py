@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import platform
+from kernels.common import check_state_core_inputs
 from kernels.delta_rule.reference import delta_rule_reference, delta_rule_step
 from kernels.delta_rule.xla import DEFAULT_CHUNK, delta_rule_xla
 
@@ -28,25 +29,11 @@ NO_KERNEL = "no Pallas kernel for the delta rule yet: the chunked XLA form runs"
 
 
 def _check(q, k, v, beta, log_decay, chunk_size, implementation, key_mask, segment_ids, initial_state):
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"q, k, v must be [batch, length, heads, dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
-  if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"q and k must have one shape and v their batch, length and heads; got {q.shape}, {k.shape}, "
-                     f"{v.shape}")
+  check_state_core_inputs(OP, IMPLEMENTATIONS, implementation, q, k, v, chunk_size, key_mask, segment_ids,
+                          initial_state)
   for name, x in (("beta", beta), ("log_decay", log_decay)):
     if x is not None and tuple(x.shape) != q.shape[:3]:
       raise ValueError(f"{name} must be [batch, length, heads] = {q.shape[:3]}, got {tuple(x.shape)}")
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size=}")
-  for name, x in (("key_mask", key_mask), ("segment_ids", segment_ids)):
-    if x is not None and tuple(x.shape) != q.shape[:2]:
-      raise ValueError(f"{name} must have shape [batch, length] = {q.shape[:2]}, got {tuple(x.shape)}")
-  want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-  if initial_state is not None and tuple(initial_state.shape) != want:
-    raise ValueError(f"initial_state must be [batch, heads, key dim, value dim] = {want}, got "
-                     f"{tuple(initial_state.shape)}")
 
 
 def mask_tokens(beta: jax.Array, log_decay: jax.Array | None, key_mask: jax.Array | None):
