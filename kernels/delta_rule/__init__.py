@@ -9,7 +9,13 @@ restart the state at each boundary (packed sequences); `initial_state` / `return
   "reference"  `reference.py`: the token-by-token recurrence: the ground truth in tests;
   "xla"        `xla.py`: chunked through the WY / UT-transform representation (one triangular solve per chunk, the
                chunk transitions scanned);
-  None         the XLA form on every platform (no Pallas kernel for this op yet; logged once on cuda / tpu).
+  "pallas"     `pallas.py` over `pallas_tpu.py` (Mosaic TPU): the chunk transforms (UT transform, U, W, the
+               in-chunk matrix) in XLA, the sequential part (the state carried across chunks) in the kernel, its
+               backward pass a reverse-chunk kernel (custom_vjp); no segment_ids / initial_state / return_state,
+               chunk a multiple of 8; no Mosaic GPU kernel yet. Never falls back: a call it cannot serve is an error;
+  "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them);
+  None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`): the TPU kernel
+               on tpu where it serves the call, else the XLA form, the reason logged once (cuda: no kernel yet).
 Precision: float32 inside whatever the input dtype; the output has v's dtype.
 """
 
@@ -20,12 +26,27 @@ import jax.numpy as jnp
 
 from kernels import platform
 from kernels.common import check_state_core_inputs
+from kernels.delta_rule.pallas import delta_rule_pallas
 from kernels.delta_rule.reference import delta_rule_reference, delta_rule_step
+from kernels.delta_rule.tables import check_supported
 from kernels.delta_rule.xla import DEFAULT_CHUNK, delta_rule_xla
 
-IMPLEMENTATIONS = ("reference", "xla", None)
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
 OP = "delta_rule_attention"
-NO_KERNEL = "no Pallas kernel for the delta rule yet: the chunked XLA form runs"
+
+
+def _kernels(q, k, v, beta, log_decay, chunk_size, **unsupported) -> dict:
+  """Per backend: a thunk running its kernel on this call, or the reason it cannot serve it."""
+  out = {}
+  for backend in ("tpu", "gpu"):
+    try:
+      check_supported(q.shape, v.shape, chunk_size, backend, **unsupported)
+    except ValueError as err:
+      out[backend] = str(err)
+      continue
+    out[backend] = (lambda b: lambda: delta_rule_pallas(  # noqa: E731  (bind the backend now)
+        q, k, v, beta, log_decay, chunk_size=chunk_size, backend=b))(backend)
+  return out
 
 
 def _check(q, k, v, beta, log_decay, chunk_size, implementation, key_mask, segment_ids, initial_state):
@@ -56,13 +77,26 @@ def delta_rule_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
   beta, log_decay = mask_tokens(beta, log_decay, key_mask)
   if implementation == "reference":
     out, state = delta_rule_reference(q, k, v, beta, log_decay, segment_ids=segment_ids, initial_state=initial_state)
-  else:
-    xla = lambda: delta_rule_xla(q, k, v, beta, log_decay, chunk_size=chunk_size,  # noqa: E731
-                                 segment_ids=segment_ids, initial_state=initial_state)
-    out, state = xla() if implementation == "xla" else platform.dispatch(
-        OP, xla=xla, kernels={"gpu": NO_KERNEL, "tpu": NO_KERNEL})
-  return (out, state) if return_state else out
+    return (out, state) if return_state else out
+  xla = lambda: delta_rule_xla(q, k, v, beta, log_decay, chunk_size=chunk_size,  # noqa: E731
+                               segment_ids=segment_ids, initial_state=initial_state)
+  if implementation == "xla":
+    out, state = xla()
+    return (out, state) if return_state else out
+  if return_state:  # the kernels return no state
+    if implementation is not None:  # explicit kernels never fall back
+      raise ValueError(f"{OP}: return_state=True is served by implementation='xla' or None, not {implementation!r}")
+    reason = "return_state=True is served by the XLA form only"
+    return platform.dispatch(OP, xla=xla, kernels={"tpu": reason, "gpu": reason})
+  unsupported = dict(segment_ids=segment_ids is not None, initial_state=initial_state is not None, return_state=False)
+  if implementation == "interpret":
+    check_supported(q.shape, v.shape, chunk_size, "tpu", **unsupported)
+    return delta_rule_pallas(q, k, v, beta, log_decay, chunk_size=chunk_size, backend="tpu", interpret=True)
+  kernels = _kernels(q, k, v, beta, log_decay, chunk_size, **unsupported)
+  if implementation == "pallas":
+    return platform.require_kernel(OP, kernels=kernels)
+  return platform.dispatch(OP, xla=lambda: xla()[0], kernels=kernels)
 
 
-__all__ = ["IMPLEMENTATIONS", "OP", "delta_rule_attention", "delta_rule_reference", "delta_rule_step",
-           "delta_rule_xla", "mask_tokens"]
+__all__ = ["IMPLEMENTATIONS", "OP", "delta_rule_attention", "delta_rule_pallas", "delta_rule_reference",
+           "delta_rule_step", "delta_rule_xla", "mask_tokens"]

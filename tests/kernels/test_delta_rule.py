@@ -1,11 +1,16 @@
 """`kernels.delta_rule` against its token-by-token recurrence: values and gradients of the chunked (WY / UT) XLA form
 with chunk sizes that do not divide the length, key padding, packed segments, beta at 0, at 1 and between, no decay
 (DeltaNet) and decays near 0 and near 1 (Gated DeltaNet); float32 against a float64 recurrence; decode steps; carried
-states; bfloat16; errors. Tolerances: float32 2e-5 (absolute on O(1) values); bfloat16 0.05 of the output's scale."""
+states; bfloat16; errors. The Pallas kernels (the TPU kernels in interpret mode) against the recurrence: values and
+gradients with and without decay, key padding, a chunk that does not divide the length; bfloat16 inputs; calls the
+kernel cannot serve; their tpu lowering (jax.export). Tolerances: float32 2e-5 (absolute on O(1) values); bfloat16
+0.05 of the output's scale."""
 
 from __future__ import annotations
 
 import functools
+import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ import pytest
 
 from kernels.delta_rule import delta_rule_reference, delta_rule_step
 from kernels.delta_rule import delta_rule_attention as _entry
+from kernels.platform import KernelUnavailableError
 
 B, L, H, K, V = 2, 11, 2, 4, 3
 SEGMENTS = jnp.array([[0] * 4 + [1] * 7, [0] * 2 + [3] * 5 + [7] * 4])
@@ -132,7 +138,93 @@ def test_bad_inputs_are_one_line_errors():
   q, k, v, b, g, _ = _inputs("near1")
   with pytest.raises(ValueError, match=r"beta must be \[batch, length, heads\]"):
     _entry(q, k, v, b[..., :1], g)
-  with pytest.raises(ValueError, match="unknown delta_rule_attention implementation 'pallas'"):
-    _entry(q, k, v, b, g, implementation="pallas")
+  with pytest.raises(ValueError, match="unknown delta_rule_attention implementation 'triton'"):
+    _entry(q, k, v, b, g, implementation="triton")
   with pytest.raises(ValueError, match="initial_state must be"):
     _entry(q, k, v, b, g, initial_state=jnp.zeros((B, H, K, K)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Pallas kernels (kernels/delta_rule/pallas.py, pallas_tpu.py), in interpret mode on CPU.
+
+KB, KL, KH, KD, KCHUNK = 2, 40, 2, 16, 16  # 16 does not divide 40: the last chunk is padded
+KERNEL_MASK = jnp.arange(KL)[None] < jnp.array([[29], [KL]])  # key padding at the end of row 0
+
+
+def _kernel_inputs(decay: str, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.key(7), 6)
+  q, k = (_unit(jax.random.normal(x, (KB, KL, KH, KD))) for x in ks[:2])
+  v = jax.random.normal(ks[2], (KB, KL, KH, KD))
+  b = jax.random.uniform(ks[3], (KB, KL, KH))
+  g = None if decay == "none" else jax.random.uniform(ks[4], (KB, KL, KH), minval=-2.0, maxval=-1e-3)
+  cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
+  return (*(cast(x) for x in (q, k, v, b, g)), jax.random.normal(ks[5], (KB, KL, KH, KD)))
+
+
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def _kernel_value_and_grads(q, k, v, b, g, ct, *, implementation):
+  def f(q, k, v, b, g):
+    out = _entry(q, k, v, b, g, chunk_size=KCHUNK, key_mask=KERNEL_MASK, implementation=implementation)
+    return jnp.sum(out * ct), out
+  argnums = (0, 1, 2, 3) if g is None else (0, 1, 2, 3, 4)
+  (_, out), grads = jax.value_and_grad(f, argnums=argnums, has_aux=True)(q, k, v, b, g)
+  return out, grads
+
+
+@pytest.mark.parametrize("decay", ["none", "gated"])
+def test_interpret_kernel_matches_the_recurrence(decay):
+  q, k, v, b, g, ct = _kernel_inputs(decay)
+  want, want_grads = _kernel_value_and_grads(q, k, v, b, g, ct, implementation="reference")
+  got, grads = _kernel_value_and_grads(q, k, v, b, g, ct, implementation="interpret")
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  for name, x, y in zip(("q", "k", "v", "beta", "log_decay"), grads, want_grads):
+    np.testing.assert_allclose(x, y, atol=2e-5, rtol=2e-5, err_msg=f"d{name}")
+  # Key padding by gradients: a padded token reaches no real output, and the padded rows' inputs get none.
+  np.testing.assert_array_equal(np.asarray(grads[2])[0, 29:], 0.0)
+  assert np.abs(np.asarray(grads[2])[0, :29]).max() > 0
+
+
+def test_interpret_kernel_bfloat16_inputs_stay_finite_and_close():
+  q, k, v, b, g, _ = _kernel_inputs("gated")
+  want = delta_rule_attention(q, k, v, b, g, chunk_size=KCHUNK, key_mask=KERNEL_MASK, implementation="reference")
+  got = delta_rule_attention(*_kernel_inputs("gated", jnp.bfloat16)[:5], chunk_size=KCHUNK, key_mask=KERNEL_MASK,
+                             implementation="interpret")
+  assert got.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(got, np.float32)))
+  assert np.abs(np.asarray(got, np.float32) - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_explicit_pallas_never_falls_back():
+  q, k, v, b, g, _ = _kernel_inputs("gated")
+  segments = jnp.zeros((KB, KL), jnp.int32)
+  with pytest.raises(KernelUnavailableError, match="segment_ids / initial_state / return_state"):
+    _entry(q, k, v, b, g, chunk_size=KCHUNK, segment_ids=segments, implementation="pallas")
+  with pytest.raises(ValueError, match="segment_ids / initial_state / return_state"):
+    _entry(q, k, v, b, g, chunk_size=KCHUNK, segment_ids=segments, implementation="interpret")
+  with pytest.raises(ValueError, match="chunk=12 must be a multiple of 8"):
+    _entry(q, k, v, b, g, chunk_size=12, implementation="interpret")
+  with pytest.raises(ValueError, match="return_state=True is served by implementation='xla' or None"):
+    _entry(q, k, v, b, g, chunk_size=KCHUNK, return_state=True, implementation="pallas")
+
+
+def test_kernels_export_for_tpu_and_the_xla_form_for_cuda_is_logged(caplog):
+  """The forward and backward kernels in a differentiated call lowered for tpu (`implementation=None`); cuda (no
+  Mosaic GPU kernel yet) holds the XLA form with the reason logged, and an explicit "pallas" is an error there."""
+  shapes = [jax.ShapeDtypeStruct((1, KL, KH, KD), jnp.bfloat16)] * 3 + [jax.ShapeDtypeStruct((1, KL, KH),
+                                                                                              jnp.bfloat16)] * 2
+
+  def grads(implementation):
+    loss = lambda *a: jnp.sum(_entry(*a, chunk_size=KCHUNK, implementation=implementation).astype(jnp.float32))  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+  step = grads(None)
+  module = jax.export.export(step, platforms=["tpu"])(*shapes).mlir_module()
+  assert re.findall(r"custom_call @(\w+)\(", module) == ["tpu_custom_call"] * 2
+  assert "delta_rule_fwd" in module and "delta_rule_bwd" in module
+  with caplog.at_level(logging.WARNING, logger="kernels"):
+    module = jax.export.export(step, platforms=["cuda"])(*shapes).mlir_module()
+  assert "custom_call @tpu_custom_call" not in module and "delta_rule_fwd" not in module
+  from kernels import platform as platform_lib  # pylint: disable=import-outside-toplevel
+  assert any(key[:2] == ("delta_rule_attention", "cuda") and "no Mosaic GPU kernel" in key[2]
+             for key in platform_lib._logged)  # pylint: disable=protected-access  (logged once per process)
+  with pytest.raises(KernelUnavailableError, match="cannot run on cuda: no Mosaic GPU kernel"):
+    jax.export.export(grads("pallas"), platforms=["cuda"])(*shapes)

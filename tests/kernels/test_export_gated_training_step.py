@@ -1,8 +1,9 @@
 """A bfloat16 WikiText-2 training step with `gated_deltanet` and with `mamba2` (issue 35), as
 `lra.training.trainer.Experiment` builds it, exported for `cuda` and `tpu` from this CPU host (jax.export, nothing
-executed), like tests/kernels/test_export_training_step.py. mamba2's core (a decay per head) has a Mosaic TPU kernel:
-the step exported for tpu holds its forward and backward calls. Where no kernel serves the call (the delta rule
-everywhere, cuda for both), the step holds the chunked XLA form and the reason is logged once per platform."""
+executed), like tests/kernels/test_export_training_step.py. mamba2's core (a decay per head) and gated_deltanet's (the
+gated delta rule) have Mosaic TPU kernels: the step exported for tpu holds their forward and backward calls by name.
+Where no kernel serves the call (cuda: no Mosaic GPU kernel for either yet), the step holds the chunked XLA form and
+the reason is logged once per platform."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from lra.training import trainer
 LENGTH, BATCH = 64, 2
 VOCAB = 33_278  # WikiText-2's vocabulary: the step is traced without reading the corpus ("WikiText-2-like")
 VARIANTS = {"gated_deltanet": "delta_rule_attention", "mamba2": "gated_linear_attention"}
-KERNELS = {("mamba2", "tpu"): ("gated_linear_fwd", "gated_linear_bwd_dq", "gated_linear_bwd_dk", "gated_linear_bwd_dv")}
+KERNELS = {("mamba2", "tpu"): ("gated_linear_fwd", "gated_linear_bwd_dq", "gated_linear_bwd_dk", "gated_linear_bwd_dv"),
+           ("gated_deltanet", "tpu"): ("delta_rule_fwd", "delta_rule_bwd")}
 
 
 @functools.lru_cache(maxsize=None)

@@ -189,7 +189,7 @@ def _attention_call(op: str):
       "delta_rule": lambda q, k, v, m, impl: entry(q / jnp.linalg.norm(q, axis=-1, keepdims=True),
                                                    k / jnp.linalg.norm(k, axis=-1, keepdims=True), v,
                                                    jnp.full(q.shape[:3], 0.5), jnp.full(q.shape[:3], -0.1),
-                                                   chunk_size=5, key_mask=m, implementation=impl),
+                                                   chunk_size=8, key_mask=m, implementation=impl),
   }
   return entry, calls[op]
 

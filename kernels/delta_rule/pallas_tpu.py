@@ -1,0 +1,127 @@
+"""TPU (Mosaic TPU) kernels of the delta rule's sequential part, forward and backward; the maths and the chunk
+transforms (computed in XLA) are in `kernels.delta_rule.pallas`.
+
+`pl.pallas_call` over the grid `(batch, heads, chunks)`, the chunk axis "arbitrary": a float32 `[K, V]` carry lives in
+VMEM scratch. Forward, per chunk (inputs `qg, w, kd [C, K]`, `u [C, V]`, `m [C, C]`, the chunk's total decay `dc`):
+  E = U - W S,   O = Qg S + M E,   S <- dc S + Kd^T E
+(the entering state S of every chunk is also written out when the pass is differentiated: `[N, K, V]` per row, the
+backward pass's only residual besides the inputs). Backward walks the chunks in reverse carrying `dS` (the cotangent
+of the state leaving the chunk): `dE = M^T dO + Kd dS`, `dQg = dO S^T`, `dM = dO E^T`, `dKd = E dS^T`, `dU = dE`,
+`dW = -dE S^T`, `d dc = sum(S * dS)`, then `dS <- Qg^T dO + dc dS - W^T dE`. Matmul operands have the inputs' dtype
+with float32 accumulation. `interpret=True` runs the same kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.delta_rule.tables import LANES, SUBLANES, KernelParams
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_F32 = jnp.float32
+
+
+def _mm(a, b, dims=None, dtype=None):
+  """A matmul with operands cast to `dtype` (the inputs') and float32 accumulation."""
+  dtype = dtype or a.dtype
+  a, b = a.astype(dtype), b.astype(dtype)
+  if dims is None:
+    return jnp.dot(a, b, preferred_element_type=_F32)
+  return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _fwd_kernel(qg_ref, m_ref, u_ref, w_ref, kd_ref, dc_ref, o_ref, *rest):
+  s_scr = rest[-1]
+  states_ref = rest[0] if len(rest) == 2 else None
+
+  @pl.when(pl.program_id(2) == 0)
+  def _init():
+    s_scr[...] = jnp.zeros_like(s_scr)
+
+  dt = qg_ref.dtype
+  s = s_scr[...]
+  if states_ref is not None:
+    states_ref[...] = s
+  e = u_ref[...].astype(_F32) - _mm(w_ref[...], s, dtype=dt)  # [C, V]
+  o_ref[...] = (_mm(qg_ref[...], s, dtype=dt) + _mm(m_ref[...], e, dtype=dt)).astype(o_ref.dtype)
+  dc = dc_ref[...][:1, :1]  # [1, 1]
+  s_scr[...] = dc * s + _mm(kd_ref[...], e, _TN, dtype=dt)
+
+
+def _bwd_kernel(qg_ref, m_ref, u_ref, w_ref, kd_ref, dc_ref, s_ref, do_ref,
+                dqg_ref, dm_ref, du_ref, dw_ref, dkd_ref, ddc_ref, ds_scr):
+  @pl.when(pl.program_id(2) == 0)
+  def _init():
+    ds_scr[...] = jnp.zeros_like(ds_scr)
+
+  dt = qg_ref.dtype
+  s, ds = s_ref[...], ds_scr[...]  # the state entering the chunk; the cotangent of the one leaving it
+  qg, m, w, kd, do = qg_ref[...], m_ref[...], w_ref[...], kd_ref[...], do_ref[...]
+  e = u_ref[...].astype(_F32) - _mm(w, s, dtype=dt)  # recomputed: [C, V]
+  de = _mm(m, do, _TN, dtype=dt) + _mm(kd, ds, dtype=dt)  # [C, V]
+  dqg_ref[...] = _mm(do, s, _NT, dtype=dt).astype(dqg_ref.dtype)
+  dm_ref[...] = _mm(do, e, _NT, dtype=dt).astype(dm_ref.dtype)
+  dkd_ref[...] = _mm(e, ds, _NT, dtype=dt).astype(dkd_ref.dtype)
+  du_ref[...] = de.astype(du_ref.dtype)
+  dw_ref[...] = (-_mm(de, s, _NT, dtype=dt)).astype(dw_ref.dtype)
+  ddc = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # [1, 1]
+  ddc_ref[...] = jnp.broadcast_to(ddc, ddc_ref.shape)
+  dc = dc_ref[...][:1, :1]
+  ds_scr[...] = _mm(qg, do, _TN, dtype=dt) + dc * ds - _mm(w, de, _TN, dtype=dt)
+
+
+def _specs(c: int, dk: int, dv: int, n: int, reverse: bool):
+  """Block specs of the per-token `[C, dim]` blocks, the per-chunk `[8, 128]` scalar tiles and `[K, V]` states."""
+  chunk = (lambda i: n - 1 - i) if reverse else (lambda i: i)  # noqa: E731
+  tok = lambda dim: pl.BlockSpec((None, None, c, dim), lambda b, h, i: (b, h, chunk(i), 0))  # noqa: E731
+  tile = pl.BlockSpec((None, None, None, SUBLANES, LANES), lambda b, h, i: (b, h, chunk(i), 0, 0))
+  state = pl.BlockSpec((None, None, None, dk, dv), lambda b, h, i: (b, h, chunk(i), 0, 0))
+  return tok, tile, state
+
+
+def _params():
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def forward(st: KernelParams, qg, m, u, w, kd, dc_tiles, *, save_states: bool):
+  """`[B, H, Lp, *]` qg, m, u, w, kd and the chunks' total decays `[B, H, N, 8, 128]` -> o `[B, H, Lp, V]` float32
+  (and the states entering each chunk `[B, H, N, K, V]` float32 when `save_states`)."""
+  bsz, h, length, dk = qg.shape
+  dv, c = u.shape[-1], st.chunk
+  n = length // c
+  tok, tile, state = _specs(c, dk, dv, n, reverse=False)
+  out_specs = [tok(dv)]
+  out_shape = [jax.ShapeDtypeStruct((bsz, h, length, dv), _F32)]
+  if save_states:
+    out_specs.append(state)
+    out_shape.append(jax.ShapeDtypeStruct((bsz, h, n, dk, dv), _F32))
+  outs = pl.pallas_call(
+      _fwd_kernel, grid=(bsz, h, n),
+      in_specs=[tok(dk), tok(c), tok(dv), tok(dk), tok(dk), tile], out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM((dk, dv), _F32)], compiler_params=_params(), interpret=st.interpret,
+      name="delta_rule_fwd")(qg, m, u, w, kd, dc_tiles)
+  return outs if save_states else (outs[0], None)
+
+
+def backward(st: KernelParams, qg, m, u, w, kd, dc_tiles, states, do):
+  """The cotangents of `forward`'s inputs (float32; `d dc` as `[B, H, N, 8, 128]` tiles, every entry the same)."""
+  bsz, h, length, dk = qg.shape
+  dv, c = u.shape[-1], st.chunk
+  n = length // c
+  tok, tile, state = _specs(c, dk, dv, n, reverse=True)
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape, _F32)  # noqa: E731
+  return pl.pallas_call(
+      _bwd_kernel, grid=(bsz, h, n),
+      in_specs=[tok(dk), tok(c), tok(dv), tok(dk), tok(dk), tile, state, tok(dv)],
+      out_specs=[tok(dk), tok(c), tok(dv), tok(dk), tok(dk), tile],
+      out_shape=[shape(x) for x in (qg, m, u, w, kd, dc_tiles)],
+      scratch_shapes=[pltpu.VMEM((dk, dv), _F32)], compiler_params=_params(), interpret=st.interpret,
+      name="delta_rule_bwd")(qg, m, u, w, kd, dc_tiles, states, do)
+
+
+__all__ = ["backward", "forward"]
