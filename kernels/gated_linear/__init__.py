@@ -13,11 +13,15 @@ Implementations (the op template of docs/architecture.md "Functional cores"):
   "xla"        `xla.py`: chunkwise parallel with cumulative log-decays, states carried across chunks (memory linear
                in length);
   "pallas"     `pallas.py` (custom_vjp: the backward pass is three calls of the forward kernel) over `pallas_tpu.py`
-               (Mosaic TPU): a decay per head, no segment_ids / initial_state / return_state, chunk a multiple of 8;
-               no Mosaic GPU kernel yet. Never falls back: a call it cannot serve is a ValueError;
-  "interpret"  the TPU kernel in Pallas interpret mode (how CPU tests run it);
+               (Mosaic TPU: chunk a multiple of 8) and `pallas_gpu.py` (Mosaic GPU, Hopper: bfloat16/float16, chunk a
+               multiple of 64, key and value dims 64 or 128), chosen by the platform the program is lowered for: a
+               decay per head, no segment_ids / initial_state / return_state. Never falls back: a call it cannot serve
+               is a ValueError;
+  "interpret"  the TPU kernel in Pallas interpret mode (how CPU tests run it; the GPU kernel runs under the GPU
+               interpreter through `gated_linear_pallas(..., backend="gpu", interpret=True)`, as the linear-attention
+               op's tests run theirs);
   None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`): the TPU kernel
-               on tpu where it serves the call, else the XLA form, the reason logged once (cuda: no kernel yet).
+               on tpu and the GPU kernel on cuda where they serve the call, else the XLA form, the reason logged once.
 Precision: float32 inside (states, decays, matmuls), whatever the input dtype; the output has v's dtype.
 """
 
@@ -42,7 +46,8 @@ def _kernels(q, k, v, log_decay, chunk_size, *, interpret=False, **unsupported) 
   out = {}
   for backend in ("tpu", "gpu"):
     try:
-      check_supported(q.shape, v.shape, log_decay.shape, chunk_size, backend, **unsupported)
+      check_supported(q.shape, v.shape, log_decay.shape, jnp.result_type(q, k, v), chunk_size, backend,
+                      **unsupported)
     except ValueError as err:
       out[backend] = str(err)
       continue
@@ -92,7 +97,7 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
     return platform.dispatch(OP, xla=xla, kernels={"tpu": reason, "gpu": reason})
   unsupported = dict(segment_ids=segment_ids is not None, initial_state=initial_state is not None, return_state=False)
   if implementation == "interpret":
-    check_supported(q.shape, v.shape, log_decay.shape, chunk_size, "tpu", **unsupported)
+    check_supported(q.shape, v.shape, log_decay.shape, jnp.result_type(q, k, v), chunk_size, "tpu", **unsupported)
     return gated_linear_pallas(q, k, v, log_decay, chunk_size=chunk_size, backend="tpu", interpret=True)
   kernels = _kernels(q, k, v, log_decay, chunk_size, **unsupported)
   if implementation == "pallas":

@@ -1,6 +1,6 @@
 """Pallas driver of gated linear attention with a decay per head (RetNet, Mamba-2): padding, the custom_vjp, routing
-to the backend module (`pallas_tpu.py`; no Mosaic GPU kernel yet: `tables.check_supported` says so and the XLA form
-runs on cuda).
+to the backend module (`pallas_tpu.py`, Mosaic TPU; `pallas_gpu.py`, Mosaic GPU on Hopper), each given the
+cumulative log-decays in its layout (TPU: lane-broadcast `[B, H, Lp, 128]`; GPU: `[B, H, Lp]`).
 
 The backward pass reuses the forward kernel three times. With `w_ij = exp(B_i - B_j)` (j <= i, B the cumulative
 log-decay) the output is `o_i = sum_j w_ij (q_i . k_j) v_j`, so
@@ -20,22 +20,27 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from kernels.gated_linear.tables import DEFAULT_TPU_CHUNK, LANES, KernelParams, check_supported
+from kernels.gated_linear.tables import LANES, KernelParams, check_supported, default_chunk
 from kernels.platform import Backend
 
-BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.gated_linear.pallas_tpu"}
+# Backend -> its kernel module, imported on first use so a TPU program never imports Mosaic GPU and vice versa.
+BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.gated_linear.pallas_tpu",
+                                       "gpu": "kernels.gated_linear.pallas_gpu"}
 
 
-def _cum_lanes(g_BxHxLp: jax.Array, chunk: int) -> jax.Array:
-  """Cumulative log-decay inside each chunk, lane-broadcast: `[B, H, Lp, 128]` float32."""
+def _cumulative(g_BxHxLp: jax.Array, chunk: int, backend: Backend) -> jax.Array:
+  """Cumulative log-decay inside each chunk, float32, in the backend's layout: `[B, H, Lp, 128]` lane-broadcast on
+  TPU (per-row scalars of a `[C, 128]` block), `[B, H, Lp]` on GPU (TMA-copied into shared memory as they are)."""
   b, h, length = g_BxHxLp.shape
-  cum = jnp.cumsum(g_BxHxLp.astype(jnp.float32).reshape(b, h, length // chunk, chunk), axis=-1)
-  return jnp.broadcast_to(cum.reshape(b, h, length, 1), (b, h, length, LANES))
+  cum = jnp.cumsum(g_BxHxLp.astype(jnp.float32).reshape(b, h, length // chunk, chunk), axis=-1).reshape(b, h, length)
+  if backend == "gpu":
+    return cum
+  return jnp.broadcast_to(cum[..., None], (b, h, length, LANES))
 
 
 def _fwd(st: KernelParams, q, k, v, g, name: str):
   module = importlib.import_module(BACKEND_MODULES[st.backend])
-  return module.forward(st, q, k, v, _cum_lanes(g, st.chunk), name=name)
+  return module.forward(st, q, k, v, _cumulative(g, st.chunk, st.backend), name=name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -68,10 +73,10 @@ def gated_linear_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: j
                         *, chunk_size: int | None = None, backend: Backend = "tpu", interpret=False) -> jax.Array:
   """Gated linear attention (decay per head) through the Pallas kernel of `backend`; `[B, L, H, *]` in, `[B, L, H,
   V]` (v's dtype) out. The length is padded to a multiple of the chunk with tokens that neither write nor decay."""
-  chunk = DEFAULT_TPU_CHUNK if chunk_size is None else chunk_size
-  check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, log_decay_BxLxH.shape, chunk, backend, segment_ids=False,
-                  initial_state=False, return_state=False)
+  chunk = default_chunk(backend) if chunk_size is None else chunk_size
   dtype = jnp.result_type(q_BxLxHxK.dtype, k_BxLxHxK.dtype, v_BxLxHxV.dtype)
+  check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, log_decay_BxLxH.shape, dtype, chunk, backend, segment_ids=False,
+                  initial_state=False, return_state=False)
   length = q_BxLxHxK.shape[1]
   pad = -length % chunk
 
@@ -85,4 +90,4 @@ def gated_linear_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: j
   return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxV.dtype)
 
 
-__all__ = ["gated_linear_pallas"]
+__all__ = ["BACKEND_MODULES", "gated_linear_pallas"]

@@ -14,6 +14,8 @@ import pytest
 
 from kernels.gated_linear import gated_linear_reference, gated_linear_step
 from kernels.gated_linear import gated_linear_attention as _entry
+from kernels.gated_linear import gated_linear_pallas, mask_tokens
+from kernels.gated_linear.tables import check_supported
 
 B, L, H, K, V = 2, 11, 2, 4, 3
 SEGMENTS = jnp.array([[0] * 4 + [1] * 7, [0] * 2 + [3] * 5 + [7] * 4])
@@ -142,7 +144,8 @@ def test_bad_inputs_are_one_line_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The Pallas kernel (decay per head): interpret mode on CPU, lowering for tpu, the reasons elsewhere.
+# The Pallas kernels (decay per head): the TPU kernel in interpret mode and the GPU kernel under the GPU interpreter on
+# CPU, lowering for tpu and cuda, the reasons elsewhere.
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -166,7 +169,44 @@ def test_interpret_kernel_matches_the_recurrence(dtype):
     assert np.abs(np.asarray(a, np.float32) - np.asarray(b)).max() <= tol * max(scale, 1.0), name
 
 
-def test_the_kernel_lowers_for_tpu_and_cuda_takes_the_logged_xla_form(caplog):
+def test_gpu_kernel_under_the_gpu_interpreter_matches_the_recurrence():
+  """The Mosaic GPU kernel (bfloat16, chunks of 64) under the GPU interpreter: values and gradients (q, k, v,
+  log_decay) against the recurrence run in float32 on the same bfloat16-rounded inputs, at 100 tokens (a padded last
+  chunk, the state carried into the second chunk), with key padding in the middle of the row and two 64-wide value
+  blocks (in the dQ call the key and value dims swap). Tolerance 2e-2 of each tensor's largest magnitude: the kernel
+  rounds the decayed `[C, C]` scores, the decayed values and the carried state to bfloat16 where they feed a matmul,
+  and its output (and the three backward calls' outputs) are bfloat16. (In float32, which the GPU interpreter also
+  runs but wgmma does not take, the same kernel agrees to ~1e-6.)"""
+  length, value_dim = 100, 128
+  ks = jax.random.split(jax.random.key(7), 5)
+  q, k = (jax.random.normal(x, (1, length, 1, 64)).astype(jnp.bfloat16) for x in ks[:2])
+  v = jax.random.normal(ks[2], (1, length, 1, value_dim)).astype(jnp.bfloat16)
+  g = jax.random.uniform(ks[3], (1, length, 1), minval=-1.0, maxval=0.0)
+  ct = jax.random.normal(ks[4], (1, length, 1, value_dim))
+  mask = (jnp.arange(length) % 50 < 40)[None]  # tokens 40-49 and 90-99 are padding
+
+  def loss(fn):
+    def f(q, k, v, g):
+      out = fn(q, *mask_tokens(k, g, mask), v)
+      return jnp.sum(out.astype(jnp.float32) * ct), out
+    return f
+
+  ref = lambda q, k, g, v: gated_linear_reference(*(x.astype(jnp.float32) for x in (q, k, v)), g)[0]  # noqa: E731
+  gpu = lambda q, k, g, v: gated_linear_pallas(q, k, v, g, chunk_size=64, backend="gpu", interpret=True)  # noqa: E731
+  # Jitted (run eagerly, the GPU interpreter's driver compiles each small op on its own).
+  both = jax.jit(lambda *a: [jax.value_and_grad(loss(f), argnums=(0, 1, 2, 3), has_aux=True)(*a) for f in (ref, gpu)])
+  ((_, want), want_grads), ((_, got), grads) = both(q, k, v, g)
+  assert got.dtype == jnp.bfloat16
+  for name, a, b in [("out", got, want)] + list(zip("qkvg", grads, want_grads)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.all(np.isfinite(a)) and np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), name
+  # The padded tokens are dropped: their k gets no gradient, nor their decays (they neither write nor decay).
+  pad = ~np.asarray(mask[0])
+  assert not np.any(np.asarray(grads[1], np.float32)[0, pad]) and not np.any(np.asarray(grads[3])[0, pad])
+
+
+@pytest.mark.export
+def test_the_kernels_lower_for_tpu_and_cuda_and_float32_on_cuda_takes_the_logged_xla_form(caplog):
   spec = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
   g_spec = jax.ShapeDtypeStruct((2, 256, 2), jnp.float32)
 
@@ -174,16 +214,37 @@ def test_the_kernel_lowers_for_tpu_and_cuda_takes_the_logged_xla_form(caplog):
     return jnp.sum(_entry(q, k, v, g).astype(jnp.float32))
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  kernels = ("gated_linear_fwd", "gated_linear_bwd_dq", "gated_linear_bwd_dk", "gated_linear_bwd_dv")
   tpu = jax.export.export(step, platforms=["tpu"], disabled_checks=[
       jax.export.DisabledSafetyCheck.custom_call("tpu_custom_call")])(spec, spec, spec, g_spec).mlir_module()
-  for kernel in ("gated_linear_fwd", "gated_linear_bwd_dq", "gated_linear_bwd_dk", "gated_linear_bwd_dv"):
-    assert kernel in tpu, kernel
+  cuda = jax.export.export(step, platforms=["cuda"])(spec, spec, spec, g_spec).mlir_module()
+  for module, call in ((tpu, "tpu_custom_call"), (cuda, "mosaic_gpu")):
+    assert call in module
+    for kernel in kernels:
+      assert kernel in module, kernel
+  assert "mosaic_gpu" not in tpu and "tpu_custom_call" not in cuda
+  f32 = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
   with caplog.at_level("WARNING", logger="kernels"):
-    cuda = jax.export.export(step, platforms=["cuda"])(spec, spec, spec, g_spec).mlir_module()
-  assert "tpu_custom_call" not in cuda and "mosaic_gpu" not in cuda
+    cuda = jax.export.export(step, platforms=["cuda"])(f32, f32, f32, g_spec).mlir_module()
+  assert "mosaic_gpu" not in cuda
   from kernels import platform  # pylint: disable=import-outside-toplevel
-  assert any(key[:2] == ("gated_linear_attention", "cuda") and "Mosaic GPU" in key[2]
+  assert any(key[:2] == ("gated_linear_attention", "cuda") and "bfloat16/float16" in key[2]
              for key in platform._logged)  # pylint: disable=protected-access  (logged once per process)
   with pytest.raises(platform.KernelUnavailableError, match="no Pallas kernel for this platform"):
     jax.jit(lambda *a: _entry(*a, implementation="pallas"))(*(jnp.ones(s.shape, s.dtype)
                                                               for s in (spec, spec, spec, g_spec)))
+
+
+def test_gpu_constraints_are_one_line_errors():
+  shape, g_shape = (1, 128, 2, 64), (1, 128, 2)
+  ok = dict(segment_ids=False, initial_state=False, return_state=False)
+  check_supported(shape, shape, g_shape, jnp.bfloat16, 64, "gpu", **ok)
+  check_supported(shape, shape, g_shape, jnp.bfloat16, 128, "gpu", **ok)
+  with pytest.raises(ValueError, match="bfloat16/float16"):
+    check_supported(shape, shape, g_shape, jnp.float32, 64, "gpu", **ok)
+  with pytest.raises(ValueError, match="chunk=32 must be a multiple of 64 on GPU"):
+    check_supported(shape, shape, g_shape, jnp.bfloat16, 32, "gpu", **ok)
+  with pytest.raises(ValueError, match="value dim=96 must be 64 or 128 on GPU"):
+    check_supported(shape, (1, 128, 2, 96), g_shape, jnp.bfloat16, 64, "gpu", **ok)
+  with pytest.raises(ValueError, match="shared memory"):  # 247 888 bytes, as Mosaic GPU's lowering counts them
+    check_supported((1, 128, 2, 128), (1, 128, 2, 128), g_shape, jnp.bfloat16, 128, "gpu", **ok)
