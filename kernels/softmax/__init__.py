@@ -10,12 +10,15 @@ A query with no allowed key outputs 0 with finite gradients. Implementations (th
                recomputes the scores from the saved log-sum-exp, O(L·chunk) memory, causal calls skip the chunks above
                the diagonal; its block primitive `flash_block` (partial outputs + log-sum-exp, global offsets) is what
                ring attention builds on;
-  "pallas"     the Pallas flash kernels of the platform the program is lowered for (`pallas`: the block-sparse
-               kernels with a full or causal layout); never falls back (a call they cannot serve raises);
+  "pallas"     the Pallas flash kernels of the platform the program is lowered for (`pallas`: the flex kernels
+               with no mask or the causal one, ALiBi as a score_mod); never falls back (a call they cannot serve
+               raises);
   "interpret"  those kernels (the TPU ones) in Pallas interpret mode, how CPU tests run them;
   None         the kernels on cuda/tpu when they can serve the call, chosen at lowering time
-               (`kernels.platform.dispatch`), and "xla" otherwise: on CPU, and for decoding (L != S), ALiBi, or
-               dtypes / head dims the kernel lacks (float32 on GPU), logged once with the reason.
+               (`kernels.platform.dispatch`), and "xla" otherwise: on CPU, and for decoding (L != S), traced ALiBi
+               slopes, or dtypes / head dims the kernel lacks (float32 on GPU), logged once with the reason.
+Each call is planned once (`plan`: the checks, the kernels' tiles, block mask and reasons) in the entry; the jitted
+body and the kernel driver take the plan and check nothing again.
 So flash attention is the default on every platform, with attention dropout on.
 cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) is not in the vocabulary: it cannot take the project's
 dropout hash (training needs dropout; the same seed must give the same mask in every implementation) nor run on
@@ -28,6 +31,7 @@ every implementation, so all of them give the same values with dropout on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal
 
@@ -62,6 +66,36 @@ def _check(q, k, v, key_mask, alibi_slopes, implementation, dropout_rate: float)
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate=}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One call's plan, made once in the entry (`plan`) and handed, static, to the jitted body and the kernel driver,
+  which check nothing again: the options, and the flex kernels' `KernelPlan` (tiles, host block mask, score_mod, and
+  per backend the reason its kernels cannot serve the call, or None)."""
+
+  implementation: Implementation
+  causal: bool
+  scale: float | None
+  dropout_rate: float
+  kernel: pallas.KernelPlan | None  # None for "reference" / "xla", which run no kernel
+
+
+def plan(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, *, key_mask=None, causal: bool = False, scale: float | None = None,
+         implementation: Implementation = None, dropout_rate: float = 0.0, dropout_rng=None,
+         alibi_slopes=None) -> Plan:
+  """Checks the call once and plans it; an explicit "interpret" that no kernel serves is refused here."""
+  _check(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, key_mask, alibi_slopes, implementation, dropout_rate)
+  if dropout_rng is None or dropout_rate == 0.0:
+    dropout_rate = 0.0
+  kernel = None
+  if implementation not in ("reference", "xla"):
+    kernel = pallas.plan(q_BxLxHxD.shape, k_BxSxHxD.shape, q_BxLxHxD.dtype, causal=bool(causal),
+                         alibi_slopes=alibi_slopes)
+    if implementation == "interpret" and (reason := kernel.reason("tpu")) is not None:
+      raise ValueError(f"{OP}: implementation='interpret' cannot serve this call: {reason}; use implementation='xla'")
+  return Plan(implementation=implementation, causal=bool(causal), scale=None if scale is None else float(scale),
+              dropout_rate=float(dropout_rate), kernel=kernel)
+
+
 def softmax_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array, *,
                       key_mask: jax.Array | None = None, causal: bool = False, scale: float | None = None,
                       implementation: Implementation = None, dropout_rate: float = 0.0,
@@ -74,48 +108,43 @@ def softmax_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax
     scale: score scale (a Python float); None means `head_dim ** -0.5`.
     implementation: "reference", "xla", "pallas", "interpret" or None (best for the lowering platform).
     dropout_rate, dropout_rng: attention dropout (applied only when both are given).
-    alibi_slopes: optional float `[heads]`: the ALiBi bias `-slope_h * |q_pos - k_pos|` on the scores.
+    alibi_slopes: optional float `[heads]`: the ALiBi bias `-slope_h * |q_pos - k_pos|` on the scores (numpy or
+      concrete for the kernels, which take it as constants).
   """
-  _check(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, key_mask, alibi_slopes, implementation, dropout_rate)
-  if dropout_rng is None or dropout_rate == 0.0:
-    dropout_rate, dropout_rng = 0.0, None
-  return _jitted(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, key_mask, dropout_rng, alibi_slopes, causal=bool(causal),
-                 scale=None if scale is None else float(scale), implementation=implementation,
-                 dropout_rate=float(dropout_rate))
+  p = plan(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, key_mask=key_mask, causal=causal, scale=scale,
+           implementation=implementation, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+           alibi_slopes=alibi_slopes)
+  return _jitted(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, key_mask, dropout_rng if p.dropout_rate else None, alibi_slopes,
+                 plan=p)
 
 
-# One compiled computation per configuration for eager callers; under an outer jit this inlines.
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "implementation", "dropout_rate"))
-def _jitted(q, k, v, key_mask, dropout_rng, alibi_slopes, *, causal, scale, implementation, dropout_rate):
-  if implementation == "reference":
-    return softmax_attention_reference(q, k, v, key_mask=key_mask, causal=causal, scale=scale,
-                                       dropout_rate=dropout_rate, dropout_rng=dropout_rng, alibi_slopes=alibi_slopes)
+# One compiled computation per plan for eager callers; under an outer jit this inlines.
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _jitted(q, k, v, key_mask, dropout_rng, alibi_slopes, *, plan: Plan):
+  causal, scale, rate = plan.causal, plan.scale, plan.dropout_rate
+  if plan.implementation == "reference":
+    return softmax_attention_reference(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_rate=rate,
+                                       dropout_rng=dropout_rng, alibi_slopes=alibi_slopes)
 
   def xla():
     seed = None if dropout_rng is None else dropout_seed(dropout_rng)
-    return softmax_attention_xla(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_rate=dropout_rate,
+    return softmax_attention_xla(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_rate=rate,
                                  dropout_seed=seed, alibi_slopes=alibi_slopes)
 
-  def kernel(kernel_implementation):
-    return lambda: pallas.softmax_attention_pallas(q, k, v, key_mask=key_mask, causal=causal, scale=scale,
-                                                   dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                                   implementation=kernel_implementation)
+  def kernel(backend, interpret=False):
+    return lambda: pallas.softmax_attention_pallas(q, k, v, plan.kernel, key_mask=key_mask, scale=scale,
+                                                   dropout_rate=rate, dropout_rng=dropout_rng, backend=backend,
+                                                   interpret=interpret)
 
-  if implementation == "xla":
+  if plan.implementation == "xla":
     return xla()
-  reason = pallas.call_reason(q.shape, k.shape, alibi_slopes)
-  if implementation == "interpret":
-    reason = reason or pallas.kernel_reason("tpu", q.shape, q.dtype)
-    if reason:
-      raise ValueError(f"softmax_attention: implementation='interpret' cannot serve this call: {reason}; use "
-                       f"implementation='xla'")
-    return kernel("interpret")()
-  kernels = {backend: reason or pallas.kernel_reason(backend, q.shape, q.dtype) or kernel("pallas")
-             for backend in ("tpu", "gpu")}
-  if implementation == "pallas":
+  if plan.implementation == "interpret":
+    return kernel("tpu", True)()
+  kernels = {backend: reason or kernel(backend) for backend, reason in plan.kernel.reasons}
+  if plan.implementation == "pallas":
     return platform.require_kernel(OP, kernels=kernels)
   return platform.dispatch(OP, xla=xla, kernels=kernels)
 
 
-__all__ = ["DEFAULT_CHUNK", "IMPLEMENTATIONS", "Implementation", "alibi_bias", "causal_mask", "dropout_weights",
+__all__ = ["DEFAULT_CHUNK", "IMPLEMENTATIONS", "Implementation", "Plan", "plan", "alibi_bias", "causal_mask", "dropout_weights",
            "flash_block", "softmax_attention", "softmax_attention_reference", "softmax_attention_xla"]

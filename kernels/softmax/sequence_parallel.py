@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from kernels import platform, sequence
 from kernels.common import MASK_VALUE, dropout_keep, dropout_seed
-from kernels.softmax import IMPLEMENTATIONS, pallas
+from kernels.softmax import IMPLEMENTATIONS
 from kernels.softmax.xla import flash_block
 
 
@@ -110,19 +110,46 @@ def block_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
   return out, lse_BxHxL
 
 
-# ---- the Pallas block: the project's flash kernels (block-sparse with a full or causal layout) with their lse ------
+# ---- the Pallas block: the block-sparse flash kernels with a full or causal layout, with their lse ----------------
+# (The flex kernels, which serve the one-device softmax, would serve here too, but their driver returns no
+# log-sum-exp and takes no lse cotangent; until it does, the ring drives the block-sparse kernels' modules itself.)
+
+# Layout blocks tried, largest first: a full layout of few blocks keeps the kernels' index tables small; the kernel
+# tiles (64 on GPU, up to 128 on TPU) are chosen inside the layout blocks by `kernels.block_sparse`.
+BLOCK_SIZES = (512, 256, 128, 64, 32, 16, 8)
+
+
+def _padded_length(length: int) -> int:
+  """The length the kernels run at: a multiple of 64 (the GPU tile), or of 8 for shorter sequences."""
+  unit = 64 if length >= 64 else 8
+  return -(-length // unit) * unit
+
+
+def _block_size_for(length: int) -> int:
+  """The layout block of a `length`-token block pair (after padding: always found)."""
+  return next(b for b in BLOCK_SIZES if _padded_length(length) % b == 0)
+
+
+def kernel_reason(backend: str, q_shape, dtype) -> str | None:
+  """Why `backend`'s kernels cannot take a block pair of `q_shape` `[B, C, H, D]` (None when they can)."""
+  from kernels.block_sparse.tables import check_supported  # noqa: PLC0415
+  try:
+    check_supported((q_shape[0], _padded_length(q_shape[1]), *q_shape[2:]), dtype, _block_size_for(q_shape[1]), None,
+                    backend)
+  except ValueError as e:
+    return str(e)
+  return None
+
 
 def _pallas_static(q_shape, dtype, causal: bool, scale: float, backend: str, interpret: bool):
   """`(KernelStatic, padded length)` of one block pair of `q_shape` `[B, C, H, D]` on `backend`'s kernels (a full
-  layout, or a causal one for a chunk against itself), as `kernels.softmax.pallas` sets them up."""
+  layout, or a causal one for a chunk against itself)."""
   from kernels.block_sparse.tables import KernelStatic, check_supported, make_tables, sub_blocks  # noqa: PLC0415
-  from kernels.softmax import pallas as softmax_pallas  # noqa: PLC0415
 
   b, c, h, d = q_shape
-  block_size = softmax_pallas.block_size_for(c)
-  block_q, block_kv = check_supported((b, softmax_pallas.padded_length(c), h, d), dtype, block_size, None, backend)
-  padded = -(-softmax_pallas.padded_length(c) // math.lcm(block_q, block_kv, block_size)) * \
-      math.lcm(block_q, block_kv, block_size)
+  block_size = _block_size_for(c)
+  block_q, block_kv = check_supported((b, _padded_length(c), h, d), dtype, block_size, None, backend)
+  padded = -(-_padded_length(c) // math.lcm(block_q, block_kv, block_size)) * math.lcm(block_q, block_kv, block_size)
   n = padded // block_size
   layout = np.tril(np.ones((1, n, n), bool)) if causal else np.ones((1, n, n), bool)
   st = KernelStatic(tables=make_tables(layout, block_size, block_q, block_kv, causal),
@@ -406,7 +433,7 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
   kernel_blocks = None
   if block_fn is None and implementation in KERNEL_IMPLEMENTATIONS:
     chunk_shape = (b, (length + pad) // (2 * n), h, d)
-    kernel_blocks = {backend: pallas.kernel_reason(backend, chunk_shape, q_BxLxHxD.dtype)
+    kernel_blocks = {backend: kernel_reason(backend, chunk_shape, q_BxLxHxD.dtype)
                      or pallas_block_fn(backend) for backend in ("tpu", "gpu")}
     if implementation == "interpret":
       if isinstance(kernel_blocks["tpu"], str):

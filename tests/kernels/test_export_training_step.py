@@ -28,7 +28,6 @@ from lra.training import trainer
 
 TARGETS = {"cuda": "mosaic_gpu_v2", "tpu": "tpu_custom_call"}
 LINEAR_KERNELS = ("linear_attention_fwd", "linear_attention_bwd")  # non-causal: *_fwd(_state), *_bwd(_state)
-SPARSE_KERNELS = ("block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv")
 FLEX_KERNELS = ("flex_fwd", "flex_bwd_dq", "flex_bwd_dkv")
 VARIANTS = {  # name: (attention options, kernel names the exported step must hold)
     "linear": ({}, LINEAR_KERNELS),
@@ -101,10 +100,10 @@ def test_bfloat16_training_step_holds_the_kernels_for_accelerators_and_xla_for_c
 # 1 layer (the registry defaults give transnormer's "norm" kernel layer and based's "hybrid" Taylor + window layer), a
 # vocabulary of 256 (smaller than the length, so an `[L, L]` buffer cannot hide behind the logits' `[L, vocab]`
 # shape). Each variant's step holds its causal kernels, forward and backward, and no `[L, L]`-sized tensor; softmax is
-# the flash default (the block-sparse kernels with a full causal layout). Nothing runs: export only.
+# the flash default (the flex kernels with the causal mask: one kernel family, issue 33). Nothing runs: export only.
 CAUSAL_LINEAR_KERNELS = ("linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dk")  # tpu: dkv
 LM_VARIANTS = {"linear": CAUSAL_LINEAR_KERNELS, "performer": CAUSAL_LINEAR_KERNELS,
-               "transnormer": CAUSAL_LINEAR_KERNELS, "based": CAUSAL_LINEAR_KERNELS, "softmax": SPARSE_KERNELS}
+               "transnormer": CAUSAL_LINEAR_KERNELS, "based": CAUSAL_LINEAR_KERNELS, "softmax": FLEX_KERNELS}
 LM_LENGTH, LM_VOCAB = 1024, 256
 
 

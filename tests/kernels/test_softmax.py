@@ -16,6 +16,7 @@ import pytest
 from kernels import platform
 from kernels.common import MASK_VALUE, dropout_seed
 from kernels.softmax import flash_block, softmax_attention, softmax_attention_reference, softmax_attention_xla
+from kernels.softmax import pallas as softmax_pallas
 from kernels.softmax.xla import _pairs
 
 # float32: flash and reference both accumulate in float32 and differ only in summation order (online softmax over
@@ -91,6 +92,22 @@ def test_alibi_matches_reference(causal, implementation):
   np.testing.assert_allclose(softmax_attention(q1, k, v, alibi_slopes=slopes, implementation="xla"),
                              softmax_attention_reference(q, k, v, alibi_slopes=slopes, causal=True)[:, -1:],
                              **TOL[jnp.float32])
+
+
+# The flex kernels take ALiBi as a pure index score_mod: the paper's slopes through `flex.alibi` (its kernels and
+# lowering are flex's tests), any other constant slopes through one select per head, checked here (13 tokens in one
+# 64-token tile: padded keys masked, rows cut off).
+def test_alibi_in_the_kernels_matches_reference():
+  # The paper's 3-head slopes (attention.positions.alibi_slopes): 2^-4, 2^-8 (the lower power's), 2^-2 (the higher's).
+  assert softmax_pallas.alibi_score_mod((2.0 ** -4, 2.0 ** -8, 2.0 ** -2)).__qualname__.startswith("alibi.")
+  slopes = np.asarray([0.05, 0.5, 2.0], np.float32)
+  assert not softmax_pallas.alibi_score_mod(tuple(float(s) for s in slopes)).__qualname__.startswith("alibi.")
+  q, k, v, ct = _qkv(2, 13, 13, 3, 8)
+  opts = dict(key_mask=_key_mask(2, 13), causal=True, alibi_slopes=slopes)
+  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
+  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="interpret", **opts), q, k, v, ct)
+  _assert_matches(got, want, jnp.float32)
+  assert not np.allclose(want[0], softmax_attention_reference(q, k, v, key_mask=opts["key_mask"], causal=True))
 
 
 def test_causal_skips_the_chunks_above_the_diagonal():
@@ -233,8 +250,8 @@ def test_explicit_kernels_never_fall_back():
     softmax_attention(q, k, v, implementation="pallas")  # CPU has no kernel
   with pytest.raises(ValueError, match="implementation='interpret' cannot serve this call: queries"):
     softmax_attention(q[:, :1], k, v, implementation="interpret")
-  with pytest.raises(ValueError, match="alibi_slopes"):
-    softmax_attention(q, k, v, implementation="interpret", alibi_slopes=jnp.ones((1,)))
+  with pytest.raises(ValueError, match="alibi_slopes are traced"):  # constant slopes only: they are index functions
+    jax.jit(lambda s: softmax_attention(q, k, v, implementation="interpret", alibi_slopes=s))(jnp.ones((1,)))
 
 
 def test_default_lowers_the_kernel_for_accelerators_and_logs_each_fallback_once(caplog):
@@ -257,6 +274,19 @@ def test_default_lowers_the_kernel_for_accelerators_and_logs_each_fallback_once(
   assert "mosaic_gpu" not in module
   notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("softmax_attention: ")]
   assert len(notes) == 1 and "cuda" in notes[0] and "decoding" in notes[0], notes
+
+
+def test_alibi_training_lowers_the_flex_kernels_for_accelerators():
+  q = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
+  slopes = np.asarray([0.3, 0.7], np.float32)  # not the paper's: the per-head selects of `alibi_score_mod`
+  loss = lambda q, k, v: jnp.sum(softmax_attention(q, k, v, causal=True, alibi_slopes=slopes,  # noqa: E731
+                                                   implementation="pallas").astype(jnp.float32))
+  disabled = [jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu_v2", "tpu_custom_call")]
+  for name in ("cuda", "tpu"):
+    module = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[name],
+                               disabled_checks=disabled)(q, q, q).mlir_module()
+    for kernel in ("flex_fwd", "flex_bwd_dq", "flex_bwd_dkv"):
+      assert re.search(rf"\b{kernel}", module), f"{name}: no {kernel}"
 
 
 def test_bad_inputs_name_the_values():

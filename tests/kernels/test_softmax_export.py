@@ -1,9 +1,9 @@
 """A bfloat16 training step of the LRA Text encoder with softmax and attention dropout, exported for `cuda` and `tpu`
-from this CPU host, holds the flash kernels (the block-sparse kernels with a full layout, `kernels.softmax.pallas`)
-and no `[L, L]`-sized tensor anywhere in the lowered module; lowered for `cpu` it holds the XLA flash form, again
-without an `[L, L]` tensor (at 1024 tokens there: the flash form's chunks are 512 keys, so a shorter step is one chunk).
+from this CPU host, holds the flash kernels (the flex kernels with no mask: `kernels.softmax.pallas`, issue 33's one
+kernel family) and no `[L, L]`-sized tensor anywhere in the lowered module; lowered for `cpu` it holds the XLA flash
+form, again without an `[L, L]` tensor (at 1024 tokens there: the flash form's chunks are 512 keys, so a shorter step is one chunk).
 
-Text config, 2 layers, 256 tokens (+1 CLS position: the attention sees 257, padded to 320 inside the kernels), head
+Text config, 2 layers, 256 tokens (+1 CLS position: the attention sees 257, padded to whole tiles inside the kernels), head
 dim 64 (qkv 256 over 4 heads), attention dropout 0.1, batch 2, `implementation=None`. Nothing runs: the step
 (`Experiment.jit_train_step` with its mesh shardings) is traced and lowered (`jax.export`) with `disabled_checks` for
 the kernels' custom calls.
@@ -20,7 +20,7 @@ from configs.lra import text
 from lra.training import trainer
 
 TARGETS = {"cuda": "mosaic_gpu_v2", "tpu": "tpu_custom_call"}
-KERNELS = ("block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv")
+KERNELS = ("flex_fwd", "flex_bwd_dq", "flex_bwd_dkv")
 LENGTHS, BATCH = {"cuda": 256, "tpu": 256, "cpu": 1024}, 2
 
 
