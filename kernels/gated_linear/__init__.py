@@ -13,10 +13,10 @@ Implementations (the op template of docs/architecture.md "Functional cores"):
   "xla"        `xla.py`: chunkwise parallel with cumulative log-decays, states carried across chunks (memory linear
                in length);
   "pallas"     `pallas.py` (custom_vjp: the backward pass is three calls of the forward kernel) over `pallas_tpu.py`
-               (Mosaic TPU: chunk a multiple of 8) and `pallas_gpu.py` (Mosaic GPU, Hopper: bfloat16/float16, chunk a
-               multiple of 64, key and value dims 64 or 128), chosen by the platform the program is lowered for: a
-               decay per head, no segment_ids / initial_state / return_state. Never falls back: a call it cannot serve
-               is a ValueError;
+               (Mosaic TPU: a decay per head or per key dimension, chunk a multiple of 8) and `pallas_gpu.py` (Mosaic
+               GPU, Hopper: a decay per head, bfloat16/float16, chunk a multiple of 64, key and value dims 64 or 128),
+               chosen by the platform the program is lowered for; no segment_ids / initial_state / return_state.
+               Never falls back: a call it cannot serve is a ValueError;
   "interpret"  the TPU kernel in Pallas interpret mode (how CPU tests run it; the GPU kernel runs under the GPU
                interpreter through `gated_linear_pallas(..., backend="gpu", interpret=True)`, as the linear-attention
                op's tests run theirs);

@@ -31,6 +31,12 @@ def default_chunk(backend: Backend) -> int:
   return DEFAULT_TPU_CHUNK if backend == "tpu" else DEFAULT_GPU_CHUNK
 
 
+def sub_chunk(chunk: int) -> int:
+  """Rows of one sub-chunk of the TPU kernel with a decay per dimension (`pallas_tpu.forward_per_dim`): 16, or 8
+  (the sublane tile) for chunks that 16 does not divide or that are no longer than 16; `chunk` is a multiple of 8."""
+  return 16 if chunk % 16 == 0 and chunk > 16 else 8
+
+
 def gpu_smem_bytes(chunk: int, key_dim: int, itemsize: int) -> int:
   """Shared memory of one GPU program (`pallas_gpu.forward`): double-buffered q, k^T and value tiles, the cumulative
   decays twice, the state copy, the `[C, C]` scores, the decayed values, the output tile and five barrier pairs (the
@@ -43,9 +49,9 @@ def gpu_smem_bytes(chunk: int, key_dim: int, itemsize: int) -> int:
 def check_supported(q_shape, v_shape, log_decay_shape, dtype, chunk: int, backend: Backend, *, segment_ids: bool,
                     initial_state: bool, return_state: bool) -> None:
   """Raises ValueError naming what the backend's kernel cannot serve (the XLA form serves every call)."""
-  if len(log_decay_shape) == 4:
-    raise ValueError("a decay per key dimension (GLA) has no Pallas kernel yet: only a decay per head "
-                     "(RetNet, Mamba-2)")
+  if len(log_decay_shape) == 4 and backend == "gpu":
+    raise ValueError("a decay per key dimension (GLA) has no Mosaic GPU kernel yet: only a decay per head "
+                     "(RetNet, Mamba-2); the TPU kernel takes both")
   if segment_ids or initial_state or return_state:
     raise ValueError("segment_ids / initial_state / return_state are served by the XLA form only")
   dims = (("key dim", q_shape[-1]), ("value dim", v_shape[-1]))
@@ -72,4 +78,4 @@ def check_supported(q_shape, v_shape, log_decay_shape, dtype, chunk: int, backen
 
 
 __all__ = ["DEFAULT_GPU_CHUNK", "DEFAULT_TPU_CHUNK", "GPU_DIMS", "GPU_SMEM_BYTES", "GPU_VALUE_BLOCK", "KernelParams",
-           "LANES", "check_supported", "default_chunk", "gpu_smem_bytes"]
+           "LANES", "check_supported", "default_chunk", "gpu_smem_bytes", "sub_chunk"]

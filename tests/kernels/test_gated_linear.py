@@ -148,16 +148,21 @@ def test_bad_inputs_are_one_line_errors():
 # CPU, lowering for tpu and cuda, the reasons elsewhere.
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_interpret_kernel_matches_the_recurrence(dtype):
-  """Values and gradients (q, k, v, log_decay) at 21 tokens in chunks of 8 (a padded last chunk), with padding."""
-  q, k, v, g, ct = _inputs(False, "mixed", length=21)
+@pytest.mark.parametrize("dtype,per_key,regime", [("float32", False, "mixed"), ("bfloat16", False, "mixed"),
+                                                   ("float32", True, "mixed"), ("bfloat16", True, "near0")])
+def test_interpret_kernel_matches_the_recurrence(dtype, per_key, regime):
+  """The TPU kernels in interpret mode: values and gradients (q, k, v, log_decay) at 21 tokens (a padded last chunk),
+  with padding. A decay per head in chunks of 8; a decay per key dimension in chunks of 16 (two 8-row sub-chunks,
+  so the off-diagonal sub-chunk factors are exercised), and bfloat16 at decays near 0 (-5 to -30 per token: a
+  chunk's log-decay reaches -480, where a factor exp(-b) would overflow)."""
+  q, k, v, g, ct = _inputs(per_key, regime, length=21)
   mask = jnp.arange(21)[None] < jnp.array([[15], [21]])
   cast = lambda x: x.astype(dtype)  # noqa: E731
+  chunk = 16 if per_key else 8
 
   @functools.partial(jax.jit, static_argnames="implementation")
   def run(q, k, v, g, implementation):
-    f = lambda q, k, v, g: jnp.sum(_entry(q, k, v, g, chunk_size=8, key_mask=mask,  # noqa: E731
+    f = lambda q, k, v, g: jnp.sum(_entry(q, k, v, g, chunk_size=chunk, key_mask=mask,  # noqa: E731
                                           implementation=implementation).astype(jnp.float32) * ct)
     return jax.value_and_grad(f, argnums=(0, 1, 2, 3))(q, k, v, g)
 
@@ -223,6 +228,11 @@ def test_the_kernels_lower_for_tpu_and_cuda_and_float32_on_cuda_takes_the_logged
     for kernel in kernels:
       assert kernel in module, kernel
   assert "mosaic_gpu" not in tpu and "tpu_custom_call" not in cuda
+  # A decay per key dimension (GLA): the TPU kernel (forward and the three backward calls); cuda takes the XLA form.
+  per_key = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+  tpu = jax.export.export(step, platforms=["tpu"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call("tpu_custom_call")])(spec, spec, spec, per_key).mlir_module()
+  assert all(kernel in tpu for kernel in kernels)
   f32 = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
   with caplog.at_level("WARNING", logger="kernels"):
     cuda = jax.export.export(step, platforms=["cuda"])(f32, f32, f32, g_spec).mlir_module()
