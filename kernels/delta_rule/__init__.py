@@ -9,13 +9,15 @@ restart the state at each boundary (packed sequences); `initial_state` / `return
   "reference"  `reference.py`: the token-by-token recurrence: the ground truth in tests;
   "xla"        `xla.py`: chunked through the WY / UT-transform representation (one triangular solve per chunk, the
                chunk transitions scanned);
-  "pallas"     `pallas.py` over `pallas_tpu.py` (Mosaic TPU): the chunk transforms (UT transform, U, W, the
-               in-chunk matrix) in XLA, the sequential part (the state carried across chunks) in the kernel, its
-               backward pass a reverse-chunk kernel (custom_vjp); no segment_ids / initial_state / return_state,
-               chunk a multiple of 8; no Mosaic GPU kernel yet. Never falls back: a call it cannot serve is an error;
+  "pallas"     `pallas.py` over `pallas_tpu.py` (Mosaic TPU) or `pallas_gpu.py` (Mosaic GPU, Hopper): the chunk
+               transforms (UT transform, U, W, the in-chunk matrix) in XLA, the sequential part (the state carried
+               across chunks) in the kernel, its backward pass a reverse-chunk kernel (custom_vjp). Neither takes
+               segment_ids / initial_state / return_state; TPU: chunk a multiple of 8; GPU: chunk 64, key dim 64 or
+               128, value dim a multiple of 64, bfloat16/float16 (`tables.check_supported`). Never falls back: a
+               call it cannot serve is an error;
   "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them);
-  None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`): the TPU kernel
-               on tpu where it serves the call, else the XLA form, the reason logged once (cuda: no kernel yet).
+  None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`) where it serves
+               the call, else the XLA form, the reason logged once.
 Precision: float32 inside whatever the input dtype; the output has v's dtype.
 """
 
@@ -40,7 +42,7 @@ def _kernels(q, k, v, beta, log_decay, chunk_size, **unsupported) -> dict:
   out = {}
   for backend in ("tpu", "gpu"):
     try:
-      check_supported(q.shape, v.shape, chunk_size, backend, **unsupported)
+      check_supported(q.shape, v.shape, jnp.result_type(q, k, v), chunk_size, backend, **unsupported)
     except ValueError as err:
       out[backend] = str(err)
       continue
@@ -90,7 +92,7 @@ def delta_rule_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
     return platform.dispatch(OP, xla=xla, kernels={"tpu": reason, "gpu": reason})
   unsupported = dict(segment_ids=segment_ids is not None, initial_state=initial_state is not None, return_state=False)
   if implementation == "interpret":
-    check_supported(q.shape, v.shape, chunk_size, "tpu", **unsupported)
+    check_supported(q.shape, v.shape, jnp.result_type(q, k, v), chunk_size, "tpu", **unsupported)
     return delta_rule_pallas(q, k, v, beta, log_decay, chunk_size=chunk_size, backend="tpu", interpret=True)
   kernels = _kernels(q, k, v, beta, log_decay, chunk_size, **unsupported)
   if implementation == "pallas":

@@ -1,6 +1,6 @@
 """Pallas driver of the (gated) delta rule: padding, the chunk transforms in XLA, the custom_vjp of the sequential
-part, routing to the backend module (`pallas_tpu.py`; no Mosaic GPU kernel yet: `tables.check_supported` says so and
-the XLA form runs on cuda).
+part, routing to the backend module (`pallas_tpu.py`: Mosaic TPU; `pallas_gpu.py`: Mosaic GPU, Hopper;
+`tables.check_supported` says what each cannot serve).
 
 The split (the maths of `kernels.delta_rule.xla`): everything without a sequential dependency is computed per chunk in
 XLA, in float32: the cumulative log-decays `b`, `R_ij = exp(b_i - b_j)` (j <= i, exponents <= 0), the UT transform
@@ -21,36 +21,31 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from kernels.delta_rule.tables import DEFAULT_TPU_CHUNK, LANES, SUBLANES, KernelParams, check_supported
+from kernels.delta_rule.tables import DEFAULT_CHUNKS, SUBLANES, KernelParams, check_supported
 from kernels.delta_rule.xla import unit_lower_inverse
 from kernels.platform import Backend
 
-BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.delta_rule.pallas_tpu"}
+BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.delta_rule.pallas_tpu", "gpu": "kernels.delta_rule.pallas_gpu"}
 
 
 def _module(st: KernelParams):
   return importlib.import_module(BACKEND_MODULES[st.backend])
 
 
-def _tiles(dc_BxHxN: jax.Array) -> jax.Array:
-  return jnp.broadcast_to(dc_BxHxN[..., None, None], (*dc_BxHxN.shape, SUBLANES, LANES))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _recurrence(st: KernelParams, qg, m, u, w, kd, dc):
-  return _module(st).forward(st, qg, m, u, w, kd, _tiles(dc), save_states=False)[0]
+  return _module(st).forward(st, qg, m, u, w, kd, dc, save_states=False)[0]
 
 
 def _recurrence_fwd(st, qg, m, u, w, kd, dc):
-  out, states = _module(st).forward(st, qg, m, u, w, kd, _tiles(dc), save_states=True)
+  out, states = _module(st).forward(st, qg, m, u, w, kd, dc, save_states=True)
   return out, (qg, m, u, w, kd, dc, states)
 
 
 def _recurrence_bwd(st, res, do):
   qg, m, u, w, kd, dc, states = res
-  grads = _module(st).backward(st, qg, m, u, w, kd, _tiles(dc), states, do.astype(jnp.float32))
-  ddc = grads[-1][..., 0, 0]
-  return tuple(g.astype(x.dtype) for g, x in zip((*grads[:-1], ddc), (qg, m, u, w, kd, dc)))
+  grads = _module(st).backward(st, qg, m, u, w, kd, dc, states, do)
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, (qg, m, u, w, kd, dc)))
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -79,13 +74,13 @@ def delta_rule_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax
                       backend: Backend = "tpu", interpret=False) -> jax.Array:
   """The (gated) delta rule through the Pallas kernels of `backend`; `[B, L, H, *]` in, `[B, L, H, V]` (v's dtype)
   out. The length is padded to a multiple of the chunk with tokens that neither write nor decay."""
-  chunk = DEFAULT_TPU_CHUNK if chunk_size is None else chunk_size
-  check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, chunk, backend, segment_ids=False, initial_state=False,
-                  return_state=False)
-  b, length, h, dk = q_BxLxHxK.shape
-  dv = v_BxLxHxV.shape[-1]
-  chunk = min(chunk, -(-length // SUBLANES) * SUBLANES)  # a short sequence is one chunk, not a padded long one
+  chunk = DEFAULT_CHUNKS[backend] if chunk_size is None else chunk_size
   dtype = jnp.result_type(q_BxLxHxK.dtype, k_BxLxHxK.dtype, v_BxLxHxV.dtype)
+  check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, dtype, chunk, backend, segment_ids=False, initial_state=False,
+                  return_state=False)
+  b, length, h, _ = q_BxLxHxK.shape
+  if backend == "tpu":  # a short sequence is one chunk, not a padded long one (the GPU kernels' chunk is fixed)
+    chunk = min(chunk, -(-length // SUBLANES) * SUBLANES)
   if log_decay_BxLxH is None:  # DeltaNet: no decay
     log_decay_BxLxH = jnp.zeros(beta_BxLxH.shape, jnp.float32)
   pad = -length % chunk

@@ -88,9 +88,14 @@ def _params():
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def forward(st: KernelParams, qg, m, u, w, kd, dc_tiles, *, save_states: bool):
-  """`[B, H, Lp, *]` qg, m, u, w, kd and the chunks' total decays `[B, H, N, 8, 128]` -> o `[B, H, Lp, V]` float32
-  (and the states entering each chunk `[B, H, N, K, V]` float32 when `save_states`)."""
+def _tiles(dc_BxHxN: jax.Array) -> jax.Array:
+  """A chunk's decay as one `[8, 128]` tile (every entry the same): `[B, H, N, 8, 128]`."""
+  return jnp.broadcast_to(dc_BxHxN[..., None, None], (*dc_BxHxN.shape, SUBLANES, LANES))
+
+
+def forward(st: KernelParams, qg, m, u, w, kd, dc, *, save_states: bool):
+  """`[B, H, Lp, *]` qg, m, u, w, kd and the chunks' total decays `[B, H, N]` -> o `[B, H, Lp, V]` float32 (and the
+  states entering each chunk `[B, H, N, K, V]` float32 when `save_states`)."""
   bsz, h, length, dk = qg.shape
   dv, c = u.shape[-1], st.chunk
   n = length // c
@@ -104,24 +109,26 @@ def forward(st: KernelParams, qg, m, u, w, kd, dc_tiles, *, save_states: bool):
       _fwd_kernel, grid=(bsz, h, n),
       in_specs=[tok(dk), tok(c), tok(dv), tok(dk), tok(dk), tile], out_specs=out_specs, out_shape=out_shape,
       scratch_shapes=[pltpu.VMEM((dk, dv), _F32)], compiler_params=_params(), interpret=st.interpret,
-      name="delta_rule_fwd")(qg, m, u, w, kd, dc_tiles)
+      name="delta_rule_fwd")(qg, m, u, w, kd, _tiles(dc))
   return outs if save_states else (outs[0], None)
 
 
-def backward(st: KernelParams, qg, m, u, w, kd, dc_tiles, states, do):
-  """The cotangents of `forward`'s inputs (float32; `d dc` as `[B, H, N, 8, 128]` tiles, every entry the same)."""
+def backward(st: KernelParams, qg, m, u, w, kd, dc, states, do):
+  """The cotangents of `forward`'s inputs (float32; `d dc` `[B, H, N]`), from the states it saved and `do`."""
+  dc_tiles = _tiles(dc)
   bsz, h, length, dk = qg.shape
   dv, c = u.shape[-1], st.chunk
   n = length // c
   tok, tile, state = _specs(c, dk, dv, n, reverse=True)
   shape = lambda x: jax.ShapeDtypeStruct(x.shape, _F32)  # noqa: E731
-  return pl.pallas_call(
+  grads = pl.pallas_call(
       _bwd_kernel, grid=(bsz, h, n),
       in_specs=[tok(dk), tok(c), tok(dv), tok(dk), tok(dk), tile, state, tok(dv)],
       out_specs=[tok(dk), tok(c), tok(dv), tok(dk), tok(dk), tile],
       out_shape=[shape(x) for x in (qg, m, u, w, kd, dc_tiles)],
       scratch_shapes=[pltpu.VMEM((dk, dv), _F32)], compiler_params=_params(), interpret=st.interpret,
       name="delta_rule_bwd")(qg, m, u, w, kd, dc_tiles, states, do)
+  return (*grads[:-1], grads[-1][..., 0, 0])
 
 
 __all__ = ["backward", "forward"]

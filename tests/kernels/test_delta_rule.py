@@ -19,6 +19,7 @@ import pytest
 
 from kernels.delta_rule import delta_rule_reference, delta_rule_step
 from kernels.delta_rule import delta_rule_attention as _entry
+from kernels.delta_rule import delta_rule_pallas, mask_tokens
 from kernels.platform import KernelUnavailableError
 
 B, L, H, K, V = 2, 11, 2, 4, 3
@@ -147,8 +148,8 @@ def test_bad_inputs_are_one_line_errors():
 # ----------------------------------------------------------------------------------------------------------------------
 # The Pallas kernels (kernels/delta_rule/pallas.py, pallas_tpu.py), in interpret mode on CPU.
 
-KB, KL, KH, KD, KCHUNK = 2, 40, 2, 16, 16  # 16 does not divide 40: the last chunk is padded
-KERNEL_MASK = jnp.arange(KL)[None] < jnp.array([[29], [KL]])  # key padding at the end of row 0
+KB, KL, KH, KD, KCHUNK = 1, 40, 2, 16, 16  # 16 does not divide 40: the last chunk is padded
+KERNEL_MASK = jnp.arange(KL)[None] < 29  # key padding at the end
 
 
 def _kernel_inputs(decay: str, dtype=jnp.float32):
@@ -206,25 +207,54 @@ def test_explicit_pallas_never_falls_back():
     _entry(q, k, v, b, g, chunk_size=KCHUNK, return_state=True, implementation="pallas")
 
 
-def test_kernels_export_for_tpu_and_the_xla_form_for_cuda_is_logged(caplog):
-  """The forward and backward kernels in a differentiated call lowered for tpu (`implementation=None`); cuda (no
-  Mosaic GPU kernel yet) holds the XLA form with the reason logged, and an explicit "pallas" is an error there."""
-  shapes = [jax.ShapeDtypeStruct((1, KL, KH, KD), jnp.bfloat16)] * 3 + [jax.ShapeDtypeStruct((1, KL, KH),
-                                                                                              jnp.bfloat16)] * 2
+def test_kernels_export_for_tpu_and_unserved_cuda_calls_are_logged(caplog):
+  """The forward and backward kernels in a differentiated call lowered for tpu (`implementation=None`); a call the GPU
+  kernels cannot serve (chunk 16) holds the XLA form on cuda with the reason logged, and an explicit "pallas" is an
+  error there. (The GPU kernels lowered for cuda: tests/kernels/test_export_gated_training_step.py.)"""
+  shapes = [jax.ShapeDtypeStruct((1, KL, KH, KD), jnp.bfloat16)] * 3 + [
+      jax.ShapeDtypeStruct((1, KL, KH), jnp.bfloat16)] * 2
 
-  def grads(implementation):
-    loss = lambda *a: jnp.sum(_entry(*a, chunk_size=KCHUNK, implementation=implementation).astype(jnp.float32))  # noqa: E731
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+  def call(implementation):
+    return jax.jit(lambda *a: _entry(*a, chunk_size=KCHUNK, implementation=implementation))
 
-  step = grads(None)
-  module = jax.export.export(step, platforms=["tpu"])(*shapes).mlir_module()
+  loss = lambda *a: jnp.sum(call(None)(*a).astype(jnp.float32))  # noqa: E731
+  module = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=["tpu"])(
+      *shapes).mlir_module()
   assert re.findall(r"custom_call @(\w+)\(", module) == ["tpu_custom_call"] * 2
   assert "delta_rule_fwd" in module and "delta_rule_bwd" in module
   with caplog.at_level(logging.WARNING, logger="kernels"):
-    module = jax.export.export(step, platforms=["cuda"])(*shapes).mlir_module()
-  assert "custom_call @tpu_custom_call" not in module and "delta_rule_fwd" not in module
+    module = jax.export.export(call(None), platforms=["cuda"])(*shapes).mlir_module()
+  assert "mosaic_gpu" not in module and "delta_rule_fwd" not in module
   from kernels import platform as platform_lib  # pylint: disable=import-outside-toplevel
-  assert any(key[:2] == ("delta_rule_attention", "cuda") and "no Mosaic GPU kernel" in key[2]
+  assert any(key[:2] == ("delta_rule_attention", "cuda") and "chunk=16 must be 64 on GPU" in key[2]
              for key in platform_lib._logged)  # pylint: disable=protected-access  (logged once per process)
-  with pytest.raises(KernelUnavailableError, match="cannot run on cuda: no Mosaic GPU kernel"):
-    jax.export.export(grads("pallas"), platforms=["cuda"])(*shapes)
+  with pytest.raises(KernelUnavailableError, match="cannot run on cuda: .*chunk=16 must be 64"):
+    jax.export.export(call("pallas"), platforms=["cuda"])(*shapes)
+
+
+def test_gpu_kernels_in_the_gpu_interpreter_match_the_recurrence():
+  """The Mosaic GPU kernels (bfloat16 operands, float32 states) under the GPU interpreter: 136 tokens (three chunks of
+  64, the last one padded, so the chunk decays' gradient is exercised), key padding, a decay. Tolerance: 2e-2 of each
+  quantity's largest magnitude (bfloat16 operands; measured 6e-3)."""
+  length, dim = 136, 64
+  ks = jax.random.split(jax.random.key(3), 6)
+  q, k = (_unit(jax.random.normal(x, (1, length, 1, dim))).astype(jnp.bfloat16) for x in ks[:2])
+  v = jax.random.normal(ks[2], (1, length, 1, dim)).astype(jnp.bfloat16)
+  b = jax.random.uniform(ks[3], (1, length, 1))
+  g = jax.random.uniform(ks[4], (1, length, 1), minval=-1.0, maxval=-1e-3)
+  ct = jax.random.normal(ks[5], (1, length, 1, dim))
+  mask = jnp.arange(length)[None] < 120
+
+  def run(core):
+    def f(q, k, v, b, g):
+      return jnp.sum(core(q, k, v, *mask_tokens(b, g, mask)).astype(jnp.float32) * ct)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(q, k, v, b, g)
+
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731  the reference on the same (rounded) inputs
+  want = run(lambda q, k, v, b, g: delta_rule_reference(f32(q), f32(k), f32(v), b, g)[0])
+  got = run(lambda *a: delta_rule_pallas(*a, chunk_size=64, backend="gpu", interpret=True))
+  for name, x, y in zip(("out", "q", "k", "v", "beta", "log_decay"), jax.tree_util.tree_leaves(got),
+                        jax.tree_util.tree_leaves(want)):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    assert np.abs(x - y).max() < 2e-2 * np.abs(y).max(), name
+  assert np.abs(np.asarray(got[1][2], np.float32)[0, 120:]).max() == 0.0  # padded values reach nothing

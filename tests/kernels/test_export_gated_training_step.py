@@ -1,9 +1,9 @@
 """A bfloat16 WikiText-2 training step with `gated_deltanet` and with `mamba2` (issue 35), as
 `lra.training.trainer.Experiment` builds it, exported for `cuda` and `tpu` from this CPU host (jax.export, nothing
 executed), like tests/kernels/test_export_training_step.py. mamba2's core (a decay per head) and gated_deltanet's (the
-gated delta rule) have Mosaic TPU kernels, and mamba2's a Mosaic GPU kernel too: the steps exported for tpu (both) and
-cuda (mamba2) hold their forward and backward calls by name. Where no kernel serves the call (gated_deltanet on cuda:
-no Mosaic GPU kernel yet), the step holds the chunked XLA form and the reason is logged once per platform."""
+gated delta rule) have Mosaic TPU and Mosaic GPU kernels: the steps exported for tpu and cuda hold their forward and
+backward calls by name. Where no kernel would serve the call, the step would hold the chunked XLA form with the reason
+logged once per platform (checked here when a kernel is missing)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu"}  # the kernels' 
 VARIANTS = {"gated_deltanet": "delta_rule_attention", "mamba2": "gated_linear_attention"}
 GATED_KERNELS = ("gated_linear_fwd", "gated_linear_bwd_dq", "gated_linear_bwd_dk", "gated_linear_bwd_dv")
 KERNELS = {("mamba2", "tpu"): GATED_KERNELS, ("mamba2", "cuda"): GATED_KERNELS,
-           ("gated_deltanet", "tpu"): ("delta_rule_fwd", "delta_rule_bwd")}
+           ("gated_deltanet", "tpu"): ("delta_rule_fwd", "delta_rule_bwd"),
+           ("gated_deltanet", "cuda"): ("delta_rule_fwd", "delta_rule_bwd")}
 
 
 @functools.lru_cache(maxsize=None)
