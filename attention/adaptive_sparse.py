@@ -200,14 +200,15 @@ def selection_bitmap(block_idx_BxLxGxN: jax.Array, num_blocks: int) -> jax.Array
 
 
 def _selected_flex(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, *, block_size: int, causal: bool,
-                   key_mask_BxS, scale: float, q_offset, dropout_rate: float, dropout_rng, q_tile: int) -> jax.Array:
+                   key_mask_BxS, scale: float, q_offset, dropout_rate: float, dropout_rng, q_tile: int,
+                   flex_implementation: str | None = None) -> jax.Array:
   """The selected branch through `kernels.flex` with traced tile lists: per query tile of `q_tile` tokens, the key
   tiles (blocks) any of its tokens selected (`block_mask_from_indices`: the transposed lists for the backward are
-  built in the graph), and a mask function reading each token's own selection inside the visited tiles. Tiles no
-  token of a query tile selected are never touched, forward or backward. The mask function closes over the traced
-  selection, which flex's kernels do not take (they evaluate pure index functions): its XLA form runs on every
-  platform (`implementation="xla"`; through flex's dispatch, a closure over traced values fails to stage in
-  `platform_dependent` under jax 0.10)."""
+  built in the graph; at most `q_tile x N` per query tile), and a mask function reading each token's own selection
+  inside the visited tiles. Tiles no token of a query tile selected are never touched, forward or backward. flex's
+  dispatch picks the implementation (`flex_implementation`, default None): its Pallas kernels on TPU and GPU where
+  the tiles suit them (the mask closes over the traced selection, so XLA evaluates it on the visited partial tiles
+  and the kernels read those tiles' bitmaps: 2 bytes x q_tile x block_size per listed tile), its XLA form on CPU."""
   from kernels import flex  # pylint: disable=import-outside-toplevel  (flex imports nothing of attention)
 
   b, l, h, d = q_BxLxHxD.shape
@@ -218,7 +219,10 @@ def _selected_flex(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, *, block_
   tq = -(-l // tile)
   padded = jnp.pad(sel, ((0, 0), (0, 0), (0, tq * tile - l), (0, 0)))
   union = jnp.any(padded.reshape(b, hkv, tq, tile, nb), axis=3)  # [B, Hkv, Tq, Nb]
-  order = jnp.argsort(~union, axis=-1, stable=True).astype(jnp.int32)  # selected tiles first, in block order
+  # Selected tiles first, in block order; a query tile's tokens select at most tile * N blocks (a static list bound,
+  # which also bounds the kernels' partial-tile bitmaps).
+  width = min(nb, tile * block_idx_BxLxGxN.shape[-1])
+  order = jnp.argsort(~union, axis=-1, stable=True).astype(jnp.int32)[..., :width]
   count = jnp.sum(union, axis=-1).astype(jnp.int32)
 
   def mask_mod(bb, hh, q_idx, kv_idx):
@@ -229,7 +233,7 @@ def _selected_flex(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, *, block_
                                     mask_mod=mask_mod)
   out = flex.flex_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, mask_mod=mask_mod, block_mask=bm,
                             key_mask=key_mask_BxS, scale=scale, dropout_rate=dropout_rate if dropout_rng is not None
-                            else 0.0, dropout_rng=dropout_rng, implementation="xla")
+                            else 0.0, dropout_rng=dropout_rng, implementation=flex_implementation)
   return out.astype(jnp.float32)
 
 

@@ -6,9 +6,12 @@ divides `H`: grouped-query attention, key/value head `h * Hkv // H` serves query
   mask_mod(b, h, q_idx, kv_idx) -> bool   and   score_mod(score, b, h, q_idx, kv_idx) -> score
 are jnp functions of broadcastable int32 index arrays (score_mod sees the scaled float32 score). The block mask
 (`tables.BlockMask`, from `create_block_mask` on the host or built in the traced program) says which tiles are empty
-(never visited), full (no mask work) or partial (mask_mod evaluated inside the tile); without one it is made here
-from mask_mod (host tables, cached, when mask_mod is a pure index function; traced tables when it closes over
-traced data such as per-example document ids). `key_mask` bool `[B, Lk]` (True = a real key) masks padding; a query
+(never visited), full (no mask work) or partial (mask_mod applied inside the tile); without one it is made here
+from mask_mod (host tables, cached, when mask_mod closes over no traced value; traced tables when it closes over
+traced data such as per-example document ids). In the kernels' partial tiles a pure index mask_mod is evaluated
+in-kernel (no memory); one closing over arrays (host or traced: document ids, a top-k selection, a prefix length) is
+evaluated by XLA on the partial tiles' index grids and read by the kernels as bfloat16 tile bitmaps
+(`tables.partial_bitmaps`: 2 bytes x q_block x kv_block per slot of the partial lists; the plan logs their size). `key_mask` bool `[B, Lk]` (True = a real key) masks padding; a query
 with no allowed key outputs 0 with finite gradients. Dropout (`dropout_rate` with `dropout_rng`) drops normalized
 weights by the counter hash every op shares (`kernels.common.dropout_keep`, counters b * H + h, q_idx, kv_idx).
 
@@ -20,8 +23,8 @@ Implementations (the op template):
                never falls back: a call they cannot serve raises;
   "interpret"  the TPU kernels in Pallas interpret mode (CPU tests);
   None         the kernels where the program is lowered for a platform they serve, "xla" otherwise (CPU), with one
-               logged line naming why a kernel could not serve (e.g. a score_mod closing over a trainable array:
-               the kernels do not accumulate its gradient; the XLA form does).
+               logged line naming why a kernel could not serve (a score_mod closing over arrays, e.g. a trainable
+               bias table: the kernels do not accumulate its gradient; the XLA form does).
 Each call is planned once (`plan`): tiles, tables, the backend or the reason none serves it; the plan is logged once.
 
 Built-in score functions (`alibi`, `softcap`, `relative_position_bias`, with `t5_bucket`) live here too.
@@ -43,8 +46,8 @@ import numpy as np
 from kernels import platform
 from kernels.common import dropout_seed
 from kernels.flex.reference import flex_attention_reference
-from kernels.flex.tables import (BlockMask, block_mask_from_indices, check_supported, create_block_mask,
-                                 create_block_mask_traced, tile_sizes)
+from kernels.flex.tables import (BlockMask, bitmap_bytes, block_mask_from_indices, check_supported,
+                                 create_block_mask, create_block_mask_traced, tile_sizes)
 from kernels.flex.xla import flex_attention_xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
@@ -163,22 +166,27 @@ class Plan:
     except Exception:  # noqa: BLE001  (traced tables: counts known only when the program runs)
       tiles = "traced tables"
     kernels = "; ".join(f"{b}: {'kernel' if r is None else r}" for b, r in self.kernel_reasons.items())
-    return f"{OP}: tiles {bm.q_block}x{bm.kv_block}, {tiles}; {kernels}"
+    bits = ""
+    if _uses_bitmaps(self.mask_mod, bm):
+      bits = f", partial-tile bitmaps {bitmap_bytes(bm) / 2**20:.1f} MiB (mask_mod closes over arrays)"
+    return f"{OP}: tiles {bm.q_block}x{bm.kv_block}, {tiles}{bits}; {kernels}"
+
+
+def _uses_bitmaps(mask_mod, bm: BlockMask) -> bool:
+  """The kernels read partial-tile bitmaps: the mask closes over arrays and the tables may list partial tiles."""
+  return closes_over_arrays(mask_mod, *_index_examples(False))[0] and not _without_partial_tiles(bm)
 
 
 def _kernel_reasons(q, k, mask_mod, score_mod, bm: BlockMask) -> dict:
   reasons = {}
-  mask_arrays, _ = closes_over_arrays(mask_mod, *_index_examples(False))
   score_arrays, _ = closes_over_arrays(score_mod, *_index_examples(True))
+  bitmaps = _uses_bitmaps(mask_mod, bm)
   common = None
   if score_arrays:
-    common = ("score_mod closes over arrays (e.g. a learned bias table): the kernels evaluate pure index functions "
-              "and cannot accumulate those arrays' gradients")
-  elif mask_arrays and not _without_partial_tiles(bm):
-    common = ("mask_mod closes over arrays (e.g. document ids): the kernels evaluate pure index functions of "
-              "(b, h, q_idx, kv_idx)")
+    common = ("score_mod closes over arrays (e.g. a learned bias table): the kernels evaluate pure index score "
+              "functions and cannot accumulate those arrays' gradients")
   for backend in ("tpu", "gpu"):
-    reasons[backend] = common or check_supported(q.shape, k.shape, q.dtype, bm, backend)
+    reasons[backend] = common or check_supported(q.shape, k.shape, q.dtype, bm, backend, bitmaps)
   return reasons
 
 
@@ -226,13 +234,14 @@ def _check(q, k, v, key_mask, block_mask, implementation, dropout_rate) -> None:
                        f"query heads {h}")
 
 
-def default_tiles(q_shape, dtype) -> tuple[int, int]:
-  """The first of `DEFAULT_BLOCKS` that the TPU kernels and (for the dtypes they take) the GPU kernels both serve."""
+def default_tiles(q_shape, dtype, bitmaps: bool = False) -> tuple[int, int]:
+  """The first of `DEFAULT_BLOCKS` that the TPU kernels and (for the dtypes they take) the GPU kernels both serve
+  (`bitmaps`: with partial-tile bitmaps in shared memory)."""
   from kernels.flex.tables import gpu_reason  # noqa: PLC0415
   from kernels.platform import mosaic_gpu_dtype_reason  # noqa: PLC0415
   gpu_dtype = mosaic_gpu_dtype_reason(dtype) is None
   for bq, bkv in DEFAULT_BLOCKS:
-    if not gpu_dtype or gpu_reason(bq, bkv, q_shape[-1], dtype) is None:
+    if not gpu_dtype or gpu_reason(bq, bkv, q_shape[-1], dtype, bitmaps) is None:
       return bq, bkv
   return DEFAULT_BLOCKS[-1]
 
@@ -242,8 +251,8 @@ def plan(q, k, v, *, mask_mod=None, score_mod=None, block_mask=None, key_mask=No
   b, lq, h, _ = q.shape
   lk = k.shape[1]
   if block_mask is None:
-    tiles = tile_sizes(block_size) if block_size is not None else default_tiles(q.shape, q.dtype)
-    _, traced = closes_over_arrays(mask_mod, *_index_examples(False))
+    arrays, traced = closes_over_arrays(mask_mod, *_index_examples(False))
+    tiles = tile_sizes(block_size) if block_size is not None else default_tiles(q.shape, q.dtype, arrays)
     builder = create_block_mask_traced if traced else create_block_mask
     block_mask = builder(mask_mod, b, h, lq, lk, tiles)
   elif block_size is not None and tile_sizes(block_size) != (block_mask.q_block, block_mask.kv_block):

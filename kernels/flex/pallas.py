@@ -3,7 +3,12 @@ call description, the `jax.custom_vjp` joining a backend's forward and backward 
 backend's module (`pallas_tpu` or `pallas_gpu`, which never import each other).
 
 The tables are *arguments* (traced int32 arrays: host-built ones become constants, ones built in the step from data or
-a top-k selection stay traced); the kernels read them by scalar prefetch. The backward recomputes from the forward's
+a top-k selection stay traced); the kernels read them by scalar prefetch. A pure index `mask_mod` is evaluated inside
+the kernels on each partial tile; one closing over arrays (document ids, a traced selection) is evaluated here, in
+the XLA program, on the partial tiles' index grids (`tables.partial_bitmaps`: O(partial list slots x tile) bfloat16,
+never per element of `[L, L]` beyond the lists' bound), and the kernels load the bitmap of the partial tile they
+visit instead (TPU: a BlockSpec indexed by the list position; GPU: a TMA copy; the dK/dV pass finds the same bitmap
+through `q_partial_pos`, and on GPU reads a transposed copy made by XLA for the backward). The backward recomputes from the forward's
 log-sum-exp with `delta = rowsum(o * do)` from XLA (the dropped output, so dropout's rescaling is inside), as
 FlashAttention-2 does; dK/dV walk the transposed lists.
 """
@@ -17,10 +22,19 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from kernels.flex.tables import BlockMask, FlexStatic, check_supported, heads_per_program
+from kernels.flex.tables import (BlockMask, FlexStatic, broadcast_batch, check_supported, heads_per_program,
+                                 mask_broadcast_dims, partial_bitmaps)
 from kernels.platform import Backend
 
 BACKEND_MODULES: dict[Backend, str] = {"tpu": "kernels.flex.pallas_tpu", "gpu": "kernels.flex.pallas_gpu"}
+
+
+def mask_closes_over_arrays(mask_mod) -> bool:
+  """Whether `mask_mod` closes over arrays (host or traced): the kernels then take its partial tiles as bitmaps."""
+  if mask_mod is None:
+    return False
+  i32 = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
+  return bool(jax.make_jaxpr(mask_mod)(i32, i32, i32, i32).consts)
 
 
 def _backend(st: FlexStatic):
@@ -28,20 +42,20 @@ def _backend(st: FlexStatic):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st: FlexStatic, q, k, v, kvm, seed, tables):
-  return _backend(st).forward(st, q, k, v, kvm, seed, tables)[0]
+def _attention(st: FlexStatic, q, k, v, kvm, seed, tables, bits):
+  return _backend(st).forward(st, q, k, v, kvm, seed, tables, bits)[0]
 
 
-def _attention_fwd(st, q, k, v, kvm, seed, tables):
-  o, lse = _backend(st).forward(st, q, k, v, kvm, seed, tables)
-  return o, (q, k, v, kvm, seed, tables, o, lse)
+def _attention_fwd(st, q, k, v, kvm, seed, tables, bits):
+  o, lse = _backend(st).forward(st, q, k, v, kvm, seed, tables, bits)
+  return o, (q, k, v, kvm, seed, tables, bits, o, lse)
 
 
 def _attention_bwd(st, res, do):
-  q, k, v, kvm, seed, tables, o, lse = res
+  q, k, v, kvm, seed, tables, bits, o, lse = res
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  dq, dk, dv = _backend(st).backward(st, q, k, v, kvm, seed, tables, do, lse, delta)
-  return dq, dk, dv, None, None, None
+  dq, dk, dv = _backend(st).backward(st, q, k, v, kvm, seed, tables, bits, do, lse, delta)
+  return dq, dk, dv, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -51,16 +65,20 @@ def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
                           mask_mod=None, score_mod=None, key_mask=None, scale: float | None = None,
                           dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
                           backend: Backend = "tpu", interpret=False) -> jax.Array:
-  """Flex attention through the Pallas kernels of `backend`; `[B, L, H, D]` in and out. `mask_mod` and `score_mod`
-  must be pure index functions (no closed-over arrays: the entry checks)."""
-  reason = check_supported(q_BxLxHxD.shape, k_BxSxKxD.shape, q_BxLxHxD.dtype, bm, backend)
+  """Flex attention through the Pallas kernels of `backend`; `[B, L, H, D]` in and out. `score_mod` must be a pure
+  index function (the kernels do not return gradients of arrays it closes over: the entry checks); `mask_mod` may
+  close over arrays, host or traced (its partial tiles then come as bitmaps, module docstring)."""
+  b, lq, h, d = q_BxLxHxD.shape
+  mask_mod = bm.mask_mod if mask_mod is None else mask_mod
+  bitmaps = mask_closes_over_arrays(mask_mod)
+  if bitmaps and mask_broadcast_dims(mask_mod, b, h)[0] > bm.batch:  # per-example mask on batch-shared tables
+    bm = broadcast_batch(bm, b)
+  reason = check_supported(q_BxLxHxD.shape, k_BxSxKxD.shape, q_BxLxHxD.dtype, bm, backend, bitmaps)
   if reason is not None and not interpret:
     raise ValueError(f"flex_attention: the {backend} kernels cannot serve this call: {reason}")
-  b, lq, h, d = q_BxLxHxD.shape
   lk, hkv = k_BxSxKxD.shape[1:3]
   bq, bkv = bm.q_block, bm.kv_block
   tq, tk = bm.num_q_tiles, bm.num_kv_tiles
-  mask_mod = bm.mask_mod if mask_mod is None else mask_mod
   gp = heads_per_program(h, hkv, bm.heads)
   rate = float(dropout_rate) if dropout_seed is not None and dropout_rate > 0.0 else 0.0
   kvm = None
@@ -69,8 +87,9 @@ def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
     kvm = jnp.pad(km, ((0, 0), (0, tk * bkv - lk))).astype(jnp.int32).reshape(b * tk, 1, bkv)
   st = FlexStatic(q_block=bq, kv_block=bkv, q_tiles=tq, kv_tiles=tk, heads=h, kv_heads=hkv, group_per_program=gp,
                   table_batch=bm.batch, table_heads=bm.heads, scale=float(d ** -0.5 if scale is None else scale),
-                  rate=rate, has_key_tiles=kvm is not None, mask_mod=mask_mod, score_mod=score_mod,
-                  mods_key=(id(mask_mod), id(score_mod)), backend=backend, interpret=interpret)
+                  rate=rate, has_key_tiles=kvm is not None, mask_mod=None if bitmaps else mask_mod,
+                  score_mod=score_mod, mods_key=(None if bitmaps else id(mask_mod), id(score_mod)), backend=backend,
+                  interpret=interpret, has_bitmaps=bitmaps)
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
   # [B, L, H, D] -> [B, H // gp, gp, L, D]: the gp query heads of a program are one block.
   q = jnp.transpose(pad(q_BxLxHxD, tq * bq), (0, 2, 1, 3)).reshape(b, h // gp, gp, tq * bq, d)
@@ -80,12 +99,16 @@ def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   tables = tuple(jnp.asarray(x, jnp.int32).reshape(-1) for x in (
       bm.kv_num_full, bm.kv_full_idx, bm.kv_num_partial, bm.kv_partial_idx,
       bm.q_num_full, bm.q_full_idx, bm.q_num_partial, bm.q_partial_idx))
+  bits = None
+  if bitmaps:
+    bits, pos = partial_bitmaps(bm, mask_mod, h)
+    tables = tables + (pos.reshape(-1),)
   widths = (bm.kv_full_idx.shape[-1], bm.kv_partial_idx.shape[-1], bm.q_full_idx.shape[-1],
             bm.q_partial_idx.shape[-1])
   st = dataclasses.replace(st, mods_key=st.mods_key + (widths,))
-  out = _attention(st, q, k, v, kvm, seed, tables)  # [B, H // gp, gp, Lq_pad, D]
+  out = _attention(st, q, k, v, kvm, seed, tables, bits)  # [B, H // gp, gp, Lq_pad, D]
   out = out.reshape(b, h, tq * bq, -1)[:, :, :lq]
   return jnp.transpose(out, (0, 2, 1, 3))
 
 
-__all__ = ["BACKEND_MODULES", "flex_attention_pallas"]
+__all__ = ["BACKEND_MODULES", "flex_attention_pallas", "mask_closes_over_arrays"]

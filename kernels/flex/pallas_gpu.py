@@ -1,8 +1,10 @@
 """Mosaic GPU (Hopper) kernels of flex attention; see `pallas_tpu` for the algorithm and `tables` for the tile lists.
 One warpgroup per program (query tile or key tile, query head, batch row); the traced tables are read from global
 memory (index loads: Mosaic GPU has no scalar prefetch) and the listed tiles double-buffered into shared memory by
-TMA (`kernels.mosaic_gpu.stream`), the full tiles of a row first (no mask work), then its partial ones (`mask_mod`
-on the tile's index arrays in the wgmma register layout). `score_mod` runs on the score registers, its vjp in the
+TMA (`kernels.mosaic_gpu.stream`), the full tiles of a row first (no mask work), then its partial ones (a pure index
+`mask_mod` on the tile's index arrays in the wgmma register layout; a mask closing over arrays as the tile's bfloat16
+bitmap, `tables.partial_bitmaps`, TMA-copied beside the tile and added to the scores: the dK/dV kernel reads a
+transposed copy XLA makes for the backward, at the entry `q_partial_pos` names). `score_mod` runs on the score registers, its vjp in the
 backward. Matmuls are wgmma with float32 accumulators; K (forward, dQ), V (dQ), Q and dO (dK/dV) are also passed
 transposed by XLA so every wgmma B operand is a plain shared-memory tile (`kernels.mosaic_gpu`). GQA: a query head's
 program reads its group's key/value head; dK/dV are computed per query head and summed over the group by XLA
@@ -52,8 +54,10 @@ class _Tile:
       return s
     return jnp.asarray(self.st.score_mod(s, self.b, self.h, self.q_idx, self.kv_idx), jnp.float32)
 
-  def mask(self, s, partial: bool, bias):
-    if partial and self.st.mask_mod is not None:
+  def mask(self, s, partial: bool, bias, bits=None):
+    if partial and bits is not None:
+      s = s + bits.astype(jnp.float32)
+    elif partial and self.st.mask_mod is not None:
       s = jnp.where(jnp.asarray(self.st.mask_mod(self.b, self.h, self.q_idx, self.kv_idx), bool), s, -jnp.inf)
     return s if bias is None else s + bias
 
@@ -71,12 +75,27 @@ def _row(st: FlexStatic, bi, hi, t, tiles: int):
   return (bt * st.table_heads + rt) * tiles + t
 
 
-def _two_streams(num_full, num_part, tile_of, fetch_tile, body, carry, barriers):
-  """The row's full tiles then its partial ones, each list double-buffered; `body(tile, slot, carry, partial)`."""
+def _two_streams(num_full, num_part, tile_of, fetch_tile, body, carry, barriers, fetch_bits=None, bits_barrier=None):
+  """The row's full tiles then its partial ones, each list double-buffered; `body(tile, slot, carry, partial)`.
+  `fetch_bits(step, slot)`: also copies a partial step's bitmap (its barrier `bits_barrier`)."""
   for partial, count in ((False, num_full), (True, num_part)):
-    carry = mg.stream(count, lambda step, slot, p=partial: fetch_tile(tile_of(step, p), slot),
-                      lambda step, slot, c, p=partial: body(tile_of(step, p), slot, c, p), carry, barriers)
+    with_bits = partial and fetch_bits is not None
+
+    def fetch(step, slot, p=partial, with_bits=with_bits):
+      fetch_tile(tile_of(step, p), slot)
+      if with_bits:
+        fetch_bits(step, slot)
+
+    carry = mg.stream(count, fetch, lambda step, slot, c, p=partial: body(tile_of(step, p), slot, c, p), carry,
+                      tuple(barriers) + ((bits_barrier,) if with_bits else ()))
   return carry
+
+
+def _bits_scratch(st: FlexStatic, shape):
+  """Double-buffered bitmap tiles and their barriers (none without bitmaps)."""
+  if not st.has_bitmaps:
+    return []
+  return [mg.smem((2, *shape), jnp.bfloat16), plgpu.Barrier(num_barriers=2)]
 
 
 def _key_bias(kvm, b: int):
@@ -84,7 +103,7 @@ def _key_bias(kvm, b: int):
   return jnp.where(kvm.reshape(b, -1) != 0, 0.0, -jnp.inf).astype(jnp.float32)
 
 
-def forward(st: FlexStatic, q5, k, v, kvm, seed, tables):
+def forward(st: FlexStatic, q5, k, v, kvm, seed, tables, bits=None):
   """q5 [B, P, gp, Lq, D], k, v [B, Hkv, Lk, D] -> (o like q5, lse [B, P, gp, Lq] float32)."""
   b, progs, gp, lq, d = q5.shape
   h, g = st.heads, st.heads // st.kv_heads
@@ -96,11 +115,11 @@ def forward(st: FlexStatic, q5, k, v, kvm, seed, tables):
   kT = jnp.swapaxes(k, 2, 3)
 
   def kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, kT_ref, v_ref, *rest):
-    if has_mask:
-      bias_ref, o_ref, lse_ref, scratch = rest[0], rest[1], rest[2], rest[3:]
-    else:
-      bias_ref, (o_ref, lse_ref), scratch = None, rest[:2], rest[2:]
-    q_smem, kT_smem, v_smem, bias_smem, p_smem, lse_smem, q_bar, k_bar, v_bar, b_bar = scratch
+    bias_ref, rest = (rest[0], rest[1:]) if has_mask else (None, rest)
+    bits_ref, rest = (rest[0], rest[1:]) if st.has_bitmaps else (None, rest)
+    o_ref, lse_ref, scratch = rest[0], rest[1], rest[2:]
+    q_smem, kT_smem, v_smem, bias_smem, p_smem, lse_smem, q_bar, k_bar, v_bar, b_bar = scratch[:10]
+    bits_smem, bits_bar = scratch[10:] if st.has_bitmaps else (None, None)
     i, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     kh = _div(hi, g)
     row = _row(st, bi, hi, i, st.q_tiles)
@@ -118,13 +137,17 @@ def forward(st: FlexStatic, q5, k, v, kvm, seed, tables):
 
     plgpu.barrier_wait(q_bar.at[0])
 
+    def fetch_bits(step, slot):
+      plgpu.copy_gmem_to_smem(bits_ref.at[row * kp + step], bits_smem.at[slot], bits_bar.at[slot])
+
     def body(j, slot, carry, partial):
       acc, m, l = carry
       bias = None
       if has_mask:
         bias = lax.broadcast_in_dim(mg.load(bias_smem.at[slot], lay.COL), (bq, bkv), [1])
+      bits = mg.load(bits_smem.at[slot], lay.WGMMA) if partial and st.has_bitmaps else None
       tile = _Tile(st, lay, (bq, bkv), bi, hi, i, j, rows_are_queries=True)
-      s = tile.mask(tile.modded(mg.mma(q_smem, kT_smem.at[slot], (bq, bkv)) * st.scale), partial, bias)
+      s = tile.mask(tile.modded(mg.mma(q_smem, kT_smem.at[slot], (bq, bkv)) * st.scale), partial, bias, bits)
       m_next = jnp.maximum(m, s.max(axis=1))
       p = jnp.exp(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
       alpha = jnp.exp(m - m_next)
@@ -136,7 +159,8 @@ def forward(st: FlexStatic, q5, k, v, kvm, seed, tables):
 
     barriers = (k_bar, v_bar, b_bar) if has_mask else (k_bar, v_bar)
     init = (mg.full((bq, d), 0.0, lay.WGMMA), mg.full((bq,), _M_INIT, lay.ROW), mg.full((bq,), 0.0, lay.ROW))
-    acc, m, l = _two_streams(nf_ref[row], np_ref[row], tile_of, fetch, body, init, barriers)
+    acc, m, l = _two_streams(nf_ref[row], np_ref[row], tile_of, fetch, body, init, barriers,
+                             fetch_bits if st.has_bitmaps else None, bits_bar)
     seen = l > 0.0
     safe_l = jnp.where(seen, l, 1.0)
     inv = jnp.where(seen, 1.0 / safe_l, 0.0)
@@ -152,10 +176,12 @@ def forward(st: FlexStatic, q5, k, v, kvm, seed, tables):
   scratch = [mg.smem((bq, d), dt), mg.smem((2, d, bkv), dt), mg.smem((2, bkv, d), dt),
              plgpu.SMEM((2, bkv), jnp.float32), mg.smem((bq, bkv), dt), plgpu.SMEM((bq,), jnp.float32),
              plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
-             plgpu.Barrier(num_barriers=2)]
+             plgpu.Barrier(num_barriers=2)] + _bits_scratch(st, (bq, bkv))
   args = [*tables[:4], seed, q, kT, v]
   if has_mask:
     args.append(_key_bias(kvm, b))
+  if st.has_bitmaps:
+    args.append(bits)
   o, lse = plgpu.kernel(
       kernel, out_type=[jax.ShapeDtypeStruct((b, h, lq, d), q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
       scratch_types=scratch, grid=(st.q_tiles, h, b), grid_names=("q", "h", "b"), kernel_name="flex_fwd",
@@ -163,7 +189,7 @@ def forward(st: FlexStatic, q5, k, v, kvm, seed, tables):
   return o.reshape(q5.shape), lse.reshape(q5.shape[:-1])
 
 
-def _dq(st, q, k, v, bias, seed, tables, do, lse, delta):
+def _dq(st, q, k, v, bias, seed, tables, bits, do, lse, delta):
   b, h, lq, d = q.shape
   g = st.heads // st.kv_heads
   bq, bkv = st.q_block, st.kv_block
@@ -174,12 +200,12 @@ def _dq(st, q, k, v, bias, seed, tables, do, lse, delta):
 
   def kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, kT_ref, vT_ref, do_ref, lse_ref, delta_ref,
              *rest):
-    if has_mask:
-      bias_ref, dq_ref, scratch = rest[0], rest[1], rest[2:]
-    else:
-      bias_ref, dq_ref, scratch = None, rest[0], rest[1:]
+    bias_ref, rest = (rest[0], rest[1:]) if has_mask else (None, rest)
+    bits_ref, rest = (rest[0], rest[1:]) if st.has_bitmaps else (None, rest)
+    dq_ref, scratch = rest[0], rest[1:]
     (q_smem, do_smem, lse_smem, delta_smem, k_smem, kT_smem, vT_smem, bias_smem, ds_smem,
-     own_bar, k_bar, kT_bar, vT_bar, b_bar) = scratch
+     own_bar, k_bar, kT_bar, vT_bar, b_bar) = scratch[:14]
+    bits_smem, bits_bar = scratch[14:] if st.has_bitmaps else (None, None)
     i, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     kh = _div(hi, g)
     row = _row(st, bi, hi, i, st.q_tiles)
@@ -205,17 +231,21 @@ def _dq(st, q, k, v, bias, seed, tables, do, lse, delta):
       plgpu.barrier_wait(own_bar.at[n])
     lse_r, delta_r = mg.load(lse_smem, lay.ROW), mg.load(delta_smem, lay.ROW)
 
+    def fetch_bits(step, slot):
+      plgpu.copy_gmem_to_smem(bits_ref.at[row * kp + step], bits_smem.at[slot], bits_bar.at[slot])
+
     def body(j, slot, dq, partial):
       bias_t = None
       if has_mask:
         bias_t = lax.broadcast_in_dim(mg.load(bias_smem.at[slot], lay.COL), (bq, bkv), [1])
+      bits = mg.load(bits_smem.at[slot], lay.WGMMA) if partial and st.has_bitmaps else None
       tile = _Tile(st, lay, (bq, bkv), bi, hi, i, j, rows_are_queries=True)
       raw = mg.mma(q_smem, kT_smem.at[slot], (bq, bkv)) * st.scale
       if st.score_mod is None:
         s, pull = raw, None
       else:
         s, pull = jax.vjp(tile.modded, raw)
-      s = tile.mask(s, partial, bias_t)
+      s = tile.mask(s, partial, bias_t, bits)
       p = jnp.exp(s - lax.broadcast_in_dim(lse_r, s.shape, [0]))
       dp = mg.mma(do_smem, vT_smem.at[slot], (bq, bkv))
       drop = tile.drop_scale(seed_ref[0])
@@ -228,7 +258,8 @@ def _dq(st, q, k, v, bias, seed, tables, do, lse, delta):
       return dq + mg.mma(ds_smem, k_smem.at[slot], (bq, d))
 
     barriers = (k_bar, kT_bar, vT_bar, b_bar) if has_mask else (k_bar, kT_bar, vT_bar)
-    dq = _two_streams(nf_ref[row], np_ref[row], tile_of, fetch, body, mg.full((bq, d), 0.0, lay.WGMMA), barriers)
+    dq = _two_streams(nf_ref[row], np_ref[row], tile_of, fetch, body, mg.full((bq, d), 0.0, lay.WGMMA), barriers,
+                      fetch_bits if st.has_bitmaps else None, bits_bar)
     dq_smem = q_smem
     dq_smem[...] = (dq * st.scale).astype(dq_smem.dtype)
     plgpu.commit_smem()
@@ -239,16 +270,18 @@ def _dq(st, q, k, v, bias, seed, tables, do, lse, delta):
   scratch = [mg.smem((bq, d), dt), mg.smem((bq, d), dt), plgpu.SMEM((bq,), jnp.float32),
              plgpu.SMEM((bq,), jnp.float32), mg.smem((2, bkv, d), dt), mg.smem((2, d, bkv), dt),
              mg.smem((2, d, bkv), dt), plgpu.SMEM((2, bkv), jnp.float32), mg.smem((bq, bkv), dt),
-             plgpu.Barrier(num_barriers=4)] + [plgpu.Barrier(num_barriers=2)] * 4
+             plgpu.Barrier(num_barriers=4)] + [plgpu.Barrier(num_barriers=2)] * 4 + _bits_scratch(st, (bq, bkv))
   args = [*tables[:4], seed, q, k, kT, vT, do, lse, delta]
   if has_mask:
     args.append(bias)
+  if st.has_bitmaps:
+    args.append(bits)
   return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((b, h, lq, d), q.dtype), scratch_types=scratch,
                       grid=(st.q_tiles, h, b), grid_names=("q", "h", "b"), kernel_name="flex_bwd_dq",
                       interpret=_interpret(st))(*args)
 
 
-def _dkv(st, q, k, v, bias, seed, tables, do, lse, delta):
+def _dkv(st, q, k, v, bias, seed, tables, bitsT, do, lse, delta):
   b, h, lq, d = q.shape
   lk = k.shape[2]
   g = st.heads // st.kv_heads
@@ -260,12 +293,12 @@ def _dkv(st, q, k, v, bias, seed, tables, do, lse, delta):
 
   def kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, qT_ref, k_ref, v_ref, do_ref, doT_ref, lse_ref,
              delta_ref, *rest):
-    if has_mask:
-      bias_ref, dk_ref, dv_ref, scratch = rest[0], rest[1], rest[2], rest[3:]
-    else:
-      bias_ref, (dk_ref, dv_ref), scratch = None, rest[:2], rest[2:]
+    bias_ref, rest = (rest[0], rest[1:]) if has_mask else (None, rest)
+    (pos_ref, bits_ref), rest = (rest[:2], rest[2:]) if st.has_bitmaps else ((None, None), rest)
+    dk_ref, dv_ref, scratch = rest[0], rest[1], rest[2:]
     (k_smem, v_smem, bias_smem, q_smem, qT_smem, do_smem, doT_smem, lse_smem, delta_smem, p_smem, ds_smem,
-     own_bar, q_bar, qT_bar, do_bar, doT_bar, lse_bar, delta_bar) = scratch
+     own_bar, q_bar, qT_bar, do_bar, doT_bar, lse_bar, delta_bar) = scratch[:18]
+    bits_smem, bits_bar = scratch[18:] if st.has_bitmaps else (None, None)
     j, hi, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
     kh = _div(hi, g)
     col = _row(st, bi, hi, j, st.kv_tiles)
@@ -294,8 +327,12 @@ def _dkv(st, q, k, v, bias, seed, tables, do, lse, delta):
     if has_mask:  # keys are the rows here
       bias_t = lax.broadcast_in_dim(mg.load(bias_smem, lay.ROW), (bkv, bq), [0])
 
+    def fetch_bits(step, slot):  # the forward's bitmap of (query tile, this key tile), transposed
+      plgpu.copy_gmem_to_smem(bits_ref.at[pos_ref[col * qp + step]], bits_smem.at[slot], bits_bar.at[slot])
+
     def body(i, slot, carry, partial):
       dk, dv = carry
+      bits = mg.load(bits_smem.at[slot], lay.WGMMA) if partial and st.has_bitmaps else None
       lse_c = lax.broadcast_in_dim(mg.load(lse_smem.at[slot], lay.COL), (bkv, bq), [1])
       delta_c = lax.broadcast_in_dim(mg.load(delta_smem.at[slot], lay.COL), (bkv, bq), [1])
       tile = _Tile(st, lay, (bkv, bq), bi, hi, i, j, rows_are_queries=False)
@@ -304,7 +341,7 @@ def _dkv(st, q, k, v, bias, seed, tables, do, lse, delta):
         sT, pull = raw, None
       else:
         sT, pull = jax.vjp(tile.modded, raw)
-      sT = tile.mask(sT, partial, bias_t)
+      sT = tile.mask(sT, partial, bias_t, bits)
       pT = jnp.exp(sT - lse_c)
       drop = tile.drop_scale(seed_ref[0])
       mg.stage(p_smem, pT if drop is None else pT * drop)
@@ -321,7 +358,8 @@ def _dkv(st, q, k, v, bias, seed, tables, do, lse, delta):
 
     barriers = (q_bar, qT_bar, do_bar, doT_bar, lse_bar, delta_bar)
     init = (mg.full((bkv, d), 0.0, lay.WGMMA), mg.full((bkv, d), 0.0, lay.WGMMA))
-    dk, dv = _two_streams(nf_ref[col], np_ref[col], tile_of, fetch, body, init, barriers)
+    dk, dv = _two_streams(nf_ref[col], np_ref[col], tile_of, fetch, body, init, barriers,
+                          fetch_bits if st.has_bitmaps else None, bits_bar)
     dk_smem, dv_smem = k_smem, v_smem
     dk_smem[...] = (dk * st.scale).astype(dk_smem.dtype)
     dv_smem[...] = dv.astype(dv_smem.dtype)
@@ -335,24 +373,28 @@ def _dkv(st, q, k, v, bias, seed, tables, do, lse, delta):
              mg.smem((2, bq, d), dt), mg.smem((2, d, bq), dt), mg.smem((2, bq, d), dt), mg.smem((2, d, bq), dt),
              plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32), mg.smem((bkv, bq), dt),
              mg.smem((bkv, bq), dt), plgpu.Barrier(num_barriers=3)] + [plgpu.Barrier(num_barriers=2)] * 6
-  args = [*tables[4:], seed, q, qT, k, v, do, doT, lse, delta]
+  scratch += _bits_scratch(st, (bkv, bq))
+  args = [*tables[4:8], seed, q, qT, k, v, do, doT, lse, delta]
   if has_mask:
     args.append(bias)
+  if st.has_bitmaps:
+    args += [tables[8], bitsT]
   return plgpu.kernel(kernel, out_type=[jax.ShapeDtypeStruct((b, h, lk, d), k.dtype),
                                         jax.ShapeDtypeStruct((b, h, lk, d), v.dtype)],
                       scratch_types=scratch, grid=(st.kv_tiles, h, b), grid_names=("kv", "h", "b"),
                       kernel_name="flex_bwd_dkv", interpret=_interpret(st))(*args)
 
 
-def backward(st: FlexStatic, q5, k, v, kvm, seed, tables, do5, lse4, delta4):
+def backward(st: FlexStatic, q5, k, v, kvm, seed, tables, bits, do5, lse4, delta4):
   """-> (dq like q5, dk, dv like k, v); dK/dV of a group's query heads summed here."""
   b, progs, gp, lq, d = q5.shape
   h = st.heads
   q, do = q5.reshape(b, h, lq, d), do5.reshape(b, h, lq, d)
   lse, delta = lse4.reshape(b, h, lq), delta4.reshape(b, h, lq)
   bias = None if kvm is None else _key_bias(kvm, b)
-  dq = _dq(st, q, k, v, bias, seed, tables, do, lse, delta)
-  dk, dv = _dkv(st, q, k, v, bias, seed, tables, do, lse, delta)
+  dq = _dq(st, q, k, v, bias, seed, tables, bits, do, lse, delta)
+  bitsT = None if bits is None else jnp.swapaxes(bits, 1, 2)  # the dK/dV kernel's scores are [keys, queries]
+  dk, dv = _dkv(st, q, k, v, bias, seed, tables, bitsT, do, lse, delta)
   g = h // st.kv_heads
   if g > 1:
     lk = k.shape[2]

@@ -4,7 +4,9 @@ Grid `(batch, program heads, own tile, list step)`; the block mask's tables (`ta
 constant) are scalar-prefetched into SMEM and drive the BlockSpec index maps, so only listed tiles are DMA'd. Each
 query tile's list is its full key tiles then its partial ones (`Kf + Kp` steps); entries past a row's count repeat its
 last tile (no new copy) and skip their compute. Full tiles run without mask work (key padding only); partial tiles
-evaluate `mask_mod(b, h, q_idx, kv_idx)` on the tile's index arrays inside the kernel. `score_mod` runs on every
+evaluate a pure index `mask_mod(b, h, q_idx, kv_idx)` on the tile's index arrays inside the kernel, or, for a mask
+closing over arrays, load the tile's bfloat16 bitmap (`tables.partial_bitmaps`: one more BlockSpec, indexed by the
+list position in the forward and dQ, by the scalar-prefetched `q_partial_pos` in dK/dV). `score_mod` runs on every
 visited tile, forward and backward (its derivative by `jax.vjp` on the tile). The `gp` query heads of a GQA group
 that share a table row are one program: their `[gp, bq, D]` queries are one `[gp * bq, D]` operand against the
 group's key/value tile, loaded once. Forward: online softmax, log-sum-exp saved per row. dQ walks the same lists;
@@ -69,9 +71,14 @@ class _Tile:
       return s
     return jnp.asarray(self.st.score_mod(s, self.b, self.h, self.q_idx, self.kv_idx), jnp.float32)
 
-  def allowed(self, partial: bool, kvm_ref):
+  def allowed(self, partial: bool, kvm_ref, bits_ref=None):
     allowed = None
-    if partial and self.st.mask_mod is not None:
+    if partial and bits_ref is not None:
+      bias = bits_ref[...].astype(jnp.float32)  # [bq, bkv]: 0 allowed, -inf masked; a program's gp heads share it
+      if self.st.group_per_program > 1:
+        bias = jnp.concatenate([bias] * self.st.group_per_program, axis=0)
+      allowed = bias == 0.0
+    elif partial and self.st.mask_mod is not None:
       allowed = jnp.asarray(self.st.mask_mod(self.b, self.h, self.q_idx, self.kv_idx), bool)
     if kvm_ref is not None:
       real = jnp.broadcast_to(kvm_ref[...] != 0, self.q_idx.shape)  # [1, bkv] over the rows
@@ -107,9 +114,16 @@ def _listed(st, row, s, kf, nf_ref, fidx_ref, pidx_ref, kp):
   return jnp.where(s < kf, full, part)
 
 
+def _optional_refs(st: FlexStatic, rest):
+  """(key-validity ref or None, bitmap ref or None, the remaining refs) of a kernel's trailing inputs."""
+  kvm_ref, rest = (rest[0], rest[1:]) if st.has_key_tiles else (None, rest)
+  bits_ref, rest = (rest[0], rest[1:]) if st.has_bitmaps else (None, rest)
+  return kvm_ref, bits_ref, rest
+
+
 def _fwd_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_ref, *rest, st: FlexStatic, kf: int,
                 kp: int):
-  kvm_ref, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = (rest[0], rest[1:]) if st.has_key_tiles else (None, rest)
+  kvm_ref, bits_ref, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _optional_refs(st, rest)
   bi, c, i, s = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
   row = _row(st, bi, c, i, st.q_tiles)
   kv_tile = _listed(st, row, s, kf, nf_ref, fidx_ref, pidx_ref, kp)
@@ -123,7 +137,7 @@ def _fwd_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_re
 
   def compute(partial: bool):
     sc = tile.modded(tile.scores(_rows2d(q_ref[...]), k_ref[...]))
-    allowed = tile.allowed(partial, kvm_ref)
+    allowed = tile.allowed(partial, kvm_ref, bits_ref)
     if allowed is not None:
       sc = jnp.where(allowed, sc, -jnp.inf)
     m_prev, l_prev = m_scr[...], l_scr[...]
@@ -150,7 +164,7 @@ def _fwd_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_re
     lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(jnp.where(seen, l, 1.0)), 0.0).reshape(lse_ref.shape)
 
 
-def _grads(tile: _Tile, partial, kvm_ref, seed_ref, q2d, k, v, do2d, lse2d, delta2d):
+def _grads(tile: _Tile, partial, kvm_ref, bits_ref, seed_ref, q2d, k, v, do2d, lse2d, delta2d):
   """(p used for dV, dS wrt the raw scaled score) of one tile."""
   st = tile.st
   raw = tile.scores(q2d, k)
@@ -158,7 +172,7 @@ def _grads(tile: _Tile, partial, kvm_ref, seed_ref, q2d, k, v, do2d, lse2d, delt
     sc, pull = raw, None
   else:
     sc, pull = jax.vjp(tile.modded, raw)
-  allowed = tile.allowed(partial, kvm_ref)
+  allowed = tile.allowed(partial, kvm_ref, bits_ref)
   p = jnp.exp(sc - _lanes(lse2d, st.kv_block))
   if allowed is not None:
     p = jnp.where(allowed, p, 0.0)
@@ -174,7 +188,7 @@ def _grads(tile: _Tile, partial, kvm_ref, seed_ref, q2d, k, v, do2d, lse2d, delt
 
 def _dq_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                st: FlexStatic, kf: int, kp: int):
-  kvm_ref, (dq_ref, dq_scr) = (rest[0], rest[1:]) if st.has_key_tiles else (None, rest)
+  kvm_ref, bits_ref, (dq_ref, dq_scr) = _optional_refs(st, rest)
   bi, c, i, s = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
   row = _row(st, bi, c, i, st.q_tiles)
   kv_tile = _listed(st, row, s, kf, nf_ref, fidx_ref, pidx_ref, kp)
@@ -186,7 +200,7 @@ def _dq_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_ref
 
   def compute(partial: bool):
     k = k_ref[...]
-    _, ds = _grads(tile, partial, kvm_ref, seed_ref, _rows2d(q_ref[...]), k, v_ref[...], _rows2d(do_ref[...]),
+    _, ds = _grads(tile, partial, kvm_ref, bits_ref, seed_ref, _rows2d(q_ref[...]), k, v_ref[...], _rows2d(do_ref[...]),
                    _rows2d(lse_ref[...]), _rows2d(delta_ref[...]))
     dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
@@ -198,9 +212,11 @@ def _dq_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_ref
     dq_ref[...] = (dq_scr[...] * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                st: FlexStatic, qf: int, qp: int):
-  kvm_ref, (dk_ref, dv_ref, dk_scr, dv_scr) = (rest[0], rest[1:]) if st.has_key_tiles else (None, rest)
+def _dkv_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, *rest, st: FlexStatic, qf: int, qp: int):
+  if st.has_bitmaps:  # the scalar-prefetched q_partial_pos: read by the bitmap's index map only
+    rest = rest[1:]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = rest
+  kvm_ref, bits_ref, (dk_ref, dv_ref, dk_scr, dv_scr) = _optional_refs(st, rest)
   bi, c, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
   col = _row(st, bi, c, j, st.kv_tiles)
   q_tile = _listed(st, col, s, qf, nf_ref, fidx_ref, pidx_ref, qp)
@@ -213,7 +229,7 @@ def _dkv_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_re
 
   def compute(partial: bool):
     q2d, do2d = _rows2d(q_ref[...]), _rows2d(do_ref[...])
-    p_used, ds = _grads(tile, partial, kvm_ref, seed_ref, q2d, k_ref[...], v_ref[...], do2d, _rows2d(lse_ref[...]),
+    p_used, ds = _grads(tile, partial, kvm_ref, bits_ref, seed_ref, q2d, k_ref[...], v_ref[...], do2d, _rows2d(lse_ref[...]),
                         _rows2d(delta_ref[...]))
     dv_scr[...] += lax.dot_general(p_used.astype(do2d.dtype), do2d, _TN, preferred_element_type=jnp.float32)
     dk_scr[...] += lax.dot_general(ds.astype(q2d.dtype), q2d, _TN, preferred_element_type=jnp.float32)
@@ -245,11 +261,24 @@ def _maps(st: FlexStatic, tiles: int, width_full: int, width_part: int):
   return listed_tile, kv_head
 
 
+def _bits_spec(st: FlexStatic, tiles: int, width_full: int, width_part: int, by_position: bool = False):
+  """The BlockSpec of the partial-tile bitmaps `[N, bq, bkv]`: the bitmap of the step's partial list entry (a full
+  list step keeps the row's first one resident). Forward/dQ: entry `row * Kp + p` itself; dK/dV: the flat index
+  `q_partial_pos` stores for that entry of the transposed lists (the prefetch ref after the seed)."""
+
+  def index(bi, c, t, s, *refs):
+    row = _row(st, bi, c, t, tiles)
+    entry = row * width_part + jnp.clip(s - width_full, 0, width_part - 1)
+    return (refs[5][entry] if by_position else entry), 0, 0
+
+  return pl.BlockSpec((None, st.q_block, st.kv_block), index)
+
+
 def _lanes_blocks(x):  # [B, P, gp, L] -> [B, P, gp, L, 128]
   return jnp.broadcast_to(x[..., None], (*x.shape, _LANES))
 
 
-def forward(st: FlexStatic, q, k, v, kvm, seed, tables):
+def forward(st: FlexStatic, q, k, v, kvm, seed, tables, bits=None):
   """q [B, P, gp, Lq, D], k, v [B, Hkv, Lk, D] -> (o [B, P, gp, Lq, D], lse [B, P, gp, Lq] float32)."""
   b, progs, gp, lq, d = q.shape
   dv = v.shape[-1]
@@ -265,6 +294,9 @@ def forward(st: FlexStatic, q, k, v, kvm, seed, tables):
     in_specs.append(pl.BlockSpec((None, 1, bkv), lambda bi, c, i, s, *t: (
         bi * st.kv_tiles + listed_tile(bi, c, i, s, *t), 0, 0)))
     args.append(kvm)
+  if bits is not None:
+    in_specs.append(_bits_spec(st, st.q_tiles, kf, kp))
+    args.append(bits)
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st, kf=kf, kp=kp),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -279,7 +311,7 @@ def forward(st: FlexStatic, q, k, v, kvm, seed, tables):
   return o, lse[..., 0]
 
 
-def backward(st: FlexStatic, q, k, v, kvm, seed, tables, do, lse, delta):
+def backward(st: FlexStatic, q, k, v, kvm, seed, tables, bits, do, lse, delta):
   """-> (dq, dk, dv) from the forward's log-sum-exp and `delta = rowsum(o * do)`."""
   b, progs, gp, lq, d = q.shape
   dv_dim = v.shape[-1]
@@ -300,6 +332,9 @@ def backward(st: FlexStatic, q, k, v, kvm, seed, tables, do, lse, delta):
     in_specs.append(pl.BlockSpec((None, 1, bkv), lambda bi, c, i, s, *t: (
         bi * st.kv_tiles + listed_tile(bi, c, i, s, *t), 0, 0)))
     args.append(kvm)
+  if bits is not None:
+    in_specs.append(_bits_spec(st, st.q_tiles, kf, kp))
+    args.append(bits)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st, kf=kf, kp=kp),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -322,16 +357,21 @@ def backward(st: FlexStatic, q, k, v, kvm, seed, tables, do, lse, delta):
   if kvm is not None:
     in_specs.append(pl.BlockSpec((None, 1, bkv), lambda bi, c, j, s, *_: (bi * st.kv_tiles + j, 0, 0)))
     args.append(kvm)
+  prefetch = (*tables[4:8], seed)
+  if bits is not None:
+    in_specs.append(_bits_spec(st, st.kv_tiles, qf, qp, by_position=True))
+    args.append(bits)
+    prefetch = prefetch + (tables[8],)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st, qf=qf, qp=qp),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5, grid=(b, progs, st.kv_tiles, qf + qp), in_specs=in_specs,
+          num_scalar_prefetch=len(prefetch), grid=(b, progs, st.kv_tiles, qf + qp), in_specs=in_specs,
           out_specs=[pl.BlockSpec((None, None, bkv, d), out_kv), pl.BlockSpec((None, None, bkv, dv_dim), out_kv)],
           scratch_shapes=[pltpu.VMEM((bkv, d), jnp.float32), pltpu.VMEM((bkv, dv_dim), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct((b, progs, lk, d), jnp.float32),
                  jax.ShapeDtypeStruct((b, progs, lk, dv_dim), jnp.float32)],
       compiler_params=_params(), interpret=st.interpret, name="flex_bwd_dkv",
-  )(*tables[4:], seed, *args)
+  )(*prefetch, *args)
   if progs != st.kv_heads:  # one program per query head (tables per query head): sum each group's heads
     dk = dk.reshape(b, st.kv_heads, progs // st.kv_heads, lk, d).sum(2)
     dv = dv.reshape(b, st.kv_heads, progs // st.kv_heads, lk, dv_dim).sum(2)

@@ -5,7 +5,10 @@ inside `jit`). A `BlockMask` is a pytree (its arrays are leaves, so it passes th
 the tiling and the mask function are static aux data). Every (query tile i, key tile j) pair is
   empty    never visited, forward or backward;
   full     every element allowed: no mask work at all (only key padding, if any);
-  partial  `mask_mod(b, h, q_idx, kv_idx)` is evaluated on the tile's indices inside the kernel.
+  partial  `mask_mod(b, h, q_idx, kv_idx)` is applied on the tile's elements: a pure index function is evaluated
+           on the tile's index arrays inside the kernel; a mask closing over arrays (document ids, a traced top-k
+           selection, a prefix length) is evaluated in the XLA program on each listed partial tile's index grid
+           and handed to the kernels as that tile's bitmap (`partial_bitmaps`).
 Tables (int32; `B'` is 1 or the batch, `Hm` is 1, the key/value heads `Hkv` or the query heads `H`; query head `h`
 reads table row `h * Hm // H`, so `Hm = Hkv` shares one selection across a GQA group, as NSA does):
   kv_num_full    [B', Hm, Tq]       how many full key tiles query tile i visits
@@ -16,6 +19,8 @@ reads table row `h * Hm // H`, so `Hm = Hkv` shares one selection across a GQA g
   q_full_idx     [B', Hm, Tk, Qf]
   q_num_partial  [B', Hm, Tk]
   q_partial_idx  [B', Hm, Tk, Qp]
+Query heads that share a table row share its verdicts (and its partial-tile bitmaps): a mask telling those heads
+apart needs per-query-head tables (`create_block_mask` makes them; a `block_mask_from_indices` caller picks `Hm`).
 `Tq = ceil(q_len / q_block)`, `Tk = ceil(kv_len / kv_block)`. Entries past a row's count repeat its last real entry
 (0 for an empty row): a kernel pipeline then keeps that tile resident and issues no copy for padding steps, which
 skip their compute. Widths are at least 1. Keys at or past `kv_len` never count (a tile over the end is partial only
@@ -30,6 +35,13 @@ Builders:
                         list widths are static bounds (`kv_width`, `q_width`; default every tile);
   `block_mask_from_indices`   from a per-query-tile selection of key tiles (top-k inside the step, as NSA/MoBA do):
                         the transposed lists are built in the graph.
+
+Partial-tile bitmaps (`partial_bitmaps`, for masks closing over arrays): bfloat16 `[B'·Hm·Tq·Kp, q_block, kv_block]`
+(0 allowed, -inf masked), entry `row * Kp + p` for list slot p of table row `row = (b' * Hm + hm) * Tq + i`: laid out
+like `kv_partial_idx`, so their size is that list's static size times a tile, 2 bytes an element (host tables: the
+real widest row; traced tables: the static width bound, so a bound `kv_width` / a selection's K also bounds this
+memory), never a `[L, L]` array unless the width bound is every key tile. `q_partial_pos [B', Hm, Tk, Qp]` gives the
+dK/dV pass, per entry of the transposed lists, the bitmap of the same (query tile, key tile) pair.
 """
 
 from __future__ import annotations
@@ -269,8 +281,9 @@ def block_mask_from_indices(kv_idx, kv_count=None, *, q_len: int, kv_len: int, b
   kv_idx: int `[B', Hm, Tq, K]` selected key tiles (duplicates allowed: counted once; order free).
   kv_count: int `[B', Hm, Tq]`: the first `kv_count` entries are real; or `valid`: bool `[B', Hm, Tq, K]`.
     Neither: all K are real.
-  mask_mod: evaluated on the selected tiles in the kernels (element-level masking inside them, e.g. causality);
-    None: the selected tiles are wholly attended.
+  mask_mod: applied on the selected tiles (element-level masking inside them, e.g. causality, or each token's own
+    selection by a closure over the traced selection: the kernels then read its partial-tile bitmaps); the query
+    heads sharing a table row (Hm) must share it. None: the selected tiles are wholly attended.
   full: optional bool `[B', Hm, Tq, K]` marking selected tiles the caller knows to be wholly allowed by `mask_mod`
     (e.g. key tiles before the query tile under causality): they skip the mask work. Without it every selected tile
     is partial when `mask_mod` is given, full otherwise.
@@ -306,6 +319,54 @@ def block_mask_from_indices(kv_idx, kv_count=None, *, q_len: int, kv_len: int, b
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Partial-tile bitmaps: masks closing over arrays, evaluated in the XLA program for the kernels.
+
+
+def bitmap_bytes(bm: BlockMask) -> int:
+  """Bytes of `partial_bitmaps(bm, ...)`: the partial lists' static size times a tile, bfloat16."""
+  return 2 * int(np.prod(np.shape(bm.kv_partial_idx))) * bm.q_block * bm.kv_block
+
+
+def broadcast_batch(bm: BlockMask, batch: int) -> BlockMask:
+  """`bm` with its tables repeated over the batch (a closed-over mask differing per example on batch-shared tables:
+  each example then gets its own bitmaps)."""
+  if bm.batch == batch:
+    return bm
+  fields = {f: jnp.broadcast_to(jnp.asarray(getattr(bm, f)), (batch, *np.shape(getattr(bm, f))[1:]))
+            for f in ("kv_num_full", "kv_full_idx", "kv_num_partial", "kv_partial_idx", "q_num_full", "q_full_idx",
+                      "q_num_partial", "q_partial_idx")}
+  return dataclasses.replace(bm, **fields)
+
+
+def partial_bitmaps(bm: BlockMask, mask_mod: MaskMod, heads: int) -> tuple[jax.Array, jax.Array]:
+  """(bitmaps bfloat16 `[B'·Hm·Tq·Kp, q_block, kv_block]`, `q_partial_pos` int32 `[B', Hm, Tk, Qp]`): `mask_mod` on
+  the index grid of every slot of the partial lists (0 allowed, -inf masked; slots past a row's count hold whatever
+  their repeated tile gives and are never read), evaluated in the XLA program (traced closures welcome), at table
+  row (b', hm)'s batch b' and its first query head `hm * heads // Hm`; and, per entry of the transposed partial lists,
+  the flat bitmap index of its (query tile, key tile) pair, so the dK/dV pass reads the forward's bitmaps."""
+  b_dim, h_dim, tq, kp = np.shape(bm.kv_partial_idx)
+  tk, qp = bm.num_kv_tiles, np.shape(bm.q_partial_idx)[-1]
+  bq, bkv = bm.q_block, bm.kv_block
+  pidx = jnp.asarray(bm.kv_partial_idx, jnp.int32)
+  i32 = lambda n: jnp.arange(n, dtype=jnp.int32)  # noqa: E731
+  b = i32(b_dim)[:, None, None, None, None, None]
+  h = (i32(h_dim) * (heads // h_dim))[None, :, None, None, None, None]
+  q_idx = (i32(tq)[:, None, None, None] * bq + i32(bq)[None, None, :, None])[None, None]
+  kv_idx = (pidx[..., None, None] * bkv + i32(bkv)[None, None, None, None, None, :])
+  allowed = jnp.broadcast_to(jnp.asarray(mask_mod(b, h, q_idx, kv_idx), bool), (b_dim, h_dim, tq, kp, bq, bkv))
+  bits = jnp.where(allowed, 0.0, -jnp.inf).astype(jnp.bfloat16).reshape(b_dim * h_dim * tq * kp, bq, bkv)
+  # Flat bitmap index per (b', hm, i, j) of the listed partial pairs, then read at the transposed lists' pairs.
+  valid = i32(kp) < jnp.asarray(bm.kv_num_partial, jnp.int32)[..., None]
+  flat = i32(b_dim * h_dim * tq * kp).reshape(b_dim, h_dim, tq, kp)
+  at = (i32(b_dim)[:, None, None, None], i32(h_dim)[None, :, None, None], i32(tq)[None, None, :, None])
+  grid = jnp.zeros((b_dim, h_dim, tq, tk + 1), jnp.int32).at[(*at, jnp.where(valid, pidx, tk))].set(flat)
+  q_rows = jnp.asarray(bm.q_partial_idx, jnp.int32)  # [B', Hm, Tk, Qp]
+  pos = grid[i32(b_dim)[:, None, None, None], i32(h_dim)[None, :, None, None], q_rows,
+             i32(tk)[None, None, :, None]]
+  return bits, pos.astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The kernels' static call description and each backend's constraints (shared by pallas, pallas_tpu, pallas_gpu).
 
 TPU_LANES = 128
@@ -332,6 +393,7 @@ class FlexStatic:
   mods_key: tuple = ()  # identity of mask_mod / score_mod for hashing
   backend: Backend = "tpu"
   interpret: object = False
+  has_bitmaps: bool = False  # partial tiles masked by `partial_bitmaps` (mask_mod closes over arrays), not mask_mod
 
   @property
   def programs(self) -> int:  # program heads: H // gp
@@ -353,7 +415,7 @@ TPU_SMEM_TABLE_BYTES = 1024 * 1024
 GPU_SMEM_BYTES = 220 * 1024  # of the 227 KiB a Hopper block may use, some left for barriers and statistics
 
 
-def gpu_reason(bq: int, bkv: int, d: int, dtype) -> str | None:
+def gpu_reason(bq: int, bkv: int, d: int, dtype, bitmaps: bool = False) -> str | None:
   reason = mosaic_gpu_dtype_reason(dtype)
   if reason:
     return reason
@@ -363,26 +425,30 @@ def gpu_reason(bq: int, bkv: int, d: int, dtype) -> str | None:
   if d % 64 or d > 128:
     return f"head_dim={d} must be 64 or 128 on GPU (128-byte swizzled wgmma operands)"
   item = jnp.dtype(dtype).itemsize
-  # The dK/dV kernel holds the most: its K and V tiles, Q, Q^T, dO, dO^T double-buffered, P and dS.
-  smem = item * (2 * bkv * d + 8 * bq * d + 2 * bkv * bq) + 4 * (bkv + 4 * bq)
+  # The dK/dV kernel holds the most: its K and V tiles, Q, Q^T, dO, dO^T double-buffered, P and dS (and, for a mask
+  # closing over arrays, the double-buffered bfloat16 bitmap tiles).
+  smem = item * (2 * bkv * d + 8 * bq * d + 2 * bkv * bq) + 4 * (bkv + 4 * bq) + (4 * bkv * bq if bitmaps else 0)
   if smem > GPU_SMEM_BYTES:
     return (f"tiles {bq}x{bkv} with head_dim={d} need {smem // 1024} KiB of shared memory in the dK/dV kernel "
             f"(at most {GPU_SMEM_BYTES // 1024}); use block_size=64 on GPU")
   return None
 
 
-def check_supported(q_shape, k_shape, dtype, bm: BlockMask, backend: Backend) -> str | None:
-  """Why `backend`'s kernels cannot serve this call, or None."""
+def check_supported(q_shape, k_shape, dtype, bm: BlockMask, backend: Backend, bitmaps: bool = False) -> str | None:
+  """Why `backend`'s kernels cannot serve this call, or None. `bitmaps`: the partial tiles come as bitmaps (a mask
+  closing over arrays)."""
   if backend == "gpu":
-    return gpu_reason(bm.q_block, bm.kv_block, q_shape[-1], dtype)
+    return gpu_reason(bm.q_block, bm.kv_block, q_shape[-1], dtype, bitmaps)
   bq, bkv, d = bm.q_block, bm.kv_block, q_shape[-1]
   if bq % 8:
     return f"q_block={bq} must be a multiple of 8 on TPU (sublane tiling); use block_size 128 or implementation='xla'"
   for name, value in (("kv_block", bkv), ("head_dim", d)):
     if value > TPU_LANES and value % TPU_LANES:
       return f"{name}={value} must be at most {TPU_LANES} or a multiple of it on TPU (lane tiling)"
+  dkv_tables = (bm.q_num_full, bm.q_full_idx, bm.q_num_partial, bm.q_partial_idx) + ((bm.q_partial_idx,) if bitmaps
+                                                                                   else ())
   for name, tables in (("forward/dQ", (bm.kv_num_full, bm.kv_full_idx, bm.kv_num_partial, bm.kv_partial_idx)),
-                       ("dK/dV", (bm.q_num_full, bm.q_full_idx, bm.q_num_partial, bm.q_partial_idx))):
+                       ("dK/dV", dkv_tables)):
     size = 4 * sum(int(np.prod(np.shape(x))) for x in tables)
     if size > TPU_SMEM_TABLE_BYTES:
       return (f"the {name} tile tables take {size // 1024} KiB of scalar memory (at most "
@@ -401,6 +467,6 @@ def table_widths(st: FlexStatic, tables) -> tuple[int, int, int, int]:
   return (tables[1].size // rows_q, tables[3].size // rows_q, tables[5].size // rows_k, tables[7].size // rows_k)
 
 
-__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "TPU_SMEM_TABLE_BYTES", "block_mask_from_indices", "gpu_reason",
+__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "bitmap_bytes", "broadcast_batch", "partial_bitmaps", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "TPU_SMEM_TABLE_BYTES", "block_mask_from_indices", "gpu_reason",
            "check_supported", "classify", "create_block_mask", "create_block_mask_traced", "heads_per_program",
            "mask_broadcast_dims", "table_widths", "tile_sizes"]

@@ -51,7 +51,7 @@ class _Spec:
   scale: float
   rate: float
   chunks: tuple  # C of the full and of the partial list: key tiles per step
-  mask_mod: object
+  mask_mod: object  # mask_mod(b, h, q, kv, *mask_consts) at the partial list's step shapes (`explicit_mask_mod`)
   score_mods: tuple  # per list, closure-converted at its step's shapes: score_mod(s, b, h, q, kv, *params)
   has_key_mask: bool
 
@@ -89,8 +89,8 @@ class _Step:
   Shapes: queries `[B, Hx, G, bq, D]`, keys `[B, Hx, C, bkv, D]`, scores `[B, Hx, G, bq, C, bkv]` (one matmul of
   G·bq x C·bkv per batch row and head)."""
 
-  def __init__(self, spec: _Spec, s, items, kmask, seed, chunk: int, score_mod):
-    self.spec, self.seed, self.score_mod = spec, seed, score_mod
+  def __init__(self, spec: _Spec, s, items, kmask, seed, chunk: int, score_mod, mask_consts=()):
+    self.spec, self.seed, self.score_mod, self.mask_consts = spec, seed, score_mod, mask_consts
     item_q, item_off, num, idx = items
     b, hx, c = spec.batch, spec.kv_heads, chunk
     bt = jnp.arange(item_q.shape[0])[:, None]
@@ -120,7 +120,8 @@ class _Step:
 
   def allowed(self, partial: bool):
     if partial and self.spec.mask_mod is not None:
-      return self.tile_ok & jnp.asarray(self.spec.mask_mod(self.b, self.h, self.q_idx, self.kv_idx), bool)
+      return self.tile_ok & jnp.asarray(self.spec.mask_mod(self.b, self.h, self.q_idx, self.kv_idx,
+                                                           *self.mask_consts), bool)
     return self.tile_ok
 
   def raw_scores(self, q_t, k_t):
@@ -187,7 +188,7 @@ def _lists(spec: _Spec, tables):
   return out
 
 
-def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params):
+def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params, mask_consts):
   qb, kb, vb = _blocks_q(spec, q), _blocks_kv(spec, k), _blocks_kv(spec, v)
   kmask = _key_tiles(spec, key_mask)
   stat_shape = qb.shape[:-1]  # [B, Hx, Tq + 1, G, bq]
@@ -196,7 +197,7 @@ def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params):
   for items, steps, partial, chunk, score_mod in _lists(spec, tables):
     def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod):
       m, l, acc = carry
-      st = _Step(spec, s, items, kmask, seed, chunk, score_mod)
+      st = _Step(spec, s, items, kmask, seed, chunk, score_mod, mask_consts)
       q_t, k_t, v_t = qb[st.at_q], kb[st.at_k], vb[st.at_k]
       sc = st.modded(st.raw_scores(q_t, k_t), params)
       allowed = st.allowed(partial)
@@ -221,8 +222,8 @@ def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params):
   return _unblock_q(spec, out).astype(q.dtype), lse
 
 
-def _backward(spec: _Spec, tables, res, do):
-  q, k, v, key_mask, seed, params, out, lse = res
+def _backward(spec: _Spec, res, do):
+  q, k, v, key_mask, seed, params, tables, mask_consts, out, lse = res
   qb, kb, vb = _blocks_q(spec, q), _blocks_kv(spec, k), _blocks_kv(spec, v)
   dob = _blocks_q(spec, do)
   delta = jnp.sum(dob.astype(F32) * _blocks_q(spec, out).astype(F32), axis=-1)  # rowsum(dO ∘ O)
@@ -232,7 +233,7 @@ def _backward(spec: _Spec, tables, res, do):
   for items, steps, partial, chunk, score_mod in _lists(spec, tables):
     def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod):
       dq, dk, dv, dparams = carry
-      st = _Step(spec, s, items, kmask, seed, chunk, score_mod)
+      st = _Step(spec, s, items, kmask, seed, chunk, score_mod, mask_consts)
       q_t, do_t, k_t, v_t = qb[st.at_q], dob[st.at_q], kb[st.at_k], vb[st.at_k]
       raw = st.raw_scores(q_t, k_t)
       sc, pull = jax.vjp(st.modded, raw, params)
@@ -258,20 +259,22 @@ def _backward(spec: _Spec, tables, res, do):
   dq, dk, dv, dparams = carry
   dparams = tuple(g.astype(jnp.result_type(p)) for g, p in zip(dparams, params))
   return (_unblock_q(spec, dq).astype(q.dtype), _unblock_kv(spec, dk).astype(k.dtype),
-          _unblock_kv(spec, dv).astype(v.dtype), None, None, dparams)
+          _unblock_kv(spec, dv).astype(v.dtype), None, None, dparams, None, None)
 
 
-def _attention(spec: _Spec, tables, q, k, v, key_mask, seed, params):
+def _attention(spec: _Spec, tables, q, k, v, key_mask, seed, params, mask_consts):
+  # Tables and the mask's closed-over arrays are explicit arguments, never closed over by the custom_vjp: traced ones
+  # (a document-id mask, a top-k selection) then also stage inside `platform_dependent`'s branches.
   @jax.custom_vjp
-  def attend(q, k, v, key_mask, seed, params):
-    return _forward(spec, tables, q, k, v, key_mask, seed, params)[0]
+  def attend(q, k, v, key_mask, seed, params, tables, mask_consts):
+    return _forward(spec, tables, q, k, v, key_mask, seed, params, mask_consts)[0]
 
-  def fwd(q, k, v, key_mask, seed, params):
-    out, lse = _forward(spec, tables, q, k, v, key_mask, seed, params)
-    return out, (q, k, v, key_mask, seed, params, out, lse)
+  def fwd(q, k, v, key_mask, seed, params, tables, mask_consts):
+    out, lse = _forward(spec, tables, q, k, v, key_mask, seed, params, mask_consts)
+    return out, (q, k, v, key_mask, seed, params, tables, mask_consts, out, lse)
 
-  attend.defvjp(fwd, functools.partial(_backward, spec, tables))
-  return attend(q, k, v, key_mask, seed, params)
+  attend.defvjp(fwd, functools.partial(_backward, spec))
+  return attend(q, k, v, key_mask, seed, params, tuple(tables), tuple(mask_consts))
 
 
 # A step's fixed cost (gathers, the row statistics' update) in units of one tile's work: the chunk trades it against
@@ -302,6 +305,19 @@ def explicit_score_mod(score_mod, example_args):
     return None, ()
   converted, params = jax.closure_convert(score_mod, *example_args)
   return converted, tuple(params)
+
+
+def explicit_mask_mod(mask_mod, example_args):
+  """`(mask_mod(b, h, q, kv, *consts), consts)`: every array `mask_mod` closes over (int document ids and selections
+  included, which `jax.closure_convert` leaves closed over) as explicit arguments, for calls at `example_args`'
+  shapes."""
+  if mask_mod is None:
+    return None, ()
+  closed = jax.make_jaxpr(mask_mod)(*example_args)
+  if not closed.consts:
+    return (lambda b, h, q, kv: mask_mod(b, h, q, kv)), ()
+  jaxpr = closed.jaxpr
+  return (lambda b, h, q, kv, *consts: jax.core.eval_jaxpr(jaxpr, consts, b, h, q, kv)[0]), tuple(closed.consts)
 
 
 def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, block_mask: BlockMask, *,
@@ -342,8 +358,13 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
       (fn_full, params), fn_part = convert(chunks[0]), None
       fn_part = fn_full
     spec = dataclasses.replace(spec, chunks=chunks, score_mods=(fn_full, fn_part))
+  i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
+  chunk = spec.chunks[1]  # the partial list's step shapes: only partial tiles evaluate the mask
+  mask_fn, mask_consts = explicit_mask_mod(mask_mod, (i32(b, 1, 1, 1, 1, 1), i32(1, hkv, group, 1, 1, 1),
+                                                      i32(b, hkv, 1, bq, 1, 1), i32(b, hkv, 1, 1, chunk, bkv)))
+  spec = dataclasses.replace(spec, mask_mod=mask_fn)
   tables = (block_mask.kv_num_full, block_mask.kv_full_idx, block_mask.kv_num_partial, block_mask.kv_partial_idx)
-  return _attention(spec, tables, q_BxLxHxD, k, v, key_mask, seed, params)
+  return _attention(spec, tables, q_BxLxHxD, k, v, key_mask, seed, params, mask_consts)
 
 
-__all__ = ["explicit_score_mod", "flex_attention_xla"]
+__all__ = ["explicit_mask_mod", "explicit_score_mod", "flex_attention_xla"]

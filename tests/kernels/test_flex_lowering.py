@@ -62,3 +62,27 @@ def test_fallbacks_are_logged_with_their_reason_and_explicit_pallas_raises(caplo
   assert any("score_mod closes over arrays" in r.message for r in caplog.records)
   with pytest.raises(platform.KernelUnavailableError):
     _export(_loss(mask_mod=window, implementation="pallas"), "cpu", None, *_specs())
+
+
+@pytest.mark.export
+@pytest.mark.parametrize("platform_name,target", [("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu_v2")])
+def test_export_of_the_selected_branch_holds_the_kernels(platform_name, target):
+  """NSA/MoBA's selected branch (`adaptive_sparse._selected_flex`, flex's dispatch choosing): a per-token top-2
+  selection of 64-token blocks computed inside the step, its mask closing over the traced selection, exports with
+  the three flex kernels (fed the traced lists and partial-tile bitmaps) and no `[L, L]` tensor."""
+  from attention import adaptive_sparse  # noqa: PLC0415
+
+  def loss(q, k, v):
+    pooled = k.reshape(2, L // 64, 64, HKV, D).mean(2).astype(jnp.float32)
+    scores = jnp.einsum("blxd,bnxd->blxn", q[:, :, :HKV].astype(jnp.float32), pooled)
+    sel = jax.lax.stop_gradient(jax.lax.top_k(scores, 2)[1])
+    out = adaptive_sparse._selected_flex(q, k, v, sel, block_size=64, causal=True, key_mask_BxS=None,  # noqa: SLF001
+                                         scale=D ** -0.5, q_offset=0, dropout_rate=0.0, dropout_rng=None, q_tile=64)
+    return jnp.sum(out)
+
+  qs, kvs = _specs()[:2]
+  module = _export(loss, platform_name, target, qs, kvs, kvs)
+  assert len(re.findall(rf"custom_call @{target}\(", module)) == len(KERNELS)
+  for name in KERNELS:
+    assert re.search(rf"\b{name}\b", module), name
+  assert _no_square(module)
