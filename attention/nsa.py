@@ -47,7 +47,7 @@ import numpy as np
 from attention import adaptive_sparse as core
 from attention.base import AttentionLayer, default_kernel_init
 from attention.registry import register
-from attention.ranges import Integer, OneOf
+from attention.ranges import Constraint, Integer, OneOf, Satisfies
 from kernels import sequence as sequence_lib
 
 
@@ -134,6 +134,11 @@ def nsa_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, kc_BxNxGxD, vc_BxNxGxD, valid
 
 
 PAPER_NUM_SELECTED = 16
+_TRUE = Satisfies(lambda v: v is True, "True")
+
+
+def _multiple_of_stride(compress_stride: int) -> Integer:
+  return Integer(1, multiple_of=compress_stride)
 
 
 @register("nsa")
@@ -163,31 +168,34 @@ class NativeSparseAttention(AttentionLayer):
 
   supports_decode = True
 
+  # Between the options (the paper: l=32, d=16, l'=64): checked by the gate before any tracing (attention/gate.py,
+  # and num_kv_heads against the model's num_heads when the layer is built), not by the layer at every call.
+  option_constraints = (
+      Constraint("compress_block", ("compress_stride",), _multiple_of_stride,
+                 why="compressed tokens start every compress_stride tokens; e.g. l=32, d=16"),
+      Constraint("select_block", ("compress_stride",), _multiple_of_stride,
+                 why="selection blocks are scored from the compressed tokens; e.g. l'=64, d=16"),
+      Constraint("compress_block", ("select_block",), lambda select_block: Integer(1, select_block),
+                 why="the paper: l=32 <= l'=64"),
+      Constraint("window", ("select_block",), lambda select_block: Integer(select_block),
+                 why="a window shorter than a selection block; use window >= select_block"),
+      Constraint("num_selected", ("num_local_blocks",), lambda num_local_blocks: Integer(1 + num_local_blocks),
+                 why="the selected blocks hold the first block and the num_local_blocks local ones"),
+      Constraint("use_window", ("use_compressed", "use_selected"),
+                 lambda use_compressed, use_selected: None if use_compressed or use_selected else _TRUE,
+                 why="every other branch is switched off; keep one"),
+      Constraint("num_kv_heads", ("num_heads",),
+                 lambda num_heads: Satisfies(lambda k: num_heads % k == 0, f"a divisor of {num_heads}"),
+                 why="query heads share key/value heads in equal groups"),
+  )
+
   def _check_options(self, length: int) -> None:
-    name = "nsa"
-    l, d, ls = self.compress_block, self.compress_stride, self.select_block
-    if l % d:
-      raise ValueError(f"{name}: compress_stride={d} must divide compress_block={l} (e.g. l=32, d=16)")
-    if ls % d:
-      raise ValueError(f"{name}: compress_stride={d} must divide select_block={ls} (e.g. l'=64, d=16)")
-    if l > ls:
-      raise ValueError(f"{name}: compress_block={l} must be <= select_block={ls} (the paper: l=32, l'=64)")
-    if self.window < ls:
-      raise ValueError(f"{name}: window={self.window} is shorter than a block (select_block={ls}); use window >= "
-                       f"{ls}")
+    """What only the call knows: the selected blocks against the blocks of this sequence."""
+    ls = self.select_block
     blocks = -(-length // ls)
-    if self.num_selected is None:
-      pass  # the paper's 16, or every block of a shorter sequence
-    elif self.num_selected > blocks:
-      raise ValueError(f"{name}: num_selected={self.num_selected} is larger than the {blocks} blocks of "
+    if self.num_selected is not None and self.num_selected > blocks:
+      raise ValueError(f"nsa: num_selected={self.num_selected} is larger than the {blocks} blocks of "
                        f"select_block={ls} in a sequence of {length}; use num_selected <= {blocks}")
-    elif self.num_selected < 1 + self.num_local_blocks:
-      raise ValueError(f"{name}: num_selected={self.num_selected} cannot hold the first block and "
-                       f"num_local_blocks={self.num_local_blocks}; use num_selected >= {1 + self.num_local_blocks}")
-    if not (self.use_compressed or self.use_selected or self.use_window):
-      raise ValueError(f"{name}: every branch is switched off (use_compressed, use_selected, use_window); keep one")
-    if self.num_heads % self.kv_heads:
-      raise ValueError(f"{name}: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
 
   def selected_count(self, blocks: int) -> int:
     """n: the option, or (None) the paper's 16 capped at the sequence's blocks."""

@@ -22,9 +22,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention import ranges as ranges_lib
+
 # What `AttentionLayer.positions` may be: "none" (the encoder added absolute positions, or none at all).
 LAYER_POSITIONS = ("none", "rope", "alibi")
 ROPE_BASE = 10_000.0
+
+
+def _rope_widths(num_heads: int, positions: str) -> ranges_lib.Range | None:
+  if positions != "rope" or not isinstance(num_heads, int) or num_heads < 1:
+    return None
+  return ranges_lib.Integer(1, multiple_of=2 * num_heads)
+
+
+# RoPE rotates feature pairs, so a head's width `qkv_dim / num_heads` is even: a constraint of the model-owned options
+# that the gate checks when the layer is built and the config check before any tracing (attention/specs.py). `rope`
+# keeps its own shape check for a layer whose `qkv_dim` is the input's width (None), which only a call knows.
+ROPE_HEAD_DIM = ranges_lib.Constraint(
+    "qkv_dim", ("num_heads", "positions"), _rope_widths,
+    why="rope rotates feature pairs, so head_dim = qkv_dim / num_heads must be even; choose qkv_dim a multiple of "
+        "2 * num_heads")
 
 
 def rope(x_BxLxHxD: jax.Array, offset: jax.Array | int = 0, *, base: float = ROPE_BASE) -> jax.Array:
@@ -34,7 +51,7 @@ def rope(x_BxLxHxD: jax.Array, offset: jax.Array | int = 0, *, base: float = ROP
   result has the input's dtype.
   """
   length, head_dim = x_BxLxHxD.shape[1], x_BxLxHxD.shape[-1]
-  if head_dim % 2:
+  if head_dim % 2:  # a shape check: a layer's qkv_dim, when set, passed the gate (ROPE_HEAD_DIM)
     raise ValueError(f"rope rotates feature pairs: head_dim={head_dim} must be even; choose qkv_dim / num_heads even")
   inv_freq_D2 = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   position_L = jnp.arange(length, dtype=jnp.float32) + jnp.asarray(offset, jnp.float32)

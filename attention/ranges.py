@@ -12,9 +12,10 @@ to or replaces its base's):
 The one gate (`attention.resolve` / `attention.build`, attention/registry.py) reads these tables once; the config
 validation (`lra/training/config_checks.py`) formats the gate's problems and states its own rules (`config.train.*`,
 ...) in this same vocabulary, so an out-of-range value is refused before data is read with the same range text
-everywhere. An option without a declared range is held to the type of its default (`like_default`). Ranges say what
-holds for any model; constraints between options and the model (a window no wider than the sequence, heads that
-divide a width) stay in the variant's own checks, where only a call knows the shapes.
+everywhere. An option without a declared range is held to the type of its default (`like_default`). What one range
+cannot say because it depends on other options, model-owned ones included (a bidirectional window is odd, RoPE needs
+an even head dimension), is a `Constraint` in the class table `option_constraints`, checked by the same gate. Only
+what a call alone knows (a window no wider than the sequence, shapes, masks) stays in the layer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 def _is_int(value: Any) -> bool:
@@ -46,16 +47,25 @@ class Range:
 
 @dataclasses.dataclass(frozen=True)
 class Integer(Range):
-  """An int in [lo, hi] (either bound open-ended when None); `allow_none` also accepts None."""
+  """An int in [lo, hi] (either bound open-ended when None); `allow_none` also accepts None; `multiple_of` (2: even)
+  and `odd` add what a bound cannot say (a centred window is odd, LSH bucket pairs are even)."""
 
   lo: int | None = None
   hi: int | None = None
   allow_none: bool = False
+  multiple_of: int | None = None
+  odd: bool = False
+
+  def _in_bounds(self, value: int) -> bool:
+    return (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+
+  def _in_step(self, value: int) -> bool:
+    return (not self.odd or value % 2 == 1) and (not self.multiple_of or value % self.multiple_of == 0)
 
   def contains(self, value: Any) -> bool:
     if value is None:
       return self.allow_none
-    return _is_int(value) and (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+    return _is_int(value) and self._in_bounds(value) and self._in_step(value)
 
   def _bound(self) -> str:
     if self.lo is not None and self.hi is not None:
@@ -64,11 +74,23 @@ class Integer(Range):
       return f">= {self.lo}"
     return f"<= {self.hi}" if self.hi is not None else ""
 
+  def _step(self) -> str:
+    if self.odd:
+      return "odd"
+    if self.multiple_of == 2:
+      return "even"
+    return f"a multiple of {self.multiple_of}" if self.multiple_of else ""
+
   def describe(self) -> str:
-    return " ".join(filter(None, ["an integer", self._bound()])) + (" or None" if self.allow_none else "")
+    step = self._step()
+    kind = f"an {step} integer" if step in ("odd", "even") else "an integer"
+    multiple = f"that is {step}" if step and step not in ("odd", "even") else ""
+    return " ".join(filter(None, [kind, self._bound(), multiple])) + (" or None" if self.allow_none else "")
 
   def requirement(self, option: str, value: Any) -> str:
-    bound = self._bound() if _is_int(value) else self.describe()
+    if _is_int(value) and self._in_bounds(value):  # only the step fails: say just that
+      return f"{option} must be {self._step()}, got {option}={value!r}"
+    bound = self._bound() if _is_int(value) and not self._step() else self.describe()
     return f"{option} must be {bound or self.describe()}, got {option}={value!r}"
 
 
@@ -177,6 +199,67 @@ class Satisfies(Range):
     return self.description
 
 
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+  """The range of `option` given other options of the same layer (`uses`, model-owned ones included: `causal`,
+  `num_heads`, `qkv_dim`, `positions`): what one option's own range cannot say (a bidirectional window is odd, RoPE
+  needs an even head dimension, `c <= stride`). `range_for(**used)` gives the range (None: any value); an option
+  whose value is None is not known yet (`qkv_dim=None` before a call) and not checked; `why` (the reason and the fix)
+  goes into the error.
+
+  A variant declares its constraints beside its fields in the class table `option_constraints` (merged along the
+  class hierarchy). The gate checks one that reads only the spec's own options in `attention.resolve`, and one that
+  reads a model-owned option when the layer is built (`AttentionSpec.build`) and in the config validation (with the
+  values the config gives the model): before any tracing, never again in the layer."""
+
+  option: str
+  uses: tuple[str, ...]
+  range_for: Callable[..., Range | None]
+  why: str = ""
+
+  @property
+  def options(self) -> tuple[str, ...]:
+    """Every option the constraint reads: `option` and `uses`."""
+    return (self.option, *self.uses)
+
+  def range_given(self, values: Mapping[str, Any]) -> Range | None:
+    """The range `option` must be in given `values` (None: any value)."""
+    try:
+      return self.range_for(**{k: values[k] for k in self.uses})
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a used value out of its own range: reported there
+      return None
+
+  def violated(self, values: Mapping[str, Any]) -> bool:
+    """Whether `values[option]` is outside its range given `values`; an option still None (`qkv_dim=None`: the
+    input's width) is not known yet, and its own range says whether None is allowed at all."""
+    rng = self.range_given(values)
+    return rng is not None and values.get(self.option) is not None and not rng.contains(values[self.option])
+
+  def _given(self, values: Mapping[str, Any]) -> str:
+    return "with " + ", ".join(f"{k}={values[k]!r}" for k in self.uses) + (f" ({self.why})" if self.why else "")
+
+  def describe(self, values: Mapping[str, Any]) -> str:
+    """What was expected, for config errors: "an odd integer >= 1 with causal=False (why)"."""
+    rng = self.range_given(values)
+    return f"{rng.describe() if rng else 'any value'} {self._given(values)}"
+
+  def requirement(self, values: Mapping[str, Any]) -> str:
+    """For build errors: "window must be odd with causal=False (why), got window=2"."""
+    rng, value = self.range_given(values), values.get(self.option)
+    head, sep, tail = rng.requirement(self.option, value).rpartition(", got ")
+    if not sep:
+      return f"{rng.requirement(self.option, value)} {self._given(values)}"
+    return f"{head} {self._given(values)}{sep}{tail}"
+
+
+def declared_constraints(cls: type) -> tuple[Constraint, ...]:
+  """The `option_constraints` of `cls` and its base classes, base classes first."""
+  out: list[Constraint] = []
+  for klass in reversed(cls.__mro__):
+    out += [c for c in vars(klass).get("option_constraints") or () if c not in out]
+  return tuple(out)
+
+
 def like_default(default: Any) -> Range | None:
   """The range an option without a declared one is held to: the type of its default (None or no default: any
   value). Integers accept integers, floats any finite number."""
@@ -212,5 +295,5 @@ def check(cls: type, label: str, values: Any) -> None:
     raise ValueError(f"{cls.__name__} (attention {label!r}): " + "; ".join(r.requirement(k, v) for k, v, r in problems))
 
 
-__all__ = ["Boolean", "Integer", "OneOf", "Range", "Real", "Satisfies", "Sequence_", "Text", "check", "declared",
-           "like_default"]
+__all__ = ["Boolean", "Constraint", "Integer", "OneOf", "Range", "Real", "Satisfies", "Sequence_", "Text", "check",
+           "declared", "declared_constraints", "like_default"]

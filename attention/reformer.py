@@ -145,7 +145,9 @@ class Reformer(AttentionLayer):
   n_hashes: int = 2
   n_buckets: int = 0
   option_ranges = {"chunk_len": Integer(1), "n_hashes": Integer(1),
-                   "n_buckets": Satisfies(lambda n: n == 0 or (n >= 2 and n % 2 == 0),
+                   # Buckets come in +/- pairs of rotations (an int: 4.0 passed the old predicate, then the call
+                   # failed); declared here so the gate refuses an odd count before any tracing.
+                   "n_buckets": Satisfies(Integer(0, multiple_of=2).contains,
                                           "an even number >= 2 (or 0 for the paper's default)")}
 
   def _num_buckets(self, length: int) -> int:

@@ -33,6 +33,8 @@ balancing, with a single-layer SortNet on summed keys.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,19 +100,14 @@ class SinkhornAttention(AttentionLayer):
   option_ranges = {"block_size": Integer(1), "sinkhorn_iters": Integer(0), "temperature": Real(0.0, lo_open=True),
                    "sortcut_k": Integer(0), "max_num_blocks": Integer(0)}
 
-  def _validate(self) -> None:
-    name = type(self).__name__
-    if self.block_size < 1:
-      raise ValueError(f"{name}: block_size must be >= 1, got {self.block_size}")
-    if self.sinkhorn_iters < 0:
-      raise ValueError(f"{name}: sinkhorn_iters must be >= 0, got {self.sinkhorn_iters}")
-    if not self.temperature > 0.0:
-      raise ValueError(f"{name}: temperature must be > 0, got {self.temperature}")
-    if self.sortcut_k < 0:
-      raise ValueError(f"{name}: sortcut_k must be >= 0 (0 = no SortCut), got {self.sortcut_k}")
-    if self.sortcut_k and self.causal:
-      raise ValueError(f"{name}: SortCut (sortcut_k={self.sortcut_k}) cannot be causal: every query attends to the "
-                       f"same leading sorted blocks; use sortcut_k=0 with causal=True")
+  @classmethod
+  def causal_refusal(cls, options: Mapping[str, Any]) -> str | None:
+    # Asked by the gate when the layer is built (the ranges above are the gate's too): nothing is re-checked per call.
+    sortcut_k = options.get("sortcut_k", cls.sortcut_k)
+    if sortcut_k:
+      return (f"SortCut (sortcut_k={sortcut_k}) lets every query attend to the same leading sorted blocks, future "
+              f"ones included; use sortcut_k=0 with causal=True")
+    return super().causal_refusal(options)
 
   def _sortnet(self, summaries_BxNxHxD: jax.Array, num_blocks: int) -> jax.Array:
     """`[B, H, N, N]` scores of destination block i (rows) over source blocks j (columns)."""
@@ -128,7 +125,6 @@ class SinkhornAttention(AttentionLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
-    self._validate()
     b, length, features = x.shape
     bs = self.block_size
     pad = -length % bs

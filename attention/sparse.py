@@ -107,6 +107,7 @@ class LocalAttention(BlockSparseAttention):
 
   window: int = 3
   option_ranges = {"window": Integer(1)}
+  option_constraints = (sparse_layouts.BIDIRECTIONAL_WINDOW,)
 
   def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
     del num_blocks
@@ -131,6 +132,7 @@ class SparseTransformerAttention(BlockSparseAttention):
 
   PATTERNS: ClassVar[tuple[str, ...]] = ("strided", "fixed")
   option_ranges = {"pattern": OneOf(PATTERNS), "stride": Integer(1, allow_none=True), "c": Integer(1)}
+  option_constraints = (sparse_layouts.SUMMARY_BLOCKS,)
 
   def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
     # The automatic stride never goes below c (a chunk must hold its summary blocks); a set stride is checked as is.
@@ -155,6 +157,7 @@ class LongformerAttention(BlockSparseAttention):
   num_dilated_heads: int = 2
   option_ranges = {"window": Integer(1), "num_global_blocks": Integer(0), "dilation": Integer(1),
                    "num_dilated_heads": Integer(0)}
+  option_constraints = (sparse_layouts.BIDIRECTIONAL_WINDOW,)
 
   supports_causal = False
   not_causal_reason = ("global tokens see and are seen by every position, future ones included; set "
@@ -188,8 +191,8 @@ class BigBirdAttention(BlockSparseAttention):
   num_global_blocks: int = 2
   num_random_blocks: int = 3
   seed: int = 0
-  option_ranges = {"window": Integer(1), "num_global_blocks": Integer(0), "num_random_blocks": Integer(0),
-                   "seed": Integer(0)}
+  option_ranges = {"window": Integer(1, odd=True), "num_global_blocks": Integer(0), "num_random_blocks": Integer(0),
+                   "seed": Integer(0)}  # bidirectional only, so the centred window is always odd
 
   supports_causal = False
   not_causal_reason = "global tokens see and are seen by every position, and random blocks reach into the future"

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention.ranges import Constraint, Integer
+
 MaskMod = Callable[..., object]
 
 
@@ -37,9 +39,27 @@ def _check_positive(**values: int) -> None:
       raise ValueError(f"{name} must be >= 1, got {name}={value}")
 
 
+def _bidirectional_windows(causal: bool) -> Integer | None:
+  return None if causal else Integer(1, odd=True)
+
+
+# A centred window is the block and (window - 1) / 2 blocks on each side, so a bidirectional one is odd: declared by
+# the layers (`option_constraints`) and checked by the gate when the layer is built, not by the masks at every trace.
+BIDIRECTIONAL_WINDOW = Constraint(
+    "window", ("causal",), _bidirectional_windows,
+    why="a bidirectional window is the block and (window - 1) / 2 blocks on each side; use an odd window, or "
+        "causal=True")
+# The fixed pattern's `c` summary blocks lie inside each chunk of `stride` blocks (a stride of None is chosen >= c).
+SUMMARY_BLOCKS = Constraint(
+    "c", ("stride", "pattern"),
+    lambda stride, pattern: Integer(1, stride) if pattern == "fixed" and isinstance(stride, int) else None,
+    why="the fixed pattern's c summary blocks lie inside each chunk of stride blocks; use c <= stride")
+
+
 def _check_window(window: int, causal: bool) -> None:
+  """For the `*_layout` entry points (plots, tests), which no gate precedes; a layer's window passed the gate."""
   _check_positive(window=window)
-  if not causal and window % 2 == 0:
+  if BIDIRECTIONAL_WINDOW.violated({"window": window, "causal": causal}):
     raise ValueError(f"a bidirectional window must be odd (the block itself and (window - 1) / 2 on each side), "
                      f"got window={window}")
 
@@ -84,7 +104,7 @@ def local_mask(*, block_size: int, window: int = 3, causal: bool = False) -> Mas
   Token mask (B = block_size): `|q//B - kv//B| <= window // 2`; causal `0 <= q//B - kv//B < window` and `kv <= q`:
   a sliding window aligned to blocks (`window=1`: block-diagonal, LRA's local attention)."""
   _check_positive(block_size=block_size)
-  _check_window(window, causal)
+  _check_positive(window=window)  # odd when bidirectional: the gate's (BIDIRECTIONAL_WINDOW)
 
   def mask(b, h, q_idx, kv_idx):
     return _window(_blocks(q_idx, kv_idx, block_size)[2], window, causal)
@@ -121,8 +141,7 @@ def fixed_mask(*, block_size: int, stride: int, c: int, causal: bool = True) -> 
   Token mask: `q//(B*stride) == kv//(B*stride)` (a document mask whose documents are chunks of `stride` blocks) or
   `(kv//B) % stride >= stride - c` (summary key columns); causal also `kv <= q`."""
   _check_positive(block_size=block_size, stride=stride, c=c)
-  if c > stride:
-    raise ValueError(f"c (summary blocks per chunk) must be in [1, stride={stride}], got c={c}")
+  # c <= stride: the gate's (SUMMARY_BLOCKS), and fixed_layout's for direct callers
 
   def mask(b, h, q_idx, kv_idx):
     qb, kb, _ = _blocks(q_idx, kv_idx, block_size)
@@ -150,7 +169,7 @@ def longformer_mask(*, block_size: int, window: int = 3, num_global_blocks: int 
   `d % dil == 0 and 0 <= d < window * dil and kv <= q`."""
   dilations = (dilation,) if isinstance(dilation, (int, np.integer)) else tuple(dilation)
   _check_positive(block_size=block_size, **{f"dilation[{i}]": d for i, d in enumerate(dilations)})
-  _check_window(window, causal)
+  _check_positive(window=window)  # odd when bidirectional: the gate's (BIDIRECTIONAL_WINDOW)
   if num_global_blocks < 0:
     raise ValueError(f"num_global_blocks must be >= 0, got num_global_blocks={num_global_blocks}")
   if causal and num_global_blocks:
@@ -230,6 +249,7 @@ def _tuple(value):
 def local_layout(num_blocks: int, *, window: int = 3, causal: bool = False) -> np.ndarray:
   """`local_mask` as a `[1, N, N]` block layout."""
   _check_positive(num_blocks=num_blocks)
+  _check_window(window, causal)
   return _evaluate(local_mask(block_size=1, window=window, causal=causal), 1, num_blocks)
 
 
@@ -242,6 +262,8 @@ def strided_layout(num_blocks: int, *, stride: int, causal: bool = True) -> np.n
 def fixed_layout(num_blocks: int, *, stride: int, c: int, causal: bool = True) -> np.ndarray:
   """`fixed_mask` as a `[1, N, N]` block layout."""
   _check_positive(num_blocks=num_blocks)
+  if SUMMARY_BLOCKS.violated({"c": c, "stride": stride, "pattern": "fixed"}):
+    raise ValueError(f"c (summary blocks per chunk) must be in [1, stride={stride}], got c={c}")
   return _evaluate(fixed_mask(block_size=1, stride=stride, c=c, causal=causal), 1, num_blocks)
 
 
@@ -249,6 +271,7 @@ def longformer_layout(num_blocks: int, *, window: int = 3, num_global_blocks: in
                       dilation: int | Sequence[int] = 1, causal: bool = False) -> np.ndarray:
   """`longformer_mask` as a `[len(dilation) or 1, N, N]` block layout."""
   _check_positive(num_blocks=num_blocks)
+  _check_window(window, causal)
   dilation = _tuple(dilation)
   heads = 1 if isinstance(dilation, (int, np.integer)) else len(dilation)
   return _evaluate(longformer_mask(block_size=1, window=window, num_global_blocks=num_global_blocks,
@@ -258,6 +281,7 @@ def longformer_layout(num_blocks: int, *, window: int = 3, num_global_blocks: in
 def bigbird_layout(num_blocks: int, *, window: int = 3, num_global_blocks: int = 2, num_random_blocks: int = 3,
                    num_heads: int = 1, seed: int | Sequence[int] = 0) -> np.ndarray:
   """`bigbird_mask` as a `[num_heads, N, N]` block layout."""
+  _check_window(window, causal=False)
   return _evaluate(bigbird_mask(num_blocks, block_size=1, window=window, num_global_blocks=num_global_blocks,
                                 num_random_blocks=num_random_blocks, num_heads=num_heads, seed=_tuple(seed)),
                    num_heads, num_blocks)

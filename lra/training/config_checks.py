@@ -18,6 +18,7 @@ workdir of another task or model is refused before training starts (`RESUMABLE_C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -166,8 +167,16 @@ def _lookup(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
   return True, node
 
 
+# The config key of each model-owned attention option a constraint may name (attention/specs.py: where="model").
+_MODEL_KEYS = {"num_heads": "num_heads", "qkv_dim": "qkv_dim", "dropout_rate": "attention_dropout_rate",
+               "positions": "pos_encoding", "dtype": "dtype"}
+
+
 def _format(problem: attention_lib.registry.Problem, name: str) -> str:
   """One of the gate's problems as a config line, named by the key the user wrote."""
+  if problem.where == "model":
+    return (f"config.model.{_MODEL_KEYS.get(problem.option, problem.option)}={problem.value!r} is out of range for "
+            f"attention {name!r}: expected {problem.expected}")
   where = "config.model." + (problem.where or "attention")
   key, value = problem.option, problem.value
   if problem.kind == "owned":
@@ -194,13 +203,46 @@ def _attention_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
   _, num_layers = _lookup(config, "model.num_layers")
   try:
-    resolved_layers(config)
+    specs = resolved_layers(config)
   except attention_lib.OptionError as e:
     return [_format(p, name) for p in e.problems]
   except ValueError as e:
     if _is_int(num_layers) and num_layers >= 1:  # a bad num_layers is reported by RULES
       return [f"config.model.attention: {e}"]
-  return []
+    return []
+  return _model_constraint_problems(config, specs, layer_options)
+
+
+def _encoder_causalities(config: ml_collections.ConfigDict) -> tuple[bool, ...]:
+  """Whether the run's encoders are causal: a language-model task's is; causal pretraining adds a causal phase."""
+  from lra import tasks  # pylint: disable=g-import-not-at-top  (tasks import the models; only needed here)
+  from lra.tasks.causal_lm import LanguageModelTask  # pylint: disable=g-import-not-at-top
+  task = config.get("task")
+  causal = task in tasks.names() and issubclass(tasks.get(task), LanguageModelTask)
+  pretrain = config.get("pretrain") or {}
+  causal_pretraining = _is_int(pretrain.get("steps")) and pretrain.get("steps") > 0 and \
+      pretrain.get("objective") == "causal"
+  return tuple(dict.fromkeys((causal, True) if causal_pretraining else (causal,)))
+
+
+def _model_constraint_problems(config: ml_collections.ConfigDict, specs: tuple[attention_lib.AttentionSpec, ...],
+                               layer_options: Any) -> list[str]:
+  """The gate's constraints that read a model-owned option (a bidirectional window is odd, RoPE's even head
+  dimension: `attention.registry.constraint_problems`), asked with the values this config gives the model, so they
+  are refused here, before any tracing, as the layers would be when built."""
+  from lra.models import embeddings  # pylint: disable=g-import-not-at-top
+  model = config.model
+  owned = {"num_heads": model.get("num_heads", 8), "qkv_dim": model.get("qkv_dim"),
+           "dropout_rate": model.get("attention_dropout_rate", 0.0),
+           "positions": embeddings.layer_positions(model.get("pos_encoding", "learned"))}
+  lines = []
+  for causal in _encoder_causalities(config):
+    for i, spec in enumerate(specs):
+      for problem in attention_lib.registry.constraint_problems(spec, {**owned, "causal": causal}):
+        if problem.where == "" and layer_options is not None and problem.option in layer_options[i]:
+          problem = dataclasses.replace(problem, where=f"layer_options[{i}]")
+        lines.append(_format(problem, spec.name))
+  return list(dict.fromkeys(lines))
 
 
 def resolved_layers(config: ml_collections.ConfigDict) -> tuple[attention_lib.AttentionSpec, ...]:

@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 import attention
-from attention import registry
+from attention import gate
 from lra.models import encoder_from_config
 from lra.training import config_checks
 
@@ -43,7 +43,7 @@ def test_the_model_builds_from_the_specs_without_resolving_again(monkeypatch):
   assert encoder.attention == config_checks.resolved_layers(  # the same answer as the config check's
       ml_collections.ConfigDict({"model": {**MODEL, "attention": {"name": "local", "block_size": 4}}}))
   calls = []
-  monkeypatch.setattr(registry, "_resolve", lambda *a: calls.append(a))  # any resolution would now fail loudly
+  monkeypatch.setattr(gate, "_resolve", lambda *a: calls.append(a))  # any resolution would now fail loudly
   tokens = jnp.zeros((1, 8), jnp.int32)
   variables = jax.eval_shape(encoder.init, jax.random.key(0), tokens)  # tracing builds every layer
   jax.eval_shape(encoder.apply, variables, tokens)

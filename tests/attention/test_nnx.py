@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import attention
-from attention import registry
+from attention import catalog  # the registry proper (attention.registry re-exports its names)
 from tests.attention.test_plugins import ROOT, plugin_env, readme_variants
 
 # An NNX variant that decodes: causal softmax over a key/value cache allocated on the call that finds none.
@@ -80,7 +80,7 @@ def test_the_readme_variants_and_an_nnx_decoder_pass_the_contract_suite(tmp_path
 @pytest.fixture
 def nnx_variant(monkeypatch, tmp_path):
   """The README's NNX variant and the decoder registered in this process only (the registry is restored after)."""
-  monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # noqa: SLF001
+  monkeypatch.setattr(catalog, "_REGISTRY", dict(catalog._REGISTRY))  # noqa: SLF001
   monkeypatch.syspath_prepend(str(tmp_path))
   readme_variants(tmp_path)
   (tmp_path / "nnx_decoder_plugin.py").write_text(DECODER)
@@ -122,7 +122,7 @@ def test_a_common_option_the_nnx_class_does_not_take_is_refused(nnx_variant):
 
 
 def test_nnx_registration_errors_name_the_fix(monkeypatch):
-  monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # noqa: SLF001
+  monkeypatch.setattr(catalog, "_REGISTRY", dict(catalog._REGISTRY))  # noqa: SLF001
 
   class NoWidth(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs):
