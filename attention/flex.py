@@ -186,10 +186,10 @@ class FlexAttention(AttentionLayer):
       mask_mod = functools.partial(_at_position, mask_mod, t)
       score_mod = None if score_mod is None else functools.partial(_score_at_position, score_mod, t)
     implementation = self.implementation
-    if implementation is None and (q_offset is not None or self.data_dependent()):
-      # A mask closing over traced data (document ids, a decode position) is served by the XLA form on every
-      # platform (the kernels evaluate pure index functions only); naming it skips the platform switch, whose
-      # branches cannot close over those values under differentiation (kernels.flex at 8687275).
+    if implementation is None and q_offset is not None:
+      # A decode row (one query) is served by the XLA form: a kernel tile of one real row would be mostly padding.
+      # Data-dependent masks (document ids) go through flex's dispatch: its kernels read their partial tiles as
+      # bitmaps XLA evaluates from the traced ids.
       implementation = "xla"
     return flex_attention(q, k, v, mask_mod=mask_mod, score_mod=score_mod, key_mask=key_mask,
                           dropout_rate=self.dropout_rate, dropout_rng=dropout_rng, implementation=implementation,

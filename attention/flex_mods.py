@@ -203,7 +203,7 @@ def and_masks(*mask_mods: MaskMod) -> MaskMod:
   """The intersection of mask functions (every key allowed by all of them)."""
   if not mask_mods:
     return _every_key
-  def mask_mod(b, h, q_idx, kv_idx):  # no closed-over constant: the kernels take pure index functions only
+  def mask_mod(b, h, q_idx, kv_idx):  # no closed-over constant: pure index masks are evaluated in-kernel (no bitmaps)
     out = mask_mods[0](b, h, q_idx, kv_idx)
     for mod in mask_mods[1:]:
       out = out & mod(b, h, q_idx, kv_idx)

@@ -86,3 +86,20 @@ def test_export_of_the_selected_branch_holds_the_kernels(platform_name, target):
   for name in KERNELS:
     assert re.search(rf"\b{name}\b", module), name
   assert _no_square(module)
+
+
+@pytest.mark.export
+def test_export_of_a_traced_document_mask_holds_the_kernels():
+  """Per-example document ids, an argument of the step: the traced tables and bitmaps feed the kernels on tpu and
+  cuda (one export each) instead of sending the call to the XLA form. (No `[L, L]` check here: the traced builder
+  classifies the tiles on the whole index grid, a chunk of query tiles at a time, and with its default list widths
+  (every key tile) the bitmaps' capacity is L x L too; a `kv_width` bound shrinks both lists and bitmaps.)"""
+  def loss(q, k, v, doc):
+    mask = lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (j <= i)  # noqa: E731
+    return jnp.sum(flex.flex_attention(q, k, v, mask_mod=mask).astype(jnp.float32))
+
+  qs, kvs = _specs()[:2]
+  doc = jax.ShapeDtypeStruct((2, L), jnp.int32)
+  for platform_name, target in (("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu_v2")):
+    module = _export(loss, platform_name, target, qs, kvs, kvs, doc)
+    assert len(re.findall(rf"custom_call @{target}\(", module)) == len(KERNELS), platform_name
