@@ -1,5 +1,5 @@
-"""TPU (Mosaic TPU) kernel of chunked gated linear attention with a decay per head; the maths is in
-`kernels.gated_linear.pallas`.
+"""TPU (Mosaic TPU) kernels of chunked gated linear attention with a decay per head (`forward`) or per dimension
+(`forward_per_dim`); the maths is in `kernels.gated_linear.pallas`.
 
 `pl.pallas_call` over the grid `(batch, heads, chunks)`, the chunk axis "arbitrary": the `[K, V]` float32 state is
 carried across chunks in VMEM scratch. Per chunk, with `b` the cumulative log-decay inside the chunk (lane-broadcast
@@ -12,9 +12,9 @@ A decay per dimension (GLA: `forward_per_dim`) cannot factor the `[C, C]` decay 
 the chunk is cut into sub-chunks of `sub` rows (`tables.sub_chunk`). For query sub-chunk I with `r` the cumulative
 log-decay just before it, the earlier sub-chunks enter through matmuls of factors that are both <= 1:
 `exp(b_i - b_j) = exp(b_i - r) exp(r - b_j)` (i in I, j before I); the diagonal `[sub, sub]` block is built
-elementwise (`[sub, sub, D]`, exponents masked before `exp`). `decay_on="key"` decays the dimension the scores
-contract over (the forward and the dV call); `decay_on="value"` the output's (the dQ and dK calls, where the forward's
-key dimension is the output): `o_i = sum_{j<=i} (q_i . k_j) (v_j * exp(b_i - b_j))`.
+elementwise, one key row at a time (exponents masked to the causal pairs before `exp`). `decay_on="key"` decays the
+dimension the scores contract over (the forward and the dV call); `decay_on="value"` the output's (the dQ and dK
+calls, where the forward's key dimension is the output): `o_i = sum_{j<=i} (q_i . k_j) (v_j * exp(b_i - b_j))`.
 """
 
 from __future__ import annotations
@@ -81,31 +81,40 @@ def _diag_kernel(q_ref, k_ref, v_ref, b_ref, o_ref, s_scr, *, sub: int, decay_on
   f32, dt = jnp.float32, q_ref.dtype
   c = b_ref.shape[0]
   b = b_ref[...]  # [C, D] float32, cumulative inside the chunk
-  total = b[c - 1:, :]  # [1, D]
+  total = b_ref[c - 1:c, :]  # [1, D]
   state = s_scr[...].astype(dt)
-  rows = lax.broadcasted_iota(jnp.int32, (sub, sub, 1), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (sub, sub, 1), 1)
-  causal = cols <= rows  # [sub, sub, 1]
+  # The diagonal block is built one key row j at a time with 2-D ops only ([sub, D] rows against a [1, D] row,
+  # row j picked by a masked sublane sum), rather than as a [sub, sub, D] array.
+  rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (1, sub), 1)
   for i in range(c // sub):
     lo, hi = i * sub, (i + 1) * sub
     b_i = b[lo:hi]  # [sub, D]
-    r = b[lo - 1:lo] if i else jnp.zeros((1, b.shape[1]), f32)  # the log-decay just before this sub-chunk
-    diff = b_i[:, None, :] - b_i[None, :, :]
-    w = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)  # [sub, sub, D]
-    q_i = q_ref[lo:hi].astype(f32)
+    q_i, k_i, v_i = q_ref[lo:hi].astype(f32), k_ref[lo:hi].astype(f32), v_ref[lo:hi].astype(f32)
+    pick = lambda x, j: jnp.sum(jnp.where(rows == j, x, 0.0), axis=0, keepdims=True)  # noqa: E731  row j, [1, D]
     if decay_on == "key":
       out = lax.dot_general((q_i * jnp.exp(b_i)).astype(dt), state, _NT, preferred_element_type=f32)  # q S
-      a = jnp.sum(q_i[:, None, :] * k_ref[lo:hi].astype(f32)[None, :, :] * w, axis=-1)  # [sub, sub]
+      def column(j, a, q_i=q_i, k_i=k_i, b_i=b_i):  # column j: q_i . (k_j * exp(b_i - b_j))
+        w = jnp.exp(jnp.where(rows >= j, b_i - pick(b_i, j), 0.0))  # masked before exp
+        return jnp.where(cols == j, jnp.sum(q_i * pick(k_i, j) * w, axis=1, keepdims=True), a)
+
+      a = jnp.where(cols <= rows, lax.fori_loop(0, sub, column, jnp.zeros((sub, sub), f32)), 0.0)
       out += jnp.dot(a.astype(dt), v_ref[lo:hi], preferred_element_type=f32)
       if i:
+        r = b_ref[lo - 1:lo, :]  # the log-decay just before this sub-chunk: both factors below are <= 1
         k_r = (k_ref[:lo].astype(f32) * jnp.exp(r - b[:lo])).astype(dt)
         a = lax.dot_general((q_i * jnp.exp(b_i - r)).astype(dt), k_r, _NT, preferred_element_type=f32)
         out += jnp.dot(a.astype(dt), v_ref[:lo], preferred_element_type=f32)
     else:
       out = jnp.exp(b_i) * jnp.dot(q_ref[lo:hi], state, preferred_element_type=f32)
-      a = lax.dot_general(q_ref[lo:hi], k_ref[lo:hi], _NT, preferred_element_type=f32)  # [sub, sub]
-      out += jnp.sum(a[:, :, None] * v_ref[lo:hi].astype(f32)[None, :, :] * w, axis=1)
+      def row(j, out, q_i=q_i, k_i=k_i, v_i=v_i, b_i=b_i):  # (q_i . k_j) v_j * exp(b_i - b_j) for the rows i >= j
+        w = jnp.exp(jnp.where(rows >= j, b_i - pick(b_i, j), 0.0))  # masked before exp
+        a_j = jnp.sum(q_i * pick(k_i, j), axis=1, keepdims=True)  # [sub, 1]
+        return out + jnp.where(rows >= j, a_j * pick(v_i, j) * w, 0.0)
+
+      out = lax.fori_loop(0, sub, row, out)
       if i:
+        r = b_ref[lo - 1:lo, :]
         v_r = (v_ref[:lo].astype(f32) * jnp.exp(r - b[:lo])).astype(dt)
         a = lax.dot_general(q_ref[lo:hi], k_ref[:lo], _NT, preferred_element_type=f32)  # [sub, lo]
         out += jnp.exp(b_i - r) * jnp.dot(a.astype(dt), v_r, preferred_element_type=f32)
