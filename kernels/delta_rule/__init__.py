@@ -11,10 +11,10 @@ restart the state at each boundary (packed sequences); `initial_state` / `return
                chunk transitions scanned);
   "pallas"     `pallas.py` over `pallas_tpu.py` (Mosaic TPU) or `pallas_gpu.py` (Mosaic GPU, Hopper): the chunk
                transforms (UT transform, U, W, the in-chunk matrix) in XLA, the sequential part (the state carried
-               across chunks) in the kernel, its backward pass a reverse-chunk kernel (custom_vjp). Neither takes
-               segment_ids / initial_state / return_state; TPU: chunk a multiple of 8; GPU: chunk 64, key dim 64 or
-               128, value dim a multiple of 64, bfloat16/float16 (`tables.check_supported`). Never falls back: a
-               call it cannot serve is an error;
+               across chunks) in the kernel, its backward pass a reverse-chunk kernel (custom_vjp); initial_state
+               and return_state are served, segment_ids are not; TPU: chunk a multiple of 8; GPU: chunk 64, key dim
+               64 or 128, value dim a multiple of 64, bfloat16/float16 (`tables.check_supported`). Never falls back:
+               a call it cannot serve is an error;
   "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them);
   None         the kernel of the platform the program is lowered for (`kernels.platform.dispatch`) where it serves
                the call, else the XLA form, the reason logged once.
@@ -37,17 +37,17 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas", "interpret", None)
 OP = "delta_rule_attention"
 
 
-def _kernels(q, k, v, beta, log_decay, chunk_size, **unsupported) -> dict:
+def _kernels(q, k, v, beta, log_decay, chunk_size, *, segment_ids: bool, **state) -> dict:
   """Per backend: a thunk running its kernel on this call, or the reason it cannot serve it."""
   out = {}
   for backend in ("tpu", "gpu"):
     try:
-      check_supported(q.shape, v.shape, jnp.result_type(q, k, v), chunk_size, backend, **unsupported)
+      check_supported(q.shape, v.shape, jnp.result_type(q, k, v), chunk_size, backend, segment_ids=segment_ids)
     except ValueError as err:
       out[backend] = str(err)
       continue
     out[backend] = (lambda b: lambda: delta_rule_pallas(  # noqa: E731  (bind the backend now)
-        q, k, v, beta, log_decay, chunk_size=chunk_size, backend=b))(backend)
+        q, k, v, beta, log_decay, chunk_size=chunk_size, backend=b, **state))(backend)
   return out
 
 
@@ -85,19 +85,14 @@ def delta_rule_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
   if implementation == "xla":
     out, state = xla()
     return (out, state) if return_state else out
-  if return_state:  # the kernels return no state
-    if implementation is not None:  # explicit kernels never fall back
-      raise ValueError(f"{OP}: return_state=True is served by implementation='xla' or None, not {implementation!r}")
-    reason = "return_state=True is served by the XLA form only"
-    return platform.dispatch(OP, xla=xla, kernels={"tpu": reason, "gpu": reason})
-  unsupported = dict(segment_ids=segment_ids is not None, initial_state=initial_state is not None, return_state=False)
+  state = dict(initial_state=initial_state, return_state=return_state)
   if implementation == "interpret":
-    check_supported(q.shape, v.shape, jnp.result_type(q, k, v), chunk_size, "tpu", **unsupported)
-    return delta_rule_pallas(q, k, v, beta, log_decay, chunk_size=chunk_size, backend="tpu", interpret=True)
-  kernels = _kernels(q, k, v, beta, log_decay, chunk_size, **unsupported)
+    check_supported(q.shape, v.shape, jnp.result_type(q, k, v), chunk_size, "tpu", segment_ids=segment_ids is not None)
+    return delta_rule_pallas(q, k, v, beta, log_decay, chunk_size=chunk_size, backend="tpu", interpret=True, **state)
+  kernels = _kernels(q, k, v, beta, log_decay, chunk_size, segment_ids=segment_ids is not None, **state)
   if implementation == "pallas":
     return platform.require_kernel(OP, kernels=kernels)
-  return platform.dispatch(OP, xla=lambda: xla()[0], kernels=kernels)
+  return platform.dispatch(OP, xla=xla if return_state else lambda: xla()[0], kernels=kernels)
 
 
 __all__ = ["IMPLEMENTATIONS", "OP", "delta_rule_attention", "delta_rule_pallas", "delta_rule_reference",

@@ -6,11 +6,12 @@ The split (the maths of `kernels.delta_rule.xla`): everything without a sequenti
 XLA, in float32: the cumulative log-decays `b`, `R_ij = exp(b_i - b_j)` (j <= i, exponents <= 0), the UT transform
 `T = (I + A)^-1` (`A_ij = R_ij beta_j k_i.k_j`, j < i), `U = T V`, `W = T diag(exp b) K`, `M_ij = R_ij beta_j q_i.k_j`
 (j <= i), `Qg = diag(exp b) Q`, `Kd = K * beta * exp(b_C - b)` and the chunk's decay `dc = exp(b_C)`. The kernel
-carries the float32 state across chunks: `E = U - W S`, `O = Qg S + M E`, `S <- dc S + Kd^T E`. The custom_vjp wraps
-only that kernel; its backward pass is the reverse-chunk kernel (`backward`), and the transforms get their gradients
-by autodiff (the UT inverse through `unit_lower_inverse`'s matmul-only rule). Residuals: the inputs of the kernel and
-the state entering each chunk, `[B, H, L/C, K, V]` float32 (as fla saves them): memory linear in length.
-A padded token (the tail up to a multiple of the chunk) has beta = 0 and no decay: it neither writes nor decays.
+carries the float32 state across chunks, from `initial_state` (zeros by default) to the final state (returned on
+request): `E = U - W S`, `O = Qg S + M E`, `S <- dc S + Kd^T E`. The custom_vjp wraps only that kernel; its backward
+pass is the reverse-chunk kernel (`backward`), and the transforms get their gradients by autodiff (the UT inverse
+through `unit_lower_inverse`'s matmul-only rule). Residuals: the inputs of the kernel and the state entering each
+chunk, `[B, H, L/C, K, V]` (as fla saves them): memory linear in length. A padded token (the tail up to a multiple of
+the chunk) has beta = 0 and no decay: it neither writes nor decays (nor changes the final state).
 """
 
 from __future__ import annotations
@@ -33,19 +34,22 @@ def _module(st: KernelParams):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(st: KernelParams, qg, m, u, w, kd, dc):
-  return _module(st).forward(st, qg, m, u, w, kd, dc, save_states=False)[0]
+def _recurrence(st: KernelParams, qg, m, u, w, kd, dc, s0):
+  """(o `[B, H, Lp, V]`, final state `[B, H, K, V]` float32) of the kernel entered with the state `s0`."""
+  out, _, final = _module(st).forward(st, qg, m, u, w, kd, dc, s0, save_states=False)
+  return out, final
 
 
-def _recurrence_fwd(st, qg, m, u, w, kd, dc):
-  out, states = _module(st).forward(st, qg, m, u, w, kd, dc, save_states=True)
-  return out, (qg, m, u, w, kd, dc, states)
+def _recurrence_fwd(st, qg, m, u, w, kd, dc, s0):
+  out, states, final = _module(st).forward(st, qg, m, u, w, kd, dc, s0, save_states=True)
+  return (out, final), (qg, m, u, w, kd, dc, s0, states)
 
 
-def _recurrence_bwd(st, res, do):
-  qg, m, u, w, kd, dc, states = res
-  grads = _module(st).backward(st, qg, m, u, w, kd, dc, states, do)
-  return tuple(g.astype(x.dtype) for g, x in zip(grads, (qg, m, u, w, kd, dc)))
+def _recurrence_bwd(st, res, cotangents):
+  qg, m, u, w, kd, dc, s0, states = res
+  do, dfinal = cotangents
+  grads = _module(st).backward(st, qg, m, u, w, kd, dc, states, do, dfinal)
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, (qg, m, u, w, kd, dc, s0)))
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -71,14 +75,16 @@ def _chunk_transforms(q, k, v, beta, g, chunk: int):
 
 def delta_rule_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.Array, beta_BxLxH: jax.Array,
                       log_decay_BxLxH: jax.Array | None = None, *, chunk_size: int | None = None,
-                      backend: Backend = "tpu", interpret=False) -> jax.Array:
+                      initial_state: jax.Array | None = None, return_state: bool = False, backend: Backend = "tpu",
+                      interpret=False):
   """The (gated) delta rule through the Pallas kernels of `backend`; `[B, L, H, *]` in, `[B, L, H, V]` (v's dtype)
-  out. The length is padded to a multiple of the chunk with tokens that neither write nor decay."""
+  out, entered with `initial_state` `[B, H, K, V]` (default zeros), and with `return_state=True` also the final
+  float32 state. The length is padded to a multiple of the chunk with tokens that neither write nor decay."""
   chunk = DEFAULT_CHUNKS[backend] if chunk_size is None else chunk_size
   dtype = jnp.result_type(q_BxLxHxK.dtype, k_BxLxHxK.dtype, v_BxLxHxV.dtype)
-  check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, dtype, chunk, backend, segment_ids=False, initial_state=False,
-                  return_state=False)
-  b, length, h, _ = q_BxLxHxK.shape
+  check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, dtype, chunk, backend, segment_ids=False)
+  b, length, h, dk = q_BxLxHxK.shape
+  dv = v_BxLxHxV.shape[-1]
   if backend == "tpu":  # a short sequence is one chunk, not a padded long one (the GPU kernels' chunk is fixed)
     chunk = min(chunk, -(-length // SUBLANES) * SUBLANES)
   if log_decay_BxLxH is None:  # DeltaNet: no decay
@@ -95,8 +101,10 @@ def delta_rule_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax
                                                               log_decay_BxLxH)), chunk)
   tokens = lambda x: x.reshape(b, h, n * chunk, x.shape[-1]).astype(dtype)  # noqa: E731  [B, H, Lp, *]
   st = KernelParams(chunk=chunk, backend=backend, interpret=interpret)
-  out = _recurrence(st, *(tokens(x) for x in (qg, m, u, w, kd)), dc)
-  return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxV.dtype)
+  s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+  out, final = _recurrence(st, *(tokens(x) for x in (qg, m, u, w, kd)), dc, s0)
+  out = jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxV.dtype)
+  return (out, final) if return_state else out
 
 
 __all__ = ["delta_rule_pallas"]

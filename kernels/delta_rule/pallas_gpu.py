@@ -4,7 +4,7 @@ transforms (computed in XLA) are in `kernels.delta_rule.pallas`, the per-chunk s
 One warpgroup per program over the grid `(value blocks, heads, batch)`. The delta rule acts on every value column
 alike (`E = U - W S`, `S <- dc S + Kd^T E` column by column), so each program owns a 64-wide block of the value
 dimension and walks the chunks of its (batch, head) in order (the backward pass in reverse), the `[K, 64]` float32
-carry (the state forward, its cotangent backward) in registers (wgmma layout) with a copy rounded to the input dtype
+carry (the state forward, from the initial to the final state; its cotangent backward) in registers (wgmma layout) with a copy rounded to the input dtype
 in shared memory for the next chunk's matmuls. The forward pass double-buffers the chunk tiles by TMA
 (`kernels.mosaic_gpu.stream`) and, when differentiated, writes the state entering each chunk (input dtype,
 `[N, K, V]` per row). The backward pass reads its eight tiles single-buffered (double-buffered they would not fit in
@@ -49,22 +49,29 @@ def _call(st, kernel, out_type, scratch, grid, name, *args):
                       kernel_name=name, interpret=_interpret(st))(*args)
 
 
+def _smem_f32(shape: tuple[int, int]) -> plgpu.SMEM:
+  """A float32 tile the kernel loads into registers in the wgmma layout: tiled and swizzled (jax 0.10's Mosaic GPU
+  finds no bank-conflict-free transfer plan for that load from a plain buffer)."""
+  return plgpu.SMEM(shape, _F32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+
+
 def _decay_vectors(dc_BxHxN: jax.Array, dv: int) -> jax.Array:
   """The chunks' decays as `[B, H, N, V]` float32 rows (one value repeated): a per-column vector in the kernel."""
   return jnp.broadcast_to(dc_BxHxN.astype(_F32)[..., None], (*dc_BxHxN.shape, dv))
 
 
-def forward(st: KernelParams, qg, m, u, w, kd, dc, *, save_states: bool):
-  """`[B, H, Lp, *]` qg, m, u, w, kd (input dtype) and the chunks' decays `[B, H, N]` -> o `[B, H, Lp, V]` (and the
-  states entering each chunk `[B, H, N, K, V]` in the input dtype when `save_states`)."""
+def forward(st: KernelParams, qg, m, u, w, kd, dc, s0, *, save_states: bool):
+  """`[B, H, Lp, *]` qg, m, u, w, kd (input dtype), the chunks' decays `[B, H, N]` and the initial state `[B, H, K,
+  V]` -> (o `[B, H, Lp, V]`, the states entering each chunk `[B, H, N, K, V]` in the input dtype when `save_states`
+  else None, the final state `[B, H, K, V]` float32)."""
   bsz, h, length, dk = qg.shape
   dv, c, dt, wd = u.shape[-1], st.chunk, qg.dtype, GPU_VALUE_BLOCK
   n, lay = length // c, mg.Layouts(bool(st.interpret))
 
-  def kernel(qg_ref, m_ref, u_ref, w_ref, kdT_ref, dc_ref, o_ref, *rest):
+  def kernel(qg_ref, m_ref, u_ref, w_ref, kdT_ref, dc_ref, s0_ref, o_ref, *rest):
     states_ref = rest[0] if save_states else None
-    (qg_smem, m_smem, u_smem, w_smem, kdT_smem, dc_smem, s_smem, e_smem, o_smem,
-     qg_bar, m_bar, u_bar, w_bar, kdT_bar, dc_bar) = rest[1:] if save_states else rest
+    (sf_ref, qg_smem, m_smem, u_smem, w_smem, kdT_smem, dc_smem, s_smem, e_smem, o_smem, sf_smem,
+     qg_bar, m_bar, u_bar, w_bar, kdT_bar, dc_bar, s0_bar) = rest[1:] if save_states else rest
     db, hi, bi = lax.axis_index("d"), lax.axis_index("h"), lax.axis_index("b")
     cols = pl.ds(db * wd, wd)
 
@@ -77,7 +84,10 @@ def forward(st: KernelParams, qg, m, u, w, kd, dc, *, save_states: bool):
       plgpu.copy_gmem_to_smem(kdT_ref.at[bi, hi, :, rows], kdT_smem.at[slot], kdT_bar.at[slot])
       plgpu.copy_gmem_to_smem(dc_ref.at[bi, hi, step, cols], dc_smem.at[slot], dc_bar.at[slot])
 
-    mg.stage(s_smem, mg.full((dk, wd), 0.0, lay.WGMMA))
+    plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, :, cols], sf_smem, s0_bar.at[0])
+    plgpu.barrier_wait(s0_bar.at[0])
+    s_init = mg.load(sf_smem, lay.WGMMA)
+    mg.stage(s_smem, s_init)
 
     def body(step, slot, s_state):
       if save_states:  # the state entering this chunk, as the matmuls below read it
@@ -93,34 +103,43 @@ def forward(st: KernelParams, qg, m, u, w, kd, dc, *, save_states: bool):
       return s_state
 
     barriers = (qg_bar, m_bar, u_bar, w_bar, kdT_bar, dc_bar)
-    mg.stream(n, fetch, body, mg.full((dk, wd), 0.0, lay.WGMMA), barriers)
+    s_final = mg.stream(n, fetch, body, s_init, barriers)
+    mg.stage(sf_smem, s_final)
+    plgpu.copy_smem_to_gmem(sf_smem, sf_ref.at[bi, hi, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
   scratch = [mg.smem((2, c, dk), dt), mg.smem((2, c, c), dt), mg.smem((2, c, wd), dt), mg.smem((2, c, dk), dt),
              mg.smem((2, dk, c), dt), plgpu.SMEM((2, wd), _F32), mg.smem((dk, wd), dt), mg.smem((c, wd), dt),
-             mg.smem((c, wd), dt)] + [plgpu.Barrier(num_barriers=2)] * 6
+             mg.smem((c, wd), dt), _smem_f32((dk, wd))] + [plgpu.Barrier(num_barriers=2)] * 6
+  scratch.append(plgpu.Barrier(num_barriers=1))
   out_type = [jax.ShapeDtypeStruct((bsz, h, length, dv), dt)]
   if save_states:
     out_type.append(jax.ShapeDtypeStruct((bsz, h, n, dk, dv), dt))
+  out_type.append(jax.ShapeDtypeStruct((bsz, h, dk, dv), _F32))
   outs = _call(st, kernel, out_type, scratch, (dv // wd, h, bsz), "delta_rule_fwd",
-               qg, m, u, w, _t(kd), _decay_vectors(dc, dv))
-  return (outs[0], outs[1]) if save_states else (outs[0], None)
+               qg, m, u, w, _t(kd), _decay_vectors(dc, dv), s0.astype(_F32))
+  return tuple(outs) if save_states else (outs[0], None, outs[1])
 
 
-def backward(st: KernelParams, qg, m, u, w, kd, dc, states, do):
-  """The cotangents of `forward`'s inputs (float32; `d dc` `[B, H, N]`), from the states it saved and `do`."""
+def backward(st: KernelParams, qg, m, u, w, kd, dc, states, do, dsf):
+  """The cotangents of `forward`'s inputs (float32; `d dc` `[B, H, N]`, `d s0` `[B, H, K, V]`), from the states it
+  saved and the cotangents of its outputs `do`, `dsf` (the final state's)."""
   bsz, h, length, dk = qg.shape
   dv, c, dt, wd = u.shape[-1], st.chunk, qg.dtype, GPU_VALUE_BLOCK
   n, lay, nv = length // c, mg.Layouts(bool(st.interpret)), dv // GPU_VALUE_BLOCK
   mT = _t(m.reshape(bsz, h, n, c, c)).reshape(bsz, h, length, c)  # each chunk's [C, C] block transposed
 
-  def kernel(qgT_ref, mT_ref, uT_ref, kd_ref, wT_ref, do_ref, sT_ref, dc_ref,
-             dqg_ref, dm_ref, du_ref, dw_ref, dkdT_ref, ddc_ref,
+  def kernel(qgT_ref, mT_ref, uT_ref, kd_ref, wT_ref, do_ref, sT_ref, dc_ref, dsf_ref,
+             dqg_ref, dm_ref, du_ref, dw_ref, dkdT_ref, ddc_ref, ds0_ref,
              qgT_smem, mT_smem, uT_smem, kd_smem, wT_smem, do_smem, sT_smem, dc_smem, ds_smem, eT_smem, de_smem,
              ck_out, cc_out, cw_out, kc_out, w_out, bar):
     db, hi, bi = lax.axis_index("d"), lax.axis_index("h"), lax.axis_index("b")
     cols = pl.ds(db * wd, wd)
-    mg.stage(ds_smem, mg.full((dk, wd), 0.0, lay.WGMMA))
+    # kc_out ([K, C] float32, C = 64 = the value block) carries the final state's cotangent in and d s0 out.
+    plgpu.copy_gmem_to_smem(dsf_ref.at[bi, hi, :, cols], kc_out, bar.at[8])
+    plgpu.barrier_wait(bar.at[8])
+    ds_init = mg.load(kc_out, lay.WGMMA)
+    mg.stage(ds_smem, ds_init)
 
     def body(step, ds_state):  # ds_state: the cotangent of the state leaving chunk `ci`
       ci = n - 1 - step
@@ -155,21 +174,23 @@ def backward(st: KernelParams, qg, m, u, w, kd, dc, states, do):
       mg.stage(ds_smem, ds_state)
       return ds_state
 
-    lax.fori_loop(0, n, body, mg.full((dk, wd), 0.0, lay.WGMMA))
+    ds_first = lax.fori_loop(0, n, body, ds_init)
+    _emit(kc_out, ds_first, ds0_ref.at[bi, hi, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
   scratch = [mg.smem((dk, c), dt), mg.smem((c, c), dt), mg.smem((wd, c), dt), mg.smem((c, dk), dt),
              mg.smem((dk, c), dt), mg.smem((c, wd), dt), mg.smem((wd, dk), dt), plgpu.SMEM((wd,), _F32),
              mg.smem((dk, wd), dt), mg.smem((wd, c), dt), mg.smem((c, wd), dt),
-             plgpu.SMEM((c, dk), _F32), plgpu.SMEM((c, c), _F32), mg.smem((c, wd), dt), plgpu.SMEM((dk, c), _F32),
-             plgpu.SMEM((wd,), _F32), plgpu.Barrier(num_barriers=8)]
+             plgpu.SMEM((c, dk), _F32), plgpu.SMEM((c, c), _F32), mg.smem((c, wd), dt), _smem_f32((dk, c)),
+             plgpu.SMEM((wd,), _F32), plgpu.Barrier(num_barriers=9)]
   partial = lambda *shape: jax.ShapeDtypeStruct((nv, bsz, h, *shape), _F32)  # noqa: E731
   out_type = [partial(length, dk), partial(length, c), jax.ShapeDtypeStruct(u.shape, dt), partial(length, dk),
-              partial(dk, length), jax.ShapeDtypeStruct((bsz, h, n, dv), _F32)]
-  dqg, dm, du, dw, dkdT, ddc = _call(
+              partial(dk, length), jax.ShapeDtypeStruct((bsz, h, n, dv), _F32),
+              jax.ShapeDtypeStruct((bsz, h, dk, dv), _F32)]
+  dqg, dm, du, dw, dkdT, ddc, ds0 = _call(
       st, kernel, out_type, scratch, (nv, h, bsz), "delta_rule_bwd",
-      _t(qg), mT, _t(u), kd, _t(w), do.astype(dt), _t(states), _decay_vectors(dc, dv))
-  return dqg.sum(0), dm.sum(0), du.astype(_F32), dw.sum(0), _t(dkdT.sum(0)), ddc.sum(-1)
+      _t(qg), mT, _t(u), kd, _t(w), do.astype(dt), _t(states), _decay_vectors(dc, dv), dsf.astype(_F32))
+  return dqg.sum(0), dm.sum(0), du.astype(_F32), dw.sum(0), _t(dkdT.sum(0)), ddc.sum(-1), ds0
 
 
 __all__ = ["backward", "forward"]

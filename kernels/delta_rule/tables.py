@@ -24,11 +24,11 @@ class KernelParams:
   interpret: object
 
 
-def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend, *, segment_ids: bool,
-                    initial_state: bool, return_state: bool) -> None:
-  """Raises ValueError naming what the backend's kernel cannot serve (the XLA form serves every call)."""
-  if segment_ids or initial_state or return_state:
-    raise ValueError("segment_ids / initial_state / return_state are served by the XLA form only")
+def check_supported(q_shape, v_shape, dtype, chunk: int, backend: Backend, *, segment_ids: bool) -> None:
+  """Raises ValueError naming what the backend's kernel cannot serve (the XLA form serves every call). Both kernels
+  take an initial state and return the final one."""
+  if segment_ids:
+    raise ValueError("segment_ids (packed sequences) are served by the XLA form only")
   if backend == "gpu":
     if chunk != GPU_CHUNK:
       raise ValueError(f"{chunk=} must be {GPU_CHUNK} on GPU (the wgmma rows of one warpgroup; chunk_size=64)")

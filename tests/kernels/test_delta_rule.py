@@ -163,24 +163,35 @@ def _kernel_inputs(decay: str, dtype=jnp.float32):
 
 
 @functools.partial(jax.jit, static_argnames=("implementation",))
-def _kernel_value_and_grads(q, k, v, b, g, ct, *, implementation):
-  def f(q, k, v, b, g):
-    out = _entry(q, k, v, b, g, chunk_size=KCHUNK, key_mask=KERNEL_MASK, implementation=implementation)
-    return jnp.sum(out * ct), out
-  argnums = (0, 1, 2, 3) if g is None else (0, 1, 2, 3, 4)
-  (_, out), grads = jax.value_and_grad(f, argnums=argnums, has_aux=True)(q, k, v, b, g)
+def _kernel_value_and_grads(q, k, v, b, g, ct, s0, ct_state, *, implementation):
+  """Output and gradients w.r.t. q, k, v, beta (, log_decay) (, initial state); with `s0` the call starts from that
+  state and also returns the final one (its cotangent `ct_state`)."""
+  def f(q, k, v, b, g, s0):
+    out = _entry(q, k, v, b, g, chunk_size=KCHUNK, key_mask=KERNEL_MASK, initial_state=s0,
+                 return_state=s0 is not None, implementation=implementation)
+    if s0 is None:
+      return jnp.sum(out * ct), out
+    return jnp.sum(out[0] * ct) + jnp.sum(out[1] * ct_state), out
+  argnums = (0, 1, 2, 3) + (() if g is None else (4,)) + (() if s0 is None else (5,))
+  (_, out), grads = jax.value_and_grad(f, argnums=argnums, has_aux=True)(q, k, v, b, g, s0)
   return out, grads
 
 
 @pytest.mark.parametrize("decay", ["none", "gated"])
 def test_interpret_kernel_matches_the_recurrence(decay):
+  """DeltaNet from a zero state; Gated DeltaNet from a given state, returning the final one (both differentiated)."""
   q, k, v, b, g, ct = _kernel_inputs(decay)
-  want, want_grads = _kernel_value_and_grads(q, k, v, b, g, ct, implementation="reference")
-  got, grads = _kernel_value_and_grads(q, k, v, b, g, ct, implementation="interpret")
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-  for name, x, y in zip(("q", "k", "v", "beta", "log_decay"), grads, want_grads):
+  s0, ct_state = (None, None) if decay == "none" else (
+      jax.random.normal(jax.random.key(9), (2, KB, KH, KD, KD)) * jnp.array([1.0, 0.5])[:, None, None, None, None])
+  want, want_grads = _kernel_value_and_grads(q, k, v, b, g, ct, s0, ct_state, implementation="reference")
+  got, grads = _kernel_value_and_grads(q, k, v, b, g, ct, s0, ct_state, implementation="interpret")
+  for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(x, y, atol=2e-5, rtol=2e-5)
+  names = ("q", "k", "v", "beta") + (() if g is None else ("log_decay", "initial_state"))
+  assert len(grads) == len(names)
+  for name, x, y in zip(names, grads, want_grads):
     np.testing.assert_allclose(x, y, atol=2e-5, rtol=2e-5, err_msg=f"d{name}")
-  # Key padding by gradients: a padded token reaches no real output, and the padded rows' inputs get none.
+  # Key padding by gradients: a padded token reaches no real output (nor the final state).
   np.testing.assert_array_equal(np.asarray(grads[2])[0, 29:], 0.0)
   assert np.abs(np.asarray(grads[2])[0, :29]).max() > 0
 
@@ -197,14 +208,12 @@ def test_interpret_kernel_bfloat16_inputs_stay_finite_and_close():
 def test_explicit_pallas_never_falls_back():
   q, k, v, b, g, _ = _kernel_inputs("gated")
   segments = jnp.zeros((KB, KL), jnp.int32)
-  with pytest.raises(KernelUnavailableError, match="segment_ids / initial_state / return_state"):
+  with pytest.raises(KernelUnavailableError, match="segment_ids .* are served by the XLA form only"):
     _entry(q, k, v, b, g, chunk_size=KCHUNK, segment_ids=segments, implementation="pallas")
-  with pytest.raises(ValueError, match="segment_ids / initial_state / return_state"):
+  with pytest.raises(ValueError, match="segment_ids .* are served by the XLA form only"):
     _entry(q, k, v, b, g, chunk_size=KCHUNK, segment_ids=segments, implementation="interpret")
   with pytest.raises(ValueError, match="chunk=12 must be a multiple of 8"):
     _entry(q, k, v, b, g, chunk_size=12, implementation="interpret")
-  with pytest.raises(ValueError, match="return_state=True is served by implementation='xla' or None"):
-    _entry(q, k, v, b, g, chunk_size=KCHUNK, return_state=True, implementation="pallas")
 
 
 def test_kernels_export_for_tpu_and_unserved_cuda_calls_are_logged(caplog):
@@ -234,27 +243,31 @@ def test_kernels_export_for_tpu_and_unserved_cuda_calls_are_logged(caplog):
 
 def test_gpu_kernels_in_the_gpu_interpreter_match_the_recurrence():
   """The Mosaic GPU kernels (bfloat16 operands, float32 states) under the GPU interpreter: 136 tokens (three chunks of
-  64, the last one padded, so the chunk decays' gradient is exercised), key padding, a decay. Tolerance: 2e-2 of each
-  quantity's largest magnitude (bfloat16 operands; measured 6e-3)."""
+  64, the last one padded, so the chunk decays' gradient is exercised), key padding, a decay, entered with a state and
+  returning the final one. Tolerance: 2e-2 of each quantity's largest magnitude (bfloat16 operands; measured 5e-3)."""
   length, dim = 136, 64
-  ks = jax.random.split(jax.random.key(3), 6)
+  ks = jax.random.split(jax.random.key(3), 8)
   q, k = (_unit(jax.random.normal(x, (1, length, 1, dim))).astype(jnp.bfloat16) for x in ks[:2])
   v = jax.random.normal(ks[2], (1, length, 1, dim)).astype(jnp.bfloat16)
   b = jax.random.uniform(ks[3], (1, length, 1))
   g = jax.random.uniform(ks[4], (1, length, 1), minval=-1.0, maxval=-1e-3)
+  s0, ct_state = (jax.random.normal(x, (1, 1, dim, dim)) for x in ks[6:])
   ct = jax.random.normal(ks[5], (1, length, 1, dim))
   mask = jnp.arange(length)[None] < 120
 
   def run(core):
-    def f(q, k, v, b, g):
-      return jnp.sum(core(q, k, v, *mask_tokens(b, g, mask)).astype(jnp.float32) * ct)
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(q, k, v, b, g)
+    def f(q, k, v, b, g, s0):
+      out, final = core(q, k, v, *mask_tokens(b, g, mask), s0)
+      return jnp.sum(out.astype(jnp.float32) * ct) + jnp.sum(final * ct_state), (out, final)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))(q, k, v, b, g, s0)
 
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731  the reference on the same (rounded) inputs
-  want = run(lambda q, k, v, b, g: delta_rule_reference(f32(q), f32(k), f32(v), b, g)[0])
-  got = run(lambda *a: delta_rule_pallas(*a, chunk_size=64, backend="gpu", interpret=True))
-  for name, x, y in zip(("out", "q", "k", "v", "beta", "log_decay"), jax.tree_util.tree_leaves(got),
-                        jax.tree_util.tree_leaves(want)):
+  (_, want), want_grads = run(lambda q, k, v, b, g, s0: delta_rule_reference(f32(q), f32(k), f32(v), b, g,
+                                                                            initial_state=s0))
+  (_, got), grads = run(lambda q, k, v, b, g, s0: delta_rule_pallas(
+      q, k, v, b, g, chunk_size=64, initial_state=s0, return_state=True, backend="gpu", interpret=True))
+  names = ("out", "final state", "dq", "dk", "dv", "dbeta", "dlog_decay", "dinitial_state")
+  for name, x, y in zip(names, (*got, *grads), (*want, *want_grads)):
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
     assert np.abs(x - y).max() < 2e-2 * np.abs(y).max(), name
-  assert np.abs(np.asarray(got[1][2], np.float32)[0, 120:]).max() == 0.0  # padded values reach nothing
+  assert np.abs(np.asarray(grads[2], np.float32)[0, 120:]).max() == 0.0  # padded values reach nothing
