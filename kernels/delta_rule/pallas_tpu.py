@@ -7,9 +7,10 @@ VMEM scratch, from the initial state (the first chunk) to the final state (writt
   E = U - W S,   O = Qg S + M E,   S <- dc S + Kd^T E
 (the entering state S of every chunk is also written out when the pass is differentiated: `[N, K, V]` per row, the
 backward pass's only residual besides the inputs). Backward walks the chunks in reverse carrying `dS` (the cotangent
-of the state leaving the chunk, first the final state's; after the first chunk, the initial state's): `dE = M^T dO + Kd dS`, `dQg = dO S^T`, `dM = dO E^T`, `dKd = E dS^T`, `dU = dE`,
-`dW = -dE S^T`, `d dc = sum(S * dS)`, then `dS <- Qg^T dO + dc dS - W^T dE`. Matmul operands have the inputs' dtype
-with float32 accumulation. `interpret=True` runs the same kernels on CPU.
+of the state leaving the chunk: first the final state's, after the first chunk the initial state's):
+  dE = M^T dO + Kd dS,  dQg = dO S^T,  dM = dO E^T,  dKd = E dS^T,  dU = dE,  dW = -dE S^T,  d dc = sum(S * dS),
+  dS <- Qg^T dO + dc dS - W^T dE.
+Matmul operands have the inputs' dtype with float32 accumulation. `interpret=True` runs the same kernels on CPU.
 """
 
 from __future__ import annotations
