@@ -8,8 +8,8 @@ carry (forward the state, from the initial to the final one; backward its cotang
 a copy rounded to the input dtype in shared memory for the next chunk's matmuls. The forward pass double-buffers the
 chunk tiles by TMA (`kernels.mosaic_gpu.stream`) and, when differentiated, writes the state entering each chunk (input
 dtype, `[N, K, V]` per row). The backward pass reads its eight tiles single-buffered (double-buffered they would not
-fit in shared memory at K = 128); the cotangents that sum over the value dimension (`dQg = dO S^T`, `dM = dO E^T`, `dW
-= -dE S^T`, `dKd = E dS^T`, `d dc`) are written per value block (float32) and summed in XLA. `E^T = U^T - S^T W^T` and
+fit in shared memory at K = 128); the cotangents that sum over the value dimension (`dQg = dO S^T`, `dM = dO E^T`,
+`dW = -dE S^T`, `dKd = E dS^T`, `d dc`) are written per value block (float32) and summed in XLA. `E^T = U^T - S^T W^T` and
 `dKd^T = dS E^T` are computed transposed, and the chunk's decay `dc` travels as a `[64]` vector (one value repeated)
 broadcast along the state's columns. As in the other GPU kernels, wgmma operands are plain shared-memory tiles
 (transposed copies come from XLA) so that the GPU interpreter runs the kernels on CPU.
