@@ -9,9 +9,9 @@ a copy rounded to the input dtype in shared memory for the next chunk's matmuls.
 chunk tiles by TMA (`kernels.mosaic_gpu.stream`) and, when differentiated, writes the state entering each chunk (input
 dtype, `[N, K, V]` per row). The backward pass reads its eight tiles single-buffered (double-buffered they would not
 fit in shared memory at K = 128); the cotangents that sum over the value dimension (`dQg = dO S^T`, `dM = dO E^T`,
-`dW = -dE S^T`, `dKd = E dS^T`, `d dc`) are written per value block (float32) and summed in XLA. `E^T = U^T - S^T W^T` and
-`dKd^T = dS E^T` are computed transposed, and the chunk's decay `dc` travels as a `[64]` vector (one value repeated)
-broadcast along the state's columns. As in the other GPU kernels, wgmma operands are plain shared-memory tiles
+`dW = -dE S^T`, `dKd = E dS^T`, `d dc`) are written per value block (float32) and summed in XLA.
+`E^T = U^T - S^T W^T` and `dKd^T = dS E^T` are computed transposed, and the chunk's decay `dc` travels as a `[64]`
+vector (one value repeated) broadcast along the state's columns. As in the other GPU kernels, wgmma operands are plain shared-memory tiles
 (transposed copies come from XLA) so that the GPU interpreter runs the kernels on CPU.
 """
 
