@@ -11,8 +11,8 @@ dtype, `[N, K, V]` per row). The backward pass reads its eight tiles single-buff
 fit in shared memory at K = 128); the cotangents that sum over the value dimension (`dQg = dO S^T`, `dM = dO E^T`,
 `dW = -dE S^T`, `dKd = E dS^T`, `d dc`) are written per value block (float32) and summed in XLA.
 `E^T = U^T - S^T W^T` and `dKd^T = dS E^T` are computed transposed, and the chunk's decay `dc` travels as a `[64]`
-vector (one value repeated) broadcast along the state's columns. As in the other GPU kernels, wgmma operands are plain shared-memory tiles
-(transposed copies come from XLA) so that the GPU interpreter runs the kernels on CPU.
+vector (one value repeated) broadcast along the state's columns. As in the other GPU kernels, wgmma operands are
+plain shared-memory tiles (transposed copies come from XLA) so that the GPU interpreter runs the kernels on CPU.
 """
 
 from __future__ import annotations
