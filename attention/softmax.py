@@ -52,9 +52,7 @@ class SoftmaxAttention(AttentionLayer):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-    self.check_inputs(x, mask)
-    if self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"unknown softmax implementation {self.implementation!r}; valid choices: {IMPLEMENTATIONS}")
+    self.check_inputs(x, mask)  # `implementation` passed the gate (option_ranges) when the layer was built
     check_kv_heads(self)
     q, k, v = self.project(x, "query"), project_kv(self, x, "key"), project_kv(self, x, "value")
     if self.positions == "rope":  # rotated before caching: a decode step sits at the cache's index
