@@ -139,9 +139,8 @@ class SparseTransformerAttention(BlockSparseAttention):
     stride = max(sparse_layouts.default_stride(num_blocks), self.c) if self.stride is None else self.stride
     if self.pattern == "strided":
       return sparse_layouts.strided_mask(block_size=block_size, stride=stride, causal=self.causal)
-    if self.pattern == "fixed":
-      return sparse_layouts.fixed_mask(block_size=block_size, stride=stride, c=self.c, causal=self.causal)
-    raise ValueError(f"SparseTransformerAttention: unknown pattern {self.pattern!r}; valid choices: {self.PATTERNS}")
+    # "fixed": the gate refused any other pattern (option_ranges) when the layer was built.
+    return sparse_layouts.fixed_mask(block_size=block_size, stride=stride, c=self.c, causal=self.causal)
 
 
 @register("longformer")
