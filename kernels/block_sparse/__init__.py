@@ -21,8 +21,10 @@ None picks, at lowering time (`kernels.platform.dispatch`), the kernel on cuda/t
 or AOT-compiled for an accelerator from a CPU host holds the kernels. `block_sizes` (`BlockSizes`) sets the kernel
 tiles. Scores, softmax and the weighted sum accumulate in float32 whatever the input dtype; the output has the dtype
 of `q`. The layout must be concrete (numpy, or a jax array outside `jit` tracing): it decides the shapes of the
-gathers and the kernels' index tables. `block_sparse_attention` jits its work with the layout and options static,
-so an eager call compiles once per configuration.
+gathers and the kernels' index tables. Each call is planned once in the entry (`plan`: the checks, and per backend
+its kernel tiles or the reason its kernels cannot serve the call); `block_sparse_attention` jits its work with the
+plan static (an eager call compiles once per configuration), and the kernel driver follows the plan's tiles without
+checking them again.
 
 Dropout (`dropout_rate` with a `dropout_rng`) acts on the normalized weights of the allowed keys with one mask in
 every implementation: a counter-based hash of (seed, batch·heads + head, query position, key position)
@@ -32,14 +34,16 @@ implementations give the same values with dropout on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import numpy as np
 
 from kernels import platform
+from kernels.block_sparse import tables
 from kernels.block_sparse.reference import block_sparse_attention_reference
-from kernels.block_sparse.tables import BlockSizes, check_supported, expand_layout, gather_tables, make_tables, xla_plan
+from kernels.block_sparse.tables import BlockSizes, expand_layout, gather_tables, make_tables, xla_plan
 from kernels.block_sparse.xla import block_sparse_attention_xla
 from kernels.common import dropout_keep, dropout_seed
 
@@ -80,6 +84,56 @@ def _check(q, k, v, layout: np.ndarray, block_size: int, key_mask, implementatio
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate=}")
 
 
+class _StaticLayout:
+  """A hashable wrapper so the layout can be part of a static argument of `jax.jit` (it fixes the gather shapes)."""
+
+  def __init__(self, layout: np.ndarray):
+    self.layout = layout
+    self._key = (layout.shape, layout.tobytes())
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, _StaticLayout) and self._key == other._key
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One call's plan, made once by the entry (`plan`) and handed, static, to the jitted body and the kernel driver,
+  which check nothing again: the options, and per backend its `KernelTiles` or the reason its kernels cannot serve
+  the call (none for "reference" / "xla"; only "tpu" for "interpret")."""
+
+  implementation: str | None
+  layout: _StaticLayout
+  block_size: int
+  causal: bool
+  scale: float | None
+  dropout_rate: float
+  kernels: tuple[tuple[str, tables.KernelTiles | str], ...] = ()
+
+
+def plan(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, block_size: int, causal: bool = False,
+         scale: float | None = None, implementation: str | None = None, key_mask: jax.Array | None = None,
+         dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+         block_sizes: BlockSizes | None = None) -> Plan:
+  """Checks the call once and plans it (each backend's tiles once); an explicit "interpret" that the TPU kernels
+  cannot serve is refused here, naming their constraint."""
+  layout = _concrete_layout(layout)
+  _check(q, k, v, layout, block_size, key_mask, implementation, dropout_rate)
+  if dropout_rng is None or dropout_rate == 0.0:
+    dropout_rate = 0.0
+  kernels = ()
+  if implementation not in ("reference", "xla"):
+    backends = ("tpu",) if implementation == "interpret" else ("tpu", "gpu")
+    kernels = tuple((b, tables.kernel_tiles(q.shape, q.dtype, block_size, block_sizes, b)) for b in backends)
+    if implementation == "interpret" and isinstance(kernels[0][1], str):
+      raise ValueError(f"{OP}: implementation='interpret' cannot serve this call: {kernels[0][1]}")
+  return Plan(implementation=implementation, layout=_StaticLayout(layout), block_size=int(block_size),
+              causal=bool(causal), scale=None if scale is None else float(scale), dropout_rate=float(dropout_rate),
+              kernels=kernels)
+
+
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, block_size: int,
                            causal: bool = False, scale: float | None = None, implementation: str | None = None,
                            key_mask: jax.Array | None = None, dropout_rate: float = 0.0,
@@ -94,68 +148,40 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, 
     dropout_rate, dropout_rng: dropout on the attention weights (applied only when both are given).
     block_sizes: kernel tiles of the "pallas"/"interpret" implementations (`BlockSizes`); None = backend defaults.
   """
-  layout = _concrete_layout(layout)
-  _check(q, k, v, layout, block_size, key_mask, implementation, dropout_rate)
-  if dropout_rng is None or dropout_rate == 0.0:
-    dropout_rate, dropout_rng = 0.0, None
-  return _jitted_attention(q, k, v, _StaticLayout(layout), key_mask, dropout_rng, block_size=block_size,
-                           causal=bool(causal), scale=None if scale is None else float(scale),
-                           implementation=implementation, dropout_rate=float(dropout_rate), block_sizes=block_sizes)
+  p = plan(q, k, v, layout, block_size=block_size, causal=causal, scale=scale, implementation=implementation,
+           key_mask=key_mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng, block_sizes=block_sizes)
+  return _jitted_attention(q, k, v, key_mask, dropout_rng if p.dropout_rate else None, plan=p)
 
 
-class _StaticLayout:
-  """A hashable wrapper so the layout can be a static argument of `jax.jit` (it fixes the gather shapes)."""
-
-  def __init__(self, layout: np.ndarray):
-    self.layout = layout
-    self._key = (layout.shape, layout.tobytes())
-
-  def __hash__(self) -> int:
-    return hash(self._key)
-
-  def __eq__(self, other) -> bool:
-    return isinstance(other, _StaticLayout) and self._key == other._key
-
-
-def _kernel_or_reason(backend: str, q, block_size: int, block_sizes, run):
-  """A thunk running `backend`'s kernel, or the reason (a string) why it cannot serve this call."""
-  try:
-    check_supported(q.shape, q.dtype, block_size, block_sizes, backend)
-  except ValueError as e:
-    return str(e)
-  return lambda: run(backend, False)
-
-
-# One compiled computation per (layout, options, shapes): eager callers (tests, notebooks) then pay one compilation
-# instead of dispatching dozens of small ops; under an outer jit this simply inlines.
-@functools.partial(jax.jit, static_argnames=("block_size", "causal", "scale", "implementation", "dropout_rate",
-                                             "block_sizes"), static_argnums=3)
-def _jitted_attention(q, k, v, layout: _StaticLayout, key_mask, dropout_rng, *, block_size, causal, scale,
-                      implementation, dropout_rate, block_sizes):
+# One compiled computation per plan (layout, options, shapes): eager callers (tests, notebooks) then pay one
+# compilation instead of dispatching dozens of small ops; under an outer jit this simply inlines.
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _jitted_attention(q, k, v, key_mask, dropout_rng, *, plan: Plan):
   seed = None if dropout_rng is None else dropout_seed(dropout_rng)
-  common = dict(block_size=block_size, causal=causal, scale=scale, key_mask=key_mask, dropout_rate=dropout_rate,
-                dropout_seed=seed)
+  layout = plan.layout.layout
+  common = dict(block_size=plan.block_size, causal=plan.causal, scale=plan.scale, key_mask=key_mask,
+                dropout_rate=plan.dropout_rate, dropout_seed=seed)
 
   def xla():
-    if implementation == "reference":
-      return block_sparse_attention_reference(q, k, v, layout.layout, **common)
-    return block_sparse_attention_xla(q, k, v, layout.layout, **common)
+    if plan.implementation == "reference":
+      return block_sparse_attention_reference(q, k, v, layout, **common)
+    return block_sparse_attention_xla(q, k, v, layout, **common)
 
-  def kernel(backend, interpret):
+  def kernel(backend, tiles, interpret=False):
     from kernels.block_sparse.pallas import block_sparse_attention_pallas  # noqa: PLC0415  (Pallas where wanted)
-    return block_sparse_attention_pallas(q, k, v, layout.layout, block_sizes=block_sizes, backend=backend,
-                                         interpret=interpret, **common)
+    return lambda: block_sparse_attention_pallas(q, k, v, layout, tiles=tiles, backend=backend, interpret=interpret,
+                                                 **common)
 
-  if implementation in ("reference", "xla"):
+  if plan.implementation in ("reference", "xla"):
     return xla()
-  if implementation == "interpret":
-    return kernel("tpu", True)
-  kernels = {backend: _kernel_or_reason(backend, q, block_size, block_sizes, kernel) for backend in ("tpu", "gpu")}
-  if implementation == "pallas":
+  if plan.implementation == "interpret":
+    return kernel("tpu", plan.kernels[0][1], True)()
+  kernels = {backend: tiles if isinstance(tiles, str) else kernel(backend, tiles) for backend, tiles in plan.kernels}
+  if plan.implementation == "pallas":
     return platform.require_kernel(OP, kernels=kernels)
   return platform.dispatch(OP, xla=xla, kernels=kernels)
 
 
-__all__ = ["BlockSizes", "IMPLEMENTATIONS", "block_sparse_attention", "block_sparse_attention_reference",
-           "block_sparse_attention_xla", "dropout_keep", "dropout_seed", "expand_layout", "gather_tables",
-           "make_tables", "xla_plan"]
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_xla", "BlockSizes",
+           "dropout_keep", "dropout_seed", "expand_layout", "gather_tables", "IMPLEMENTATIONS", "make_tables", "Plan",
+           "plan", "xla_plan"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_sparse.tables import BlockSizes, KernelStatic, check_supported, make_tables, sub_blocks
+from kernels.block_sparse.tables import KernelStatic, KernelTiles, make_tables
 from kernels.platform import Backend
 
 # Backend -> its kernel module, imported on first use so a TPU program never imports Mosaic GPU and vice versa.
@@ -49,40 +48,37 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention_pallas(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
-                                  layout_HxNxN: np.ndarray, *, block_size: int, causal: bool = False,
-                                  scale: float | None = None, key_mask: jax.Array | None = None,
+                                  layout_HxNxN: np.ndarray, *, block_size: int, tiles: KernelTiles,
+                                  causal: bool = False, scale: float | None = None, key_mask: jax.Array | None = None,
                                   dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
-                                  block_sizes: BlockSizes | None = None, backend: Backend = "tpu",
-                                  interpret=False) -> jax.Array:
+                                  backend: Backend = "tpu", interpret=False) -> jax.Array:
   """Block-sparse attention through the Pallas kernels of `backend` ("tpu" or "gpu"), `[B, L, H, D]` in and out.
 
-  `interpret` (True or the backend's interpret params) runs the kernels on CPU. `key_mask` (bool `[B, L]`, True =
-  a real key) masks padded keys. `dropout_seed` (int32 scalar, `kernels.common.dropout_seed`) with
-  `dropout_rate > 0` drops weights by the hash mask shared with the reference. Shapes and the layout are assumed
-  checked by `kernels.block_sparse_attention`; the tiling constraints are checked here (`tables.check_supported`).
+  `tiles` is the backend's plan for this call (`tables.kernel_tiles`, made once by `kernels.block_sparse_attention`'s
+  entry, which also checked the shapes and the layout): nothing is checked again here. `interpret` (True or the
+  backend's interpret params) runs the kernels on CPU. `key_mask` (bool `[B, L]`, True = a real key) masks padded
+  keys. `dropout_seed` (int32 scalar, `kernels.common.dropout_seed`) with `dropout_rate > 0` drops weights by the
+  hash mask shared with the reference.
   """
   layout = np.asarray(layout_HxNxN, bool)
-  block_q, block_kv = check_supported(q_BxLxHxD.shape, q_BxLxHxD.dtype, block_size, block_sizes, backend)
+  block_q, block_kv = tiles.block_q, tiles.block_kv
   scale = q_BxLxHxD.shape[-1] ** -0.5 if scale is None else float(scale)
   rate = float(dropout_rate) if dropout_seed is not None else 0.0
   length = q_BxLxHxD.shape[1]
   # Tiles spanning several layout blocks (GPU) may not divide the length: pad with blocks nothing attends to (their
   # rows output 0 and are cut off again; dropout counters of real tokens are unchanged).
-  pad = -length % math.lcm(block_q, block_kv, block_size)
+  pad = tiles.padded_length - length
   if pad:
-    n = (length + pad) // block_size
+    n = tiles.padded_length // block_size
     layout = np.pad(layout, ((0, 0), (0, n - layout.shape[1]), (0, n - layout.shape[2])))
     widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = widen(q_BxLxHxD), widen(k_BxLxHxD), widen(v_BxLxHxD)
     if key_mask is not None:
       key_mask = jnp.pad(key_mask.astype(bool), ((0, 0), (0, pad)))
-  tables = make_tables(layout, block_size, block_q, block_kv, causal)
-  st = KernelStatic(tables=tables, key=(layout.shape, layout.tobytes(), block_size), block_q=block_q,
-                    block_kv=block_kv, causal=bool(causal), scale=scale, backend=backend, interpret=interpret,
-                    dropout_rate=rate, heads=q_BxLxHxD.shape[2], layout_block=block_size,
-                    sub_blocks=sub_blocks(block_size, block_q, block_kv))
-  if st.sub_blocks != (1, 1) and backend != "gpu":
-    raise ValueError(f"tiles {block_q}x{block_kv} spanning layout blocks of {block_size=} are GPU-only")
+  st = KernelStatic(tables=make_tables(layout, block_size, block_q, block_kv, causal),
+                    key=(layout.shape, layout.tobytes(), block_size), block_q=block_q, block_kv=block_kv,
+                    causal=bool(causal), scale=scale, backend=backend, interpret=interpret, dropout_rate=rate,
+                    heads=q_BxLxHxD.shape[2], layout_block=block_size, sub_blocks=tiles.sub_blocks)
   seed = jnp.zeros((1,), jnp.int32) if rate == 0.0 else jnp.reshape(dropout_seed, (1,)).astype(jnp.int32)
   to_bhld = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
   out = _attention(st, to_bhld(q_BxLxHxD), to_bhld(k_BxLxHxD), to_bhld(v_BxLxHxD),

@@ -360,6 +360,32 @@ def check_supported(q_shape, dtype, block_size: int, block_sizes: BlockSizes | N
   return block_q, block_kv
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelTiles:
+  """One backend's plan for a call (decided once in the entry, followed by the driver unchecked): its tiles, the
+  length the kernels run at (a multiple of the tiles and the layout block: padded blocks nothing attends to), and the
+  layout blocks a tile spans."""
+
+  block_q: int
+  block_kv: int
+  padded_length: int
+  sub_blocks: tuple[int, int]
+
+
+def kernel_tiles(q_shape, dtype, block_size: int, block_sizes: BlockSizes | None,
+                 backend: Backend) -> KernelTiles | str:
+  """`backend`'s `KernelTiles` for this call, or the reason (one line: the value, the constraint, the fix) its kernels
+  cannot serve it. A tile spans several layout blocks only on GPU (`BlockSizes.resolve` refuses it on TPU)."""
+  try:
+    block_q, block_kv = check_supported(q_shape, dtype, block_size, block_sizes, backend)
+  except ValueError as e:
+    return str(e)
+  length = q_shape[1]
+  unit = math.lcm(block_q, block_kv, block_size)
+  return KernelTiles(block_q=block_q, block_kv=block_kv, padded_length=-(-length // unit) * unit,
+                     sub_blocks=sub_blocks(block_size, block_q, block_kv))
+
+
 def merge_groups(parts: list[jax.Array], groups: tuple[Lists, ...], tile: int) -> jax.Array:
   """Joins per-group kernel outputs `[B, H, rows_g * tile, D]` into `[B, H, L, D]` in tile order."""
   order = np.concatenate([g.ids for g in groups])
@@ -371,6 +397,7 @@ def merge_groups(parts: list[jax.Array], groups: tuple[Lists, ...], tile: int) -
   return tiles.reshape(b, h, length, d)
 
 
-__all__ = ["BlockSizes", "KernelStatic", "KernelTables", "Lists", "MAX_SUB_BLOCKS", "TPU_LANES", "XlaPlan",
-           "causal_blocks", "check_supported", "expand_layout", "gather_tables", "grouped_lists", "make_tables",
-           "merge_groups", "split_columns", "split_rows", "sub_blocks", "tile_bits", "tile_layout", "xla_plan"]
+__all__ = ["BlockSizes", "KernelStatic", "KernelTables", "KernelTiles", "Lists", "MAX_SUB_BLOCKS", "TPU_LANES",
+           "XlaPlan", "causal_blocks", "check_supported", "expand_layout", "gather_tables", "grouped_lists",
+           "kernel_tiles", "make_tables", "merge_groups", "split_columns", "split_rows", "sub_blocks", "tile_bits",
+           "tile_layout", "xla_plan"]

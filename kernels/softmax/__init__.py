@@ -146,5 +146,6 @@ def _jitted(q, k, v, key_mask, dropout_rng, alibi_slopes, *, plan: Plan):
   return platform.dispatch(OP, xla=xla, kernels=kernels)
 
 
-__all__ = ["DEFAULT_CHUNK", "IMPLEMENTATIONS", "Implementation", "Plan", "plan", "alibi_bias", "causal_mask", "dropout_weights",
-           "flash_block", "softmax_attention", "softmax_attention_reference", "softmax_attention_xla"]
+__all__ = ["alibi_bias", "causal_mask", "DEFAULT_CHUNK", "dropout_weights", "flash_block", "Implementation",
+           "IMPLEMENTATIONS", "Plan", "plan", "softmax_attention", "softmax_attention_reference",
+           "softmax_attention_xla"]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 
 import jax
 import jax.numpy as jnp
@@ -130,35 +129,28 @@ def _block_size_for(length: int) -> int:
   return next(b for b in BLOCK_SIZES if _padded_length(length) % b == 0)
 
 
-def kernel_reason(backend: str, q_shape, dtype) -> str | None:
-  """Why `backend`'s kernels cannot take a block pair of `q_shape` `[B, C, H, D]` (None when they can)."""
-  from kernels.block_sparse.tables import check_supported  # noqa: PLC0415
-  try:
-    check_supported((q_shape[0], _padded_length(q_shape[1]), *q_shape[2:]), dtype, _block_size_for(q_shape[1]), None,
-                    backend)
-  except ValueError as e:
-    return str(e)
-  return None
+def block_tiles(backend: str, q_shape, dtype):
+  """`backend`'s `KernelTiles` for block pairs of `q_shape` `[B, C, H, D]`, or why its kernels cannot take them:
+  planned once per ring call (`ring_attention`), so the block function checks nothing again."""
+  from kernels.block_sparse.tables import kernel_tiles  # noqa: PLC0415
+  return kernel_tiles((q_shape[0], _padded_length(q_shape[1]), *q_shape[2:]), dtype, _block_size_for(q_shape[1]),
+                      None, backend)
 
 
-def _pallas_static(q_shape, dtype, causal: bool, scale: float, backend: str, interpret: bool):
-  """`(KernelStatic, padded length)` of one block pair of `q_shape` `[B, C, H, D]` on `backend`'s kernels (a full
-  layout, or a causal one for a chunk against itself)."""
-  from kernels.block_sparse.tables import KernelStatic, check_supported, make_tables, sub_blocks  # noqa: PLC0415
+def _pallas_static(q_shape, tiles, causal: bool, scale: float, backend: str, interpret: bool):
+  """`KernelStatic` of one block pair of `q_shape` `[B, C, H, D]` on `backend`'s kernels at the planned `tiles` (a
+  full layout, or a causal one for a chunk against itself)."""
+  from kernels.block_sparse.tables import KernelStatic, make_tables  # noqa: PLC0415
 
-  b, c, h, d = q_shape
-  block_size = _block_size_for(c)
-  block_q, block_kv = check_supported((b, _padded_length(c), h, d), dtype, block_size, None, backend)
-  padded = -(-_padded_length(c) // math.lcm(block_q, block_kv, block_size)) * math.lcm(block_q, block_kv, block_size)
-  n = padded // block_size
+  h = q_shape[2]
+  block_size = _block_size_for(q_shape[1])
+  n = tiles.padded_length // block_size
   layout = np.tril(np.ones((1, n, n), bool)) if causal else np.ones((1, n, n), bool)
-  st = KernelStatic(tables=make_tables(layout, block_size, block_q, block_kv, causal),
-                    key=(layout.shape, layout.tobytes(), block_size), block_q=block_q, block_kv=block_kv,
-                    causal=bool(causal), scale=float(scale), backend=backend, interpret=interpret, dropout_rate=0.0,
-                    heads=h, layout_block=block_size, sub_blocks=sub_blocks(block_size, block_q, block_kv))
-  if st.sub_blocks != (1, 1) and backend != "gpu":
-    raise ValueError(f"ring_attention: tiles {block_q}x{block_kv} spanning layout blocks of {block_size=} are GPU-only")
-  return st, padded
+  return KernelStatic(tables=make_tables(layout, block_size, tiles.block_q, tiles.block_kv, causal),
+                      key=(layout.shape, layout.tobytes(), block_size), block_q=tiles.block_q,
+                      block_kv=tiles.block_kv, causal=bool(causal), scale=float(scale), backend=backend,
+                      interpret=interpret, dropout_rate=0.0, heads=h, layout_block=block_size,
+                      sub_blocks=tiles.sub_blocks)
 
 
 def _kernel_module(st):
@@ -189,11 +181,12 @@ def _pallas_lse_bwd(st, res, cts):
 _pallas_lse.defvjp(_pallas_lse_fwd, _pallas_lse_bwd)
 
 
-def pallas_block_fn(backend: str, interpret: bool = False):
+def pallas_block_fn(backend: str, interpret: bool = False, tiles=None):
   """The ring's block function on `backend`'s Pallas flash kernels ("tpu" with `interpret=True`: how CPU tests run
-  them): `(out float32, lse)` of one block pair, `causal` only for a chunk against itself (`_pairs`). The kernels
-  take neither offsets nor an ALiBi bias, and their dropout counters are block-local: `refusal` turns such calls
-  away before the ring is built."""
+  them): `(out float32, lse)` of one block pair, `causal` only for a chunk against itself (`_pairs`). `tiles`: the
+  ring's plan (`block_tiles`); None plans from the first block's shape (a direct caller). The kernels take neither
+  offsets nor an ALiBi bias, and their dropout counters are block-local: `refusal` turns such calls away before the
+  ring is built."""
 
   def block(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, *, key_mask, causal, scale, dropout_rate=0.0, seed=None, q_offset=0,
             k_offset=0, batch_offset=0, alibi_slopes=None):
@@ -201,7 +194,10 @@ def pallas_block_fn(backend: str, interpret: bool = False):
     if dropout_rate > 0.0 or alibi_slopes is not None:
       raise ValueError("ring_attention: the Pallas block takes no dropout or ALiBi (see refusal)")
     b, c = q_BxCxHxD.shape[:2]
-    st, padded = _pallas_static(q_BxCxHxD.shape, q_BxCxHxD.dtype, causal, scale, backend, interpret)
+    planned = tiles if tiles is not None else block_tiles(backend, q_BxCxHxD.shape, q_BxCxHxD.dtype)
+    if isinstance(planned, str):
+      raise ValueError(f"ring_attention: the {backend} kernels cannot take this block pair: {planned}")
+    st, padded = _pallas_static(q_BxCxHxD.shape, planned, causal, scale, backend, interpret), planned.padded_length
     widen = lambda x: jnp.pad(x, [(0, 0), (0, padded - c)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     to_bhld = lambda x: jnp.swapaxes(widen(x), 1, 2)  # noqa: E731
     mask = widen(jnp.ones((b, c), bool) if key_mask is None else key_mask.astype(bool))
@@ -433,12 +429,13 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
   kernel_blocks = None
   if block_fn is None and implementation in KERNEL_IMPLEMENTATIONS:
     chunk_shape = (b, (length + pad) // (2 * n), h, d)
-    kernel_blocks = {backend: kernel_reason(backend, chunk_shape, q_BxLxHxD.dtype)
-                     or pallas_block_fn(backend) for backend in ("tpu", "gpu")}
+    planned = {backend: block_tiles(backend, chunk_shape, q_BxLxHxD.dtype) for backend in ("tpu", "gpu")}
+    kernel_blocks = {backend: tiles if isinstance(tiles, str) else pallas_block_fn(backend, tiles=tiles)
+                     for backend, tiles in planned.items()}
     if implementation == "interpret":
-      if isinstance(kernel_blocks["tpu"], str):
-        raise ValueError(f"ring_attention: implementation='interpret' cannot serve this call: {kernel_blocks['tpu']}")
-      block_fn, kernel_blocks = pallas_block_fn("tpu", interpret=True), None
+      if isinstance(planned["tpu"], str):
+        raise ValueError(f"ring_attention: implementation='interpret' cannot serve this call: {planned['tpu']}")
+      block_fn, kernel_blocks = pallas_block_fn("tpu", interpret=True, tiles=planned["tpu"]), None
     detail = f"the Pallas flash kernels per block pair (implementation={implementation!r})"
   elif block_fn is None:
     block_fn = flash_block_fn
@@ -473,5 +470,5 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
   return out[:, :length]
 
 
-__all__ = ["KERNEL_IMPLEMENTATIONS", "block_attention", "flash_block_fn", "merge", "pallas_block_fn", "refusal",
-           "ring_attention"]
+__all__ = ["block_attention", "block_tiles", "flash_block_fn", "KERNEL_IMPLEMENTATIONS", "merge", "pallas_block_fn",
+           "refusal", "ring_attention"]

@@ -14,6 +14,7 @@ import pytest
 from attention.sparse_layouts import bigbird_layout
 from kernels import block_sparse_attention, platform
 from kernels.block_sparse.pallas import block_sparse_attention_pallas
+from kernels.block_sparse.tables import kernel_tiles
 
 PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", "mosaic_gpu_v2")}
 KERNELS = ["block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv"]
@@ -37,8 +38,9 @@ def test_kernels_with_global_blocks_and_dropout_lower(backend):
   layout = bigbird_layout(length // block_size, num_global_blocks=2, num_random_blocks=2, num_heads=2, seed=0)
 
   def loss(q, k, v, key_mask, seed):
+    tiles = kernel_tiles(q.shape, q.dtype, block_size, None, backend)
     out = block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, key_mask=key_mask, backend=backend,
-                                        dropout_rate=0.1, dropout_seed=seed)
+                                        tiles=tiles, dropout_rate=0.1, dropout_seed=seed)
     return jnp.sum(out.astype(jnp.float32))
 
   spec = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.bfloat16)

@@ -15,7 +15,7 @@ import attention
 from kernels import block_sparse_attention
 from kernels.block_sparse import block_sparse_attention_reference, dropout_seed
 from kernels.block_sparse.pallas import block_sparse_attention_pallas
-from kernels.block_sparse.tables import BlockSizes, check_supported
+from kernels.block_sparse.tables import BlockSizes, check_supported, kernel_tiles
 from kernels.block_sparse.tables import make_tables, tile_bits, tile_layout
 
 # float32: kernel and reference both accumulate in float32 and differ in summation order (online softmax, tile
@@ -51,8 +51,9 @@ def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, bac
     if impl == "reference":
       return lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, block_size=block_size, causal=causal,
                                                               key_mask=key_mask, **drop)
+    tiles = kernel_tiles(q.shape, dtype, block_size, block_sizes, backend)  # the entry's plan for the driver
     return lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, causal=causal,
-                                                         key_mask=key_mask, block_sizes=block_sizes, backend=backend,
+                                                         key_mask=key_mask, tiles=tiles, backend=backend,
                                                          interpret=interpret, **drop)
 
   def value_and_grads(q, k, v):
@@ -158,8 +159,9 @@ def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
   layout = np.array([[[True, False], [True, True]]])
   key_mask = jnp.arange(32)[None, :] < 29
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+  tiles = kernel_tiles(q.shape, q.dtype, 16, None, "tpu")
   f = lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=16, causal=True,  # noqa: E731
-                                                     key_mask=key_mask, interpret=params)
+                                                     key_mask=key_mask, tiles=tiles, interpret=params)
   # Jitted: the interpreter's callbacks (DMAs, race bookkeeping) run when the program does; eagerly, the driver's
   # small ops compiled one by one (68 compilations).
   got, grads = jax.block_until_ready(jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(
@@ -254,3 +256,18 @@ def test_layer_implementation_option_reaches_the_kernel(implementation):
   layer = attention.build("local", num_heads=2, block_size=16, window=3, implementation=implementation)
   params = jax.eval_shape(layer.init, jax.random.key(1), x)
   assert _uses_pallas(layer.apply, params, x) == (implementation == "interpret")
+
+
+def test_one_plan_per_call(monkeypatch):
+  """The entry plans each call once per backend (`tables.kernel_tiles`, `check_supported` inside); the driver follows
+  the plan's tiles and checks nothing again, forward or backward."""
+  from kernels.block_sparse import block_sparse_attention, tables  # noqa: PLC0415
+  checked = []
+  real = tables.check_supported
+  monkeypatch.setattr(tables, "check_supported", lambda *a: checked.append(a[-1]) or real(*a))
+  spec = jax.ShapeDtypeStruct((1, 16, 1, 8), jnp.float32)  # float32: the GPU plan is a reason, TPU's the tiles
+  layout = np.tril(np.ones((1, 2, 2), bool))
+  loss = lambda q, k, v: jnp.sum(block_sparse_attention(q, k, v, layout, block_size=8,  # noqa: E731
+                                                        causal=True).astype(jnp.float32))
+  jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(spec, spec, spec)
+  assert sorted(checked) == ["gpu", "tpu"]

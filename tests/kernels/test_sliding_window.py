@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.sliding_window import sliding_window_attention, sliding_window_attention_xla
+from kernels.sliding_window import plan, sliding_window_attention, sliding_window_attention_xla
 
 LONG = [(37, 8), (17, 16), (9, 8)]  # longer than the window: the chunked XLA form serves "xla" and None
 SHORT = [(16, 16), (5, 8)]  # no longer than the window: every implementation takes the dense path
@@ -73,3 +73,10 @@ def test_errors():
     sliding_window_attention(x, x, x, window=2, causal=True, implementation="pallas")
   with pytest.raises(ValueError, match="window must be >= 1, got window=0"):
     sliding_window_attention(x, x, x, window=0, causal=True)
+
+
+def test_the_plan_names_the_form_and_why():
+  x = jnp.ones((1, 8, 1, 4))
+  assert plan(x, window=8, causal=True).form == "reference"  # no longer than the window: dense
+  assert plan(x, window=3, causal=False).form == "xla"
+  assert plan(x, window=3, causal=False, implementation="reference").why == "implementation='reference'"

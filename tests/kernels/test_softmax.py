@@ -289,6 +289,18 @@ def test_alibi_training_lowers_the_flex_kernels_for_accelerators():
       assert re.search(rf"\b{kernel}", module), f"{name}: no {kernel}"
 
 
+def test_one_plan_per_call(monkeypatch):
+  """The entry plans each call once (`kernels.softmax.plan`: each backend's constraints once); the jitted body and the
+  driver follow the plan, forward and backward, and check nothing again."""
+  checked = []
+  real = softmax_pallas.flex_check_supported
+  monkeypatch.setattr(softmax_pallas, "flex_check_supported", lambda *a: checked.append(a[-1]) or real(*a))
+  spec = jax.ShapeDtypeStruct((1, 16, 1, 8), jnp.float32)  # float32: the GPU plan is a reason, TPU's the kernel
+  loss = lambda q, k, v: jnp.sum(softmax_attention(q, k, v, causal=True))  # noqa: E731
+  jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(spec, spec, spec)
+  assert sorted(checked) == ["gpu", "tpu"]
+
+
 def test_bad_inputs_name_the_values():
   q, k, v, _ = _qkv(2, 8, 8, 2, 4)
   with pytest.raises(ValueError, match=r"key_mask must be bool \[batch, keys\] = \(2, 8\)"):
