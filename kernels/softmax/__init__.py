@@ -4,7 +4,8 @@
 dropout_rate=0.0, dropout_rng=None, alibi_slopes=None)`, exact softmax attention. `key_mask: bool [batch, keys]`,
 True = a real key (the project's key-padding convention); query i sits at position `i + S - L` (queries aligned to the
 last keys, as in decoding) for causal masking, the ALiBi bias `-slope_h * |q_pos - k_pos|` and the dropout counters.
-A query with no allowed key outputs 0 with finite gradients. Implementations (the vocabulary of every op):
+k and v may have fewer heads than q (a divisor: grouped-query attention, key/value head `h * Hkv // H` serving query
+head h). A query with no allowed key outputs 0 with finite gradients. Implementations (the vocabulary of every op):
   "reference"  the dense einsum form (`reference`): `[B, H, L, S]` scores, the ground truth;
   "xla"        flash attention in pure JAX (`xla`): online softmax over key chunks, a custom_vjp backward that
                recomputes the scores from the saved log-sum-exp, O(L·chunk) memory, causal calls skip the chunks above
@@ -36,6 +37,7 @@ import functools
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from kernels import platform
 from kernels.common import dropout_seed
@@ -53,8 +55,11 @@ def _check(q, k, v, key_mask, alibi_slopes, implementation, dropout_rate: float)
     raise ValueError(f"unknown {OP} implementation {implementation!r}; valid choices: {IMPLEMENTATIONS}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [batch, length, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
-  if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-    raise ValueError(f"k must match q in batch, heads and head_dim: k {k.shape} vs q {q.shape}")
+  if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+    raise ValueError(f"k must match q in batch and head_dim: k {k.shape} vs q {q.shape}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"key/value heads {k.shape[2]} must divide the query heads {q.shape[2]} (grouped-query "
+                     f"attention); got k {k.shape} vs q {q.shape}")
   if v.shape[:3] != k.shape[:3]:
     raise ValueError(f"v must match k in batch, keys and heads: v {v.shape} vs k {k.shape}")
   if key_mask is not None and tuple(key_mask.shape) != (k.shape[0], k.shape[1]):
@@ -118,18 +123,27 @@ def softmax_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax
                  plan=p)
 
 
+def _repeat_kv(x_BxSxKxD: jax.Array, heads: int) -> jax.Array:
+  groups = heads // x_BxSxKxD.shape[2]
+  return x_BxSxKxD if groups == 1 else jnp.repeat(x_BxSxKxD, groups, axis=2)
+
+
 # One compiled computation per plan for eager callers; under an outer jit this inlines.
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _jitted(q, k, v, key_mask, dropout_rng, alibi_slopes, *, plan: Plan):
   causal, scale, rate = plan.causal, plan.scale, plan.dropout_rate
+  # Grouped-query attention: the dense and XLA forms see K/V repeated to the query heads (their gradients sum back
+  # over each group); the flex kernels take the group as it is and load each key/value head once per group.
+  heads = q.shape[2]
   if plan.implementation == "reference":
-    return softmax_attention_reference(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_rate=rate,
-                                       dropout_rng=dropout_rng, alibi_slopes=alibi_slopes)
+    return softmax_attention_reference(q, _repeat_kv(k, heads), _repeat_kv(v, heads), key_mask=key_mask,
+                                       causal=causal, scale=scale, dropout_rate=rate, dropout_rng=dropout_rng,
+                                       alibi_slopes=alibi_slopes)
 
   def xla():
     seed = None if dropout_rng is None else dropout_seed(dropout_rng)
-    return softmax_attention_xla(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_rate=rate,
-                                 dropout_seed=seed, alibi_slopes=alibi_slopes)
+    return softmax_attention_xla(q, _repeat_kv(k, heads), _repeat_kv(v, heads), key_mask=key_mask, causal=causal,
+                                 scale=scale, dropout_rate=rate, dropout_seed=seed, alibi_slopes=alibi_slopes)
 
   def kernel(backend, interpret=False):
     return lambda: pallas.softmax_attention_pallas(q, k, v, plan.kernel, key_mask=key_mask, scale=scale,

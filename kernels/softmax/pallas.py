@@ -8,10 +8,11 @@ tiles) and cached by `kernels.flex.create_block_mask`.
 per backend the reason its kernels cannot serve the call, or None); `kernels.softmax.softmax_attention` makes the plan
 in its entry and hands it to `softmax_attention_pallas`, which checks nothing again. The kernels serve self-attention
 (queries and keys of one length: the dropout counters and the causal diagonal of decoding sit at `i + S - L`, which
-the flex kernels do not offset) with `alibi_slopes` known when the program is traced (a numpy array, or a concrete jax
-array: traced slopes cannot enter a kernel, which evaluates pure index functions). A length that is not a multiple of
-the tile (LRA's CLS token makes 4K + 1) is padded by the flex driver: padded keys are masked, padded query rows cut off,
-and the dropout counters of real tokens (their positions) are unchanged.
+the flex kernels do not offset), grouped-query attention as it comes (k and v with a divisor of the query heads: each
+key/value head is loaded once per group), and `alibi_slopes` known when the program is traced (a numpy array, or a
+concrete jax array: traced slopes cannot enter a kernel, which evaluates pure index functions). A length that is not
+a multiple of the tile (LRA's CLS token makes 4K + 1) is padded by the flex driver: padded keys are masked, padded
+query rows cut off, and the dropout counters of real tokens (their positions) are unchanged.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def alibi_score_mod(slopes: tuple[float, ...]):
 
 def call_reason(q_shape, k_shape, alibi_slopes) -> str | None:
   """Why no kernel can serve the call whatever the backend (None when the shapes and the bias fit)."""
-  if tuple(q_shape[:2]) != tuple(k_shape[:2]) or q_shape[2] != k_shape[2]:
-    return (f"queries {tuple(q_shape)} and keys {tuple(k_shape)} differ in batch, length or heads (decoding, "
+  if tuple(q_shape[:2]) != tuple(k_shape[:2]):
+    return (f"queries {tuple(q_shape)} and keys {tuple(k_shape)} differ in batch or length (decoding, "
             f"cross-attention): the kernels take self-attention")
   if isinstance(alibi_slopes, jax.core.Tracer):
     return ("alibi_slopes are traced: the kernels evaluate the ALiBi bias as a pure index function of constant "

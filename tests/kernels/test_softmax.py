@@ -141,6 +141,19 @@ def test_implementations_match_reference(implementation, causal):
   _assert_matches(got, want, jnp.float32)
 
 
+def test_grouped_query_attention_equals_repeated_heads():
+  """k, v with 2 heads serve 4 query heads: the kernels take the groups as they are (one K/V load per group), equal to
+  the reference on K/V repeated per group, with dropout (counters by query head) and key padding."""
+  q, k, v, ct = _qkv(2, 13, 13, 4, 8)
+  k, v = k[:, :, :2], v[:, :, :2]
+  opts = dict(key_mask=_key_mask(2, 13), causal=True, dropout_rate=0.2, dropout_rng=jax.random.key(3))
+  rep = lambda x: jnp.repeat(x, 2, axis=2)  # noqa: E731
+  want = _values_and_grads(lambda q, k, v: softmax_attention(q, rep(k), rep(v), implementation="reference", **opts),
+                           q, k, v, ct)
+  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="interpret", **opts), q, k, v, ct)
+  _assert_matches(got, want, jnp.float32)
+
+
 @pytest.mark.parametrize("implementation", ["interpret"])  # the XLA form's bfloat16 case is in test_xla_matches_...
 def test_bfloat16_matches_reference(implementation):
   q, k, v, ct = _qkv(2, 16, 16, 2, 8, jnp.bfloat16)
@@ -307,6 +320,8 @@ def test_bad_inputs_name_the_values():
     softmax_attention(q, k, v, key_mask=jnp.ones((2, 1, 1, 8), bool))
   with pytest.raises(ValueError, match=r"alibi_slopes must have shape \[heads\] = \(2,\)"):
     softmax_attention(q, k, v, alibi_slopes=jnp.ones((3,)))
+  with pytest.raises(ValueError, match="key/value heads 2 must divide the query heads 3"):
+    softmax_attention(jnp.ones((2, 8, 3, 4)), k, v)
   with pytest.raises(ValueError, match="unknown softmax_attention implementation .cudnn."):
     softmax_attention(q, k, v, implementation="cudnn")
   with pytest.raises(ValueError, match="dropout_rate must be in"):
