@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from attention import positions
 from attention.base import AttentionLayer
@@ -61,9 +60,11 @@ class SoftmaxAttention(AttentionLayer):
     dropout_rng = self.dropout_rng(deterministic)
     # ALiBi in the core: a decode step's query sits at the last cache slot, a constant shift of every allowed key's
     # bias from its true position t (softmax ignores it; unwritten slots are masked).
-    slopes = jnp.asarray(positions.alibi_slopes(self.num_heads)) if self.positions == "alibi" else None
+    # Numpy slopes: constants the kernels' plan takes (traced ones would keep ALiBi on the XLA form). K/V keep their
+    # `num_kv_heads`: the core takes the group as it is (its kernels load each key/value head once per group).
+    slopes = positions.alibi_slopes(self.num_heads) if self.positions == "alibi" else None
     attend = lambda q, k, v, m, causal: softmax_attention(  # noqa: E731
-        q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads), key_mask=m, causal=causal,
+        q, k, v, key_mask=m, causal=causal,
         implementation=self.implementation, dropout_rate=self.dropout_rate,
         dropout_rng=dropout_rng, alibi_slopes=slopes)
 
