@@ -88,6 +88,15 @@ def pytest_cmdline_main(config):
     config.option.dist = "loadscope"
 
 
+def pytest_runtest_logreport(report):
+  """EA_TEST_TIMES=<file>: one line per test phase as it finishes (`seconds phase nodeid`), written by the controller
+  while the suite runs, so the suite's time budget can be read off an interrupted or still running session."""
+  path = os.environ.get("EA_TEST_TIMES")
+  if path and not hasattr(report, "node"):  # the controller (xdist) or a plain session, not a worker's copy
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(f"{report.duration:.2f} {report.when} {report.nodeid}\n")
+
+
 def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
   """The session's compilation cache goes with it (only in the process that made it: the controller under xdist)."""
   if _OWN_CACHE and not hasattr(session.config, "workerinput"):
