@@ -41,33 +41,54 @@ def _backend(st: FlexStatic):
   return importlib.import_module(BACKEND_MODULES[st.backend])
 
 
+def _grads(st, res, do, dlse=None):
+  q, k, v, kvm, seed, tables, bits, o, lse = res
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  if dlse is not None:  # d lse_i / d s_ij = p_ij, so ds = p * (dp - (delta - dlse)): the kernels take delta - dlse
+    delta = delta - dlse.astype(jnp.float32)
+  dq, dk, dv = _backend(st).backward(st, q, k, v, kvm, seed, tables, bits, do.astype(o.dtype), lse, delta)
+  return dq, dk, dv, None, None, None, None
+
+
+def _residuals(st, q, k, v, kvm, seed, tables, bits):
+  o, lse = _backend(st).forward(st, q, k, v, kvm, seed, tables, bits)
+  return (o, lse), (q, k, v, kvm, seed, tables, bits, o, lse)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st: FlexStatic, q, k, v, kvm, seed, tables, bits):
   return _backend(st).forward(st, q, k, v, kvm, seed, tables, bits)[0]
 
 
 def _attention_fwd(st, q, k, v, kvm, seed, tables, bits):
-  o, lse = _backend(st).forward(st, q, k, v, kvm, seed, tables, bits)
-  return o, (q, k, v, kvm, seed, tables, bits, o, lse)
+  (o, _), res = _residuals(st, q, k, v, kvm, seed, tables, bits)
+  return o, res
 
 
-def _attention_bwd(st, res, do):
-  q, k, v, kvm, seed, tables, bits, o, lse = res
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  dq, dk, dv = _backend(st).backward(st, q, k, v, kvm, seed, tables, bits, do, lse, delta)
-  return dq, dk, dv, None, None, None, None
+_attention.defvjp(_attention_fwd, _grads)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_lse(st: FlexStatic, q, k, v, kvm, seed, tables, bits):
+  """`(o, lse)`: the output and its log-sum-exp (MASK_VALUE for a row without keys), differentiable in both."""
+  return _backend(st).forward(st, q, k, v, kvm, seed, tables, bits)
+
+
+_attention_lse.defvjp(_residuals, lambda st, res, cts: _grads(st, res, *cts))
 
 
 def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, bm: BlockMask, *,
                           mask_mod=None, score_mod=None, key_mask=None, scale: float | None = None,
                           dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
-                          backend: Backend = "tpu", interpret=False) -> jax.Array:
+                          backend: Backend = "tpu", interpret=False, return_lse: bool = False):
   """Flex attention through the Pallas kernels of `backend`; `[B, L, H, D]` in and out. `score_mod` must be a pure
   index function (the kernels do not return gradients of arrays it closes over: the entry checks); `mask_mod` may
-  close over arrays, host or traced (its partial tiles then come as bitmaps, module docstring)."""
+  close over arrays, host or traced (its partial tiles then come as bitmaps, module docstring).
+
+  `return_lse`: return `(out, lse float32 [B, H, Lq])`, the per-row log-sum-exp of the (modified, masked) scores,
+  `MASK_VALUE` for a row without an allowed key (out 0): the convention of `kernels.softmax.xla.flash_block`, so a
+  caller merges partial results (the ring's block pairs); gradients flow through both (the lse cotangent enters the
+  backward kernels as `delta - dlse`)."""
   b, lq, h, d = q_BxLxHxD.shape
   mask_mod = bm.mask_mod if mask_mod is None else mask_mod
   bitmaps = mask_closes_over_arrays(mask_mod)
@@ -106,9 +127,12 @@ def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   widths = (bm.kv_full_idx.shape[-1], bm.kv_partial_idx.shape[-1], bm.q_full_idx.shape[-1],
             bm.q_partial_idx.shape[-1])
   st = dataclasses.replace(st, mods_key=st.mods_key + (widths,))
-  out = _attention(st, q, k, v, kvm, seed, tables, bits)  # [B, H // gp, gp, Lq_pad, D]
-  out = out.reshape(b, h, tq * bq, -1)[:, :, :lq]
-  return jnp.transpose(out, (0, 2, 1, 3))
+  if return_lse:
+    out, lse = _attention_lse(st, q, k, v, kvm, seed, tables, bits)  # lse [B, H // gp, gp, Lq_pad]
+  else:
+    out, lse = _attention(st, q, k, v, kvm, seed, tables, bits), None  # [B, H // gp, gp, Lq_pad, D]
+  out = jnp.transpose(out.reshape(b, h, tq * bq, -1)[:, :, :lq], (0, 2, 1, 3))
+  return out if lse is None else (out, lse.reshape(b, h, tq * bq)[:, :, :lq])
 
 
 __all__ = ["BACKEND_MODULES", "flex_attention_pallas", "mask_closes_over_arrays"]

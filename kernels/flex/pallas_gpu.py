@@ -166,7 +166,7 @@ def forward(st: FlexStatic, q5, k, v, kvm, seed, tables, bits=None):
     inv = jnp.where(seen, 1.0 / safe_l, 0.0)
     o_smem = q_smem
     o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
-    lse_smem[...] = jnp.where(seen, m + jnp.log(safe_l), 0.0)
+    lse_smem[...] = jnp.where(seen, m + jnp.log(safe_l), MASK_VALUE)  # a row without keys (pallas_tpu)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, hi, pl.ds(i * bq, bq)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(i * bq, bq)])

@@ -161,7 +161,9 @@ def _fwd_kernel(nf_ref, fidx_ref, np_ref, pidx_ref, seed_ref, q_ref, k_ref, v_re
     inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
     out = acc_scr[...] * _lanes(inv, acc_scr.shape[-1])
     o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(jnp.where(seen, l, 1.0)), 0.0).reshape(lse_ref.shape)
+    # A row without keys: MASK_VALUE (the merge convention of `return_lse`); the backward's p = exp(s - lse) there is
+    # masked out (every score of such a row is masked), so no gradient comes of it.
+    lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(jnp.where(seen, l, 1.0)), MASK_VALUE).reshape(lse_ref.shape)
 
 
 def _grads(tile: _Tile, partial, kvm_ref, bits_ref, seed_ref, q2d, k, v, do2d, lse2d, delta2d):

@@ -20,9 +20,8 @@ key)), so masks, biases and dropout equal the unsharded call's. The block functi
 used with dropout when the batch is split over "data", and for `implementation="reference"`.
 
 Every option of `kernels.softmax.softmax_attention` goes through. `implementation="pallas"` runs each block pair on
-the Pallas flash kernels of the lowering platform (`pallas_block_fn`: the block-sparse kernels with a full layout, or
-a causal one for a chunk against itself, returning their log-sum-exp; the backward kernels take `delta - dlse`), never
-falling back; `"interpret"` runs them in interpret mode (CPU tests). The kernels take no offsets, which the zig-zag
+the flex Pallas kernels of the lowering platform (`pallas_block_fn`: no mask, or the causal one for a chunk against
+itself, returning their log-sum-exp; the backward kernels take `delta - dlse`), never falling back; `"interpret"` runs them in interpret mode (CPU tests). The kernels take no offsets, which the zig-zag
 layout makes unnecessary (every pair but a chunk against itself lies wholly below the diagonal), but their dropout
 counters are a block's own positions and they add no ALiBi bias: those calls are refused (`refusal`, one line naming
 the option and `mesh.sequence`) rather than run differently from one device. Keys and values with fewer heads than
@@ -32,7 +31,6 @@ the queries (grouped-query attention) are repeated to the query heads before the
 from __future__ import annotations
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -109,103 +107,42 @@ def block_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
   return out, lse_BxHxL
 
 
-# ---- the Pallas block: the block-sparse flash kernels with a full or causal layout, with their lse ----------------
-# (The flex kernels, which serve the one-device softmax, would serve here too, but their driver returns no
-# log-sum-exp and takes no lse cotangent; until it does, the ring drives the block-sparse kernels' modules itself.)
-
-# Layout blocks tried, largest first: a full layout of few blocks keeps the kernels' index tables small; the kernel
-# tiles (64 on GPU, up to 128 on TPU) are chosen inside the layout blocks by `kernels.block_sparse`.
-BLOCK_SIZES = (512, 256, 128, 64, 32, 16, 8)
+# ---- the Pallas block: flex's kernels with no mask or the causal one, returning their log-sum-exp ---------------------
 
 
-def _padded_length(length: int) -> int:
-  """The length the kernels run at: a multiple of 64 (the GPU tile), or of 8 for shorter sequences."""
-  unit = 64 if length >= 64 else 8
-  return -(-length // unit) * unit
+def block_plans(q_shape, dtype) -> dict:
+  """flex's kernel plans (`kernels.softmax.pallas.KernelPlan`: tiles, the cached host block mask, per backend why its
+  kernels cannot serve) for block pairs of `q_shape` `[B, C, H, D]`, keyed by `causal` (full pairs: False; a chunk
+  against itself: True). Planned once per ring call (`ring_attention`), so the block function checks nothing again."""
+  from kernels.softmax.pallas import plan  # noqa: PLC0415
+  return {causal: plan(q_shape, q_shape, dtype, causal=causal, alibi_slopes=None) for causal in (False, True)}
 
 
-def _block_size_for(length: int) -> int:
-  """The layout block of a `length`-token block pair (after padding: always found)."""
-  return next(b for b in BLOCK_SIZES if _padded_length(length) % b == 0)
+def block_reason(plans: dict, backend: str) -> str | None:
+  """Why `backend`'s kernels cannot take the ring's block pairs (`block_plans`), or None."""
+  return plans[False].reason(backend) or plans[True].reason(backend)
 
 
-def block_tiles(backend: str, q_shape, dtype):
-  """`backend`'s `KernelTiles` for block pairs of `q_shape` `[B, C, H, D]`, or why its kernels cannot take them:
-  planned once per ring call (`ring_attention`), so the block function checks nothing again."""
-  from kernels.block_sparse.tables import kernel_tiles  # noqa: PLC0415
-  return kernel_tiles((q_shape[0], _padded_length(q_shape[1]), *q_shape[2:]), dtype, _block_size_for(q_shape[1]),
-                      None, backend)
-
-
-def _pallas_static(q_shape, tiles, causal: bool, scale: float, backend: str, interpret: bool):
-  """`KernelStatic` of one block pair of `q_shape` `[B, C, H, D]` on `backend`'s kernels at the planned `tiles` (a
-  full layout, or a causal one for a chunk against itself)."""
-  from kernels.block_sparse.tables import KernelStatic, make_tables  # noqa: PLC0415
-
-  h = q_shape[2]
-  block_size = _block_size_for(q_shape[1])
-  n = tiles.padded_length // block_size
-  layout = np.tril(np.ones((1, n, n), bool)) if causal else np.ones((1, n, n), bool)
-  return KernelStatic(tables=make_tables(layout, block_size, tiles.block_q, tiles.block_kv, causal),
-                      key=(layout.shape, layout.tobytes(), block_size), block_q=tiles.block_q,
-                      block_kv=tiles.block_kv, causal=bool(causal), scale=float(scale), backend=backend,
-                      interpret=interpret, dropout_rate=0.0, heads=h, layout_block=block_size,
-                      sub_blocks=tiles.sub_blocks)
-
-
-def _kernel_module(st):
-  from kernels.block_sparse.pallas import BACKEND_MODULES  # noqa: PLC0415
-  return importlib.import_module(BACKEND_MODULES[st.backend])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pallas_lse(st, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, key_mask_BxL):
-  return _kernel_module(st).forward(st, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, key_mask_BxL, jnp.zeros((1,), jnp.int32))
-
-
-def _pallas_lse_fwd(st, q, k, v, key_mask):
-  o, lse = _pallas_lse(st, q, k, v, key_mask)
-  return (o, lse), (q, k, v, key_mask, o, lse)
-
-
-def _pallas_lse_bwd(st, res, cts):
-  q, k, v, key_mask, o, lse = res
-  d_o, d_lse = cts
-  # With a cotangent of the lse too (d lse_i / d s_ij = p_ij): ds = p * (dp - (rowsum(do * o) - dlse)).
-  delta = jnp.sum(o.astype(jnp.float32) * d_o.astype(jnp.float32), axis=-1) - d_lse.astype(jnp.float32)
-  dq, dk, dv = _kernel_module(st).backward(st, q, k, v, key_mask, jnp.zeros((1,), jnp.int32), d_o.astype(o.dtype),
-                                           lse, delta)
-  return dq, dk, dv, None
-
-
-_pallas_lse.defvjp(_pallas_lse_fwd, _pallas_lse_bwd)
-
-
-def pallas_block_fn(backend: str, interpret: bool = False, tiles=None):
-  """The ring's block function on `backend`'s Pallas flash kernels ("tpu" with `interpret=True`: how CPU tests run
-  them): `(out float32, lse)` of one block pair, `causal` only for a chunk against itself (`_pairs`). `tiles`: the
-  ring's plan (`block_tiles`); None plans from the first block's shape (a direct caller). The kernels take neither
-  offsets nor an ALiBi bias, and their dropout counters are block-local: `refusal` turns such calls away before the
-  ring is built."""
+def pallas_block_fn(backend: str, interpret: bool = False, plans: dict | None = None):
+  """The ring's block function on `backend`'s flex Pallas kernels ("tpu" with `interpret=True`: how CPU tests run
+  them): `(out float32, lse)` of one block pair through `flex_attention_pallas(..., return_lse=True)` (lse MASK_VALUE
+  for a row without keys, as `flash_block`), `causal` only for a chunk against itself (`_pairs`). `plans`: the ring's
+  (`block_plans`); None plans from the first block's shape (a direct caller). The kernels take neither offsets nor an
+  ALiBi bias, and their dropout counters are block-local: `refusal` turns such calls away before the ring is built."""
+  from kernels.flex.pallas import flex_attention_pallas  # noqa: PLC0415
 
   def block(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, *, key_mask, causal, scale, dropout_rate=0.0, seed=None, q_offset=0,
             k_offset=0, batch_offset=0, alibi_slopes=None):
     del seed, q_offset, k_offset, batch_offset  # positions only matter within a masked (diagonal) pair
     if dropout_rate > 0.0 or alibi_slopes is not None:
       raise ValueError("ring_attention: the Pallas block takes no dropout or ALiBi (see refusal)")
-    b, c = q_BxCxHxD.shape[:2]
-    planned = tiles if tiles is not None else block_tiles(backend, q_BxCxHxD.shape, q_BxCxHxD.dtype)
-    if isinstance(planned, str):
-      raise ValueError(f"ring_attention: the {backend} kernels cannot take this block pair: {planned}")
-    st, padded = _pallas_static(q_BxCxHxD.shape, planned, causal, scale, backend, interpret), planned.padded_length
-    widen = lambda x: jnp.pad(x, [(0, 0), (0, padded - c)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    to_bhld = lambda x: jnp.swapaxes(widen(x), 1, 2)  # noqa: E731
-    mask = widen(jnp.ones((b, c), bool) if key_mask is None else key_mask.astype(bool))
-    o, lse = _pallas_lse(st, to_bhld(q_BxCxHxD), to_bhld(k_BxCxHxD), to_bhld(v_BxCxHxD), mask)
-    o, lse = jnp.swapaxes(o, 1, 2)[:, :c].astype(jnp.float32), lse[:, :, :c]
-    # A row without an allowed key: the kernels write lse = 0 (and out = 0); the merge needs MASK_VALUE.
-    seen_BxC = (jnp.cumsum(mask, axis=1) > 0)[:, :c] if causal else jnp.broadcast_to(mask.any(axis=1)[:, None], (b, c))
-    return o, jnp.where(seen_BxC[:, None, :], lse, MASK_VALUE)
+    kernel = (plans if plans is not None else block_plans(q_BxCxHxD.shape, q_BxCxHxD.dtype))[bool(causal)]
+    if (reason := kernel.reason(backend)) is not None and not interpret:
+      raise ValueError(f"ring_attention: the {backend} kernels cannot take this block pair: {reason}")
+    o, lse = flex_attention_pallas(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, kernel.block_mask, mask_mod=kernel.mask_mod,
+                                   key_mask=key_mask, scale=scale, backend=backend, interpret=interpret,
+                                   return_lse=True)
+    return o.astype(jnp.float32), lse
 
   return block
 
@@ -428,15 +365,12 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
   detail = "the flash block primitive per block pair (kernels/softmax/sequence_parallel.py)"
   kernel_blocks = None
   if block_fn is None and implementation in KERNEL_IMPLEMENTATIONS:
-    chunk_shape = (b, (length + pad) // (2 * n), h, d)
-    planned = {backend: block_tiles(backend, chunk_shape, q_BxLxHxD.dtype) for backend in ("tpu", "gpu")}
-    kernel_blocks = {backend: tiles if isinstance(tiles, str) else pallas_block_fn(backend, tiles=tiles)
-                     for backend, tiles in planned.items()}
+    plans = block_plans((b, (length + pad) // (2 * n), h, d), q_BxLxHxD.dtype)
+    kernel_blocks = {backend: block_reason(plans, backend) or pallas_block_fn(backend, plans=plans)
+                     for backend in ("tpu", "gpu")}
     if implementation == "interpret":
-      if isinstance(planned["tpu"], str):
-        raise ValueError(f"ring_attention: implementation='interpret' cannot serve this call: {planned['tpu']}")
-      block_fn, kernel_blocks = pallas_block_fn("tpu", interpret=True, tiles=planned["tpu"]), None
-    detail = f"the Pallas flash kernels per block pair (implementation={implementation!r})"
+      block_fn, kernel_blocks = pallas_block_fn("tpu", interpret=True, plans=plans), None
+    detail = f"the Pallas flash kernels (flex's) per block pair (implementation={implementation!r})"
   elif block_fn is None:
     block_fn = flash_block_fn
     if implementation == "reference":
@@ -470,5 +404,5 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
   return out[:, :length]
 
 
-__all__ = ["block_attention", "block_tiles", "flash_block_fn", "KERNEL_IMPLEMENTATIONS", "merge", "pallas_block_fn",
+__all__ = ["block_attention", "block_plans", "block_reason", "flash_block_fn", "KERNEL_IMPLEMENTATIONS", "merge", "pallas_block_fn",
            "refusal", "ring_attention"]

@@ -258,6 +258,8 @@ def _export_cases(mesh) -> list[dict]:
   """The ring's training step with `implementation="pallas"` exported for cuda and tpu from the fake CPU devices
   (bfloat16, head dim 64, 64-token chunks: the GPU tile): its block pairs reach the platform's kernels, forward and
   backward, inside the shard_map, scan and cond (a lowering error here is what a GPU/TPU user would hit)."""
+  import re
+
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -280,7 +282,9 @@ def _export_cases(mesh) -> list[dict]:
     try:
       exported = jax.export.export(jax.jit(step), platforms=[platform], disabled_checks=[
           jax.export.DisabledSafetyCheck.custom_call(target)])(spec, spec, spec)
-      case["kernel_calls"] = exported.mlir_module().count(f"custom_call @{target}(")
+      module = exported.mlir_module()
+      case["kernel_calls"] = module.count(f"custom_call @{target}(")
+      case["kernels"] = sorted(set(re.findall(r"\b((?:flex|block_sparse)_(?:fwd|bwd_dq|bwd_dkv))\b", module)))
     except Exception as e:  # reported per platform
       case["error"] = f"{type(e).__name__}: {e}"[:2000]
     out.append(case)
@@ -440,11 +444,13 @@ def test_pallas_ring_lowers_for_cuda_and_tpu(results):
   for case in cases:
     assert "error" not in case, case
     assert case["kernel_calls"] >= 3 * 7, case  # 7 block pairs traced, each with a forward and backward kernels
+    assert case["kernels"] == ["flex_bwd_dkv", "flex_bwd_dq", "flex_fwd"], case  # flex's kernels (one family)
 
 
 def test_pallas_ring_block_matches_the_flash_block():
-  """The ring's Pallas block (interpret mode) returns the flash block's `(out, lse)`, with gradients through both
-  (the lse cotangent enters the backward kernels as `delta - dlse`); a row without keys has lse = MASK_VALUE."""
+  """The ring's Pallas block (flex's kernels, interpret mode) returns the flash block's `(out, lse)`, with gradients
+  through both (the lse cotangent enters the backward kernels as `delta - dlse`); a row without keys has lse =
+  MASK_VALUE."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -452,7 +458,7 @@ def test_pallas_ring_block_matches_the_flash_block():
   from kernels.softmax.sequence_parallel import pallas_block_fn
   from kernels.softmax.xla import flash_block
 
-  b, c, h, d = 2, 12, 2, 8  # 12 is padded to the kernels' 16 inside
+  b, c, h, d = 2, 12, 2, 8  # 12 is padded to the kernels' tile inside
   q, k, v, do = (jax.random.normal(key, (b, c, h, d)) for key in jax.random.split(jax.random.key(0), 4))
   dlse = jax.random.normal(jax.random.key(1), (b, h, c))
   mask = jnp.arange(c)[None] >= jnp.array([[3], [0]])  # row 0: the first 3 keys padded (causal: rows 0-2 see none)
