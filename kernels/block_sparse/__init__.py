@@ -11,20 +11,21 @@ Implementations (the op template of docs/architecture.md "Functional cores"):
                to the widest *sparse* row: O(L·K·C + G·C·L) time and memory for K blocks per sparse row and G global
                blocks (C = block_size), never L times the widest row. A custom_vjp recomputes the scores from the saved
                log-sum-exp in the backward pass (online softmax over the gathered blocks, flash-style);
-  "pallas"     the flash-style kernels (`pallas`: the custom_vjp driver, over `pallas_tpu` for TPU and `pallas_gpu`
-               for Mosaic GPU on Hopper: bfloat16/float16, head_dim 64 or 128, 64-token tiles that mask the layout's
-               blocks inside them when `block_size` is 16 or 32) of the platform the program is lowered for; never
-               falls back (a call the kernel cannot serve raises a ValueError naming the constraint);
+  "pallas"     flex's flash-style kernels (`kernels.flex.pallas`, one kernel family: the layout is a flex block mask,
+               `tables.kernel_plan`; TPU, and Mosaic GPU on Hopper: bfloat16/float16, head_dim 64 or 128, 64-token
+               tiles whose partial tiles mask the layout's blocks inside them when `block_size` is 16 or 32) of the
+               platform the program is lowered for; never falls back (a call the kernel cannot serve raises a
+               ValueError naming the constraint);
   "interpret"  the TPU kernels in Pallas interpret mode (how CPU tests run them).
 None picks, at lowering time (`kernels.platform.dispatch`), the kernel on cuda/tpu when it can serve the call and
 "xla" otherwise (CPU, or a call outside the kernel's tiles/dtypes: logged once with the reason), so a step exported
 or AOT-compiled for an accelerator from a CPU host holds the kernels. `block_sizes` (`BlockSizes`) sets the kernel
-tiles. Scores, softmax and the weighted sum accumulate in float32 whatever the input dtype; the output has the dtype
+tiles (flex's tiles over the layout). Scores, softmax and the weighted sum accumulate in float32 whatever the input dtype; the output has the dtype
 of `q`. The layout must be concrete (numpy, or a jax array outside `jit` tracing): it decides the shapes of the
 gathers and the kernels' index tables. Each call is planned once in the entry (`plan`: the checks, and per backend
-its kernel tiles or the reason its kernels cannot serve the call); `block_sparse_attention` jits its work with the
-plan static (an eager call compiles once per configuration), and the kernel driver follows the plan's tiles without
-checking them again.
+its `KernelPlan`, the layout's flex block mask at its tiles, or the reason the kernels cannot serve the call);
+`block_sparse_attention` jits its work with the plan static (an eager call compiles once per configuration), and the
+kernel driver follows the plan without checking it again.
 
 Dropout (`dropout_rate` with a `dropout_rng`) acts on the normalized weights of the allowed keys with one mask in
 every implementation: a counter-based hash of (seed, batch·heads + head, query position, key position)
@@ -43,7 +44,7 @@ import numpy as np
 from kernels import platform
 from kernels.block_sparse import tables
 from kernels.block_sparse.reference import block_sparse_attention_reference
-from kernels.block_sparse.tables import BlockSizes, expand_layout, gather_tables, make_tables, xla_plan
+from kernels.block_sparse.tables import BlockSizes, KernelPlan, expand_layout, gather_tables, xla_plan
 from kernels.block_sparse.xla import block_sparse_attention_xla
 from kernels.common import dropout_keep, dropout_seed
 
@@ -101,7 +102,7 @@ class _StaticLayout:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """One call's plan, made once by the entry (`plan`) and handed, static, to the jitted body and the kernel driver,
-  which check nothing again: the options, and per backend its `KernelTiles` or the reason its kernels cannot serve
+  which check nothing again: the options, and per backend its `KernelPlan` or the reason its kernels cannot serve
   the call (none for "reference" / "xla"; only "tpu" for "interpret")."""
 
   implementation: str | None
@@ -110,7 +111,7 @@ class Plan:
   causal: bool
   scale: float | None
   dropout_rate: float
-  kernels: tuple[tuple[str, tables.KernelTiles | str], ...] = ()
+  kernels: tuple[tuple[str, KernelPlan | str], ...] = ()
 
 
 def plan(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, block_size: int, causal: bool = False,
@@ -126,7 +127,8 @@ def plan(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, block_size: int, c
   kernels = ()
   if implementation not in ("reference", "xla"):
     backends = ("tpu",) if implementation == "interpret" else ("tpu", "gpu")
-    kernels = tuple((b, tables.kernel_tiles(q.shape, q.dtype, block_size, block_sizes, b)) for b in backends)
+    kernels = tuple((b, tables.kernel_plan(q.shape, q.dtype, layout, block_size, block_sizes, causal, b))
+                    for b in backends)
     if implementation == "interpret" and isinstance(kernels[0][1], str):
       raise ValueError(f"{OP}: implementation='interpret' cannot serve this call: {kernels[0][1]}")
   return Plan(implementation=implementation, layout=_StaticLayout(layout), block_size=int(block_size),
@@ -167,21 +169,37 @@ def _jitted_attention(q, k, v, key_mask, dropout_rng, *, plan: Plan):
       return block_sparse_attention_reference(q, k, v, layout, **common)
     return block_sparse_attention_xla(q, k, v, layout, **common)
 
-  def kernel(backend, tiles, interpret=False):
-    from kernels.block_sparse.pallas import block_sparse_attention_pallas  # noqa: PLC0415  (Pallas where wanted)
-    return lambda: block_sparse_attention_pallas(q, k, v, layout, tiles=tiles, backend=backend, interpret=interpret,
-                                                 **common)
+  def kernel(backend, kernel_plan, interpret=False):
+    return lambda: block_sparse_attention_kernels(q, k, v, kernel_plan, scale=plan.scale, key_mask=key_mask,
+                                                  dropout_rate=plan.dropout_rate, dropout_seed=seed, backend=backend,
+                                                  interpret=interpret)
 
   if plan.implementation in ("reference", "xla"):
     return xla()
   if plan.implementation == "interpret":
     return kernel("tpu", plan.kernels[0][1], True)()
-  kernels = {backend: tiles if isinstance(tiles, str) else kernel(backend, tiles) for backend, tiles in plan.kernels}
+  kernels = {backend: kp if isinstance(kp, str) else kernel(backend, kp) for backend, kp in plan.kernels}
   if plan.implementation == "pallas":
     return platform.require_kernel(OP, kernels=kernels)
   return platform.dispatch(OP, xla=xla, kernels=kernels)
 
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_xla", "BlockSizes",
-           "dropout_keep", "dropout_seed", "expand_layout", "gather_tables", "IMPLEMENTATIONS", "make_tables", "Plan",
+def block_sparse_attention_kernels(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
+                                   kernel_plan: KernelPlan, *, scale: float | None = None,
+                                   key_mask: jax.Array | None = None, dropout_rate: float = 0.0,
+                                   dropout_seed: jax.Array | None = None, backend: str = "tpu",
+                                   interpret=False) -> jax.Array:
+  """Block-sparse attention on flex's Pallas kernels of `backend`, `[B, L, H, D]` in and out: the layout is the
+  plan's block mask (`tables.kernel_plan`, made once by the entry, which checked the call); `interpret` (True or
+  the backend's interpret params) runs the kernels on CPU. Dropout counters are flex's, which are this op's
+  (batch * heads + head, query position, key position)."""
+  from kernels.flex.pallas import flex_attention_pallas  # noqa: PLC0415  (Pallas where wanted)
+  bm = kernel_plan.block_mask
+  return flex_attention_pallas(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, bm, mask_mod=bm.mask_mod, key_mask=key_mask,
+                               scale=scale, dropout_rate=dropout_rate, dropout_seed=dropout_seed, backend=backend,
+                               interpret=interpret)
+
+
+__all__ = ["block_sparse_attention", "block_sparse_attention_kernels", "block_sparse_attention_reference", "block_sparse_attention_xla", "BlockSizes",
+           "dropout_keep", "dropout_seed", "expand_layout", "gather_tables", "IMPLEMENTATIONS", "KernelPlan", "Plan",
            "plan", "xla_plan"]

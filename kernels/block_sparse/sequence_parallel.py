@@ -17,7 +17,8 @@ fallback (K/V all-gathered) with that reason recorded (`kernels.sequence.ran`):
   * attention dropout: the block-sparse dropout hash is keyed by positions in the sequence the kernel sees (here the
     extended local sequence), so the halo could not reproduce the unsharded mask;
   * global blocks with an explicit Pallas `implementation`: the global rows' partial softmaxes need the log-sum-exp,
-    which the kernels do not return (the fallback runs the kernels asked for; they never fall back to XLA).
+    which the halo takes from `flash_block` (XLA) only (flex's driver returns it, `return_lse=True`, as the ring uses,
+    but the halo does not call it yet); the fallback runs the kernels asked for, which never fall back to XLA.
 Every other option reaches the per-shard call unchanged: `implementation` (the band's kernel work runs it), `causal`,
 key padding, per-head layouts (Longformer's dilated heads), `block_size`.
 """

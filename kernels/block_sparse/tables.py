@@ -9,10 +9,9 @@ the total O(L·K·C + G·C·L) for K sparse blocks per row and G global blocks. 
 (nearly) every sparse row sees out of the gather into one shared score slab (`xla_plan`), which keeps the gathered
 key/value copies at the width of the sparse band.
 
-Also the static description every implementation and both kernel backends share (the op folder's one "tables"
-module, see docs/architecture.md "Functional cores"): kernel tile sizes (`BlockSizes`), the static call description
-(`KernelStatic`), each backend's constraints (`check_supported`) and the join of per-group kernel outputs
-(`merge_groups`), so that `pallas_tpu` and `pallas_gpu` never import each other.
+Also the kernels' plan: the op has no Pallas kernels of its own; a layout is a flex block mask (`kernel_plan`: kernel
+tile sizes from `BlockSizes`, the layout classified into empty / full / partial tiles by
+`kernels.flex.tables.block_mask_from_layout`, and flex's per-backend constraints).
 """
 
 from __future__ import annotations
@@ -21,16 +20,11 @@ import dataclasses
 import functools
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from kernels.common import keep_threshold
-from kernels.platform import Backend, mosaic_gpu_dtype_reason
-
-TPU_LANES = 128  # TPU lane width: per-row statistics travel broadcast over one vreg row, as in jax's TPU kernels
-# A GPU tile larger than the layout block carries which of its layout blocks are allowed as bits of one int32.
-MAX_SUB_BLOCKS = 31
+from kernels.flex.tables import BlockMask, block_mask_from_layout
+from kernels.flex.tables import check_supported as flex_check_supported
+from kernels.platform import Backend
 
 
 def expand_layout(layout_HxNxN: np.ndarray, block_size: int) -> np.ndarray:
@@ -136,128 +130,7 @@ def xla_plan(layout_HxNxN: np.ndarray, causal: bool) -> XlaPlan:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Kernel tables (Pallas TPU and Mosaic GPU).
-
-
-@dataclasses.dataclass(frozen=True)
-class Lists:
-  """Index lists of one group of rows (query tiles for forward/dQ, key tiles for dK/dV), flattened for SMEM.
-
-  `ids[r]` is the tile of the group's r-th row; `index[(h * R + r) * width + s]` its s-th listed tile (layout head h),
-  `count[h * R + r]` how many there are. Lists are padded to the group's widest row by repeating their last entry (the
-  pipeline keeps that block resident: no new copy); padding steps skip their compute. `bits` (same layout as
-  `index`; None when tiles lie inside layout blocks) holds each listed tile pair's `tile_bits`.
-  """
-
-  ids: np.ndarray
-  index: np.ndarray
-  count: np.ndarray
-  width: int
-  bits: np.ndarray | None = None
-
-  @property
-  def rows(self) -> int:
-    return int(self.ids.size)
-
-
-def _lists(allowed_HxRxC: np.ndarray, ids: np.ndarray, bits_HxRxC: np.ndarray | None = None) -> Lists:
-  counts = allowed_HxRxC.sum(-1).astype(np.int32)
-  width = max(int(counts.max(initial=0)), 1)
-  order = np.argsort(~allowed_HxRxC, axis=-1, kind="stable")[..., :width]  # allowed first, increasing
-  last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
-  steps = np.arange(width)
-  index = np.where(steps < counts[..., None], order, np.where(counts[..., None] > 0, last, 0))
-  bits = None
-  if bits_HxRxC is not None:
-    bits = np.take_along_axis(bits_HxRxC, index, axis=-1).astype(np.int32).reshape(-1)
-  return Lists(ids=ids.astype(np.int32), index=index.astype(np.int32).reshape(-1), count=counts.reshape(-1),
-               width=width, bits=bits)
-
-
-def grouped_lists(allowed_HxRxC: np.ndarray, bits_HxRxC: np.ndarray | None = None) -> tuple[Lists, ...]:
-  """The rows of a tile layout in (at most) two groups, sparse first then dense, each listed at its own width: a
-  dense row (a global query tile, or for the transposed lists a global key tile) no longer widens every row.
-  `bits_HxRxC` (`tile_bits`, rows and columns as `allowed`) rides along with each listed tile."""
-  # A dense group still lists only its allowed tiles: its cost per row is the widest row's list. A second kernel call
-  # is worth it only when it saves at least a quarter of the grid steps.
-  counts = allowed_HxRxC.sum(-1).max(0)
-  widest = int(counts.max(initial=0))
-  dense, sparse = split_rows(allowed_HxRxC, dense_width=widest)
-  split_steps = dense.size * widest + sparse.size * int(counts[sparse].max(initial=0))
-  if split_steps > 0.75 * counts.size * widest:
-    dense, sparse = dense[:0], np.arange(counts.size)
-  return tuple(_lists(allowed_HxRxC[:, ids], ids, None if bits_HxRxC is None else bits_HxRxC[:, ids])
-               for ids in (sparse, dense) if ids.size)
-
-
-def _to_tiles(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int) -> np.ndarray:
-  """`[H, N * block_size // block_q, N * block_size // block_kv, r, c]`: the layout blocks each tile covers (r x c
-  of them when a tile spans several blocks; a tile inside one block repeats that block, r = c = 1)."""
-  x = np.asarray(layout_HxNxN, bool)
-  if block_q < block_size:
-    x = np.repeat(x, block_size // block_q, axis=1)
-  if block_kv < block_size:
-    x = np.repeat(x, block_size // block_kv, axis=2)
-  h, n_q, n_kv = x.shape
-  r, c = max(block_q // block_size, 1), max(block_kv // block_size, 1)
-  return x.reshape(h, n_q // r, r, n_kv // c, c).transpose(0, 1, 3, 2, 4)
-
-
-def tile_bits(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int, causal: bool) -> np.ndarray:
-  """int32 `[H, Tq, Tkv]`: for tiles spanning several layout blocks, bit `a * c + b` set when the tile's a-th query
-  block may see its b-th key block (`common.sub_blocks` gives r x c); the kernels mask the others."""
-  layout = causal_blocks(layout_HxNxN) if causal else np.asarray(layout_HxNxN, bool)
-  blocks = _to_tiles(layout, block_size, block_q, block_kv)
-  r, c = blocks.shape[-2:]
-  weights = (1 << np.arange(r * c, dtype=np.int64)).reshape(r, c)
-  return (blocks * weights).sum(axis=(-2, -1)).astype(np.int32)
-
-
-def tile_layout(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int, causal: bool) -> np.ndarray:
-  """The layout refined (or, for tiles spanning several blocks, coarsened: any allowed block) to kernel tiles
-  `[H, L // block_q, L // block_kv]`; causal drops tiles wholly in the future."""
-  layout = causal_blocks(layout_HxNxN) if causal else layout_HxNxN
-  tiles = _to_tiles(layout, block_size, block_q, block_kv).any(axis=(-2, -1))
-  if causal:
-    q_last = (np.arange(tiles.shape[1]) + 1) * block_q - 1
-    kv_first = np.arange(tiles.shape[2]) * block_kv
-    tiles = tiles & (kv_first[None, None, :] <= q_last[None, :, None])
-  return tiles
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelTables:
-  """The kernels' tables of one (layout, tiling, causal) configuration: `kv_groups` (query tile -> key tiles, for the
-  forward and dQ kernels) and `q_groups` (key tile -> query tiles, for dK/dV), one kernel call per group."""
-
-  kv_groups: tuple[Lists, ...]
-  q_groups: tuple[Lists, ...]
-  num_q_tiles: int
-  num_kv_tiles: int
-  layout_heads: int
-
-
-@functools.lru_cache(maxsize=64)
-def _kernel_tables_cached(layout_bytes: bytes, shape: tuple[int, ...], block_size: int, block_q: int, block_kv: int,
-                          causal: bool) -> KernelTables:
-  layout = np.frombuffer(layout_bytes, dtype=np.bool_).reshape(shape)
-  tiles = tile_layout(layout, block_size, block_q, block_kv, causal)
-  bits = None
-  if max(block_q, block_kv) > block_size:
-    bits = tile_bits(layout, block_size, block_q, block_kv, causal)
-  t = lambda x: None if x is None else np.swapaxes(x, 1, 2)  # noqa: E731  (key tiles -> query tiles, for dK/dV)
-  return KernelTables(kv_groups=grouped_lists(tiles, bits), q_groups=grouped_lists(t(tiles), t(bits)),
-                      num_q_tiles=tiles.shape[1], num_kv_tiles=tiles.shape[2], layout_heads=tiles.shape[0])
-
-
-def make_tables(layout_HxNxN: np.ndarray, block_size: int, block_q: int, block_kv: int, causal: bool) -> KernelTables:
-  """The `KernelTables` of a layout (cached)."""
-  layout = np.ascontiguousarray(layout_HxNxN, dtype=np.bool_)
-  return _kernel_tables_cached(layout.tobytes(), layout.shape, block_size, block_q, block_kv, bool(causal))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Kernel tiles, the static call description and each backend's constraints (shared by pallas_tpu and pallas_gpu).
+# Kernel plans: the layout as a flex block mask at the kernel tiles (the kernels are flex's: one kernel family).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,9 +138,10 @@ class BlockSizes:
   """Kernel tile sizes in tokens.
 
   None picks the backend default: on TPU the largest power-of-two divisor of `block_size` up to 128 (the MXU
-  width; a tile lies inside one layout block), on GPU 64 (the wgmma rows of one warpgroup). On GPU a tile may also
-  span several layout blocks (`block_size` 16 or 32 with 64-token tiles): the kernels then mask the layout's blocks
-  inside each tile (`sub_blocks`), so the 32-token layouts of local, longformer and sparse_transformer run there too.
+  width; a tile lies inside one layout block), on GPU 64 (the wgmma rows of one warpgroup). A tile may also span
+  several layout blocks (`block_size` 16 or 32 with GPU's 64-token tiles): flex's kernels then mask the layout's
+  blocks inside each partial tile by its bitmap, so the 32-token layouts of local, longformer and sparse_transformer
+  run there too.
   """
 
   block_q: int | None = None
@@ -280,124 +154,38 @@ class BlockSizes:
     for name, value in (("block_q", bq), ("block_kv", bkv)):
       if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {name}={value}")
-      if block_size % value == 0 or (backend == "gpu" and value % block_size == 0):
-        continue
-      spans = " or be a multiple of it (a tile spanning whole layout blocks)" if backend == "gpu" else ""
-      raise ValueError(f"{name}={value} must divide the layout {block_size=}{spans}")
-    rows, cols = sub_blocks(block_size, int(bq), int(bkv))
-    if (rows, cols) != (1, 1) and block_size & (block_size - 1):
-      # The kernels find a token's block inside a tile by a shift: integer division is not a Mosaic GPU vector op.
-      raise ValueError(f"tiles {bq}x{bkv} spanning layout blocks need a power-of-two block_size, got {block_size=}; "
-                       f"use block_size 16, 32 or a multiple of the tile, or implementation='xla'")
-    if rows * cols > MAX_SUB_BLOCKS:
-      raise ValueError(f"a {bq}x{bkv}-token tile spans {rows}x{cols} layout blocks of {block_size=}; the GPU kernels "
-                       f"mask at most {MAX_SUB_BLOCKS} per tile: use block_size >= {max(bq, bkv) // 4} (or a "
-                       f"multiple of 64), or implementation='xla'")
+      if block_size % value and value % block_size:
+        raise ValueError(f"{name}={value} must divide the layout {block_size=} or be a multiple of it (a tile "
+                         f"spanning whole layout blocks)")
     return int(bq), int(bkv)
 
 
-def sub_blocks(block_size: int, block_q: int, block_kv: int) -> tuple[int, int]:
-  """How many layout blocks a `block_q x block_kv` tile spans along queries and keys ((1, 1): it lies in one)."""
-  return max(block_q // block_size, 1), max(block_kv // block_size, 1)
-
-
 @dataclasses.dataclass(frozen=True)
-class KernelStatic:
-  """Everything static about one kernel call (hashable, so it rides through custom_vjp as a non-differentiable
-  argument); shared by the TPU and GPU kernel modules. `tables` is a `KernelTables`."""
+class KernelPlan:
+  """One backend's plan for a call (made once in the entry, followed by the driver unchecked): flex's tiles and the
+  layout's host block mask at those tiles (`kernels.flex.tables.block_mask_from_layout`). The block mask is fixed by
+  the call's layout, block size, causal flag and these tiles, so it takes no part in comparisons (the plan is a
+  static argument of `jax.jit`)."""
 
-  tables: object = dataclasses.field(hash=False, compare=False)
-  key: tuple  # what identifies `tables`
-  block_q: int
-  block_kv: int
-  causal: bool
-  scale: float
-  backend: Backend
-  interpret: object  # False, True, or a pltpu.InterpretParams / InterpretGPUParams
-  dropout_rate: float = 0.0
-  heads: int = 1  # query heads (the dropout counter is batch * heads + head)
-  layout_block: int = 0  # the layout's block size in tokens
-  sub_blocks: tuple[int, int] = (1, 1)  # layout blocks per tile (queries, keys): > 1 masks blocks inside a tile
-
-  @property
-  def keep_threshold(self) -> int:
-    return keep_threshold(self.dropout_rate)
+  tiles: tuple[int, int]
+  block_mask: BlockMask = dataclasses.field(compare=False, hash=False, repr=False)
 
 
-def _check_tpu(block_size: int, block_q: int, block_kv: int, head_dim: int, dtype) -> None:
-  if block_q % 8:
-    raise ValueError(f"{block_q=} must be a multiple of 8 on TPU (sublane tiling of the [block_q, head_dim] "
-                     f"blocks) and divide the layout {block_size=}; use a block_size with such a divisor, or "
-                     f"implementation='xla'")
-  for name, value in (("block_kv", block_kv), ("head_dim", head_dim)):
-    if value > TPU_LANES and value % TPU_LANES:
-      raise ValueError(f"{name}={value} must be at most {TPU_LANES} or a multiple of {TPU_LANES} on TPU (lane "
-                       f"tiling); use implementation='xla' otherwise")
-
-
-def _check_gpu(block_size: int, block_q: int, block_kv: int, head_dim: int, dtype) -> None:
-  for name, value in (("block_q", block_q), ("block_kv", block_kv)):
-    if value % 64 or value > 256:
-      raise ValueError(f"{name}={value} must be a multiple of 64 and at most 256 on GPU (wgmma tiles of one "
-                       f"warpgroup)")
-  if head_dim % 64 or head_dim > 128:
-    raise ValueError(f"{head_dim=} must be 64 or 128 on GPU (128-byte swizzled wgmma operands; the double-buffered "
-                     f"tiles of the backward kernels must fit in shared memory)")
-  reason = mosaic_gpu_dtype_reason(dtype)
-  if reason:
-    raise ValueError(reason)
-
-
-_CHECKS = {"tpu": _check_tpu, "gpu": _check_gpu}
-
-
-def check_supported(q_shape, dtype, block_size: int, block_sizes: BlockSizes | None,
-                    backend: Backend) -> tuple[int, int]:
-  """Resolved `(block_q, block_kv)` of `backend`'s kernels for this call; raises ValueError naming the value, the
-  constraint the backend imposes and the fix."""
-  block_q, block_kv = (block_sizes or BlockSizes()).resolve(block_size, backend)
-  _CHECKS[backend](block_size, block_q, block_kv, q_shape[-1], dtype)
-  return block_q, block_kv
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelTiles:
-  """One backend's plan for a call (decided once in the entry, followed by the driver unchecked): its tiles, the
-  length the kernels run at (a multiple of the tiles and the layout block: padded blocks nothing attends to), and the
-  layout blocks a tile spans."""
-
-  block_q: int
-  block_kv: int
-  padded_length: int
-  sub_blocks: tuple[int, int]
-
-
-def kernel_tiles(q_shape, dtype, block_size: int, block_sizes: BlockSizes | None,
-                 backend: Backend) -> KernelTiles | str:
-  """`backend`'s `KernelTiles` for this call, or the reason (one line: the value, the constraint, the fix) its kernels
-  cannot serve it. A tile spans several layout blocks only on GPU (`BlockSizes.resolve` refuses it on TPU)."""
+def kernel_plan(q_shape, dtype, layout_HxNxN: np.ndarray, block_size: int, block_sizes: BlockSizes | None,
+                causal: bool, backend: Backend) -> KernelPlan | str:
+  """`backend`'s `KernelPlan` for this call, or the reason (one line: the value, the constraint, the fix) flex's
+  kernels cannot serve it. Tiles inside a layout block mask only the causal diagonal (in the kernels); tiles
+  spanning several layout blocks (GPU's 64-token tiles over 16/32-token blocks) take their partial tiles' layout
+  mask as bitmaps."""
   try:
-    block_q, block_kv = check_supported(q_shape, dtype, block_size, block_sizes, backend)
+    tiles = (block_sizes or BlockSizes()).resolve(block_size, backend)
   except ValueError as e:
     return str(e)
-  length = q_shape[1]
-  unit = math.lcm(block_q, block_kv, block_size)
-  return KernelTiles(block_q=block_q, block_kv=block_kv, padded_length=-(-length // unit) * unit,
-                     sub_blocks=sub_blocks(block_size, block_q, block_kv))
+  from kernels.flex.pallas import mask_closes_over_arrays  # noqa: PLC0415  (the kernel driver, where wanted)
+  bm = block_mask_from_layout(layout_HxNxN, block_size, tiles, causal)
+  reason = flex_check_supported(q_shape, q_shape, dtype, bm, backend, mask_closes_over_arrays(bm.mask_mod))
+  return reason if reason is not None else KernelPlan(tiles=tiles, block_mask=bm)
 
 
-def merge_groups(parts: list[jax.Array], groups: tuple[Lists, ...], tile: int) -> jax.Array:
-  """Joins per-group kernel outputs `[B, H, rows_g * tile, D]` into `[B, H, L, D]` in tile order."""
-  order = np.concatenate([g.ids for g in groups])
-  out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
-  if np.array_equal(order, np.arange(order.size)):
-    return out
-  b, h, length, d = out.shape
-  tiles = out.reshape(b, h, order.size, tile, d)[:, :, np.argsort(order)]
-  return tiles.reshape(b, h, length, d)
-
-
-__all__ = ["BlockSizes", "KernelStatic", "KernelTables", "KernelTiles", "Lists", "MAX_SUB_BLOCKS", "TPU_LANES",
-           "XlaPlan", "causal_blocks", "check_supported", "expand_layout", "gather_tables", "grouped_lists",
-           "kernel_tiles", "make_tables", "merge_groups", "split_columns", "split_rows", "sub_blocks", "tile_bits",
-           "tile_layout", "xla_plan"]
+__all__ = ["BlockSizes", "KernelPlan", "XlaPlan", "causal_blocks", "expand_layout", "gather_tables", "kernel_plan",
+           "split_columns", "split_rows", "xla_plan"]

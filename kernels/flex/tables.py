@@ -318,6 +318,77 @@ def block_mask_from_indices(kv_idx, kv_count=None, *, q_len: int, kv_len: int, b
   return _from_classes(classes, q_block, kv_block, q_len, kv_len, mask_mod, _jnp_lists, (k, k, q_w, q_w))
 
 
+def layout_mask_mod(layout_HxNxN: np.ndarray, block_size: int, causal: bool) -> MaskMod:
+  """The token-level mask of a block layout: `layout[h, q_idx // block_size, kv_idx // block_size]` (and `kv_idx <=
+  q_idx` when causal); `layout` bool `[1 or heads, N, N]`. It closes over the layout (a host constant), so the kernels
+  take its partial tiles as bitmaps."""
+  layout = np.asarray(layout_HxNxN, bool)
+  shared = layout.shape[0] == 1
+
+  def mask_mod(b, h, q_idx, kv_idx):
+    del b
+    table = jnp.asarray(layout)
+    q_blk, kv_blk = jnp.asarray(q_idx) // block_size, jnp.asarray(kv_idx) // block_size
+    allowed = table[0][q_blk, kv_blk] if shared else table[jnp.asarray(h), q_blk, kv_blk]
+    return allowed & (jnp.asarray(kv_idx) <= jnp.asarray(q_idx)) if causal else allowed
+
+  return mask_mod
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_cached(layout_bytes: bytes, shape: tuple[int, ...], block_size: int, q_block: int, kv_block: int,
+                   causal: bool) -> BlockMask:
+  layout = np.frombuffer(layout_bytes, dtype=np.bool_).reshape(shape)
+  heads, n = shape[0], shape[1]
+  length = n * block_size
+  g = int(np.gcd.reduce([block_size, q_block, kv_block]))  # cells of g x g tokens: uniform in layout and tiles
+  r = block_size // g
+  cells = np.repeat(np.repeat(layout, r, axis=1), r, axis=2).astype(np.int8) * FULL  # [H, L/g, L/g]
+  if causal:  # a cell below the diagonal is wholly allowed, one on it partially, one above not at all
+    a = np.arange(n * r)
+    cells = np.where(a[None, None, :] < a[None, :, None], cells, np.where(
+        a[None, None, :] == a[None, :, None], np.minimum(cells, PARTIAL) if g > 1 else cells, EMPTY)).astype(np.int8)
+  tq, tk = -(-length // q_block), -(-length // kv_block)
+  rq, rk = q_block // g, kv_block // g
+  # Cells past the length (a tile over the end) are ignored: -1 never decides a tile's verdict.
+  padded = np.full((heads, tq * rq, tk * rk), -1, np.int8)
+  padded[:, :n * r, :n * r] = cells
+  tiles = padded.reshape(heads, tq, rq, tk, rk)
+  real = tiles >= 0
+  full = np.all(np.where(real, tiles == FULL, True), axis=(2, 4))
+  any_allowed = np.any(real & (tiles > EMPTY), axis=(2, 4))
+  classes = np.where(any_allowed & full, FULL, np.where(any_allowed, PARTIAL, EMPTY)).astype(np.int8)[None]
+  inside = block_size % q_block == 0 and block_size % kv_block == 0
+  # Tiles inside one layout block are partial only on the causal diagonal: the pure index causal mask (evaluated in
+  # the kernels) masks them exactly. Tiles spanning several blocks mask the layout inside them (bitmaps).
+  if not (classes == PARTIAL).any():
+    mask_mod = None
+  elif inside:
+    mask_mod = _causal
+  else:
+    mask_mod = layout_mask_mod(layout, block_size, causal)
+  return _from_classes(classes, q_block, kv_block, length, length, mask_mod, lambda hit, _: _np_lists(hit),
+                       (None,) * 4)
+
+
+def _causal(b, h, q_idx, kv_idx):
+  del b, h
+  return kv_idx <= q_idx
+
+
+def block_mask_from_layout(layout_HxNxN, block_size: int, tiles, causal: bool = False) -> BlockMask:
+  """The host `BlockMask` of a block layout (`kernels.block_sparse_attention`'s: bool `[1 or heads, N, N]` over
+  `N * block_size` tokens, causal optional) at kernel `tiles` (int or (q_block, kv_block); tiles may lie inside
+  layout blocks or span several), classified from the layout at block granularity (no `[L, L]` evaluation), cached
+  per layout. Its `mask_mod`: None without partial tiles, the causal index mask when the only partial tiles are
+  causal diagonal ones inside a layout block, else `layout_mask_mod` (the kernels read those tiles as bitmaps)."""
+  q_block, kv_block = tile_sizes(tiles)
+  layout = np.ascontiguousarray(np.asarray(layout_HxNxN, bool))
+  if layout.ndim != 3 or layout.shape[1] != layout.shape[2]:
+    raise ValueError(f"layout must be bool [heads or 1, N, N], got shape {layout.shape}")
+  return _layout_cached(layout.tobytes(), layout.shape, int(block_size), q_block, kv_block, bool(causal))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Partial-tile bitmaps: masks closing over arrays, evaluated in the XLA program for the kernels.
 
@@ -467,6 +538,6 @@ def table_widths(st: FlexStatic, tables) -> tuple[int, int, int, int]:
   return (tables[1].size // rows_q, tables[3].size // rows_q, tables[5].size // rows_k, tables[7].size // rows_k)
 
 
-__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "bitmap_bytes", "broadcast_batch", "partial_bitmaps", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "TPU_SMEM_TABLE_BYTES", "block_mask_from_indices", "gpu_reason",
+__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "bitmap_bytes", "broadcast_batch", "partial_bitmaps", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "TPU_SMEM_TABLE_BYTES", "block_mask_from_indices", "block_mask_from_layout", "gpu_reason",
            "check_supported", "classify", "create_block_mask", "create_block_mask_traced", "heads_per_program",
-           "mask_broadcast_dims", "table_widths", "tile_sizes"]
+           "layout_mask_mod", "mask_broadcast_dims", "table_widths", "tile_sizes"]

@@ -1,5 +1,5 @@
-"""Block-sparse kernels inside lowered programs, from this CPU-only machine: the Pallas kernels (global rows and
-columns, dropout) lower for TPU and CUDA with `jax.export`, and `implementation=None` chooses at lowering time: the
+"""Block-sparse kernels inside lowered programs, from this CPU-only machine: flex's Pallas kernels over the layout
+(global rows and columns, dropout) lower for TPU and CUDA with `jax.export`, and `implementation=None` chooses at lowering time: the
 kernels on cuda/tpu, XLA on cpu, a logged fallback when a kernel cannot serve the call, and an error for an explicit
 "pallas"."""
 
@@ -13,11 +13,11 @@ import pytest
 
 from attention.sparse_layouts import bigbird_layout
 from kernels import block_sparse_attention, platform
-from kernels.block_sparse.pallas import block_sparse_attention_pallas
-from kernels.block_sparse.tables import kernel_tiles
+from kernels.block_sparse import block_sparse_attention_kernels
+from kernels.block_sparse.tables import kernel_plan
 
 PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", "mosaic_gpu_v2")}
-KERNELS = ["block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv"]
+KERNELS = ["flex_fwd", "flex_bwd_dq", "flex_bwd_dkv"]  # one kernel family
 
 
 def _export(fn, platform_name, target, *specs):
@@ -33,21 +33,21 @@ def _kernel_calls(module: str, target: str) -> int:
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_kernels_with_global_blocks_and_dropout_lower(backend):
-  """BigBird at 4K tokens: two global blocks make a dense and a sparse group, so each kernel is called twice."""
+  """BigBird at 4K tokens (two global blocks, per-head random blocks): one call per kernel."""
   block_size, length = 128, 4096
   layout = bigbird_layout(length // block_size, num_global_blocks=2, num_random_blocks=2, num_heads=2, seed=0)
 
   def loss(q, k, v, key_mask, seed):
-    tiles = kernel_tiles(q.shape, q.dtype, block_size, None, backend)
-    out = block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, key_mask=key_mask, backend=backend,
-                                        tiles=tiles, dropout_rate=0.1, dropout_seed=seed)
+    plan = kernel_plan(q.shape, q.dtype, layout, block_size, None, False, backend)
+    out = block_sparse_attention_kernels(q, k, v, plan, key_mask=key_mask, backend=backend, dropout_rate=0.1,
+                                         dropout_seed=seed)
     return jnp.sum(out.astype(jnp.float32))
 
   spec = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.bfloat16)
   platform_name, target = PLATFORMS[backend]
   module = _export(loss, platform_name, target, spec, spec, spec, jax.ShapeDtypeStruct((1, length), jnp.bool_),
                    jax.ShapeDtypeStruct((), jnp.int32))
-  assert _kernel_calls(module, target) == 2 * len(KERNELS)
+  assert _kernel_calls(module, target) == len(KERNELS)
   for name in KERNELS:
     assert re.search(rf"\b{name}\b", module), name
 
@@ -66,9 +66,9 @@ def test_default_implementation_is_chosen_where_the_program_is_lowered():
   for backend, (platform_name, target) in PLATFORMS.items():
     module = _export(loss, platform_name, target, spec, spec, spec)
     assert _kernel_calls(module, target) >= len(KERNELS), backend  # dropout no longer forces XLA
-    assert "block_sparse_fwd" in module
+    assert "flex_fwd" in module
   cpu = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).as_text()
-  assert "tpu_custom_call" not in cpu and "mosaic_gpu" not in cpu and "block_sparse_fwd" not in cpu
+  assert "tpu_custom_call" not in cpu and "mosaic_gpu" not in cpu and "flex_fwd" not in cpu
 
 
 def test_fallback_is_logged_once_with_its_reason_and_explicit_pallas_raises(caplog):

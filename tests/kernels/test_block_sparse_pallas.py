@@ -1,9 +1,11 @@
-"""kernels.block_sparse.pallas (the driver over pallas_tpu / pallas_gpu): the Pallas kernels against the dense
-reference (values and gradients), run on CPU in interpret mode: the TPU kernels with `interpret=True` (and once under
-the TPU interpreter's race detector), the Mosaic GPU kernels under the GPU interpreter. Plus the host-side index tables, tile validation and dispatch.
+"""kernels.block_sparse_attention's kernel path: the layout as a flex block mask (`tables.kernel_plan`,
+`kernels.flex.tables.block_mask_from_layout`) run by flex's Pallas kernels (one kernel family), against the dense
+reference (values and gradients), on CPU in interpret mode: the TPU kernels with `interpret=True` (and once under the
+TPU interpreter's race detector), the Mosaic GPU kernels under the GPU interpreter (64-token tiles over 16/32-token
+layout blocks: partial tiles masked by bitmaps). Plus the layout's tile classification, tile validation and dispatch.
 
 Shapes are small (interpret mode executes every grid step through callbacks or a while loop on CPU); lowering at
-realistic sizes is `test_lowering.py`.
+realistic sizes is `test_block_sparse_lowering.py`.
 """
 
 import jax
@@ -13,10 +15,9 @@ import pytest
 
 import attention
 from kernels import block_sparse_attention
-from kernels.block_sparse import block_sparse_attention_reference, dropout_seed
-from kernels.block_sparse.pallas import block_sparse_attention_pallas
-from kernels.block_sparse.tables import BlockSizes, check_supported, kernel_tiles
-from kernels.block_sparse.tables import make_tables, tile_bits, tile_layout
+from kernels.block_sparse import block_sparse_attention_kernels, block_sparse_attention_reference, dropout_seed
+from kernels.block_sparse.tables import BlockSizes, kernel_plan
+from kernels.flex.tables import FULL, PARTIAL, EMPTY, block_mask_from_layout, create_block_mask, layout_mask_mod
 
 # float32: kernel and reference both accumulate in float32 and differ in summation order (online softmax, tile
 # order). bfloat16: the probabilities fed to the second matmul are rounded to bfloat16 in the kernel but not in
@@ -51,10 +52,10 @@ def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, bac
     if impl == "reference":
       return lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, block_size=block_size, causal=causal,
                                                               key_mask=key_mask, **drop)
-    tiles = kernel_tiles(q.shape, dtype, block_size, block_sizes, backend)  # the entry's plan for the driver
-    return lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=block_size, causal=causal,
-                                                         key_mask=key_mask, tiles=tiles, backend=backend,
-                                                         interpret=interpret, **drop)
+    plan = kernel_plan(q.shape, dtype, layout, block_size, block_sizes, causal, backend)  # the entry's plan
+    assert not isinstance(plan, str), plan
+    return lambda q, k, v: block_sparse_attention_kernels(q, k, v, plan, key_mask=key_mask, backend=backend,
+                                                          interpret=interpret, **drop)
 
   def value_and_grads(q, k, v):
     def loss(impl):
@@ -103,19 +104,15 @@ def _layout(kind, heads, n, seed):
 def test_tpu_kernels_in_interpret_mode_match_reference(length, block_size, block_sizes, head_dim, layout_heads,
                                                        causal, masked, dtype, kind, dropout):
   layout = _layout(kind, layout_heads, length // block_size, seed=length + head_dim)
-  if kind == "global":  # the grid really splits: a global row no longer widens the sparse rows' lists
-    tables = make_tables(layout, block_size, 8, 8, causal)
-    assert len(tables.kv_groups) == 2 and len(tables.q_groups) == 2
-    assert tables.kv_groups[0].width < tables.num_kv_tiles // 2
   _compare(length, block_size, layout, head_dim, causal, masked, dtype, block_sizes=block_sizes, dropout=dropout)
 
 
 GPU_GRID = [  # Mosaic GPU kernels: bfloat16, tiles and head_dim multiples of 64
     (192, 64, 64, 2, True, True, "random", 0.0),
     (128, 128, 128, 1, False, False, "random", 0.0),  # a 128-token layout block refined to 64-token tiles
-    (256, 64, 64, 1, False, True, "global", 0.25),  # dense and sparse groups, dropout regenerated in the backward
     # 64-token tiles over 32-token layout blocks (the registry default of local/longformer/sparse_transformer): the
-    # kernels mask blocks inside a tile; 224 tokens are padded to 256 inside. Global rows/columns, causal, dropout.
+    # partial tiles' bitmaps mask blocks inside a tile; 224 tokens are padded to 256 inside. Global rows/columns,
+    # causal, dropout regenerated in the backward.
     (224, 32, 64, 2, True, True, "global", 0.25),
     (192, 16, 64, 1, False, True, "random", 0.0),  # 4 x 4 layout blocks per tile
 ]
@@ -159,9 +156,9 @@ def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
   layout = np.array([[[True, False], [True, True]]])
   key_mask = jnp.arange(32)[None, :] < 29
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-  tiles = kernel_tiles(q.shape, q.dtype, 16, None, "tpu")
-  f = lambda q, k, v: block_sparse_attention_pallas(q, k, v, layout, block_size=16, causal=True,  # noqa: E731
-                                                     key_mask=key_mask, tiles=tiles, interpret=params)
+  plan = kernel_plan(q.shape, q.dtype, layout, 16, None, True, "tpu")
+  f = lambda q, k, v: block_sparse_attention_kernels(q, k, v, plan, key_mask=key_mask,  # noqa: E731
+                                                      interpret=params)
   # Jitted: the interpreter's callbacks (DMAs, race bookkeeping) run when the program does; eagerly, the driver's
   # small ops compiled one by one (68 compilations).
   got, grads = jax.block_until_ready(jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(
@@ -174,73 +171,41 @@ def test_tpu_kernels_are_race_free_under_the_tpu_interpreter():
     np.testing.assert_allclose(g, w, **GRAD_TOL[jnp.float32])
 
 
-def test_tiles_spanning_layout_blocks_carry_one_bit_per_block_pair():
-  # 4 x 4 layout blocks of 32 tokens under 64-token tiles: 2 x 2 tiles of 2 x 2 blocks; bit a * 2 + b for query block
-  # a and key block b of a tile.
-  layout = np.array([[[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]], bool)
-  np.testing.assert_array_equal(tile_layout(layout, 32, 64, 64, causal=False)[0], [[True, False], [False, True]])
-  np.testing.assert_array_equal(tile_bits(layout, 32, 64, 64, causal=False)[0], [[0b1101, 0], [0, 0b1000]])
-  t = make_tables(layout, block_size=32, block_q=64, block_kv=64, causal=False)
-  assert [g.bits.tolist() for g in t.kv_groups] == [[0b1101, 0b1000]]  # the listed tiles' bits, row by row
-  assert [g.bits.tolist() for g in t.q_groups] == [[0b1101, 0b1000]]  # the transposed lists keep (query, key) bits
-  # Causal drops the future block pairs inside a diagonal tile: block (0, 1) of a full tile.
-  full = np.ones((1, 2, 2), bool)
-  assert tile_bits(full, 32, 64, 64, causal=True)[0, 0, 0] == 0b1101
-  assert make_tables(layout, block_size=32, block_q=32, block_kv=32, causal=False).kv_groups[0].bits is None
-
-
-def test_tables_list_allowed_tiles_in_order_and_their_transpose():
-  layout = np.array([[[True, False, True, False], [False, False, False, False], [True, True, True, True],
-                      [False, False, False, True]]])
-  t = make_tables(layout, block_size=4, block_q=4, block_kv=4, causal=False)
-  assert (t.num_q_tiles, t.num_kv_tiles) == (4, 4)
-  # Query tiles: the full row 2 is its own (dense) group; the others are listed at width 2, not 4.
-  (sparse, dense) = t.kv_groups
-  np.testing.assert_array_equal(sparse.ids, [0, 1, 3])
-  assert sparse.width == 2 and dense.width == 4
-  np.testing.assert_array_equal(sparse.count, [2, 0, 1])
-  # Padding repeats the last listed tile (no new copy); an empty list points at tile 0.
-  np.testing.assert_array_equal(sparse.index.reshape(3, 2), [[0, 2], [0, 0], [3, 3]])
-  np.testing.assert_array_equal(dense.ids, [2])
-  np.testing.assert_array_equal(dense.index, [0, 1, 2, 3])
-  # Key tiles (transposed lists): column 2 is seen by rows 0 and 2, column 3 by rows 2 and 3.
-  (only,) = t.q_groups
-  np.testing.assert_array_equal(only.ids, [0, 1, 2, 3])
-  np.testing.assert_array_equal(only.count, [2, 1, 2, 2])
-  np.testing.assert_array_equal(only.index.reshape(4, 2), [[0, 2], [2, 2], [0, 2], [2, 3]])
-
-  causal = make_tables(layout, block_size=4, block_q=4, block_kv=4, causal=True)
-  counts = {int(i): int(c) for g in causal.kv_groups for i, c in zip(g.ids, g.count)}
-  assert counts == {0: 1, 1: 0, 2: 3, 3: 1}  # tile (0, 2) lies wholly in the future, as do (2, 3)
-
-  # Refinement: 8-token blocks in 4-token query tiles and 8-token kv tiles, causal.
-  tiles = tile_layout(np.ones((1, 2, 2), bool), block_size=8, block_q=4, block_kv=8, causal=True)
-  np.testing.assert_array_equal(tiles[0], [[True, False], [True, False], [True, True], [True, True]])
+def test_a_layout_is_a_block_mask_classified_at_block_granularity():
+  """Tiles inside a layout block are full or empty, partial only on the causal diagonal (the pure causal index mask,
+  evaluated in the kernels); tiles spanning several blocks are partial where their blocks differ (a mask closing over
+  the layout: bitmaps). Counts by hand, and equal to `create_block_mask` of the token-level mask."""
+  layout = np.array([[[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1]]], bool)  # 4 blocks of 32 tokens
+  inside = block_mask_from_layout(layout, 32, 16, causal=True)  # 16-token tiles: 2 x 2 per block
+  classes = np.asarray(inside.to_dense())[0, 0]
+  # Allowed blocks (0,0), (1,0), (1,1), (3,2), (3,3): 5 x 4 tiles; in the 3 allowed diagonal blocks the tile above
+  # the diagonal is empty under causality and the 2 on it partial.
+  assert (classes == FULL).sum() == 5 * 4 - 3 * 3 and (classes == PARTIAL).sum() == 3 * 2
+  assert (classes == EMPTY).sum() == 64 - 5 * 4 + 3
+  assert inside.mask_mod(0, 0, 5, 4) and not inside.mask_mod(0, 0, 4, 5)  # the index mask: causal
+  spanning = block_mask_from_layout(layout, 32, 64, causal=False)  # 64-token tiles: 2 x 2 blocks each
+  np.testing.assert_array_equal(np.asarray(spanning.to_dense())[0, 0], [[PARTIAL, EMPTY], [EMPTY, PARTIAL]])
+  for bm, causal, tiles in ((inside, True, 16), (spanning, False, 64)):
+    want = create_block_mask(layout_mask_mod(layout, 32, causal), 1, 1, 128, 128, tiles)
+    np.testing.assert_array_equal(np.asarray(bm.to_dense()), np.asarray(want.to_dense()))
+  assert block_mask_from_layout(np.ones((2, 2, 2), bool), 32, 64).mask_mod is None  # every tile full: no mask
 
 
 def test_block_sizes_and_backend_constraints_are_validated():
   shape = (1, 128, 2, 64)
-  with pytest.raises(ValueError, match="block_q=12 must divide the layout block_size=16"):
-    check_supported(shape, jnp.float32, 16, BlockSizes(block_q=12), "tpu")
-  with pytest.raises(ValueError, match="block_kv must be a positive integer, got block_kv=0"):
-    check_supported(shape, jnp.float32, 16, BlockSizes(block_kv=0), "tpu")
-  with pytest.raises(ValueError, match="block_q=4 must be a multiple of 8 on TPU"):
-    check_supported(shape, jnp.float32, 16, BlockSizes(block_q=4), "tpu")
-  assert check_supported(shape, jnp.float32, 192, None, "tpu") == (64, 64)  # largest divisor up to 128
-  assert check_supported(shape, jnp.bfloat16, 128, None, "gpu") == (64, 64)
-  with pytest.raises(ValueError, match="block_q=32 must be a multiple of 64 .* on GPU"):
-    check_supported(shape, jnp.bfloat16, 32, BlockSizes(block_q=32, block_kv=32), "gpu")
-  assert check_supported(shape, jnp.bfloat16, 32, None, "gpu") == (64, 64)  # a tile spans 2 x 2 layout blocks
-  with pytest.raises(ValueError, match="spans 8x8 layout blocks of block_size=8; the GPU kernels mask at most 31"):
-    check_supported(shape, jnp.bfloat16, 8, None, "gpu")
-  with pytest.raises(ValueError, match="need a power-of-two block_size, got block_size=48"):
-    check_supported(shape, jnp.bfloat16, 48, BlockSizes(block_q=192, block_kv=192), "gpu")
-  with pytest.raises(ValueError, match="block_q=64 must divide the layout block_size=32$"):
-    check_supported(shape, jnp.float32, 32, BlockSizes(block_q=64), "tpu")
-  with pytest.raises(ValueError, match="head_dim=32 must be 64 or 128 on GPU"):
-    check_supported((1, 128, 2, 32), jnp.bfloat16, 64, None, "gpu")
-  with pytest.raises(ValueError, match="dtype=float32: the Mosaic GPU kernels take only bfloat16/float16"):
-    check_supported(shape, jnp.float32, 64, None, "gpu")
+  plan = lambda dtype, block_size, sizes, backend, shape=shape: kernel_plan(  # noqa: E731
+      shape, dtype, np.ones((1, 128 // block_size, 128 // block_size), bool), block_size, sizes, False, backend)
+  assert "block_q=12 must divide the layout block_size=16 or be a multiple of it" in plan(
+      jnp.float32, 16, BlockSizes(block_q=12), "tpu")
+  assert "block_kv must be a positive integer, got block_kv=0" in plan(jnp.float32, 16, BlockSizes(block_kv=0), "tpu")
+  assert "q_block=4 must be a multiple of 8 on TPU" in plan(jnp.float32, 16, BlockSizes(block_q=4), "tpu")
+  assert plan(jnp.float32, 64, None, "tpu").tiles == (64, 64)  # largest divisor up to 128
+  assert plan(jnp.bfloat16, 128, None, "gpu").tiles == (64, 64)
+  assert "q_block=32 must be a multiple of 64" in plan(jnp.bfloat16, 32, BlockSizes(block_q=32, block_kv=32), "gpu")
+  assert plan(jnp.bfloat16, 32, None, "gpu").tiles == (64, 64)  # a tile spans 2 x 2 layout blocks
+  assert plan(jnp.float32, 32, BlockSizes(block_q=64), "tpu").tiles == (64, 32)  # spanning blocks on TPU too
+  assert "head_dim=32 must be 64 or 128 on GPU" in plan(jnp.bfloat16, 64, None, "gpu", shape=(1, 128, 2, 32))
+  assert "dtype=float32: the Mosaic GPU kernels take only bfloat16/float16" in plan(jnp.float32, 64, None, "gpu")
 
 
 def _uses_pallas(fn, *args) -> bool:
@@ -259,12 +224,12 @@ def test_layer_implementation_option_reaches_the_kernel(implementation):
 
 
 def test_one_plan_per_call(monkeypatch):
-  """The entry plans each call once per backend (`tables.kernel_tiles`, `check_supported` inside); the driver follows
-  the plan's tiles and checks nothing again, forward or backward."""
+  """The entry plans each call once per backend (`tables.kernel_plan`); the driver follows the plan and checks
+  nothing again, forward or backward."""
   from kernels.block_sparse import block_sparse_attention, tables  # noqa: PLC0415
   checked = []
-  real = tables.check_supported
-  monkeypatch.setattr(tables, "check_supported", lambda *a: checked.append(a[-1]) or real(*a))
+  real = tables.kernel_plan
+  monkeypatch.setattr(tables, "kernel_plan", lambda *a: checked.append(a[-1]) or real(*a))
   spec = jax.ShapeDtypeStruct((1, 16, 1, 8), jnp.float32)  # float32: the GPU plan is a reason, TPU's the tiles
   layout = np.tril(np.ones((1, 2, 2), bool))
   loss = lambda q, k, v: jnp.sum(block_sparse_attention(q, k, v, layout, block_size=8,  # noqa: E731
