@@ -76,11 +76,11 @@ def _cases(attention, names):
 
 
 def _exact_fallback_only(attention, name: str, options: dict) -> bool:
-  """A variant whose every setting runs the exact fallback: no sequence-parallel form of its own (or, for BigBird and
-  Sparse Transformer, a layout that is never a band)."""
-  if name in ("sparse_transformer", "bigbird"):
-    return True
-  return attention.build(name, num_heads=2, **options).sequence_parallel_form() is None
+  """A variant whose every setting runs the exact fallback and nothing else (`expected_forms`: no ring, halo or state
+  form of its own in any setting, e.g. not Based's hybrid, whose linear part passes states)."""
+  declared = attention.build(name, num_heads=2, **options).sequence_parallel_form()
+  return all(expected_forms(name, options, causal, rate, declared) == {"fallback"}
+             for causal, rate in ((False, 0.1), (True, 0.0), (False, 0.0)))
 
 
 def expected_forms(name: str, options: dict, causal: bool, rate: float, declared: str | None) -> set[str]:
@@ -103,6 +103,51 @@ def expected_forms(name: str, options: dict, causal: bool, rate: float, declared
   return {"fallback"} if declared is None else ({declared} if declared in ("ring", "halo", "state") else set())
 
 
+# Fallback-only variants whose values are still compared sharded against one device (the generic fallback on a plain
+# layer, a layout-based one, a content-adaptive one); the other built-in fallback-only variants are lowered only.
+VALUE_CHECKED_FALLBACKS = ("additive", "bigbird", "nsa")
+FULL = os.environ.get("SEQPAR_FULL", "0") == "1"  # every case compared by value (the full matrix, by hand)
+REAL = 21  # real tokens of row 0 (row 1 is all real)
+
+
+def _built_in(attention, name: str) -> bool:
+  return attention.get_class(name).__module__.startswith("attention.")
+
+
+def _compare(a, b) -> float:
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _lower_sharded(layer, mesh, x, mask, w, rate) -> dict:
+  """Traces and lowers (does not compile) the sharded value-and-gradient program of `layer` from abstract variables;
+  returns the forms its cores recorded."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from kernels import sequence
+
+  keys = {"params": jax.random.key(2), "attention": jax.random.key(3)}
+  abstract = jax.eval_shape(layer.init, keys, x)
+  others = {k: v for k, v in abstract.items() if k != "params"}
+  rngs = {"attention": jax.random.key(4), "dropout": jax.random.key(5)}
+
+  def loss(params, others, x):
+    with sequence.use_mesh(mesh):
+      y = layer.apply({**others, "params": params}, sequence.constrain(x), mask=mask, deterministic=rate == 0.0,
+                      rngs=rngs)
+    return jnp.sum(y.astype(jnp.float32) * w)
+
+  rep, seq = NamedSharding(mesh, P()), NamedSharding(mesh, P("data", "sequence"))
+  with sequence.recording() as ran:
+    jax.jit(jax.value_and_grad(loss, argnums=(0, 2)), in_shardings=(rep, rep, seq)).lower(
+        abstract["params"], others, x)
+  return {"forms": sorted({r.form for r in ran if r.form is not None}),
+          "details": sorted({f"{r.op}: {r.form}: {r.detail}" for r in ran if r.form is not None})}
+
+
 def _run_cases() -> list[dict]:
   import attention
   import jax
@@ -114,7 +159,8 @@ def _run_cases() -> list[dict]:
 
   assert jax.device_count() == 8, jax.devices()
   mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2).T, ("data", "sequence"))
-  b, length, features, real = 2, 32, 16, 21
+  b, length, features = 2, 32, 16
+  real = REAL
   x = jax.random.normal(jax.random.key(0), (b, length, features))
   mask = jnp.arange(length)[None, :] < jnp.array([[real], [length]])
   weights = jax.random.normal(jax.random.key(1), x.shape) * mask[..., None]
@@ -133,11 +179,18 @@ def _run_cases() -> list[dict]:
     settings = [(False, 0.1)] + ([(True, 0.0)] if causal_ok else [])
     if name in WITHOUT_DROPOUT and given == "first":
       settings.append((False, 0.0))
-    if given == "first" and _exact_fallback_only(attention, name, options):
+    # (the variant's own tiny options, and its relative-position cases; not the EXTRA option sets)
+    fallback_only = (given == "first" or positions != "none") and _exact_fallback_only(attention, name, options)
+    if given == "first" and fallback_only:
       # One generic form (K/V all-gathered, the layer's own code otherwise): one case checks padding, dropout at
       # global positions and (where it can be) causality at once, instead of a compile per setting.
       settings = [(causal_ok, 0.1)]
     settings = settings if given in (None, "first") else given
+    # The exact fallback adds no shard_map of its own: the sharded program is the layer's under GSPMD, whose
+    # partitioning is exact by construction. Its value check on every built-in variant compiled ~20 large programs
+    # twice; representatives keep it (`VALUE_CHECKED_FALLBACKS`, plugins, SEQPAR_FULL=1), the others are traced and
+    # lowered sharded (the recorded form and its reason checked, a lowering error caught) without compiling.
+    lower_only = fallback_only and not FULL and name not in VALUE_CHECKED_FALLBACKS and _built_in(attention, name)
     for causal, rate in settings:
       case = {"name": name, "options": options, "positions": positions, "causal": causal, "dropout_rate": rate}
       start = time.perf_counter()  # per-case seconds in the JSON line: where the subprocess's time goes
@@ -147,44 +200,11 @@ def _run_cases() -> list[dict]:
         layer = attention.build(name, num_heads=2, causal=causal, dropout_rate=rate, positions=positions,
                                 **options)
         case["declared"] = layer.sequence_parallel_form()
-        variables = jax.jit(layer.init)({"params": jax.random.key(2), "attention": jax.random.key(3)}, x)
-        rngs = {"attention": jax.random.key(4), "dropout": jax.random.key(5)}
-
-        def loss(params, x, sharded, layer=layer, w=w, rate=rate, variables=variables):
-          def f(params, x):  # gradients of the parameters (other collections, e.g. int counters, are held fixed)
-            y = layer.apply({**variables, "params": params}, x, mask=mask, deterministic=rate == 0.0, rngs=rngs)
-            return jnp.sum(y.astype(jnp.float32) * w)
-          if not sharded:
-            return f(params, x)
-          with sequence.use_mesh(mesh):
-            return f(params, sequence.constrain(x))
-
-        shardings = (NamedSharding(mesh, P()), NamedSharding(mesh, P("data", "sequence")))
-        # The sharded program over the 8-device mesh; the unsharded one on one device (the plain layer: a cheaper
-        # compile than an 8-way GSPMD partition of the same program, and the truest reference).
-        grad = lambda sharded: jax.jit(jax.value_and_grad(  # noqa: E731
-            lambda v, x: loss(v, x, sharded), argnums=(0, 1)), **(dict(in_shardings=shardings) if sharded else {}))(
-                variables["params"], x)
-        with sequence.recording() as ran:  # what the sharded trace ran, form by form
-          try:
-            sharded = grad(True)
-          finally:
-            case["forms"] = sorted({r.form for r in ran if r.form is not None})
-            case["details"] = sorted({f"{r.op}: {r.form}: {r.detail}" for r in ran if r.form is not None})
-        (l1, (gv1, gx1)), (l0, (gv0, gx0)) = sharded, grad(False)
-        case["loss"] = compare(l1, l0)
-        # Parameter gradients: the largest difference over all leaves relative to the largest gradient.
-        diffs = [np.abs(np.asarray(a) - np.asarray(b)).max()
-                 for a, b in zip(jax.tree.leaves(gv1), jax.tree.leaves(gv0))]
-        scale = max(np.abs(np.asarray(b)).max() for b in jax.tree.leaves(gv0))
-        case["grad_params"] = float(max(diffs) / max(scale, 1e-30))
-        case["grad_x"] = compare(gx1, gx0)
-        gx1 = np.asarray(gx1)
-        # Padding: nothing flows to padded inputs of row 0; real positions do depend on each other.
-        case["padding_leak"] = float(np.abs(gx1[0, real:]).max())
-        case["real_grad"] = float(np.abs(gx1[0, :min(real, CUT)]).sum())
-        if causal:
-          case["future_leak"] = float(np.abs(gx1[:, CUT + 1:]).max())
+        if lower_only:
+          case.update(_lower_sharded(layer, mesh, x, mask, w, rate))
+          case["lowered_only"] = True
+        else:
+          _check_values(case, layer, mesh, x, mask, w, rate, causal)
       except Exception as e:  # reported per case, so one variant's failure names itself
         case["error"] = f"{type(e).__name__}: {e}"[:2000]
       case["seconds"] = round(time.perf_counter() - start, 2)
@@ -194,6 +214,59 @@ def _run_cases() -> list[dict]:
     results += _kernel_cases(mesh, compare)
     results += _encoder_log_cases(mesh)
   return results
+
+
+def _check_values(case, layer, mesh, x, mask, w, rate, causal):
+  """The sharded layer's loss and gradients against one device's, padding and causality by gradients."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from kernels import sequence
+
+  compare, real = _compare, REAL  # each relative to the largest magnitude of the one-device result
+  variables = jax.jit(layer.init)({"params": jax.random.key(2), "attention": jax.random.key(3)}, x)
+  rngs = {"attention": jax.random.key(4), "dropout": jax.random.key(5)}
+
+  def loss(params, x, sharded, layer=layer, w=w, rate=rate, variables=variables):
+    def f(params, x):  # gradients of the parameters (other collections, e.g. int counters, are held fixed)
+      y = layer.apply({**variables, "params": params}, x, mask=mask, deterministic=rate == 0.0, rngs=rngs)
+      terms = y.astype(jnp.float32) * w
+      # The loss is a sum of terms of both signs: its rounding is relative to the terms' magnitudes (aux), not to
+      # the (possibly cancelled) total.
+      return jnp.sum(terms), jnp.sum(jnp.abs(terms))
+    if not sharded:
+      return f(params, x)
+    with sequence.use_mesh(mesh):
+      return f(params, sequence.constrain(x))
+
+  shardings = (NamedSharding(mesh, P()), NamedSharding(mesh, P("data", "sequence")))
+  # The sharded program over the 8-device mesh; the unsharded one on one device (the plain layer: a cheaper
+  # compile than an 8-way GSPMD partition of the same program, and the truest reference).
+  grad = lambda sharded: jax.jit(jax.value_and_grad(  # noqa: E731
+      lambda v, x: loss(v, x, sharded), argnums=(0, 1), has_aux=True),
+      **(dict(in_shardings=shardings) if sharded else {}))(variables["params"], x)
+  with sequence.recording() as ran:  # what the sharded trace ran, form by form
+    try:
+      sharded = grad(True)
+    finally:
+      case["forms"] = sorted({r.form for r in ran if r.form is not None})
+      case["details"] = sorted({f"{r.op}: {r.form}: {r.detail}" for r in ran if r.form is not None})
+  ((l1, _), (gv1, gx1)), ((l0, magnitude), (gv0, gx0)) = sharded, grad(False)
+  case["loss"] = float(abs(float(l1) - float(l0)) / max(float(magnitude), 1e-30))
+  # Parameter gradients: the largest difference over all leaves relative to the largest gradient.
+  diffs = [np.abs(np.asarray(a) - np.asarray(b)).max()
+           for a, b in zip(jax.tree.leaves(gv1), jax.tree.leaves(gv0))]
+  scale = max(np.abs(np.asarray(b)).max() for b in jax.tree.leaves(gv0))
+  case["grad_params"] = float(max(diffs) / max(scale, 1e-30))
+  case["grad_x"] = compare(gx1, gx0)
+  gx1 = np.asarray(gx1)
+  # Padding: nothing flows to padded inputs of row 0; real positions do depend on each other.
+  case["padding_leak"] = float(np.abs(gx1[0, real:]).max())
+  case["real_grad"] = float(np.abs(gx1[0, :min(real, CUT)]).sum())
+  if causal:
+    case["future_leak"] = float(np.abs(gx1[:, CUT + 1:]).max())
 
 
 def _kernel_cases(mesh, compare) -> list[dict]:
@@ -372,6 +445,9 @@ def test_sequence_sharded_layer_matches_unsharded(results, name):
           "mesh.sequence=4" in case["error"] and "\n" not in case["error"], case["error"]
       continue
     assert "error" not in case, case
+    if case.get("lowered_only"):  # a built-in exact-fallback variant: lowered sharded (forms checked below)
+      assert name not in VALUE_CHECKED_FALLBACKS and case["forms"] == ["fallback"], case
+      continue
     for key in ("loss", "grad_params", "grad_x"):
       assert case[key] <= RTOL, f"{label}: {key} differs by {case[key]:.2e} (relative)"
     assert case["padding_leak"] == 0.0, f"{label}: padded inputs reach real outputs"
