@@ -33,8 +33,10 @@ lists (`implementation="flex"`, the default: per query tile, the key blocks any 
 lists for the backward built in the graph, each token's own selection applied inside the visited tiles; unselected
 tiles are never touched, forward or backward); the compressed and window branches are chunked XLA forms.
 `"xla"` gathers each token's blocks instead; `"reference"` builds the same selection as dense token masks (the tests'
-ground truth). flex's Pallas kernels take pure index functions only, so this per-token selection runs in flex's XLA
-form on every platform (the kernels would need the selection per query tile).
+ground truth). On cuda and tpu flex's Pallas kernels serve the selected branch: the per-token selection is a mask
+closing over traced data, which XLA evaluates on each listed partial tile into a tile bitmap the kernels read (the
+bitmaps' static capacity follows the lists' width: at lengths below about 64K every key tile, i.e. L x L elements in
+tile form; `kernels.flex.tables`). CPU runs flex's XLA form.
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ def fixed_mask(*, block_size: int, stride: int, c: int, causal: bool = True) -> 
 
 
 def _per_head(values: Sequence[int], h):
-  """`values[h]` as arithmetic on `h` (no closed-over array: the kernels take pure index functions)."""
+  """`values[h]` as arithmetic on `h` (no closed-over array: a pure index function is evaluated inside the
+  kernels; a closure over an array would cost partial-tile bitmaps)."""
   out = values[0]
   for i, value in enumerate(values[1:], start=1):
     if value != values[0]:
