@@ -83,6 +83,10 @@ def test_the_walk_finds_a_cycle_when_there_is_one():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert find_cycle({"a": {"b"}, "b": set()}) is None
   graph = import_graph()
-  assert "attention.base" in graph["attention.registry"]  # the one direction: registry -> base
+  assert "attention.base" in graph["attention.catalog"]  # the one direction: the registry's catalog -> base
+  assert not {"attention.catalog", "attention.registry"} & graph["attention.base"]
+  for upper, lower in (("attention.builders", "attention.gate"), ("attention.gate", "attention.specs"),
+                       ("attention.specs", "attention.catalog")):  # builders -> gate -> specs -> catalog
+    assert lower in graph[upper] and upper not in graph[lower], (upper, lower)
   assert "lra.training.pretrain" in graph["lra.training.trainer"]  # the phases: trainer -> pretrain
   assert "lra.training.trainer" not in graph["lra.training.pretrain"]
