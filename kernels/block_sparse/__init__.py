@@ -45,6 +45,7 @@ from kernels import platform
 from kernels.block_sparse import tables
 from kernels.block_sparse.reference import block_sparse_attention_reference
 from kernels.block_sparse.tables import BlockSizes, KernelPlan, expand_layout, gather_tables, xla_plan
+from kernels.block_sparse.pallas import block_sparse_attention_kernels
 from kernels.block_sparse.xla import block_sparse_attention_xla
 from kernels.common import dropout_keep, dropout_seed
 
@@ -182,22 +183,6 @@ def _jitted_attention(q, k, v, key_mask, dropout_rng, *, plan: Plan):
   if plan.implementation == "pallas":
     return platform.require_kernel(OP, kernels=kernels)
   return platform.dispatch(OP, xla=xla, kernels=kernels)
-
-
-def block_sparse_attention_kernels(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
-                                   kernel_plan: KernelPlan, *, scale: float | None = None,
-                                   key_mask: jax.Array | None = None, dropout_rate: float = 0.0,
-                                   dropout_seed: jax.Array | None = None, backend: str = "tpu",
-                                   interpret=False) -> jax.Array:
-  """Block-sparse attention on flex's Pallas kernels of `backend`, `[B, L, H, D]` in and out: the layout is the
-  plan's block mask (`tables.kernel_plan`, made once by the entry, which checked the call); `interpret` (True or
-  the backend's interpret params) runs the kernels on CPU. Dropout counters are flex's, which are this op's
-  (batch * heads + head, query position, key position)."""
-  from kernels.flex.pallas import flex_attention_pallas  # noqa: PLC0415  (Pallas where wanted)
-  bm = kernel_plan.block_mask
-  return flex_attention_pallas(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, bm, mask_mod=bm.mask_mod, key_mask=key_mask,
-                               scale=scale, dropout_rate=dropout_rate, dropout_seed=dropout_seed, backend=backend,
-                               interpret=interpret)
 
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_kernels", "block_sparse_attention_reference", "block_sparse_attention_xla", "BlockSizes",
