@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from kernels import platform
 from kernels.common import check_state_core_inputs
-from kernels.delta_rule.pallas import delta_rule_pallas
+from kernels.delta_rule.pallas import delta_rule_kernel, delta_rule_pallas
 from kernels.delta_rule.reference import delta_rule_reference, delta_rule_step
 from kernels.delta_rule.tables import check_supported
 from kernels.delta_rule.xla import DEFAULT_CHUNK, delta_rule_xla
@@ -46,8 +46,8 @@ def _kernels(q, k, v, beta, log_decay, chunk_size, *, segment_ids: bool, **state
     except ValueError as err:
       out[backend] = str(err)
       continue
-    out[backend] = (lambda b: lambda: delta_rule_pallas(  # noqa: E731  (bind the backend now)
-        q, k, v, beta, log_decay, chunk_size=chunk_size, backend=b, **state))(backend)
+    out[backend] = (lambda b: lambda: delta_rule_kernel(  # noqa: E731  (bind the backend now; checked above)
+        q, k, v, beta, log_decay, chunk=chunk_size, backend=b, **state))(backend)
   return out
 
 
@@ -88,7 +88,7 @@ def delta_rule_attention(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
   state = dict(initial_state=initial_state, return_state=return_state)
   if implementation == "interpret":
     check_supported(q.shape, v.shape, jnp.result_type(q, k, v), chunk_size, "tpu", segment_ids=segment_ids is not None)
-    return delta_rule_pallas(q, k, v, beta, log_decay, chunk_size=chunk_size, backend="tpu", interpret=True, **state)
+    return delta_rule_kernel(q, k, v, beta, log_decay, chunk=chunk_size, backend="tpu", interpret=True, **state)
   kernels = _kernels(q, k, v, beta, log_decay, chunk_size, segment_ids=segment_ids is not None, **state)
   if implementation == "pallas":
     return platform.require_kernel(OP, kernels=kernels)

@@ -79,10 +79,22 @@ def delta_rule_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax
                       interpret=False):
   """The (gated) delta rule through the Pallas kernels of `backend`; `[B, L, H, *]` in, `[B, L, H, V]` (v's dtype)
   out, entered with `initial_state` `[B, H, K, V]` (default zeros), and with `return_state=True` also the final
-  float32 state. The length is padded to a multiple of the chunk with tokens that neither write nor decay."""
+  float32 state. The length is padded to a multiple of the chunk with tokens that neither write nor decay. Checks
+  the call first (`tables.check_supported`: a direct caller's one check); the op's entry checks once itself and calls
+  `delta_rule_kernel`, which does not check again."""
   chunk = DEFAULT_CHUNKS[backend] if chunk_size is None else chunk_size
   dtype = jnp.result_type(q_BxLxHxK.dtype, k_BxLxHxK.dtype, v_BxLxHxV.dtype)
   check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, dtype, chunk, backend, segment_ids=False)
+  return delta_rule_kernel(q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, beta_BxLxH, log_decay_BxLxH, chunk=chunk,
+                           initial_state=initial_state, return_state=return_state, backend=backend,
+                           interpret=interpret)
+
+
+def delta_rule_kernel(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.Array, beta_BxLxH: jax.Array,
+                      log_decay_BxLxH: jax.Array | None = None, *, chunk: int, initial_state: jax.Array | None = None,
+                      return_state: bool = False, backend: Backend = "tpu", interpret=False):
+  """`delta_rule_pallas` for a call already checked (the op's plan): the kernel call, no check."""
+  dtype = jnp.result_type(q_BxLxHxK.dtype, k_BxLxHxK.dtype, v_BxLxHxV.dtype)
   b, length, h, dk = q_BxLxHxK.shape
   dv = v_BxLxHxV.shape[-1]
   if backend == "tpu":  # a short sequence is one chunk, not a padded long one (the GPU kernels' chunk is fixed)
@@ -107,4 +119,4 @@ def delta_rule_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax
   return (out, final) if return_state else out
 
 
-__all__ = ["delta_rule_pallas"]
+__all__ = ["delta_rule_kernel", "delta_rule_pallas"]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from kernels import platform
 from kernels.common import check_state_core_inputs
-from kernels.gated_linear.pallas import gated_linear_pallas
+from kernels.gated_linear.pallas import gated_linear_kernel, gated_linear_pallas
 from kernels.gated_linear.reference import gated_linear_reference, gated_linear_step
 from kernels.gated_linear.tables import check_supported
 from kernels.gated_linear.xla import DEFAULT_CHUNK, gated_linear_xla
@@ -51,8 +51,8 @@ def _kernels(q, k, v, log_decay, chunk_size, *, interpret=False, **unsupported) 
     except ValueError as err:
       out[backend] = str(err)
       continue
-    out[backend] = (lambda b: lambda: gated_linear_pallas(  # noqa: E731  (bind the backend now)
-        q, k, v, log_decay, chunk_size=chunk_size, backend=b, interpret=interpret))(backend)
+    out[backend] = (lambda b: lambda: gated_linear_kernel(  # noqa: E731  (bind the backend now; checked above)
+        q, k, v, log_decay, chunk=chunk_size, backend=b, interpret=interpret))(backend)
   return out
 
 
@@ -98,7 +98,7 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
   unsupported = dict(segment_ids=segment_ids is not None, initial_state=initial_state is not None, return_state=False)
   if implementation == "interpret":
     check_supported(q.shape, v.shape, log_decay.shape, jnp.result_type(q, k, v), chunk_size, "tpu", **unsupported)
-    return gated_linear_pallas(q, k, v, log_decay, chunk_size=chunk_size, backend="tpu", interpret=True)
+    return gated_linear_kernel(q, k, v, log_decay, chunk=chunk_size, backend="tpu", interpret=True)
   kernels = _kernels(q, k, v, log_decay, chunk_size, **unsupported)
   if implementation == "pallas":
     return platform.require_kernel(OP, kernels=kernels)

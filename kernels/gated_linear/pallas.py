@@ -87,11 +87,20 @@ def gated_linear_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: j
                         *, chunk_size: int | None = None, backend: Backend = "tpu", interpret=False) -> jax.Array:
   """Gated linear attention (`log_decay` per head `[B, L, H]` or per key dimension `[B, L, H, K]`) through the Pallas
   kernel of `backend`; `[B, L, H, *]` in, `[B, L, H, V]` (v's dtype) out. The length is padded to a multiple of the
-  chunk with tokens that neither write nor decay."""
+  chunk with tokens that neither write nor decay. Checks the call first (`tables.check_supported`: a direct caller's
+  one check); the op's entry checks once itself and calls `gated_linear_kernel`, which does not check again."""
   chunk = default_chunk(backend) if chunk_size is None else chunk_size
   dtype = jnp.result_type(q_BxLxHxK.dtype, k_BxLxHxK.dtype, v_BxLxHxV.dtype)
   check_supported(q_BxLxHxK.shape, v_BxLxHxV.shape, log_decay_BxLxH.shape, dtype, chunk, backend, segment_ids=False,
                   initial_state=False, return_state=False)
+  return gated_linear_kernel(q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, log_decay_BxLxH, chunk=chunk, backend=backend,
+                             interpret=interpret)
+
+
+def gated_linear_kernel(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: jax.Array, log_decay_BxLxH: jax.Array,
+                        *, chunk: int, backend: Backend, interpret=False) -> jax.Array:
+  """`gated_linear_pallas` for a call already checked (the op's plan): the kernel call, no check."""
+  dtype = jnp.result_type(q_BxLxHxK.dtype, k_BxLxHxK.dtype, v_BxLxHxV.dtype)
   length = q_BxLxHxK.shape[1]
   pad = -length % chunk
 
@@ -105,4 +114,4 @@ def gated_linear_pallas(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxV: j
   return jnp.swapaxes(out[:, :, :length], 1, 2).astype(v_BxLxHxV.dtype)
 
 
-__all__ = ["BACKEND_MODULES", "gated_linear_pallas"]
+__all__ = ["BACKEND_MODULES", "gated_linear_kernel", "gated_linear_pallas"]

@@ -271,3 +271,18 @@ def test_gpu_kernels_in_the_gpu_interpreter_match_the_recurrence():
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
     assert np.abs(x - y).max() < 2e-2 * np.abs(y).max(), name
   assert np.abs(np.asarray(grads[2], np.float32)[0, 120:]).max() == 0.0  # padded values reach nothing
+
+
+def test_the_entry_checks_a_kernel_call_once_and_the_driver_not_again():
+  """Issue 36: the entry checks the call once and runs the kernel through `delta_rule_kernel`, which does not
+  re-check (the checking `delta_rule_pallas` is for direct callers)."""
+  from unittest import mock  # pylint: disable=import-outside-toplevel
+
+  import kernels.delta_rule as entry  # pylint: disable=import-outside-toplevel
+  from kernels.delta_rule import pallas as driver  # pylint: disable=import-outside-toplevel
+  q = k = v = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
+  beta = jax.ShapeDtypeStruct((1, 16, 2), jnp.float32)
+  with mock.patch.object(entry, "check_supported", wraps=entry.check_supported) as checks, \
+       mock.patch.object(driver, "check_supported", side_effect=AssertionError("the driver re-checked")):
+    jax.eval_shape(lambda *a: _entry(*a, chunk_size=8, implementation="interpret"), q, k, v, beta)
+  assert checks.call_count == 1

@@ -258,3 +258,18 @@ def test_gpu_constraints_are_one_line_errors():
     check_supported(shape, (1, 128, 2, 96), g_shape, jnp.bfloat16, 64, "gpu", **ok)
   with pytest.raises(ValueError, match="shared memory"):  # 247 888 bytes, as Mosaic GPU's lowering counts them
     check_supported((1, 128, 2, 128), (1, 128, 2, 128), g_shape, jnp.bfloat16, 128, "gpu", **ok)
+
+
+def test_the_entry_checks_a_kernel_call_once_and_the_driver_not_again():
+  """Issue 36: the entry checks the call once (its per-backend answers) and runs the kernel through
+  `gated_linear_kernel`, which does not re-check (the checking `gated_linear_pallas` is for direct callers)."""
+  from unittest import mock  # pylint: disable=import-outside-toplevel
+
+  import kernels.gated_linear as entry  # pylint: disable=import-outside-toplevel
+  from kernels.gated_linear import pallas as driver  # pylint: disable=import-outside-toplevel
+  q = k = v = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
+  g = jax.ShapeDtypeStruct((1, 16, 2), jnp.float32)
+  with mock.patch.object(entry, "check_supported", wraps=entry.check_supported) as checks, \
+       mock.patch.object(driver, "check_supported", side_effect=AssertionError("the driver re-checked")):
+    jax.eval_shape(lambda *a: _entry(*a, chunk_size=8, implementation="interpret"), q, k, v, g)
+  assert checks.call_count == 1
