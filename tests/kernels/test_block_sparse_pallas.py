@@ -1,7 +1,7 @@
 """kernels.block_sparse_attention's kernel path: the layout as a flex block mask (`tables.kernel_plan`,
 `kernels.flex.tables.block_mask_from_layout`) run by flex's Pallas kernels (one kernel family), against the dense
 reference (values and gradients), on CPU in interpret mode: the TPU kernels with `interpret=True` (and once under the
-TPU interpreter's race detector), the Mosaic GPU kernels under the GPU interpreter (64-token tiles over 16/32-token
+TPU interpreter's race detector), the Mosaic GPU kernels under the GPU interpreter (64-token tiles over 32-token
 layout blocks: partial tiles masked by bitmaps). Plus the layout's tile classification, tile validation and dispatch.
 
 Shapes are small (interpret mode executes every grid step through callbacks or a while loop on CPU); lowering at
@@ -48,12 +48,16 @@ def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, bac
   seed = dropout_seed(jax.random.key(11)) if dropout else None
   drop = dict(dropout_rate=dropout, dropout_seed=seed)
 
+  plan = kernel_plan(q.shape, dtype, layout, block_size, block_sizes, causal, backend)  # the entry's plan
+  assert not isinstance(plan, str), plan
+  classes = np.asarray(plan.block_mask.to_dense())
+  assert {FULL, PARTIAL, EMPTY} <= set(np.unique(classes).tolist()), "every kind of tile"
+  assert (classes[:, 0] == EMPTY).all(-1).any(), "a query tile row with no key tile"
+
   def fwd(impl):
     if impl == "reference":
       return lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, block_size=block_size, causal=causal,
                                                               key_mask=key_mask, **drop)
-    plan = kernel_plan(q.shape, dtype, layout, block_size, block_sizes, causal, backend)  # the entry's plan
-    assert not isinstance(plan, str), plan
     return lambda q, k, v: block_sparse_attention_kernels(q, k, v, plan, key_mask=key_mask, backend=backend,
                                                           interpret=interpret, **drop)
 
@@ -76,54 +80,47 @@ def _compare(length, block_size, layout, head_dim, causal, masked, dtype, *, bac
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **GRAD_TOL[dtype])
 
 
-TPU_GRID = [  # (length, block_size, block_sizes, head_dim, layout heads, causal, key_mask, dtype, layout, dropout)
-    (64, 16, None, 32, 2, True, True, jnp.float32, "random", 0.0),
-    (64, 16, BlockSizes(block_q=8, block_kv=16), 64, 1, True, False, jnp.float32, "random", 0.0),  # q tiles per block
-    (96, 32, BlockSizes(block_q=32, block_kv=16), 128, 2, False, True, jnp.float32, "random", 0.0),  # kv tiles
-    (128, 32, None, 64, 1, True, True, jnp.bfloat16, "random", 0.0),
-    (64, 16, None, 128, 2, False, False, jnp.bfloat16, "random", 0.0),
-    # Global rows and columns (first and last blocks): a dense group and a sparse group per kernel; dropout on.
-    (128, 8, None, 32, 2, False, True, jnp.float32, "global", 0.25),
-    (64, 8, None, 32, 1, True, True, jnp.float32, "random", 0.25),
+# One case per kernel feature the layout path adds to flex's kernels (whose own features, GQA, score_mod, traced
+# masks, are `test_flex_pallas.py` / `test_flex_bitmaps.py`); the smallest grids with >= 2 tiles per axis and full,
+# partial and empty tiles. The old block-sparse kernels' dense/sparse groups (the "global" layouts) are gone: a global
+# layout is one more block mask, and the XLA form's global rows are `test_block_sparse_xla.py`.
+TPU_GRID = [  # (length, block_size, block_sizes, head_dim, layout heads, causal, key_mask, dtype, dropout)
+    # Tiles inside the layout blocks: 4 x 4, a per-head layout with an empty query block, causal diagonal tiles
+    # partial by the index mask, padded keys (a partial and a whole tile), dropout regenerated in the backward.
+    (64, 16, None, 32, 2, True, True, jnp.float32, 0.25),
+    # Query tiles refining the blocks (8 < 16) and key tiles spanning two blocks (32 > 16): partial tiles read the
+    # layout's bitmaps; 48 keys padded to 64 (an overhanging key tile); bfloat16.
+    (48, 16, BlockSizes(block_q=8, block_kv=32), 32, 1, False, True, jnp.bfloat16, 0.0),
 ]
 
 
-def _layout(kind, heads, n, seed):
-  if kind == "random":
-    return _random_layout(heads, n, seed)
-  layout = np.random.default_rng(seed).random((heads, n, n)) < 0.1
-  layout |= np.eye(n, dtype=bool)[None]
-  for g in (0, 1, n - 1):
-    layout[:, g, :] = True
-    layout[:, :, g] = True
+def _layout(heads, n, seed, empty_rows=None):
+  """A random layout: head 0's middle query block sees nothing, the last head's last block sees every block and its
+  first only itself; `empty_rows`: head 0's query blocks that see nothing instead of the middle one."""
+  layout = _random_layout(heads, n, seed)
+  layout[-1, -1] = True  # a query block that sees every key block: full tiles, also where tiles span blocks
+  layout[-1, 0] = np.arange(n) == 0  # and one that sees only itself: partial tiles where tiles span blocks
+  if empty_rows is not None:
+    layout[0, n // 2] = np.random.default_rng(seed + 1).random(n) < 0.5  # the default empty row: refilled
+    layout[0, list(empty_rows)] = False
   return layout
 
 
-@pytest.mark.parametrize("length,block_size,block_sizes,head_dim,layout_heads,causal,masked,dtype,kind,dropout",
+@pytest.mark.parametrize("length,block_size,block_sizes,head_dim,layout_heads,causal,masked,dtype,dropout",
                          TPU_GRID)
 def test_tpu_kernels_in_interpret_mode_match_reference(length, block_size, block_sizes, head_dim, layout_heads,
-                                                       causal, masked, dtype, kind, dropout):
-  layout = _layout(kind, layout_heads, length // block_size, seed=length + head_dim)
+                                                       causal, masked, dtype, dropout):
+  layout = _layout(layout_heads, length // block_size, seed=length + head_dim)
   _compare(length, block_size, layout, head_dim, causal, masked, dtype, block_sizes=block_sizes, dropout=dropout)
 
 
-GPU_GRID = [  # Mosaic GPU kernels: bfloat16, tiles and head_dim multiples of 64
-    (192, 64, 64, 2, True, True, "random", 0.0),
-    (128, 128, 128, 1, False, False, "random", 0.0),  # a 128-token layout block refined to 64-token tiles
-    # 64-token tiles over 32-token layout blocks (the registry default of local/longformer/sparse_transformer): the
-    # partial tiles' bitmaps mask blocks inside a tile; 224 tokens are padded to 256 inside. Global rows/columns,
-    # causal, dropout regenerated in the backward.
-    (224, 32, 64, 2, True, True, "global", 0.25),
-    (192, 16, 64, 1, False, True, "random", 0.0),  # 4 x 4 layout blocks per tile
-]
-
-
-@pytest.mark.parametrize("length,block_size,head_dim,layout_heads,causal,masked,kind,dropout", GPU_GRID)
-def test_gpu_kernels_in_gpu_interpret_mode_match_reference(length, block_size, head_dim, layout_heads, causal,
-                                                           masked, kind, dropout):
-  layout = _layout(kind, layout_heads, length // block_size, seed=length)
-  _compare(length, block_size, layout, head_dim, causal, masked, jnp.bfloat16, backend="gpu", batch=1,
-           heads=layout_heads, dropout=dropout)
+def test_gpu_kernels_in_gpu_interpret_mode_match_reference():
+  """Mosaic GPU kernels (bfloat16, 64-token tiles, head_dim 128; flex's GPU tests take 64): 64-token tiles over
+  32-token layout blocks (the registry default of local/longformer/sparse_transformer), so partial tiles' bitmaps mask
+  blocks inside a tile; 160 tokens padded to 192 inside (3 x 3 tiles); two heads with their own layouts, head 0's
+  second tile row empty (both of its blocks see nothing); causal, padded keys, dropout regenerated in the backward."""
+  layout = _layout(2, 5, seed=160, empty_rows=(2, 3))
+  _compare(160, 32, layout, 128, True, True, jnp.bfloat16, backend="gpu", batch=1, heads=2, dropout=0.25)
 
 
 def test_empty_layout_and_fully_masked_rows_give_zero_with_zero_gradients():
