@@ -58,13 +58,12 @@ def test_reference_matches_numpy_loop(causal, heads_in_layout):
   np.testing.assert_allclose(got, numpy_block_sparse(q, k, v, layout, 3, causal, key_mask), **TOL[jnp.float32])
 
 
+# Per-head and shared layouts, causal and not, block sizes 1 to 8, float32 and bfloat16 (the planner's pieces at
+# small thresholds: `test_block_sparse_xla.py`).
 GRID = [  # (block_size, length, heads_in_layout, causal, dtype)
     (1, 6, 2, False, jnp.float32),
     (2, 16, 1, True, jnp.float32),
-    (4, 16, 2, False, jnp.float32),
-    (4, 16, 2, True, jnp.float32),
     (8, 32, 1, False, jnp.float32),
-    (4, 16, 1, False, jnp.bfloat16),
     (4, 16, 2, True, jnp.bfloat16),
 ]
 
@@ -248,10 +247,8 @@ def test_xla_plan_computes_global_rows_densely_and_global_columns_as_a_slab():
 
 
 GLOBAL_GRID = [  # (block_size, num_blocks, heads_in_layout, global blocks, causal, dropout)
-    (2, 16, 2, (0, 1, -1), False, 0.0),
-    (2, 16, 1, (0, -1), True, 0.0),
     (4, 12, 2, (0, 5, -2, -1), False, 0.3),
-    (2, 16, 2, (0, 1, -1), True, 0.3),
+    (2, 16, 1, (0, 1, -1), True, 0.3),
 ]
 
 
@@ -278,9 +275,6 @@ def test_xla_with_global_rows_and_columns_matches_reference(block_size, n, heads
   np.testing.assert_allclose(got, want, **TOL[jnp.float32])
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, **GRAD_TOL[jnp.float32])
-  if not dropout and not causal:
-    np.testing.assert_allclose(want[:, :, :1], numpy_block_sparse(q, k, v, layout, block_size, causal,
-                                                                  np.asarray(key_mask))[:, :, :1], atol=1e-5)
 
 
 def test_dropout_mask_keeps_about_one_minus_rate_and_is_a_function_of_the_counters():
