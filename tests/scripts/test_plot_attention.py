@@ -1,9 +1,10 @@
 """scripts/plot_attention.py: weights per layer and head for the variants that have them (rows are distributions
-over the keys the layer allows; a layout's blocked keys stay at zero), a PNG from a tiny trained checkpoint, and a
+over the keys the layer allows; a layout's blocked keys stay at zero), a PNG from a tiny run's checkpoint, and a
 one-line refusal for a variant without weights."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -17,7 +18,7 @@ import flax.linen as nn
 
 from configs import wikitext2 as wt2_config
 from lra import cli
-from lra.training import Experiment, train_and_evaluate
+from lra.training import Experiment, checkpoints, config_checks
 from tests.conftest import load_script, python_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -112,9 +113,20 @@ def test_a_variant_without_weights_is_refused_in_one_line():
   assert "grassmann" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_plot_script_writes_a_png_from_a_trained_checkpoint(tmp_path):
+def test_plot_script_writes_a_png_from_a_checkpoint(tmp_path):
+  # A run's folder as training leaves it: config.json (the trainer's record of the config) and a checkpoint written
+  # by the training library's Checkpoints, here of the initial state: the script draws whatever weights it restores,
+  # and training them first would only add the compilation of a train and an eval step.
   workdir = tmp_path / "run"
-  train_and_evaluate(_config(tmp_path, "softmax"), workdir)
+  workdir.mkdir()
+  exp = Experiment(_config(tmp_path, "softmax"))
+  (workdir / "config.json").write_text(json.dumps(config_checks.config_record(exp.config), default=str))
+  saved = checkpoints.Checkpoints(workdir)
+  try:
+    saved.save_latest(1, exp.init_state(), {"step": 1, "best": None})
+    saved.wait()
+  finally:
+    saved.close()
   env = {**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"}
   output = tmp_path / "maps.png"
   result = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_attention.py"), f"--workdir={workdir}",
