@@ -2,15 +2,32 @@
 when exported for `cuda` and for `tpu` from this CPU host, and none when lowered for `cpu` (issue 13).
 
 ListOps runlocal with `model.dtype="bfloat16"`, head dim 64 (qkv_dim 128 over 2 heads), attention dropout 0.1,
-2 layers, 256 tokens (a multiple of every block size), batch 2. `implementation` is left at None: the kernel choice
-happens where the program is lowered (`kernels.platform.dispatch`). The step is `Experiment.jit_train_step` itself, with
-its mesh shardings: under a mesh, jax traces shardings into the kernels' bodies (a `jnp.full_like` there became a
-`reshard` that Mosaic GPU could not lower: the H100 failure of issue 13), so a step jitted without them would not
-test what training runs. Nothing is executed on an accelerator: the step is only traced and lowered
-(`jax.export`), with `disabled_checks` for the kernels' custom-call targets.
-Every variant runs with its registry defaults, performer's 256 random features included (the Mosaic GPU kernel takes
-64 or 128 features per call; the driver runs 256 as two 128-wide feature blocks, issue 21).
+1 layer (2 for transnormer, whose two layer kinds alternate), 256 tokens (a multiple of every block size), batch 2.
+`implementation` is left at None: the kernel choice happens where the program is lowered
+(`kernels.platform.dispatch`). The step is `Experiment.jit_train_step` itself, with its mesh shardings: under a mesh,
+jax traces shardings into the kernels' bodies (a `jnp.full_like` there became a `reshard` that Mosaic GPU could not
+lower: the H100 failure of issue 13), so a step jitted without them would not test what training runs. Nothing is
+executed on an accelerator: the step is only traced and lowered (`jax.export`), with `disabled_checks` for the kernels'
+custom-call targets. Every variant runs with its registry defaults (longformer: one dilated head), performer's 256
+random features included (the Mosaic GPU kernel takes 64 or 128 features per call; the driver runs 256 as two
+128-wide feature blocks, issue 21).
 A second test exports a bfloat16 causal language-model step (MQAR, 1,024 tokens) for the causal kernels (issue 32).
+
+Cost: each step is traced once (`jax.export` reuses the jit's trace for the three platforms; the trace, with both
+backends' kernels in `platform_dependent`'s branches, is most of the ~5-12 s per variant). One multi-platform export
+cannot share more: the Pallas kernels refuse multi-platform lowering (see tests/kernels/test_flex_lowering.py).
+Variants whose kernel paths a kept case (or the op-level lowering tests) already exports are not exported here:
+- `linear` (both tests): elu features at head dim 64 into the (non-)causal linear-attention kernels with the
+  normalizer; `transnormer`'s "norm" layer runs the same kernels at the same feature width (without the normalizer),
+  `performer` / `based` run them with the normalizer (wider features), and tests/kernels/test_lowering.py lowers
+  `linear_attention(normalize=True)` at head dims 64 and 128, causal and not, for both platforms.
+- `local`, `sparse_transformer`: their 32-token blocks in 64-token tiles evaluate their masks in partial tiles like
+  `longformer`'s, whose mask holds every operation theirs use (`lax.div`, `lax.rem`, `abs`, comparisons, `|`:
+  attention/sparse_layouts.py); which tiles are partial is table data, not lowering.
+- `bigbird`: its per-head block table (one table row per query head) is what its kernels get beyond longformer's
+  defaults; longformer runs here with one dilated head (`dilation=2, num_dilated_heads=1`), so its tables are
+  per-head too, and tests/kernels/test_block_sparse_lowering.py exports per-head BigBird layouts through the same
+  flex kernels. Not covered any more: bigbird's own layer choosing the kernels inside a whole step.
 """
 
 from __future__ import annotations
@@ -29,24 +46,19 @@ from lra.training import trainer
 TARGETS = {"cuda": "mosaic_gpu_v2", "tpu": "tpu_custom_call"}
 LINEAR_KERNELS = ("linear_attention_fwd", "linear_attention_bwd")  # non-causal: *_fwd(_state), *_bwd(_state)
 FLEX_KERNELS = ("flex_fwd", "flex_bwd_dq", "flex_bwd_dkv")
-VARIANTS = {  # name: (attention options, kernel names the exported step must hold)
-    "linear": ({}, LINEAR_KERNELS),
-    "performer": ({}, LINEAR_KERNELS),  # num_features=256: two 128-wide feature blocks on cuda
-    "transnormer": ({}, LINEAR_KERNELS),  # layer 0 "diag" (block-diagonal softmax, XLA), layer 1 "norm" (kernel)
-    # Registry defaults, through the flex kernels: 32-token blocks (local, longformer, sparse_transformer) run in
-    # 64-token tiles whose partial tiles evaluate the mask; bigbird's 64-token blocks are its tiles, all full, so its
-    # random-block table never reaches a kernel.
-    "local": ({}, FLEX_KERNELS),
-    "bigbird": ({}, FLEX_KERNELS),
-    "longformer": ({}, FLEX_KERNELS),
-    "sparse_transformer": ({}, FLEX_KERNELS),
+VARIANTS = {  # name: (attention options, kernel names the exported step must hold, layers)
+    "performer": ({}, LINEAR_KERNELS, 1),  # num_features=256: two 128-wide feature blocks on cuda
+    "transnormer": ({}, LINEAR_KERNELS, 2),  # layer 0 "diag" (block-diagonal softmax, XLA), layer 1 "norm" (kernel)
+    # Through the flex kernels: 32-token blocks run in 64-token tiles whose partial tiles evaluate the mask (window,
+    # global blocks, and head 1's dilated window: a mask telling heads apart, so per-head tables and `h` in the mask).
+    "longformer": ({"dilation": 2, "num_dilated_heads": 1}, FLEX_KERNELS, 1),
 }
 LENGTH, BATCH = 256, 2
 
 
-def _config(name: str, options: dict):
+def _config(name: str, options: dict, num_layers: int):
   config = listops.get_config(f"runlocal,attention={name}")
-  config.model.update(dtype="bfloat16", num_layers=2, qkv_dim=128, num_heads=2, attention_dropout_rate=0.1)
+  config.model.update(dtype="bfloat16", num_layers=num_layers, qkv_dim=128, num_heads=2, attention_dropout_rate=0.1)
   for key, value in options.items():
     config.model.attention[key] = value
   config.data.max_length = LENGTH
@@ -59,8 +71,8 @@ def _config(name: str, options: dict):
 def _step_and_args(name: str):
   """`Experiment.jit_train_step` and abstract arguments (state, batch, key) carrying the shardings training gives them
   (`NamedSharding`s over the experiment's mesh: without them the kernels are traced without a mesh)."""
-  options, _ = VARIANTS[name]
-  experiment = trainer.Experiment(_config(name, options))
+  options, _, num_layers = VARIANTS[name]
+  experiment = trainer.Experiment(_config(name, options, num_layers))
   rep, data = experiment.replicated, experiment.batch_sharding
   abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
   state = jax.tree_util.tree_map(lambda x: abstract(x, rep), jax.eval_shape(experiment.init_state))
@@ -82,7 +94,7 @@ def _kernel_calls(module: str) -> list[str]:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_bfloat16_training_step_holds_the_kernels_for_accelerators_and_xla_for_cpu(name):
-  _, kernel_names = VARIANTS[name]
+  _, kernel_names, _ = VARIANTS[name]
   for platform, target in TARGETS.items():
     module = _lowered_text(name, platform)
     calls = _kernel_calls(module)
@@ -102,7 +114,7 @@ def test_bfloat16_training_step_holds_the_kernels_for_accelerators_and_xla_for_c
 # shape). Each variant's step holds its causal kernels, forward and backward, and no `[L, L]`-sized tensor; softmax is
 # the flash default (the flex kernels with the causal mask: one kernel family, issue 33). Nothing runs: export only.
 CAUSAL_LINEAR_KERNELS = ("linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dk")  # tpu: dkv
-LM_VARIANTS = {"linear": CAUSAL_LINEAR_KERNELS, "performer": CAUSAL_LINEAR_KERNELS,
+LM_VARIANTS = {"performer": CAUSAL_LINEAR_KERNELS,
                "transnormer": CAUSAL_LINEAR_KERNELS, "based": CAUSAL_LINEAR_KERNELS, "softmax": FLEX_KERNELS}
 LM_LENGTH, LM_VOCAB = 1024, 256
 
