@@ -1,8 +1,15 @@
 """kernels.flex inside lowered programs, from this CPU host: a bfloat16 GQA step with a window mask, ALiBi, key
 padding and dropout exports for TPU and for CUDA holding the three flex kernels (Mosaic TPU, Mosaic GPU) and no
 `[L, L]` tensor; float32 on cuda and a score_mod closing over a trainable table run the XLA form with one logged line
-naming why; an explicit "pallas" never falls back."""
+naming why; an explicit "pallas" never falls back.
 
+Each program is traced once (one `jax.jit` object per module) and exported for both platforms: `jax.export` reuses the
+jit's trace, and the trace (all of `platform_dependent`'s branches, both backends' kernels) is most of the cost. One
+`platforms=("tpu", "cuda")` export cannot replace the two: the platform branch kept for each platform is still lowered
+under both, and the Pallas kernels' lowering refuses multi-platform lowering (jax 0.10: "mpmd_map does not support
+multi-platform lowering")."""
+
+import functools
 import logging
 import re
 
@@ -18,7 +25,14 @@ window = lambda b, h, i, j: (j <= i) & (i - j < 200)  # noqa: E731
 
 
 def _export(loss, platform_name, target, *specs):
-  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  return _export_jitted(_jitted_grad(loss), platform_name, target, *specs)
+
+
+def _jitted_grad(loss):
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def _export_jitted(grad, platform_name, target, *specs):
   checks = [jax.export.DisabledSafetyCheck.custom_call(target)] if target else []
   return jax.export.export(grad, platforms=[platform_name], disabled_checks=checks)(*specs).mlir_module()
 
@@ -40,9 +54,15 @@ def _no_square(module: str) -> bool:
   return not re.search(rf"tensor<[0-9x]*{L}x{L}x", module)
 
 
+@functools.lru_cache(maxsize=None)
+def _window_alibi_grad():
+  """One jitted step for both platforms' exports (one trace)."""
+  return _jitted_grad(_loss(mask_mod=window, score_mod=flex.alibi(H)))
+
+
 @pytest.mark.parametrize("platform_name,target", [("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu_v2")])
 def test_export_holds_the_kernels(platform_name, target):
-  module = _export(_loss(mask_mod=window, score_mod=flex.alibi(H)), platform_name, target, *_specs())
+  module = _export_jitted(_window_alibi_grad(), platform_name, target, *_specs())
   assert len(re.findall(rf"custom_call @{target}\(", module)) == len(KERNELS)
   for name in KERNELS:
     assert re.search(rf"\b{name}\b", module), name
@@ -64,12 +84,9 @@ def test_fallbacks_are_logged_with_their_reason_and_explicit_pallas_raises(caplo
     _export(_loss(mask_mod=window, implementation="pallas"), "cpu", None, *_specs())
 
 
-@pytest.mark.export
-@pytest.mark.parametrize("platform_name,target", [("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu_v2")])
-def test_export_of_the_selected_branch_holds_the_kernels(platform_name, target):
-  """NSA/MoBA's selected branch (`adaptive_sparse._selected_flex`, flex's dispatch choosing): a per-token top-2
-  selection of 64-token blocks computed inside the step, its mask closing over the traced selection, exports with
-  the three flex kernels (fed the traced lists and partial-tile bitmaps) and no `[L, L]` tensor."""
+@functools.lru_cache(maxsize=None)
+def _selected_branch_grad():
+  """One jitted step for both platforms' exports (one trace)."""
   from attention import adaptive_sparse  # noqa: PLC0415
 
   def loss(q, k, v):
@@ -80,8 +97,17 @@ def test_export_of_the_selected_branch_holds_the_kernels(platform_name, target):
                                          scale=D ** -0.5, q_offset=0, dropout_rate=0.0, dropout_rng=None, q_tile=64)
     return jnp.sum(out)
 
+  return _jitted_grad(loss)
+
+
+@pytest.mark.export
+@pytest.mark.parametrize("platform_name,target", [("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu_v2")])
+def test_export_of_the_selected_branch_holds_the_kernels(platform_name, target):
+  """NSA/MoBA's selected branch (`adaptive_sparse._selected_flex`, flex's dispatch choosing): a per-token top-2
+  selection of 64-token blocks computed inside the step, its mask closing over the traced selection, exports with
+  the three flex kernels (fed the traced lists and partial-tile bitmaps) and no `[L, L]` tensor."""
   qs, kvs = _specs()[:2]
-  module = _export(loss, platform_name, target, qs, kvs, kvs)
+  module = _export_jitted(_selected_branch_grad(), platform_name, target, qs, kvs, kvs)
   assert len(re.findall(rf"custom_call @{target}\(", module)) == len(KERNELS)
   for name in KERNELS:
     assert re.search(rf"\b{name}\b", module), name
@@ -100,6 +126,7 @@ def test_export_of_a_traced_document_mask_holds_the_kernels():
 
   qs, kvs = _specs()[:2]
   doc = jax.ShapeDtypeStruct((2, L), jnp.int32)
+  grad = _jitted_grad(loss)  # one trace, two exports
   for platform_name, target in (("tpu", "tpu_custom_call"), ("cuda", "mosaic_gpu_v2")):
-    module = _export(loss, platform_name, target, qs, kvs, kvs, doc)
+    module = _export_jitted(grad, platform_name, target, qs, kvs, kvs, doc)
     assert len(re.findall(rf"custom_call @{target}\(", module)) == len(KERNELS), platform_name
