@@ -21,7 +21,15 @@ KERNELS = ["flex_fwd", "flex_bwd_dq", "flex_bwd_dkv"]  # one kernel family
 
 
 def _export(fn, platform_name, target, *specs):
-  grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
+  return _export_jitted(_jitted_grad(fn), platform_name, target, *specs)
+
+
+def _jitted_grad(fn):
+  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
+
+
+def _export_jitted(grad, platform_name, target, *specs):
+  """Exports `grad` for `platform_name`; exports of one jitted `grad` share its trace (most of the cost)."""
   exported = jax.export.export(grad, platforms=[platform_name],
                                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*specs)
   return exported.mlir_module()
@@ -63,11 +71,12 @@ def test_default_implementation_is_chosen_where_the_program_is_lowered():
   layout = bigbird_layout(8, num_global_blocks=1, num_random_blocks=1, num_heads=2, seed=0)
   loss = _default_loss(layout, 64, dropout_rate=0.1, dropout_rng=jax.random.key(0))
   spec = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+  grad = _jitted_grad(loss)  # one trace, lowered for tpu, cuda and (this host) cpu
   for backend, (platform_name, target) in PLATFORMS.items():
-    module = _export(loss, platform_name, target, spec, spec, spec)
+    module = _export_jitted(grad, platform_name, target, spec, spec, spec)
     assert _kernel_calls(module, target) >= len(KERNELS), backend  # dropout no longer forces XLA
     assert "flex_fwd" in module
-  cpu = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).as_text()
+  cpu = grad.lower(spec, spec, spec).as_text()
   assert "tpu_custom_call" not in cpu and "mosaic_gpu" not in cpu and "flex_fwd" not in cpu
 
 
@@ -82,8 +91,9 @@ def test_fallback_is_logged_once_with_its_reason_and_explicit_pallas_raises(capl
   lines = [r.getMessage() for r in caplog.records if "block_sparse_attention" in r.getMessage()]
   reason = "dtype=float32: the Mosaic GPU kernels take only bfloat16/float16"
   assert len(lines) == 1 and reason in lines[0] and "xla" in lines[0]
+  explicit = _jitted_grad(_default_loss(layout, 64, implementation="pallas"))  # one trace for both platforms
   with pytest.raises(ValueError, match=f"{reason}.*config.model.dtype='bfloat16'"):
-    _export(_default_loss(layout, 64, implementation="pallas"), "cuda", "mosaic_gpu_v2", spec, spec, spec)
+    _export_jitted(explicit, "cuda", "mosaic_gpu_v2", spec, spec, spec)
   # The TPU kernel serves the same call.
-  module = _export(_default_loss(layout, 64, implementation="pallas"), "tpu", "tpu_custom_call", spec, spec, spec)
+  module = _export_jitted(explicit, "tpu", "tpu_custom_call", spec, spec, spec)
   assert _kernel_calls(module, "tpu_custom_call") == len(KERNELS)

@@ -6,11 +6,12 @@ form, again without an `[L, L]` tensor (at 1024 tokens there: the flash form's c
 Text config, 2 layers, 256 tokens (+1 CLS position: the attention sees 257, padded to whole tiles inside the kernels), head
 dim 64 (qkv 256 over 4 heads), attention dropout 0.1, batch 2, `implementation=None`. Nothing runs: the step
 (`Experiment.jit_train_step` with its mesh shardings) is traced and lowered (`jax.export`) with `disabled_checks` for
-the kernels' custom calls.
+the kernels' custom calls. The cuda and tpu exports share one step object (one trace: `jax.export` reuses it).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -24,20 +25,26 @@ KERNELS = ("flex_fwd", "flex_bwd_dq", "flex_bwd_dkv")
 LENGTHS, BATCH = {"cuda": 256, "tpu": 256, "cpu": 1024}, 2
 
 
-def _lowered_text(platform: str) -> str:
+@functools.lru_cache(maxsize=None)
+def _step_and_args(length: int):
+  """`Experiment.jit_train_step` and its abstract (state, batch, key), one per length: exports share its trace."""
   config = text.get_config("runlocal,attention=softmax")
   config.model.update(dtype="bfloat16", num_layers=2, qkv_dim=256, num_heads=4, attention_dropout_rate=0.1)
-  config.data.max_length = LENGTHS[platform]
+  config.data.max_length = length
   config.train.batch_size = config.train.eval_batch_size = BATCH
   experiment = trainer.Experiment(config)
   rep, data = experiment.replicated, experiment.batch_sharding
   abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
   state = jax.tree_util.tree_map(lambda x: abstract(x, rep), jax.eval_shape(experiment.init_state))
   batch = {k: abstract(v, data) for k, v in experiment.task.dummy_batch(BATCH).items()}
+  return experiment.jit_train_step, (state, batch, abstract(experiment.key, rep))
+
+
+def _lowered_text(platform: str) -> str:
+  step, args = _step_and_args(LENGTHS[platform])
   exported = jax.export.export(
-      experiment.jit_train_step, platforms=[platform],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(
-          state, batch, abstract(experiment.key, rep))
+      step, platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(*args)
   return exported.mlir_module()
 
 
