@@ -51,31 +51,33 @@ def test_reference_matches_numpy(causal, normalize):
   np.testing.assert_allclose(got, numpy_linear_attention(q, k, v, causal, normalize), rtol=1e-5, atol=1e-5)
 
 
+# Lengths: one token in a larger chunk, several chunks with a partial last one, chunk 1; normalize=False (no
+# normalizer in the forward or backward) at two of them; bfloat16 once per causal form.
 GRID = [(dtype, causal, length, chunk, normalize)
         for causal in (False, True)
         for length, chunk in ((1, 64), (17, 8), (100, 32), (33, 1))
         for normalize in (True, False)
         for dtype in (jnp.float32, jnp.bfloat16)
-        if dtype == jnp.float32 or (normalize and length == 100)]
+        if (dtype == jnp.float32 and (normalize or length in (17, 33))) or (normalize and length == 100)]
 
 
 @pytest.mark.parametrize("dtype,causal,length,chunk_size,normalize", GRID)
 def test_xla_matches_reference_values_and_gradients(dtype, causal, length, chunk_size, normalize):
   q, k, v = _inputs(length, dtype)
   kw = dict(causal=causal, normalize=normalize)
-  ref = linear_attention(q, k, v, implementation="reference", **kw)
-  got = linear_attention(q, k, v, implementation="xla", chunk_size=chunk_size, **kw)
-  assert got.dtype == dtype
-  _assert_close(got, ref, dtype)
-
   ct = jax.random.normal(jax.random.key(5), v.shape).astype(dtype)
 
-  def loss(impl, **extra):
-    return lambda q, k, v: jnp.sum((linear_attention(q, k, v, implementation=impl, **kw, **extra) * ct)
-                                   .astype(jnp.float32))
+  def value_and_grads(impl, **extra):
+    def loss(q, k, v):
+      out = linear_attention(q, k, v, implementation=impl, **kw, **extra)
+      return jnp.sum((out * ct).astype(jnp.float32)), out
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
-  g_ref = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2)))(q, k, v)
-  g_xla = jax.jit(jax.grad(loss("xla", chunk_size=chunk_size), argnums=(0, 1, 2)))(q, k, v)
+  # One compiled program for both implementations.
+  ((_, ref), g_ref), ((_, got), g_xla) = jax.jit(
+      lambda: (value_and_grads("reference"), value_and_grads("xla", chunk_size=chunk_size)))()
+  assert got.dtype == dtype
+  _assert_close(got, ref, dtype)
   for a, b in zip(g_xla, g_ref):
     _assert_close(a, b, dtype)
 
