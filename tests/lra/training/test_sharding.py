@@ -1,9 +1,9 @@
-"""Training with context parallelism (`config.mesh.sequence`): a `data=2, sequence=4` run on 8 fake CPU devices
-trains like one device (losses, evaluation, checkpoints), a run resumes with another `sequence`, and 2 processes x 2
-devices (gloo) with the "sequence" axis across the processes train like one process.
+"""Training sharded over 8 fake CPU devices trains like one device (losses, evaluation, checkpoints): data parallel
+(`config.mesh.data=8`) and with context parallelism (`config.mesh.sequence`, `data=2, sequence=4`), and a run resumes
+with another `sequence`. Two processes with the "sequence" axis across them: tests/lra/test_multihost.py.
 
-The 8-device runs share ONE subprocess (jax must see 8 devices before it starts); the multi-host job has a hard
-per-job time limit (tests/lra/multihost_support.py kills both processes).
+The 8-device runs share ONE subprocess (jax must see 8 devices before it starts), and runs share work: the
+`data=2, sequence=4` run is the first call of the resumed run, which a second call extends on `data=4, sequence=2`.
 """
 
 from __future__ import annotations
@@ -17,41 +17,37 @@ import textwrap
 import numpy as np
 import pytest
 
-from lra.training import train_and_evaluate
-from lra.training.metric_writers import read_metrics
-from tests.conftest import ROOT, tiny_listops_config, xla_flags
-from tests.lra.multihost_support import run_processes, tiny_flags
+from tests.conftest import ROOT, python_path, tiny_listops_config, xla_flags
 
-TIMEOUT = 900
-MULTIHOST_TIMEOUT = 240
+TIMEOUT = 600
 RTOL = 1e-5
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    import numpy as np
     from lra.training import train_and_evaluate
     from lra.training.metric_writers import read_metrics
+    from lra.training.trainer import STEPS_PER_SECOND
     from tests.conftest import tiny_listops_config
     assert jax.device_count() == 8, jax.devices()
     cache, root = sys.argv[1], sys.argv[2]
 
-    def run(name, attention, data, seq, **train):
+    def run(name, data, seq, **train):
       config = tiny_listops_config(cache, **{"num_steps": 3, "log_every_steps": 1, "eval_every_steps": 2,
                                              "checkpoint_every_steps": 2, "num_eval_batches": 1, **train})
-      config.model.attention.name = attention
+      config.model.attention.name = "softmax"  # the ring; every variant's sharded layer: test_sequence_parallel.py
+      config.model.dropout_rate = 0.1  # dropout keys: the same bits whatever the sharding
       config.model.attention_dropout_rate = 0.1  # the ring's dropout: the counter hash by global position
       config.mesh.data, config.mesh.sequence = data, seq
       final = train_and_evaluate(config, f"{root}/{name}")
-      records = read_metrics(f"{root}/{name}")
+      records = [{k: v for k, v in r.items() if k != STEPS_PER_SECOND} for r in read_metrics(f"{root}/{name}")]
       return {"train": [r["loss"] for r in records if r["split"] == "train"],
-              "eval": [r["loss"] for r in records if r["split"] != "train"], "final": final}
+              "eval": {f"{r['step']} {r['split']}": r for r in records if r["split"] != "train"}, "final": final}
 
-    # Softmax only (the ring); every variant's sharded layer is checked in tests/attention/test_sequence_parallel.py.
-    out = {"softmax": {"1x1": run("softmax_1x1", "softmax", 1, 1), "2x4": run("softmax_2x4", "softmax", 2, 4)}}
-    # Resume with another sequence: 2 steps on data=2 x sequence=4, then extended to 3 steps on data=4 x sequence=2.
-    run("resume", "softmax", 2, 4, num_steps=2)
-    out["resumed"] = run("resume", "softmax", 4, 2)
+    out = {"1x1": run("one", 1, 1), "8x1": run("data8", 8, 1)}
+    # 2 steps on data=2 x sequence=4, then extended to 3 steps on data=4 x sequence=2 (a resume with another sequence).
+    out["2x4"] = run("resume", 2, 4, num_steps=2)
+    out["resumed"] = run("resume", 4, 2)
     print(json.dumps(out))
 """)
 
@@ -60,21 +56,39 @@ SCRIPT = textwrap.dedent("""
 def runs(data_cache, tmp_path_factory):
   root = tmp_path_factory.mktemp("seqpar")
   env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": str(ROOT)}
+         "PYTHONPATH": python_path()}
   proc = subprocess.run([sys.executable, "-c", SCRIPT, str(data_cache), str(root)], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=TIMEOUT, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-def test_data2_sequence4_trains_like_one_device(runs):
-  one, sharded = runs[0]["softmax"]["1x1"], runs[0]["softmax"]["2x4"]
-  assert len(one["train"]) == 3 and len(one["eval"]) >= 2
-  np.testing.assert_allclose(sharded["train"], one["train"], rtol=RTOL)
-  np.testing.assert_allclose(sharded["eval"], one["eval"], rtol=RTOL)
-  for split, metrics in one["final"].items():
+def _assert_metrics_close(got, want, what):
+  assert set(got) == set(want), (what, sorted(got), sorted(want))
+  for key, metrics in want.items():
+    assert set(got[key]) == set(metrics), (what, key, sorted(got[key]), sorted(metrics))
     for k, v in metrics.items():
-      np.testing.assert_allclose(sharded["final"][split][k], v, rtol=RTOL, err_msg=f"{split} {k}")
+      if isinstance(v, str):  # a record's split or phase
+        assert got[key][k] == v, (what, key, k)
+      else:
+        np.testing.assert_allclose(got[key][k], v, rtol=RTOL, err_msg=f"{what}: {key} {k}")
+
+
+def test_data_parallel_on_8_devices_matches_one_device(runs):
+  one, data8 = runs[0]["1x1"], runs[0]["8x1"]
+  assert len(one["train"]) == 3 and {"2 validation", "3 validation", "3 test"} <= set(one["eval"])
+  np.testing.assert_allclose(data8["train"], one["train"], rtol=2e-5)
+  _assert_metrics_close(data8["eval"], one["eval"], "data=8 evaluation")
+  _assert_metrics_close(data8["final"], one["final"], "data=8 final")
+
+
+def test_data2_sequence4_trains_like_one_device(runs):
+  one, sharded = runs[0]["1x1"], runs[0]["2x4"]
+  np.testing.assert_allclose(sharded["train"], one["train"][:2], rtol=RTOL)
+  # Its last step (2) is evaluated on validation (as the one-device run at step 2) and on test (no counterpart).
+  _assert_metrics_close({"2 validation": sharded["eval"]["2 validation"]}, {"2 validation": one["eval"]["2 validation"]},
+                        "data=2 x sequence=4 evaluation")
+  assert set(sharded["eval"]) == {"2 validation", "2 test"} and np.isfinite(sharded["eval"]["2 test"]["loss"])
 
 
 def test_sharded_run_uses_the_sequence_parallel_forms(runs):
@@ -86,12 +100,11 @@ def test_sharded_run_uses_the_sequence_parallel_forms(runs):
 
 
 def test_resume_with_another_sequence_matches_uninterrupted(runs):
-  resumed, one = runs[0]["resumed"], runs[0]["softmax"]["1x1"]
+  resumed, one = runs[0]["resumed"], runs[0]["1x1"]
   np.testing.assert_allclose(resumed["train"], one["train"], rtol=RTOL)
-  # The first call (2 steps) also evaluated its last step on test; the final metrics of the extended run must agree.
-  for split, metrics in one["final"].items():
-    for k, v in metrics.items():
-      np.testing.assert_allclose(resumed["final"][split][k], v, rtol=RTOL, err_msg=f"{split} {k}")
+  # The first call (2 steps) also evaluated its last step on test; every evaluation the one-device run made agrees.
+  _assert_metrics_close({k: resumed["eval"][k] for k in one["eval"]}, one["eval"], "resumed evaluation")
+  _assert_metrics_close(resumed["final"], one["final"], "resumed final")
 
 
 def test_mesh_sequence_must_divide_the_devices():
@@ -101,21 +114,6 @@ def test_mesh_sequence_must_divide_the_devices():
   n = jax.device_count() + 1
   with pytest.raises(ValueError, match=f"config.mesh.sequence={n}"):
     sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "sequence": n}))
-
-
-def test_two_processes_with_sequence_across_them_train_like_one(data_cache, tmp_path):
-  train = dict(num_steps=3, log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3, num_eval_batches=1)
-  train_and_evaluate(tiny_listops_config(data_cache, **train), tmp_path / "single")
-  # 2 processes x 2 devices: data=2 x sequence=2, the "sequence" axis spans the two processes (sharding.make_mesh).
-  argv = [*tiny_flags(data_cache, **train), "--config.mesh.sequence=2", f"--workdir={tmp_path / 'mh'}"]
-  results = run_processes(argv, timeout=MULTIHOST_TIMEOUT)
-  for i, r in enumerate(results):
-    assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
-  assert "(SoftmaxAttention): ring: " in results[0].stderr
-  multi = [r["loss"] for r in read_metrics(tmp_path / "mh") if r["split"] == "train"]
-  one = [r["loss"] for r in read_metrics(tmp_path / "single") if r["split"] == "train"]
-  assert len(multi) == 3
-  np.testing.assert_allclose(multi, one, rtol=RTOL)
 
 
 @pytest.mark.parametrize("attention_dropout,pos_encoding,refused", [

@@ -1,11 +1,10 @@
-"""The training loop: it learns, resumes exactly, stops on NaN, evaluates checkpoints, runs data parallel."""
+"""The training loop: it learns, resumes exactly, stops on NaN, evaluates checkpoints. Data parallel on 8 devices:
+tests/lra/training/test_sharding.py.
+
+Runs are shared: one 60-step run is the one that learns and the one whose checkpoints are evaluated; one uninterrupted
+20-step run is the reference of both the crash-resume and the extend tests."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -16,9 +15,7 @@ from lra.training import Experiment, evaluate_checkpoint, train_and_evaluate
 from lra.training import checkpoints as checkpoints_lib
 from lra.training.trainer import STEPS_PER_SECOND
 from lra.training.metric_writers import read_metrics
-from tests.conftest import python_path, tiny_listops_config, xla_flags
-
-ROOT = pathlib.Path(__file__).resolve().parents[3]
+from tests.conftest import tiny_listops_config
 
 
 def _params(config, workdir, which="latest"):
@@ -31,26 +28,41 @@ def _params(config, workdir, which="latest"):
   return jax.device_get(state.params), meta
 
 
-def test_training_lowers_the_loss_and_writes_the_workdir(data_cache, tmp_path):
+@pytest.fixture(scope="module")
+def trained(data_cache, tmp_path_factory):
+  """(config, workdir) of a 60-step run evaluated and checkpointed at steps 30 and 60, and its final metrics."""
   config = tiny_listops_config(data_cache, num_steps=60, learning_rate=0.02, eval_every_steps=30,
                                checkpoint_every_steps=30)
-  final = train_and_evaluate(config, tmp_path)
-  train = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+  workdir = tmp_path_factory.mktemp("trained")
+  return config, workdir, train_and_evaluate(config, workdir)
+
+
+def test_training_lowers_the_loss_and_writes_the_workdir(trained):
+  _, workdir, final = trained
+  train = [r for r in read_metrics(workdir) if r["split"] == "train"]
   first, last = np.mean([r["loss"] for r in train[:2]]), np.mean([r["loss"] for r in train[-2:]])
   assert last < first - 0.1, (first, last)
   assert set(final) == {"validation", "test"}
   assert {"accuracy", "loss"} <= set(final["test"])
-  assert json.loads((tmp_path / "config.json").read_text())["task"] == "listops"
-  assert list(tmp_path.glob("events.out.tfevents.*"))
-  assert (tmp_path / "checkpoints" / "60").exists() and list((tmp_path / "best").iterdir())
-  splits = {(r["step"], r["split"]) for r in read_metrics(tmp_path)}
+  assert json.loads((workdir / "config.json").read_text())["task"] == "listops"
+  assert list(workdir.glob("events.out.tfevents.*"))
+  assert (workdir / "checkpoints" / "60").exists() and list((workdir / "best").iterdir())
+  splits = {(r["step"], r["split"]) for r in read_metrics(workdir)}
   assert {(30, "validation"), (60, "validation"), (60, "test"), (60, "train")} <= splits
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(data_cache, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def straight(data_cache, tmp_path_factory):
+  """(config, workdir) of an uninterrupted 20-step run with dropout (its keys must be resumed too)."""
   config = tiny_listops_config(data_cache, num_steps=20, checkpoint_every_steps=10, log_every_steps=5)
-  config.model.dropout_rate = 0.1  # dropout keys must also be resumed
-  train_and_evaluate(config, tmp_path / "straight")
+  config.model.dropout_rate = 0.1
+  workdir = tmp_path_factory.mktemp("straight")
+  train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(straight, tmp_path, monkeypatch):
+  config, straight_dir = straight
 
   original = pipeline.TrainBatches.__getitem__
 
@@ -66,21 +78,21 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(data_cache, tmp_path, 
   monkeypatch.setattr(pipeline.TrainBatches, "__getitem__", original)
   train_and_evaluate(config, tmp_path / "resumed")
 
-  p1, m1 = _params(config, tmp_path / "straight")
+  p1, m1 = _params(config, straight_dir)
   p2, m2 = _params(config, tmp_path / "resumed")
   assert m1["step"] == m2["step"] == 20
   jax.tree.map(np.testing.assert_array_equal, p1, p2)
   drop_timing = lambda records: [{k: v for k, v in r.items() if k != STEPS_PER_SECOND} for r in records]  # noqa: E731
-  assert drop_timing(read_metrics(tmp_path / "straight")) == drop_timing(read_metrics(tmp_path / "resumed"))
+  assert drop_timing(read_metrics(straight_dir)) == drop_timing(read_metrics(tmp_path / "resumed"))
 
 
-def test_a_finished_run_extends_with_more_steps(data_cache, tmp_path):
-  config = tiny_listops_config(data_cache, num_steps=20)
-  train_and_evaluate(config, tmp_path / "straight")
-  short = tiny_listops_config(data_cache, num_steps=10)
+def test_a_finished_run_extends_with_more_steps(straight, tmp_path):
+  config, straight_dir = straight
+  short = config.copy_and_resolve_references()
+  short.train.num_steps = 10
   train_and_evaluate(short, tmp_path / "extended")
   train_and_evaluate(config, tmp_path / "extended")
-  p1, _ = _params(config, tmp_path / "straight")
+  p1, _ = _params(config, straight_dir)
   p2, _ = _params(config, tmp_path / "extended")
   jax.tree.map(np.testing.assert_array_equal, p1, p2)
 
@@ -102,17 +114,16 @@ def test_nan_loss_stops_with_the_step(data_cache, tmp_path, monkeypatch):
   assert not (tmp_path / "checkpoints" / "10").exists()
 
 
-def test_evaluate_checkpoint_writes_json(data_cache, tmp_path):
-  config = tiny_listops_config(data_cache, num_steps=10, eval_every_steps=5, checkpoint_every_steps=5)
-  final = train_and_evaluate(config, tmp_path)
-  result = evaluate_checkpoint(config, tmp_path, "test", "latest")
-  assert result["step"] == 10
+def test_evaluate_checkpoint_writes_json(trained, tmp_path):
+  config, workdir, final = trained
+  result = evaluate_checkpoint(config, workdir, "test", "latest")
+  assert result["step"] == 60
   assert result["accuracy"] == pytest.approx(final["test"]["accuracy"])
-  assert json.loads((tmp_path / "eval_test.json").read_text()) == result
-  best = evaluate_checkpoint(config, tmp_path, "validation", "best")
-  assert best["step"] in (5, 10)
+  assert json.loads((workdir / "eval_test.json").read_text()) == result
+  best = evaluate_checkpoint(config, workdir, "validation", "best")
+  assert best["step"] in (30, 60)
   with pytest.raises(ValueError, match="unknown split 'dev'"):
-    evaluate_checkpoint(config, tmp_path, "dev")
+    evaluate_checkpoint(config, workdir, "dev")
   with pytest.raises(FileNotFoundError, match="no 'best' checkpoint"):
     evaluate_checkpoint(config, tmp_path / "empty", "test")
 
@@ -124,33 +135,3 @@ def test_eval_batches_weight_padding_rows():
   assert [b["weights"].tolist() for b in batches][-1] == [1, 1, 0, 0]
   seen = np.concatenate([b["x"][b["weights"] > 0] for b in batches])
   np.testing.assert_array_equal(seen, np.arange(10))
-
-
-DATA_PARALLEL_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax
-    from lra.training import train_and_evaluate
-    from lra.training.metric_writers import read_metrics
-    from tests.conftest import tiny_listops_config
-    assert jax.device_count() == 8, jax.devices()
-    out = {}
-    for n in (1, 8):
-      config = tiny_listops_config(sys.argv[1], num_steps=10, log_every_steps=1, eval_every_steps=10)
-      config.mesh.data = n
-      train_and_evaluate(config, f"{sys.argv[2]}/mesh{n}")
-      out[n] = [r["loss"] for r in read_metrics(f"{sys.argv[2]}/mesh{n}") if r["split"] == "train"]
-    print(json.dumps(out))
-""")
-
-
-def test_data_parallel_on_8_devices_matches_one_device(data_cache, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": python_path()}
-  proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, str(data_cache), str(tmp_path)], env=env,
-                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  losses = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(losses["1"]) == 10
-  np.testing.assert_allclose(losses["8"], losses["1"], rtol=2e-5)
-"""Appended to tests/lra/training/test_trainer.py."""
-
