@@ -247,9 +247,10 @@ def test_sinkhorn_gumbel_noise_only_in_training():
 @pytest.mark.parametrize("name,overrides", [
     ("reformer", {"chunk_len": 16}), ("linformer", {}), ("synthesizer", {}), ("sinkhorn", {"block_size": 16})])
 def test_listops_training_lowers_the_loss(name, overrides, data_cache, tmp_path):
-  config = tiny_listops_config(data_cache, num_steps=40, learning_rate=0.02, log_every_steps=10,
-                               eval_every_steps=40, checkpoint_every_steps=40)
+  config = tiny_listops_config(data_cache, num_steps=20, learning_rate=0.02, log_every_steps=5,
+                               eval_every_steps=1000, checkpoint_every_steps=1000, num_eval_batches=1)
   config.model.attention = common.attention_config(name, **overrides)
   train_and_evaluate(config, tmp_path)
   losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
-  assert losses[-1] < losses[0] - 0.05, losses
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
