@@ -78,22 +78,23 @@ def test_command_line_writes_both_formats(tmp_path):
   assert (tmp_path / "table.csv").read_text().startswith("variant,listops,")
 
 
-def _run_table(root, cache, *extra):
-  """`lra_table.py --run` on two tiny ListOps points (softmax, linear) at runlocal scale, shrunk further."""
-  sets = ["data.max_length=48", "data.generate.num_train=256", "data.generate.num_val=64", "data.generate.num_test=64",
-          "data.generate.min_length=8", "data.generate.max_length=48", "model.num_layers=1", "model.emb_dim=32",
-          "model.qkv_dim=32", "model.mlp_dim=32", "model.head_mlp_dim=32", "train.batch_size=8",
-          "train.eval_batch_size=64", "train.warmup_steps=1", "train.eval_every_steps=100000",
-          "train.checkpoint_every_steps=100000", f"data.cache_dir={cache}"]
-  command = [sys.executable, str(ROOT / "scripts" / "lra_table.py"), str(root), "--run", "--protocol=small",
-             "--runlocal", "--tasks=listops", "--variants=softmax,linear", *(f"--set={s}" for s in sets), *extra]
-  return subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT, timeout=600)
+def _sets(cache, num_steps):
+  """Two tiny ListOps points (softmax, linear) at runlocal scale, shrunk further."""
+  return ["data.max_length=48", "data.generate.num_train=256", "data.generate.num_val=64",
+          "data.generate.num_test=64", "data.generate.min_length=8", "data.generate.max_length=48",
+          "model.num_layers=1", "model.emb_dim=32", "model.qkv_dim=32", "model.mlp_dim=32", "model.head_mlp_dim=32",
+          "train.batch_size=8", "train.eval_batch_size=64", "train.warmup_steps=1", "train.eval_every_steps=100000",
+          "train.checkpoint_every_steps=100000", f"data.cache_dir={cache}", f"train.num_steps={num_steps}"]
 
 
 def test_run_stops_within_the_budget_and_resumes(data_cache, tmp_path):
-  # A first call with 3 s: the first point cannot reach its 100,000 steps; it stops at a checkpoint, the second
-  # point does not start, and the (empty) table with both points' status is written.
-  proc = _run_table(tmp_path, data_cache, "--time_budget=3", "--set=train.num_steps=100000")
+  # The command line with 3 s: the first point cannot reach its 100,000 steps; the time limit (a SIGTERM to itself)
+  # stops it at a checkpoint, the second point does not start, and the (empty) table with both points' status is
+  # written.
+  command = [sys.executable, str(ROOT / "scripts" / "lra_table.py"), str(tmp_path), "--run", "--protocol=small",
+             "--runlocal", "--tasks=listops", "--variants=softmax,linear", "--time_budget=3",
+             *(f"--set={s}" for s in _sets(data_cache, 100000))]
+  proc = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = (tmp_path / "lra_table.md").read_text()
   stopped = re.search(r"`listops/softmax`: stopped at step (\d+)", table)
@@ -101,9 +102,12 @@ def test_run_stops_within_the_budget_and_resumes(data_cache, tmp_path):
   step = int(stopped.group(1))
   assert (tmp_path / "listops" / "softmax" / "checkpoints" / str(step)).is_dir()
   assert "`listops/linear`: new" in table
-  # The next call goes on where it stopped (the step count may grow on resume) and finishes both points.
-  proc = _run_table(tmp_path, data_cache, f"--set=train.num_steps={step + 3}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The next call goes on where it stopped (the step count may grow on resume) and finishes both points; in process,
+  # as main calls it from the same flags (one interpreter start fewer; no time budget, so no signal).
+  points = lra_table.protocol_points(["listops"], ["softmax", "linear"], ["none"], runlocal=True)
+  statuses = lra_table.run_protocol(tmp_path, "small", points,
+                                    overrides=lra_table._key_values(_sets(data_cache, step + 3), "set"))
+  assert statuses == {"listops/softmax": "done", "listops/linear": "done"}, statuses
   table = (tmp_path / "lra_table.md").read_text()
   assert "`listops/softmax`: done" in table and "`listops/linear`: done" in table
   train_steps = [json.loads(line)["step"] for line in
