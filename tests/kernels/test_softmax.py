@@ -129,8 +129,9 @@ def test_causal_skips_the_chunks_above_the_diagonal():
 # Every implementation through the public entry.
 
 
-@pytest.mark.parametrize("implementation", ["xla", "interpret", None])
-@pytest.mark.parametrize("causal", [False, True])
+# None (on CPU: the XLA form) is `test_alibi_matches_reference`'s; the XLA form's causal schedule through its own
+# function is `test_xla_matches_reference`'s.
+@pytest.mark.parametrize("implementation,causal", [("xla", False), ("interpret", False), ("interpret", True)])
 def test_implementations_match_reference(implementation, causal):
   # 13 tokens: the kernels pad to 16 (masked keys, cut-off rows).
   q, k, v, ct = _qkv(3, 13, 13, 2, 8)
@@ -164,7 +165,8 @@ def test_bfloat16_matches_reference(implementation):
   _assert_matches(got, want, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("implementation,causal", [("xla", True), ("xla", False), ("interpret", False)])
+# The kernels' dropout against the reference mask (causal, padded, grouped heads): test_grouped_query_attention_....
+@pytest.mark.parametrize("implementation,causal", [("xla", True), ("xla", False)])
 def test_dropout_uses_the_reference_mask(implementation, causal):
   q, k, v, ct = _qkv(2, 13, 13, 2, 8)  # padded to 16 by the kernels: the counters of real tokens are unchanged
   opts = dict(key_mask=_key_mask(2, 13), causal=causal, dropout_rate=0.3, dropout_rng=jax.random.key(7))
