@@ -169,6 +169,8 @@ class KernelPlan:
 
   tiles: tuple[int, int]
   block_mask: BlockMask = dataclasses.field(compare=False, hash=False, repr=False)
+  # Its partial tiles come as bitmaps (tiles spanning several layout blocks): fixed by the same things.
+  bitmaps: bool = dataclasses.field(default=False, compare=False, hash=False)
 
 
 def kernel_plan(q_shape, dtype, layout_HxNxN: np.ndarray, block_size: int, block_sizes: BlockSizes | None,
@@ -181,10 +183,11 @@ def kernel_plan(q_shape, dtype, layout_HxNxN: np.ndarray, block_size: int, block
     tiles = (block_sizes or BlockSizes()).resolve(block_size, backend)
   except ValueError as e:
     return str(e)
-  from kernels.flex.pallas import mask_closes_over_arrays  # noqa: PLC0415  (the kernel driver, where wanted)
-  bm = block_mask_from_layout(layout_HxNxN, block_size, tiles, causal)
-  reason = flex_check_supported(q_shape, q_shape, dtype, bm, backend, mask_closes_over_arrays(bm.mask_mod))
-  return reason if reason is not None else KernelPlan(tiles=tiles, block_mask=bm)
+  from kernels.flex.pallas import kernel_tables  # noqa: PLC0415  (the kernel driver, where wanted)
+  layout_bm = block_mask_from_layout(layout_HxNxN, block_size, tiles, causal)
+  bm, bitmaps = kernel_tables(layout_bm, layout_bm.mask_mod, q_shape[0], q_shape[2])
+  reason = flex_check_supported(q_shape, q_shape, dtype, bm, backend, bitmaps)
+  return reason if reason is not None else KernelPlan(tiles=tiles, block_mask=bm, bitmaps=bitmaps)
 
 
 __all__ = ["BlockSizes", "KernelPlan", "XlaPlan", "causal_blocks", "expand_layout", "gather_tables", "kernel_plan",

@@ -26,6 +26,7 @@ Implementations (the op template):
                logged line naming why a kernel could not serve (a score_mod closing over arrays, e.g. a trainable
                bias table: the kernels do not accumulate its gradient; the XLA form does).
 Each call is planned once (`plan`): tiles, tables, the backend or the reason none serves it; the plan is logged once.
+The kernel driver it hands the plan to (`pallas.flex_attention_kernel`) checks nothing again.
 
 Built-in score functions (`alibi`, `softcap`, `relative_position_bias`, with `t5_bucket`) live here too.
 
@@ -46,6 +47,7 @@ import numpy as np
 from kernels import platform
 from kernels.common import dropout_seed
 from kernels.flex.reference import flex_attention_reference
+from kernels.flex.pallas import flex_attention_kernel, kernel_tables
 from kernels.flex.tables import (BlockMask, bitmap_bytes, block_mask_from_indices, check_supported,
                                  create_block_mask, create_block_mask_traced, tile_sizes)
 from kernels.flex.xla import flex_attention_xla
@@ -158,6 +160,11 @@ class Plan:
   block_mask: BlockMask
   mask_mod: object
   kernel_reasons: dict  # backend -> reason string, or None when the kernel can serve
+  # What the kernels read (`kernels.flex.pallas.kernel_tables`, checked per backend above): their tables, the mask they
+  # evaluate (a stand-in where no tile is partial) and whether its partial tiles come as bitmaps.
+  kernel_block_mask: BlockMask
+  kernel_mask_mod: object
+  bitmaps: bool
 
   def describe(self) -> str:
     bm = self.block_mask
@@ -167,26 +174,31 @@ class Plan:
       tiles = "traced tables"
     kernels = "; ".join(f"{b}: {'kernel' if r is None else r}" for b, r in self.kernel_reasons.items())
     bits = ""
-    if _uses_bitmaps(self.mask_mod, bm):
-      bits = f", partial-tile bitmaps {bitmap_bytes(bm) / 2**20:.1f} MiB (mask_mod closes over arrays)"
+    if self.bitmaps:
+      bits = (f", partial-tile bitmaps {bitmap_bytes(self.kernel_block_mask) / 2**20:.1f} MiB (mask_mod closes over "
+              f"arrays)")
     return f"{OP}: tiles {bm.q_block}x{bm.kv_block}, {tiles}{bits}; {kernels}"
 
 
-def _uses_bitmaps(mask_mod, bm: BlockMask) -> bool:
-  """The kernels read partial-tile bitmaps: the mask closes over arrays and the tables may list partial tiles."""
-  return closes_over_arrays(mask_mod, *_index_examples(False))[0] and not _without_partial_tiles(bm)
+def _kernel_mask(mask_mod, bm: BlockMask):
+  """The mask the kernels take: `mask_mod`, or a pure index stand-in when it closes over arrays but the tables list
+  no partial tile (the kernels never evaluate it then, so they need no bitmaps)."""
+  if closes_over_arrays(mask_mod, *_index_examples(False))[0] and _without_partial_tiles(bm):
+    return _every_key
+  return mask_mod
 
 
-def _kernel_reasons(q, k, mask_mod, score_mod, bm: BlockMask) -> dict:
+def _kernel_reasons(q, k, score_mod, kernel_bm: BlockMask, bitmaps: bool) -> dict:
+  """Each backend's reason its kernels cannot serve the call (None: they can): the one check of a flex kernel call
+  (`tables.check_supported` on the tables the kernels read); the driver (`flex_attention_kernel`) does not repeat it."""
   reasons = {}
   score_arrays, _ = closes_over_arrays(score_mod, *_index_examples(True))
-  bitmaps = _uses_bitmaps(mask_mod, bm)
   common = None
   if score_arrays:
     common = ("score_mod closes over arrays (e.g. a learned bias table): the kernels evaluate pure index score "
               "functions and cannot accumulate those arrays' gradients")
   for backend in ("tpu", "gpu"):
-    reasons[backend] = common or check_supported(q.shape, k.shape, q.dtype, bm, backend, bitmaps)
+    reasons[backend] = common or check_supported(q.shape, k.shape, q.dtype, kernel_bm, backend, bitmaps)
   return reasons
 
 
@@ -259,8 +271,11 @@ def plan(q, k, v, *, mask_mod=None, score_mod=None, block_mask=None, key_mask=No
     raise ValueError(f"block_size={block_size} disagrees with the block_mask's tiles "
                      f"({block_mask.q_block}, {block_mask.kv_block}); pass one of them")
   mask_mod = block_mask.mask_mod if mask_mod is None else mask_mod
+  kernel_mask = _kernel_mask(mask_mod, block_mask)
+  kernel_bm, bitmaps = kernel_tables(block_mask, kernel_mask, b, h)
   result = Plan(block_mask=block_mask, mask_mod=mask_mod,
-                kernel_reasons=_kernel_reasons(q, k, mask_mod, score_mod, block_mask))
+                kernel_reasons=_kernel_reasons(q, k, score_mod, kernel_bm, bitmaps), kernel_block_mask=kernel_bm,
+                kernel_mask_mod=kernel_mask, bitmaps=bitmaps)
   text = result.describe()
   if text not in _logged_plans:
     _logged_plans.add(text)
@@ -288,12 +303,10 @@ def flex_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_mod=None, s
   def xla():
     return flex_attention_xla(q, k, v, p.block_mask, **common)
 
-  def kernel(backend, interpret):
-    from kernels.flex.pallas import flex_attention_pallas  # noqa: PLC0415
-    kernel_common = common
-    if closes_over_arrays(p.mask_mod, *_index_examples(False))[0] and _without_partial_tiles(p.block_mask):
-      kernel_common = {**common, "mask_mod": _every_key}
-    return lambda: flex_attention_pallas(q, k, v, p.block_mask, backend=backend, interpret=interpret, **kernel_common)
+  def kernel(backend, interpret):  # the plan checked this backend (`_kernel_reasons`): the driver checks nothing
+    kernel_common = {**common, "mask_mod": p.kernel_mask_mod}
+    return lambda: flex_attention_kernel(q, k, v, p.kernel_block_mask, bitmaps=p.bitmaps, backend=backend,
+                                         interpret=interpret, **kernel_common)
 
   if implementation == "xla":
     return xla()

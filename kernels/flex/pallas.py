@@ -77,26 +77,49 @@ def _attention_lse(st: FlexStatic, q, k, v, kvm, seed, tables, bits):
 _attention_lse.defvjp(_residuals, lambda st, res, cts: _grads(st, res, *cts))
 
 
+def kernel_tables(bm: BlockMask, mask_mod, batch: int, heads: int) -> tuple[BlockMask, bool]:
+  """What flex's kernels read for a call, decided by its plan (`kernels.flex.plan`, the softmax / block-sparse plans,
+  the ring's block plans): the tables (repeated over the batch when a mask closing over arrays differs per example on
+  batch-shared tables: each example then gets its own bitmaps) and whether the partial tiles come as bitmaps (the
+  mask closes over arrays). The plans check `tables.check_supported` on these, so the driver need not."""
+  bitmaps = mask_closes_over_arrays(mask_mod)
+  if bitmaps and mask_broadcast_dims(mask_mod, batch, heads)[0] > bm.batch:
+    bm = broadcast_batch(bm, batch)
+  return bm, bitmaps
+
+
 def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, bm: BlockMask, *,
                           mask_mod=None, score_mod=None, key_mask=None, scale: float | None = None,
                           dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
                           backend: Backend = "tpu", interpret=False, return_lse: bool = False):
-  """Flex attention through the Pallas kernels of `backend`; `[B, L, H, D]` in and out. `score_mod` must be a pure
-  index function (the kernels do not return gradients of arrays it closes over: the entry checks); `mask_mod` may
-  close over arrays, host or traced (its partial tiles then come as bitmaps, module docstring).
+  """Flex attention through the Pallas kernels of `backend`; `[B, L, H, D]` in and out, for a direct caller: checks
+  the call first (`tables.check_supported`, its one check; not in interpret mode), then runs `flex_attention_kernel`.
+  The framework's own paths (flex's, softmax's and block-sparse's entries, the ring) plan the call once and run
+  `flex_attention_kernel`, which does not check again."""
+  mask_mod = bm.mask_mod if mask_mod is None else mask_mod
+  bm, bitmaps = kernel_tables(bm, mask_mod, q_BxLxHxD.shape[0], q_BxLxHxD.shape[2])
+  reason = check_supported(q_BxLxHxD.shape, k_BxSxKxD.shape, q_BxLxHxD.dtype, bm, backend, bitmaps)
+  if reason is not None and not interpret:
+    raise ValueError(f"flex_attention: the {backend} kernels cannot serve this call: {reason}")
+  return flex_attention_kernel(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, bm, mask_mod=mask_mod, bitmaps=bitmaps,
+                               score_mod=score_mod, key_mask=key_mask, scale=scale, dropout_rate=dropout_rate,
+                               dropout_seed=dropout_seed, backend=backend, interpret=interpret, return_lse=return_lse)
+
+
+def flex_attention_kernel(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, bm: BlockMask, *,
+                          mask_mod, bitmaps: bool, score_mod=None, key_mask=None, scale: float | None = None,
+                          dropout_rate: float = 0.0, dropout_seed: jax.Array | None = None,
+                          backend: Backend = "tpu", interpret=False, return_lse: bool = False):
+  """`flex_attention_pallas` for a call its caller planned (`bm`, `bitmaps`: `kernel_tables`; the plan checked
+  `tables.check_supported` on them): the kernel call, no check. `score_mod` must be a pure index function (the
+  kernels do not return gradients of arrays it closes over: the entry's plan refuses those); `mask_mod` may close
+  over arrays, host or traced (`bitmaps`: its partial tiles then come as bitmaps, module docstring).
 
   `return_lse`: return `(out, lse float32 [B, H, Lq])`, the per-row log-sum-exp of the (modified, masked) scores,
   `MASK_VALUE` for a row without an allowed key (out 0): the convention of `kernels.softmax.xla.flash_block`, so a
   caller merges partial results (the ring's block pairs); gradients flow through both (the lse cotangent enters the
   backward kernels as `delta - dlse`)."""
   b, lq, h, d = q_BxLxHxD.shape
-  mask_mod = bm.mask_mod if mask_mod is None else mask_mod
-  bitmaps = mask_closes_over_arrays(mask_mod)
-  if bitmaps and mask_broadcast_dims(mask_mod, b, h)[0] > bm.batch:  # per-example mask on batch-shared tables
-    bm = broadcast_batch(bm, b)
-  reason = check_supported(q_BxLxHxD.shape, k_BxSxKxD.shape, q_BxLxHxD.dtype, bm, backend, bitmaps)
-  if reason is not None and not interpret:
-    raise ValueError(f"flex_attention: the {backend} kernels cannot serve this call: {reason}")
   lk, hkv = k_BxSxKxD.shape[1:3]
   bq, bkv = bm.q_block, bm.kv_block
   tq, tk = bm.num_q_tiles, bm.num_kv_tiles
@@ -135,4 +158,5 @@ def flex_attention_pallas(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   return out if lse is None else (out, lse.reshape(b, h, tq * bq)[:, :, :lq])
 
 
-__all__ = ["BACKEND_MODULES", "flex_attention_pallas", "mask_closes_over_arrays"]
+__all__ = ["BACKEND_MODULES", "flex_attention_kernel", "flex_attention_pallas", "kernel_tables",
+           "mask_closes_over_arrays"]

@@ -27,7 +27,7 @@ import numpy as np
 
 from kernels import flex
 from kernels.common import dropout_seed
-from kernels.flex.pallas import flex_attention_pallas
+from kernels.flex.pallas import flex_attention_kernel
 from kernels.flex.tables import BlockMask
 from kernels.flex.tables import check_supported as flex_check_supported
 from kernels.platform import Backend
@@ -121,12 +121,13 @@ def softmax_attention_pallas(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxH
                              key_mask: jax.Array | None, scale: float | None, dropout_rate: float,
                              dropout_rng: jax.Array | None, backend: Backend, interpret: bool) -> jax.Array:
   """Full or causal softmax (with the plan's ALiBi) through flex's Pallas driver on `backend` (`interpret`: those
-  kernels in Pallas interpret mode). The plan was made for these shapes; nothing is checked here."""
+  kernels in Pallas interpret mode). The plan was made for these shapes and checked each backend (`plan`); nothing is
+  checked here, nor in flex's driver (`flex_attention_kernel`: no mask or the causal index one, so no bitmaps)."""
   rate = float(dropout_rate) if dropout_rng is not None else 0.0
   seed = dropout_seed(dropout_rng) if rate else None
-  return flex_attention_pallas(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, kernel.block_mask, mask_mod=kernel.mask_mod,
-                               score_mod=kernel.score_mod, key_mask=key_mask, scale=scale, dropout_rate=rate,
-                               dropout_seed=seed, backend=backend, interpret=interpret)
+  return flex_attention_kernel(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, kernel.block_mask, mask_mod=kernel.mask_mod,
+                               bitmaps=False, score_mod=kernel.score_mod, key_mask=key_mask, scale=scale,
+                               dropout_rate=rate, dropout_seed=seed, backend=backend, interpret=interpret)
 
 
 __all__ = ["BACKENDS", "KernelPlan", "MIN_TILE", "alibi_score_mod", "call_reason", "plan", "softmax_attention_pallas",

@@ -125,23 +125,28 @@ def block_reason(plans: dict, backend: str) -> str | None:
 
 def pallas_block_fn(backend: str, interpret: bool = False, plans: dict | None = None):
   """The ring's block function on `backend`'s flex Pallas kernels ("tpu" with `interpret=True`: how CPU tests run
-  them): `(out float32, lse)` of one block pair through `flex_attention_pallas(..., return_lse=True)` (lse MASK_VALUE
-  for a row without keys, as `flash_block`), `causal` only for a chunk against itself (`_pairs`). `plans`: the ring's
-  (`block_plans`); None plans from the first block's shape (a direct caller). The kernels take neither offsets nor an
-  ALiBi bias, and their dropout counters are block-local: `refusal` turns such calls away before the ring is built."""
-  from kernels.flex.pallas import flex_attention_pallas  # noqa: PLC0415
+  them): `(out float32, lse)` of one block pair through `flex_attention_kernel(..., return_lse=True)` (lse
+  MASK_VALUE for a row without keys, as `flash_block`), `causal` only for a chunk against itself (`_pairs`).
+  `plans`: the ring's (`block_plans`, whose reasons the ring read before choosing this function: nothing is checked
+  again, here or in flex's driver); None: a direct caller's, planned and checked from the first block's shape. The
+  kernels take neither offsets nor an ALiBi bias, and their dropout counters are block-local: `refusal` turns such
+  calls away before the ring is built."""
+  from kernels.flex.pallas import flex_attention_kernel  # noqa: PLC0415
 
   def block(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, *, key_mask, causal, scale, dropout_rate=0.0, seed=None, q_offset=0,
             k_offset=0, batch_offset=0, alibi_slopes=None):
     del seed, q_offset, k_offset, batch_offset  # positions only matter within a masked (diagonal) pair
     if dropout_rate > 0.0 or alibi_slopes is not None:
       raise ValueError("ring_attention: the Pallas block takes no dropout or ALiBi (see refusal)")
-    kernel = (plans if plans is not None else block_plans(q_BxCxHxD.shape, q_BxCxHxD.dtype))[bool(causal)]
-    if (reason := kernel.reason(backend)) is not None and not interpret:
-      raise ValueError(f"ring_attention: the {backend} kernels cannot take this block pair: {reason}")
-    o, lse = flex_attention_pallas(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, kernel.block_mask, mask_mod=kernel.mask_mod,
-                                   key_mask=key_mask, scale=scale, backend=backend, interpret=interpret,
-                                   return_lse=True)
+    if plans is None:  # a direct caller: plan and check here, once
+      kernel = block_plans(q_BxCxHxD.shape, q_BxCxHxD.dtype)[bool(causal)]
+      if (reason := kernel.reason(backend)) is not None and not interpret:
+        raise ValueError(f"ring_attention: the {backend} kernels cannot take this block pair: {reason}")
+    else:
+      kernel = plans[bool(causal)]
+    o, lse = flex_attention_kernel(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, kernel.block_mask, mask_mod=kernel.mask_mod,
+                                   bitmaps=False, key_mask=key_mask, scale=scale, backend=backend,
+                                   interpret=interpret, return_lse=True)
     return o.astype(jnp.float32), lse
 
   return block

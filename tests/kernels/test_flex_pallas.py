@@ -104,3 +104,36 @@ def test_gpu_kernels_under_the_gpu_interpreter():
   for g, w in zip(got_g, want_g):
     assert float(jnp.abs(w.astype(jnp.float32)).max()) > 0.1
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **tol)
+
+
+def test_each_kernel_call_is_checked_once_by_its_plan_and_not_by_the_driver():
+  """Issue 36: flex's entry plans a call once (one `check_supported` per backend) and runs `flex_attention_kernel`,
+  which does not check again; softmax's and block-sparse's entries and the ring's block function (given the ring's
+  plans) reach flex's kernels the same way. The driver's check is patched to fail; tracing only (`eval_shape`)."""
+  from unittest import mock  # noqa: PLC0415
+
+  from kernels import block_sparse, softmax  # noqa: PLC0415
+  from kernels.flex import pallas as driver  # noqa: PLC0415
+  from kernels.softmax import sequence_parallel as ring  # noqa: PLC0415
+  x = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
+  layout = np.tril(np.ones((1, 2, 2), bool))
+  # No mask anywhere (no causal): building a masked block mask would compile its classification, the test's cost.
+  full = softmax.pallas.plan(x.shape, x.shape, x.dtype, causal=False, alibi_slopes=None)
+  block = ring.pallas_block_fn("tpu", interpret=True, plans={False: full})  # the ring's plans (`block_plans`)
+  calls = {
+      "softmax": lambda q: softmax.softmax_attention(q, q, q, implementation="interpret"),
+      "block_sparse": lambda q: block_sparse.block_sparse_attention(q, q, q, layout, block_size=8, causal=True,
+                                                                    implementation="interpret"),
+      "ring block": lambda q: block(q, q, q, key_mask=None, causal=False, scale=1.0)[0],
+  }
+  with mock.patch.object(flex, "check_supported", wraps=flex.check_supported) as checks, \
+       mock.patch.object(flex, "plan", wraps=flex.plan) as plans, \
+       mock.patch.object(driver, "check_supported", side_effect=AssertionError("the driver re-checked")):
+    jax.eval_shape(lambda q: flex.flex_attention(q, q, q, block_size=8, implementation="interpret"), x)
+    assert plans.call_count == 1
+    assert [c.args[4] for c in checks.call_args_list] == ["tpu", "gpu"]  # one check per backend, in the plan
+    for name, call in calls.items():
+      assert jax.eval_shape(call, x).shape == x.shape, name
+  with pytest.raises(ValueError, match="cannot serve this call"):  # a direct caller's function still checks
+    driver.flex_attention_pallas(jnp.ones((1, 16, 2, 8)), jnp.ones((1, 16, 2, 8)), jnp.ones((1, 16, 2, 8)),
+                                 flex.create_block_mask(None, 1, 1, 16, 16, (12, 16)), backend="tpu")
