@@ -9,14 +9,17 @@ cache of the linear-attention family is `attention.recurrent.RecurrentLayer`.
 
 Options are checked by the gate (attention/registry.py: `resolve`, `AttentionSpec.build`, `build`), which reads the
 ranges declared here (`COMMON_RANGES`) and in each variant (`option_ranges`) and asks the class the questions a
-constant cannot answer (`causal_refusal`). This module imports nothing of the registry; `check_inputs` checks only
-what a call knows (shapes, masks).
+constant cannot answer (`causal_refusal`). This module imports nothing of the registry (the gate installs its check
+for directly constructed layers here: `install_construction_gate`); `check_inputs` checks only what a call knows
+(shapes, masks).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -87,6 +90,12 @@ class AttentionLayer(nn.Module):
   option_ranges: ClassVar[Mapping[str, Any]] = {}
   # The `positions` a variant applies (attention/positions.py); others are refused naming both.
   supported_positions: ClassVar[tuple[str, ...]] = ("none",)
+
+  def __post_init__(self) -> None:
+    # A registered variant constructed directly (`LongformerAttention(num_heads=2, ...)`) passes the gate here, once
+    # per distinct options; Flax's clones of it and the layers the gate built find their options in the memo.
+    check_constructed(self)
+    super().__post_init__()
 
   @classmethod
   def causal_refusal(cls, options: Mapping[str, Any]) -> str | None:
@@ -214,6 +223,71 @@ def registered_name(cls: type) -> str:
 
 
 REGISTERED_AS = "_registered_as"  # the class attribute `attention.register` sets
+
+
+# ---- the gate at construction ----------------------------------------------------------------------------------------
+# `attention.build` and `AttentionSpec.build` check a layer's options before constructing it; a registered variant
+# constructed directly gets the same check from `AttentionLayer.__post_init__`, through the function the gate installs
+# (`install_construction_gate`, from attention/builders.py: this module imports nothing of the registry). Memoized per
+# (class, options): Flax clones a module at every `init` / `apply` and for every bound copy, and those clones, like the
+# layers the gate built itself (`built_by_gate`), are not checked again.
+
+_CONSTRUCTION_GATE: list[Callable[[type, dict[str, Any]], None]] = []
+_CHECKED: set = set()
+_CHECKED_SIZE = 4096
+_BUILT_BY_GATE: contextvars.ContextVar[type | None] = contextvars.ContextVar("built_by_gate", default=None)
+
+
+def install_construction_gate(gate: Callable[[type, dict[str, Any]], None]) -> None:
+  """Sets the check `AttentionLayer.__post_init__` runs on a directly constructed layer: `gate(cls, options)` raises
+  the gate's one-line ValueError (attention/builders.py installs `check_constructed_options`)."""
+  _CONSTRUCTION_GATE[:] = [gate]
+
+
+@contextlib.contextmanager
+def built_by_gate(cls: type) -> Iterator[None]:
+  """Constructing `cls` inside this block: the gate has just checked its options (`AttentionSpec.build`), so
+  `__post_init__` records them as checked instead of checking them again."""
+  token = _BUILT_BY_GATE.set(cls)
+  try:
+    yield
+  finally:
+    _BUILT_BY_GATE.reset(token)
+
+
+def _frozen(value: Any) -> Any:
+  """A hashable key telling apart values Python calls equal (True, 1 and 1.0 are different options)."""
+  if isinstance(value, Mapping):
+    return ("mapping", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+  if isinstance(value, (list, tuple)):
+    return (type(value).__name__, tuple(_frozen(v) for v in value))
+  return (type(value), value)
+
+
+def constructed_options(layer: nn.Module) -> dict[str, Any]:
+  """Every option of a constructed layer (its dataclass fields but Flax's `parent` / `name`)."""
+  return {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)
+          if f.init and f.name not in ("parent", "name")}
+
+
+def check_constructed(layer: nn.Module) -> None:
+  """The gate for `layer`'s options unless these (class, options) passed it already (module comment above)."""
+  if not _CONSTRUCTION_GATE:
+    return
+  cls, options = type(layer), constructed_options(layer)
+  try:
+    key = (cls, _frozen(options))
+    hash(key)
+  except TypeError:  # an unhashable option value: checked, not memoized
+    key = None
+  if key is not None and key in _CHECKED:
+    return
+  if _BUILT_BY_GATE.get() is not cls:
+    _CONSTRUCTION_GATE[0](cls, options)
+  if key is not None:
+    if len(_CHECKED) >= _CHECKED_SIZE:
+      _CHECKED.clear()
+    _CHECKED.add(key)
 
 
 def encoder_owned_options() -> tuple[str, ...]:

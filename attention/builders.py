@@ -11,10 +11,11 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
+from attention import base
 from attention import catalog
 from attention.base import encoder_owned_options
 from attention.gate import resolve
-from attention.specs import AttentionSpec
+from attention.specs import AttentionSpec, check_model_owned
 
 
 def build(name: str, /, **kwargs: Any) -> nn.Module:
@@ -37,6 +38,22 @@ def build(name: str, /, **kwargs: Any) -> nn.Module:
     raise ValueError(f"attention variant {name!r} requires option(s) {missing}")
   [spec] = resolve(name, 1, own, layer_options=[{}])
   return spec.build(**{k: v for k, v in kwargs.items() if k in owned or k in flax_fields})
+
+
+def check_constructed_options(cls: type, options: Mapping[str, Any]) -> None:
+  """The gate for a registered variant constructed directly (`LongformerAttention(num_heads=2, num_dilated_heads=3,
+  dilation=2)` rather than `attention.build`), run once per distinct options by `AttentionLayer.__post_init__`: the
+  same checks and one-line messages as `build` (`resolve`, then `check_model_owned`). A class the registry does not
+  hold under its name (an abstract base, a subclass defined in a test) has no entry in the gate and is not checked."""
+  name = base.registered_name(cls)
+  if name not in catalog.names() or not issubclass(catalog.get_class(name), cls):
+    return
+  owned = encoder_owned_options()
+  [spec] = resolve(name, 1, {k: v for k, v in options.items() if k not in owned}, layer_options=[{}])
+  check_model_owned(spec, {k: v for k, v in options.items() if k in owned})
+
+
+base.install_construction_gate(check_constructed_options)
 
 
 def spec_of(config: Mapping[str, Any], /) -> AttentionSpec:

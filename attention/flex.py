@@ -34,7 +34,7 @@ from attention import flex_mods
 from attention import positions
 from attention import registry
 from attention.base import REGISTERED_AS, AttentionLayer, default_kernel_init
-from attention.ranges import Integer, OneOf, Range
+from attention.ranges import Constraint, Integer, OneOf, Range, Satisfies
 from kernels import sequence as sequence_lib
 from kernels.flex import IMPLEMENTATIONS, flex_attention
 
@@ -42,19 +42,25 @@ from kernels.flex import IMPLEMENTATIONS, flex_attention
 # ---- grouped-query projections (shared with the softmax layer) -----------------------------------------------------
 
 
-def check_kv_heads(layer: AttentionLayer) -> int:
-  """The layer's key/value head count: `num_kv_heads` (a divisor of `num_heads`) or `num_heads`."""
-  kv = layer.num_kv_heads or layer.num_heads
-  if layer.num_heads % kv:
-    raise ValueError(f"{type(layer).__name__}: num_kv_heads={kv} must divide num_heads={layer.num_heads} (grouped-"
-                     f"query attention shares each key/value head between num_heads / num_kv_heads query heads)")
-  return kv
+# `num_kv_heads` against the model's `num_heads` (flex and softmax declare it): checked by the gate when the layer is
+# built (`AttentionSpec.build`, the config validation, a directly constructed layer), never again at a call.
+KV_HEADS_DIVIDE_HEADS = Constraint(
+    "num_kv_heads", ("num_heads",),
+    lambda num_heads: Satisfies(lambda kv: num_heads % kv == 0, f"a divisor of {num_heads}"),
+    why="grouped-query attention shares each key/value head between num_heads / num_kv_heads query heads; use a "
+        "divisor of num_heads, or None for num_heads")
+
+
+def kv_heads(layer: AttentionLayer) -> int:
+  """The layer's key/value head count: `num_kv_heads` (a divisor of `num_heads`: `KV_HEADS_DIVIDE_HEADS`, the
+  gate's) or `num_heads`."""
+  return layer.num_kv_heads or layer.num_heads
 
 
 def project_kv(layer: AttentionLayer, x: jax.Array, name: str) -> jax.Array:
   """Projects `[B, L, F]` to `[B, L, Hkv, D]` with the shared submodule `name` ("key" / "value"), `Hkv` the layer's
   key/value heads: the projections of `AttentionLayer.project` with fewer heads."""
-  kv = check_kv_heads(layer)
+  kv = kv_heads(layer)
   if kv == layer.num_heads:
     return layer.project(x, name)
   y = layer.dense((kv, layer.head_dim(x)), name, axis=-1, kernel_init=default_kernel_init)(x)
@@ -130,6 +136,7 @@ class FlexAttention(AttentionLayer):
   supports_decode = True
   supported_positions = ("none", "rope", "alibi")
   option_ranges: ClassVar[Mapping[str, Range]] = {}  # filled from the function registry below
+  option_constraints = (KV_HEADS_DIVIDE_HEADS,)
 
   def sequence_parallel_form(self) -> str | None:
     return None  # keys/values gathered along the sequence (the exact fallback), logged once
@@ -200,7 +207,6 @@ class FlexAttention(AttentionLayer):
                segment_ids: jax.Array | None = None) -> jax.Array:
     self.check_inputs(x, mask)
     self.check_functions()
-    check_kv_heads(self)
     batch, length = x.shape[:2]
     if segment_ids is not None and tuple(segment_ids.shape) != (batch, length):
       raise ValueError(f"FlexAttention: segment_ids must be int [batch, length] = {(batch, length)}, got shape "
@@ -259,4 +265,4 @@ def _add_option_fields(spec: flex_mods.ModSpec) -> None:
 _declare_ranges(FlexAttention)
 flex_mods._LISTENERS.append(_add_option_fields)  # pylint: disable=protected-access
 
-__all__ = ["FlexAttention", "check_kv_heads", "project_kv", "repeat_kv"]
+__all__ = ["FlexAttention", "KV_HEADS_DIVIDE_HEADS", "kv_heads", "project_kv", "repeat_kv"]

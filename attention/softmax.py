@@ -13,7 +13,7 @@ import jax
 
 from attention import positions
 from attention.base import AttentionLayer
-from attention.flex import check_kv_heads, project_kv, repeat_kv
+from attention.flex import KV_HEADS_DIVIDE_HEADS, project_kv, repeat_kv
 from attention.registry import register
 from attention.ranges import Integer, OneOf
 from kernels import sequence as sequence_lib
@@ -37,6 +37,7 @@ class SoftmaxAttention(AttentionLayer):
   num_kv_heads: int | None = None
   option_ranges = {"implementation": OneOf(IMPLEMENTATIONS, what="softmax implementation"),
                    "num_kv_heads": Integer(1, allow_none=True)}
+  option_constraints = (KV_HEADS_DIVIDE_HEADS,)  # checked by the gate when the layer is built, not at a call
 
   supports_decode = True
   supported_positions = ("none", "rope", "alibi")
@@ -52,7 +53,6 @@ class SoftmaxAttention(AttentionLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)  # `implementation` passed the gate (option_ranges) when the layer was built
-    check_kv_heads(self)
     q, k, v = self.project(x, "query"), project_kv(self, x, "key"), project_kv(self, x, "value")
     if self.positions == "rope":  # rotated before caching: a decode step sits at the cache's index
       offset = positions.decode_offset(self, "cached") if self.decode else 0

@@ -27,7 +27,7 @@ import numpy as np
 from attention import sparse_layouts
 from attention.base import AttentionLayer
 from attention.registry import register
-from attention.ranges import Integer, OneOf
+from attention.ranges import Constraint, Integer, OneOf
 from kernels import sequence as sequence_lib
 from kernels.block_sparse import IMPLEMENTATIONS
 from kernels.flex import flex_attention
@@ -156,7 +156,13 @@ class LongformerAttention(BlockSparseAttention):
   num_dilated_heads: int = 2
   option_ranges = {"window": Integer(1), "num_global_blocks": Integer(0), "dilation": Integer(1),
                    "num_dilated_heads": Integer(0)}
-  option_constraints = (sparse_layouts.BIDIRECTIONAL_WINDOW,)
+  option_constraints = (
+      sparse_layouts.BIDIRECTIONAL_WINDOW,
+      # Checked by the gate when the layer is built (it reads the model's num_heads), never again at a call.
+      Constraint("num_dilated_heads", ("num_heads", "dilation"),
+                 lambda num_heads, dilation: Integer(0, num_heads) if dilation > 1 else None,
+                 why="the last num_dilated_heads heads dilate their window; use num_dilated_heads <= num_heads"),
+  )
 
   supports_causal = False
   not_causal_reason = ("global tokens see and are seen by every position, future ones included; set "
@@ -169,14 +175,13 @@ class LongformerAttention(BlockSparseAttention):
 
   def mask_mod(self, num_blocks: int, block_size: int) -> Callable:
     del num_blocks
-    if self.dilation > 1 and not 0 <= self.num_dilated_heads <= self.num_heads:
-      raise ValueError(f"LongformerAttention: num_dilated_heads must be in [0, num_heads={self.num_heads}], got "
-                       f"{self.num_dilated_heads}")
-    dilated = min(self.num_dilated_heads, self.num_heads)
-    dilations = (1,) * (self.num_heads - dilated) + (self.dilation,) * dilated
+    dilation = 1
+    if self.dilation > 1:  # the gate held num_dilated_heads to [0, num_heads] when the layer was built
+      dilated = self.num_dilated_heads
+      dilation = (1,) * (self.num_heads - dilated) + (self.dilation,) * dilated
     return sparse_layouts.longformer_mask(block_size=block_size, window=self.window,
-                                          num_global_blocks=self.num_global_blocks,
-                                          dilation=dilations if self.dilation > 1 else 1, causal=self.causal)
+                                          num_global_blocks=self.num_global_blocks, dilation=dilation,
+                                          causal=self.causal)
 
 
 @register("bigbird")

@@ -20,7 +20,7 @@ import flax.linen as nn
 from attention import catalog
 from attention import positions as positions_lib
 from attention import ranges as ranges_lib
-from attention.base import COMMON_RANGES, encoder_owned_options
+from attention.base import COMMON_RANGES, built_by_gate, encoder_owned_options
 
 # Constraints of the common (model-owned) options, held by every variant.
 COMMON_CONSTRAINTS: tuple[ranges_lib.Constraint, ...] = (positions_lib.ROPE_HEAD_DIM,)
@@ -122,7 +122,8 @@ class AttentionSpec(collections.abc.Mapping):
     ranges, causal / decode / positions against what the spec answers, the constraints that read them): the spec's
     own options passed the gate when it was made."""
     check_model_owned(self, model_owned)
-    return self.cls(**self, **model_owned)
+    with built_by_gate(self.cls):  # checked: the layer's `__post_init__` records its options, checks nothing
+      return self.cls(**self, **model_owned)
 
 
 def _with_model_defaults(spec: AttentionSpec, model_owned: Mapping[str, Any]) -> dict[str, Any]:

@@ -297,11 +297,17 @@ def _sequence_parallel_problems(config: ml_collections.ConfigDict) -> list[str]:
   from lra.models import embeddings  # pylint: disable=g-import-not-at-top
   cls = attention_lib.get_class(config.model.attention.name)
   # The encoder-owned options a form may depend on (attention dropout, relative positions), as the encoder sets them.
-  owned = {"dropout_rate": config.model.get("attention_dropout_rate", 0.0),
+  owned = {"num_heads": config.model.get("num_heads", 8), "qkv_dim": config.model.get("qkv_dim"),
+           "dropout_rate": config.model.get("attention_dropout_rate", 0.0),
            "positions": embeddings.layer_positions(config.model.get("pos_encoding", "learned"))}
   problems = []
   for layer_options in resolved_layers(config):
-    refusal = getattr(cls(**dict(layer_options), **owned), "sequence_parallel_refusal", lambda: None)()
+    try:  # constructing a layer passes the gate (`AttentionLayer.__post_init__`), the model-owned values included
+      layer = cls(**dict(layer_options), **owned)
+    except ValueError as e:
+      problems.append(f"config.model.attention: {e}")
+      continue
+    refusal = getattr(layer, "sequence_parallel_refusal", lambda: None)()
     if refusal is not None:
       refusal = refusal.replace("mesh.sequence > 1", f"config.mesh.sequence={size}", 1)
       problems.append(f"config.model.attention: {refusal}")

@@ -250,8 +250,8 @@ def test_gqa_equals_repeated_key_value_heads(name):
   gx_gqa = jax.grad(lambda x: f(params, gqa, x))(X)
   gx_mha = jax.grad(lambda x: f(repeated, mha, x))(X)
   np.testing.assert_allclose(gx_gqa, gx_mha, **TOL)
-  with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=4"):
-    attention.build(name, num_heads=heads, num_kv_heads=3, **extra).init(jax.random.key(0), X)
+  with pytest.raises(ValueError, match="num_kv_heads must be a divisor of 4 with num_heads=4 .*got num_kv_heads=3"):
+    attention.build(name, num_heads=heads, num_kv_heads=3, **extra)  # the gate refuses it before any call
 
 
 def test_softmax_decode_cache_holds_the_key_value_heads():

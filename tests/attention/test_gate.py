@@ -87,3 +87,44 @@ def test_the_config_check_formats_the_gates_problems():
       "config.model.attention.nope: unknown option for attention 'local'; valid options: block_size, "
       "implementation, window",
       "config.model.attention.window='x' is out of range for 'local': expected an integer >= 1"]
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("longformer", dict(num_heads=2, dilation=2, num_dilated_heads=3),
+     r"num_dilated_heads must be in \[0, 2\] with num_heads=2, dilation=2 .*got num_dilated_heads=3"),
+    ("softmax", dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a divisor of 4 with num_heads=4 .*got "
+                                                   r"num_kv_heads=3"),
+    ("flex", dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a divisor of 4 .*got num_kv_heads=3"),
+])
+def test_head_counts_are_gate_constraints_also_for_a_layer_constructed_directly(name, options, match):
+  """Issue 36: `num_dilated_heads <= num_heads` (Longformer) and `num_kv_heads` dividing `num_heads` (softmax, flex)
+  are constraints the gate checks before any tracing (no longer at a call), with one line naming value, expectation
+  and fix; a registered class constructed directly raises the same line at construction (`__post_init__`)."""
+  with pytest.raises(ValueError, match=match) as built:
+    attention.build(name, **options)
+  assert "\n" not in str(built.value)
+  with pytest.raises(ValueError) as constructed:
+    attention.get_class(name)(**options)
+  assert str(constructed.value) == str(built.value)
+  own = {k: v for k, v in options.items() if k != "num_heads"}
+  config = ml_collections.ConfigDict({"model": {**MODEL, "num_heads": options["num_heads"],
+                                                "attention": {"name": name, **own}}})
+  key = next(k for k in options if k.startswith("num_") and k != "num_heads")
+  assert [p.split(" is out of range")[0] for p in config_checks.config_problems(config)] == [
+      f"config.model.attention.{key}={options[key]}"]
+
+
+def test_a_constructed_layer_is_checked_once_and_a_gate_built_one_not_again(monkeypatch):
+  """The construction check runs once per distinct options (Flax clones the module at `init` / `apply` / `bind`:
+  cloned here, without tracing), and not at all for a layer `attention.build` made (the gate checked it just
+  before)."""
+  from attention import base  # pylint: disable=import-outside-toplevel
+  calls = []
+  installed = base._CONSTRUCTION_GATE[0]  # pylint: disable=protected-access
+  monkeypatch.setattr(base, "_CONSTRUCTION_GATE", [lambda cls, options: calls.append(cls) or installed(cls, options)])
+  direct = attention.get_class("softmax")(num_heads=2, num_kv_heads=1, dropout_rate=0.0361)  # options new here
+  direct.clone(), direct.clone(name="attention"), direct.bind({"params": {}})
+  assert len(calls) == 1
+  built = attention.build("softmax", num_heads=2, num_kv_heads=2, dropout_rate=0.0362)
+  built.clone(), built.bind({"params": {}})
+  assert len(calls) == 1
