@@ -28,16 +28,17 @@ def test_short_conv_is_causal_masks_padding_and_decodes_like_the_parallel_form()
   mask = jnp.arange(7)[None] != jnp.array([[2], [9]])  # row 0: position 2 is padding
   conv = ShortConv(kernel_size=3)
   params = conv.init(jax.random.key(1), x)
-  jac = jax.jacrev(lambda x: conv.apply(params, x, mask)[0])(x)[:, :, 0]  # [L, C, L, C]
+  jac = jax.jit(jax.jacrev(lambda x: conv.apply(params, x, mask)[0]))(x)[:, :, 0]  # [L, C, L, C]
   dep = np.abs(np.asarray(jac)).sum(axis=(1, 3))
   np.testing.assert_array_equal(dep[np.triu_indices(7, 1)], 0.0)  # causal
   np.testing.assert_array_equal(dep[:, 2], 0.0)  # the padded input reaches no output
   assert dep[4, 3] > 0 and dep[4, 2 - 0] == 0 and dep[6, 4] > 0 and dep[6, 3] == 0  # 3 taps: t sees t-2..t
   decoder = ShortConv(kernel_size=3, decode=True)
   cache = decoder.init(jax.random.key(1), x)["cache"]
+  step = jax.jit(lambda cache, x_t, m_t: decoder.apply({**params, "cache": cache}, x_t, m_t, mutable=["cache"]))
   outs = []
   for t in range(7):
-    y, mutated = decoder.apply({**params, "cache": cache}, x[:, t:t + 1], mask[:, t:t + 1], mutable=["cache"])
+    y, mutated = step(cache, x[:, t:t + 1], mask[:, t:t + 1])
     cache = mutated["cache"]
     outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), conv.apply(params, x, mask), atol=1e-6)
@@ -95,12 +96,15 @@ def _sequence_parallel_cases() -> list[dict]:
   for form in ("per_head", "per_key", "delta", "gated_delta"):
     g = -jax.nn.softplus(jax.random.normal(ks[5], (b, length, h, dk) if form == "per_key" else (b, length, h)))
 
+    # XLA's chunked forms on both sides: what the shards exchange does not depend on the form, and the default
+    # dispatch would also trace the GPU and TPU kernels (4x the time; tests/kernels compares the forms).
     def core(q, k, v, g, beta, sharded, form=form):
       if form in ("per_head", "per_key"):
         f = gated_linear_sequence_parallel if sharded else gated_linear_attention
-        return f(q, k, v, g, key_mask=mask, chunk_size=4)
+        return f(q, k, v, g, key_mask=mask, chunk_size=4, implementation="xla")
       f = delta_rule_sequence_parallel if sharded else delta_rule_attention
-      return f(q, k, v, beta, g if form == "gated_delta" else None, key_mask=mask, chunk_size=4)
+      return f(q, k, v, beta, g if form == "gated_delta" else None, key_mask=mask, chunk_size=4,
+               implementation="xla")
 
     def loss(q, k, v, g, beta, sharded, core=core):
       if not sharded:
