@@ -8,7 +8,9 @@ import pytest
 
 from lra.models import Encoder, ReversibleBlocks
 
-ATTENTIONS = [{"name": "softmax"}, {"name": "linear"}]
+# Softmax with attention dropout: the recomputation must replay the same dropout and attention keys, the part a
+# variant could get wrong (linear attention draws none; its layer inside the stack: the bfloat16 test below).
+ATTENTIONS = [{"name": "softmax"}]
 
 
 def _blocks(attention, num_layers=2, recompute=True, dropout=0.1):
@@ -54,9 +56,10 @@ def test_variants_with_extra_collections_are_rejected():
 
 
 def _temp_bytes(num_layers, reversible):
-  model = Encoder(vocab_size=20, max_length=512, emb_dim=64, num_layers=num_layers, num_heads=4, qkv_dim=64,
-                  mlp_dim=256, dropout_rate=0.0, attention_dropout_rate=0.0, reversible=reversible, pooling="mean")
-  tokens = jax.ShapeDtypeStruct((8, 512), jnp.int32)
+  # Small enough to compile in about a second per depth, large enough that activations dominate the temporaries.
+  model = Encoder(vocab_size=20, max_length=128, emb_dim=32, num_layers=num_layers, num_heads=2, qkv_dim=32,
+                  mlp_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0, reversible=reversible, pooling="mean")
+  tokens = jax.ShapeDtypeStruct((4, 128), jnp.int32)
   params = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
 
   def loss(p, t):
@@ -68,8 +71,9 @@ def _temp_bytes(num_layers, reversible):
 
 
 def test_activation_memory_grows_less_than_linearly_with_depth():
-  rev_growth = _temp_bytes(6, True) / _temp_bytes(2, True)
-  plain_growth = _temp_bytes(6, False) / _temp_bytes(2, False)
+  # Three times the depth: a reversible stack keeps about the same temporaries (1.07x here), a plain one 2.4x.
+  rev_growth = _temp_bytes(3, True) / _temp_bytes(1, True)
+  plain_growth = _temp_bytes(3, False) / _temp_bytes(1, False)
   assert rev_growth < 1.5, rev_growth
   assert plain_growth > 2.0, plain_growth
 
@@ -78,8 +82,8 @@ def test_listops_training_with_reversible_encoder(data_cache, tmp_path):
   from lra.training import train_and_evaluate  # pylint: disable=import-outside-toplevel
   from lra.training.metric_writers import read_metrics  # pylint: disable=import-outside-toplevel
   from tests.conftest import tiny_listops_config  # pylint: disable=import-outside-toplevel
-  config = tiny_listops_config(data_cache, num_steps=40, learning_rate=0.02, log_every_steps=10,
-                               eval_every_steps=40, checkpoint_every_steps=40)
+  config = tiny_listops_config(data_cache, num_steps=20, learning_rate=0.02, log_every_steps=5,
+                               eval_every_steps=20, checkpoint_every_steps=20)
   config.model.reversible = True
   config.model.dropout_rate = 0.1
   train_and_evaluate(config, tmp_path)
