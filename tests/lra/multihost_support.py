@@ -1,7 +1,7 @@
 """Runs train.py in N local processes x D CPU devices (gloo collectives), as a multi-host job would, with a hard time
 limit: on timeout every process group is killed, so a deadlock fails in seconds instead of blocking CI.
 
-Used by tests/lra/test_multihost.py, tests/lra/test_preemption.py and scripts/check_multihost.py.
+Used by tests/lra/test_multihost.py, tests/lra/training/test_preemption.py and scripts/check_multihost.py.
 """
 
 from __future__ import annotations
