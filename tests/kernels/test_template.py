@@ -10,6 +10,7 @@ implementation each op has on CPU at tiny shapes.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import pathlib
@@ -211,23 +212,49 @@ def test_every_entry_takes_key_mask_and_implementation(op):
   assert not {"kv_mask", "key_mask_BxL", "mask_BxL"} & set(params), f"{op}: one key-padding name only"
 
 
+@functools.lru_cache(maxsize=None)
+def _loss_value_and_grad(op: str):
+  """jit of `(sum(out ** 2), out), grads` for the op's call, `implementation` static: the key-mask tests share its
+  compiled programs (one per implementation; the key mask is an argument) instead of compiling a forward too."""
+  call = _attention_call(op)[1]
+
+  def loss(q, k, v, key_mask, impl):
+    out = call(q, k, v, key_mask, impl)
+    return jnp.sum(out ** 2), out
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=4)
+
+
+def _output(op: str, impl: str, *args):
+  """The op's output: from the shared loss-and-gradient program where the gradient test compiles one (reference,
+  xla), from a forward jit otherwise (the kernels in interpret mode, the reference without a mask)."""
+  if impl in ("reference", "xla") and args[3] is not None:
+    return _loss_value_and_grad(op)(*args, impl)[0][1]
+  return _forward(op)(*args, impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(op: str):
+  return jax.jit(_attention_call(op)[1], static_argnums=4)
+
+
 @pytest.mark.parametrize("op", CHECKED)
 def test_masked_keys_never_change_the_output(op):
-  call = jax.jit(_attention_call(op)[1], static_argnums=4)  # one compilation per implementation and mask form
+  call = functools.partial(_output, op)  # one compilation per implementation and mask form, shared with the next test
   implementations = [i for i in _module_constant(_tree(ROOT / op / "__init__.py"), "IMPLEMENTATIONS") if i != "pallas"]
   kq, kk, kv, kn = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(key, (B, L, H, D)) for key in (kq, kk, kv))
   key_mask = jnp.arange(L)[None, :] < jnp.array([[L - 5], [L]])  # row 0: the last 5 keys are padding
   noise = 3.0 * jax.random.normal(kn, (B, L, H, D)) * (~key_mask)[:, :, None, None]
-  want = call(q, k, v, key_mask, "reference")
+  want = call("reference", q, k, v, key_mask)
   for impl in implementations:
-    masked = call(q, k, v, key_mask, impl)
-    perturbed = call(q, k + noise, v + noise, key_mask, impl)
+    masked = call(impl, q, k, v, key_mask)
+    perturbed = call(impl, q, k + noise, v + noise, key_mask)
     np.testing.assert_allclose(masked, want, rtol=2e-5, atol=2e-5, err_msg=f"{op} {impl}")
     np.testing.assert_allclose(perturbed, masked, rtol=2e-5, atol=2e-5, err_msg=f"{op} {impl}")
   # The mask does something: without it the perturbed keys change the output.
-  unmasked = call(q, k + noise, v + noise, None, "reference")
-  assert not np.allclose(unmasked, call(q, k, v, None, "reference"), atol=1e-3)
+  unmasked = call("reference", q, k + noise, v + noise, None)
+  assert not np.allclose(unmasked, call("reference", q, k, v, None), atol=1e-3)
   with pytest.raises(ValueError, match=rf"unknown {_entry_name(op)} implementation 'bogus'"):
     _attention_call(op)[1](q, k, v, key_mask, "bogus")
 
@@ -236,15 +263,11 @@ def test_masked_keys_never_change_the_output(op):
 def test_a_row_without_real_keys_gives_zeros_and_finite_gradients(op):
   """MASK_VALUE is safe where it meets sums and exponentials: a batch row whose keys are all padding outputs zeros
   (no NaN, no uniform average over padding) with finite gradients, in the reference and the XLA form."""
-  call = _attention_call(op)[1]
   q, k, v = (jax.random.normal(key, (B, L, H, D)) for key in jax.random.split(jax.random.key(1), 3))
   key_mask = jnp.array([[False] * L, [True] * L])
   implementations = _module_constant(_tree(ROOT / op / "__init__.py"), "IMPLEMENTATIONS")
   for impl in [i for i in ("reference", "xla") if i in implementations]:
-    def loss(q, k, v, impl=impl):
-      out = call(q, k, v, key_mask, impl)
-      return jnp.sum(out ** 2), out
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, out), grads = _loss_value_and_grad(op)(q, k, v, key_mask, impl)
     np.testing.assert_array_equal(np.asarray(out[0]), 0.0, err_msg=f"{op} {impl}")
     assert np.all(np.isfinite(np.asarray(out[1]))) and np.any(np.asarray(out[1]) != 0)
     for g in grads:
