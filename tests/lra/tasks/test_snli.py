@@ -80,10 +80,12 @@ def test_full_config_needs_the_train_split(tmp_path):
   assert len(tasks.build(config).dataset("train")) == 60
 
 
-@pytest.mark.parametrize("attention", ["softmax", "grassmann"])
-def test_training_learns_the_toy_labels(tmp_path, attention):
-  config = _config(_write(tmp_path), tmp_path / "cache")
-  config.model.attention = common.attention_config(attention)
+def test_training_learns_the_toy_labels(tmp_path):
+  # Grassmann, the variant whose paper evaluates on SNLI (configs/snli.py); the task's pipeline is the same for every
+  # variant, and softmax trains in every other task's tests. 20 steps: the loss falls ~0.3 (0.1 asserted).
+  config = _config(_write(tmp_path), tmp_path / "cache", num_steps=20, log_every_steps=5, eval_every_steps=20,
+                   checkpoint_every_steps=20)
+  config.model.attention = common.attention_config("grassmann")
   final = train_and_evaluate(config, tmp_path / "run")
   train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
   assert train[-1]["loss"] < train[0]["loss"] - 0.1

@@ -93,10 +93,11 @@ def test_perplexity_is_exact_over_the_whole_split(tmp_path):
   assert uniform["perplexity"] == pytest.approx(vocab, rel=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["softmax", "grassmann"])
-def test_training_lowers_perplexity(tmp_path, attention):
+def test_training_lowers_perplexity(tmp_path):
+  # Grassmann, the variant whose paper evaluates on WikiText-2 (configs/wikitext2.py); the pipeline is the same for
+  # every variant, softmax's language model is evaluated exactly above and trains in tests/lra/models/test_embeddings.
   config = _config(_write(tmp_path), tmp_path / "cache")
-  config.model.attention = common.attention_config(attention)
+  config.model.attention = common.attention_config("grassmann")
   final = train_and_evaluate(config, tmp_path / "run")
   train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
   assert train[-1]["loss"] < train[0]["loss"] - 0.3
