@@ -155,10 +155,12 @@ def test_linformer_standalone_layerwise_owns_its_projection_and_keeps_the_contra
 BASED_SMALL = {"num_heads": 2, "window": 3, "feature_dim": 4, "chunk_size": 4}
 
 
-# "hybrid" (the default) is in the contract suite (tests/attention/test_contract.py).
+# "hybrid" (the default) is in the contract suite (tests/attention/test_contract.py), on the default implementation;
+# the modes here on XLA's form of the linear-attention kernel (the default dispatch also traces the GPU and TPU
+# kernels, forward and backward; tests/kernels compares the forms).
 @pytest.mark.parametrize("mode", ["taylor", "window", "conv"])
 def test_based_modes_keep_the_layer_contract(mode):
-  options = {**BASED_SMALL, "mode": mode}
+  options = {**BASED_SMALL, "mode": mode, "implementation": "xla"}
   contract.check_padding_by_gradient("based", length=11, num_real=6, **options)
   contract.check_causal_by_gradient("based", length=9, **options)
   contract.check_decode_equals_parallel("based", length=7, atol=2e-5, **options)
