@@ -151,7 +151,7 @@ def oracle(params, x, allowed_BxLxL, *, num_heads=H, bias_HxLxL=None, softcap=No
 
 
 def _compare(layer, oracle_fn, x, **call):
-  params = layer.init(jax.random.key(0), x, **call)["params"]
+  params = jax.jit(lambda x: layer.init(jax.random.key(0), x, **call))(x)["params"]
   ours = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x, **call))),
                                     argnums=(0, 1)))
   theirs = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(oracle_fn(p, x))), argnums=(0, 1)))
@@ -184,8 +184,10 @@ def test_causal_sliding_window_with_relative_bias_and_gqa():
 
 
 def test_document_mask_from_padding_with_softcap():
-  """Documents derived from the padding mask; padded query rows see no key (0 output, finite gradients)."""
-  layer = attention.build("flex", mask="document", score="softcap", softcap=2.0, num_heads=H, block_size=4)
+  """Documents derived from the padding mask; padded query rows see no key (0 output, finite gradients). On flex's
+  XLA form (the test above runs the default dispatch, which also traces the GPU and TPU kernels)."""
+  layer = attention.build("flex", mask="document", score="softcap", softcap=2.0, num_heads=H, block_size=4,
+                          implementation="xla")
   segments = np.cumsum(~np.asarray(PAD), axis=1)
   _compare(layer, lambda p, x: oracle(p, x, grid("document", segments=segments), softcap=2.0, key_mask=PAD), X,
            mask=PAD)
@@ -203,7 +205,7 @@ def test_prefix_lm_with_alibi_positions():
 def test_a_data_dependent_document_mask_inside_jit():
   """Document ids traced through one compiled program: two different packings, each equal to the oracle."""
   layer = attention.build("flex", mask="document", num_heads=H, block_size=4, implementation="reference")
-  params = layer.init(jax.random.key(0), X)["params"]
+  params = jax.jit(layer.init)(jax.random.key(0), X)["params"]
   run = jax.jit(lambda p, x, seg: layer.apply({"params": p}, x, segment_ids=seg))
   other = np.array([[0] * 5 + [1] * 6, [2] * 2 + [5] * 9], np.int32)
   for segments in (SEGMENTS, other):
@@ -217,9 +219,10 @@ def test_decoding_with_segment_ids_equals_the_parallel_output():
   parallel, decoder = attention.build("flex", causal=True, **opts), attention.build("flex", causal=True, decode=True,
                                                                                    **opts)
   seg = jnp.asarray(SEGMENTS)
-  params = parallel.init(jax.random.key(0), X)["params"]
-  expected = parallel.apply({"params": params}, X, segment_ids=seg)
-  cache = decoder.apply({"params": params}, X, segment_ids=seg, mutable=["cache"])[1]["cache"]
+  params = jax.jit(parallel.init)(jax.random.key(0), X)["params"]
+  expected = jax.jit(lambda p, x, s: parallel.apply({"params": p}, x, segment_ids=s))(params, X, seg)
+  cache = jax.jit(lambda p, x, s: decoder.apply({"params": p}, x, segment_ids=s, mutable=["cache"]))(
+      params, X, seg)[1]["cache"]
   assert cache["cached_key"].shape == (B, L, 1, F // H)  # the cache holds num_kv_heads heads
   step = jax.jit(lambda c, x, s: decoder.apply({"params": params, "cache": c}, x, segment_ids=s, mutable=["cache"]))
   outs = []
@@ -240,7 +243,7 @@ def test_gqa_equals_repeated_key_value_heads(name):
   extra["implementation"] = "reference"  # the layer's grouping; the cores' own GQA is tested with the cores
   gqa = attention.build(name, num_heads=heads, num_kv_heads=kv_heads, causal=True, **extra)
   mha = attention.build(name, num_heads=heads, causal=True, **extra)
-  params = gqa.init(jax.random.key(0), X)["params"]
+  params = jax.jit(gqa.init)(jax.random.key(0), X)["params"]
   repeated = dict(params)
   for proj in ("key", "value"):
     repeated[proj] = {"kernel": jnp.repeat(params[proj]["kernel"], heads // kv_heads, axis=1),
@@ -341,9 +344,9 @@ def test_rope_decoding_equals_the_parallel_output():
   opts = dict(mask="sliding_window", window=3, positions="rope", num_heads=H, block_size=4, implementation="reference")
   parallel, decoder = attention.build("flex", causal=True, **opts), attention.build("flex", causal=True, decode=True,
                                                                                    **opts)
-  params = parallel.init(jax.random.key(0), X)["params"]
-  expected = parallel.apply({"params": params}, X)
-  cache = decoder.apply({"params": params}, X, mutable=["cache"])[1]["cache"]
+  params = jax.jit(parallel.init)(jax.random.key(0), X)["params"]
+  expected = jax.jit(lambda p, x: parallel.apply({"params": p}, x))(params, X)
+  cache = jax.jit(lambda p, x: decoder.apply({"params": p}, x, mutable=["cache"]))(params, X)[1]["cache"]
   step = jax.jit(lambda c, x: decoder.apply({"params": params, "cache": c}, x, mutable=["cache"]))
   outs = []
   for t in range(L):
