@@ -106,10 +106,10 @@ def test_decode_requires_causal_and_single_steps():
 def test_dropout_needs_rng_and_changes_output():
   x = jax.random.normal(jax.random.key(3), (1, 6, 8))
   layer, variables = contract.init_layer("softmax", x, num_heads=2, dropout_rate=0.5)
-  y_eval = layer.apply(variables, x)
-  y_train = layer.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
+  y_eval = jax.jit(lambda x: layer.apply(variables, x))(x)  # compiled: an eager call traces every backend's branch
+  y_train = jax.jit(lambda x: layer.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(4)}))(x)
   assert not np.allclose(y_eval, y_train)
-  np.testing.assert_allclose(layer.apply(variables, x, deterministic=True), y_eval)
+  np.testing.assert_allclose(jax.jit(lambda x: layer.apply(variables, x, deterministic=True))(x), y_eval)
 
 
 def test_bad_shapes_name_the_values():
