@@ -10,13 +10,25 @@ identity primitive whose *lowering* (or eager execution) logs it, once per (op, 
 host for CPU therefore prints nothing about GPU or TPU constraints; exporting for `cuda` prints the `cuda` reasons only.
 An explicit `implementation="pallas"` uses `require_kernel`: the same staging without a fallback, where a reason is
 an error raised when the program is lowered for that platform (or the CPU default, which has no kernel).
+
+Staging every platform costs tracing time: each kernel-backed op traces its TPU and Mosaic GPU kernels, forward and
+backward, even in a program that only ever runs on this CPU (a small sharded training step: ~4 s of XLA tracing
+becomes ~15 s). `staging("local")` (or `EA_KERNEL_STAGING=local` in the environment) stages only the XLA form for
+programs traced on a CPU-only host outside `jax.export`; exports still stage every platform (detected while
+tracing). The default is "all". Use "local" only where nothing traced under it is exported later: jax caches a jitted
+function's trace, so exporting a function that was first called under "local" reuses its CPU-only trace (the test
+suite uses it for its CPU-only value checks; the kernels' own tests and every export run under "all").
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import logging
-from typing import Callable, Literal, Mapping, TypeVar
+import os
+import sys
+from typing import Callable, Iterator, Literal, Mapping, TypeVar
 
 import jax
 from jax.extend.core import Effect, Primitive
@@ -155,13 +167,63 @@ def _staged(branches: dict[str, Callable[[], T]], default: Callable[[], T]) -> T
   return jax.lax.platform_dependent(default=no_args(default), **{p: no_args(f) for p, f in branches.items()})
 
 
+STAGING_MODES = ("all", "local")
+_staging: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_staging", default=None)
+
+
+@contextlib.contextmanager
+def staging(mode: str) -> Iterator[None]:
+  """Within the block, `dispatch` stages every platform's kernels ("all") or, on a CPU-only host outside
+  `jax.export`, only the XLA form ("local"); overrides `EA_KERNEL_STAGING` (module docstring: when it is safe)."""
+  if mode not in STAGING_MODES:
+    raise ValueError(f"kernel staging {mode!r}: expected one of {STAGING_MODES}")
+  token = _staging.set(mode)
+  try:
+    yield
+  finally:
+    _staging.reset(token)
+
+
+def staging_mode() -> str:
+  """The staging mode in force: the innermost `staging(...)` block, else `EA_KERNEL_STAGING`, else "all"."""
+  mode = _staging.get() or os.environ.get("EA_KERNEL_STAGING") or "all"
+  if mode not in STAGING_MODES:
+    raise ValueError(f"EA_KERNEL_STAGING={mode!r}: expected one of {STAGING_MODES}; unset it for the default 'all'")
+  return mode
+
+
+def _under_export() -> bool:
+  """Whether the current trace runs inside `jax.export` (whose lowering platforms may be any): a frame of jax's export
+  module is on the Python stack (the public API gives a trace no way to know its lowering platforms)."""
+  frame = sys._getframe(1)
+  while frame is not None:
+    if frame.f_globals.get("__name__", "").startswith("jax._src.export"):
+      return True
+    frame = frame.f_back
+  return False
+
+
+def _local_only(op: str) -> bool:
+  if staging_mode() != "local" or jax.default_backend() != "cpu" or _under_export():
+    return False
+  key = ("staging", "local", "")
+  if key not in _logged:  # said once per process: the kernels are not traced at all in this mode
+    _logged.add(key)
+    logger.info("%s and every kernel-backed op: kernel staging 'local' (EA_KERNEL_STAGING / kernels.platform.staging): "
+                "programs traced on this CPU host outside jax.export stage only their XLA forms", op)
+  return True
+
+
 def dispatch(op: str, *, xla: Callable[[], T], kernels: Mapping[Backend, Callable[[], T] | str]) -> T:
   """The result of the best implementation for the platform the program is lowered for (`implementation=None`).
 
   `kernels[backend]` is a thunk running that backend's kernel, or a string: the reason it cannot serve this call
   there (logged once when lowered for that platform, and `xla` runs instead; so does rocm for a "gpu" kernel, with
-  its reason). Platforms without any kernel (CPU) run `xla` silently: XLA is their best implementation.
+  its reason). Platforms without any kernel (CPU) run `xla` silently: XLA is their best implementation. Under
+  `staging("local")` on a CPU-only host, outside `jax.export`, only `xla` is traced.
   """
+  if _local_only(op):
+    return xla()
   branches: dict[str, Callable[[], T]] = {}
   for backend, kernel in kernels.items():
     if backend not in KERNEL_PLATFORMS:
@@ -201,5 +263,6 @@ def require_kernel(op: str, *, kernels: Mapping[Backend, Callable[[], T] | str])
   return _staged(branches, _noted(placeholder, op, None, no_kernel, None))
 
 
-__all__ = ["Backend", "KERNEL_PLATFORMS", "KernelUnavailableError", "MOSAIC_GPU_DTYPES", "accelerator_of",
-           "default_accelerator", "dispatch", "log_fallback_once", "mosaic_gpu_dtype_reason", "require_kernel"]
+__all__ = ["Backend", "KERNEL_PLATFORMS", "KernelUnavailableError", "MOSAIC_GPU_DTYPES", "STAGING_MODES",
+           "accelerator_of", "default_accelerator", "dispatch", "log_fallback_once", "mosaic_gpu_dtype_reason",
+           "require_kernel", "staging", "staging_mode"]

@@ -53,6 +53,15 @@ if os.environ.get("EA_TEST_XLA_OPT", "0") != "1" and TEST_XLA_FLAGS not in os.en
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS, *_accepted]).strip()
 
 
+# Kernel staging (kernels/platform.py): by default every kernel-backed op traces its TPU and GPU kernels too, even in a
+# program that only runs on this CPU (most of the tracing time of a small sharded step). The processes the suite starts
+# (train.py, eval.py, scripts, sweeps, multi-host and 8-device runs) only run on CPU: they stage only the XLA forms
+# ("local"; a `jax.export` inside still stages every platform). The suite's own process keeps the default "all"
+# (`_stage_every_platform` below): its tests export functions they also run, and check what dispatch stages; modules
+# that only run on CPU opt in (the contract suite).
+os.environ.setdefault("EA_KERNEL_STAGING", "local")
+
+
 def python_path() -> str:
   """PYTHONPATH for a test's subprocess: the repository first, then the caller's own entries (plugin modules named in
   ATTENTION_PLUGINS / TASK_PLUGINS live there; replacing it would leave the subprocess without them)."""
@@ -86,6 +95,15 @@ def pytest_cmdline_main(config):
   rather than in addopts, which would break `-p no:xdist` runs (the contract suite starts one)."""
   if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no":
     config.option.dist = "loadscope"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stage_every_platform():
+  """In-process tests stage every platform's kernels (the library's default), whatever `EA_KERNEL_STAGING` says to
+  the subprocesses; a module may opt into `platform.staging("local")` for CPU-only value checks."""
+  from kernels import platform  # noqa: PLC0415
+  with platform.staging("all"):
+    yield
 
 
 def pytest_runtest_logreport(report):

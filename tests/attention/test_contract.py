@@ -75,6 +75,15 @@ CASES = _cases()
 
 
 @pytest.fixture(scope="module", autouse=True)
+def _cpu_only_staging():
+  """Every check here runs on this CPU and exports nothing: the kernel-backed variants stage only their XLA forms,
+  not their TPU and GPU kernels as well (kernels/platform.py `staging`; the kernels are checked in tests/kernels)."""
+  from kernels import platform  # pylint: disable=import-outside-toplevel
+  with platform.staging("local"):
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
   """These tiny layers spend far more time in XLA's optimizer than running: compile them with few optimizations."""
   try:

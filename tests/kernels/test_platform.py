@@ -101,3 +101,34 @@ def test_private_effect_registries_missing_is_one_line(tmp_path, monkeypatch):
   assert "\n" not in message and f"jax {jax.__version__} has no fake_effects.control_flow_allowed_effects" in message
   assert "checked with jax 0.10, 0.11" in message and "update kernels/platform.py" in message
   assert len(platform._private_effect_registries()) == 3  # noqa: SLF001  (the installed jax has them)
+
+
+def test_local_staging_traces_only_xla_on_this_cpu_host_and_exports_still_stage_every_platform(monkeypatch, caplog):
+  traced = []
+
+  def fn(x):
+    def tpu():
+      traced.append("tpu")
+      return jnp.tanh(x)
+    return platform.dispatch(OP, xla=lambda: jnp.sin(x), kernels={"tpu": tpu, "gpu": "no gpu kernel here"})
+
+  x = jnp.arange(4.0)
+  monkeypatch.delenv("EA_KERNEL_STAGING", raising=False)
+  assert platform.staging_mode() == "all"
+  jax.jit(lambda x: fn(x))(x)
+  assert traced == ["tpu"]  # the default stages every platform, even for a CPU program
+  platform._logged.clear()  # noqa: SLF001
+  with platform.staging("local"), caplog.at_level(logging.INFO, logger="kernels"):
+    np.testing.assert_allclose(jax.jit(lambda x: fn(x))(x), jnp.sin(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(fn(x)))(x), jnp.cos(x), rtol=1e-6)
+    assert traced == ["tpu"]  # not traced again: only the XLA form was staged
+    assert sum("kernel staging 'local'" in r.getMessage() for r in caplog.records) == 1  # said once
+    tpu_text = _text(fn, "tpu")  # an export stages every platform whatever the mode
+  assert traced == ["tpu", "tpu"] and "stablehlo.tanh" in tpu_text
+  monkeypatch.setenv("EA_KERNEL_STAGING", "local")
+  assert platform.staging_mode() == "local"
+  with platform.staging("all"):
+    assert platform.staging_mode() == "all"  # the context overrides the environment
+  monkeypatch.setenv("EA_KERNEL_STAGING", "fast")
+  with pytest.raises(ValueError, match=r"EA_KERNEL_STAGING='fast': expected one of \('all', 'local'\)"):
+    platform.staging_mode()
