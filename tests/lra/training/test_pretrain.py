@@ -1,5 +1,6 @@
 """Self-pretraining then fine-tuning in one run: the objective learns, fine-tuning starts from the pretrained encoder
-(by value), padding is never masked nor predicted, a kill inside either phase resumes bit-identically, init_from."""
+(by value), padding is never masked nor predicted, a kill inside either phase resumes bit-identically, init_from.
+One uninterrupted run (the `straight` fixture) is checked end to end and is the reference of the resumed one."""
 
 import json
 
@@ -46,37 +47,48 @@ def _allclose(a, b, atol):
   return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.allclose(x, y, atol=atol)), a, b)))
 
 
-def test_pretraining_then_finetuning_end_to_end(data_cache, tmp_path):
-  # Fine-tuning at a negligible rate, so its encoder after 2 steps is (to ~1e-6) the one it started from.
-  config = _config(data_cache, pretrain_steps=40, num_steps=2, learning_rate=1e-7, warmup_steps=1)
-  config.train.update(eval_every_steps=1000, checkpoint_every_steps=1000)  # both phases: at their last step only
-  train_and_evaluate(config, tmp_path)
-  records = read_metrics(tmp_path)
+@pytest.fixture(scope="module")
+def straight(data_cache, tmp_path_factory):
+  """(config, workdir) of one uninterrupted run: 40 pretraining steps, then 12 fine-tuning steps at a negligible rate
+  (its encoder after fine-tuning is, to ~1e-6, the one it started from), dropout on (its keys and the masking keys
+  must be resumed too), checkpoints every 10 steps and at each phase's last step, evaluation at each phase's last
+  step. Both tests below check it."""
+  config = _config(data_cache, pretrain_steps=40, num_steps=12, learning_rate=1e-7, warmup_steps=1)
+  config.train.update(checkpoint_every_steps=10, eval_every_steps=1000)
+  config.model.dropout_rate = 0.1
+  workdir = tmp_path_factory.mktemp("pretrain_straight")
+  train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_pretraining_then_finetuning_end_to_end(data_cache, straight, tmp_path):
+  config, workdir = straight
+  records = read_metrics(workdir)
   assert {r["phase"] for r in records} == {"pretrain", "finetune"}
   pre = [r for r in records if r["phase"] == "pretrain" and r["split"] == "train"]
   assert [r["step"] for r in pre] == list(range(2, 41, 2))
   first, last = np.mean([r["loss"] for r in pre[:2]]), np.mean([r["loss"] for r in pre[-2:]])
   assert last < first - 0.2, (first, last)  # the denoising objective learns
-  assert {(r["step"], r["split"]) for r in records if r["phase"] == "finetune"} >= {(2, "train"), (2, "test")}
-  assert (tmp_path / "pretrain" / "checkpoints" / "40").exists() and (tmp_path / "checkpoints" / "2").exists()
-  recorded = json.loads((tmp_path / "config.json").read_text())
-  assert recorded["pretrain"]["steps"] == 40 and recorded["train"]["num_steps"] == 2
-  assert json.loads((tmp_path / "pretrain" / "config.json").read_text())["train"]["num_steps"] == 40
+  assert {(r["step"], r["split"]) for r in records if r["phase"] == "finetune"} >= {(12, "train"), (12, "test")}
+  assert (workdir / "pretrain" / "checkpoints" / "40").exists() and (workdir / "checkpoints" / "12").exists()
+  recorded = json.loads((workdir / "config.json").read_text())
+  assert recorded["pretrain"]["steps"] == 40 and recorded["train"]["num_steps"] == 12
+  assert json.loads((workdir / "pretrain" / "config.json").read_text())["train"]["num_steps"] == 40
 
-  pretrained = _encoder_params(tmp_path / "pretrain")
-  finetuned = _params(config, tmp_path)[0]["encoder"]
+  pretrained = _encoder_params(workdir / "pretrain")
+  finetuned = _params(config, workdir)[0]["encoder"]
   fresh = jax.device_get(Experiment(config).init_state().params["encoder"])
   assert _allclose(finetuned, pretrained, atol=1e-5)
   assert not _allclose(finetuned, fresh, atol=1e-2)  # and not the seed's initialisation
 
   # init_from: another run starts its fine-tuning from this run's pretrained encoder (by value); shapes must match.
   other = tiny_listops_config(data_cache, num_steps=1, learning_rate=1e-7, warmup_steps=1)
-  other.init_from = str(tmp_path / "pretrain")
+  other.init_from = str(workdir / "pretrain")
   train_and_evaluate(other, tmp_path / "other")
   assert _allclose(_params(other, tmp_path / "other")[0]["encoder"], pretrained, atol=1e-5)
   wider = tiny_listops_config(data_cache, num_steps=1)
   wider.model.mlp_dim = 48
-  wider.init_from = str(tmp_path)
+  wider.init_from = str(workdir)
   with pytest.raises(ValueError, match=r"config.init_from=.*encoder does not fit.*block_0/mlp.*shape"):
     train_and_evaluate(wider, tmp_path / "wider")
 
@@ -130,13 +142,11 @@ def test_retrieval_pretrains_on_both_documents():
   np.testing.assert_array_equal(np.asarray(out["targets"])[3:], 2)  # the second document's tokens
 
 
-def test_resume_inside_each_phase_is_bit_identical(data_cache, tmp_path, monkeypatch):
-  config = _config(data_cache)
-  config.model.dropout_rate = 0.1  # dropout and masking keys must be resumed too
-  train_and_evaluate(config, tmp_path / "straight")
+def test_resume_inside_each_phase_is_bit_identical(straight, tmp_path, monkeypatch):
+  config, straight_dir = straight
 
   original = pipeline.TrainBatches.__getitem__
-  calls = {"n": 0, "crash_at": 6}  # the 6th batch: pretraining step 6 (its checkpoint is at step 4)
+  calls = {"n": 0, "crash_at": 12}  # the 12th batch: pretraining step 12 (its checkpoint is at step 10)
 
   def crash(self, index):
     calls["n"] += 1
@@ -147,12 +157,12 @@ def test_resume_inside_each_phase_is_bit_identical(data_cache, tmp_path, monkeyp
   monkeypatch.setattr(pipeline.TrainBatches, "__getitem__", crash)
   with pytest.raises(KeyboardInterrupt):
     train_and_evaluate(config, tmp_path / "resumed")
-  assert not (tmp_path / "resumed" / "checkpoints" / "4").exists()
-  # Second kill inside fine-tuning: pretraining resumes at 4 (8 more batches), fine-tuning crashes at its step 6.
-  calls.update(n=0, crash_at=8 + 6)
+  assert not (tmp_path / "resumed" / "checkpoints" / "10").exists()
+  # Second kill inside fine-tuning: pretraining resumes at 10 (30 more batches), fine-tuning crashes at its step 12.
+  calls.update(n=0, crash_at=30 + 12)
   with pytest.raises(KeyboardInterrupt):
     train_and_evaluate(config, tmp_path / "resumed")
-  assert (tmp_path / "resumed" / "checkpoints" / "4").exists()
+  assert (tmp_path / "resumed" / "checkpoints" / "10").exists()
   monkeypatch.setattr(pipeline.TrainBatches, "__getitem__", original)
   train_and_evaluate(config, tmp_path / "resumed")
 
@@ -161,16 +171,16 @@ def test_resume_inside_each_phase_is_bit_identical(data_cache, tmp_path, monkeyp
     if sub:  # the pretraining checkpoints hold the pretraining model's state
       exp = Experiment(phase_config, task=pretrain_lib.PretrainTask(Experiment(config).task, config))
       states = []
-      for run in ("straight", "resumed"):
-        ckpt = checkpoints_lib.Checkpoints(tmp_path / run / sub)
+      for run in (straight_dir, tmp_path / "resumed"):
+        ckpt = checkpoints_lib.Checkpoints(run / sub)
         try:
           states.append(jax.device_get(ckpt.restore(exp.init_state(), "latest")[0].params))
         finally:
           ckpt.close()
       jax.tree.map(np.testing.assert_array_equal, *states)
     else:
-      p1, _ = _params(config, tmp_path / "straight")
+      p1, _ = _params(config, straight_dir)
       p2, _ = _params(config, tmp_path / "resumed")
       jax.tree.map(np.testing.assert_array_equal, p1, p2)
   drop_timing = lambda records: [{k: v for k, v in r.items() if k != STEPS_PER_SECOND} for r in records]  # noqa: E731
-  assert drop_timing(read_metrics(tmp_path / "straight")) == drop_timing(read_metrics(tmp_path / "resumed"))
+  assert drop_timing(read_metrics(straight_dir)) == drop_timing(read_metrics(tmp_path / "resumed"))
