@@ -44,7 +44,7 @@ def check(data_cache: pathlib.Path, tmp_path: pathlib.Path) -> None:
     return original(argv, **{**kwargs, "timeout": _TIMEOUT.value})
   test_multihost.run_processes = with_timeout
   try:
-    test_multihost.test_two_processes_train_like_one_and_finish(data_cache, tmp_path)
+    test_multihost.two_processes_train_like_one(data_cache, tmp_path)
   finally:
     test_multihost.run_processes = original
 

@@ -81,3 +81,18 @@ def test_the_rerun_with_sequence_across_hosts_finishes_and_trains_like_one_proce
   for rtol, part in ((2e-5, lambda r: r["step"] <= stop), (1e-5, lambda r: r["step"] > stop)):
     np.testing.assert_allclose([r["loss"] for r in multi if part(r)], [r["loss"] for r in single if part(r)],
                                rtol=rtol)
+
+
+def two_processes_train_like_one(data_cache, tmp_path) -> None:
+  """scripts/check_multihost.py's check, not collected here (the jobs above cover it): an uninterrupted data-parallel
+  2-process job finishes, checkpoints and matches one process."""
+  train_and_evaluate(tiny_listops_config(data_cache, **TRAIN), tmp_path / "single")
+  results = run_processes([*tiny_flags(data_cache, **TRAIN), f"--workdir={tmp_path / 'mh'}"], timeout=TIMEOUT)
+  for i, r in enumerate(results):
+    assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
+  multi = [r for r in read_metrics(tmp_path / "mh") if r["split"] == "train"]
+  single = [r for r in read_metrics(tmp_path / "single") if r["split"] == "train"]
+  assert [r["step"] for r in multi] == [r["step"] for r in single] == [2, 4, 5, 6, 8, 10]
+  np.testing.assert_allclose([r["loss"] for r in multi], [r["loss"] for r in single], rtol=2e-5)
+  assert {p.name for p in (tmp_path / "mh" / "checkpoints").iterdir()} == {"5", "10"}  # no *-tmp left behind
+  assert len(list((tmp_path / "mh" / "best").iterdir())) == 1
