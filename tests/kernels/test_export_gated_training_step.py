@@ -16,6 +16,7 @@ import jax
 import pytest
 
 from configs import wikitext2
+from kernels import platform as kernel_platform
 from lra.tasks.wikitext2 import WikiText2
 from lra.training import trainer
 
@@ -38,7 +39,10 @@ def _step_and_args(name: str):
   config.train.eval_batch_size = BATCH
   with mock.patch.object(WikiText2, "vocab_size", property(lambda self: VOCAB)):
     experiment = trainer.Experiment(config)
-    state_shapes = jax.eval_shape(experiment.init_state)
+    # The parameter shapes only: the init's trace (batch 1, train=False) stages just the XLA forms ("local"), not both
+    # platforms' kernels; nothing of it is exported (the step's own trace, under jax.export, stages every platform).
+    with kernel_platform.staging("local"):
+      state_shapes = jax.eval_shape(experiment.init_state)
   rep, data = experiment.replicated, experiment.batch_sharding
   abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
   state = jax.tree_util.tree_map(lambda x: abstract(x, rep), state_shapes)

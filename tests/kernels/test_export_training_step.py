@@ -41,6 +41,7 @@ import pytest
 
 from configs import mqar
 from configs.lra import listops
+from kernels import platform as kernel_platform
 from lra.training import trainer
 
 TARGETS = {"cuda": "mosaic_gpu_v2", "tpu": "tpu_custom_call"}
@@ -75,7 +76,11 @@ def _step_and_args(name: str):
   experiment = trainer.Experiment(_config(name, options, num_layers))
   rep, data = experiment.replicated, experiment.batch_sharding
   abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-  state = jax.tree_util.tree_map(lambda x: abstract(x, rep), jax.eval_shape(experiment.init_state))
+  # The parameter shapes only: the init's trace (batch 1, train=False) stages just the XLA forms ("local"), not both
+  # platforms' kernels; nothing of it is exported (the step's own trace, under jax.export, stages every platform).
+  with kernel_platform.staging("local"):
+    state_shapes = jax.eval_shape(experiment.init_state)
+  state = jax.tree_util.tree_map(lambda x: abstract(x, rep), state_shapes)
   batch = {k: abstract(v, data) for k, v in experiment.task.dummy_batch(BATCH).items()}
   return experiment.jit_train_step, (state, batch, abstract(experiment.key, rep))
 
@@ -129,7 +134,11 @@ def _lm_step_and_args(name: str):
   experiment = trainer.Experiment(config)
   rep, data = experiment.replicated, experiment.batch_sharding
   abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-  state = jax.tree_util.tree_map(lambda x: abstract(x, rep), jax.eval_shape(experiment.init_state))
+  # The parameter shapes only: the init's trace (batch 1, train=False) stages just the XLA forms ("local"), not both
+  # platforms' kernels; nothing of it is exported (the step's own trace, under jax.export, stages every platform).
+  with kernel_platform.staging("local"):
+    state_shapes = jax.eval_shape(experiment.init_state)
+  state = jax.tree_util.tree_map(lambda x: abstract(x, rep), state_shapes)
   batch = {k: abstract(v, data) for k, v in experiment.task.dummy_batch(BATCH).items()}
   return experiment.jit_train_step, (state, batch, abstract(experiment.key, rep))
 
