@@ -11,7 +11,7 @@ from PIL import Image
 from configs.lra import image as image_config
 from lra import tasks
 from lra.tasks import image, pixels
-from tests.lra.runlocal_support import RUNLOCAL_ATTENTION, run_steps, runlocal_config
+from tests.lra.runlocal_support import RUNLOCAL_ATTENTION_OF, run_steps, runlocal_config
 
 # Tiny files stand in for the release files here: their sizes are meant to differ from the release's.
 pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.record_checks.DataCountWarning")
@@ -134,7 +134,6 @@ def test_defaults_are_the_lra_settings():
   assert len(image_config.get_sweep()) == 6
 
 
-@pytest.mark.parametrize("attention_name", RUNLOCAL_ATTENTION)
-def test_runlocal_step(cifar_pickles, tmp_path, attention_name):
-  config = runlocal_config("image", attention_name, tmp_path / "cache", data_dir=str(cifar_pickles[0]))
+def test_runlocal_step(cifar_pickles, tmp_path):
+  config = runlocal_config("image", RUNLOCAL_ATTENTION_OF["image"], tmp_path / "cache", data_dir=str(cifar_pickles[0]))
   run_steps(config, tmp_path / "run")

@@ -9,7 +9,7 @@ from configs.lra import pathfinder as pathfinder_config
 from configs.lra import pathx as pathx_config
 from lra import tasks
 from lra.tasks import pathfinder, pathfinder_generator
-from tests.lra.runlocal_support import RUNLOCAL_ATTENTION, run_steps, runlocal_config
+from tests.lra.runlocal_support import RUNLOCAL_ATTENTION_OF, run_steps, runlocal_config
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,8 @@ def test_defaults_are_the_lra_settings():
   assert len(pathfinder_config.get_sweep()) == len(pathx_config.get_sweep()) == 6
 
 
-@pytest.mark.parametrize("attention_name", RUNLOCAL_ATTENTION)
 @pytest.mark.parametrize("task_name", ["pathfinder", "pathx"])
-def test_runlocal_step(tmp_path, task_name, attention_name):
-  config = runlocal_config(task_name, attention_name, tmp_path / "cache",
+def test_runlocal_step(tmp_path, task_name):
+  config = runlocal_config(task_name, RUNLOCAL_ATTENTION_OF[task_name], tmp_path / "cache",
                            generate=dict(num_images=20, images_per_batch=10, seed=0, num_workers=1))
   run_steps(config, tmp_path / "run")

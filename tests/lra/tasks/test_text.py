@@ -9,7 +9,7 @@ import pytest
 from configs.lra import text as text_config
 from lra import tasks
 from lra.tasks import byte_tokens
-from tests.lra.runlocal_support import RUNLOCAL_ATTENTION, run_steps, runlocal_config
+from tests.lra.runlocal_support import RUNLOCAL_ATTENTION_OF, run_steps, runlocal_config
 
 # Tiny files stand in for the release files here: their sizes are meant to differ from the release's.
 pytestmark = pytest.mark.filterwarnings("ignore::lra.tasks.record_checks.DataCountWarning")
@@ -122,8 +122,7 @@ def test_sweep_is_a_learning_rate_and_warmup_grid():
   assert {p["train.learning_rate"] for p in sweep} == {0.025, 0.05, 0.1}
 
 
-@pytest.mark.parametrize("attention_name", RUNLOCAL_ATTENTION)
-def test_runlocal_step(imdb, tmp_path, attention_name):
-  config = runlocal_config("text", attention_name, tmp_path / "cache", data_dir=str(imdb["archive"]))
+def test_runlocal_step(imdb, tmp_path):
+  config = runlocal_config("text", RUNLOCAL_ATTENTION_OF["text"], tmp_path / "cache", data_dir=str(imdb["archive"]))
   final = run_steps(config, tmp_path / "run")
   assert set(final) == {"test"}
