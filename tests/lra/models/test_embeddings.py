@@ -1,25 +1,30 @@
 """Positional encodings: the sinusoid tables against their formulas, RoPE's relativity and decode, evaluation beyond
 the training length for every encoding but "learned", refusals naming variant and encoding, and eval.py at another
-length (one shared tiny training run per encoding)."""
+length (one tiny training run with rope)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import pathlib
 import subprocess
 import sys
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 
 from attention import positions
 from configs import wikitext2 as wt2_config
 from lra.models import Encoder, embeddings
-from lra.training import train_and_evaluate
+from lra import cli
+from lra.training import evaluate_checkpoint, train_and_evaluate
 from tests.attention import contract
 from tests.conftest import python_path
 
@@ -93,9 +98,10 @@ def test_encoder_evaluates_beyond_its_training_length(pos_encoding, variant):
   encoder = Encoder(**SMALL, max_length=8, pos_encoding=pos_encoding, attention={"name": variant})
   tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 20)
   variables = encoder.init(jax.random.key(1), tokens[:, :8])
-  long = encoder.apply(variables, tokens)
+  apply = jax.jit(encoder.apply)  # compiled per length: cheaper than op by op
+  long = apply(variables, tokens)
   assert long.shape == (2, 32, 16) and np.all(np.isfinite(long))
-  np.testing.assert_allclose(long[:, :8], encoder.apply(variables, tokens[:, :8]), atol=1e-5)
+  np.testing.assert_allclose(long[:, :8], apply(variables, tokens[:, :8]), atol=1e-5)
 
 
 def test_learned_positions_refuse_longer_inputs():
@@ -117,28 +123,21 @@ CORPUS = " = Title = \n\n the cat sat on the mat . \n the dog sat on the log . \
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """`trained(pos_encoding)`: the workdir of a tiny causal LM (length 8) trained for a few steps with it."""
-  runs = {}
-
-  def get(pos_encoding: str) -> pathlib.Path:
-    if pos_encoding not in runs:
-      tmp = tmp_path_factory.mktemp(pos_encoding)
-      data = tmp / "data"
-      data.mkdir()
-      for split in ("train", "valid", "test"):
-        (data / f"wiki.{split}.tokens").write_text(CORPUS * 8)
-      config = wt2_config.get_config("runlocal")
-      config.data.update(data_dir=str(data), cache_dir=str(tmp / "cache"), max_length=8)
-      config.model.update(num_layers=1, emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0,
-                          attention_dropout_rate=0.0, pos_encoding=pos_encoding)
-      config.train.update(num_steps=4, batch_size=4, eval_batch_size=4, warmup_steps=1, log_every_steps=4,
-                          eval_every_steps=4, checkpoint_every_steps=4)
-      train_and_evaluate(config, tmp / "run")
-      runs[pos_encoding] = tmp / "run"
-    return runs[pos_encoding]
-
-  return get
+def rope_run(tmp_path_factory) -> pathlib.Path:
+  """The workdir of a tiny causal LM (length 8, rope positions) trained for a few steps."""
+  tmp = tmp_path_factory.mktemp("rope")
+  data = tmp / "data"
+  data.mkdir()
+  for split in ("train", "valid", "test"):
+    (data / f"wiki.{split}.tokens").write_text(CORPUS * 8)
+  config = wt2_config.get_config("runlocal")
+  config.data.update(data_dir=str(data), cache_dir=str(tmp / "cache"), max_length=8)
+  config.model.update(num_layers=1, emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0,
+                      attention_dropout_rate=0.0, pos_encoding="rope")
+  config.train.update(num_steps=4, batch_size=4, eval_batch_size=4, warmup_steps=1, log_every_steps=4,
+                      eval_every_steps=4, checkpoint_every_steps=4)
+  train_and_evaluate(config, tmp / "run")
+  return tmp / "run"
 
 
 def _eval(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
@@ -148,20 +147,43 @@ def _eval(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
                         check=False)
 
 
-def test_eval_py_at_another_length(trained):
-  """eval.py evaluates a rope checkpoint at 4x its training length; a learned one is refused in one line."""
-  workdir = trained("rope")
-  own = _eval(workdir)
-  assert own.returncode == 0, own.stderr[-2000:]
-  own_result = json.loads((workdir / "eval_validation.json").read_text())
+def test_eval_py_at_another_length(rope_run):
+  """eval.py evaluates a rope checkpoint at 4x its training length, beside the run's own result."""
+  # The run's own length in this process: where evaluate_checkpoint writes which length is decided there.
+  config = ml_collections.ConfigDict(json.loads((rope_run / "config.json").read_text()))
+  evaluate_checkpoint(config, rope_run, "validation", "latest")
+  own_result = json.loads((rope_run / "eval_validation.json").read_text())
   assert own_result["max_length"] == 8 and "trained_max_length" not in own_result
-  result = _eval(workdir, "--max_length=32")
+  result = _eval(rope_run, "--max_length=32")
   assert result.returncode == 0, result.stderr[-2000:]
-  saved = json.loads((workdir / "eval_validation_length32.json").read_text())
+  saved = json.loads((rope_run / "eval_validation_length32.json").read_text())
   assert saved["max_length"] == 32 and saved["trained_max_length"] == 8 and math.isfinite(saved["perplexity"])
   # The run's own result is not overwritten by the other length's (it was, with the same numbers, before).
-  assert json.loads((workdir / "eval_validation.json").read_text()) == own_result
-  refused = _eval(trained("learned"), "--max_length=32")
-  assert refused.returncode == 2
-  lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-  assert len(lines) == 1 and "pos_encoding='learned'" in lines[0] and "32" in lines[0], refused.stderr[-2000:]
+  assert json.loads((rope_run / "eval_validation.json").read_text()) == own_result
+
+
+def _import_eval_py() -> ModuleType:
+  """eval.py as a module, its absl flags removed again (as tests.conftest.load_script does for scripts/)."""
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location("eval_py_for_tests", ROOT / "eval.py")
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    for flag in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, flag)
+  return module
+
+
+def test_eval_py_refuses_another_length_for_learned_positions_in_one_line(capsys):
+  """eval.py's check before evaluating (no run needed: it reads the config only); `cli.run`, which eval.py's command
+  line runs through (its one-line errors and exit status 2 from a subprocess: tests/lra/test_cli.py), prints it."""
+  eval_script = _import_eval_py()
+  config = wt2_config.get_config("runlocal")
+  config.model.pos_encoding = "learned"
+  config.data.max_length = 32
+  with pytest.raises(SystemExit) as info:
+    cli.run(lambda argv: eval_script.check_extrapolation(config, 8), argv=["eval.py"])
+  assert info.value.code == cli.EXIT_USER_ERROR
+  [line] = capsys.readouterr().err.splitlines()
+  assert line.startswith("error: ") and "pos_encoding='learned'" in line and "32" in line, line
