@@ -1,22 +1,24 @@
 """Ring flex attention: `kernels.flex.flex_attention` with the length sharded over the "sequence" mesh axis.
 
-Each device keeps its queries and passes its key/value block around the ring (`jax.lax.ppermute`, n - 1 hops), in
-the zig-zag layout of the softmax ring (`kernels/softmax/sequence_parallel.py`: device i holds chunks i and 2n-1-i of
-2n, so a causal mask leaves every device the same work). Every (query chunk, key chunk) pair is one dense block of
-`[B, H, C, C]` scores on which `score_mod` and `mask_mod` are evaluated at GLOBAL positions (`q_offset + arange(C)`,
-`k_offset + arange(C)`, and the global batch index), key padding honoured, attention dropout drawn from the shared
-counter hash at the global (batch * heads + head, query, key): the values equal the unsharded call's. A pair whose
-mask allows nothing is skipped at run time (`lax.cond` on the evaluated mask: the offsets depend on the traced ring
-position, so nothing is skipped statically). The pairs' normalized `(out, lse)` are merged by log-sum-exp
+Each device keeps its queries and passes its key/value block around the ring (`jax.lax.ppermute`, n hops in one scan),
+in the zig-zag layout of the softmax ring (`kernels/softmax/sequence_parallel.py`: device i holds chunks i and 2n-1-i
+of 2n, so a causal mask leaves every device the same work). Each hop is one dense block of `[B, H, 2C, 2C]` scores
+(the device's two query chunks against the visiting two key chunks) on which `score_mod` and `mask_mod` are evaluated at GLOBAL positions (the
+chunks' global indices and the global batch index), key padding honoured, attention dropout drawn from the shared
+counter hash at the global (batch * heads + head, query, key): the values equal the unsharded call's. A hop whose
+mask allows nothing (a sliding window's far hops) is skipped at run time (`lax.cond` on the evaluated mask: the
+offsets depend on the traced ring position, so nothing is skipped statically). Not skipped: the empty half of a hop
+(a causal mask computes all four chunk pairs of every hop, about twice the causal work; four conditional pairs per
+hop cost three times the compile time in the tests). The hops' normalized `(out, lse)` are merged by log-sum-exp
 (`kernels.softmax.sequence_parallel.merge`).
 
 Gradients: autodiff of the ring (ppermute transposes to the reverse hop), each hop under `jax.checkpoint`, so the
-backward pass recomputes a hop's block pairs and keeps per hop only the scan carry (the running `(out, lse)` and the
+backward pass recomputes a hop's block and keeps per hop only the scan carry (the running `(out, lse)` and the
 visiting key/value block: O(L) per device, never O(L^2)). Arrays the functions close over are explicit, replicated
 inputs of the shard_map (`explicit_mask_mod` / `explicit_score_mod` of the XLA form): a document mask's ids (O(B L)
 ints, all-gathered) and a learned bias table, whose gradient is summed over the devices by the shard_map transpose.
 
-Only the XLA form runs per pair: an explicit `implementation="pallas"` / `"interpret"` is refused (`refusal`), never
+Only this XLA form runs per hop: an explicit `implementation="pallas"` / `"interpret"` is refused (`refusal`), never
 dropped.
 """
 
@@ -45,15 +47,16 @@ def refusal(implementation: str | None) -> str | None:
 
 
 def block_pair(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, key_mask_BxC, *, mask_fn, score_fn, mask_consts, params, scale,
-               rate, seed, batch_offset, q_offset, k_offset, heads_total):
-  """One block pair: `(out [B, C, H, D] float32 normalized within the pair, lse [B, H, C])`; a row with no allowed
-  key has `lse = MASK_VALUE` and `out = 0` (it weighs nothing in the merge). Empty pairs skip the score work."""
+               rate, seed, batch_offset, q_pos, k_pos, heads_total):
+  """One block pair: `(out [B, Cq, H, D] float32 normalized within the pair, lse [B, H, Cq])`;
+  `q_pos` int32 `[Cq]` and `k_pos` `[Ck]` are the rows' and keys' global positions. A row with no allowed key has
+  `lse = MASK_VALUE` and `out = 0` (it weighs nothing in the merge). An empty pair skips the score work."""
   b, cq, h, _ = q_BxCxHxD.shape
   ck = k_BxCxHxD.shape[1]
   bi = (batch_offset + jnp.arange(b, dtype=jnp.int32))[:, None, None, None]
   hi = jnp.arange(h, dtype=jnp.int32)[None, :, None, None]
-  qi = (q_offset + jnp.arange(cq, dtype=jnp.int32))[None, None, :, None]
-  ki = (k_offset + jnp.arange(ck, dtype=jnp.int32))[None, None, None, :]
+  qi = jnp.asarray(q_pos, jnp.int32).reshape(1, 1, cq, 1)
+  ki = jnp.asarray(k_pos, jnp.int32).reshape(1, 1, 1, ck)
   allowed = jnp.broadcast_to(key_mask_BxC[:, None, None, :], (b, h, cq, ck))
   if mask_fn is not None:
     allowed = allowed & jnp.asarray(mask_fn(bi, hi, qi, ki, *mask_consts), bool)
@@ -116,9 +119,9 @@ def flex_ring_attention(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: j
   bl = b // ctx.mesh.shape[batch_axis] if batch_axis else b
   # The functions at the block's index shapes, their closed-over arrays hoisted into explicit inputs.
   i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
-  idx = (i32(bl, 1, 1, 1), i32(1, h, 1, 1), i32(1, 1, c, 1), i32(1, 1, 1, c))
+  idx = (i32(bl, 1, 1, 1), i32(1, h, 1, 1), i32(1, 1, 2 * c, 1), i32(1, 1, 1, 2 * c))
   mask_fn, mask_consts = explicit_mask_mod(mask_mod, idx)
-  score_fn, params = explicit_score_mod(score_mod, (jnp.zeros((bl, h, c, c), jnp.float32), *idx))
+  score_fn, params = explicit_score_mod(score_mod, (jnp.zeros((bl, h, 2 * c, 2 * c), jnp.float32), *idx))
   mask_consts, params = tuple(mask_consts), tuple(params)
   sequence.ran("flex_attention", "ring", DETAIL)
   spec4, spec2 = P(batch_axis, ctx.axis, None, None), P(batch_axis, ctx.axis)
@@ -130,18 +133,15 @@ def flex_ring_attention(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: j
     q, k, v, mask = (_to_zigzag(t, ctx.axis, n) for t in (q, k, v, mask))
     chunk = lambda device, half: jnp.where(half == 0, device, 2 * n - 1 - device) * c  # noqa: E731
 
+    def positions(device):  # global positions of a device's two zig-zag chunks
+      return jnp.concatenate([chunk(device, 0) + jnp.arange(c, dtype=jnp.int32),
+                              chunk(device, 1) + jnp.arange(c, dtype=jnp.int32)])
+
     def hop(acc, k, v, mask, src):
-      halves = [(acc[0][:, :c], acc[1][:, :, :c]), (acc[0][:, c:], acc[1][:, :, c:])]
-      for qh in range(2):
-        for kh in range(2):
-          ks = slice(kh * c, (kh + 1) * c)
-          new = block_pair(q[:, qh * c:(qh + 1) * c], k[:, ks], v[:, ks], mask[:, ks], mask_fn=mask_fn,
-                           score_fn=score_fn, mask_consts=mask_consts, params=params, scale=scale, rate=rate,
-                           seed=seed, batch_offset=batch_offset, q_offset=chunk(me, qh), k_offset=chunk(src, kh),
-                           heads_total=h)
-          halves[qh] = merge(halves[qh], new)
-      return (jnp.concatenate([halves[0][0], halves[1][0]], axis=1),
-              jnp.concatenate([halves[0][1], halves[1][1]], axis=2))
+      new = block_pair(q, k, v, mask, mask_fn=mask_fn, score_fn=score_fn, mask_consts=mask_consts, params=params,
+                       scale=scale, rate=rate, seed=seed, batch_offset=batch_offset, q_pos=positions(me),
+                       k_pos=positions(src), heads_total=h)
+      return merge(acc, new)
 
     hop = jax.checkpoint(hop)
     acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((q.shape[0], h, 2 * c), MASK_VALUE, jnp.float32))
