@@ -30,8 +30,8 @@ The kernel driver it hands the plan to (`pallas.flex_attention_kernel`) checks n
 
 Built-in score functions (`alibi`, `softcap`, `relative_position_bias`, with `t5_bucket`) live here too.
 
-Not here yet: a sequence-parallel form (the op has no `sequence_parallel.py`; the mask and dropout counters use
-local query indices, so a sharded call needs a query offset the entry does not take).
+Sequence-parallel form: `sequence_parallel.flex_ring_attention` (a ring over K/V shards, the functions and dropout
+counters at global positions, the XLA form per hop; the `flex` layer takes it under `mesh.sequence > 1`).
 """
 
 from __future__ import annotations
