@@ -1,6 +1,7 @@
 """kernels.platform: the kernel is chosen where the program is lowered, fallbacks are logged once (only when lowered
 for the platform that falls back), an explicit kernel request never falls back. Plain jnp "kernels" keep it fast."""
 
+import contextvars
 import logging
 
 import jax
@@ -114,7 +115,7 @@ def test_local_staging_traces_only_xla_on_this_cpu_host_and_exports_still_stage_
 
   x = jnp.arange(4.0)
   monkeypatch.delenv("EA_KERNEL_STAGING", raising=False)
-  assert platform.staging_mode() == "all"
+  assert contextvars.Context().run(platform.staging_mode) == "all"
   jax.jit(lambda x: fn(x))(x)
   assert traced == ["tpu"]  # the default stages every platform, even for a CPU program
   platform._logged.clear()  # noqa: SLF001
@@ -125,10 +126,12 @@ def test_local_staging_traces_only_xla_on_this_cpu_host_and_exports_still_stage_
     assert sum("kernel staging 'local'" in r.getMessage() for r in caplog.records) == 1  # said once
     tpu_text = _text(fn, "tpu")  # an export stages every platform whatever the mode
   assert traced == ["tpu", "tpu"] and "stablehlo.tanh" in tpu_text
+  # The environment, where no `staging` block is in force (a fresh context: the suite's session runs in one).
+  fresh = lambda: contextvars.Context().run(platform.staging_mode)  # noqa: E731
   monkeypatch.setenv("EA_KERNEL_STAGING", "local")
-  assert platform.staging_mode() == "local"
+  assert fresh() == "local"
   with platform.staging("all"):
     assert platform.staging_mode() == "all"  # the context overrides the environment
   monkeypatch.setenv("EA_KERNEL_STAGING", "fast")
   with pytest.raises(ValueError, match=r"EA_KERNEL_STAGING='fast': expected one of \('all', 'local'\)"):
-    platform.staging_mode()
+    fresh()
