@@ -37,6 +37,7 @@ from attention.base import REGISTERED_AS, AttentionLayer, default_kernel_init
 from attention.ranges import Constraint, Integer, OneOf, Range, Satisfies
 from kernels import sequence as sequence_lib
 from kernels.flex import IMPLEMENTATIONS, flex_attention
+from kernels.flex.sequence_parallel import flex_ring_attention, refusal as flex_ring_refusal
 
 
 # ---- grouped-query projections (shared with the softmax layer) -----------------------------------------------------
@@ -139,7 +140,12 @@ class FlexAttention(AttentionLayer):
   option_constraints = (KV_HEADS_DIVIDE_HEADS,)
 
   def sequence_parallel_form(self) -> str | None:
-    return None  # keys/values gathered along the sequence (the exact fallback), logged once
+    # Ring attention over K/V shards (`kernels/flex/sequence_parallel.py`): mask and score at global positions.
+    return None if self.decode else "ring"
+
+  def sequence_parallel_refusal(self) -> str | None:
+    """Why these options cannot run sequence-sharded (read by the config checks before any data is read)."""
+    return flex_ring_refusal(self.implementation)
 
   # ---- the functions --------------------------------------------------------------------------------------------
 
@@ -198,6 +204,12 @@ class FlexAttention(AttentionLayer):
       # Data-dependent masks (document ids) go through flex's dispatch: its kernels read their partial tiles as
       # bitmaps XLA evaluates from the traced ids.
       implementation = "xla"
+    if q_offset is None and sequence_lib.active() is not None:
+      # The length is sharded: the ring (every option of the one-device call at global positions; the explicit
+      # Pallas implementations are refused there in one line).
+      return flex_ring_attention(q, k, v, mask_mod=mask_mod, score_mod=score_mod, key_mask=key_mask,
+                                 dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+                                 implementation=implementation).astype(q.dtype)
     return flex_attention(q, k, v, mask_mod=mask_mod, score_mod=score_mod, key_mask=key_mask,
                           dropout_rate=self.dropout_rate, dropout_rng=dropout_rng, implementation=implementation,
                           block_size=self.block_size)

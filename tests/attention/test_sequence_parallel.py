@@ -35,6 +35,9 @@ CUT = 19  # causal cases: the last output position in the loss (shards hold 8 po
 OPTIONS = {"local": dict(block_size=4), "longformer": dict(block_size=4, num_dilated_heads=0),
            "sparse_transformer": dict(block_size=4), "bigbird": dict(block_size=4, num_random_blocks=1),
            "transnormer": dict(block_size=4), "linformer": dict(k=8), "reformer": {}, "based": dict(window=4)}
+# Flex's ring: a window crossing shards, document ids (from the padding mask) and a learned bias table (its gradient
+# through the ring), all at global positions.
+OPTIONS["flex"] = dict(mask="and_masks", masks=("sliding_window", "document"), window=6, score="relative_bias")
 # Content-adaptive sparsity (issue 34): blocks of 4 at length 32, so selections cross shards (the exact fallback).
 OPTIONS.update(nsa=dict(compress_block=4, compress_stride=2, select_block=4, num_selected=3, num_local_blocks=1,
                         window=4, num_kv_heads=1), moba=dict(block_size=4, top_k=2), compressed=dict(factor=4),
@@ -52,10 +55,10 @@ EXTRA = {"transnormer": [(dict(block_size=4, mode="diag"), None)], "based": [(di
          # The paper's causal Longformer: no global blocks, the last head dilated (a causal window may be even).
          "longformer": [(dict(block_size=4, window=2, num_dilated_heads=1, dilation=2, num_global_blocks=0),
                          CAUSAL_ONLY)],
-         "linear": [(dict(implementation="interpret"), None)]}
+         "linear": [(dict(implementation="interpret"), None)],
+         "flex": [(dict(implementation="interpret"), [(False, 0.1)])]}  # refused: the ring has no Pallas path
 # Variants whose halo form serves only calls without attention dropout: also run non-causal without it.
-# (Softmax's ring serves dropout too: its causal case is the one without.)
-WITHOUT_DROPOUT = ("local", "longformer")
+WITHOUT_DROPOUT = ("local", "longformer", "softmax")
 
 
 def _cases(attention, names):
@@ -87,7 +90,7 @@ def _exact_fallback_only(attention, name: str, options: dict) -> bool:
 def expected_forms(name: str, options: dict, causal: bool, rate: float, declared: str | None) -> set[str]:
   """The sequence-parallel forms a case must have recorded (`kernels.sequence.FORMS`). Layers whose own work GSPMD
   partitions (declared "psum", "gspmd", grassmann's "halo") record none."""
-  if name == "softmax":
+  if name in ("softmax", "flex"):
     return {"ring"}
   if name in ("local", "longformer"):
     return {"halo"} if rate == 0.0 else {"fallback"}
@@ -191,9 +194,7 @@ def _run_cases() -> list[dict]:
     # partitioning is exact by construction. Its value check on every built-in variant compiled ~20 large programs
     # twice; representatives keep it (`VALUE_CHECKED_FALLBACKS`, plugins, SEQPAR_FULL=1), the others are traced and
     # lowered sharded (the recorded form and its reason checked, a lowering error caught) without compiling.
-    # The same holds for one setting of a variant with a form of its own that takes the fallback in that setting
-    # (local and Longformer with attention dropout, Transnormer's diag mode).
-    representative = FULL or name in VALUE_CHECKED_FALLBACKS or not _built_in(attention, name)
+    lower_only = fallback_only and not FULL and name not in VALUE_CHECKED_FALLBACKS and _built_in(attention, name)
     for causal, rate in settings:
       case = {"name": name, "options": options, "positions": positions, "causal": causal, "dropout_rate": rate}
       start = time.perf_counter()  # per-case seconds in the JSON line: where the subprocess's time goes
@@ -203,8 +204,6 @@ def _run_cases() -> list[dict]:
         layer = attention.build(name, num_heads=2, causal=causal, dropout_rate=rate, positions=positions,
                                 **options)
         case["declared"] = layer.sequence_parallel_form()
-        lower_only = not representative and (fallback_only or expected_forms(
-            name, options, causal, rate, case["declared"]) == {"fallback"})
         if lower_only:
           case.update(_lower_sharded(layer, mesh, x, mask, w, rate))
           case["lowered_only"] = True
@@ -432,6 +431,8 @@ def _refused(case: dict) -> str | None:
   the Pallas kernels with attention dropout (their counters are a block's own positions)."""
   implementation = case["options"].get("implementation")
   if case["name"] == "softmax" and implementation in ("pallas", "interpret") and case["dropout_rate"] > 0:
+    return implementation
+  if case["name"] == "flex" and implementation in ("pallas", "interpret"):  # flex's ring runs only the XLA form
     return implementation
   return None
 
