@@ -36,8 +36,9 @@ OPTIONS = {"local": dict(block_size=4), "longformer": dict(block_size=4, num_dil
            "sparse_transformer": dict(block_size=4), "bigbird": dict(block_size=4, num_random_blocks=1),
            "transnormer": dict(block_size=4), "linformer": dict(k=8), "reformer": {}, "based": dict(window=4)}
 # Flex's ring: a window crossing shards, document ids (from the padding mask) and a learned bias table (its gradient
-# through the ring), all at global positions.
-OPTIONS["flex"] = dict(mask="and_masks", masks=("sliding_window", "document"), window=6, score="relative_bias")
+# through the ring), all at global positions; one key/value head (multi-query attention).
+OPTIONS["flex"] = dict(mask="and_masks", masks=("sliding_window", "document"), window=6, score="relative_bias",
+                       num_kv_heads=1)
 # Content-adaptive sparsity (issue 34): blocks of 4 at length 32, so selections cross shards (the exact fallback).
 OPTIONS.update(nsa=dict(compress_block=4, compress_stride=2, select_block=4, num_selected=3, num_local_blocks=1,
                         window=4, num_kv_heads=1), moba=dict(block_size=4, top_k=2), compressed=dict(factor=4),
