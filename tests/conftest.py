@@ -106,6 +106,31 @@ def _stage_every_platform():
     yield
 
 
+# In-process modules whose tests only run programs on this CPU: they export nothing and do not look at what dispatch
+# stages (tests/kernels, the export and lowering tests, and any module not named here keep "all").
+CPU_ONLY_MODULES = frozenset({
+    "tests.attention.test_compressed", "tests.attention.test_grassmann", "tests.attention.test_hashing_lowrank_learned",
+    "tests.attention.test_moba", "tests.attention.test_routing", "tests.attention.test_softmax",
+    "tests.attention.test_plugins", "tests.attention.test_nnx", "tests.attention.test_flex_readme",
+    "tests.lra.training.test_trainer", "tests.lra.training.test_pretrain", "tests.lra.training.test_preemption",
+    "tests.lra.training.test_sharding", "tests.lra.models.test_encoder", "tests.lra.models.test_embeddings",
+    "tests.lra.tasks.test_text", "tests.lra.tasks.test_retrieval", "tests.lra.tasks.test_image",
+    "tests.lra.tasks.test_pathfinder", "tests.lra.tasks.test_snli", "tests.lra.tasks.test_mqar",
+    "tests.lra.tasks.test_wikitext2", "tests.lra.tasks.test_registry", "tests.lra.test_multihost",
+    "tests.scripts.test_generate", "tests.scripts.test_benchmark_decode", "tests.scripts.test_plot_attention",
+    "tests.configs.test_configs"})
+
+
+@pytest.fixture(autouse=True)
+def _cpu_only_staging(request):
+  if os.environ.get("EA_TEST_LOCAL_STAGING", "1") == "1" and request.module.__name__ in CPU_ONLY_MODULES:
+    from kernels import platform  # noqa: PLC0415
+    with platform.staging("local"):
+      yield
+  else:
+    yield
+
+
 def pytest_runtest_logreport(report):
   """EA_TEST_TIMES=<file>: one line per test phase as it finishes (`seconds phase nodeid`), written by the controller
   while the suite runs, so the suite's time budget can be read off an interrupted or still running session."""
