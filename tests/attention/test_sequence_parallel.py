@@ -77,7 +77,9 @@ def _cases(attention, names):
     # issue 32: its slopes were dropped).
     one = CAUSAL_ONLY if attention.get_class(name).supports_causal else [(False, 0.1)]
     for positions in supported:
-      if positions != "none":
+      # RoPE rotates queries and keys at global positions in the layer, before any core: softmax's RoPE case checks
+      # that code through a ring; flex's ring receives the same rotated inputs (its ALiBi case is its own code).
+      if positions != "none" and (name, positions) != ("flex", "rope"):
         yield name, OPTIONS.get(name, {}), positions, None if (name, positions) == ("softmax", "alibi") else one
 
 
