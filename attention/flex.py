@@ -34,22 +34,13 @@ from attention import flex_mods
 from attention import positions
 from attention import registry
 from attention.base import REGISTERED_AS, AttentionLayer, default_kernel_init
-from attention.ranges import Constraint, Integer, OneOf, Range, Satisfies
+from attention.ranges import KV_HEADS_DIVIDE_HEADS, Integer, OneOf, Range
 from kernels import sequence as sequence_lib
 from kernels.flex import IMPLEMENTATIONS, flex_attention
 from kernels.flex.sequence_parallel import flex_ring_attention, refusal as flex_ring_refusal
 
 
 # ---- grouped-query projections (shared with the softmax layer) -----------------------------------------------------
-
-
-# `num_kv_heads` against the model's `num_heads` (flex and softmax declare it): checked by the gate when the layer is
-# built (`AttentionSpec.build`, the config validation, a directly constructed layer), never again at a call.
-KV_HEADS_DIVIDE_HEADS = Constraint(
-    "num_kv_heads", ("num_heads",),
-    lambda num_heads: Satisfies(lambda kv: num_heads % kv == 0, f"a divisor of {num_heads}"),
-    why="grouped-query attention shares each key/value head between num_heads / num_kv_heads query heads; use a "
-        "divisor of num_heads, or None for num_heads")
 
 
 def kv_heads(layer: AttentionLayer) -> int:
@@ -77,9 +68,11 @@ def repeat_kv(k_BxSxHkvxD: jax.Array, num_heads: int) -> jax.Array:
 
 
 def _mask_function(ctx: flex_mods.ModContext, name: str, causal: bool, values: Mapping[str, Any]) -> Callable:
-  mask_mod = flex_mods.build("mask", name, ctx, **values)
-  return flex_mods.and_masks(mask_mod, flex_mods.build("mask", "causal", ctx)) if causal and name != "causal" \
-      else mask_mod
+  # Unchecked: the layer's mask name and every function option passed the gate (`option_ranges`, filled below from
+  # the function registry, plugins' functions included) when the layer was built.
+  mask_mod = flex_mods.build_unchecked("mask", name, ctx, values)
+  return flex_mods.and_masks(mask_mod, flex_mods.build_unchecked("mask", "causal", ctx, {})) \
+      if causal and name != "causal" else mask_mod
 
 
 @functools.lru_cache(maxsize=256)
@@ -159,13 +152,6 @@ class FlexAttention(AttentionLayer):
     """Whether the mask reads data (document ids): a new function per call, its tile tables built in the program."""
     return any(flex_mods.get("mask", n).data_dependent for n in self._mask_names())
 
-  def check_functions(self) -> None:
-    """The mask and score exist and their options are in range (one line naming the valid choices otherwise)."""
-    values = self._values()
-    for kind, name in [("mask", n) for n in self._mask_names()] + ([("score", self.score)] if self.score != "none"
-                                                                     else []):
-      flex_mods.check_options(kind, name, {k: v for k, v in values.items() if k in flex_mods.get(kind, name).options})
-
   def functions(self, segment_ids_BxL: jax.Array | None) -> tuple[Callable, Callable | None]:
     """The mask function (intersected with causality when `causal`) and the score function (None for "none"),
     with the layer's ALiBi (`positions="alibi"`) added to the score."""
@@ -180,9 +166,9 @@ class FlexAttention(AttentionLayer):
     ctx = flex_mods.ModContext(num_heads=self.num_heads, causal=self.causal, segment_ids_BxL=segment_ids_BxL,
                                param=lambda name, init, shape: self.param(name, init, shape, jnp.float32),
                                options=values)
-    mods = [flex_mods.build("score", self.score, ctx, **values)] if self.score != "none" else []
+    mods = [flex_mods.build_unchecked("score", self.score, ctx, values)] if self.score != "none" else []
     if self.positions == "alibi":
-      mods.append(flex_mods.build("score", "alibi", ctx))
+      mods.append(flex_mods.build_unchecked("score", "alibi", ctx, {}))
     if len(mods) < 2:
       return mask_mod, (mods[0] if mods else None)
 
@@ -217,8 +203,7 @@ class FlexAttention(AttentionLayer):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True,
                segment_ids: jax.Array | None = None) -> jax.Array:
-    self.check_inputs(x, mask)
-    self.check_functions()
+    self.check_inputs(x, mask)  # shapes and mask; the mask / score names and options passed the gate (no re-check)
     batch, length = x.shape[:2]
     if segment_ids is not None and tuple(segment_ids.shape) != (batch, length):
       raise ValueError(f"FlexAttention: segment_ids must be int [batch, length] = {(batch, length)}, got shape "
@@ -277,4 +262,4 @@ def _add_option_fields(spec: flex_mods.ModSpec) -> None:
 _declare_ranges(FlexAttention)
 flex_mods._LISTENERS.append(_add_option_fields)  # pylint: disable=protected-access
 
-__all__ = ["FlexAttention", "KV_HEADS_DIVIDE_HEADS", "kv_heads", "project_kv", "repeat_kv"]
+__all__ = ["FlexAttention", "kv_heads", "project_kv", "repeat_kv"]

@@ -169,13 +169,31 @@ def all_options() -> dict[str, Option]:
 
 def build(kind: str, name: str, ctx: ModContext, **values: Any) -> Callable:
   """The mask / score function `name` with its options taken from `values` (options of other functions are ignored,
-  missing ones take their defaults); a value outside its range raises one line naming the function and the range."""
+  missing ones take their defaults), for a direct caller: a value outside its range raises one line naming the
+  function and the range (for `and_masks` / `or_masks`, also the options in `ctx.options` of the masks they name).
+  The flex layer calls `build_unchecked`: the gate (`attention.resolve`) checked its options when it was built."""
   spec = get(kind, name)
   kwargs = {k: values.get(k, o.default) for k, o in spec.options.items()}
+  _raise_out_of_range(spec, kwargs)
+  if kind == "mask" and name in COMBINATORS:
+    for sub in kwargs["masks"]:
+      sub_spec = get("mask", sub)
+      _raise_out_of_range(sub_spec, {k: ctx.options.get(k, o.default) for k, o in sub_spec.options.items()})
+  return spec.factory(ctx, **kwargs)
+
+
+def build_unchecked(kind: str, name: str, ctx: ModContext, values: Mapping[str, Any]) -> Callable:
+  """`build` without the range check, for values the gate checked: the flex layer's options passed
+  `attention.resolve` (every function's option ranges are the layer's `option_ranges`), so its calls check nothing
+  again. `name` must be registered (a lookup, `get`)."""
+  spec = get(kind, name)
+  return spec.factory(ctx, **{k: values.get(k, o.default) for k, o in spec.options.items()})
+
+
+def _raise_out_of_range(spec: ModSpec, kwargs: Mapping[str, Any]) -> None:
   bad = [o.range.requirement(k, kwargs[k]) for k, o in spec.options.items() if not o.range.contains(kwargs[k])]
   if bad:
-    raise ValueError(f"flex {kind} {name!r}: " + "; ".join(bad))
-  return spec.factory(ctx, **kwargs)
+    raise ValueError(f"flex {spec.kind} {spec.name!r}: " + "; ".join(bad))
 
 
 def check_options(kind: str, name: str, values: Mapping[str, Any]) -> None:
@@ -280,20 +298,21 @@ def _mask_names(value: Any) -> bool:
                                                   n not in ("and_masks", "or_masks") for n in value)
 
 
+COMBINATORS = ("and_masks", "or_masks")  # masks built from the masks named in `masks`, with the layer's options
 MASKS = Option((), Satisfies(lambda v: v == () or _mask_names(v),
                              "a tuple of registered flex mask names (not and_masks / or_masks)"))
 
 
 @register_mask("and_masks", options={"masks": MASKS})
 def and_masks_by_name(ctx: ModContext, masks: tuple[str, ...]) -> MaskMod:
-  return and_masks(*(build("mask", n, ctx, **ctx.options) for n in masks))
+  return and_masks(*(build_unchecked("mask", n, ctx, ctx.options) for n in masks))  # checked: `build` or the gate
 
 
 @register_mask("or_masks", options={"masks": MASKS})
 def or_masks_by_name(ctx: ModContext, masks: tuple[str, ...]) -> MaskMod:
   if not masks:
     raise ValueError("flex mask 'or_masks' needs masks=(name, ...): the union of no mask allows no key")
-  return or_masks(*(build("mask", n, ctx, **ctx.options) for n in masks))
+  return or_masks(*(build_unchecked("mask", n, ctx, ctx.options) for n in masks))
 
 
 # ---- built-in scores -------------------------------------------------------------------------------------------------
@@ -344,5 +363,5 @@ def relative_bias(ctx: ModContext, num_buckets: int, max_distance: int) -> Score
   return score_mod
 
 
-__all__ = ["ModContext", "ModSpec", "Option", "all_options", "and_masks", "build", "check_options", "get", "names",
-           "or_masks", "register_mask", "register_score", "t5_bucket"]
+__all__ = ["COMBINATORS", "ModContext", "ModSpec", "Option", "all_options", "and_masks", "build", "build_unchecked",
+           "check_options", "get", "names", "or_masks", "register_mask", "register_score", "t5_bucket"]

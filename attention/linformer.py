@@ -52,8 +52,8 @@ def resolve_max_length(module: nn.Module, max_length: int, length: int, collecti
   Raises ValueError when `length` exceeds it. `option` and `what` name the setting and the quantity in errors.
   """
   cls = type(module).__name__
-  if max_length < 0:
-    raise ValueError(f"{cls}: {option} must be >= 0 (0 = the {what} of the input at init), got {max_length}")
+  # `max_length >= 0` is the option's range (linformer, synthesizer: max_length; sinkhorn: max_num_blocks), checked by
+  # the gate when the layer was built; only the length, which a call alone knows, is checked here.
   resolved = max_length
   if resolved == 0:
     stored = module.has_variable(collection, name)
@@ -91,9 +91,7 @@ class Linformer(AttentionLayer):
     if len(shapes) > 1:
       raise ValueError(f"linformer sharing='layerwise' shares one projection, so every layer needs the same k and "
                        f"max_length; got (k, max_length) = {sorted(shapes)}")
-    (k, max_length), = shapes
-    if k < 1:
-      raise ValueError(f"Linformer: k must be >= 1, got {k}")
+    (k, max_length), = shapes  # each in its range: the layers' specs passed the gate
     n = resolve_max_length(module, max_length, length, "params", SHARED_PROJECTION, -2)
     projection = module.param(SHARED_PROJECTION, default_kernel_init, (n, k), jnp.float32)
     return [{"shared_projection": projection} if o.get("sharing", cls.sharing) == "layerwise" else {}

@@ -49,7 +49,7 @@ import numpy as np
 from attention import adaptive_sparse as core
 from attention.base import AttentionLayer, default_kernel_init
 from attention.registry import register
-from attention.ranges import Constraint, Integer, OneOf, Satisfies
+from attention.ranges import KV_HEADS_DIVIDE_HEADS, Constraint, Integer, OneOf, Satisfies
 from kernels import sequence as sequence_lib
 
 
@@ -186,9 +186,7 @@ class NativeSparseAttention(AttentionLayer):
       Constraint("use_window", ("use_compressed", "use_selected"),
                  lambda use_compressed, use_selected: None if use_compressed or use_selected else _TRUE,
                  why="every other branch is switched off; keep one"),
-      Constraint("num_kv_heads", ("num_heads",),
-                 lambda num_heads: Satisfies(lambda k: num_heads % k == 0, f"a divisor of {num_heads}"),
-                 why="query heads share key/value heads in equal groups"),
+      KV_HEADS_DIVIDE_HEADS,  # the one grouped-query constraint (flex, softmax, nsa)
   )
 
   def _check_options(self, length: int) -> None:

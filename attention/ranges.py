@@ -252,6 +252,18 @@ class Constraint:
     return f"{head} {self._given(values)}{sep}{tail}"
 
 
+# ---- constraints shared by several variants ------------------------------------------------------------------------
+
+# `num_kv_heads` against the model's `num_heads` (grouped-query attention: flex, softmax, nsa declare it): checked by
+# the gate when the layer is built (`AttentionSpec.build`, the config validation, a directly constructed layer), never
+# again at a call. Here, not in one variant's module, so every variant that groups heads imports it from below.
+KV_HEADS_DIVIDE_HEADS = Constraint(
+    "num_kv_heads", ("num_heads",),
+    lambda num_heads: Satisfies(lambda kv: num_heads % kv == 0, f"a divisor of {num_heads}"),
+    why="grouped-query attention shares each key/value head between num_heads / num_kv_heads query heads; use a "
+        "divisor of num_heads, or None for num_heads")
+
+
 def declared_constraints(cls: type) -> tuple[Constraint, ...]:
   """The `option_constraints` of `cls` and its base classes, base classes first."""
   out: list[Constraint] = []
@@ -295,5 +307,5 @@ def check(cls: type, label: str, values: Any) -> None:
     raise ValueError(f"{cls.__name__} (attention {label!r}): " + "; ".join(r.requirement(k, v) for k, v, r in problems))
 
 
-__all__ = ["Boolean", "Constraint", "Integer", "OneOf", "Range", "Real", "Satisfies", "Sequence_", "Text", "check",
+__all__ = ["Boolean", "Constraint", "Integer", "KV_HEADS_DIVIDE_HEADS", "OneOf", "Range", "Real", "Satisfies", "Sequence_", "Text", "check",
            "declared", "declared_constraints", "like_default"]

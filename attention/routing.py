@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from attention import adaptive_sparse as core
 from attention.base import AttentionLayer
 from attention.registry import register
-from attention.ranges import Integer, OneOf, Real
+from attention.ranges import Constraint, Integer, OneOf, Real
 from kernels.common import MASK_VALUE, dropout_keep
 
 STATE = "attention_state"  # the non-trainable collection the trainer carries (performer's features live there too)
@@ -150,6 +150,13 @@ class RoutingAttention(AttentionLayer):
   option_ranges = {"implementation": OneOf(("xla", "reference"), what="routing implementation"),
                    "num_clusters": Integer(0), "num_local_heads": Integer(0, allow_none=True),
                    "local_window": Integer(1), "ema_decay": Real(0.0, 1.0)}
+  # Against the model's num_heads: checked by the gate when the layer is built (and by the config validation), not
+  # at every call.
+  option_constraints = (
+      Constraint("num_local_heads", ("num_heads",), lambda num_heads: Integer(0, num_heads, allow_none=True),
+                 why="the first num_local_heads heads attend locally, the others by clusters; use num_local_heads <= "
+                     "num_heads, or None for half the heads"),
+  )
 
   not_decode_reason = "memberships depend on the whole sequence"
 
@@ -161,8 +168,6 @@ class RoutingAttention(AttentionLayer):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     self.check_inputs(x, mask)
     b, length, features = x.shape
-    if self.local_heads > self.num_heads:
-      raise ValueError(f"routing: num_local_heads={self.local_heads} must be <= num_heads={self.num_heads}")
     q, k, v = self.project_qkv(x)
     d = q.shape[-1]
     hl, hr = self.local_heads, self.num_heads - self.local_heads

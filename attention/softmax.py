@@ -13,9 +13,9 @@ import jax
 
 from attention import positions
 from attention.base import AttentionLayer
-from attention.flex import KV_HEADS_DIVIDE_HEADS, project_kv, repeat_kv
+from attention.flex import project_kv, repeat_kv
 from attention.registry import register
-from attention.ranges import Integer, OneOf
+from attention.ranges import KV_HEADS_DIVIDE_HEADS, Integer, OneOf
 from kernels import sequence as sequence_lib
 from kernels.softmax import IMPLEMENTATIONS, Implementation, softmax_attention, softmax_attention_reference
 from kernels.softmax.sequence_parallel import refusal as ring_refusal, ring_attention

@@ -95,6 +95,10 @@ def test_the_config_check_formats_the_gates_problems():
     ("softmax", dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a divisor of 4 with num_heads=4 .*got "
                                                    r"num_kv_heads=3"),
     ("flex", dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a divisor of 4 .*got num_kv_heads=3"),
+    ("nsa", dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a divisor of 4 with num_heads=4 .*got "
+                                               r"num_kv_heads=3"),  # the same shared constraint as flex's
+    ("routing", dict(num_heads=2, num_local_heads=3),
+     r"num_local_heads must be in \[0, 2\] with num_heads=2 .*got num_local_heads=3"),
 ])
 def test_head_counts_are_gate_constraints_also_for_a_layer_constructed_directly(name, options, match):
   """Issue 36: `num_dilated_heads <= num_heads` (Longformer) and `num_kv_heads` dividing `num_heads` (softmax, flex)
@@ -128,3 +132,44 @@ def test_a_constructed_layer_is_checked_once_and_a_gate_built_one_not_again(monk
   built = attention.build("softmax", num_heads=2, num_kv_heads=2, dropout_rate=0.0362)
   built.clone(), built.bind({"params": {}})
   assert len(calls) == 1
+
+
+def test_flex_functions_are_checked_by_the_gate_once_and_never_at_a_call(monkeypatch):
+  """Issue 36: the flex layer's mask / score names and their options, a plugin's function included, are checked by
+  the gate alone; the layer's calls (init, then two applies) run no range check and no flex_mods check."""
+  from attention import flex as flex_layer, flex_mods, ranges  # pylint: disable=import-outside-toplevel
+
+  # What a module named in ATTENTION_PLUGINS does (reusing the built-in `window` option: the flex class keeps its
+  # fields, so the registry other tests see is unchanged but for the name). Data-dependent: the layer builds it
+  # anew at every call (a static mask's function is cached per options), so a call-time check could not hide.
+  @flex_mods.register_mask("gate_probe_band", options={"window": flex_mods.WINDOW}, data_dependent=True)
+  def band(ctx, window):
+    del ctx
+    return lambda b, h, q_idx, kv_idx: jnp.abs(q_idx - kv_idx) < window
+
+  with pytest.raises(ValueError, match=r"^FlexAttention \(attention 'flex'\): window must be >= 1, got window=0$"):
+    attention.build("flex", mask="gate_probe_band", window=0)  # the plugin's option range, at the gate
+  layer = attention.build("flex", mask="gate_probe_band", window=2, score="softcap", softcap=5.0, num_heads=1)
+  checks, cores = [], []
+
+  def fail(what):
+    def check(*args, **kwargs):
+      checks.append(what)
+      raise AssertionError(f"{what} checked again at a call")
+    return check
+
+  for cls in (r for r in vars(ranges).values() if isinstance(r, type) and issubclass(r, ranges.Range)):
+    monkeypatch.setattr(cls, "contains", fail(f"{cls.__name__}.contains"))
+  monkeypatch.setattr(ranges.Constraint, "violated", fail("Constraint.violated"))
+  monkeypatch.setattr(flex_mods, "check_options", fail("flex_mods.check_options"))
+  monkeypatch.setattr(flex_mods, "build", fail("flex_mods.build"))
+
+  def core(q, k, v, *, mask_mod, score_mod, **kwargs):  # the functions the layer built, evaluated; no kernel traced
+    i = jnp.arange(q.shape[1])
+    cores.append((mask_mod(0, 0, i[:, None], i[None, :]), score_mod(jnp.ones(()), 0, 0, i[:, None], i[None, :])))
+    return q
+  monkeypatch.setattr(flex_layer, "flex_attention", core)
+  variables = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((1, 8, 4)))
+  for _ in range(2):  # two calls, each traced anew
+    jax.eval_shape(lambda v, x: layer.apply(v, x), variables, jnp.ones((1, 8, 4)))
+  assert checks == [] and len(cores) == 3 and cores[-1][0].shape == (8, 8)
