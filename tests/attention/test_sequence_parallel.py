@@ -58,6 +58,8 @@ EXTRA = {"transnormer": [(dict(block_size=4, mode="diag"), None)], "based": [(di
                          CAUSAL_ONLY)],
          "linear": [(dict(implementation="interpret"), None)],
          "flex": [(dict(implementation="interpret"), [(False, 0.1)])]}  # refused: the ring has no Pallas path
+# Variants whose causal ring runs in their relative-position cases (RoPE: no bias, ALiBi: a bias), not again without.
+CAUSAL_BY_POSITIONS = ("softmax",)
 # Variants whose halo form serves only calls without attention dropout: also run non-causal without it.
 # (Softmax's ring serves dropout too: its causal case is the one without.)
 WITHOUT_DROPOUT = ("local", "longformer")
@@ -185,6 +187,8 @@ def _run_cases() -> list[dict]:
     # Non-causal with attention dropout (train mode), and causal (where the variant can be) without.
     causal_ok = attention.get_class(name).supports_causal
     settings = [(False, 0.1)] + ([(True, 0.0)] if causal_ok else [])
+    if given == "first" and name in CAUSAL_BY_POSITIONS:
+      settings = [(False, 0.1)]
     if name in WITHOUT_DROPOUT and given == "first":
       settings.append((False, 0.0))
     # (the variant's own tiny options, and its relative-position cases; not the EXTRA option sets)
