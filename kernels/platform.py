@@ -203,8 +203,16 @@ def _under_export() -> bool:
   return False
 
 
+def staging_key() -> str:
+  """What `dispatch` stages here and now: "local" (the XLA form only) or "all". A function jitted at module level
+  that calls `dispatch` takes it as a static argument, so that jax's trace cache never hands a trace staged for this
+  CPU to an export (or the other way round)."""
+  local = staging_mode() == "local" and jax.default_backend() == "cpu" and not _under_export()
+  return "local" if local else "all"
+
+
 def _local_only(op: str) -> bool:
-  if staging_mode() != "local" or jax.default_backend() != "cpu" or _under_export():
+  if staging_key() != "local":
     return False
   key = ("staging", "local", "")
   if key not in _logged:  # said once per process: the kernels are not traced at all in this mode
@@ -265,4 +273,4 @@ def require_kernel(op: str, *, kernels: Mapping[Backend, Callable[[], T] | str])
 
 __all__ = ["Backend", "KERNEL_PLATFORMS", "KernelUnavailableError", "MOSAIC_GPU_DTYPES", "STAGING_MODES",
            "accelerator_of", "default_accelerator", "dispatch", "log_fallback_once", "mosaic_gpu_dtype_reason",
-           "require_kernel", "staging", "staging_mode"]
+           "require_kernel", "staging", "staging_key", "staging_mode"]

@@ -153,13 +153,15 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout, *, 
   """
   p = plan(q, k, v, layout, block_size=block_size, causal=causal, scale=scale, implementation=implementation,
            key_mask=key_mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng, block_sizes=block_sizes)
-  return _jitted_attention(q, k, v, key_mask, dropout_rng if p.dropout_rate else None, plan=p)
+  return _jitted_attention(q, k, v, key_mask, dropout_rng if p.dropout_rate else None, plan=p,
+                           staging=platform.staging_key())
 
 
 # One compiled computation per plan (layout, options, shapes): eager callers (tests, notebooks) then pay one
-# compilation instead of dispatching dozens of small ops; under an outer jit this simply inlines.
-@functools.partial(jax.jit, static_argnames=("plan",))
-def _jitted_attention(q, k, v, key_mask, dropout_rng, *, plan: Plan):
+# compilation instead of dispatching dozens of small ops; under an outer jit this simply inlines. `staging` (what
+# dispatch stages, kernels/platform.py) is part of the cache key: a CPU-only trace is never reused by an export.
+@functools.partial(jax.jit, static_argnames=("plan", "staging"))
+def _jitted_attention(q, k, v, key_mask, dropout_rng, *, plan: Plan, staging: str):  # noqa: ARG001
   seed = None if dropout_rng is None else dropout_seed(dropout_rng)
   layout = plan.layout.layout
   common = dict(block_size=plan.block_size, causal=plan.causal, scale=plan.scale, key_mask=key_mask,

@@ -120,7 +120,7 @@ def softmax_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax
            implementation=implementation, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
            alibi_slopes=alibi_slopes)
   return _jitted(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, key_mask, dropout_rng if p.dropout_rate else None, alibi_slopes,
-                 plan=p)
+                 plan=p, staging=platform.staging_key())
 
 
 def _repeat_kv(x_BxSxKxD: jax.Array, heads: int) -> jax.Array:
@@ -128,9 +128,10 @@ def _repeat_kv(x_BxSxKxD: jax.Array, heads: int) -> jax.Array:
   return x_BxSxKxD if groups == 1 else jnp.repeat(x_BxSxKxD, groups, axis=2)
 
 
-# One compiled computation per plan for eager callers; under an outer jit this inlines.
-@functools.partial(jax.jit, static_argnames=("plan",))
-def _jitted(q, k, v, key_mask, dropout_rng, alibi_slopes, *, plan: Plan):
+# One compiled computation per plan for eager callers; under an outer jit this inlines. `staging` (what dispatch
+# stages, kernels/platform.py) is part of the cache key: a trace staged for this CPU alone is never reused by an export.
+@functools.partial(jax.jit, static_argnames=("plan", "staging"))
+def _jitted(q, k, v, key_mask, dropout_rng, alibi_slopes, *, plan: Plan, staging: str):  # noqa: ARG001
   causal, scale, rate = plan.causal, plan.scale, plan.dropout_rate
   # Grouped-query attention: the dense and XLA forms see K/V repeated to the query heads (their gradients sum back
   # over each group); the flex kernels take the group as it is and load each key/value head once per group.

@@ -135,3 +135,19 @@ def test_local_staging_traces_only_xla_on_this_cpu_host_and_exports_still_stage_
   monkeypatch.setenv("EA_KERNEL_STAGING", "fast")
   with pytest.raises(ValueError, match=r"EA_KERNEL_STAGING='fast': expected one of \('all', 'local'\)"):
     fresh()
+
+
+@pytest.mark.parametrize("op", ["softmax", "block_sparse"])
+def test_an_export_after_a_local_trace_of_the_same_call_still_holds_the_kernels(op):
+  """The ops' module-level jits take the staging as a static argument: their trace staged for this CPU alone (under
+  "local") is not the one a later export of the same shapes gets from jax's cache."""
+  from kernels.block_sparse import block_sparse_attention  # noqa: PLC0415
+  from kernels.softmax import softmax_attention  # noqa: PLC0415
+  q = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
+  layout = np.tril(np.ones((1, 4, 4), bool))
+  call = {"softmax": lambda q: softmax_attention(q, q, q, causal=True),
+          "block_sparse": lambda q: block_sparse_attention(q, q, q, layout, block_size=64, causal=True)}[op]
+  with platform.staging("local"):
+    jax.jit(lambda q: call(q)).lower(q)  # traced for this CPU only (the op's inner jit is cached with that trace)
+    text = jax.export.export(jax.jit(lambda q: call(q)), platforms=["tpu"])(q).mlir_module()
+  assert "flex_fwd" in text, f"{op}: the tpu export lacks the flex kernel (a CPU-only trace was reused)"
