@@ -68,27 +68,38 @@ def test_centroids_move_in_training_only():
 
 
 def test_a_resumed_run_carries_the_centroids_exactly(data_cache, tmp_path):
-  """4 steps straight vs 2 steps then extended to 4 from the checkpoint: the same centroids and parameters."""
+  """4 steps straight vs the same run resumed from its step-2 checkpoint (a copy of the workdir with the step-4
+  checkpoint, the best one and the metrics after step 2 gone): the same centroids and parameters. One run and a resume
+  instead of three runs (a 2-step run then extended to 4 saved the same step-2 state)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
   from lra.training import Experiment, train_and_evaluate  # pylint: disable=import-outside-toplevel
   from lra.training import checkpoints as checkpoints_lib  # pylint: disable=import-outside-toplevel
   from tests.conftest import tiny_listops_config  # pylint: disable=import-outside-toplevel
 
-  def config(steps):
-    c = tiny_listops_config(data_cache, num_steps=steps, checkpoint_every_steps=2, eval_every_steps=4,
-                            log_every_steps=2, batch_size=4, eval_batch_size=4)
-    c.train.num_eval_batches = 1
-    c.model.attention = ml_collections.ConfigDict({"name": "routing", "num_clusters": 4, "local_window": 8,
-                                                   "num_local_heads": 1})
-    return c
+  config = tiny_listops_config(data_cache, num_steps=4, checkpoint_every_steps=2, eval_every_steps=4,
+                               log_every_steps=2, batch_size=4, eval_batch_size=4, keep_checkpoints=2)
+  config.train.num_eval_batches = 1
+  config.model.attention = ml_collections.ConfigDict({"name": "routing", "num_clusters": 4, "local_window": 8,
+                                                      "num_local_heads": 1})
 
-  train_and_evaluate(config(4), tmp_path / "straight")
-  train_and_evaluate(config(2), tmp_path / "resumed")
-  train_and_evaluate(config(4), tmp_path / "resumed")
+  train_and_evaluate(config, tmp_path / "straight")
+  shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / checkpoints_lib.LATEST_DIR / "4")
+  shutil.rmtree(tmp_path / "resumed" / checkpoints_lib.BEST_DIR)
+  ckpt = checkpoints_lib.Checkpoints(tmp_path / "resumed")
+  try:
+    assert ckpt.latest_step() == 2
+  finally:
+    ckpt.close()
+  train_and_evaluate(config, tmp_path / "resumed")
+
+  initial_state = Experiment(config).init_state()  # the restore target, and the centroids before training
 
   def final(workdir):
     ckpt = checkpoints_lib.Checkpoints(workdir)
     try:
-      state, meta = ckpt.restore(Experiment(config(4)).init_state(), "latest")
+      state, meta = ckpt.restore(initial_state, "latest")
     finally:
       ckpt.close()
     assert meta["step"] == 4
@@ -97,7 +108,7 @@ def test_a_resumed_run_carries_the_centroids_exactly(data_cache, tmp_path):
   (p1, s1), (p2, s2) = final(tmp_path / "straight"), final(tmp_path / "resumed")
   centroids = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(s1) if "centroids" in str(path)]
   assert centroids, s1
-  initial = jax.device_get(Experiment(config(4)).init_state().model_state)
+  initial = jax.device_get(initial_state.model_state)
   assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(initial)))  # they moved
   jax.tree.map(np.testing.assert_array_equal, s1, s2)
   jax.tree.map(np.testing.assert_array_equal, p1, p2)
