@@ -121,6 +121,7 @@ CPU_ONLY_MODULES = frozenset({
     "tests.lra.tasks.test_pathfinder", "tests.lra.tasks.test_snli", "tests.lra.tasks.test_mqar",
     "tests.lra.tasks.test_wikitext2", "tests.lra.tasks.test_registry", "tests.lra.test_multihost",
     "tests.scripts.test_generate", "tests.scripts.test_benchmark_decode", "tests.scripts.test_plot_attention",
+    "tests.scripts.test_benchmark",
     "tests.configs.test_configs"})
 
 

@@ -1,6 +1,6 @@
 """scripts/benchmark.py end to end in subprocesses: a variant at tiny lengths side by side with both softmax baselines
-(flash and dense), a crashing, raising or hanging worker that becomes a cell of the table instead of ending the run,
-and the `--core` and `--sequence_parallel` modes; the variant check in process."""
+(flash and dense), a crashing, raising or hanging worker that becomes a cell of the table instead of ending the run;
+the `--core` and `--sequence_parallel` modes and the variant check in process (the functions main calls)."""
 
 import csv
 import json
@@ -16,6 +16,10 @@ from tests.conftest import load_script
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 benchmark = load_script("benchmark", "benchmark")
+# Importable by name, as the sequence-parallel worker imports benchmark_sequence._measure_cell (it starts with this
+# sys.path).
+sys.path.insert(0, str(ROOT / "scripts"))
+benchmark_sequence = load_script("benchmark_sequence", "benchmark_sequence")
 TINY = ["--lengths=64,128", "--num_layers=1", "--steps=1", "--warmup=0"]
 
 
@@ -90,36 +94,34 @@ def test_unknown_variant_is_refused_before_anything_runs():
 
 
 def test_core_mode_measures_one_core_beside_both_softmax_baselines(tmp_path):
-  args = ["--core=block_sparse", "--lengths=64,128", "--core_block_size=32", "--core_band=1", "--core_heads=1",
-          "--core_head_dim=8", "--core_causal", "--core_dropout=0.1", "--steps=1", "--warmup=0"]
-  proc = subprocess.run([sys.executable, str(SCRIPT), f"--output_dir={tmp_path}", *args], capture_output=True,
-                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # In process: benchmark.py --core calls run_core with its flags' values and prints what it returns (the command line
+  # itself is the main run's test); the same measuring code, one interpreter start fewer.
+  argv = ["benchmark.py", "--core=block_sparse"]
+  markdown = benchmark.run_core(argv, core="block_sparse", lengths=[64, 128], output_dir=str(tmp_path), batch=2,
+                                heads=1, head_dim=8, steps=1, warmup=0, causal=True, dropout_rate=0.1, block_size=32,
+                                band=1)
   with open(tmp_path / "core.csv") as f:
     rows = {(r["implementation"], int(r["length"])): r for r in csv.DictReader(f)}
   names = ("softmax", "softmax-dense", "block_sparse", "block_sparse-reference")
   assert set(rows) == {(v, n) for v in names for n in (64, 128)}
   for n in (64, 128):
     flash, dense, sparse = rows["softmax", n], rows["softmax-dense", n], rows["block_sparse", n]
-    assert all(r["status"] == "ok" for r in (flash, dense, sparse))
+    assert all(r["status"] == "ok" for r in (flash, dense, sparse)), (flash, dense, sparse)
     assert float(flash["speedup"]) == 1.0 and float(dense["memory_ratio_dense"]) == 1.0
     assert abs(float(sparse["speedup_dense"]) - float(dense["call_ms"]) / float(sparse["call_ms"])) < 1e-9
     assert abs(float(sparse["memory_ratio"]) - int(sparse["memory_bytes"]) / int(flash["memory_bytes"])) < 1e-9
   # The dense forms grow quadratically: 2x the length is more than 2x their compiled memory's attention part.
   assert int(rows["softmax-dense", 128]["memory_bytes"]) > int(rows["softmax-dense", 64]["memory_bytes"])
-  markdown = (tmp_path / "core.md").read_text()
-  assert markdown in proc.stdout and "block_sparse core, forward + backward" in markdown
+  assert (tmp_path / "core.md").read_text() == markdown and "block_sparse core, forward + backward" in markdown
 
 
 def test_sequence_parallel_mode_measures_the_sharded_step_per_device(tmp_path):
-  # One cell (linear, 64 tokens, sequence=2, no sequence=1 baseline): the step compiled on 2 fake devices through the
-  # worker pool, its per-device memory in the table and the JSON lines.
-  args = ["--sequence_parallel=2", "--nosequence_baseline", "--memory_only", "--attention=linear", "--lengths=64",
-          "--num_layers=1", "--batch_size=1"]
-  proc = subprocess.run([sys.executable, str(SCRIPT), f"--output_dir={tmp_path}", *args], capture_output=True,
-                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # One cell (linear, 64 tokens, sequence=2, no sequence=1 baseline): the step compiled on 2 fake devices in a worker
+  # of the pool, its per-device memory in the table and the JSON lines. benchmark.py --sequence_parallel=2 calls
+  # benchmark_sequence.run with its flags' values; called here in process (the worker is still its own process).
+  markdown = benchmark_sequence.run(["linear"], [64], 2, num_layers=1, batch_size=1, dtype="float32", steps=10,
+                                    memory_only=True, output_dir=tmp_path, baseline=False, timeout=300)
   (record,) = [json.loads(line) for line in (tmp_path / "sequence_parallel.jsonl").read_text().splitlines()]
   assert record["variant"] == "linear" and record["sequence"] == 2 and "error" not in record, record
   assert record["memory_bytes"] > 0
-  assert "| linear | 64 | - | " in proc.stdout and (tmp_path / "logs" / "linear.64.sequence=2.0.log").exists()
+  assert "| linear | 64 | - | " in markdown and (tmp_path / "logs" / "linear.64.sequence=2.0.log").exists()
