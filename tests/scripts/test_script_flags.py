@@ -18,7 +18,7 @@ from tests.conftest import python_path
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 CASES = [
-    ("lra_table.py", ["--run", "--time_budget=-5"], "--time_budget=-5.0", "positive number of seconds"),
+    # 0, the boundary: a check written as `>= 0` would pass -5 (the original bug's value) but not this.
     ("lra_table.py", ["--run", "--time_budget=0"], "--time_budget=0.0", "positive number of seconds"),
     ("benchmark_decode.py", ["--lengths=256,0"], "--lengths=", "positive integers"),
     ("generate.py", ["--workdir=x", "--prompt=a", "--num_tokens=0"], "--num_tokens=0", "positive integer"),
