@@ -31,6 +31,19 @@ def _fast_compiles():
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
 
+
+@pytest.fixture(autouse=True)
+def _local_staging(request):
+  """The value checks only run on this CPU: they stage the XLA forms only (the default traces the GPU and TPU kernels
+  of every kernel-backed op too). The export test (marked `export`) keeps the default; the module is therefore not in
+  tests/conftest.py's CPU_ONLY_MODULES, whose modules export nothing."""
+  from kernels import platform  # pylint: disable=import-outside-toplevel
+  if request.node.get_closest_marker("export") is not None:
+    yield
+    return
+  with platform.staging("local"):
+    yield
+
 TINY = dict(num_heads=4, num_kv_heads=2, compress_block=4, compress_stride=2, select_block=4, num_selected=3,
             num_local_blocks=1, window=4, query_chunk=8)
 
