@@ -174,11 +174,18 @@ def _uses_pallas(fn, *args) -> bool:
 TARGETS = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu_v2"}
 
 
-def _lowered(fn, platform_name, *args) -> str:
-  """The StableHLO text of `jax.grad` of `fn` exported for `platform_name` (nothing runs)."""
+def _grad(fn):
+  """`jit(grad)` of `fn`'s float32 sum: exporting the same jitted function for several platforms traces it once (the
+  trace, staging every platform's kernels, is the bulk of an export's cost; each platform is still lowered)."""
   loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _lowered(fn, platform_name, *args, jitted=None) -> str:
+  """The StableHLO text of `jax.grad` of `fn` exported for `platform_name` (nothing runs); `jitted`: a `_grad(fn)`
+  shared between calls."""
   exported = jax.export.export(
-      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform_name],
+      jitted or _grad(fn), platforms=[platform_name],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS.values()])(*args)
   return exported.mlir_module()
 
@@ -194,12 +201,13 @@ def test_default_implementation_is_chosen_where_the_program_is_lowered(caplog):
   causal = True
   spec = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
   f = lambda q, k, v: linear_attention(q, k, v, causal=causal)  # noqa: E731
+  jitted = _grad(f)  # one trace, lowered for each platform
   with caplog.at_level(logging.WARNING, logger="kernels"):
     for name, target in TARGETS.items():
-      module = _lowered(f, name, spec, spec, spec)
+      module = _lowered(f, name, spec, spec, spec, jitted=jitted)
       assert _custom_calls(module) == {target}, name
       assert re.search(r"linear_attention_fwd", module) and re.search(r"linear_attention_bwd", module), name
-    assert not _custom_calls(_lowered(f, "cpu", spec, spec, spec))
+    assert not _custom_calls(_lowered(f, "cpu", spec, spec, spec, jitted=jitted))
   assert not [r for r in caplog.records if "linear_attention" in r.getMessage()]
 
 
@@ -224,12 +232,13 @@ def test_a_call_the_gpu_kernel_cannot_serve_falls_back_on_cuda_only_and_says_why
   spec = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)  # Mosaic GPU takes only bfloat16/float16
   f = lambda q, k, v: linear_attention(q, k, v, causal=True)  # noqa: E731
   platform._logged.clear()  # noqa: SLF001  (other tests may have logged this reason already)
+  jitted = _grad(f)  # one trace for cpu, tpu and the first cuda lowering; the second cuda export traces anew
   with caplog.at_level(logging.WARNING, logger="kernels"):
-    assert not _custom_calls(_lowered(f, "cpu", spec, spec, spec))
-    assert _custom_calls(_lowered(f, "tpu", spec, spec, spec)) == {"tpu_custom_call"}
+    assert not _custom_calls(_lowered(f, "cpu", spec, spec, spec, jitted=jitted))
+    assert _custom_calls(_lowered(f, "tpu", spec, spec, spec, jitted=jitted)) == {"tpu_custom_call"}
     assert not caplog.records  # lowering for CPU and TPU says nothing about the GPU's constraints
-    assert not _custom_calls(_lowered(f, "cuda", spec, spec, spec))
-    _lowered(f, "cuda", spec, spec, spec)  # once per (op, platform, reason)
+    assert not _custom_calls(_lowered(f, "cuda", spec, spec, spec, jitted=jitted))
+    _lowered(f, "cuda", spec, spec, spec)  # once per (op, platform, reason), across two traces
   messages = [r.getMessage() for r in caplog.records]
   assert len(messages) == 1, messages
   assert re.match(r"linear_attention: Pallas kernel cannot serve this call on cuda \(dtype=float32: .*"
@@ -240,12 +249,13 @@ def test_explicit_pallas_never_falls_back():
   bf16 = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
   f32 = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)
   f = lambda q, k, v: linear_attention(q, k, v, causal=True, implementation="pallas")  # noqa: E731
-  assert _custom_calls(_lowered(f, "cuda", bf16, bf16, bf16)) == {"mosaic_gpu_v2"}
-  assert _custom_calls(_lowered(f, "tpu", f32, f32, f32)) == {"tpu_custom_call"}
+  jitted = _grad(f)  # one trace per dtype, lowered for each platform
+  assert _custom_calls(_lowered(f, "cuda", bf16, bf16, bf16, jitted=jitted)) == {"mosaic_gpu_v2"}
+  assert _custom_calls(_lowered(f, "tpu", f32, f32, f32, jitted=jitted)) == {"tpu_custom_call"}
   with pytest.raises(ValueError, match=r"implementation='pallas' cannot run on cuda: dtype=float32: .*bfloat16"):
-    _lowered(f, "cuda", f32, f32, f32)
+    _lowered(f, "cuda", f32, f32, f32, jitted=jitted)
   with pytest.raises(ValueError, match=r"implementation='pallas' cannot run on cpu: .*implementation='interpret'"):
-    _lowered(f, "cpu", bf16, bf16, bf16)
+    _lowered(f, "cpu", bf16, bf16, bf16, jitted=jitted)
   chunk32 = lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=12, implementation="pallas")  # noqa
   with pytest.raises(ValueError, match=r"no kernel for this call \(tpu: chunk=12 must be a multiple of 8"):
     _lowered(chunk32, "tpu", bf16, bf16, bf16)
