@@ -198,7 +198,7 @@ def test_the_flex_layer_equals_the_old_block_sparse_layer(name, options, causal,
   # Flex's XLA form, the form the default dispatch runs on CPU (tracing the default also traces the GPU and TPU
   # kernels, forward and backward: 4x the time; the contract suite runs the default on every variant).
   layer = attention.build(name, num_heads=2, causal=causal, dropout_rate=0.1, implementation="xla", **options)
-  params = layer.init(jax.random.key(0), x)["params"]
+  params = jax.jit(layer.init)(jax.random.key(0), x)["params"]
   rng = jax.random.key(5)
 
   def ours(p, x):
@@ -212,7 +212,9 @@ def test_the_flex_layer_equals_the_old_block_sparse_layer(name, options, causal,
     y = _block_sparse_oracle(p, x, mask, layout_fn, options["block_size"], causal, key)
     return jnp.sum(jnp.sin(y) * mask[..., None])
 
-  (v1, g1), (v2, g2) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x) for f in (ours, theirs))
+  # Both in one program (one compile).
+  (v1, g1), (v2, g2) = jax.jit(lambda p, x: tuple(jax.value_and_grad(f, argnums=(0, 1))(p, x)
+                                                   for f in (ours, theirs)))(params, x)
   np.testing.assert_allclose(v1, v2, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
