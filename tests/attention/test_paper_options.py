@@ -110,9 +110,10 @@ def test_linformer_layerwise_projection_gets_every_layers_gradient():
   untied = {k: v for k, v in params.items() if k != "shared_linformer_projection"}
   untied = {k: ({**v, "attention": {**v["attention"], "E": shared}} if k.startswith("block_") else v)
             for k, v in untied.items()}
-  loss = lambda model: jax.jit(jax.grad(  # noqa: E731
-      lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens, mask)))))
-  g_tied, g_untied = loss(layerwise)(params), loss(kv)(untied)
+  loss = lambda model: jax.grad(  # noqa: E731
+      lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens, mask))))
+  # Both gradients in one program (one compile).
+  g_tied, g_untied = jax.jit(lambda a, b: (loss(layerwise)(a), loss(kv)(b)))(params, untied)
   summed = sum(g_untied[f"block_{i}"]["attention"]["E"] for i in range(2))
   np.testing.assert_allclose(g_tied["shared_linformer_projection"], summed, rtol=1e-4, atol=1e-6)
   assert float(jnp.abs(summed).max()) > 0
@@ -127,15 +128,17 @@ def test_linformer_layerwise_reversible_gradients_equal_plain_autodiff():
   blocks = lambda recompute: ReversibleBlocks(attention_per_layer=(config,) * 2, num_heads=2, qkv_dim=16,  # noqa: E731
                                               mlp_dim=32, dropout_rate=0.0, attention_dropout_rate=0.0,
                                               recompute=recompute)
-  params = blocks(True).init(jax.random.key(2), x, mask, True, [{"shared_projection": shared}] * 2)["params"]
+  params = jax.jit(lambda e: blocks(True).init(jax.random.key(2), x, mask, True, [{"shared_projection": e}] * 2))(
+      shared)["params"]
   assert not any(p.endswith("/E") for p in _paths(params)), _paths(params)
 
-  def grads(recompute):
+  def grads(recompute, params, shared):
     f = lambda p, e: jnp.sum(jnp.sin(blocks(recompute).apply(  # noqa: E731
         {"params": p}, x, mask, True, [{"shared_projection": e}] * 2)))
-    return jax.jit(jax.grad(f, argnums=(0, 1)))(params, shared)
+    return jax.grad(f, argnums=(0, 1))(params, shared)
 
-  (gp1, ge1), (gp2, ge2) = grads(True), grads(False)
+  # Both gradients in one program (one compile).
+  (gp1, ge1), (gp2, ge2) = jax.jit(lambda p, e: (grads(True, p, e), grads(False, p, e)))(params, shared)
   np.testing.assert_allclose(ge1, ge2, rtol=1e-4, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), gp1, gp2)
   assert float(jnp.abs(ge1).max()) > 0
