@@ -132,11 +132,20 @@ def test_learned_relative_bias_gradient():
 
 def test_t5_buckets_and_alibi_slopes():
   from attention.positions import alibi_slopes  # noqa: PLC0415  (the layers' slopes: the same numbers)
-  for heads in (1, 3, 4, 6, 8):
-    got = flex.alibi(heads)(jnp.zeros((1, heads, 1, 1)), 0, jnp.arange(heads)[None, :, None, None], 1, 0)
-    np.testing.assert_allclose(-np.asarray(got).reshape(-1), alibi_slopes(heads), rtol=1e-6)
+  head_counts = (1, 3, 4, 6, 8)
+
+  # One compiled program for every head count and the buckets (eagerly, each small op compiled per shape: ~8x
+  # the CPU time).
+  @jax.jit
+  def slopes_and_buckets(rel):
+    slopes = [flex.alibi(h)(jnp.zeros((1, h, 1, 1)), 0, jnp.arange(h)[None, :, None, None], 1, 0)
+              for h in head_counts]
+    return slopes, flex.t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
+
   rel = jnp.array([-200, -20, -9, -8, -1, 0, 1, 7, 8, 100, 1000])
-  buckets = flex.t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128)
+  slopes, buckets = slopes_and_buckets(rel)
+  for heads, got in zip(head_counts, slopes):
+    np.testing.assert_allclose(-np.asarray(got).reshape(-1), alibi_slopes(heads), rtol=1e-6)
   # Small distances exact (negative kv - q: the first half), the sign in the upper half, logarithmic then clipped.
   np.testing.assert_array_equal(np.asarray(buckets)[[4, 5, 6, 7]], [1, 0, 17, 23])
   assert int(buckets[0]) == 15 and int(buckets[-1]) == 31 and 8 <= int(buckets[2]) <= 9
