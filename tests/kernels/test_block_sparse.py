@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kernels import block_sparse_attention
+from kernels import platform as kernel_platform
 from kernels.block_sparse import dropout_keep, expand_layout, gather_tables, xla_plan
 
 # float32: both sides accumulate in float32 and differ only in summation order. bfloat16: inputs and the weights
@@ -131,8 +132,12 @@ def test_key_mask_makes_masked_keys_irrelevant():
 def test_full_layout_equals_dense_softmax():
   from attention.softmax import softmax_attention_reference
   q, k, v = _qkv((1, 12, 2, 4))
-  want = softmax_attention_reference(q, k, v, causal=True)
-  got = block_sparse_attention(q, k, v, np.ones((1, 3, 3), bool), block_size=4, causal=True)
+  # A comparison of values on this CPU: staging only the XLA form the default runs here (the default's dispatch and
+  # staging: test_jit_with_a_host_layout_and_default_implementation), both in one compiled program.
+  with kernel_platform.staging("local"):
+    want, got = jax.jit(lambda q, k, v: (
+        softmax_attention_reference(q, k, v, causal=True),
+        block_sparse_attention(q, k, v, np.ones((1, 3, 3), bool), block_size=4, causal=True)))(q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
