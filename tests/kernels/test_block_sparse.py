@@ -285,11 +285,17 @@ def test_xla_with_global_rows_and_columns_matches_reference(block_size, n, heads
 def test_dropout_mask_keeps_about_one_minus_rate_and_is_a_function_of_the_counters():
   rate = 0.3
   pos = jnp.arange(256)
-  keep = dropout_keep(jnp.int32(7), jnp.arange(4)[:, None, None], pos[:, None], pos[None, :], rate)
+
+  @jax.jit  # one compiled program for the three masks (eagerly, each op of the hash compiled per shape: ~6x the CPU)
+  def masks(pos):
+    return (dropout_keep(jnp.int32(7), jnp.arange(4)[:, None, None], pos[:, None], pos[None, :], rate),
+            dropout_keep(jnp.int32(7), 2, pos[:, None], pos[None, :], rate),
+            dropout_keep(jnp.int32(8), 2, pos[:, None], pos[None, :], rate))
+
+  keep, again, other_seed = masks(pos)
   assert abs(float(keep.mean()) - (1 - rate)) < 0.01  # 262144 draws: the standard error is ~0.001
-  again = dropout_keep(jnp.int32(7), 2, pos[:, None], pos[None, :], rate)
   np.testing.assert_array_equal(again, keep[2])
-  assert not np.array_equal(dropout_keep(jnp.int32(8), 2, pos[:, None], pos[None, :], rate), keep[2])
+  assert not np.array_equal(other_seed, keep[2])
   assert not np.array_equal(keep[1], keep[2])
   # Rows and columns are not correlated (a mask that repeats along a diagonal would be): neighbours differ.
   assert float(jnp.mean(keep[0, 1:] == keep[0, :-1])) < 0.65
