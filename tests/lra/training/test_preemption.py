@@ -88,10 +88,16 @@ def test_sigint_stops_at_the_step_boundary_in_process(tmp_path, straight, monkey
     return original(self, index)
 
   monkeypatch.setattr(pipeline.TrainBatches, "__getitem__", interrupt_during_step_7)
-  with pytest.raises(Preempted, match=r"preempted \(SIGINT\) at step 7: checkpoint saved") as info:
-    train_and_evaluate(config, tmp_path / "stopped")
+  # A known handler before the run (an earlier test in this worker process may have left SIGINT ignored), restored
+  # after the test; the run must hand back exactly the one it found.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(Preempted, match=r"preempted \(SIGINT\) at step 7: checkpoint saved") as info:
+      train_and_evaluate(config, tmp_path / "stopped")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  finally:
+    signal.signal(signal.SIGINT, previous)
   assert info.value.exit_code == 130
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
   assert max(r["step"] for r in read_metrics(tmp_path / "stopped")) == 6  # step 7 is pending, in the checkpoint
   monkeypatch.setattr(pipeline.TrainBatches, "__getitem__", original)
   train_and_evaluate(config, tmp_path / "stopped")
