@@ -255,12 +255,13 @@ def built_by_gate(cls: type) -> Iterator[None]:
     _BUILT_BY_GATE.reset(token)
 
 
-def _frozen(value: Any) -> Any:
-  """A hashable key telling apart values Python calls equal (True, 1 and 1.0 are different options)."""
+def frozen_key(value: Any) -> Any:
+  """A hashable key telling apart values Python calls equal (True, 1 and 1.0 are different options); the gate's memo
+  and the construction check's share it."""
   if isinstance(value, Mapping):
-    return ("mapping", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+    return ("mapping", tuple(sorted((k, frozen_key(v)) for k, v in value.items())))
   if isinstance(value, (list, tuple)):
-    return (type(value).__name__, tuple(_frozen(v) for v in value))
+    return (type(value).__name__, tuple(frozen_key(v) for v in value))
   return (type(value), value)
 
 
@@ -276,7 +277,7 @@ def check_constructed(layer: nn.Module) -> None:
     return
   cls, options = type(layer), constructed_options(layer)
   try:
-    key = (cls, _frozen(options))
+    key = (cls, frozen_key(options))
     hash(key)
   except TypeError:  # an unhashable option value: checked, not memoized
     key = None

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from attention import catalog
 from attention import ranges as ranges_lib
-from attention.base import encoder_owned_options
+from attention.base import encoder_owned_options, frozen_key
 from attention.specs import AttentionSpec, OptionError, Problem
 
 
@@ -76,15 +76,6 @@ def _raise(name: str, problems: list[Problem]) -> None:
   raise OptionError("; ".join(parts), problems)
 
 
-def _frozen_key(value: Any) -> Any:
-  """A hashable key that tells apart values Python calls equal (True, 1 and 1.0 are one dict key, not one option)."""
-  if isinstance(value, Mapping):
-    return ("mapping", tuple(sorted((k, _frozen_key(v)) for k, v in value.items())))
-  if isinstance(value, (list, tuple)):
-    return (type(value).__name__, tuple(_frozen_key(v) for v in value))
-  return (type(value), value)
-
-
 def resolve(name: str, num_layers: int, user_options: Mapping[str, Any], /, *,
             layer_options: Sequence[Mapping[str, Any]] | None = None) -> tuple[AttentionSpec, ...]:
   """The `AttentionSpec` of each of `num_layers` layers of variant `name`, decided in this one place:
@@ -105,8 +96,8 @@ def resolve(name: str, num_layers: int, user_options: Mapping[str, Any], /, *,
   config check, the config record and the model share it).
   """
   try:
-    key = (name, catalog.get_class(name), num_layers, _frozen_key(user_options),
-           None if layer_options is None else _frozen_key([dict(o) for o in layer_options]))
+    key = (name, catalog.get_class(name), num_layers, frozen_key(user_options),
+           None if layer_options is None else frozen_key([dict(o) for o in layer_options]))
     hash(key)
   except TypeError:  # an unhashable option value: resolve without the memo
     return _resolve(name, num_layers, user_options, layer_options)
