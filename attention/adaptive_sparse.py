@@ -6,9 +6,10 @@ attention: query head `h` reads key/value head `h // (H // Hkv)`). Every core ha
 gradients:
   - a dense reference (`masked_attention_reference`) given the token mask the selection stands for, the ground
     truth of the tests;
-  - a gathered XLA form that never touches a key outside the selection: queries are taken in chunks of
-    `query_chunk` tokens (a `lax.map` whose body is rematerialized, so the backward recomputes each chunk from its
-    inputs and memory stays O(chunk x selected keys)), and each chunk gathers the key blocks its tokens selected.
+  - an XLA form that never touches a key outside the selection: the window and summary cores take queries in chunks
+    of `query_chunk` tokens (a `lax.map` whose body is rematerialized, so the backward recomputes each chunk from its
+    inputs and memory stays O(chunk x keys of the chunk)); the selected core walks key blocks, each with the queries
+    that chose it (`selected_attention`).
 Selections (block indices) are integers computed inside the jitted step: not differentiated, as in the papers.
 
 Attention dropout is the project's counter hash (`kernels.common.dropout_keep`) keyed by (batch * heads + head,
@@ -22,6 +23,7 @@ its span is.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -31,9 +33,10 @@ from kernels.common import MASK_VALUE, dropout_keep, dropout_seed as seed_of
 
 DEFAULT_QUERY_CHUNK = 64
 DEFAULT_Q_TILE = 64  # query tile of the flex form
-# "flex": the selected branch through kernels.flex with traced tile lists; "xla": the gathered per-token form;
-# "reference": the dense token-mask form (the tests' ground truth).
-IMPLEMENTATIONS = ("flex", "xla", "reference")
+# The selected branch's forms: None (default) flex's kernels where the program is lowered for tpu or cuda, the "xla"
+# form elsewhere; "flex": kernels.flex with traced tile lists on every platform (its XLA form on CPU); "xla": the
+# key-block-major gathered form; "reference": the dense token-mask form (the tests' ground truth).
+IMPLEMENTATIONS = (None, "flex", "xla", "reference")
 
 
 def branch_rng(rng: jax.Array | None, branch: int) -> jax.Array | None:
@@ -114,25 +117,21 @@ def selection_mask(block_idx_BxGxLxN: jax.Array, *, block_size: int, num_keys: i
 
 # ---- chunked driver ------------------------------------------------------------------------------------------------
 
-def _chunked(fn: Callable, q_BxLxHxD: jax.Array, per_query: tuple[jax.Array, ...], chunk: int,
-             q_offset) -> tuple:
-  """Runs `fn(q_chunk, per_query_chunks, q_pos_C)` over query chunks (rematerialized lax.map) and joins the
-  results along the length axis (axis 1 of every output)."""
+def _chunked(fn: Callable, q_BxLxHxD: jax.Array, chunk: int, q_offset) -> tuple:
+  """Runs `fn(q_chunk, q_pos_C)` over query chunks (a rematerialized lax.map over chunk indices, each slicing its
+  queries: no stacked copy of the queries is saved for the backward) and joins the results along the length axis
+  (axis 1 of every output)."""
   b, l = q_BxLxHxD.shape[:2]
   c = max(1, min(chunk, l))
   pad = -l % c
   n = (l + pad) // c
-
-  def split(t):  # [B, L, ...] -> [N, B, C, ...]
-    t = jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2))
-    return jnp.moveaxis(t.reshape(b, n, c, *t.shape[2:]), 1, 0)
+  q = jnp.pad(q_BxLxHxD, ((0, 0), (0, pad)) + ((0, 0),) * (q_BxLxHxD.ndim - 2)) if pad else q_BxLxHxD
 
   @jax.checkpoint
-  def body(args):
-    i, qc, extras = args
-    return fn(qc, extras, q_offset + i * c + jnp.arange(c))
+  def body(i):
+    return fn(jax.lax.dynamic_slice_in_dim(q, i * c, c, axis=1), q_offset + i * c + jnp.arange(c))
 
-  outs = jax.lax.map(body, (jnp.arange(n), split(q_BxLxHxD), tuple(split(t) for t in per_query)))
+  outs = jax.lax.map(body, jnp.arange(n))
   return tuple(jnp.moveaxis(o, 0, 1).reshape(b, n * c, *o.shape[3:])[:, :l] for o in outs)
 
 
@@ -140,16 +139,38 @@ def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: ja
                        block_idx_BxLxGxN: jax.Array, *, block_size: int, causal: bool,
                        key_mask_BxS: jax.Array | None, scale: float, q_offset=0, dropout_rate: float = 0.0,
                        dropout_rng: jax.Array | None = None, query_chunk: int = DEFAULT_QUERY_CHUNK,
-                       implementation: str = "xla", q_tile: int = DEFAULT_Q_TILE) -> jax.Array:
-  """Each query token attends to the key blocks it selected (`block_idx`, -1 = none; shared by a GQA group), with
-  token-level causality and key padding. Gathered form: each chunk loads only the selected blocks. `S` must be a
-  multiple of `block_size`. Float32 `[B, L, H, D]`."""
+                       implementation: str | None = None, q_tile: int = DEFAULT_Q_TILE) -> jax.Array:
+  """Each query token attends to the key blocks it selected (`block_idx` `[B, L, Hkv or H, N]`, -1 = none: one
+  selection shared by each GQA group, or one per query head reading its group's keys), with token-level causality and
+  key padding. `S` must be a multiple of `block_size`. Float32 `[B, L, H, D]`.
+
+  The "xla" form is key-block major (MoBA's and NSA's own kernels' order): the selections are turned in the graph
+  into the transposed lists, per key block the queries that chose it (`block_entries`), and each step attends one key
+  block to up to `entries_per_step` of its queries (gathered rows), merging into the queries' running softmax
+  statistics; a custom VJP walks the same steps (dK, dV of the step's block, dQ scattered to its rows). Every key
+  block is loaded once per step of its list, never for a query that did not choose it; work O(L·N·block_size), memory
+  O(L·D + L·N) per group. `implementation=None` runs it on CPU (and wherever no kernel backend lowers the program) and
+  flex's kernels with traced tile lists on tpu and cuda (`_selected_flex`)."""
   b, l, h, d = q_BxLxHxD.shape
   s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
   if s % block_size:
     raise ValueError(f"selected_attention: keys={s} must be a multiple of block_size={block_size}")
   g = h // hkv
   nb = s // block_size
+  if block_idx_BxLxGxN.shape[2] not in (hkv, h):
+    raise ValueError(f"selected_attention: block_idx has {block_idx_BxLxGxN.shape[2]} heads; expected the {hkv} "
+                     f"key/value heads (one selection per group) or the {h} query heads (one per head)")
+  if implementation is None:  # flex's kernels where a kernel backend lowers the program, else the XLA form below
+    from kernels import platform  # pylint: disable=import-outside-toplevel
+
+    def form(name):
+      return lambda: selected_attention(
+          q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, block_size=block_size, causal=causal,
+          key_mask_BxS=key_mask_BxS, scale=scale, q_offset=q_offset, dropout_rate=dropout_rate,
+          dropout_rng=dropout_rng, query_chunk=query_chunk, implementation=name, q_tile=q_tile)
+
+    return platform.dispatch("adaptive_sparse.selected_attention", xla=form("xla"),
+                             kernels={"gpu": form("flex"), "tpu": form("flex")})
   if implementation == "flex":
     return _selected_flex(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, block_size=block_size, causal=causal,
                           key_mask_BxS=key_mask_BxS, scale=scale, q_offset=q_offset, dropout_rate=dropout_rate,
@@ -161,33 +182,160 @@ def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: ja
                              causal=causal, q_pos_L=q_pos, key_mask_BxS=key_mask_BxS)
     return masked_attention_reference(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, allowed, scale=scale, q_pos_L=q_pos,
                                       dropout_rate=dropout_rate, dropout_seed=dropout_seed)
-  kb = k_BxSxGxD.reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)  # [B, Hkv, Nb, bs, D]
-  vb = v_BxSxGxD.reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)
-  real_BxNbxbs = (jnp.ones((b, s), bool) if key_mask_BxS is None else key_mask_BxS).reshape(b, nb, block_size)
-  bh = _batch_head(b, hkv, g)
+  rate = dropout_rate if dropout_seed is not None else 0.0
+  # Selections per key/value head: one shared by its G query heads (NSA), or one per query head (MoBA) reading the
+  # shared key/value head (no repeated keys).
+  per = block_idx_BxLxGxN.shape[2] // hkv  # 1 or G
+  gs = g // per  # query heads sharing one selection
+  chunk = entries_per_step(gs)
+  idx = block_idx_BxLxGxN.reshape(b, l, hkv, per, -1).transpose(0, 2, 3, 1, 4)  # [B, Hkv, per, L, N]
+  slot_q, step_blk, used = jax.vmap(jax.vmap(jax.vmap(lambda i: block_entries(i, nb, chunk))))(idx)
+  steps = jnp.max(used)  # one trip count for every group (a batched one would make vmap mask every carry each step)
+  spec = (block_size, chunk, causal, float(scale), float(rate))
+  q_offset = jnp.asarray(q_offset, jnp.int32)
+  seed = jnp.asarray(0 if dropout_seed is None else dropout_seed, jnp.int32)
+  real = jnp.ones((b, s), bool) if key_mask_BxS is None else key_mask_BxS.astype(bool)
 
-  def fn(qc_BxCxHxD, extras, q_pos_C):
-    (idx_BxCxGxN,) = extras
-    c, n = idx_BxCxGxN.shape[1], idx_BxCxGxN.shape[-1]
-    idx = idx_BxCxGxN.transpose(0, 2, 1, 3)  # [B, Hkv, C, N]
-    safe = jnp.maximum(idx, 0)
-    take = jax.vmap(jax.vmap(lambda blocks, i: blocks[i]))  # over B, Hkv: [Nb, ...][C, N] -> [C, N, ...]
-    kg = take(kb, safe).reshape(b, hkv, c, n * block_size, d)
-    vg = take(vb, safe).reshape(b, hkv, c, n * block_size, d)
-    k_pos = (safe[..., None] * block_size + jnp.arange(block_size)).reshape(b, hkv, c, n * block_size)
-    real = jax.vmap(lambda r, i: r[i])(real_BxNbxbs, safe.reshape(b, -1)).reshape(b, hkv, c, n * block_size)
-    allowed = real & jnp.repeat(idx >= 0, block_size, axis=-1)
-    if causal:
-      allowed = allowed & (k_pos <= q_pos_C[:, None])
-    q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)  # [B, C, Hkv, G, D]
-    scores = jnp.einsum("bcxgd,bxcsd->bxgcs", q, kg.astype(jnp.float32)) * scale
-    weights, _ = _softmax_rows(scores, allowed[:, :, None])
-    weights = _dropout(weights, dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None],
-                       k_pos[:, :, None])
-    out = jnp.einsum("bxgcs,bxcsd->bcxgd", weights, vg.astype(jnp.float32))
-    return (out.reshape(b, c, h, d),)
+  def group(q_LxGxD, k_SxD, v_SxD, real_S, bh_G, sq, sb):
+    return _blocks_attend(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, sq, sb, steps)
 
-  return _chunked(fn, q_BxLxHxD, (block_idx_BxLxGxN,), query_chunk, q_offset)[0]
+  # vmapped over the batch, the key/value heads and (per query head) the selections, in place: no transposed copies.
+  if per > 1:
+    group = jax.vmap(group, in_axes=(1, None, None, None, 0, 0, 0), out_axes=1)
+    q = q_BxLxHxD.reshape(b, l, hkv, per, gs, d)
+    bh = _batch_head(b, hkv, g).reshape(b, hkv, per, gs)
+  else:
+    q, bh, slot_q, step_blk = _group(q_BxLxHxD, hkv), _batch_head(b, hkv, g), slot_q[:, :, 0], step_blk[:, :, 0]
+  per_kv_head = jax.vmap(group, in_axes=(1, 1, 1, None, 0, 0, 0), out_axes=1)
+  return jax.vmap(per_kv_head)(q, k_BxSxGxD, v_BxSxGxD, real, bh, slot_q, step_blk).reshape(b, l, h, d)
+
+
+# ---- the selected branch, key-block major ---------------------------------------------------------------------------
+
+ROWS_PER_STEP = 128  # query rows (entries x group heads) per step of the block-major form
+
+
+def entries_per_step(group: int) -> int:
+  """Selections handled per step of `selected_attention`'s XLA form: about `ROWS_PER_STEP` query rows."""
+  return max(1, ROWS_PER_STEP // group)
+
+
+def block_entries(block_idx_LxN: jax.Array, num_blocks: int, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One group's selections as block-major work (the transposed lists): every (query t, selected block j) pair,
+  ordered by block then query, each block's run padded to whole steps of `chunk` pairs. Returns the query of every
+  slot `[P]` (`L` = padding), the block of every step `[P // chunk]` and the number of steps in use (traced).
+  `P = ceil((L·N + Nb·(chunk - 1)) / chunk)·chunk`: a static bound, O(L·N)."""
+  l, n = block_idx_LxN.shape
+  capacity = -(-(l * n + num_blocks * (chunk - 1)) // chunk) * chunk
+  blk = block_idx_LxN.reshape(-1)
+  valid = blk >= 0
+  key = jnp.where(valid, blk, num_blocks)
+  order = jnp.argsort(key, stable=True)  # pairs are in query order already: (block, query) order
+  blk_sorted, t_sorted = key[order], (order // n).astype(jnp.int32)
+  count = jnp.zeros((num_blocks + 1,), jnp.int32).at[key].add(1)[:num_blocks]
+  start = jnp.cumsum(count) - count
+  padded = -(-count // chunk) * chunk
+  pstart = jnp.cumsum(padded) - padded
+  j = jnp.minimum(blk_sorted, num_blocks - 1)
+  rank = jnp.arange(l * n) - start[j]
+  slot = jnp.where(blk_sorted < num_blocks, pstart[j] + rank, capacity)  # padding pairs are dropped
+  slot_q = jnp.full((capacity,), l, jnp.int32).at[slot].set(t_sorted, mode="drop")
+  step_blk = jnp.zeros((capacity // chunk,), jnp.int32).at[slot // chunk].set(j, mode="drop")
+  return slot_q, step_blk, (jnp.sum(padded) // chunk).astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocks_attend(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps):
+  return _blocks_forward(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps)[0]
+
+
+def _blocks_step(spec, s, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, slot_q, step_blk):
+  """Step `s`: its block's keys `[bs, D]`, its slots' queries `[C, G, D]`, scores `[C, G, bs]` and mask. A padding
+  slot (query `L`) reads row L - 1 (gathers clamp), is masked, and its row updates are dropped (`mode="drop"`)."""
+  block_size, chunk, causal, scale, rate = spec
+  l = q_LxGxD.shape[0]
+  tq = jax.lax.dynamic_slice_in_dim(slot_q, s * chunk, chunk)
+  j = step_blk[s]
+  k_j = jax.lax.dynamic_slice_in_dim(k_SxD, j * block_size, block_size)
+  v_j = jax.lax.dynamic_slice_in_dim(v_SxD, j * block_size, block_size)
+  k_pos = j * block_size + jnp.arange(block_size)
+  q_pos = q_offset + tq
+  allowed = (tq < l)[:, None] & jax.lax.dynamic_slice_in_dim(real_S, j * block_size, block_size)[None, :]
+  if causal:
+    allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
+  q_e = q_LxGxD[tq]
+  scores = jnp.einsum("cgd,kd->cgk", q_e, k_j, preferred_element_type=jnp.float32) * scale
+  keep = None
+  if rate:
+    keep = dropout_keep(seed, bh_G[None, :, None], q_pos[:, None, None], k_pos[None, None, :], rate)
+  return tq, q_e, k_j, v_j, scores, allowed[:, None, :], keep, j
+
+
+def _blocks_forward(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps):
+  rate = spec[-1]
+  l, g, d = q_LxGxD.shape
+
+  def body(s, carry):
+    m, lsum, acc = carry
+    tq, _, _, v_j, scores, allowed, keep, _ = _blocks_step(spec, s, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset,
+                                                           seed, slot_q, step_blk)
+    scores = jnp.where(allowed, scores, MASK_VALUE)
+    m_old, l_old, acc_old = m[tq], lsum[tq], acc[tq]
+    m_new = jnp.maximum(m_old, jnp.max(scores, axis=-1))
+    p = jnp.where(allowed, jnp.exp(scores - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m_old - m_new)
+    pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
+    pv = jnp.einsum("cgk,kd->cgd", pd.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+    # A block lists a query once: the step's real slots are distinct rows; padding slots (row L) are dropped.
+    return (m.at[tq].set(m_new, mode="drop"), lsum.at[tq].set(alpha * l_old + jnp.sum(p, axis=-1), mode="drop"),
+            acc.at[tq].set(alpha[..., None] * acc_old + pv, mode="drop"))
+
+  init = (jnp.full((l, g), MASK_VALUE, jnp.float32), jnp.zeros((l, g), jnp.float32), jnp.zeros((l, g, d), jnp.float32))
+  m, lsum, acc = jax.lax.fori_loop(0, steps, body, init)
+  seen = lsum > 0
+  safe = jnp.where(seen, lsum, 1.0)
+  out = jnp.where(seen[..., None], acc / safe[..., None], 0.0)
+  lse = jnp.where(seen, m + jnp.log(safe), 0.0)
+  return out, lse
+
+
+def _blocks_fwd(spec, q, k, v, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps):
+  out, lse = _blocks_forward(spec, q, k, v, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps)
+  return out, (q, k, v, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps, out, lse)
+
+
+def _blocks_bwd(spec, res, do_LxGxD):
+  q, k, v, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps, out, lse = res
+  block_size, _, _, scale, rate = spec
+  delta = jnp.sum(do_LxGxD.astype(jnp.float32) * out, axis=-1)  # rowsum(dO ∘ O)
+
+  def body(s, carry):
+    dq, dk, dv = carry
+    tq, q_e, k_j, v_j, scores, allowed, keep, j = _blocks_step(spec, s, q, k, v, real_S, bh_G, q_offset, seed, slot_q,
+                                                                step_blk)
+    p = jnp.where(allowed, jnp.exp(scores - lse[tq][..., None]), 0.0)
+    do_e = do_LxGxD[tq].astype(jnp.float32)
+    pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
+    dv_j = jnp.einsum("cgk,cgd->kd", pd, do_e)
+    dp = jnp.einsum("cgd,kd->cgk", do_e, v_j.astype(jnp.float32))
+    if keep is not None:
+      dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
+    ds = p * (dp - delta[tq][..., None]) * scale
+    dq = dq.at[tq].add(jnp.einsum("cgk,kd->cgd", ds, k_j.astype(jnp.float32)), mode="drop")
+    dk_j = jnp.einsum("cgk,cgd->kd", ds, q_e.astype(jnp.float32))
+    at = j * block_size
+    dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, at, block_size) + dk_j, at, 0)
+    dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, at, block_size) + dv_j, at, 0)
+    return dq, dk, dv
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dq, dk, dv = jax.lax.fori_loop(0, steps, body, init)
+  zeros = lambda x: None if x is None else jnp.zeros_like(x)  # noqa: E731  (integer inputs: no gradient)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros(real_S), zeros(bh_G),
+          zeros(q_offset), zeros(seed), zeros(slot_q), zeros(step_blk), zeros(steps))
+
+
+_blocks_attend.defvjp(_blocks_fwd, _blocks_bwd)
 
 
 def selection_bitmap(block_idx_BxLxGxN: jax.Array, num_blocks: int) -> jax.Array:
@@ -213,9 +361,9 @@ def _selected_flex(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, *, block_
 
   b, l, h, d = q_BxLxHxD.shape
   s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
-  g, nb = h // hkv, s // block_size
+  g, nb = h // block_idx_BxLxGxN.shape[2], s // block_size  # query heads per selection
   tile = max(1, min(q_tile, l))
-  sel = selection_bitmap(block_idx_BxLxGxN, nb)  # [B, Hkv, L, Nb]
+  sel = selection_bitmap(block_idx_BxLxGxN, nb)  # [B, Hkv (or H), L, Nb]
   tq = -(-l // tile)
   padded = jnp.pad(sel, ((0, 0), (0, 0), (0, tq * tile - l), (0, 0)))
   union = jnp.any(padded.reshape(b, hkv, tq, tile, nb), axis=3)  # [B, Hkv, Tq, Nb]
@@ -259,8 +407,7 @@ def window_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.
   real = pad_k(jnp.ones((b, s), bool) if key_mask_BxS is None else key_mask_BxS)
   bh = _batch_head(b, hkv, g)
 
-  def fn(qc_BxCxHxD, extras, q_pos_C):
-    del extras
+  def fn(qc_BxCxHxD, q_pos_C):
     start = q_pos_C[0]  # padded coordinates: key position p sits at p + left
     kc = jax.lax.dynamic_slice_in_dim(kp, start, span, axis=1)
     vc = jax.lax.dynamic_slice_in_dim(vp, start, span, axis=1)
@@ -276,7 +423,7 @@ def window_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.
     out = jnp.einsum("bxgcs,bsxd->bcxgd", weights, vc.astype(jnp.float32))
     return (out.reshape(b, c, h, d),)
 
-  return _chunked(fn, q_BxLxHxD, (), c, q_offset)[0]
+  return _chunked(fn, q_BxLxHxD, c, q_offset)[0]
 
 
 def window_mask(num_queries: int, num_keys: int, *, window: int, causal: bool, q_pos_L: jax.Array,
@@ -316,8 +463,7 @@ def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax
     probs, _ = _softmax_rows(scores, jnp.broadcast_to(allowed, (b, hkv, l, k_pos_S.shape[0]))[:, :, None])
     return out, probs_fn(jax.lax.stop_gradient(probs), q_pos)
 
-  def fn(qc_BxCxHxD, extras, q_pos_C):
-    del extras
+  def fn(qc_BxCxHxD, q_pos_C):
     allowed = valid[:, None, :] & ((k_pos_S[None, :] <= q_pos_C[:, None]) if causal else True)  # [B, C, S]
     q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
     scores = jnp.einsum("bcxgd,bsxd->bxgcs", q, k_BxSxGxD.astype(jnp.float32)) * scale
@@ -329,7 +475,7 @@ def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax
       return (out,)
     return out, probs_fn(jax.lax.stop_gradient(probs), q_pos_C)
 
-  outs = _chunked(fn, q_BxLxHxD, (), query_chunk, q_offset)
+  outs = _chunked(fn, q_BxLxHxD, query_chunk, q_offset)
   return outs if probs_fn is not None else outs[0]
 
 

@@ -31,14 +31,14 @@ MODES = ("compressed", "local")
 @register("compressed")
 class MemoryCompressedAttention(AttentionLayer):
   """Attributes: mode ("compressed" | "local"), factor (3: the convolution's kernel and stride), block_size (256,
-  local mode), query_chunk (queries per chunk of the XLA form), implementation ("xla" | "reference": dense token
-  masks)."""
+  local mode), query_chunk (queries per chunk of the XLA form), implementation (None: the local blocks through flex's
+  kernels on tpu/cuda, the block-major XLA form elsewhere; "flex" | "xla" | "reference": dense token masks)."""
 
   mode: str = "compressed"
   factor: int = 3
   block_size: int = 256
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  implementation: str = "flex"
+  implementation: str | None = None
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="compressed implementation"),
                    "mode": OneOf(MODES), "factor": Integer(1), "block_size": Integer(1), "query_chunk": Integer(1)}
 

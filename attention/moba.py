@@ -14,9 +14,9 @@ with the fine (selected) output.
 The paper's defaults: block_size=512, top_k=3 at 8K (its ablations; 4096 / 12 at 1M), per head, no shared
 selection. They are this layer's defaults (`top_k=None`: 3, or every block of a shorter sequence); scale `block_size` to shorter sequences by options. Decoding keeps every
 key and value and selects per step (a past block's pooled key is final once the block is; the own block is always
-in), so stepping equals the parallel causal output. The selected blocks run through `kernels.flex` with traced tile
-lists (`implementation="flex"`, see attention/nsa.py), or gathered per token ("xla"), or as dense token masks
-("reference").
+in), so stepping equals the parallel causal output. The selected blocks run, by default (`implementation=None`),
+through the key-block-major XLA form on CPU and flex's kernels with traced tile lists on tpu/cuda (see
+attention/nsa.py); "flex", "xla" and "reference" (dense token masks) force one form.
 """
 
 from __future__ import annotations
@@ -57,14 +57,14 @@ PAPER_TOP_K = 3
 @register("moba")
 class MixtureOfBlockAttention(AttentionLayer):
   """Attributes: block_size (512), top_k (None = 3, or every block of a shorter sequence; own block included), coarse (VSA's pooled attention added),
-  query_chunk (queries per chunk of the gathered XLA form), implementation ("xla" | "reference": dense token
-  masks of the same selection)."""
+  query_chunk (queries per chunk of the coarse stage's XLA form), implementation (None: flex's kernels on tpu/cuda,
+  the block-major XLA form elsewhere; "flex" | "xla" | "reference": dense token masks of the same selection)."""
 
   block_size: int = 512
   top_k: int | None = None
   coarse: bool = False
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  implementation: str = "flex"
+  implementation: str | None = None
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="moba implementation"),
                    "block_size": Integer(1), "top_k": Integer(1, allow_none=True), "query_chunk": Integer(1)}
 

@@ -28,15 +28,17 @@ query's own and the ones before it). Decoding keeps every key and value (the sel
 compressed tokens (one appended every d steps once a block of l is complete) and selects per step; stepping equals the
 parallel causal output.
 
-Implementation (`attention/adaptive_sparse.py`): the selected branch runs through `kernels.flex` with traced tile
-lists (`implementation="flex"`, the default: per query tile, the key blocks any of its tokens selected, the transposed
-lists for the backward built in the graph, each token's own selection applied inside the visited tiles; unselected
-tiles are never touched, forward or backward); the compressed and window branches are chunked XLA forms.
-`"xla"` gathers each token's blocks instead; `"reference"` builds the same selection as dense token masks (the tests'
-ground truth). On cuda and tpu flex's Pallas kernels serve the selected branch: the per-token selection is a mask
-closing over traced data, which XLA evaluates on each listed partial tile into a tile bitmap the kernels read (the
-bitmaps' static capacity follows the lists' width: at lengths below about 64K every key tile, i.e. L x L elements in
-tile form; `kernels.flex.tables`). CPU runs flex's XLA form.
+Implementation (`attention/adaptive_sparse.py`): the selected branch's default (`implementation=None`) is chosen by
+the platform the step is lowered for. On CPU (and wherever no kernel backend lowers it) the key-block-major XLA form:
+the selections turned into per-block lists of the queries that chose each block, built in the graph, each step one key
+block against up to 32 of its queries x the group's heads (work O(L·n·l'), memory O(L·D)); unselected blocks are never
+touched, forward or backward. On tpu and cuda, `kernels.flex`'s Pallas kernels with traced tile lists (per query tile,
+the key blocks any of its tokens selected; the transposed lists for the backward built in the graph; each token's own
+selection applied inside the visited tiles as bitmaps XLA evaluates: their static capacity follows the lists' width,
+at lengths below about 64K every key tile, i.e. L x L elements in tile form; `kernels.flex.tables`). `"flex"` forces
+the flex path everywhere (flex's XLA form on CPU: a query tile visits the union of its tokens' blocks), `"xla"` the
+block-major form, `"reference"` the same selection as dense token masks (the tests' ground truth). The compressed
+and window branches are chunked XLA forms on every platform.
 """
 
 from __future__ import annotations
@@ -148,8 +150,8 @@ class NativeSparseAttention(AttentionLayer):
   """Attributes (paper defaults; see the module docstring): compress_block (l=32), compress_stride (d=16),
   select_block (l'=64), num_selected (n; None = 16, or every block of a shorter sequence), num_local_blocks (2), window (w=512), num_kv_heads (None = num_heads;
   a divisor of num_heads), use_compressed / use_selected / use_window (ablations), query_chunk (queries per chunk
-  of the gathered XLA form: memory, not values), implementation ("xla": the gathered form; "reference": the same
-  selection as dense token masks, the tests' ground truth)."""
+  of the compressed and window branches' XLA forms: memory, not values), implementation (None: flex's kernels on
+  tpu/cuda, the block-major XLA form elsewhere; "flex", "xla", "reference": see the module docstring)."""
 
   compress_block: int = 32
   compress_stride: int = 16
@@ -162,7 +164,7 @@ class NativeSparseAttention(AttentionLayer):
   use_selected: bool = True
   use_window: bool = True
   query_chunk: int = core.DEFAULT_QUERY_CHUNK
-  implementation: str = "flex"
+  implementation: str | None = None
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="nsa implementation"),
                    "compress_block": Integer(1), "compress_stride": Integer(1), "select_block": Integer(1),
                    "num_selected": Integer(1, allow_none=True), "num_local_blocks": Integer(0), "window": Integer(1),

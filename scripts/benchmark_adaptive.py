@@ -10,7 +10,8 @@ plan (temporaries, `memory_analysis()` of the same executable), the fraction of 
 - nsa: `attention.nsa.nsa_attention` with the paper's l=32, d=16, l'=64, n=16 (1 initial + 2 local), w=512; the
   compressed tokens are mean-pooled blocks here (the layer's MLP phi is a per-token map outside the core), gates 1;
 - moba: `attention.adaptive_sparse.selected_attention` on MoBA's gates (`attention.moba.gate_scores`), block 512,
-  top-k 3 (MoBA's 8K setting), per head: keys and values repeated to the 8 query heads (MoBA shares no selection);
+  top-k 3 (MoBA's 8K setting), one selection per query head (MoBA shares none) reading the 2 shared key/value heads
+  (the pooled keys are repeated to the 8 query heads for the gates; keys and values are not);
 - flash: `kernels.softmax.softmax_attention(causal=True)` (the XLA flash form on CPU), keys and values repeated to
   8 heads.
 Prints a markdown table (and writes it with `--out`).
@@ -38,7 +39,7 @@ from kernels.softmax import softmax_attention  # noqa: E402
 H, HKV, D = 8, 2, 64
 NSA = dict(compress_block=32, compress_stride=16, select_block=64, num_selected=16, num_local_blocks=2, window=512)
 MOBA = dict(block_size=512, top_k=3)
-IMPLEMENTATION = ["flex"]  # the selected branch's form (--implementation)
+IMPLEMENTATION = [None]  # the selected branch's form (--implementation; None: the layers' default)
 
 
 def nsa_core(q, k, v):
@@ -56,11 +57,10 @@ def nsa_core(q, k, v):
 
 
 def moba_core(q, k, v):
-  k, v = jnp.repeat(k, H // HKV, axis=2), jnp.repeat(v, H // HKV, axis=2)
   b, s = k.shape[:2]
   bs = MOBA["block_size"]
   real = jnp.ones((b, s), bool)
-  kmean = moba_lib.pooled(k, real, bs)
+  kmean = jnp.repeat(moba_lib.pooled(k, real, bs), H // HKV, axis=2)  # per query head; keys stay shared
   first = core.first_real_position(real, b, s, bs)
   idx = core.top_blocks(moba_lib.gate_scores(q, kmean, jnp.arange(q.shape[1]), first, block_size=bs, causal=True,
                                              num_keys=s), MOBA["top_k"])
@@ -112,10 +112,11 @@ def main() -> None:
   parser.add_argument("--cores", default="flash,nsa,moba")
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--out", default=None)
-  parser.add_argument("--implementation", default="flex", choices=("flex", "xla"),
-                      help="the selected branch: flex with traced tile lists, or the gathered per-token form")
+  parser.add_argument("--implementation", default="default", choices=("default", "flex", "xla"),
+                      help="the selected branch: the layers' default (the block-major XLA form on CPU), flex with "
+                           "traced tile lists, or the block-major XLA form")
   args = parser.parse_args()
-  IMPLEMENTATION[0] = args.implementation
+  IMPLEMENTATION[0] = None if args.implementation == "default" else args.implementation
   rows = ["| length | core | fwd+bwd s | vs flash | compiled temp MiB | keys visited | time / (fraction x flash) |",
           "|---:|---|---:|---:|---:|---:|---:|"]
   for length in [int(x) for x in args.lengths.split(",")]:

@@ -110,7 +110,8 @@ def _stage_every_platform():
 # stages (tests/kernels, the export and lowering tests, and any module not named here keep "all").
 CPU_ONLY_MODULES = frozenset({
     "tests.attention.test_compressed", "tests.attention.test_grassmann", "tests.attention.test_hashing_lowrank_learned",
-    "tests.attention.test_moba", "tests.attention.test_routing", "tests.attention.test_softmax",
+    "tests.attention.test_moba", "tests.attention.test_adaptive_sparse", "tests.attention.test_routing",
+    "tests.attention.test_softmax",
     "tests.attention.test_plugins", "tests.attention.test_nnx", "tests.attention.test_flex_readme",
     "tests.attention.test_sparse", "tests.attention.test_flex", "tests.attention.test_linear_family",
     "tests.attention.test_gated_family", "tests.attention.test_paper_options", "tests.attention.test_random_features",

@@ -1,0 +1,94 @@
+"""The selected core of nsa / moba / compressed (`attention.adaptive_sparse.selected_attention`), key-block major:
+its transposed lists (`block_entries`) against a numpy oracle, one selection per query head over shared key/value
+heads (MoBA under GQA) against the dense reference on repeated keys (values and gradients, padding, dropout), and
+its compiled memory growing linearly with the length (no [L, L] and no [L, blocks] buffer). The layers' own tests
+(test_nsa, test_moba, test_compressed and the contract suite) compare the form through the layers.
+Tolerances (float32): 2e-5 absolute."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention import adaptive_sparse as core
+
+ATOL = 2e-5
+
+
+def _oracle(block_idx_LxN: np.ndarray, num_blocks: int, chunk: int):
+  """Per step: (block, the queries that chose it in query order, padded with L to `chunk`)."""
+  l = block_idx_LxN.shape[0]
+  steps = []
+  for j in range(num_blocks):
+    queries = [t for t in range(l) if j in block_idx_LxN[t]]
+    for start in range(0, len(queries), chunk):
+      part = queries[start:start + chunk]
+      steps.append((j, part + [l] * (chunk - len(part))))
+  return steps
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_block_entries_are_the_transposed_selection(chunk):
+  rng = np.random.default_rng(0)
+  l, n, nb = 11, 3, 5
+  idx = np.stack([rng.permutation(nb)[:n] for _ in range(l)])
+  idx[rng.random((l, n)) < 0.2] = -1  # unused slots (a causal query with fewer reachable blocks)
+  slot_q, step_blk, used = jax.jit(core.block_entries, static_argnums=(1, 2))(jnp.asarray(idx, jnp.int32), nb, chunk)
+  expected = _oracle(idx, nb, chunk)
+  assert int(used) == len(expected)
+  assert slot_q.shape[0] == -(-(l * n + nb * (chunk - 1)) // chunk) * chunk  # the static O(L·N) bound
+  got = [(int(step_blk[s]), [int(x) for x in slot_q[s * chunk:(s + 1) * chunk]]) for s in range(int(used))]
+  assert got == expected
+  assert (np.asarray(slot_q[int(used) * chunk:]) == l).all()  # the rest is padding
+
+
+def test_per_head_selection_reads_the_shared_key_value_heads():
+  """MoBA selects per query head; with 4 query heads over 2 key/value heads the keys are not repeated: equal to the
+  reference on repeated keys (same dropout counters: query head h of group x is batch * H + h either way)."""
+  b, l, h, hkv, d, bs, s = 2, 13, 4, 2, 8, 4, 16
+  keys = jax.random.split(jax.random.key(3), 5)
+  q = jax.random.normal(keys[0], (b, l, h, d))
+  k, v = jax.random.normal(keys[1], (b, s, hkv, d)), jax.random.normal(keys[2], (b, s, hkv, d))
+  idx = core.top_blocks(jax.random.normal(keys[3], (b, l, h, s // bs)), 2)
+  real = jnp.arange(s)[None, :] < jnp.array([[s - 5], [s]])
+  w = jax.random.normal(keys[4], q.shape)
+  common = dict(block_size=bs, causal=True, key_mask_BxS=real, scale=d ** -0.5, dropout_rate=0.1,
+                dropout_rng=jax.random.key(1))
+
+  @jax.jit
+  def both(q, k, v):
+    def shared(q, k, v):
+      return jnp.sum(core.selected_attention(q, k, v, idx, implementation="xla", **common) * w)
+
+    def repeated(q, k, v):
+      rk, rv = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
+      return jnp.sum(core.selected_attention(q, rk, rv, idx, implementation="reference", **common) * w)
+
+    return [jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v) for f in (shared, repeated)]
+
+  (l_x, g_x), (l_r, g_r) = both(q, k, v)
+  np.testing.assert_allclose(l_x, l_r, atol=ATOL, rtol=1e-5)
+  for a, r in zip(g_x, g_r):
+    np.testing.assert_allclose(a, r, atol=ATOL)
+  assert float(jnp.abs(g_r[1]).sum()) > 0
+
+
+def test_compiled_memory_grows_linearly_with_the_length():
+  """Forward + backward of the block-major form at L and 4L (a fixed number of selected blocks per query): temporary
+  memory grows 4x (here 4.00x), not 16x (an [L, L] buffer) nor more than 4.2x (flex's form, with its per-token
+  [L, L / block] selection bitmap, grows 4.45x at these shapes)."""
+  def temp(length):
+    b, h, d, bs, n = 1, 2, 16, 16, 2
+    q = jax.ShapeDtypeStruct((b, length, h, d), jnp.float32)
+    idx = jax.ShapeDtypeStruct((b, length, h, n), jnp.int32)
+
+    def loss(q, idx):
+      return jnp.sum(core.selected_attention(q, q, q, idx, block_size=bs, causal=True, key_mask_BxS=None,
+                                             scale=0.25, implementation="xla"))
+
+    return jax.jit(jax.grad(loss)).lower(q, idx).compile().memory_analysis().temp_size_in_bytes
+
+  small, large = temp(1024), temp(4096)
+  assert large < 4.2 * small, (small, large)
