@@ -140,6 +140,19 @@ def test_top_n_block_lists_equal_a_numpy_oracle(causal):
   np.testing.assert_allclose(coverage.sum(axis=1), cb / cs)
 
 
+@pytest.mark.parametrize("length,cb,cs,ls", [(64, 4, 2, 4), (1000, 32, 16, 64), (100, 8, 4, 16), (20, 32, 16, 64)])
+def test_coverage_bands_sum_equals_the_coverage_product(length, cb, cs, ls):
+  """Importance is summed over each block's band of compressed tokens (`coverage_bands`): equal to Eq. 9's product
+  with the dense coverage matrix (including a sequence without any compressed token)."""
+  nc, ns = nsa.num_compressed_tokens(length, cb, cs), -(-length // ls)
+  coverage = nsa.coverage_matrix(nc, ns, compress_block=cb, compress_stride=cs, select_block=ls)
+  idx, w = nsa.coverage_bands(coverage)
+  assert idx.shape[1] <= (cb + ls) // cs + 1  # banded: a short sum per block
+  p = np.random.default_rng(0).random((3, nc)).astype(np.float32)
+  banded = (p[:, idx] * w).sum(-1) if nc else np.zeros((3, ns), np.float32)
+  np.testing.assert_allclose(banded, p @ coverage, rtol=1e-6, atol=1e-6)
+
+
 def test_decoding_equals_the_parallel_causal_output():
   """20 steps: compressed tokens appended every d steps, selection per step, the window, GQA."""
   contract.check_decode("nsa", length=20, **TINY)
