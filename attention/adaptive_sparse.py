@@ -360,13 +360,13 @@ def _selected_flex(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx_BxLxGxN, *, block_
   from kernels import flex  # pylint: disable=import-outside-toplevel  (flex imports nothing of attention)
 
   b, l, h, d = q_BxLxHxD.shape
-  s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
-  g, nb = h // block_idx_BxLxGxN.shape[2], s // block_size  # query heads per selection
+  s, hs = k_BxSxGxD.shape[1], block_idx_BxLxGxN.shape[2]  # hs: selections per position (Hkv, or H per head)
+  g, nb = h // hs, s // block_size  # query heads per selection
   tile = max(1, min(q_tile, l))
-  sel = selection_bitmap(block_idx_BxLxGxN, nb)  # [B, Hkv (or H), L, Nb]
+  sel = selection_bitmap(block_idx_BxLxGxN, nb)  # [B, Hs, L, Nb]
   tq = -(-l // tile)
   padded = jnp.pad(sel, ((0, 0), (0, 0), (0, tq * tile - l), (0, 0)))
-  union = jnp.any(padded.reshape(b, hkv, tq, tile, nb), axis=3)  # [B, Hkv, Tq, Nb]
+  union = jnp.any(padded.reshape(b, hs, tq, tile, nb), axis=3)  # [B, Hs, Tq, Nb]
   # Selected tiles first, in block order; a query tile's tokens select at most tile * N blocks (a static list bound,
   # which also bounds the kernels' partial-tile bitmaps).
   width = min(nb, tile * block_idx_BxLxGxN.shape[-1])

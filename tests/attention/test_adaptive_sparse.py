@@ -92,3 +92,16 @@ def test_compiled_memory_grows_linearly_with_the_length():
 
   small, large = temp(1024), temp(4096)
   assert large < 4.2 * small, (small, large)
+
+
+def test_flex_form_takes_a_selection_per_query_head_too():
+  """The flex form (tpu/cuda's default) with MoBA's per-head selection over shared key/value heads equals the
+  block-major form (values; its XLA form on this CPU)."""
+  b, l, h, hkv, d, bs = 1, 12, 4, 2, 8, 4
+  keys = jax.random.split(jax.random.key(4), 3)
+  q, k = jax.random.normal(keys[0], (b, l, h, d)), jax.random.normal(keys[1], (b, l, hkv, d))
+  idx = core.top_blocks(jax.random.normal(keys[2], (b, l, h, l // bs)), 2)
+  common = dict(block_size=bs, causal=False, key_mask_BxS=None, scale=0.3, q_tile=4)
+  run = jax.jit(lambda q, k: [core.selected_attention(q, k, k, idx, implementation=i, **common) for i in ("flex", "xla")])
+  flex_out, xla_out = run(q, k)
+  np.testing.assert_allclose(flex_out, xla_out, atol=ATOL)
