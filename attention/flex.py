@@ -108,14 +108,17 @@ class FlexAttention(AttentionLayer):
     mask: a registered mask function (`attention.flex_mods.names("mask")`); "full" = every key.
     score: a registered score function (`names("score")`) or "none".
     num_kv_heads: key/value heads (a divisor of `num_heads`; None = `num_heads`, 1 = multi-query attention).
-    block_size: tokens per tile of the block mask (the unit of skipped work).
+    block_size: tokens per tile of the block mask (the unit of skipped work); None = `kernels.flex.default_tiles`:
+      the largest tiles every kernel backend serves for the call (128x128; 128x64 for bfloat16 at head dim 64 and
+      64x64 at 128, which the Mosaic GPU dK/dV kernel's shared memory needs; a fixed 128 sent bfloat16 steps to XLA
+      on cuda).
     implementation: `kernels.flex.flex_attention`'s implementation; None = best available.
   """
 
   mask: str = "full"
   score: str = "none"
   num_kv_heads: int | None = None
-  block_size: int = 128
+  block_size: int | None = None
   implementation: str | None = None
   # One field per option of the built-in functions (flex_mods declares their ranges; `option_ranges` merges them).
   window: int = 128
@@ -238,7 +241,7 @@ def _declare_ranges(cls: type) -> None:
   # The registered names are read when a value is checked: a plugin registered later is a valid choice.
   cls.option_ranges = {"mask": OneOf(lambda: flex_mods.names("mask"), what="flex mask"),
                        "score": OneOf(lambda: ("none", *flex_mods.names("score")), what="flex score"),
-                       "num_kv_heads": Integer(1, allow_none=True), "block_size": Integer(1),
+                       "num_kv_heads": Integer(1, allow_none=True), "block_size": Integer(1, allow_none=True),
                        "implementation": OneOf(IMPLEMENTATIONS, what="flex implementation"),
                        **{k: o.range for k, o in flex_mods.all_options().items()}}
 
