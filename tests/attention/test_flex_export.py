@@ -38,6 +38,7 @@ def _config(task: str, tmp_path):
   return config
 
 
+@pytest.mark.export
 @pytest.mark.parametrize("task", ["text", "wikitext2"])
 def test_bfloat16_step_with_a_flex_mask_and_alibi_exports_with_the_kernels(task, tmp_path):
   experiment = trainer.Experiment(_config(task, tmp_path))
