@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from kernels import sequence
 from kernels.common import MASK_VALUE, dropout_keep, dropout_seed
 from kernels.flex.xla import explicit_mask_mod, explicit_score_mod
-from kernels.softmax.sequence_parallel import _from_zigzag, _to_zigzag, merge  # noqa: PLC2701  (the same layout)
+from kernels.softmax.sequence_parallel import from_zigzag, masked_softmax, merge, to_zigzag  # the same layout
 
 KERNEL_IMPLEMENTATIONS = ("pallas", "interpret")
 DETAIL = "dense block pairs with mask_mod/score_mod at global positions (kernels/flex/sequence_parallel.py)"
@@ -65,12 +65,7 @@ def block_pair(q_BxCxHxD, k_BxCxHxD, v_BxCxHxD, key_mask_BxC, *, mask_fn, score_
     s = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32) * scale
     if score_fn is not None:
       s = jnp.asarray(score_fn(s, bi, hi, qi, ki, *params), jnp.float32)
-    s = jnp.where(allowed, s, MASK_VALUE)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    p = jnp.where(allowed, jnp.exp(s - m), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(denom[..., 0], 1e-30)), MASK_VALUE)
-    w = p / jnp.maximum(denom, 1e-30)
+    w, lse = masked_softmax(s, allowed)
     if rate:
       keep = dropout_keep(seed, bi * heads_total + hi, qi, ki, rate)
       w = jnp.where(keep, w / (1.0 - rate), 0.0)
@@ -130,7 +125,7 @@ def flex_ring_attention(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: j
   def body(q, k, v, mask, seed, mask_consts, params):
     me = jax.lax.axis_index(ctx.axis)
     batch_offset = jnp.asarray(jax.lax.axis_index(batch_axis) * q.shape[0] if batch_axis else 0, jnp.int32)
-    q, k, v, mask = (_to_zigzag(t, ctx.axis, n) for t in (q, k, v, mask))
+    q, k, v, mask = (to_zigzag(t, ctx.axis, n) for t in (q, k, v, mask))
     chunk = lambda device, half: jnp.where(half == 0, device, 2 * n - 1 - device) * c  # noqa: E731
 
     def positions(device):  # global positions of a device's two zig-zag chunks
@@ -155,7 +150,7 @@ def flex_ring_attention(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: j
       return (acc, k, v, mask), None
 
     (acc, _, _, _), _ = jax.lax.scan(step, (acc, k, v, mask), jnp.arange(n))
-    return _from_zigzag(acc[0].astype(q.dtype), ctx.axis, n)
+    return from_zigzag(acc[0].astype(q.dtype), ctx.axis, n)
 
   out = sequence.shard_map(body, ctx, in_specs=(spec4, spec4, spec4, spec2, P(), rep(mask_consts), rep(params)),
                            out_specs=spec4)(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask, seed, mask_consts, params)

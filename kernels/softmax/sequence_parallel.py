@@ -69,6 +69,18 @@ def flash_block_fn(q, k, v, *, batch_offset, **kwargs):
   return flash_block(q, k, v, **kwargs)
 
 
+def masked_softmax(s_BxHxLxS: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Softmax of float32 scores over the `allowed` keys of each row, and its log-sum-exp `[B, H, L]`: a ring's block
+  pair (softmax's and flex's). A row with no allowed key gets weights 0 and `lse = MASK_VALUE`, so it weighs nothing
+  when the ring merges blocks."""
+  s_BxHxLxS = jnp.where(allowed, s_BxHxLxS, MASK_VALUE)
+  m = jax.lax.stop_gradient(jnp.max(s_BxHxLxS, axis=-1, keepdims=True))
+  p = jnp.where(allowed, jnp.exp(s_BxHxLxS - m), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  lse_BxHxL = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(denom[..., 0], 1e-30)), MASK_VALUE)
+  return p / jnp.maximum(denom, 1e-30), lse_BxHxL
+
+
 def block_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array, *, key_mask: jax.Array | None,
                     causal: bool, scale: float, dropout_rate: float = 0.0, seed: jax.Array | None = None,
                     q_offset=0, k_offset=0, batch_offset=0,
@@ -92,12 +104,7 @@ def block_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
     allowed = allowed & key_mask[:, None, None, :]
   if causal:
     allowed = allowed & (k_pos[None, :] <= q_pos[:, None])[None, None]
-  s_BxHxLxS = jnp.where(allowed, s_BxHxLxS, MASK_VALUE)
-  m = jax.lax.stop_gradient(jnp.max(s_BxHxLxS, axis=-1, keepdims=True))
-  p = jnp.where(allowed, jnp.exp(s_BxHxLxS - m), 0.0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  lse_BxHxL = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(denom[..., 0], 1e-30)), MASK_VALUE)
-  w = p / jnp.maximum(denom, 1e-30)
+  w, lse_BxHxL = masked_softmax(s_BxHxLxS, allowed)
   if dropout_rate > 0.0 and seed is not None:
     bh = (batch_offset + jnp.arange(b, dtype=jnp.int32))[:, None] * h + jnp.arange(h, dtype=jnp.int32)[None, :]
     keep = dropout_keep(seed, bh[:, :, None, None], q_pos[None, None, :, None], k_pos[None, None, None, :],
@@ -168,7 +175,7 @@ def _owner(chunk: int, n: int) -> int:
   return chunk if chunk < n else 2 * n - 1 - chunk
 
 
-def _to_zigzag(x: jax.Array, axis: str, n: int) -> jax.Array:
+def to_zigzag(x: jax.Array, axis: str, n: int) -> jax.Array:
   """Inside shard_map: local contiguous chunks (2i, 2i+1) of `x [B, 2c, ...]` -> zig-zag chunks (i, 2n-1-i)."""
   c = x.shape[1] // 2
   a, b = x[:, :c], x[:, c:]
@@ -179,8 +186,8 @@ def _to_zigzag(x: jax.Array, axis: str, n: int) -> jax.Array:
   return jnp.concatenate([jnp.where(even, ra, rb), jnp.where(even, rb, ra)], axis=1)
 
 
-def _from_zigzag(x: jax.Array, axis: str, n: int) -> jax.Array:
-  """The inverse of `_to_zigzag`."""
+def from_zigzag(x: jax.Array, axis: str, n: int) -> jax.Array:
+  """The inverse of `to_zigzag`."""
   c = x.shape[1] // 2
   first, second = x[:, :c], x[:, c:]
   even = jax.lax.axis_index(axis) % 2 == 0
@@ -394,9 +401,9 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
 
     def body(q, k, v, mask, seed, slopes):
       batch_offset = jnp.asarray(jax.lax.axis_index(batch_axis) * q.shape[0] if batch_axis else 0, jnp.int32)
-      q, k, v, mask = (_to_zigzag(t, ctx.axis, n) for t in (q, k, v, mask))
+      q, k, v, mask = (to_zigzag(t, ctx.axis, n) for t in (q, k, v, mask))
       out = _ring_local(ring, q, k, v, mask, seed, batch_offset, slopes)
-      return _from_zigzag(out, ctx.axis, n)
+      return from_zigzag(out, ctx.axis, n)
 
     return sequence.shard_map(body, ctx, in_specs=(spec4, spec4, spec4, spec2, P(), P()), out_specs=spec4)(
         q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask, seed, jax.lax.stop_gradient(slopes))
@@ -409,5 +416,5 @@ def ring_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Ar
   return out[:, :length]
 
 
-__all__ = ["block_attention", "block_plans", "block_reason", "flash_block_fn", "KERNEL_IMPLEMENTATIONS", "merge", "pallas_block_fn",
-           "refusal", "ring_attention"]
+__all__ = ["block_attention", "block_plans", "block_reason", "flash_block_fn", "from_zigzag", "KERNEL_IMPLEMENTATIONS",
+           "masked_softmax", "merge", "pallas_block_fn", "refusal", "ring_attention", "to_zigzag"]
