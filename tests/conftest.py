@@ -122,7 +122,8 @@ CPU_ONLY_MODULES = frozenset({
     "tests.lra.tasks.test_pathfinder", "tests.lra.tasks.test_snli", "tests.lra.tasks.test_mqar",
     "tests.lra.tasks.test_wikitext2", "tests.lra.tasks.test_registry", "tests.lra.test_multihost",
     "tests.scripts.test_generate", "tests.scripts.test_benchmark_decode", "tests.scripts.test_plot_attention",
-    "tests.scripts.test_benchmark",
+    "tests.scripts.test_benchmark", "tests.lra.training.test_config_checks", "tests.scripts.test_sweep",
+    "tests.scripts.test_lra_table",
     "tests.configs.test_configs"})
 
 
