@@ -30,15 +30,6 @@ BETAS = {"zero": (0.0, 0.0), "one": (1.0, 1.0), "mixed": (0.0, 1.0)}
 delta_rule_attention = jax.jit(_entry, static_argnames=("chunk_size", "return_state", "implementation"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Tiny programs: compile them with few optimizations (as the contract suite does)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _unit(x):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 

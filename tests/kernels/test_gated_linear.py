@@ -24,15 +24,6 @@ KEY_MASK = jnp.arange(L)[None] < jnp.array([[8], [L]])
 REGIMES = {"near0": (-30.0, -5.0), "near1": (-1e-4, -1e-5), "mixed": (-3.0, 0.0)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Tiny programs: compile them with few optimizations (as the contract suite does)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _inputs(per_key: bool, regime: str, seed: int = 0, length: int = L):
   ks = jax.random.split(jax.random.key(seed), 5)
   q, k = (jax.random.normal(x, (B, length, H, K)) for x in ks[:2])
