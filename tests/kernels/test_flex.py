@@ -8,6 +8,8 @@ bfloat16 inputs: matmul operands rounded to bfloat16 in both forms, the weights 
 the XLA form only, outputs bfloat16 (8 mantissa bits): 2e-2 on values, 5e-2 on gradients.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,12 +34,16 @@ def _qkv(lq, lk, dtype=jnp.float32, heads=H, kv_heads=HKV, seed=0):
   return q, k, v, ct
 
 
-def _value_and_grads(impl, q, k, v, ct, **options):
-  def loss(q, k, v):
-    out = flex.flex_attention(q, k, v, implementation=impl, **options)
-    return jnp.sum(out.astype(jnp.float32) * ct), out
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-  return out, grads
+def _values_and_grads(impls, q, k, v, ct, **options):
+  """[(out, grads)] per implementation, all in one compiled program (one compilation instead of one each)."""
+  def run(q, k, v):
+    def loss(impl):
+      def f(q, k, v):
+        out = flex.flex_attention(q, k, v, implementation=impl, **options)
+        return jnp.sum(out.astype(jnp.float32) * ct), out
+      return f
+    return [jax.value_and_grad(loss(impl), argnums=(0, 1, 2), has_aux=True)(q, k, v) for impl in impls]
+  return [(out, grads) for (_, out), grads in jax.jit(run)(q, k, v)]
 
 
 def _assert_close(a, b, dtype=jnp.float32, grads=False):
@@ -47,8 +53,7 @@ def _assert_close(a, b, dtype=jnp.float32, grads=False):
 
 def _compare(lq, lk, dtype=jnp.float32, impl="xla", **options):
   q, k, v, ct = _qkv(lq, lk, dtype)
-  out_r, g_r = _value_and_grads("reference", q, k, v, ct, **options)
-  out_x, g_x = _value_and_grads(impl, q, k, v, ct, **options)
+  (out_r, g_r), (out_x, g_x) = _values_and_grads(("reference", impl), q, k, v, ct, **options)
   _assert_close(out_x, out_r, dtype)
   for a, b in zip(g_x, g_r):
     assert np.isfinite(np.asarray(a, np.float32)).all()
@@ -89,12 +94,12 @@ def test_rows_without_keys_output_zero_with_finite_gradients():
 def test_dropout_equals_the_reference_mask():
   q, k, v, ct = _qkv(40, 40)
   options = dict(mask_mod=flex.causal, block_size=16, dropout_rate=0.3, dropout_rng=jax.random.key(7))
-  out_r, g_r = _value_and_grads("reference", q, k, v, ct, **options)
-  out_x, g_x = _value_and_grads("xla", q, k, v, ct, **options)
+  (out_r, g_r), (out_x, g_x) = _values_and_grads(("reference", "xla"), q, k, v, ct, **options)
   _assert_close(out_x, out_r)
   for a, b in zip(g_x, g_r):
     _assert_close(a, b, grads=True)
-  no_drop, _ = _value_and_grads("reference", q, k, v, ct, mask_mod=flex.causal, block_size=16)
+  no_drop = jax.jit(lambda q, k, v: flex.flex_attention(q, k, v, mask_mod=flex.causal, block_size=16,
+                                                        implementation="reference"))(q, k, v)
   assert float(jnp.abs(out_r - no_drop).max()) > 1e-2  # dropout did act
 
 
@@ -105,10 +110,17 @@ def test_bfloat16():
 def test_gqa_equals_repeated_key_value_heads():
   q, k, v, ct = _qkv(32, 32, kv_heads=1)
   options = dict(mask_mod=flex.causal, block_size=8)
-  out, (dq, dk, dv) = _value_and_grads("xla", q, k, v, ct, **options)
   rep = lambda x: jnp.repeat(x, H, axis=2)  # noqa: E731
+
+  def loss(impl, q, k, v):
+    out = flex.flex_attention(q, k, v, implementation=impl, **options)
+    return jnp.sum(out * ct), out
+
   # Against the reference without groups (one key/value head per query head): independent of how either groups.
-  out_r, (dq_r, dk_r, dv_r) = _value_and_grads("reference", q, rep(k), rep(v), ct, **options)
+  # Both in one compiled program.
+  ((_, out), (dq, dk, dv)), ((_, out_r), (dq_r, dk_r, dv_r)) = jax.jit(lambda q, k, v: [
+      jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2), has_aux=True)(q, *kv)
+      for impl, kv in (("xla", (k, v)), ("reference", (rep(k), rep(v))))])(q, k, v)
   _assert_close(out, out_r)
   _assert_close(dq, dq_r, grads=True)
   _assert_close(dk, dk_r.sum(axis=2, keepdims=True), grads=True)
@@ -124,8 +136,7 @@ def test_learned_relative_bias_gradient():
     out = flex.flex_attention(q, k, v, mask_mod=window, score_mod=score_mod, block_size=16, implementation=impl)
     return jnp.sum(out * ct)
 
-  grad = jax.jit(jax.grad(loss), static_argnums=1)
-  g_r, g_x = grad(table, "reference"), grad(table, "xla")
+  g_r, g_x = jax.jit(lambda t: [jax.grad(loss)(t, impl) for impl in ("reference", "xla")])(table)  # one program
   assert float(jnp.abs(g_r).max()) > 1e-2
   _assert_close(g_x, g_r, grads=True)
 
@@ -197,11 +208,10 @@ def test_traced_document_mask_inside_jit():
     mask = lambda b, h, i, j: (doc[b, i] == doc[b, j]) & (j <= i)  # noqa: E731
     return jnp.sum(flex.flex_attention(q, k, v, mask_mod=mask, block_size=8, implementation=impl) * ct)
 
-  f = jax.jit(jax.value_and_grad(loss), static_argnums=2)
-  (l_r, g_r) = f(q, doc, "reference")
   # None: no kernel takes a closure over traced ids; the XLA form runs (as "xla" would), staged outside
-  # platform_dependent (its branches cannot hold a custom_vjp closing over tracers).
-  l_x, g_x = f(q, doc, None)
+  # platform_dependent (its branches cannot hold a custom_vjp closing over tracers). Both in one compiled program.
+  (l_r, g_r), (l_x, g_x) = jax.jit(lambda q, doc: [jax.value_and_grad(loss)(q, doc, impl)
+                                                   for impl in ("reference", None)])(q, doc)
   _assert_close(l_x, l_r)
   _assert_close(g_x, g_r, grads=True)
 
