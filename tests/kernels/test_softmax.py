@@ -40,11 +40,15 @@ def _key_mask(b, keys):
   return jnp.asarray(np.arange(keys)[None, :] < lengths[:, None])
 
 
-def _values_and_grads(fn, q, k, v, ct):
-  """Output and input gradients for cotangent `ct`, jitted (one compilation instead of op-by-op dispatch)."""
+def _both(want_fn, got_fn, q, k, v, ct):
+  """Output and input gradients for cotangent `ct` of `want_fn` and of `got_fn`, in one compiled program (one
+  compilation instead of two, or of op-by-op dispatch)."""
   def run(q, k, v, ct):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(ct.astype(out.dtype))
+    results = []
+    for fn in (want_fn, got_fn):
+      out, vjp = jax.vjp(fn, q, k, v)
+      results.append((out, vjp(ct.astype(out.dtype))))
+    return results
   return jax.jit(run)(q, k, v, ct)
 
 
@@ -70,8 +74,8 @@ def test_xla_matches_reference(length, keys, causal, dtype):
   q, k, v, ct = _qkv(3, length, keys, 2, 8, dtype)
   km = _key_mask(3, keys)
   opts = dict(key_mask=km, causal=causal)
-  want = _values_and_grads(lambda q, k, v: softmax_attention_reference(q, k, v, **opts), q, k, v, ct)
-  got = _values_and_grads(lambda q, k, v: softmax_attention_xla(q, k, v, chunk_size=4, **opts), q, k, v, ct)
+  want, got = _both(lambda q, k, v: softmax_attention_reference(q, k, v, **opts),
+                    lambda q, k, v: softmax_attention_xla(q, k, v, chunk_size=4, **opts), q, k, v, ct)
   _assert_matches(got, want, dtype)
   assert not np.any(np.asarray(got[0][1], np.float32)), "a row whose keys are all padding must output 0"
 
@@ -81,9 +85,8 @@ def test_alibi_matches_reference(causal, implementation):
   q, k, v, ct = _qkv(2, 11, 11, 3, 8)
   slopes = jnp.array([0.05, 0.5, 2.0])
   opts = dict(key_mask=_key_mask(2, 11), causal=causal, alibi_slopes=slopes)
-  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
-  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts),
-                          q, k, v, ct)
+  want, got = _both(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts),
+                    lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts), q, k, v, ct)
   _assert_matches(got, want, jnp.float32)
   # The bias is really there: without it the output differs.
   assert not np.allclose(want[0], softmax_attention_reference(q, k, v, key_mask=opts["key_mask"], causal=causal))
@@ -104,8 +107,8 @@ def test_alibi_in_the_kernels_matches_reference():
   assert not softmax_pallas.alibi_score_mod(tuple(float(s) for s in slopes)).__qualname__.startswith("alibi.")
   q, k, v, ct = _qkv(2, 13, 13, 3, 8)
   opts = dict(key_mask=_key_mask(2, 13), causal=True, alibi_slopes=slopes)
-  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
-  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="interpret", **opts), q, k, v, ct)
+  want, got = _both(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts),
+                    lambda q, k, v: softmax_attention(q, k, v, implementation="interpret", **opts), q, k, v, ct)
   _assert_matches(got, want, jnp.float32)
   assert not np.allclose(want[0], softmax_attention_reference(q, k, v, key_mask=opts["key_mask"], causal=True))
 
@@ -136,9 +139,8 @@ def test_implementations_match_reference(implementation, causal):
   # 13 tokens: the kernels pad to 16 (masked keys, cut-off rows).
   q, k, v, ct = _qkv(3, 13, 13, 2, 8)
   opts = dict(key_mask=_key_mask(3, 13), causal=causal)
-  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
-  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts),
-                          q, k, v, ct)
+  want, got = _both(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts),
+                    lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts), q, k, v, ct)
   _assert_matches(got, want, jnp.float32)
 
 
@@ -149,9 +151,8 @@ def test_grouped_query_attention_equals_repeated_heads():
   k, v = k[:, :, :2], v[:, :, :2]
   opts = dict(key_mask=_key_mask(2, 13), causal=True, dropout_rate=0.2, dropout_rng=jax.random.key(3))
   rep = lambda x: jnp.repeat(x, 2, axis=2)  # noqa: E731
-  want = _values_and_grads(lambda q, k, v: softmax_attention(q, rep(k), rep(v), implementation="reference", **opts),
-                           q, k, v, ct)
-  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="interpret", **opts), q, k, v, ct)
+  want, got = _both(lambda q, k, v: softmax_attention(q, rep(k), rep(v), implementation="reference", **opts),
+                    lambda q, k, v: softmax_attention(q, k, v, implementation="interpret", **opts), q, k, v, ct)
   _assert_matches(got, want, jnp.float32)
 
 
@@ -159,9 +160,8 @@ def test_grouped_query_attention_equals_repeated_heads():
 def test_bfloat16_matches_reference(implementation):
   q, k, v, ct = _qkv(2, 16, 16, 2, 8, jnp.bfloat16)
   opts = dict(key_mask=_key_mask(2, 16), causal=True)
-  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
-  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts),
-                          q, k, v, ct)
+  want, got = _both(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts),
+                    lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts), q, k, v, ct)
   _assert_matches(got, want, jnp.bfloat16)
 
 
@@ -170,9 +170,8 @@ def test_bfloat16_matches_reference(implementation):
 def test_dropout_uses_the_reference_mask(implementation, causal):
   q, k, v, ct = _qkv(2, 13, 13, 2, 8)  # padded to 16 by the kernels: the counters of real tokens are unchanged
   opts = dict(key_mask=_key_mask(2, 13), causal=causal, dropout_rate=0.3, dropout_rng=jax.random.key(7))
-  want = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts), q, k, v, ct)
-  got = _values_and_grads(lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts),
-                          q, k, v, ct)
+  want, got = _both(lambda q, k, v: softmax_attention(q, k, v, implementation="reference", **opts),
+                    lambda q, k, v: softmax_attention(q, k, v, implementation=implementation, **opts), q, k, v, ct)
   _assert_matches(got, want, jnp.float32)
   undropped = softmax_attention(q, k, v, key_mask=opts["key_mask"], causal=causal, implementation=implementation)
   assert not np.allclose(got[0], undropped), "dropout must change the output"
@@ -210,13 +209,13 @@ def test_flash_block_lse_and_its_cotangent():
                                                                  * fn(q, k, v)[1])
 
   block = lambda q, k, v: flash_block(q, k, v, key_mask=km, q_offset=4, chunk_size=4)  # noqa: E731
-  out, lse = jax.jit(block)(q, k, v)
-  out_ref, lse_ref = jax.jit(dense)(q, k, v)
+  # Values and gradients of both in one compiled program.
+  ((out, lse), grads), ((out_ref, lse_ref), grads_ref) = jax.jit(lambda q, k, v: [
+      (fn(q, k, v), jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)) for fn in (block, dense)])(q, k, v)
   np.testing.assert_allclose(out, out_ref, **TOL[jnp.float32])
   np.testing.assert_allclose(lse, lse_ref, **TOL[jnp.float32])
   assert out.dtype == lse.dtype == jnp.float32 and lse.shape == (2, 2, 9)
-  grads = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)  # noqa: E731
-  for g, w in zip(grads(block), grads(dense)):
+  for g, w in zip(grads, grads_ref):
     np.testing.assert_allclose(g, w, **GRAD_TOL[jnp.float32])
 
 
@@ -235,7 +234,8 @@ def test_flash_blocks_combine_like_ring_attention():
 
   full = lambda q, k, v: softmax_attention_reference(q, k, v, causal=True, dropout_rate=0.25,  # noqa: E731
                                                      dropout_rng=rng)
-  _assert_matches(_values_and_grads(ring, q, k, v, ct), _values_and_grads(full, q, k, v, ct), jnp.float32)
+  want, got = _both(full, ring, q, k, v, ct)
+  _assert_matches(got, want, jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
