@@ -95,9 +95,10 @@ def test_xla_matches_reference_values_and_gradients(block_size, length, heads_in
 def test_shared_layout_equals_the_same_layout_per_head():
   q, k, v = _qkv((1, 16, 3, 8))
   shared = _random_layout(1, 4, seed=5)
-  for impl in ("reference", "xla"):
-    a = block_sparse_attention(q, k, v, shared, block_size=4, implementation=impl)
-    b = block_sparse_attention(q, k, v, np.repeat(shared, 3, axis=0), block_size=4, implementation=impl)
+  pairs = jax.jit(lambda q, k, v: [  # one compiled program for the four calls
+      [block_sparse_attention(q, k, v, layout, block_size=4, implementation=impl)
+       for layout in (shared, np.repeat(shared, 3, axis=0))] for impl in ("reference", "xla")])(q, k, v)
+  for a, b in pairs:
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -110,11 +111,11 @@ def test_rows_with_no_allowed_key_give_zero_with_finite_gradients(implementation
   def f(q, k, v):
     return block_sparse_attention(q, k, v, layout, block_size=4, implementation=implementation, key_mask=key_mask)
 
-  out = f(q, k, v)
+  out, grads = jax.jit(lambda *a: (f(*a), jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(*a)))(
+      q, k, v)  # one compiled program
   np.testing.assert_array_equal(out[:, 4:], 0.0)
   np.testing.assert_array_equal(out[0], 0.0)
   assert np.abs(np.asarray(out[1, :4])).sum() > 0
-  grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(q, k, v)
   assert all(np.all(np.isfinite(g)) for g in grads)
 
 
@@ -123,9 +124,10 @@ def test_key_mask_makes_masked_keys_irrelevant():
   layout = np.ones((1, 4, 4), bool)
   key_mask = jnp.arange(16)[None, :] < jnp.array([[10], [16]])
   noise = jax.random.normal(jax.random.key(3), k.shape) * (~key_mask)[:, :, None, None]
-  for impl in ("reference", "xla"):
-    a = block_sparse_attention(q, k, v, layout, block_size=4, implementation=impl, key_mask=key_mask)
-    b = block_sparse_attention(q, k + noise, v + noise, layout, block_size=4, implementation=impl, key_mask=key_mask)
+  pairs = jax.jit(lambda q, k, v: [  # one compiled program for the four calls
+      [block_sparse_attention(q, k + n, v + n, layout, block_size=4, implementation=impl, key_mask=key_mask)
+       for n in (0.0, noise)] for impl in ("reference", "xla")])(q, k, v)
+  for a, b in pairs:
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
