@@ -1,6 +1,6 @@
 """Positional encodings: the sinusoid tables against their formulas, RoPE's relativity and decode, evaluation beyond
 the training length for every encoding but "learned", refusals naming variant and encoding, and eval.py at another
-length (one tiny training run with rope)."""
+length (one tiny rope run's checkpoint)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from attention import positions
 from configs import wikitext2 as wt2_config
 from lra.models import Encoder, embeddings
 from lra import cli
-from lra.training import evaluate_checkpoint, train_and_evaluate
+from lra.training import Experiment, checkpoints, config_checks, evaluate_checkpoint
 from tests.attention import contract
 from tests.conftest import python_path
 
@@ -124,7 +124,9 @@ CORPUS = " = Title = \n\n the cat sat on the mat . \n the dog sat on the log . \
 
 @pytest.fixture(scope="module")
 def rope_run(tmp_path_factory) -> pathlib.Path:
-  """The workdir of a tiny causal LM (length 8, rope positions) trained for a few steps."""
+  """The workdir of a tiny causal LM (length 8, rope positions) as training leaves it: config.json (the trainer's
+  record of the config) and a checkpoint written by the training library, here of the initial state (evaluation at
+  any length restores whatever weights are there; training them first only added a traced train step)."""
   tmp = tmp_path_factory.mktemp("rope")
   data = tmp / "data"
   data.mkdir()
@@ -136,8 +138,17 @@ def rope_run(tmp_path_factory) -> pathlib.Path:
                       attention_dropout_rate=0.0, pos_encoding="rope")
   config.train.update(num_steps=4, batch_size=4, eval_batch_size=4, warmup_steps=1, log_every_steps=4,
                       eval_every_steps=4, checkpoint_every_steps=4)
-  train_and_evaluate(config, tmp / "run")
-  return tmp / "run"
+  workdir = tmp / "run"
+  workdir.mkdir()
+  exp = Experiment(config)
+  (workdir / "config.json").write_text(json.dumps(config_checks.config_record(exp.config), default=str))
+  saved = checkpoints.Checkpoints(workdir)
+  try:
+    saved.save_latest(4, exp.init_state(), {"step": 4, "best": None})
+    saved.wait()
+  finally:
+    saved.close()
+  return workdir
 
 
 def _eval(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
