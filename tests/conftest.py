@@ -179,6 +179,27 @@ def load_script(name: str, module_name: str | None = None) -> ModuleType:
   return module
 
 
+def write_untrained_workdir(workdir: pathlib.Path, config, step: int):
+  """A run's folder as training leaves it, without training: config.json (the trainer's record of `config`) and a
+  checkpoint of the initial state at `step`, written by the training library's `Checkpoints`. For tests of what reads
+  a workdir (refusals, eval.py, plots): training first would only add a traced and compiled train step. Returns the
+  `Experiment`."""
+  import json  # noqa: PLC0415
+
+  from lra.training import Experiment, checkpoints, config_checks  # noqa: PLC0415
+
+  experiment = Experiment(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(config_checks.config_record(experiment.config), default=str))
+  saved = checkpoints.Checkpoints(workdir)
+  try:
+    saved.save_latest(step, experiment.init_state(), {"step": step, "best": None})
+    saved.wait()
+  finally:
+    saved.close()
+  return experiment
+
+
 def tiny_listops_config(cache_dir, **train_overrides):
   """runlocal ListOps shrunk further: 1-layer 32-wide model, 48-token sequences, 256 training examples."""
   config = listops.get_config("runlocal")

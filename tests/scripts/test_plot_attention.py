@@ -4,7 +4,6 @@ one-line refusal for a variant without weights."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -18,8 +17,8 @@ import flax.linen as nn
 
 from configs import wikitext2 as wt2_config
 from lra import cli
-from lra.training import Experiment, checkpoints, config_checks
-from tests.conftest import load_script, python_path
+from lra.training import Experiment
+from tests.conftest import load_script, python_path, write_untrained_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 plot_attention = load_script("plot_attention")
@@ -118,15 +117,7 @@ def test_plot_script_writes_a_png_from_a_checkpoint(tmp_path):
   # by the training library's Checkpoints, here of the initial state: the script draws whatever weights it restores,
   # and training them first would only add the compilation of a train and an eval step.
   workdir = tmp_path / "run"
-  workdir.mkdir()
-  exp = Experiment(_config(tmp_path, "softmax"))
-  (workdir / "config.json").write_text(json.dumps(config_checks.config_record(exp.config), default=str))
-  saved = checkpoints.Checkpoints(workdir)
-  try:
-    saved.save_latest(1, exp.init_state(), {"step": 1, "best": None})
-    saved.wait()
-  finally:
-    saved.close()
+  write_untrained_workdir(workdir, _config(tmp_path, "softmax"), 1)
   env = {**os.environ, "PYTHONPATH": python_path(), "JAX_PLATFORMS": "cpu"}
   output = tmp_path / "maps.png"
   result = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_attention.py"), f"--workdir={workdir}",

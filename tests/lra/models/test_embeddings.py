@@ -24,9 +24,9 @@ from attention import positions
 from configs import wikitext2 as wt2_config
 from lra.models import Encoder, embeddings
 from lra import cli
-from lra.training import Experiment, checkpoints, config_checks, evaluate_checkpoint
+from lra.training import evaluate_checkpoint
 from tests.attention import contract
-from tests.conftest import python_path
+from tests.conftest import python_path, write_untrained_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.filterwarnings("ignore:.*the WikiText-2 release has")
@@ -139,15 +139,7 @@ def rope_run(tmp_path_factory) -> pathlib.Path:
   config.train.update(num_steps=4, batch_size=4, eval_batch_size=4, warmup_steps=1, log_every_steps=4,
                       eval_every_steps=4, checkpoint_every_steps=4)
   workdir = tmp / "run"
-  workdir.mkdir()
-  exp = Experiment(config)
-  (workdir / "config.json").write_text(json.dumps(config_checks.config_record(exp.config), default=str))
-  saved = checkpoints.Checkpoints(workdir)
-  try:
-    saved.save_latest(4, exp.init_state(), {"step": 4, "best": None})
-    saved.wait()
-  finally:
-    saved.close()
+  write_untrained_workdir(workdir, config, 4)
   return workdir
 
 

@@ -10,10 +10,9 @@ import pytest
 
 import attention
 from attention import ranges
-from lra.training import Experiment, train_and_evaluate
-from lra.training import checkpoints as checkpoints_lib
+from lra.training import train_and_evaluate
 from lra.training import config_checks
-from tests.conftest import tiny_listops_config
+from tests.conftest import tiny_listops_config, write_untrained_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 CONFIG_MODULES = sorted(f"configs.{p.relative_to(ROOT / 'configs').with_suffix('').as_posix().replace('/', '.')}"
@@ -127,14 +126,7 @@ def test_a_workdir_of_another_config_is_refused_before_training(data_cache, tmp_
   # training library, here of the initial state: the refusals read only these (training first added a traced and
   # lowered train and eval step, not a path of the checks).
   config = tiny_listops_config(data_cache, num_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
-  exp = Experiment(config)
-  (tmp_path / "config.json").write_text(json.dumps(config_checks.config_record(exp.config), default=str))
-  saved_checkpoints = checkpoints_lib.Checkpoints(tmp_path)
-  try:
-    saved_checkpoints.save_latest(2, exp.init_state(), {"step": 2, "best": None})
-    saved_checkpoints.wait()
-  finally:
-    saved_checkpoints.close()
+  write_untrained_workdir(tmp_path, config, 2)
   saved = (tmp_path / "config.json").read_text()
 
   other = tiny_listops_config(data_cache, num_steps=4, eval_every_steps=2, checkpoint_every_steps=2)
