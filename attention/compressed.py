@@ -31,8 +31,9 @@ MODES = ("compressed", "local")
 @register("compressed")
 class MemoryCompressedAttention(AttentionLayer):
   """Attributes: mode ("compressed" | "local"), factor (3: the convolution's kernel and stride), block_size (256,
-  local mode), query_chunk (queries per chunk of the XLA form), implementation (None: the local blocks through flex's
-  kernels on tpu/cuda, the block-major XLA form elsewhere; "flex" | "xla" | "reference": dense token masks)."""
+  local mode), query_chunk (queries per chunk of the compressed mode's XLA form), implementation (None: the local
+  blocks through flex's kernels on tpu/cuda, the block-major XLA form elsewhere; "flex" | "xla" | "reference": dense
+  token masks)."""
 
   mode: str = "compressed"
   factor: int = 3
