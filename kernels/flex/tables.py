@@ -393,6 +393,42 @@ def block_mask_from_layout(layout_HxNxN, block_size: int, tiles, causal: bool = 
 # Partial-tile bitmaps: masks closing over arrays, evaluated in the XLA program for the kernels.
 
 
+def dense_classes(bm: BlockMask) -> np.ndarray:
+  """Host `to_dense`: int8 `[B', Hm, Tq, Tk]` (EMPTY, PARTIAL, FULL) of concrete tables."""
+  tk = bm.num_kv_tiles
+  out = np.full(np.shape(bm.kv_num_full) + (tk + 1,), EMPTY, np.int8)
+  for num, idx, verdict in ((bm.kv_num_partial, bm.kv_partial_idx, PARTIAL), (bm.kv_num_full, bm.kv_full_idx, FULL)):
+    num, idx = np.asarray(num), np.asarray(idx)
+    cols = np.where(np.arange(idx.shape[-1]) < num[..., None], idx, tk)  # unused slots land in column Tk
+    np.put_along_axis(out, cols, verdict, axis=-1)
+  out[..., tk] = EMPTY
+  return out[..., :tk]
+
+
+def coarsen_q(bm: BlockMask, factor: int) -> tuple[BlockMask, np.ndarray]:
+  """(coarse block mask, fine classes): the same tables over query tiles `factor` times taller (host tables only).
+  A coarse pair is visited when any of its fine pairs is and full when every one over real queries is; the fine
+  classes, int8 `[B', Hm, Tq', factor, Tk]` (rows past the last query tile EMPTY), let a partial coarse pair keep
+  each fine pair's verdict: elements of an EMPTY fine pair stay masked, a FULL one needs no mask work, a PARTIAL one
+  evaluates `mask_mod`, so the coarse form is exact for any block mask, including one whose tiles are not derived
+  from its mask function (a selection). For forms whose per-step cost dominates small tiles (the XLA form on CPU)."""
+  if isinstance(bm.kv_num_full, jax.core.Tracer):
+    raise ValueError("coarsen_q needs host (concrete) tables; traced tables keep their tiles")
+  fine = dense_classes(bm)
+  b, h, tq, tk = fine.shape
+  tc = -(-tq // factor)
+  padded = np.full((b, h, tc * factor, tk), EMPTY, np.int8)
+  padded[:, :, :tq] = fine
+  groups = padded.reshape(b, h, tc, factor, tk)
+  real = (np.arange(tc * factor) < tq).reshape(tc, factor)[None, None, :, :, None]
+  visited = (groups != EMPTY).any(axis=3)
+  full = ((groups == FULL) | ~real).all(axis=3) & visited
+  classes = np.where(full, FULL, np.where(visited, PARTIAL, EMPTY)).astype(np.int8)
+  coarse = _from_classes(classes, bm.q_block * factor, bm.kv_block, bm.q_len, bm.kv_len, bm.mask_mod,
+                         lambda hit, _: _np_lists(hit), (None,) * 4)
+  return coarse, groups
+
+
 def bitmap_bytes(bm: BlockMask) -> int:
   """Bytes of `partial_bitmaps(bm, ...)`: the partial lists' static size times a tile, bfloat16."""
   return 2 * int(np.prod(np.shape(bm.kv_partial_idx))) * bm.q_block * bm.kv_block
@@ -538,6 +574,6 @@ def table_widths(st: FlexStatic, tables) -> tuple[int, int, int, int]:
   return (tables[1].size // rows_q, tables[3].size // rows_q, tables[5].size // rows_k, tables[7].size // rows_k)
 
 
-__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "bitmap_bytes", "broadcast_batch", "partial_bitmaps", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "TPU_SMEM_TABLE_BYTES", "block_mask_from_indices", "block_mask_from_layout", "gpu_reason",
+__all__ = ["BlockMask", "EMPTY", "FULL", "FlexStatic", "bitmap_bytes", "broadcast_batch", "coarsen_q", "dense_classes", "partial_bitmaps", "GPU_SMEM_BYTES", "PARTIAL", "TPU_LANES", "TPU_SMEM_TABLE_BYTES", "block_mask_from_indices", "block_mask_from_layout", "gpu_reason",
            "check_supported", "classify", "create_block_mask", "create_block_mask_traced", "heads_per_program",
            "layout_mask_mod", "mask_broadcast_dims", "table_widths", "tile_sizes"]

@@ -29,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.common import MASK_VALUE, dropout_keep
-from kernels.flex.tables import BlockMask
+from kernels.flex.tables import FULL, PARTIAL, BlockMask, coarsen_q
 
 F32 = jnp.float32
 # Keys per step (one query tile against this many keys of its list: one matmul of G·bq x _STEP_KEYS per head).
 _STEP_KEYS = 512
+# Query rows per step at most: host tables are coarsened up to this many rows per step tile (`_step_plan`).
+_STEP_ROWS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,7 @@ class _Spec:
   mask_mod: object  # mask_mod(b, h, q, kv, *mask_consts) at the partial list's step shapes (`explicit_mask_mod`)
   score_mods: tuple  # per list, closure-converted at its step's shapes: score_mod(s, b, h, q, kv, *params)
   has_key_mask: bool
+  factor: int = 1  # fine query tiles of the block mask per step tile (`coarsen_q`); q_block is the step tile's
 
 
 def _items(num_BxHxT, idx_BxHxTxK, q_tiles: int, chunk: int):
@@ -89,7 +92,7 @@ class _Step:
   Shapes: queries `[B, Hx, G, bq, D]`, keys `[B, Hx, C, bkv, D]`, scores `[B, Hx, G, bq, C, bkv]` (one matmul of
   G·bq x C·bkv per batch row and head)."""
 
-  def __init__(self, spec: _Spec, s, items, kmask, seed, chunk: int, score_mod, mask_consts=()):
+  def __init__(self, spec: _Spec, s, items, kmask, seed, chunk: int, score_mod, mask_consts=(), fine=None):
     self.spec, self.seed, self.score_mod, self.mask_consts = spec, seed, score_mod, mask_consts
     item_q, item_off, num, idx = items
     b, hx, c = spec.batch, spec.kv_heads, chunk
@@ -107,6 +110,16 @@ class _Step:
     self.bi, self.hi = jnp.arange(b)[:, None], jnp.arange(hx)[None, :]
     self.at_q = (self.bi, self.hi, self.qt)
     self.at_k = (self.bi[..., None], self.hi[..., None], self.kt)
+    # Every batch row and head walks the same list (a static pattern's tables): the step's query tile is one index,
+    # read and written by dynamic slices, and its key tiles one index list along the tile axis; XLA:CPU's general
+    # gathers and scatters over (row, head, tile) cost several times these slices.
+    self.shared = item_q.shape[:2] == (1, 1)
+    self.qt0, self.kt0 = qt[0, 0], kt[0, 0]
+    # Coarsened tables: the step's fine verdicts `[B', Hx', factor, C]` (`coarsen_q`), read by partial pairs.
+    self.fine = None
+    if fine is not None:
+      rows = fine[bt, ht, row_q]  # [B', Hx', factor, Tk]
+      self.fine = jnp.take_along_axis(rows, jnp.broadcast_to(kt[:, :, None, :], rows.shape[:3] + (c,)), axis=-1)
     g, bq, bkv = spec.group, spec.q_block, spec.kv_block
     ar = lambda n: jnp.arange(n, dtype=jnp.int32)  # noqa: E731
     self.b = ar(b)[:, None, None, None, None, None]
@@ -118,11 +131,47 @@ class _Step:
       tile_ok = tile_ok & kmask[self.bi[..., None], self.kt][:, :, None, None, :, :]
     self.tile_ok = tile_ok
 
+  def get_q(self, x):
+    """The step's query tiles of `x [B, Hx, Tq + 1, ...]`: `[B, Hx, ...]`."""
+    if self.shared:
+      return jax.lax.dynamic_index_in_dim(x, self.qt0, axis=2, keepdims=False)
+    return x[self.at_q]
+
+  def set_q(self, x, u):
+    if self.shared:
+      return jax.lax.dynamic_update_index_in_dim(x, u.astype(x.dtype), self.qt0, axis=2)
+    return x.at[self.at_q].set(u)
+
+  def add_q(self, x, u):
+    if self.shared:
+      return self.set_q(x, self.get_q(x) + u)
+    return x.at[self.at_q].add(u)
+
+  def get_k(self, x):
+    """The step's key tiles of `x [B, Hx, Tk, ...]`: `[B, Hx, C, ...]`."""
+    if self.shared:
+      return jnp.take(x, self.kt0, axis=2, mode="clip")
+    return x[self.at_k]
+
+  def add_k(self, x, u):
+    if self.shared:
+      return x.at[:, :, self.kt0].add(u, mode="promise_in_bounds")
+    return x.at[self.at_k].add(u)
+
   def allowed(self, partial: bool):
-    if partial and self.spec.mask_mod is not None:
-      return self.tile_ok & jnp.asarray(self.spec.mask_mod(self.b, self.h, self.q_idx, self.kv_idx,
-                                                           *self.mask_consts), bool)
-    return self.tile_ok
+    if not partial:
+      return self.tile_ok
+    elem = None
+    if self.spec.mask_mod is not None:
+      elem = jnp.asarray(self.spec.mask_mod(self.b, self.h, self.q_idx, self.kv_idx, *self.mask_consts), bool)
+    if self.fine is None:
+      return self.tile_ok if elem is None else self.tile_ok & elem
+    # Each fine pair keeps its verdict inside the coarse one: EMPTY masked, FULL allowed, PARTIAL by the mask.
+    cls = jnp.repeat(self.fine, self.spec.q_block // self.spec.factor, axis=2)[:, :, None, :, :, None]
+    by_tile = cls == FULL
+    if elem is not None:
+      by_tile = by_tile | ((cls == PARTIAL) & elem)
+    return self.tile_ok & by_tile
 
   def raw_scores(self, q_t, k_t):
     return jnp.einsum("bxgqd,bxckd->bxgqck", q_t, k_t, preferred_element_type=F32) * self.spec.scale
@@ -179,7 +228,8 @@ def _key_tiles(spec: _Spec, key_mask):
 
 def _lists(spec: _Spec, tables):
   """[(items, steps, partial, chunk, score_mod)] for the full and the partial lists."""
-  kv_num_full, kv_full_idx, kv_num_partial, kv_partial_idx = (_rows(spec, jnp.asarray(x, jnp.int32)) for x in tables)
+  kv_num_full, kv_full_idx, kv_num_partial, kv_partial_idx = (_rows(spec, jnp.asarray(x, jnp.int32))
+                                                              for x in tables[:4])
   out = []
   lists = ((kv_num_full, kv_full_idx, False), (kv_num_partial, kv_partial_idx, True))
   for (num, idx, partial), chunk, score_mod in zip(lists, spec.chunks, spec.score_mods):
@@ -191,18 +241,19 @@ def _lists(spec: _Spec, tables):
 def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params, mask_consts):
   qb, kb, vb = _blocks_q(spec, q), _blocks_kv(spec, k), _blocks_kv(spec, v)
   kmask = _key_tiles(spec, key_mask)
+  fine = None if tables[4] is None else _rows(spec, tables[4])
   stat_shape = qb.shape[:-1]  # [B, Hx, Tq + 1, G, bq]
   carry = (jnp.full(stat_shape, MASK_VALUE, F32), jnp.zeros(stat_shape, F32),
            jnp.zeros(stat_shape + vb.shape[-1:], F32))
   for items, steps, partial, chunk, score_mod in _lists(spec, tables):
     def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod):
       m, l, acc = carry
-      st = _Step(spec, s, items, kmask, seed, chunk, score_mod, mask_consts)
-      q_t, k_t, v_t = qb[st.at_q], kb[st.at_k], vb[st.at_k]
+      st = _Step(spec, s, items, kmask, seed, chunk, score_mod, mask_consts, fine)
+      q_t, k_t, v_t = st.get_q(qb), st.get_k(kb), st.get_k(vb)
       sc = st.modded(st.raw_scores(q_t, k_t), params)
       allowed = st.allowed(partial)
       sc = jnp.where(allowed, sc, MASK_VALUE)
-      m_old, l_old, acc_old = m[st.at_q], l[st.at_q], acc[st.at_q]
+      m_old, l_old, acc_old = st.get_q(m), st.get_q(l), st.get_q(acc)
       m_new = jnp.maximum(m_old, jnp.max(sc, axis=(-2, -1)))
       alpha = jnp.exp(m_old - m_new)
       # Masked entries are zeroed: a row that saw nothing so far (m_new = MASK_VALUE) stays at 0.
@@ -211,7 +262,7 @@ def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params, mask_consts):
                       preferred_element_type=F32)
       l_new = alpha * l_old + jnp.sum(p, axis=(-2, -1))
       acc_new = alpha[..., None] * acc_old + pv
-      return m.at[st.at_q].set(m_new), l.at[st.at_q].set(l_new), acc.at[st.at_q].set(acc_new)
+      return st.set_q(m, m_new), st.set_q(l, l_new), st.set_q(acc, acc_new)
 
     carry = jax.lax.fori_loop(0, steps, body, carry)
   m, l, acc = carry
@@ -228,30 +279,29 @@ def _backward(spec: _Spec, res, do):
   dob = _blocks_q(spec, do)
   delta = jnp.sum(dob.astype(F32) * _blocks_q(spec, out).astype(F32), axis=-1)  # rowsum(dO ∘ O)
   kmask = _key_tiles(spec, key_mask)
+  fine = None if tables[4] is None else _rows(spec, tables[4])
   carry = (jnp.zeros(qb.shape, F32), jnp.zeros(kb.shape, F32), jnp.zeros(vb.shape, F32),
            tuple(jnp.zeros(jnp.shape(p), F32) for p in params))
   for items, steps, partial, chunk, score_mod in _lists(spec, tables):
     def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod):
       dq, dk, dv, dparams = carry
-      st = _Step(spec, s, items, kmask, seed, chunk, score_mod, mask_consts)
-      q_t, do_t, k_t, v_t = qb[st.at_q], dob[st.at_q], kb[st.at_k], vb[st.at_k]
+      st = _Step(spec, s, items, kmask, seed, chunk, score_mod, mask_consts, fine)
+      q_t, do_t, k_t, v_t = st.get_q(qb), st.get_q(dob), st.get_k(kb), st.get_k(vb)
       raw = st.raw_scores(q_t, k_t)
       sc, pull = jax.vjp(st.modded, raw, params)
       allowed = st.allowed(partial)
-      p = jnp.where(allowed, jnp.exp(sc - lse[st.at_q][..., None, None]), 0.0)
+      p = jnp.where(allowed, jnp.exp(sc - st.get_q(lse)[..., None, None]), 0.0)
       keep = st.keep()
       dv_t = jnp.einsum("bxgqck,bxgqd->bxckd", st.drop(p, keep).astype(do_t.dtype), do_t,
                         preferred_element_type=F32)
       dp = st.drop(jnp.einsum("bxgqd,bxckd->bxgqck", do_t, v_t, preferred_element_type=F32), keep)
-      ds = p * (dp - delta[st.at_q][..., None, None])
+      ds = p * (dp - st.get_q(delta)[..., None, None])
       ds_raw, dparams_t = pull(ds)
       ds_raw = ds_raw * spec.scale
       dq_t = jnp.einsum("bxgqck,bxckd->bxgqd", ds_raw.astype(k_t.dtype), k_t, preferred_element_type=F32)
       dk_t = jnp.einsum("bxgqck,bxgqd->bxckd", ds_raw.astype(q_t.dtype), q_t, preferred_element_type=F32)
       # A row's listed key tiles are distinct; the clipped tail of a list carries exact zeros.
-      dq = dq.at[st.at_q].add(dq_t)
-      dk = dk.at[st.at_k].add(dk_t)
-      dv = dv.at[st.at_k].add(dv_t)
+      dq, dk, dv = st.add_q(dq, dq_t), st.add_k(dk, dk_t), st.add_k(dv, dv_t)
       dparams = tuple(a + jnp.asarray(g, F32) for a, g in zip(dparams, dparams_t))
       return dq, dk, dv, dparams
 
@@ -277,24 +327,50 @@ def _attention(spec: _Spec, tables, q, k, v, key_mask, seed, params, mask_consts
   return attend(q, k, v, key_mask, seed, params, tuple(tables), tuple(mask_consts))
 
 
-# A step's fixed cost (gathers, the row statistics' update) in units of one tile's work: the chunk trades it against
-# the padding of each row's last item.
-_STEP_COST = 1.0
+# A step's fixed cost (loop, gathers, the row statistics' update) in units of one 128x128 tile's work, measured on
+# this 2-core CPU (causal 4K, batch 2, 4 heads, head dim 64: 0.74 / 0.63 / 0.56 s for 128 / 256 / 512-row step tiles
+# over the same tiles fit time = 0.87 ms x tiles + 1.64 ms x steps): the plan trades it against the padding of each
+# row's last item and against the masked work of coarser query tiles.
+_STEP_COST = 2.0
 
 
-def _chunks(bm: BlockMask, most: int) -> tuple[int, int]:
-  """Key tiles per step of the full and of the partial list: with concrete tables, the C <= `most` minimizing the
-  steps' cost over the longest row (each row's list padded to whole items of C tiles, plus `_STEP_COST` per step);
-  traced tables: `most` (or the list's width when narrower)."""
-  out = []
+def _chunks(bm: BlockMask, most: int, factor: int = 1) -> tuple[tuple[int, int], float | None]:
+  """((C of the full list, C of the partial list), cost): with concrete tables, the C <= `most` minimizing the steps'
+  cost over the longest row (each row's list padded to whole items of C tiles of `factor` fine tiles each, plus
+  `_STEP_COST` per step); traced tables: `most` (or the list's width when narrower), cost None."""
+  out, cost = [], 0.0
   for num, idx in ((bm.kv_num_full, bm.kv_full_idx), (bm.kv_num_partial, bm.kv_partial_idx)):
     top = max(1, min(most, idx.shape[-1]))
     if isinstance(num, jax.core.Tracer):
       out.append(top)
+      cost = None
       continue
     counts = np.asarray(num).reshape(-1, np.shape(num)[-1])  # [rows, Tq]
-    out.append(min(range(1, top + 1), key=lambda c: (-(-counts // c) * (c + _STEP_COST)).sum(-1).max()))
-  return out[0], out[1]
+    steps_cost = lambda c: float((-(-counts // c) * (c * factor + _STEP_COST)).sum(-1).max())  # noqa: E731
+    best = min(range(1, top + 1), key=steps_cost)
+    out.append(best)
+    if cost is not None:
+      cost += steps_cost(best)
+  return (out[0], out[1]), cost
+
+
+def _step_plan(bm: BlockMask, most_keys: int, most_rows: int):
+  """(block mask to walk, its fine verdicts or None, chunks): host tables are coarsened along queries (factor 1, 2,
+  4, ... while the step tile has at most `most_rows` rows) to the cheapest plan by `_chunks`' cost, so small kernel
+  tiles do not cost a CPU step each; traced tables (a selection, a document mask) keep their tiles, since their
+  union over taller tiles is unknown when the program is built."""
+  chunks, cost = _chunks(bm, most_keys)
+  best = (cost, bm, None, chunks)
+  if cost is None:
+    return best[1:]
+  factor = 2
+  while factor * bm.q_block <= most_rows and factor // 2 < bm.num_q_tiles:
+    coarse, fine = coarsen_q(bm, factor)
+    chunks, cost = _chunks(coarse, most_keys, factor)
+    if cost < best[0]:
+      best = (cost, coarse, fine, chunks)
+    factor *= 2
+  return best[1:]
 
 
 def explicit_score_mod(score_mod, example_args):
@@ -333,15 +409,16 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
   if hm > hkv:  # tables per query head under GQA: each query head walks its own tiles (K/V repeated, grads summed)
     k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
     hkv = h
-  bq, bkv = block_mask.q_block, block_mask.kv_block
+  fine_bq, bkv = block_mask.q_block, block_mask.kv_block
+  block_mask, fine, chunks = _step_plan(block_mask, max(1, _STEP_KEYS // bkv), _STEP_ROWS)
+  bq = block_mask.q_block
   group = h // hkv
-  chunks = _chunks(block_mask, max(1, _STEP_KEYS // bkv))
   rate = float(dropout_rate) if dropout_seed is not None and dropout_rate > 0.0 else 0.0
   seed = jnp.asarray(dropout_seed, jnp.int32) if rate else None
   spec = _Spec(batch=b, heads=h, kv_heads=hkv, group=group, q_tiles=block_mask.num_q_tiles,
                kv_tiles=block_mask.num_kv_tiles, q_block=bq, kv_block=bkv, q_len=q_len, kv_len=kv_len,
                scale=float(d ** -0.5 if scale is None else scale), rate=rate, chunks=chunks, mask_mod=mask_mod,
-               score_mods=(None, None), has_key_mask=key_mask is not None)
+               score_mods=(None, None), has_key_mask=key_mask is not None, factor=bq // fine_bq)
   params = ()
   if score_mod is not None:
     i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
@@ -363,7 +440,8 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
   mask_fn, mask_consts = explicit_mask_mod(mask_mod, (i32(b, 1, 1, 1, 1, 1), i32(1, hkv, group, 1, 1, 1),
                                                       i32(b, hkv, 1, bq, 1, 1), i32(b, hkv, 1, 1, chunk, bkv)))
   spec = dataclasses.replace(spec, mask_mod=mask_fn)
-  tables = (block_mask.kv_num_full, block_mask.kv_full_idx, block_mask.kv_num_partial, block_mask.kv_partial_idx)
+  tables = (block_mask.kv_num_full, block_mask.kv_full_idx, block_mask.kv_num_partial, block_mask.kv_partial_idx,
+            None if fine is None else jnp.asarray(fine))
   return _attention(spec, tables, q_BxLxHxD, k, v, key_mask, seed, params, mask_consts)
 
 

@@ -243,6 +243,45 @@ def test_block_mask_from_indices_selection():
   _compare(40, 40, block_mask=bm)
 
 
+def test_coarsen_q_against_an_oracle():
+  """Coarse verdicts over groups of 3 query tiles (the last group overhangs): visited when any fine pair is, full
+  when every real one is; the fine verdicts come back unchanged, padded with EMPTY rows."""
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    classes = rng.integers(0, 3, (2, 3, 7, 6)).astype(np.int8)
+    bm = tables._from_classes(classes, 8, 8, 56, 48, None, lambda hit, _: tables._np_lists(hit), (None,) * 4)
+    np.testing.assert_array_equal(tables.dense_classes(bm), classes)
+    coarse, fine = tables.coarsen_q(bm, 3)
+    assert (coarse.q_block, coarse.num_q_tiles) == (24, 3)
+    np.testing.assert_array_equal(fine.reshape(2, 3, 9, 6)[:, :, :7], classes)
+    assert (fine.reshape(2, 3, 9, 6)[:, :, 7:] == tables.EMPTY).all()
+    expect = np.zeros((2, 3, 3, 6), np.int8)
+    for g in range(3):
+      rows = classes[:, :, 3 * g:3 * g + 3]
+      visited = (rows != tables.EMPTY).any(2)
+      expect[:, :, g] = np.where((rows == tables.FULL).all(2), tables.FULL, np.where(visited, tables.PARTIAL, 0))
+    np.testing.assert_array_equal(tables.dense_classes(coarse), expect)
+
+
+@pytest.mark.parametrize("steps", ["fine", "coarse"])
+def test_xla_step_tiles_equal_reference(monkeypatch, steps):
+  """The XLA form walks host tables in taller query tiles when its steps cost more than its tiles
+  (`xla._step_plan`), keeping each fine pair's verdict: forced both ways on a mask with full, partial and empty
+  tiles plus ALiBi, key padding, dropout and an overhanging last tile; and on a selection whose tiles do not follow
+  from its mask function (a coarse step must not attend the fine tiles nobody selected)."""
+  from kernels.flex import xla  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(xla, "_STEP_COST", 1e6 if steps == "coarse" else 0.0)
+  assert xla._step_plan(flex.create_block_mask(late_start, 1, 1, 72, 72, 16), 4, 512)[0].q_block == (
+      128 if steps == "coarse" else 16)
+  key_mask = jnp.arange(72)[None, :] < jnp.array([[61], [72]])
+  _compare(72, 72, block_size=16, mask_mod=late_start, score_mod=flex.alibi(H), key_mask=key_mask,
+           dropout_rate=0.2, dropout_rng=jax.random.key(3))
+  sel = jnp.array([[[[0, 0], [1, 0], [0, 1], [3, 1], [1, 4]], [[2, 2], [1, 1], [0, 2], [3, 3], [4, 0]]]])
+  for mask_mod in (None, flex.causal):
+    _compare(40, 40, block_mask=flex.block_mask_from_indices(sel, q_len=40, kv_len=40, block_size=8,
+                                                             mask_mod=mask_mod))
+
+
 def test_bad_inputs_are_refused_in_one_line():
   q, k, v, _ = _qkv(16, 16, kv_heads=3, heads=4)
   with pytest.raises(ValueError, match="must divide the query heads"):
