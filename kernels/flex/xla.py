@@ -32,10 +32,13 @@ from kernels.common import MASK_VALUE, dropout_keep
 from kernels.flex.tables import FULL, PARTIAL, BlockMask, coarsen_q
 
 F32 = jnp.float32
-# Keys per step (one query tile against this many keys of its list: one matmul of G·bq x _STEP_KEYS per head).
-_STEP_KEYS = 512
-# Query rows per step at most: host tables are coarsened up to this many rows per step tile (`_step_plan`).
+# A step's shape limits (`_step_plan`), per batch row and key/value head: query rows (G·bq, host tables coarsened up
+# to it), keys (C·bkv), and scores (rows x keys: flash softmax's 512 x 512 chunk, so a step's buffers never exceed
+# the baseline's). Up to 1024 keys per step: measured at 8K on this CPU, 128-row tiles against 1024 keys took 0.60 s
+# (bigbird) and 0.86 s (longformer) against 0.83 s and 0.98 s with 512.
+_STEP_KEYS = 1024
 _STEP_ROWS = 512
+_STEP_ELEMENTS = 512 * 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,50 +89,80 @@ def _rows(spec: _Spec, x):
   return x[:, (np.arange(spec.kv_heads) * hm) // spec.kv_heads]
 
 
+def _tiles(spec: _Spec, s, items, chunk: int):
+  """Step `s`'s tiles: query tile `[B', Hx']`, key tiles `[B', Hx', C]`, which slots are real `[B', Hx', C]`, and
+  the query tile's table row (clipped)."""
+  item_q, item_off, num, idx = items
+  bt = jnp.arange(item_q.shape[0])[:, None]
+  ht = jnp.arange(item_q.shape[1])[None, :]
+  qt = item_q[:, :, s]
+  slots = item_off[:, :, s][..., None] + jnp.arange(chunk, dtype=jnp.int32)
+  row_q = jnp.minimum(qt, spec.q_tiles - 1)
+  kt = idx[bt[..., None], ht[..., None], row_q[..., None], jnp.minimum(slots, idx.shape[-1] - 1)]
+  valid = (slots < num[bt, ht, row_q][..., None]) & (qt < spec.q_tiles)[..., None]
+  return qt, kt, valid, row_q
+
+
+def _context(spec: _Spec, s, items, chunk: int, kbias, fine, h_rows):
+  """The arrays step `s`'s elementwise passes read, each small (a row or a column of the scores):
+  (key bias `[B, Hx, 1, C·bkv]`: 0, or -inf for a padded key and every key of a slot past the list's end, which
+  reads the bias's extra all -inf tile `Tk`; query positions `[B, Hx, G·bq, 1]`; key positions `[B, Hx, 1, C·bkv]`;
+  query heads `[1, Hx, G·bq, 1]`; the coarse pairs' fine verdicts `[B', Hx', G·bq, C·bkv]` int8 or None).
+
+  Computed one step ahead and carried by the loop: a carried value is a buffer, whereas computed in the step XLA:CPU
+  fuses these gathers and index arithmetic into every pass over the scores and repeats them per element (measured:
+  the softmax's exp pass 4x slower)."""
+  qt, kt, valid, row_q = _tiles(spec, s, items, chunk)
+  b, hx, c = spec.batch, spec.kv_heads, chunk
+  g, bq, bkv = spec.group, spec.q_block, spec.kv_block
+  kt_rows = kt  # [B', Hx', C]
+  qt, kt, valid = (jnp.broadcast_to(x, (b, hx) + x.shape[2:]) for x in (qt, kt, valid))
+  row = jnp.arange(g * bq, dtype=jnp.int32)  # a step's rows: query head g of the group, then query q of the tile
+  q_idx = (qt[..., None] * bq + row % bq)[..., None]
+  kv_idx = (kt[..., None] * bkv + jnp.arange(bkv, dtype=jnp.int32)).reshape(b, hx, 1, c * bkv)
+  kt_bias = jnp.where(valid, kt, spec.kv_tiles)  # [b, hx, C]
+  if kbias.shape[0] == 1:
+    bias = jnp.take(kbias[0], kt_bias, axis=0)
+  else:
+    bias = kbias[jnp.arange(b)[:, None, None], kt_bias]
+  cls = None
+  if fine is not None:  # coarsened tables: each fine pair's verdict, per score element
+    rows = fine[jnp.arange(fine.shape[0])[:, None], jnp.arange(fine.shape[1])[None, :], row_q]  # [B', Hx', f, Tk]
+    per_pair = jnp.take_along_axis(rows, jnp.broadcast_to(kt_rows[:, :, None, :], rows.shape[:3] + (c,)),
+                                   axis=-1)  # [B', Hx', factor, C]
+    row_fine = (row % bq) // (bq // spec.factor)
+    cls = jnp.repeat(per_pair[:, :, row_fine], bkv, axis=-1)  # [B', Hx', G·bq, C·bkv]
+  return bias.reshape(b, hx, 1, c * bkv), q_idx, kv_idx, h_rows, cls
+
+
+def _head_rows(spec: _Spec):
+  """`[1, Hx, G·bq, 1]`: the query head of each step row."""
+  row = jnp.arange(spec.group * spec.q_block, dtype=jnp.int32)
+  return (jnp.arange(spec.kv_heads, dtype=jnp.int32)[:, None] * spec.group + row // spec.q_block)[None, :, :, None]
+
+
 class _Step:
   """One step: for every (batch row, key/value head), one query tile against `C` key tiles of its list.
 
-  Shapes: queries `[B, Hx, G, bq, D]`, keys `[B, Hx, C, bkv, D]`, scores `[B, Hx, G, bq, C, bkv]` (one matmul of
-  G·bq x C·bkv per batch row and head)."""
+  Shapes are the matmul's: queries `[B, Hx, G·bq, D]`, keys `[B, Hx, C·bkv, D]`, scores `[B, Hx, G·bq, C·bkv]` (one
+  matmul per batch row and head); the index arrays handed to `mask_mod` / `score_mod` broadcast to the scores. Kept
+  2-D per head so that XLA:CPU fuses the softmax's elementwise passes (a reshape between the matmul and them cost two
+  extra passes over the scores). `ctx` is the step's `_context`, carried from the previous step."""
 
-  def __init__(self, spec: _Spec, s, items, kmask, seed, chunk: int, score_mod, mask_consts=(), fine=None):
+  def __init__(self, spec: _Spec, s, items, ctx, seed, chunk: int, score_mod, mask_consts=()):
     self.spec, self.seed, self.score_mod, self.mask_consts = spec, seed, score_mod, mask_consts
-    item_q, item_off, num, idx = items
     b, hx, c = spec.batch, spec.kv_heads, chunk
-    bt = jnp.arange(item_q.shape[0])[:, None]
-    ht = jnp.arange(item_q.shape[1])[None, :]
-    qt = item_q[:, :, s]  # [B', Hx']
-    slots = item_off[:, :, s][..., None] + jnp.arange(c, dtype=jnp.int32)  # [B', Hx', C]
-    k = idx.shape[-1]
-    row_q = jnp.minimum(qt, spec.q_tiles - 1)
-    kt = idx[bt[..., None], ht[..., None], row_q[..., None], jnp.minimum(slots, k - 1)]
-    valid = (slots < num[bt, ht, row_q][..., None]) & (qt < spec.q_tiles)[..., None]
-    self.qt = jnp.broadcast_to(qt, (b, hx))
-    self.kt = jnp.broadcast_to(kt, (b, hx, c))
-    valid = jnp.broadcast_to(valid, (b, hx, c))
+    qt, kt, _, _ = _tiles(spec, s, items, chunk)
     self.bi, self.hi = jnp.arange(b)[:, None], jnp.arange(hx)[None, :]
-    self.at_q = (self.bi, self.hi, self.qt)
-    self.at_k = (self.bi[..., None], self.hi[..., None], self.kt)
+    self.at_q = (self.bi, self.hi, jnp.broadcast_to(qt, (b, hx)))
+    self.at_k = (self.bi[..., None], self.hi[..., None], jnp.broadcast_to(kt, (b, hx, c)))
     # Every batch row and head walks the same list (a static pattern's tables): the step's query tile is one index,
     # read and written by dynamic slices, and its key tiles one index list along the tile axis; XLA:CPU's general
     # gathers and scatters over (row, head, tile) cost several times these slices.
-    self.shared = item_q.shape[:2] == (1, 1)
+    self.shared = qt.shape[:2] == (1, 1)
     self.qt0, self.kt0 = qt[0, 0], kt[0, 0]
-    # Coarsened tables: the step's fine verdicts `[B', Hx', factor, C]` (`coarsen_q`), read by partial pairs.
-    self.fine = None
-    if fine is not None:
-      rows = fine[bt, ht, row_q]  # [B', Hx', factor, Tk]
-      self.fine = jnp.take_along_axis(rows, jnp.broadcast_to(kt[:, :, None, :], rows.shape[:3] + (c,)), axis=-1)
-    g, bq, bkv = spec.group, spec.q_block, spec.kv_block
-    ar = lambda n: jnp.arange(n, dtype=jnp.int32)  # noqa: E731
-    self.b = ar(b)[:, None, None, None, None, None]
-    self.h = (ar(hx)[:, None] * g + ar(g))[None, :, :, None, None, None]
-    self.q_idx = (self.qt[..., None] * bq + ar(bq))[:, :, None, :, None, None]
-    self.kv_idx = (self.kt[..., None] * bkv + ar(bkv))[:, :, None, None, :, :]
-    tile_ok = valid[:, :, None, None, :, None]
-    if kmask is not None:
-      tile_ok = tile_ok & kmask[self.bi[..., None], self.kt][:, :, None, None, :, :]
-    self.tile_ok = tile_ok
+    self.b = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]
+    self.bias, self.q_idx, self.kv_idx, self.h, self.cls = ctx
 
   def get_q(self, x):
     """The step's query tiles of `x [B, Hx, Tq + 1, ...]`: `[B, Hx, ...]`."""
@@ -148,33 +181,41 @@ class _Step:
     return x.at[self.at_q].add(u)
 
   def get_k(self, x):
-    """The step's key tiles of `x [B, Hx, Tk, ...]`: `[B, Hx, C, ...]`."""
+    """The step's keys of `x [B, Hx, Tk, bkv, D]`: `[B, Hx, C·bkv, D]`."""
     if self.shared:
-      return jnp.take(x, self.kt0, axis=2, mode="clip")
-    return x[self.at_k]
+      t = jnp.take(x, self.kt0, axis=2, mode="clip")
+    else:
+      t = x[self.at_k]
+    return t.reshape(t.shape[:2] + (-1, t.shape[-1]))
 
   def add_k(self, x, u):
+    u = u.reshape(u.shape[:2] + (-1,) + x.shape[3:])  # [B, Hx, C, bkv, D]
     if self.shared:
       return x.at[:, :, self.kt0].add(u, mode="promise_in_bounds")
     return x.at[self.at_k].add(u)
 
-  def allowed(self, partial: bool):
-    if not partial:
-      return self.tile_ok
+  def scores(self, raw, params, partial: bool):
+    """The step's scores after `score_mod`, the key bias and (partial lists) the element mask: -inf where masked,
+    so `exp(scores - m)` is exactly 0 there for any finite running max `m` (rows start at `MASK_VALUE`)."""
+    sc = self.modded(raw, params) + self.bias
+    allowed = self.allowed() if partial else None
+    return sc if allowed is None else jnp.where(allowed, sc, -jnp.inf)
+
+  def allowed(self):
+    """A partial pair's element mask (None: none to apply)."""
     elem = None
     if self.spec.mask_mod is not None:
       elem = jnp.asarray(self.spec.mask_mod(self.b, self.h, self.q_idx, self.kv_idx, *self.mask_consts), bool)
-    if self.fine is None:
-      return self.tile_ok if elem is None else self.tile_ok & elem
+    if self.cls is None:
+      return elem
     # Each fine pair keeps its verdict inside the coarse one: EMPTY masked, FULL allowed, PARTIAL by the mask.
-    cls = jnp.repeat(self.fine, self.spec.q_block // self.spec.factor, axis=2)[:, :, None, :, :, None]
-    by_tile = cls == FULL
+    by_tile = self.cls == FULL
     if elem is not None:
-      by_tile = by_tile | ((cls == PARTIAL) & elem)
-    return self.tile_ok & by_tile
+      by_tile = by_tile | ((self.cls == PARTIAL) & elem)
+    return by_tile
 
   def raw_scores(self, q_t, k_t):
-    return jnp.einsum("bxgqd,bxckd->bxgqck", q_t, k_t, preferred_element_type=F32) * self.spec.scale
+    return jnp.einsum("bxqd,bxkd->bxqk", q_t, k_t, preferred_element_type=F32) * self.spec.scale
 
   def modded(self, s, params):
     if self.score_mod is None:
@@ -191,16 +232,19 @@ class _Step:
 
 
 def _blocks_q(spec: _Spec, x_BxLxHxD):
-  """`[B, Lq, H, D]` -> `[B, Hx, Tq + 1, G, bq, D]` (zero-padded to whole tiles plus one padding tile)."""
+  """`[B, Lq, H, D]` -> `[B, Hx, Tq + 1, G·bq, D]` (zero-padded to whole tiles plus one padding tile; a tile's rows
+  are query head g of the group, then query q)."""
   b, length, _, d = x_BxLxHxD.shape
   tq, bq = spec.q_tiles, spec.q_block
   x = jnp.pad(x_BxLxHxD, ((0, 0), (0, (tq + 1) * bq - length), (0, 0), (0, 0)))
   x = x.reshape(b, tq + 1, bq, spec.kv_heads, spec.group, d)
-  return jnp.transpose(x, (0, 3, 1, 4, 2, 5))
+  return jnp.transpose(x, (0, 3, 1, 4, 2, 5)).reshape(b, spec.kv_heads, tq + 1, spec.group * bq, d)
 
 
 def _unblock_q(spec: _Spec, x):
-  b, hx, _, g, bq, d = x.shape
+  b, hx, t, _, d = x.shape
+  g, bq = spec.group, spec.q_block
+  x = x.reshape(b, hx, t, g, bq, d)
   x = jnp.transpose(x[:, :, :spec.q_tiles], (0, 2, 4, 1, 3, 5)).reshape(b, spec.q_tiles * bq, hx * g, d)
   return x[:, :spec.q_len]
 
@@ -217,13 +261,13 @@ def _unblock_kv(spec: _Spec, x):
   return jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b, tk * bkv, hx, d)[:, :spec.kv_len]
 
 
-def _key_tiles(spec: _Spec, key_mask):
-  """bool `[B, Tk, bkv]` (real, unpadded keys), or None when every key is real."""
+def _key_bias(spec: _Spec, key_mask):
+  """float32 `[B or 1, Tk + 1, bkv]`: 0 for a real key, -inf for a padded one (past `kv_len`, or masked by
+  `key_mask`), and an extra all -inf tile `Tk` that list slots past a row's end read."""
   tk, bkv = spec.kv_tiles, spec.kv_block
-  if key_mask is None and tk * bkv == spec.kv_len:
-    return None
-  km = jnp.ones((spec.batch, spec.kv_len), bool) if key_mask is None else jnp.asarray(key_mask, bool)
-  return jnp.pad(km, ((0, 0), (0, tk * bkv - spec.kv_len))).reshape(spec.batch, tk, bkv)
+  km = jnp.ones((1, spec.kv_len), bool) if key_mask is None else jnp.asarray(key_mask, bool)
+  km = jnp.pad(km, ((0, 0), (0, (tk + 1) * bkv - spec.kv_len))).reshape(km.shape[0], tk + 1, bkv)
+  return jnp.where(km, 0.0, -jnp.inf).astype(F32)
 
 
 def _lists(spec: _Spec, tables):
@@ -240,31 +284,33 @@ def _lists(spec: _Spec, tables):
 
 def _forward(spec: _Spec, tables, q, k, v, key_mask, seed, params, mask_consts):
   qb, kb, vb = _blocks_q(spec, q), _blocks_kv(spec, k), _blocks_kv(spec, v)
-  kmask = _key_tiles(spec, key_mask)
+  kbias = _key_bias(spec, key_mask)
   fine = None if tables[4] is None else _rows(spec, tables[4])
-  stat_shape = qb.shape[:-1]  # [B, Hx, Tq + 1, G, bq]
+  stat_shape = qb.shape[:-1]  # [B, Hx, Tq + 1, G·bq]
   carry = (jnp.full(stat_shape, MASK_VALUE, F32), jnp.zeros(stat_shape, F32),
            jnp.zeros(stat_shape + vb.shape[-1:], F32))
+  h_rows = _head_rows(spec)
   for items, steps, partial, chunk, score_mod in _lists(spec, tables):
-    def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod):
-      m, l, acc = carry
-      st = _Step(spec, s, items, kmask, seed, chunk, score_mod, mask_consts, fine)
-      q_t, k_t, v_t = st.get_q(qb), st.get_k(kb), st.get_k(vb)
-      sc = st.modded(st.raw_scores(q_t, k_t), params)
-      allowed = st.allowed(partial)
-      sc = jnp.where(allowed, sc, MASK_VALUE)
-      m_old, l_old, acc_old = st.get_q(m), st.get_q(l), st.get_q(acc)
-      m_new = jnp.maximum(m_old, jnp.max(sc, axis=(-2, -1)))
-      alpha = jnp.exp(m_old - m_new)
-      # Masked entries are zeroed: a row that saw nothing so far (m_new = MASK_VALUE) stays at 0.
-      p = jnp.where(allowed, jnp.exp(sc - m_new[..., None, None]), 0.0)
-      pv = jnp.einsum("bxgqck,bxckd->bxgqd", st.drop(p, st.keep()).astype(v_t.dtype), v_t,
-                      preferred_element_type=F32)
-      l_new = alpha * l_old + jnp.sum(p, axis=(-2, -1))
-      acc_new = alpha[..., None] * acc_old + pv
-      return st.set_q(m, m_new), st.set_q(l, l_new), st.set_q(acc, acc_new)
+    context = functools.partial(_context, spec, items=items, chunk=chunk, kbias=kbias,
+                                fine=fine if partial else None, h_rows=h_rows)
 
-    carry = jax.lax.fori_loop(0, steps, body, carry)
+    def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod, context=context):
+      m, l, acc, ctx = carry
+      st = _Step(spec, s, items, ctx, seed, chunk, score_mod, mask_consts)
+      q_t, k_t, v_t = st.get_q(qb), st.get_k(kb), st.get_k(vb)
+      sc = st.scores(st.raw_scores(q_t, k_t), params, partial)
+      m_old, l_old, acc_old = st.get_q(m), st.get_q(l), st.get_q(acc)
+      m_new = jnp.maximum(m_old, jnp.max(sc, axis=-1))
+      alpha = jnp.exp(m_old - m_new)
+      # Masked entries are -inf: 0 weight, and a row that saw nothing so far (m_new = MASK_VALUE) stays at 0.
+      p = jnp.exp(sc - m_new[..., None])
+      pv = jnp.einsum("bxqk,bxkd->bxqd", st.drop(p, st.keep()).astype(v_t.dtype), v_t,
+                      preferred_element_type=F32)
+      l_new = alpha * l_old + jnp.sum(p, axis=-1)
+      acc_new = alpha[..., None] * acc_old + pv
+      return st.set_q(m, m_new), st.set_q(l, l_new), st.set_q(acc, acc_new), context(s + 1)
+
+    carry = jax.lax.fori_loop(0, steps, body, carry + (context(0),))[:3]
   m, l, acc = carry
   seen = l > 0.0
   safe = jnp.where(seen, l, 1.0)
@@ -278,34 +324,37 @@ def _backward(spec: _Spec, res, do):
   qb, kb, vb = _blocks_q(spec, q), _blocks_kv(spec, k), _blocks_kv(spec, v)
   dob = _blocks_q(spec, do)
   delta = jnp.sum(dob.astype(F32) * _blocks_q(spec, out).astype(F32), axis=-1)  # rowsum(dO ∘ O)
-  kmask = _key_tiles(spec, key_mask)
+  kbias = _key_bias(spec, key_mask)
   fine = None if tables[4] is None else _rows(spec, tables[4])
   carry = (jnp.zeros(qb.shape, F32), jnp.zeros(kb.shape, F32), jnp.zeros(vb.shape, F32),
            tuple(jnp.zeros(jnp.shape(p), F32) for p in params))
+  h_rows = _head_rows(spec)
   for items, steps, partial, chunk, score_mod in _lists(spec, tables):
-    def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod):
-      dq, dk, dv, dparams = carry
-      st = _Step(spec, s, items, kmask, seed, chunk, score_mod, mask_consts, fine)
+    context = functools.partial(_context, spec, items=items, chunk=chunk, kbias=kbias,
+                                fine=fine if partial else None, h_rows=h_rows)
+
+    def body(s, carry, items=items, partial=partial, chunk=chunk, score_mod=score_mod, context=context):
+      dq, dk, dv, dparams, ctx = carry
+      st = _Step(spec, s, items, ctx, seed, chunk, score_mod, mask_consts)
       q_t, do_t, k_t, v_t = st.get_q(qb), st.get_q(dob), st.get_k(kb), st.get_k(vb)
       raw = st.raw_scores(q_t, k_t)
-      sc, pull = jax.vjp(st.modded, raw, params)
-      allowed = st.allowed(partial)
-      p = jnp.where(allowed, jnp.exp(sc - st.get_q(lse)[..., None, None]), 0.0)
+      sc, pull = jax.vjp(lambda raw, params: st.scores(raw, params, partial), raw, params)
+      p = jnp.exp(sc - st.get_q(lse)[..., None])
       keep = st.keep()
-      dv_t = jnp.einsum("bxgqck,bxgqd->bxckd", st.drop(p, keep).astype(do_t.dtype), do_t,
+      dv_t = jnp.einsum("bxqk,bxqd->bxkd", st.drop(p, keep).astype(do_t.dtype), do_t,
                         preferred_element_type=F32)
-      dp = st.drop(jnp.einsum("bxgqd,bxckd->bxgqck", do_t, v_t, preferred_element_type=F32), keep)
-      ds = p * (dp - st.get_q(delta)[..., None, None])
+      dp = st.drop(jnp.einsum("bxqd,bxkd->bxqk", do_t, v_t, preferred_element_type=F32), keep)
+      ds = p * (dp - st.get_q(delta)[..., None])
       ds_raw, dparams_t = pull(ds)
       ds_raw = ds_raw * spec.scale
-      dq_t = jnp.einsum("bxgqck,bxckd->bxgqd", ds_raw.astype(k_t.dtype), k_t, preferred_element_type=F32)
-      dk_t = jnp.einsum("bxgqck,bxgqd->bxckd", ds_raw.astype(q_t.dtype), q_t, preferred_element_type=F32)
+      dq_t = jnp.einsum("bxqk,bxkd->bxqd", ds_raw.astype(k_t.dtype), k_t, preferred_element_type=F32)
+      dk_t = jnp.einsum("bxqk,bxqd->bxkd", ds_raw.astype(q_t.dtype), q_t, preferred_element_type=F32)
       # A row's listed key tiles are distinct; the clipped tail of a list carries exact zeros.
       dq, dk, dv = st.add_q(dq, dq_t), st.add_k(dk, dk_t), st.add_k(dv, dv_t)
       dparams = tuple(a + jnp.asarray(g, F32) for a, g in zip(dparams, dparams_t))
-      return dq, dk, dv, dparams
+      return dq, dk, dv, dparams, context(s + 1)
 
-    carry = jax.lax.fori_loop(0, steps, body, carry)
+    carry = jax.lax.fori_loop(0, steps, body, carry + (context(0),))[:4]
   dq, dk, dv, dparams = carry
   dparams = tuple(g.astype(jnp.result_type(p)) for g, p in zip(dparams, params))
   return (_unblock_q(spec, dq).astype(q.dtype), _unblock_kv(spec, dk).astype(k.dtype),
@@ -354,19 +403,22 @@ def _chunks(bm: BlockMask, most: int, factor: int = 1) -> tuple[tuple[int, int],
   return (out[0], out[1]), cost
 
 
-def _step_plan(bm: BlockMask, most_keys: int, most_rows: int):
-  """(block mask to walk, its fine verdicts or None, chunks): host tables are coarsened along queries (factor 1, 2,
-  4, ... while the step tile has at most `most_rows` rows) to the cheapest plan by `_chunks`' cost, so small kernel
-  tiles do not cost a CPU step each; traced tables (a selection, a document mask) keep their tiles, since their
-  union over taller tiles is unknown when the program is built."""
-  chunks, cost = _chunks(bm, most_keys)
+def _step_plan(bm: BlockMask, group: int):
+  """(block mask to walk, its fine verdicts or None, chunks) within the step limits above (G = `group` query heads
+  per key/value head): host tables are coarsened along queries (factor 1, 2, 4, ...) to the cheapest plan by
+  `_chunks`' cost, so small kernel tiles do not cost a CPU step each; traced tables (a selection, a document mask)
+  keep their tiles, since their union over taller tiles is unknown when the program is built."""
+  def most_keys(rows: int) -> int:  # key tiles per step for step tiles of `rows` query rows
+    return max(1, min(_STEP_KEYS, _STEP_ELEMENTS // (rows * group)) // bm.kv_block)
+
+  chunks, cost = _chunks(bm, most_keys(bm.q_block))
   best = (cost, bm, None, chunks)
   if cost is None:
     return best[1:]
   factor = 2
-  while factor * bm.q_block <= most_rows and factor // 2 < bm.num_q_tiles:
+  while factor * bm.q_block * group <= _STEP_ROWS and factor // 2 < bm.num_q_tiles:
     coarse, fine = coarsen_q(bm, factor)
-    chunks, cost = _chunks(coarse, most_keys, factor)
+    chunks, cost = _chunks(coarse, most_keys(coarse.q_block), factor)
     if cost < best[0]:
       best = (cost, coarse, fine, chunks)
     factor *= 2
@@ -410,9 +462,9 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
     k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
     hkv = h
   fine_bq, bkv = block_mask.q_block, block_mask.kv_block
-  block_mask, fine, chunks = _step_plan(block_mask, max(1, _STEP_KEYS // bkv), _STEP_ROWS)
-  bq = block_mask.q_block
   group = h // hkv
+  block_mask, fine, chunks = _step_plan(block_mask, group)
+  bq = block_mask.q_block
   rate = float(dropout_rate) if dropout_seed is not None and dropout_rate > 0.0 else 0.0
   seed = jnp.asarray(dropout_seed, jnp.int32) if rate else None
   spec = _Spec(batch=b, heads=h, kv_heads=hkv, group=group, q_tiles=block_mask.num_q_tiles,
@@ -424,8 +476,8 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
     i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
 
     def convert(chunk):
-      examples = (jnp.zeros((b, hkv, group, bq, chunk, bkv), F32), i32(b, 1, 1, 1, 1, 1),
-                  i32(1, hkv, group, 1, 1, 1), i32(b, hkv, 1, bq, 1, 1), i32(b, hkv, 1, 1, chunk, bkv))
+      examples = (jnp.zeros((b, hkv, group * bq, chunk * bkv), F32), i32(b, 1, 1, 1), i32(1, hkv, group * bq, 1),
+                  i32(b, hkv, group * bq, 1), i32(b, hkv, 1, chunk * bkv))
       return explicit_score_mod(score_mod, examples)
 
     (fn_full, params), (fn_part, hoisted) = convert(chunks[0]), convert(chunks[1])
@@ -437,8 +489,8 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
     spec = dataclasses.replace(spec, chunks=chunks, score_mods=(fn_full, fn_part))
   i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
   chunk = spec.chunks[1]  # the partial list's step shapes: only partial tiles evaluate the mask
-  mask_fn, mask_consts = explicit_mask_mod(mask_mod, (i32(b, 1, 1, 1, 1, 1), i32(1, hkv, group, 1, 1, 1),
-                                                      i32(b, hkv, 1, bq, 1, 1), i32(b, hkv, 1, 1, chunk, bkv)))
+  mask_fn, mask_consts = explicit_mask_mod(mask_mod, (i32(b, 1, 1, 1), i32(1, hkv, group * bq, 1),
+                                                      i32(b, hkv, group * bq, 1), i32(b, hkv, 1, chunk * bkv)))
   spec = dataclasses.replace(spec, mask_mod=mask_fn)
   tables = (block_mask.kv_num_full, block_mask.kv_full_idx, block_mask.kv_num_partial, block_mask.kv_partial_idx,
             None if fine is None else jnp.asarray(fine))

@@ -271,7 +271,7 @@ def test_xla_step_tiles_equal_reference(monkeypatch, steps):
   from its mask function (a coarse step must not attend the fine tiles nobody selected)."""
   from kernels.flex import xla  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(xla, "_STEP_COST", 1e6 if steps == "coarse" else 0.0)
-  assert xla._step_plan(flex.create_block_mask(late_start, 1, 1, 72, 72, 16), 4, 512)[0].q_block == (
+  assert xla._step_plan(flex.create_block_mask(late_start, 1, 1, 72, 72, 16), 1)[0].q_block == (
       128 if steps == "coarse" else 16)
   key_mask = jnp.arange(72)[None, :] < jnp.array([[61], [72]])
   _compare(72, 72, block_size=16, mask_mod=late_start, score_mod=flex.alibi(H), key_mask=key_mask,
