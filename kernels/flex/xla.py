@@ -5,12 +5,19 @@ log-sum-exp.
 The block mask's per-query-tile lists (full and partial, possibly traced) are cut in the graph into *work items* of
 `C` consecutive list entries (a row of n tiles makes ceil(n / C) items), compacted so that a loop whose trip count is
 the (possibly data-dependent) number of items walks only visited tiles: a causal mask costs about half of a full one,
-a window mask its band. A step gathers the item's query tile `[B, Hkv, G, bq, D]` (the G query heads of a key/value
-head together: each key/value tile is gathered once per group) and its key/value tiles `[B, Hkv, C, bkv, D]`, scores
-them in one `G·bq x C·bkv` matmul per head, applies `score_mod`, masks (partial lists only: `mask_mod` on the tiles'
-index arrays; full lists do no mask work beyond key padding), and updates that query tile's running (max, sum,
-weighted values) in place. `C` (`_chunks`, per list) trades the padding of each row's last item against the per-step cost,
-from the concrete tables (`_STEP_KEYS` keys per step at most). Empty tiles are never touched.
+a window mask its band. A step gathers the item's query tile `[B, Hkv, G·bq, D]` (the G query heads of a key/value
+head together: each key/value tile is gathered once per group) and its key/value tiles `[B, Hkv, C·bkv, D]`, scores
+them in one `G·bq x C·bkv` matmul per head, applies `score_mod` and the keys' bias (-inf for padded keys and list
+slots past a row's end), masks (partial lists only: `mask_mod` on the tiles' index arrays; full lists do no mask
+work), and updates that query tile's running (max, sum, weighted values) in place. Empty tiles are never touched.
+
+Step shapes (`_step_plan`): with host tables, the block mask may be walked in taller query tiles than the kernels'
+(`coarsen_q`, each fine pair keeping its verdict, so the form stays exact for any block mask) and `C` trades the
+padding of each row's last item against the per-step cost (`_chunks`), both by a cost model measured on CPU (a step
+costs about two tiles' work; larger matmuls run faster), within flash softmax's 512 x 512 scores per step; traced
+tables keep their tiles. The arrays a step's elementwise passes read (key bias, positions, fine verdicts) are
+computed one step ahead and carried by the loop (`_context`).
+
 The backward walks the same items: `P = exp(S - lse)`, the dropout mask regenerated from the seed,
 `dS = P ∘ (dP - rowsum(dO ∘ O))` pulled back through `score_mod` (its vjp on the tile, which also gives the gradient
 of the arrays `score_mod` closes over, hoisted by `jax.closure_convert`: a learned bias table trains), dQ added to
@@ -383,11 +390,12 @@ def _attention(spec: _Spec, tables, q, k, v, key_mask, seed, params, mask_consts
 _STEP_COST = 2.0
 
 
-def _chunks(bm: BlockMask, most: int, factor: int = 1) -> tuple[tuple[int, int], float | None]:
+def _chunks(bm: BlockMask, most: int) -> tuple[tuple[int, int], float | None]:
   """((C of the full list, C of the partial list), cost): with concrete tables, the C <= `most` minimizing the steps'
-  cost over the longest row (each row's list padded to whole items of C tiles of `factor` fine tiles each, plus
-  `_STEP_COST` per step); traced tables: `most` (or the list's width when narrower), cost None."""
+  cost over the longest row (each row's list padded to whole items of C tiles, each tile's work counted by its area,
+  plus `_STEP_COST` per step); traced tables: `most` (or the list's width when narrower), cost None."""
   out, cost = [], 0.0
+  area = bm.q_block * bm.kv_block / (128 * 128)  # a step tile's work in 128x128 tiles (`_STEP_COST`'s unit)
   for num, idx in ((bm.kv_num_full, bm.kv_full_idx), (bm.kv_num_partial, bm.kv_partial_idx)):
     top = max(1, min(most, idx.shape[-1]))
     if isinstance(num, jax.core.Tracer):
@@ -395,7 +403,7 @@ def _chunks(bm: BlockMask, most: int, factor: int = 1) -> tuple[tuple[int, int],
       cost = None
       continue
     counts = np.asarray(num).reshape(-1, np.shape(num)[-1])  # [rows, Tq]
-    steps_cost = lambda c: float((-(-counts // c) * (c * factor + _STEP_COST)).sum(-1).max())  # noqa: E731
+    steps_cost = lambda c: float((-(-counts // c) * (c * area + _STEP_COST)).sum(-1).max())  # noqa: E731
     best = min(range(1, top + 1), key=steps_cost)
     out.append(best)
     if cost is not None:
@@ -418,7 +426,7 @@ def _step_plan(bm: BlockMask, group: int):
   factor = 2
   while factor * bm.q_block * group <= _STEP_ROWS and factor // 2 < bm.num_q_tiles:
     coarse, fine = coarsen_q(bm, factor)
-    chunks, cost = _chunks(coarse, most_keys(coarse.q_block), factor)
+    chunks, cost = _chunks(coarse, most_keys(coarse.q_block))
     if cost < best[0]:
       best = (cost, coarse, fine, chunks)
     factor *= 2
