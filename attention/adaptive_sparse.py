@@ -67,6 +67,48 @@ def _dropout(weights: jax.Array, seed: jax.Array | None, rate: float, bh: jax.Ar
   return jnp.where(dropout_keep(seed, bh, q_pos, k_pos, rate), weights / (1.0 - rate), 0.0)
 
 
+def _keep_multiplier(seed: jax.Array | None, rate: float, bh: jax.Array, q_pos: jax.Array,
+                     k_pos: jax.Array) -> jax.Array | None:
+  """Inverted-dropout multipliers (0 or 1 / (1 - rate)) of `_dropout`'s mask, or None without dropout."""
+  if seed is None or rate == 0.0:
+    return None
+  return jnp.where(dropout_keep(seed, bh, q_pos, k_pos, rate), jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
+
+
+@jax.custom_vjp
+def _rows_attend(q_BxCxXxGxD, k_BxSxXxD, v_BxSxXxD, allowed, keep, scale):
+  """Dense attention of a chunk's grouped queries over a short key list, float32: `(out [B, C, Hkv, G, D], probs
+  [B, Hkv, G, C, S])`, `allowed` broadcasting to the probabilities, `keep` the dropout multipliers (or None). The
+  backward uses `rowsum(dP ∘ P) = rowsum(dO ∘ O)` (a sum over D instead of S, as flash attention's) and recomputes
+  nothing; `probs` (the undropped probabilities, NSA's block scores) carry no gradient: callers stop it."""
+  return _rows_attend_fwd(q_BxCxXxGxD, k_BxSxXxD, v_BxSxXxD, allowed, keep, scale)[0]
+
+
+def _rows_attend_fwd(q, k, v, allowed, keep, scale):
+  scores = jnp.einsum("bcxgd,bsxd->bxgcs", q, k) * scale
+  probs, _ = _softmax_rows(scores, allowed)
+  weights = probs if keep is None else probs * keep
+  out = jnp.einsum("bxgcs,bsxd->bcxgd", weights, v)
+  return (out, probs), (q, k, v, keep, scale, probs, weights, out)
+
+
+def _rows_attend_bwd(res, cts):
+  q, k, v, keep, scale, probs, weights, out = res
+  d_out = cts[0]
+  dv = jnp.einsum("bxgcs,bcxgd->bsxd", weights, d_out)
+  dp = jnp.einsum("bcxgd,bsxd->bxgcs", d_out, v)
+  if keep is not None:
+    dp = dp * keep
+  delta = jnp.moveaxis(jnp.sum(d_out * out, axis=-1), 1, -1)  # [B, Hkv, G, C]
+  ds = probs * (dp - delta[..., None]) * scale
+  dq = jnp.einsum("bxgcs,bsxd->bcxgd", ds, k)
+  dk = jnp.einsum("bxgcs,bcxgd->bsxd", ds, q)
+  return dq, dk, dv, None, None, None
+
+
+_rows_attend.defvjp(_rows_attend_fwd, _rows_attend_bwd)
+
+
 def _group(q_BxLxHxD: jax.Array, num_kv_heads: int) -> jax.Array:
   b, l, h, d = q_BxLxHxD.shape
   if h % num_kv_heads:
@@ -417,10 +459,8 @@ def window_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.
     band = (delta < window) & (delta >= (0 if causal else 1 - window))
     allowed = band[None] & rc[:, None, :]  # [B, C, span]
     q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
-    scores = jnp.einsum("bcxgd,bsxd->bxgcs", q, kc.astype(jnp.float32)) * scale
-    weights, _ = _softmax_rows(scores, allowed[:, None, None])
-    weights = _dropout(weights, dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None], k_pos[None, :])
-    out = jnp.einsum("bxgcs,bsxd->bcxgd", weights, vc.astype(jnp.float32))
+    keep = _keep_multiplier(dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None], k_pos[None, :])
+    out, _ = _rows_attend(q, kc.astype(jnp.float32), vc.astype(jnp.float32), allowed[:, None, None], keep, scale)
     return (out.reshape(b, c, h, d),)
 
   return _chunked(fn, q_BxLxHxD, c, q_offset)[0]
@@ -466,11 +506,11 @@ def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax
   def fn(qc_BxCxHxD, q_pos_C):
     allowed = valid[:, None, :] & ((k_pos_S[None, :] <= q_pos_C[:, None]) if causal else True)  # [B, C, S]
     q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
-    scores = jnp.einsum("bcxgd,bsxd->bxgcs", q, k_BxSxGxD.astype(jnp.float32)) * scale
-    probs, _ = _softmax_rows(scores, allowed[:, None, None])
-    weights = _dropout(probs, dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None],
-                       jnp.arange(k_pos_S.shape[0])[None, :])
-    out = jnp.einsum("bxgcs,bsxd->bcxgd", weights, v_BxSxGxD.astype(jnp.float32)).reshape(b, -1, h, d)
+    keep = _keep_multiplier(dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None],
+                            jnp.arange(k_pos_S.shape[0])[None, :])
+    out, probs = _rows_attend(q, k_BxSxGxD.astype(jnp.float32), v_BxSxGxD.astype(jnp.float32), allowed[:, None, None],
+                              keep, scale)
+    out = out.reshape(b, -1, h, d)
     if probs_fn is None:
       return (out,)
     return out, probs_fn(jax.lax.stop_gradient(probs), q_pos_C)
