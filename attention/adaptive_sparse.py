@@ -28,6 +28,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels.common import MASK_VALUE, dropout_keep, dropout_seed as seed_of
 
@@ -503,20 +504,60 @@ def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax
     probs, _ = _softmax_rows(scores, jnp.broadcast_to(allowed, (b, hkv, l, k_pos_S.shape[0]))[:, :, None])
     return out, probs_fn(jax.lax.stop_gradient(probs), q_pos)
 
-  def fn(qc_BxCxHxD, q_pos_C):
-    allowed = valid[:, None, :] & ((k_pos_S[None, :] <= q_pos_C[:, None]) if causal else True)  # [B, C, S]
-    q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
-    keep = _keep_multiplier(dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None],
-                            jnp.arange(k_pos_S.shape[0])[None, :])
-    out, probs = _rows_attend(q, k_BxSxGxD.astype(jnp.float32), v_BxSxGxD.astype(jnp.float32), allowed[:, None, None],
-                              keep, scale)
-    out = out.reshape(b, -1, h, d)
-    if probs_fn is None:
-      return (out,)
-    return out, probs_fn(jax.lax.stop_gradient(probs), q_pos_C)
+  num_keys = k_BxSxGxD.shape[1]
 
-  outs = _chunked(fn, q_BxLxHxD, query_chunk, q_offset)
+  def attend(n: int):
+    """The chunk function over the first `n` summary keys (a causal segment's visible ones; the rest have
+    probability 0, padded back for `probs_fn`)."""
+    k, v, ok, k_pos = k_BxSxGxD[:, :n], v_BxSxGxD[:, :n], valid[:, :n], k_pos_S[:n]
+
+    def fn(qc_BxCxHxD, q_pos_C):
+      allowed = ok[:, None, :] & ((k_pos[None, :] <= q_pos_C[:, None]) if causal else True)  # [B, C, n]
+      q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
+      keep = _keep_multiplier(dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None],
+                              jnp.arange(n)[None, :])
+      out, probs = _rows_attend(q, k.astype(jnp.float32), v.astype(jnp.float32), allowed[:, None, None], keep, scale)
+      out = out.reshape(b, -1, h, d)
+      if probs_fn is None:
+        return (out,)
+      probs = jnp.pad(probs, ((0, 0),) * 4 + ((0, num_keys - n),))
+      return out, probs_fn(jax.lax.stop_gradient(probs), q_pos_C)
+    return fn
+
+  segments = causal_segments(l, query_chunk, q_offset, k_pos_S) if causal else None
+  if segments is None:
+    outs = _chunked(attend(num_keys), q_BxLxHxD, query_chunk, q_offset)
+  else:  # each causal segment of queries over only the summary keys its last query can see
+    parts = [_chunked(attend(n), q_BxLxHxD[:, start:stop], query_chunk, q_offset + start)
+             for start, stop, n in segments]
+    outs = tuple(jnp.concatenate(xs, axis=1) for xs in zip(*parts))
   return outs if probs_fn is not None else outs[0]
+
+
+# Causal summary attention splits the queries into this many segments, each over the summary keys its last query can
+# see (static shapes: one compiled chunk loop per segment): (1 + 2 + 3 + 4) / 16 = 62% of the unsegmented work,
+# against 50% for an exact causal skip. Used from 2 chunks per segment up, with host (numpy) key positions.
+CAUSAL_SEGMENTS = 4
+
+
+def causal_segments(length: int, query_chunk: int, q_offset, k_pos_S) -> list[tuple[int, int, int]] | None:
+  """[(first query, end query, visible summary keys)] of `CAUSAL_SEGMENTS` chunk-aligned query segments, or None
+  when not segmenting (short inputs, a traced offset, traced or unsorted key positions)."""
+  if not isinstance(k_pos_S, np.ndarray) or not isinstance(q_offset, (int, np.integer)):
+    return None
+  if k_pos_S.size == 0 or np.any(np.diff(k_pos_S) < 0):
+    return None
+  c = max(1, min(query_chunk, length))
+  chunks = -(-length // c)
+  if CAUSAL_SEGMENTS < 2 or chunks < 2 * CAUSAL_SEGMENTS:
+    return None
+  per = -(-chunks // CAUSAL_SEGMENTS) * c
+  out = []
+  for start in range(0, length, per):
+    stop = min(length, start + per)
+    visible = int(np.searchsorted(k_pos_S, q_offset + stop - 1, side="right"))
+    out.append((start, stop, max(1, visible)))
+  return out
 
 
 def summary_mask(q_pos_L: jax.Array, k_pos_S: jax.Array, key_valid_BxS: jax.Array | None, causal: bool):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attention import adaptive_sparse as core
 from attention.base import AttentionLayer, default_kernel_init
@@ -70,7 +71,7 @@ class MemoryCompressedAttention(AttentionLayer):
     kc, vc = self._conv(zero(k), "key"), self._conv(zero(v), "value")
     n = kc.shape[1]
     valid = jnp.any(real_BxS.reshape(real_BxS.shape[0], n, self.factor), axis=-1)
-    ends = (jnp.arange(n) + 1) * self.factor - 1
+    ends = (np.arange(n, dtype=np.int32) + 1) * self.factor - 1
     return core.summary_attention(q, kc, vc, k_pos_S=ends, key_valid_BxS=valid, causal=causal,
                                   dropout_seed=core.branch_seed(seed, 0),
                                   implementation="reference" if self.implementation == "reference" else "xla", **kw)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attention import adaptive_sparse as core
 from attention.base import AttentionLayer
@@ -93,7 +94,7 @@ class MixtureOfBlockAttention(AttentionLayer):
                                   implementation=self.implementation)
     if self.coarse:
       vmean = pooled(v, real_BxS, self.block_size)
-      ends = (jnp.arange(s // self.block_size) + 1) * self.block_size - 1
+      ends = (np.arange(s // self.block_size, dtype=np.int32) + 1) * self.block_size - 1
       out = out + core.summary_attention(q, kmean, vmean, k_pos_S=ends, key_valid_BxS=first_real < s, causal=causal,
                                          scale=scale, q_offset=q_offset, dropout_rate=rate,
                                          dropout_seed=core.branch_seed(seed, 1), query_chunk=self.query_chunk,

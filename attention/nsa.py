@@ -124,7 +124,7 @@ def nsa_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, kc_BxNxGxD, vc_BxNxGxD, valid
   s = k_BxSxGxD.shape[1]
   scale = dim ** -0.5
   nc, ns = kc_BxNxGxD.shape[1], s // select_block
-  k_pos_c = jnp.arange(nc) * compress_stride + compress_block - 1
+  k_pos_c = np.arange(nc, dtype=np.int32) * compress_stride + compress_block - 1  # host: causal segments
   coverage = coverage_matrix(nc, ns, compress_block=compress_block, compress_stride=compress_stride,
                              select_block=select_block)
   first_real = core.first_real_position(real_BxS, b, s, select_block)

@@ -105,3 +105,39 @@ def test_flex_form_takes_a_selection_per_query_head_too():
   run = jax.jit(lambda q, k: [core.selected_attention(q, k, k, idx, implementation=i, **common) for i in ("flex", "xla")])
   flex_out, xla_out = run(q, k)
   np.testing.assert_allclose(flex_out, xla_out, atol=ATOL)
+
+
+def test_causal_segments_of_summary_attention_equal_the_reference():
+  """Causal summary attention (nsa's compressed branch, compressed, moba's coarse output) splits the queries into
+  `CAUSAL_SEGMENTS` segments over the summary keys each one's last query sees: the segments against a numpy oracle,
+  and values, gradients and `probs_fn`'s reductions against the unsegmented reference (key padding, dropout, an
+  offset, a segment that sees no key at all)."""
+  b, l, h, hkv, d, chunk = 2, 61, 4, 2, 8, 4
+  k_pos = np.arange(9, dtype=np.int32) * 7 + 13  # 9 summary keys, the first visible from position 13 on
+  segments = core.causal_segments(l, chunk, 0, k_pos)
+  assert len(segments) == core.CAUSAL_SEGMENTS and segments[0][0] == 0 and segments[-1][1] == l
+  for start, stop, n in segments:
+    assert n == max(1, int((k_pos <= stop - 1).sum()))  # every key its last query sees, no more
+  assert segments[0][2] == 1  # the first segment (queries 0..15) sees no summary key
+  assert core.causal_segments(l, chunk, jnp.int32(0), k_pos) is None  # traced offset: not segmented
+  assert core.causal_segments(l, 16, 0, k_pos) is None  # fewer than 2 chunks per segment
+  keys = jax.random.split(jax.random.key(5), 5)
+  q = jax.random.normal(keys[0], (b, l, h, d))
+  k, v = jax.random.normal(keys[1], (b, 9, hkv, d)), jax.random.normal(keys[2], (b, 9, hkv, d))
+  valid = jnp.arange(9)[None, :] < jnp.array([[7], [9]])
+  w = jax.random.normal(keys[3], q.shape)
+  probs_fn = lambda p, q_pos: jnp.einsum("bxgcs,s->bcx", p, jnp.arange(9.0)) + q_pos[None, :, None]  # noqa: E731
+
+  def run(impl, q, k, v):
+    out, red = core.summary_attention(q, k, v, k_pos_S=k_pos, key_valid_BxS=valid, causal=True, scale=0.3,
+                                      dropout_rate=0.2, dropout_seed=jnp.int32(11), query_chunk=chunk,
+                                      probs_fn=probs_fn, implementation=impl)
+    return jnp.sum(out * w), (out, red)
+
+  grads = jax.jit(lambda q, k, v: [jax.value_and_grad(lambda *a, impl=impl: run(impl, *a), argnums=(0, 1, 2),
+                                                      has_aux=True)(q, k, v) for impl in ("xla", "reference")])
+  ((_, (out, red)), g), ((_, (out_r, red_r)), g_r) = grads(q, k, v)
+  np.testing.assert_allclose(out, out_r, atol=ATOL)
+  np.testing.assert_allclose(red, red_r, atol=1e-4)
+  for a, r in zip(g, g_r):
+    np.testing.assert_allclose(a, r, atol=ATOL)
