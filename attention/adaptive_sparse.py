@@ -61,19 +61,18 @@ def _softmax_rows(scores: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax
   return weights, lse
 
 
-def _dropout(weights: jax.Array, seed: jax.Array | None, rate: float, bh: jax.Array, q_pos: jax.Array,
-             k_pos: jax.Array) -> jax.Array:
-  if seed is None or rate == 0.0:
-    return weights
-  return jnp.where(dropout_keep(seed, bh, q_pos, k_pos, rate), weights / (1.0 - rate), 0.0)
-
-
 def _keep_multiplier(seed: jax.Array | None, rate: float, bh: jax.Array, q_pos: jax.Array,
                      k_pos: jax.Array) -> jax.Array | None:
-  """Inverted-dropout multipliers (0 or 1 / (1 - rate)) of `_dropout`'s mask, or None without dropout."""
+  """Inverted-dropout multipliers (0 or 1 / (1 - rate)) of the shared counter hash, or None without dropout."""
   if seed is None or rate == 0.0:
     return None
   return jnp.where(dropout_keep(seed, bh, q_pos, k_pos, rate), jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
+
+
+def _dropout(weights: jax.Array, seed: jax.Array | None, rate: float, bh: jax.Array, q_pos: jax.Array,
+             k_pos: jax.Array) -> jax.Array:
+  keep = _keep_multiplier(seed, rate, bh, q_pos, k_pos)
+  return weights if keep is None else weights * keep
 
 
 @jax.custom_vjp

@@ -394,7 +394,8 @@ def block_mask_from_layout(layout_HxNxN, block_size: int, tiles, causal: bool = 
 
 
 def dense_classes(bm: BlockMask) -> np.ndarray:
-  """Host `to_dense`: int8 `[B', Hm, Tq, Tk]` (EMPTY, PARTIAL, FULL) of concrete tables."""
+  """Host `to_dense`: int8 `[B', Hm, Tq, Tk]` (EMPTY, PARTIAL, FULL) of concrete tables, in numpy (no staged ops
+  while a step is traced) and O(tiles) memory (`to_dense` compares every list slot with every key tile)."""
   tk = bm.num_kv_tiles
   out = np.full(np.shape(bm.kv_num_full) + (tk + 1,), EMPTY, np.int8)
   for num, idx, verdict in ((bm.kv_num_partial, bm.kv_partial_idx, PARTIAL), (bm.kv_num_full, bm.kv_full_idx, FULL)):

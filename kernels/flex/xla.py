@@ -65,7 +65,6 @@ class _Spec:
   chunks: tuple  # C of the full and of the partial list: key tiles per step
   mask_mod: object  # mask_mod(b, h, q, kv, *mask_consts) at the partial list's step shapes (`explicit_mask_mod`)
   score_mods: tuple  # per list, closure-converted at its step's shapes: score_mod(s, b, h, q, kv, *params)
-  has_key_mask: bool
   factor: int = 1  # fine query tiles of the block mask per step tile (`coarsen_q`); q_block is the step tile's
 
 
@@ -478,7 +477,7 @@ def flex_attention_xla(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: ja
   spec = _Spec(batch=b, heads=h, kv_heads=hkv, group=group, q_tiles=block_mask.num_q_tiles,
                kv_tiles=block_mask.num_kv_tiles, q_block=bq, kv_block=bkv, q_len=q_len, kv_len=kv_len,
                scale=float(d ** -0.5 if scale is None else scale), rate=rate, chunks=chunks, mask_mod=mask_mod,
-               score_mods=(None, None), has_key_mask=key_mask is not None, factor=bq // fine_bq)
+               score_mods=(None, None), factor=bq // fine_bq)
   params = ()
   if score_mod is not None:
     i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731

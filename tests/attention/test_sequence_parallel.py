@@ -39,9 +39,10 @@ OPTIONS = {"local": dict(block_size=4), "longformer": dict(block_size=4, num_dil
 # through the ring), all at global positions; one key/value head (multi-query attention).
 OPTIONS["flex"] = dict(mask="and_masks", masks=("sliding_window", "document"), window=6, score="relative_bias",
                        num_kv_heads=1)
-# Content-adaptive sparsity (issue 34): blocks of 4 at length 32, so selections cross shards (the exact fallback).
+# Content-adaptive sparsity (issue 34): blocks of 4 at length 32, so selections cross shards (the exact fallback);
+# nsa's 2-query chunks put its compressed branch in causal segments (`adaptive_sparse.causal_segments`) here too.
 OPTIONS.update(nsa=dict(compress_block=4, compress_stride=2, select_block=4, num_selected=3, num_local_blocks=1,
-                        window=4, num_kv_heads=1), moba=dict(block_size=4, top_k=2), compressed=dict(factor=4),
+                        window=4, num_kv_heads=1, query_chunk=2), moba=dict(block_size=4, top_k=2), compressed=dict(factor=4),
                routing=dict(num_clusters=4, local_window=4, num_local_heads=1))
 # Extra option sets checked beside the defaults (other sequence-parallel forms of the same variant, explicit
 # implementations: the Pallas kernels in interpret mode), each with the (causal, dropout_rate) settings it runs in
