@@ -24,7 +24,7 @@ its span is.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -189,15 +189,16 @@ def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: ja
   The "xla" form is key-block major (MoBA's and NSA's own kernels' order): the selections are turned in the graph
   into the transposed lists, per key block the queries that chose it (`block_entries`), and each step attends one key
   block to up to `entries_per_step` of its queries (gathered rows), merging into the queries' running softmax
-  statistics; a custom VJP walks the same steps (dK, dV of the step's block, dQ scattered to its rows). Every key
+  statistics; a custom VJP walks the same steps (dK, dV of the step's block, dQ scattered to its rows). Every
+  (batch, selection head) group's lists are one list of virtual blocks, so a single loop runs exactly the steps in
+  use, on the tensors in their own layout (queries as rows `[B·L·Hs, H/Hs, D]`, no transposed copies). Every key
   block is loaded once per step of its list, never for a query that did not choose it; work O(L·N·block_size), memory
-  O(L·D + L·N) per group. `implementation=None` runs it on CPU (and wherever no kernel backend lowers the program) and
+  O(L·H·D + L·N). `implementation=None` runs it on CPU (and wherever no kernel backend lowers the program) and
   flex's kernels with traced tile lists on tpu and cuda (`_selected_flex`)."""
   b, l, h, d = q_BxLxHxD.shape
   s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
   if s % block_size:
     raise ValueError(f"selected_attention: keys={s} must be a multiple of block_size={block_size}")
-  g = h // hkv
   nb = s // block_size
   if block_idx_BxLxGxN.shape[2] not in (hkv, h):
     raise ValueError(f"selected_attention: block_idx has {block_idx_BxLxGxN.shape[2]} heads; expected the {hkv} "
@@ -226,40 +227,39 @@ def selected_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: ja
                                       dropout_rate=dropout_rate, dropout_seed=dropout_seed)
   rate = dropout_rate if dropout_seed is not None else 0.0
   # Selections per key/value head: one shared by its G query heads (NSA), or one per query head (MoBA) reading the
-  # shared key/value head (no repeated keys).
-  per = block_idx_BxLxGxN.shape[2] // hkv  # 1 or G
-  gs = g // per  # query heads sharing one selection
-  chunk = entries_per_step(gs)
-  idx = block_idx_BxLxGxN.reshape(b, l, hkv, per, -1).transpose(0, 2, 3, 1, 4)  # [B, Hkv, per, L, N]
-  slot_q, step_blk, used = jax.vmap(jax.vmap(jax.vmap(lambda i: block_entries(i, nb, chunk))))(idx)
-  steps = jnp.max(used)  # one trip count for every group (a batched one would make vmap mask every carry each step)
-  spec = (block_size, chunk, causal, float(scale), float(rate))
+  # shared key/value head (no repeated keys). Every (batch, selection head) is one group; the queries are rows
+  # `[B·L·Hs, gs, D]` (a free reshape) and the groups' key blocks one list of "virtual blocks" (group·Nb + block),
+  # so one loop walks every group's steps in the tensors' own layout: no transposed copies, no vmap padding every
+  # group to the longest one's steps.
+  hs = block_idx_BxLxGxN.shape[2]
+  gs = h // hs  # query heads sharing one selection
+  chunk = entries_per_step(gs, block_size)
+  groups = (jnp.arange(b)[:, None, None, None] * hs + jnp.arange(hs)[None, None, :, None]) * nb
+  virtual = jnp.where(block_idx_BxLxGxN >= 0, groups + block_idx_BxLxGxN, -1).reshape(b * l * hs, -1)
+  slot_q, step_blk, steps = block_entries(virtual, b * hs * nb, chunk)
+  spec = _BlockSpec(block_size, chunk, causal, float(scale), float(rate), l, hs, hkv, nb)
   q_offset = jnp.asarray(q_offset, jnp.int32)
   seed = jnp.asarray(0 if dropout_seed is None else dropout_seed, jnp.int32)
   real = jnp.ones((b, s), bool) if key_mask_BxS is None else key_mask_BxS.astype(bool)
-
-  def group(q_LxGxD, k_SxD, v_SxD, real_S, bh_G, sq, sb):
-    return _blocks_attend(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, sq, sb, steps)
-
-  # vmapped over the batch, the key/value heads and (per query head) the selections, in place: no transposed copies.
-  if per > 1:
-    group = jax.vmap(group, in_axes=(1, None, None, None, 0, 0, 0), out_axes=1)
-    q = q_BxLxHxD.reshape(b, l, hkv, per, gs, d)
-    bh = _batch_head(b, hkv, g).reshape(b, hkv, per, gs)
-  else:
-    q, bh, slot_q, step_blk = _group(q_BxLxHxD, hkv), _batch_head(b, hkv, g), slot_q[:, :, 0], step_blk[:, :, 0]
-  per_kv_head = jax.vmap(group, in_axes=(1, 1, 1, None, 0, 0, 0), out_axes=1)
-  return jax.vmap(per_kv_head)(q, k_BxSxGxD, v_BxSxGxD, real, bh, slot_q, step_blk).reshape(b, l, h, d)
+  out = _blocks_attend(spec, q_BxLxHxD.reshape(b * l * hs, gs, d), k_BxSxGxD, v_BxSxGxD, real, q_offset, seed,
+                       slot_q, step_blk, steps)
+  return out.reshape(b, l, h, d)
 
 
 # ---- the selected branch, key-block major ---------------------------------------------------------------------------
 
-ROWS_PER_STEP = 128  # query rows (entries x group heads) per step of the block-major form
+# Query rows (entries x group heads) per step of the block-major form: up to ROWS_PER_STEP, fewer where the block is
+# long, so a step's scores stay within STEP_SCORES elements (measured on this CPU at 16K, one core: MoBA's 512-key
+# blocks ran 20% faster in 64-row steps than in 128-row ones; NSA's 64-key blocks fastest at 128 rows).
+ROWS_PER_STEP = 128
+STEP_SCORES = 64 * 512
 
 
-def entries_per_step(group: int) -> int:
-  """Selections handled per step of `selected_attention`'s XLA form: about `ROWS_PER_STEP` query rows."""
-  return max(1, ROWS_PER_STEP // group)
+def entries_per_step(group: int, block_size: int = 64) -> int:
+  """Selections handled per step of `selected_attention`'s XLA form: about `min(ROWS_PER_STEP, STEP_SCORES /
+  block_size)` query rows, at least one selection."""
+  rows = max(1, min(ROWS_PER_STEP, STEP_SCORES // block_size))
+  return max(1, rows // group)
 
 
 def block_entries(block_idx_LxN: jax.Array, num_blocks: int, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -286,41 +286,61 @@ def block_entries(block_idx_LxN: jax.Array, num_blocks: int, chunk: int) -> tupl
   return slot_q, step_blk, (jnp.sum(padded) // chunk).astype(jnp.int32)
 
 
+class _BlockSpec(NamedTuple):
+  """Static facts of a block-major call: tile and softmax settings, and the row layout (rows `(b·L + t)·Hs + xs`,
+  selection head xs reading key/value head `xs // (Hs // Hkv)`; virtual block `(b·Hs + xs)·Nb + j`)."""
+  block_size: int
+  chunk: int
+  causal: bool
+  scale: float
+  rate: float
+  length: int
+  sel_heads: int
+  kv_heads: int
+  num_blocks: int
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocks_attend(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps):
-  return _blocks_forward(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps)[0]
+def _blocks_attend(spec, q_RxGxD, k_BxSxXxD, v_BxSxXxD, real_BxS, q_offset, seed, slot_q, step_blk, steps):
+  return _blocks_forward(spec, q_RxGxD, k_BxSxXxD, v_BxSxXxD, real_BxS, q_offset, seed, slot_q, step_blk, steps)[0]
 
 
-def _blocks_step(spec, s, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, slot_q, step_blk):
-  """Step `s`: its block's keys `[bs, D]`, its slots' queries `[C, G, D]`, scores `[C, G, bs]` and mask. A padding
-  slot (query `L`) reads row L - 1 (gathers clamp), is masked, and its row updates are dropped (`mode="drop"`)."""
-  block_size, chunk, causal, scale, rate = spec
-  l = q_LxGxD.shape[0]
-  tq = jax.lax.dynamic_slice_in_dim(slot_q, s * chunk, chunk)
-  j = step_blk[s]
-  k_j = jax.lax.dynamic_slice_in_dim(k_SxD, j * block_size, block_size)
-  v_j = jax.lax.dynamic_slice_in_dim(v_SxD, j * block_size, block_size)
-  k_pos = j * block_size + jnp.arange(block_size)
-  q_pos = q_offset + tq
-  allowed = (tq < l)[:, None] & jax.lax.dynamic_slice_in_dim(real_S, j * block_size, block_size)[None, :]
-  if causal:
+def _blocks_step(spec, s, q_RxGxD, k_BxSxXxD, v_BxSxXxD, real_BxS, q_offset, seed, slot_q, step_blk):
+  """Step `s`: its group's key block `[bs, D]`, its slots' query rows `[C, gs, D]`, scores `[C, gs, bs]` and mask. A
+  padding slot (row R) reads row R - 1 (gathers clamp), is masked, and its row updates are dropped (`mode="drop"`)."""
+  rows, gs = q_RxGxD.shape[:2]
+  bs, l, hs = spec.block_size, spec.length, spec.sel_heads
+  tq = jax.lax.dynamic_slice_in_dim(slot_q, s * spec.chunk, spec.chunk)
+  vb = step_blk[s]
+  group, j = vb // spec.num_blocks, vb % spec.num_blocks
+  bb, xs = group // hs, group % hs
+  x = xs // (hs // spec.kv_heads)
+  at = (bb, j * bs, x, 0)
+  size = (1, bs, 1, k_BxSxXxD.shape[-1])
+  k_j = jax.lax.dynamic_slice(k_BxSxXxD, at, size)[0, :, 0]
+  v_j = jax.lax.dynamic_slice(v_BxSxXxD, at, size)[0, :, 0]
+  k_pos = j * bs + jnp.arange(bs)
+  q_pos = q_offset + (tq // hs) % l
+  allowed = (tq < rows)[:, None] & jax.lax.dynamic_slice(real_BxS, (bb, j * bs), (1, bs))
+  if spec.causal:
     allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
-  q_e = q_LxGxD[tq]
-  scores = jnp.einsum("cgd,kd->cgk", q_e, k_j, preferred_element_type=jnp.float32) * scale
+  q_e = q_RxGxD[tq]
+  scores = jnp.einsum("cgd,kd->cgk", q_e, k_j, preferred_element_type=jnp.float32) * spec.scale
   keep = None
-  if rate:
-    keep = dropout_keep(seed, bh_G[None, :, None], q_pos[:, None, None], k_pos[None, None, :], rate)
-  return tq, q_e, k_j, v_j, scores, allowed[:, None, :], keep, j
+  if spec.rate:
+    bh = bb * (hs * gs) + xs * gs + jnp.arange(gs)  # batch * heads + query head
+    keep = dropout_keep(seed, bh[None, :, None], q_pos[:, None, None], k_pos[None, None, :], spec.rate)
+  return tq, q_e, k_j, v_j, scores, allowed[:, None, :], keep, at
 
 
-def _blocks_forward(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps):
-  rate = spec[-1]
-  l, g, d = q_LxGxD.shape
+def _blocks_forward(spec, q_RxGxD, k_BxSxXxD, v_BxSxXxD, real_BxS, q_offset, seed, slot_q, step_blk, steps):
+  rate = spec.rate
+  rows, g, d = q_RxGxD.shape
 
   def body(s, carry):
     m, lsum, acc = carry
-    tq, _, _, v_j, scores, allowed, keep, _ = _blocks_step(spec, s, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset,
-                                                           seed, slot_q, step_blk)
+    tq, _, _, v_j, scores, allowed, keep, _ = _blocks_step(spec, s, q_RxGxD, k_BxSxXxD, v_BxSxXxD, real_BxS,
+                                                           q_offset, seed, slot_q, step_blk)
     scores = jnp.where(allowed, scores, MASK_VALUE)
     m_old, l_old, acc_old = m[tq], lsum[tq], acc[tq]
     m_new = jnp.maximum(m_old, jnp.max(scores, axis=-1))
@@ -328,11 +348,12 @@ def _blocks_forward(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, s
     alpha = jnp.exp(m_old - m_new)
     pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
     pv = jnp.einsum("cgk,kd->cgd", pd.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-    # A block lists a query once: the step's real slots are distinct rows; padding slots (row L) are dropped.
+    # A block lists a query once: the step's real slots are distinct rows; padding slots (row R) are dropped.
     return (m.at[tq].set(m_new, mode="drop"), lsum.at[tq].set(alpha * l_old + jnp.sum(p, axis=-1), mode="drop"),
             acc.at[tq].set(alpha[..., None] * acc_old + pv, mode="drop"))
 
-  init = (jnp.full((l, g), MASK_VALUE, jnp.float32), jnp.zeros((l, g), jnp.float32), jnp.zeros((l, g, d), jnp.float32))
+  init = (jnp.full((rows, g), MASK_VALUE, jnp.float32), jnp.zeros((rows, g), jnp.float32),
+          jnp.zeros((rows, g, d), jnp.float32))
   m, lsum, acc = jax.lax.fori_loop(0, steps, body, init)
   seen = lsum > 0
   safe = jnp.where(seen, lsum, 1.0)
@@ -341,22 +362,22 @@ def _blocks_forward(spec, q_LxGxD, k_SxD, v_SxD, real_S, bh_G, q_offset, seed, s
   return out, lse
 
 
-def _blocks_fwd(spec, q, k, v, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps):
-  out, lse = _blocks_forward(spec, q, k, v, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps)
-  return out, (q, k, v, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps, out, lse)
+def _blocks_fwd(spec, q, k, v, real, q_offset, seed, slot_q, step_blk, steps):
+  out, lse = _blocks_forward(spec, q, k, v, real, q_offset, seed, slot_q, step_blk, steps)
+  return out, (q, k, v, real, q_offset, seed, slot_q, step_blk, steps, out, lse)
 
 
-def _blocks_bwd(spec, res, do_LxGxD):
-  q, k, v, real_S, bh_G, q_offset, seed, slot_q, step_blk, steps, out, lse = res
-  block_size, _, _, scale, rate = spec
-  delta = jnp.sum(do_LxGxD.astype(jnp.float32) * out, axis=-1)  # rowsum(dO ∘ O)
+def _blocks_bwd(spec, res, do_RxGxD):
+  q, k, v, real, q_offset, seed, slot_q, step_blk, steps, out, lse = res
+  rate, scale = spec.rate, spec.scale
+  delta = jnp.sum(do_RxGxD.astype(jnp.float32) * out, axis=-1)  # rowsum(dO ∘ O)
 
   def body(s, carry):
     dq, dk, dv = carry
-    tq, q_e, k_j, v_j, scores, allowed, keep, j = _blocks_step(spec, s, q, k, v, real_S, bh_G, q_offset, seed, slot_q,
-                                                                step_blk)
+    tq, q_e, k_j, v_j, scores, allowed, keep, at = _blocks_step(spec, s, q, k, v, real, q_offset, seed, slot_q,
+                                                                 step_blk)
     p = jnp.where(allowed, jnp.exp(scores - lse[tq][..., None]), 0.0)
-    do_e = do_LxGxD[tq].astype(jnp.float32)
+    do_e = do_RxGxD[tq].astype(jnp.float32)
     pd = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
     dv_j = jnp.einsum("cgk,cgd->kd", pd, do_e)
     dp = jnp.einsum("cgd,kd->cgk", do_e, v_j.astype(jnp.float32))
@@ -365,16 +386,16 @@ def _blocks_bwd(spec, res, do_LxGxD):
     ds = p * (dp - delta[tq][..., None]) * scale
     dq = dq.at[tq].add(jnp.einsum("cgk,kd->cgd", ds, k_j.astype(jnp.float32)), mode="drop")
     dk_j = jnp.einsum("cgk,cgd->kd", ds, q_e.astype(jnp.float32))
-    at = j * block_size
-    dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, at, block_size) + dk_j, at, 0)
-    dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, at, block_size) + dv_j, at, 0)
-    return dq, dk, dv
+    size = (1, spec.block_size, 1, k.shape[-1])
+    add = lambda acc, upd: jax.lax.dynamic_update_slice(  # noqa: E731
+        acc, jax.lax.dynamic_slice(acc, at, size) + upd[None, :, None], at)
+    return dq, add(dk, dk_j), add(dv, dv_j)
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dq, dk, dv = jax.lax.fori_loop(0, steps, body, init)
   zeros = lambda x: None if x is None else jnp.zeros_like(x)  # noqa: E731  (integer inputs: no gradient)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros(real_S), zeros(bh_G),
-          zeros(q_offset), zeros(seed), zeros(slot_q), zeros(step_blk), zeros(steps))
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros(real), zeros(q_offset), zeros(seed),
+          zeros(slot_q), zeros(step_blk), zeros(steps))
 
 
 _blocks_attend.defvjp(_blocks_fwd, _blocks_bwd)
