@@ -159,19 +159,21 @@ def selection_mask(block_idx_BxGxLxN: jax.Array, *, block_size: int, num_keys: i
 
 # ---- chunked driver ------------------------------------------------------------------------------------------------
 
-def _chunked(fn: Callable, q_BxLxHxD: jax.Array, chunk: int, q_offset) -> tuple:
-  """Runs `fn(q_chunk, q_pos_C)` over query chunks (a rematerialized lax.map over chunk indices, each slicing its
-  queries: no stacked copy of the queries is saved for the backward) and joins the results along the length axis
-  (axis 1 of every output)."""
+def _chunked(fn: Callable, q_BxLxHxD: jax.Array, chunk: int, q_offset, extras: tuple = ()) -> tuple:
+  """Runs `fn(q_chunk, q_pos_C, *extra_chunks)` over query chunks (a rematerialized lax.map over chunk indices, each
+  slicing its queries and the per-query `extras` `[B, L, ...]`: no stacked copy is saved for the backward) and joins
+  the results along the length axis (axis 1 of every output)."""
   b, l = q_BxLxHxD.shape[:2]
   c = max(1, min(chunk, l))
   pad = -l % c
   n = (l + pad) // c
-  q = jnp.pad(q_BxLxHxD, ((0, 0), (0, pad)) + ((0, 0),) * (q_BxLxHxD.ndim - 2)) if pad else q_BxLxHxD
+  padded = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x  # noqa: E731
+  q, extras = padded(q_BxLxHxD), tuple(padded(x) for x in extras)
 
   @jax.checkpoint
   def body(i):
-    return fn(jax.lax.dynamic_slice_in_dim(q, i * c, c, axis=1), q_offset + i * c + jnp.arange(c))
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)  # noqa: E731
+    return fn(cut(q), q_offset + i * c + jnp.arange(c), *map(cut, extras))
 
   outs = jax.lax.map(body, jnp.arange(n))
   return tuple(jnp.moveaxis(o, 0, 1).reshape(b, n * c, *o.shape[3:])[:, :l] for o in outs)
@@ -454,28 +456,38 @@ def window_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.
                      implementation: str = "xla") -> jax.Array:
   """Query t attends keys s with `t - window < s <= t` (causal) or `|t - s| < window`; each chunk slices only its
   band of keys. Float32 `[B, L, H, D]`."""
-  b, l, h, d = q_BxLxHxD.shape
-  s, hkv = k_BxSxGxD.shape[1], k_BxSxGxD.shape[2]
-  g = h // hkv
+  l = q_BxLxHxD.shape[1]
+  h, s = q_BxLxHxD.shape[2], k_BxSxGxD.shape[1]
   if implementation == "reference":
     q_pos = q_offset + jnp.arange(l)
     allowed = window_mask(l, s, window=window, causal=causal, q_pos_L=q_pos, key_mask_BxS=key_mask_BxS)
     return masked_attention_reference(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, allowed, scale=scale, q_pos_L=q_pos,
                                       dropout_rate=dropout_rate, dropout_seed=dropout_seed)
-  c = max(1, min(query_chunk, l))
+  return _chunked(_window_chunk(k_BxSxGxD, v_BxSxGxD, h, window=window, causal=causal, key_mask_BxS=key_mask_BxS,
+                                scale=scale, dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+                                chunk=max(1, min(query_chunk, l))), q_BxLxHxD, query_chunk, q_offset)[0]
+
+
+def _window_chunk(k_BxSxGxD, v_BxSxGxD, num_heads: int, *, window: int, causal: bool, key_mask_BxS, scale: float,
+                  dropout_rate: float, dropout_seed, chunk: int, k_start=0) -> Callable:
+  """`fn(q_chunk [B, C, H, D], q_pos_C) -> (out,)`: a chunk of `chunk` consecutive queries over its band of keys;
+  `k_BxSxGxD` holds the keys from position `k_start` on (a causal segment's band: its gradient buffers are the
+  band's, not the sequence's)."""
+  b, s, hkv, d = k_BxSxGxD.shape
+  h, c = num_heads, chunk
   left, right = window - 1, (0 if causal else window - 1)
   span = c + left + right
   pad_k = lambda t: jnp.pad(t, ((0, 0), (left, right + c)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731
   kp, vp = pad_k(k_BxSxGxD), pad_k(v_BxSxGxD)
   real = pad_k(jnp.ones((b, s), bool) if key_mask_BxS is None else key_mask_BxS)
-  bh = _batch_head(b, hkv, g)
+  bh = _batch_head(b, hkv, h // hkv)
 
   def fn(qc_BxCxHxD, q_pos_C):
-    start = q_pos_C[0]  # padded coordinates: key position p sits at p + left
+    start = q_pos_C[0] - k_start  # padded coordinates: key position p sits at p - k_start + left
     kc = jax.lax.dynamic_slice_in_dim(kp, start, span, axis=1)
     vc = jax.lax.dynamic_slice_in_dim(vp, start, span, axis=1)
     rc = jax.lax.dynamic_slice_in_dim(real, start, span, axis=1)
-    k_pos = start - left + jnp.arange(span)
+    k_pos = q_pos_C[0] - left + jnp.arange(span)
     delta = q_pos_C[:, None] - k_pos[None, :]
     band = (delta < window) & (delta >= (0 if causal else 1 - window))
     allowed = band[None] & rc[:, None, :]  # [B, C, span]
@@ -483,8 +495,7 @@ def window_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax.
     keep = _keep_multiplier(dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None], k_pos[None, :])
     out, _ = _rows_attend(q, kc.astype(jnp.float32), vc.astype(jnp.float32), allowed[:, None, None], keep, scale)
     return (out.reshape(b, c, h, d),)
-
-  return _chunked(fn, q_BxLxHxD, c, q_offset)[0]
+  return fn
 
 
 def window_mask(num_queries: int, num_keys: int, *, window: int, causal: bool, q_pos_L: jax.Array,
@@ -508,9 +519,7 @@ def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax
   NSA scores blocks without an `[L, S]` buffer. Returns float32 `[B, L, H, D]` (and the reductions)."""
   b, l, h, d = q_BxLxHxD.shape
   hkv = k_BxSxGxD.shape[2]
-  g = h // hkv
   valid = jnp.ones((b, k_BxSxGxD.shape[1]), bool) if key_valid_BxS is None else key_valid_BxS
-  bh = _batch_head(b, hkv, g)
   if implementation == "reference":
     q_pos = q_offset + jnp.arange(l)
     allowed = summary_mask(q_pos, k_pos_S, valid, causal)
@@ -524,34 +533,88 @@ def summary_attention(q_BxLxHxD: jax.Array, k_BxSxGxD: jax.Array, v_BxSxGxD: jax
     probs, _ = _softmax_rows(scores, jnp.broadcast_to(allowed, (b, hkv, l, k_pos_S.shape[0]))[:, :, None])
     return out, probs_fn(jax.lax.stop_gradient(probs), q_pos)
 
-  num_keys = k_BxSxGxD.shape[1]
+  attend = lambda n, *_: _summary_chunk(k_BxSxGxD, v_BxSxGxD, h, n, k_pos_S=k_pos_S, key_valid_BxS=valid,  # noqa
+                                    causal=causal, scale=scale, dropout_rate=dropout_rate,
+                                    dropout_seed=dropout_seed, probs_fn=probs_fn)
+  outs = _segmented(attend, q_BxLxHxD, (), query_chunk=query_chunk, q_offset=q_offset,
+                    num_keys=k_BxSxGxD.shape[1], k_pos_S=k_pos_S if causal else None)
+  return outs if probs_fn is not None else outs[0]
 
-  def attend(n: int):
-    """The chunk function over the first `n` summary keys (a causal segment's visible ones; the rest have
-    probability 0, padded back for `probs_fn`)."""
-    k, v, ok, k_pos = k_BxSxGxD[:, :n], v_BxSxGxD[:, :n], valid[:, :n], k_pos_S[:n]
 
-    def fn(qc_BxCxHxD, q_pos_C):
-      allowed = ok[:, None, :] & ((k_pos[None, :] <= q_pos_C[:, None]) if causal else True)  # [B, C, n]
-      q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
-      keep = _keep_multiplier(dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None],
-                              jnp.arange(n)[None, :])
-      out, probs = _rows_attend(q, k.astype(jnp.float32), v.astype(jnp.float32), allowed[:, None, None], keep, scale)
-      out = out.reshape(b, -1, h, d)
-      if probs_fn is None:
-        return (out,)
-      probs = jnp.pad(probs, ((0, 0),) * 4 + ((0, num_keys - n),))
-      return out, probs_fn(jax.lax.stop_gradient(probs), q_pos_C)
+def summary_and_window_attention(q_BxLxHxD: jax.Array, weights_BxLxHx2: jax.Array, summary: dict, window: dict, *,
+                                 causal: bool, scale: float, q_offset=0, dropout_rate: float = 0.0,
+                                 query_chunk: int = DEFAULT_QUERY_CHUNK,
+                                 probs_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+  """`weights[..., 0] * summary_attention(...) + weights[..., 1] * window_attention(...)` in one chunk loop (same
+  values, as NSA mixes its compressed and window branches): one `[B, L, H, D]` output and one dQ buffer instead of one
+  per branch. `summary`: `k`, `v` (the summary keys and values), `k_pos_S` (a host array), `key_valid_BxS`,
+  `dropout_seed`; `window`: `k`, `v`, `window`, `key_mask_BxS`, `dropout_seed`. Float32 `[B, L, H, D]` (and
+  `probs_fn`'s reductions, as `summary_attention`)."""
+  b, l, h, d = q_BxLxHxD.shape
+  c = max(1, min(query_chunk, l))
+  sk, wk = summary["k"], window["k"]
+  valid = jnp.ones((b, sk.shape[1]), bool) if summary["key_valid_BxS"] is None else summary["key_valid_BxS"]
+  mask = jnp.ones((b, wk.shape[1]), bool) if window["key_mask_BxS"] is None else window["key_mask_BxS"]
+  w = window["window"]
+
+  def attend(n: int, first=None, end=None):
+    """The chunk function of a segment of query positions [first, end) (None: every query, traced positions)."""
+    far = _summary_chunk(sk, summary["v"], h, n, k_pos_S=summary["k_pos_S"], key_valid_BxS=valid, causal=causal,
+                         scale=scale, dropout_rate=dropout_rate, dropout_seed=summary["dropout_seed"],
+                         probs_fn=probs_fn)
+    lo, hi = 0, wk.shape[1]
+    if first is not None:  # the keys the segment's queries can reach
+      lo, hi = max(0, first - w + 1), min(hi, end + (0 if causal else w - 1))
+    band = lambda x: x[:, lo:hi]  # noqa: E731
+    local = _window_chunk(band(wk), band(window["v"]), h, window=w, causal=causal, key_mask_BxS=band(mask),
+                          scale=scale, dropout_rate=dropout_rate, dropout_seed=window["dropout_seed"], chunk=c,
+                          k_start=lo)
+
+    def fn(qc_BxCxHxD, q_pos_C, w_BxCxHx2):
+      o_far, *reduced = far(qc_BxCxHxD, q_pos_C)
+      (o_near,) = local(qc_BxCxHxD, q_pos_C)
+      return (w_BxCxHx2[..., 0:1] * o_far + w_BxCxHx2[..., 1:2] * o_near, *reduced)
     return fn
 
-  segments = causal_segments(l, query_chunk, q_offset, k_pos_S) if causal else None
-  if segments is None:
-    outs = _chunked(attend(num_keys), q_BxLxHxD, query_chunk, q_offset)
-  else:  # each causal segment of queries over only the summary keys its last query can see
-    parts = [_chunked(attend(n), q_BxLxHxD[:, start:stop], query_chunk, q_offset + start)
-             for start, stop, n in segments]
-    outs = tuple(jnp.concatenate(xs, axis=1) for xs in zip(*parts))
+  outs = _segmented(attend, q_BxLxHxD, (weights_BxLxHx2.astype(jnp.float32),), query_chunk=c, q_offset=q_offset,
+                    num_keys=sk.shape[1], k_pos_S=summary["k_pos_S"] if causal else None)
   return outs if probs_fn is not None else outs[0]
+
+
+def _summary_chunk(k_BxSxGxD, v_BxSxGxD, num_heads: int, n: int, *, k_pos_S, key_valid_BxS, causal: bool,
+                   scale: float, dropout_rate: float, dropout_seed, probs_fn) -> Callable:
+  """`fn(q_chunk, q_pos_C) -> (out, [probs_fn's reduction])` over the first `n` summary keys (a causal segment's
+  visible ones; the rest have probability 0, padded back for `probs_fn`)."""
+  b, num_keys, hkv, d = k_BxSxGxD.shape
+  h = num_heads
+  bh = _batch_head(b, hkv, h // hkv)
+  k, v, ok, k_pos = k_BxSxGxD[:, :n], v_BxSxGxD[:, :n], key_valid_BxS[:, :n], k_pos_S[:n]
+
+  def fn(qc_BxCxHxD, q_pos_C):
+    allowed = ok[:, None, :] & ((k_pos[None, :] <= q_pos_C[:, None]) if causal else True)  # [B, C, n]
+    q = _group(qc_BxCxHxD, hkv).astype(jnp.float32)
+    keep = _keep_multiplier(dropout_seed, dropout_rate, bh[..., None, None], q_pos_C[:, None], jnp.arange(n)[None, :])
+    out, probs = _rows_attend(q, k.astype(jnp.float32), v.astype(jnp.float32), allowed[:, None, None], keep, scale)
+    out = out.reshape(b, -1, h, d)
+    if probs_fn is None:
+      return (out,)
+    probs = jnp.pad(probs, ((0, 0),) * 4 + ((0, num_keys - n),))
+    return out, probs_fn(jax.lax.stop_gradient(probs), q_pos_C)
+  return fn
+
+
+def _segmented(attend: Callable[[int], Callable], q_BxLxHxD: jax.Array, extras: tuple, *, query_chunk: int, q_offset,
+               num_keys: int, k_pos_S) -> tuple:
+  """`_chunked(attend(num_keys), ...)` over the whole sequence (`k_pos_S` None: not causal), or over the causal
+  segments (`causal_segments`), each with the summary keys its last query can see, joined. `attend(n, first, end)`
+  also gets the segment's query positions where its chunk function can use them (a band of keys)."""
+  segments = None if k_pos_S is None else causal_segments(q_BxLxHxD.shape[1], query_chunk, q_offset, k_pos_S)
+  if segments is None:
+    return _chunked(attend(num_keys), q_BxLxHxD, query_chunk, q_offset, extras)
+  parts = [_chunked(attend(n, q_offset + start, q_offset + stop), q_BxLxHxD[:, start:stop], query_chunk,
+                    q_offset + start,
+                    tuple(x[:, start:stop] for x in extras)) for start, stop, n in segments]
+  return tuple(jnp.concatenate(xs, axis=1) for xs in zip(*parts))
 
 
 # Causal summary attention splits the queries into this many segments, each over the summary keys its last query can

@@ -38,7 +38,8 @@ graph; each token's own selection applied inside the visited tiles as bitmaps XL
 follows the lists' width, at lengths below about 64K every key tile, i.e. L x L elements in tile form;
 `kernels.flex.tables`). `"flex"` forces the flex path everywhere (flex's XLA form on CPU: a query tile visits the
 union of its tokens' blocks), `"xla"` the block-major form, `"reference"` the same selection as dense token masks
-(the tests' ground truth). The compressed and window branches are chunked XLA forms on every platform.
+(the tests' ground truth). The compressed and window branches are chunked XLA forms on every platform, sharing
+one chunk loop (`adaptive_sparse.summary_and_window_attention`: one output and one dQ buffer for both).
 """
 
 from __future__ import annotations
@@ -135,23 +136,30 @@ def nsa_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, kc_BxNxGxD, vc_BxNxGxD, valid
                          causal=causal, num_keys=s)
 
   dense = "reference" if implementation == "reference" else "xla"  # the branches flex does not serve
-  kw = dict(scale=scale, q_offset=q_offset, dropout_rate=dropout_rate, query_chunk=query_chunk, implementation=dense)
-  out = jnp.zeros((b, l, h, dim), jnp.float32)
-  o_cmp, block_idx = core.summary_attention(
-      q_BxLxHxD, kc_BxNxGxD, vc_BxNxGxD, k_pos_S=k_pos_c, key_valid_BxS=valid_c_BxN, causal=causal,
-      dropout_seed=core.branch_seed(dropout_rng, 0), probs_fn=block_choice, **kw)
-  if use_compressed:
-    out = out + gates_BxLxHx3[..., 0:1] * o_cmp
+  kw = dict(scale=scale, q_offset=q_offset, dropout_rate=dropout_rate, query_chunk=query_chunk)
+  summary = dict(k=kc_BxNxGxD, v=vc_BxNxGxD, k_pos_S=k_pos_c, key_valid_BxS=valid_c_BxN,
+                 dropout_seed=core.branch_seed(dropout_rng, 0))
+  local = dict(k=k_BxSxGxD, v=v_BxSxGxD, window=window, key_mask_BxS=real_BxS,
+               dropout_seed=core.branch_seed(dropout_rng, 2))
+  if use_window and dense == "xla":  # the compressed and window branches share one chunk loop (one output, one dQ)
+    w_cmp = gates_BxLxHx3[..., 0] if use_compressed else jnp.zeros(gates_BxLxHx3.shape[:3], jnp.float32)
+    out, block_idx = core.summary_and_window_attention(
+        q_BxLxHxD, jnp.stack([w_cmp, gates_BxLxHx3[..., 2]], axis=-1), summary, local, causal=causal,
+        probs_fn=block_choice, **kw)
+  else:
+    o_cmp, block_idx = core.summary_attention(
+        q_BxLxHxD, summary["k"], summary["v"], k_pos_S=k_pos_c, key_valid_BxS=valid_c_BxN, causal=causal,
+        dropout_seed=summary["dropout_seed"], probs_fn=block_choice, implementation=dense, **kw)
+    out = gates_BxLxHx3[..., 0:1] * o_cmp if use_compressed else jnp.zeros((b, l, h, dim), jnp.float32)
+    if use_window:
+      out = out + gates_BxLxHx3[..., 2:3] * core.window_attention(
+          q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, window=window, causal=causal, key_mask_BxS=real_BxS,
+          dropout_seed=local["dropout_seed"], implementation=dense, **kw)
   if use_selected:
     o_slc = core.selected_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, block_idx, block_size=select_block,
                                     causal=causal, key_mask_BxS=real_BxS,
-                                    dropout_rng=core.branch_rng(dropout_rng, 1),
-                                    **{**kw, "implementation": implementation})
+                                    dropout_rng=core.branch_rng(dropout_rng, 1), implementation=implementation, **kw)
     out = out + gates_BxLxHx3[..., 1:2] * o_slc
-  if use_window:
-    o_win = core.window_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, window=window, causal=causal,
-                                  key_mask_BxS=real_BxS, dropout_seed=core.branch_seed(dropout_rng, 2), **kw)
-    out = out + gates_BxLxHx3[..., 2:3] * o_win
   return out, block_idx
 
 

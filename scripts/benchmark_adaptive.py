@@ -8,7 +8,8 @@ plan (temporaries, `memory_analysis()` of the same executable), the fraction of 
 (`(L + 1) / 2` on average), and the time ratio `time / (fraction x flash time)` (the issue's target: <= 1.5).
 
 - nsa: `attention.nsa.nsa_attention` with the paper's l=32, d=16, l'=64, n=16 (1 initial + 2 local), w=512; the
-  compressed tokens are mean-pooled blocks here (the layer's MLP phi is a per-token map outside the core), gates 1;
+  compressed tokens are mean-pooled blocks here (`mean_pooled`: the layer's MLP phi is a per-token map outside the
+  core), gates 1;
 - moba: `attention.adaptive_sparse.selected_attention` on MoBA's gates (`attention.moba.gate_scores`), block 512,
   top-k 3 (MoBA's 8K setting), one selection per query head (MoBA shares none) reading the 2 shared key/value heads
   (the pooled keys are repeated to the 8 query heads for the gates; keys and values are not);
@@ -42,13 +43,22 @@ MOBA = dict(block_size=512, top_k=3)
 IMPLEMENTATION = [None]  # the selected branch's form (--implementation; None: the layers' default)
 
 
+def mean_pooled(x, block: int, stride: int):
+  """The mean of every `block` keys starting each `stride` (`block` a multiple of `stride`): the mean of
+  `block // stride` consecutive stride-means, so no `[Nc, block]` gather of the keys (whose gradient buffers are
+  the harness's, not the attention's)."""
+  b, s, g, dim = x.shape
+  nc = nsa_lib.num_compressed_tokens(s, block, stride)
+  means = jnp.mean(x[:, :(s // stride) * stride].reshape(b, s // stride, stride, g, dim), axis=2)
+  m = block // stride
+  return sum(means[:, i:i + nc] for i in range(m)) / m
+
+
 def nsa_core(q, k, v):
   b, s = k.shape[:2]
   l, d = NSA["compress_block"], NSA["compress_stride"]
   nc = nsa_lib.num_compressed_tokens(s, l, d)
-  starts = jnp.arange(nc) * d
-  kc = jnp.mean(k[:, starts[:, None] + jnp.arange(l)], axis=2)
-  vc = jnp.mean(v[:, starts[:, None] + jnp.arange(l)], axis=2)
+  kc, vc = mean_pooled(k, l, d), mean_pooled(v, l, d)
   real = jnp.ones((b, s), bool)
   gates = jnp.ones(q.shape[:3] + (3,), jnp.float32)
   out, _ = nsa_lib.nsa_attention(q, k, v, kc, vc, jnp.ones((b, nc), bool), real, gates, causal=True,

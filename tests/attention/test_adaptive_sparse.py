@@ -141,3 +141,48 @@ def test_causal_segments_of_summary_attention_equal_the_reference():
   np.testing.assert_allclose(red, red_r, atol=1e-4)
   for a, r in zip(g, g_r):
     np.testing.assert_allclose(a, r, atol=ATOL)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_summary_and_window_in_one_chunk_loop_equal_the_weighted_references(causal):
+  """nsa's compressed and window branches share one chunk loop (`summary_and_window_attention`); causal, it runs in
+  causal segments, each with only the band of keys its window reaches. Values, the `probs_fn` reductions and the
+  gradients (queries, both key sets, the mixing weights) against the weighted sum of the two dense references (key
+  padding, dropout with a seed per branch, a window crossing the segment edges)."""
+  b, l, h, hkv, d, chunk, window, s = 2, 61, 4, 2, 8, 4, 6, 64
+  k_pos = np.arange(9, dtype=np.int32) * 7 + 13
+  if causal:
+    assert core.causal_segments(l, chunk, 0, k_pos) is not None  # the segmented path is the one under test
+  keys = jax.random.split(jax.random.key(6), 8)
+  q = jax.random.normal(keys[0], (b, l, h, d))
+  kc, vc = jax.random.normal(keys[1], (b, 9, hkv, d)), jax.random.normal(keys[2], (b, 9, hkv, d))
+  k, v = jax.random.normal(keys[3], (b, s, hkv, d)), jax.random.normal(keys[4], (b, s, hkv, d))
+  weights = jax.random.uniform(keys[5], (b, l, h, 2))
+  valid = jnp.arange(9)[None, :] < jnp.array([[7], [9]])
+  real = jnp.arange(s)[None, :] < jnp.array([[50], [s]])
+  w = jax.random.normal(keys[6], q.shape)
+  probs_fn = lambda p, q_pos: jnp.einsum("bxgcs,s->bcx", p, jnp.arange(9.0)) + q_pos[None, :, None]  # noqa: E731
+  common = dict(causal=causal, scale=0.3, dropout_rate=0.2, query_chunk=chunk)
+
+  def fused(q, kc, vc, k, v, weights):
+    out, red = core.summary_and_window_attention(
+        q, weights, dict(k=kc, v=vc, k_pos_S=k_pos, key_valid_BxS=valid, dropout_seed=jnp.int32(3)),
+        dict(k=k, v=v, window=window, key_mask_BxS=real, dropout_seed=jnp.int32(4)), probs_fn=probs_fn, **common)
+    return jnp.sum(out * w), (out, red)
+
+  def reference(q, kc, vc, k, v, weights):
+    far, red = core.summary_attention(q, kc, vc, k_pos_S=k_pos, key_valid_BxS=valid, dropout_seed=jnp.int32(3),
+                                      probs_fn=probs_fn, implementation="reference", **common)
+    near = core.window_attention(q, k, v, window=window, key_mask_BxS=real, dropout_seed=jnp.int32(4),
+                                 implementation="reference", **common)
+    out = weights[..., 0:1] * far + weights[..., 1:2] * near
+    return jnp.sum(out * w), (out, red)
+
+  grads = jax.jit(lambda *a: [jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True)(*a)
+                              for f in (fused, reference)])
+  ((_, (out, red)), g), ((_, (out_r, red_r)), g_r) = grads(q, kc, vc, k, v, weights)
+  np.testing.assert_allclose(out, out_r, atol=ATOL)
+  np.testing.assert_allclose(red, red_r, atol=1e-4)
+  for a, r in zip(g, g_r):
+    np.testing.assert_allclose(a, r, atol=ATOL)
+  assert float(jnp.abs(g_r[3]).sum()) > 0 and float(jnp.abs(g_r[5]).sum()) > 0

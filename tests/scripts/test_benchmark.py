@@ -125,3 +125,19 @@ def test_sequence_parallel_mode_measures_the_sharded_step_per_device(tmp_path):
   assert record["variant"] == "linear" and record["sequence"] == 2 and "error" not in record, record
   assert record["memory_bytes"] > 0
   assert "| linear | 64 | - | " in markdown and (tmp_path / "logs" / "linear.64.sequence=2.0.log").exists()
+
+
+def test_benchmark_adaptive_pools_compressed_tokens_as_the_gather_does():
+  """The nsa core of scripts/benchmark_adaptive.py mean-pools its compressed tokens from stride means (no gather of
+  `[Nc, l]` keys): the same tokens as the mean of each gathered block of l keys every d."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  adaptive = load_script("benchmark_adaptive", "benchmark_adaptive")
+  x = jax.random.normal(jax.random.key(0), (2, 100, 2, 8))
+  for block, stride in ((32, 16), (12, 4), (8, 8)):
+    n = (100 - block) // stride + 1
+    starts = np.arange(n) * stride
+    gathered = jnp.mean(x[:, starts[:, None] + np.arange(block)], axis=2)
+    np.testing.assert_allclose(adaptive.mean_pooled(x, block, stride), gathered, atol=1e-6)
