@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Callable
 
 import jax
@@ -62,6 +63,20 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 # Mask elements evaluated per chunk (the builders' peak memory is a few bytes times this).
 _CHUNK_ELEMENTS = 1 << 24
+
+logger = logging.getLogger("kernels")
+_warned_bounds: set = set()
+
+
+def _warn_trusted_bound(where: str, name: str, width: int, tiles: int) -> None:
+  """Logs once per (builder, option, width, tiles) that a list bound narrower than the tiles is trusted: traced
+  tables cannot be checked when the program is built, and a row over its bound loses tiles (wrong values)."""
+  if width >= tiles or (where, name, width, tiles) in _warned_bounds:
+    return
+  _warned_bounds.add((where, name, width, tiles))
+  logger.warning("%s: %s=%d (of %d tiles) is trusted as a true bound: a row with more visited tiles keeps its first "
+                 "%d and computes wrong values (not checked: the tables are traced); pass %s=None for the exact "
+                 "default", where, name, width, tiles, width, name)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -264,13 +279,16 @@ def create_block_mask_traced(mask_mod: MaskMod | None, batch: int | None, heads:
   """`create_block_mask` inside the traced program, for masks that close over data (document ids, prefix lengths).
   List widths are static: `kv_width` bounds the full and the partial key tiles of any query tile (default every key
   tile), `q_width` the query tiles of any key tile (default every query tile). A row with more tiles than its bound
-  keeps its first ones (wrong results), so a bound must be a true bound."""
+  keeps its first ones (wrong results), so a bound must be a true bound: a bound narrower than the tiles is logged
+  once as trusted (it cannot be checked while the tables are traced)."""
   q_block, kv_block = tile_sizes(block_size)
   batch, heads = batch or 1, heads or 1
   _check_sizes(batch, heads, q_len, kv_len)
   classes = classify(mask_mod, batch, heads, q_len, kv_len, q_block, kv_block)
   tq, tk = classes.shape[-2:]
   kv_w, q_w = kv_width or tk, q_width or tq
+  _warn_trusted_bound("create_block_mask_traced", "kv_width", kv_w, tk)
+  _warn_trusted_bound("create_block_mask_traced", "q_width", q_w, tq)
   return _from_classes(classes, q_block, kv_block, q_len, kv_len, mask_mod, _jnp_lists, (kv_w, kv_w, q_w, q_w))
 
 
@@ -315,6 +333,7 @@ def block_mask_from_indices(kv_idx, kv_count=None, *, q_len: int, kv_len: int, b
     fullgrid = grid(valid & jnp.asarray(full, bool))
   classes = jnp.where(fullgrid, FULL, jnp.where(selected, PARTIAL, EMPTY)).astype(jnp.int8)
   q_w = q_width or tq
+  _warn_trusted_bound("block_mask_from_indices", "q_width", q_w, tq)
   return _from_classes(classes, q_block, kv_block, q_len, kv_len, mask_mod, _jnp_lists, (k, k, q_w, q_w))
 
 
@@ -453,7 +472,7 @@ def partial_bitmaps(bm: BlockMask, mask_mod: MaskMod, heads: int) -> tuple[jax.A
   row (b', hm)'s batch b' and its first query head `hm * heads // Hm`; and, per entry of the transposed partial lists,
   the flat bitmap index of its (query tile, key tile) pair, so the dK/dV pass reads the forward's bitmaps."""
   b_dim, h_dim, tq, kp = np.shape(bm.kv_partial_idx)
-  tk, qp = bm.num_kv_tiles, np.shape(bm.q_partial_idx)[-1]
+  tk = bm.num_kv_tiles
   bq, bkv = bm.q_block, bm.kv_block
   pidx = jnp.asarray(bm.kv_partial_idx, jnp.int32)
   i32 = lambda n: jnp.arange(n, dtype=jnp.int32)  # noqa: E731

@@ -224,6 +224,20 @@ def test_traced_document_mask_inside_jit():
   np.testing.assert_array_equal(np.asarray(traced_tables(doc)), np.asarray(host.to_dense()))
 
 
+def test_traced_list_bounds_narrower_than_the_tiles_are_logged_once(caplog):
+  """A traced builder's list bound narrower than the tiles cannot be checked (the counts are traced): it is logged
+  once as trusted, naming the option and the exact default; a true bound (the default) logs nothing."""
+  doc = jnp.array([[0] * 20 + [1] * 20])
+  mask = lambda b, h, i, j: doc[b, i] == doc[b, j]  # noqa: E731
+  with caplog.at_level("WARNING", logger="kernels"):
+    for _ in range(2):
+      jax.eval_shape(lambda: flex.create_block_mask_traced(mask, 1, 1, 40, 40, 8, kv_width=3))
+    jax.eval_shape(lambda: flex.create_block_mask_traced(mask, 1, 1, 40, 40, 8))
+  lines = [r.getMessage() for r in caplog.records if "trusted" in r.getMessage()]
+  assert len(lines) == 1, lines
+  assert "kv_width=3 (of 5 tiles)" in lines[0] and "kv_width=None" in lines[0]
+
+
 def test_block_mask_from_indices_selection():
   """A top-k style selection (duplicates, per key/value head), causal inside the selected tiles."""
   tq = 5
