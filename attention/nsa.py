@@ -31,15 +31,16 @@ parallel causal output.
 Implementation (`attention/adaptive_sparse.py`): the selected branch's default (`implementation=None`) is chosen by
 the platform the step is lowered for. On CPU (and wherever no kernel backend lowers it) the key-block-major XLA form:
 the selections turned into per-block lists of the queries that chose each block, built in the graph, each step one
-key block against up to 128 query rows (its queries x the group's heads; work O(L·n·l'), memory O(L·D)); unselected
-blocks are never touched, forward or backward. On tpu and cuda, `kernels.flex`'s Pallas kernels with traced tile
-lists (per query tile, the key blocks any of its tokens selected; the transposed lists for the backward built in the
-graph; each token's own selection applied inside the visited tiles as bitmaps XLA evaluates: their static capacity
-follows the lists' width, at lengths below about 64K every key tile, i.e. L x L elements in tile form;
-`kernels.flex.tables`). `"flex"` forces the flex path everywhere (flex's XLA form on CPU: a query tile visits the
-union of its tokens' blocks), `"xla"` the block-major form, `"reference"` the same selection as dense token masks
-(the tests' ground truth). The compressed and window branches are chunked XLA forms on every platform, sharing
-one chunk loop (`adaptive_sparse.summary_and_window_attention`: one output and one dQ buffer for both).
+key block against up to 128 query rows (its queries x the group's heads; every group's lists in one loop; work
+O(L·n·l'), memory O(L·H·D)); unselected blocks are never touched, forward or backward. On tpu and cuda,
+`kernels.flex`'s Pallas kernels with traced tile lists (per query tile, the key blocks any of its tokens selected;
+the transposed lists for the backward built in the graph; each token's own selection applied inside the visited
+tiles as bitmaps XLA evaluates: their static capacity follows the lists' width, at lengths below about 64K every key
+tile, i.e. L x L elements in tile form; `kernels.flex.tables`). `"flex"` forces the flex path everywhere (flex's
+XLA form on CPU: a query tile visits the union of its tokens' blocks), `"xla"` the block-major form, `"reference"`
+the same selection as dense token masks (the tests' ground truth). The compressed and window branches are chunked
+XLA forms on every platform, sharing one chunk loop (`adaptive_sparse.summary_and_window_attention`: one output and
+one dQ buffer for both).
 """
 
 from __future__ import annotations
