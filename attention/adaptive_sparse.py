@@ -79,8 +79,11 @@ def _dropout(weights: jax.Array, seed: jax.Array | None, rate: float, bh: jax.Ar
 def _rows_attend(q_BxCxXxGxD, k_BxSxXxD, v_BxSxXxD, allowed, keep, scale):
   """Dense attention of a chunk's grouped queries over a short key list, float32: `(out [B, C, Hkv, G, D], probs
   [B, Hkv, G, C, S])`, `allowed` broadcasting to the probabilities, `keep` the dropout multipliers (or None). The
-  backward uses `rowsum(dP ∘ P) = rowsum(dO ∘ O)` (a sum over D instead of S, as flash attention's) and recomputes
-  nothing; `probs` (the undropped probabilities, NSA's block scores) carry no gradient: callers stop it."""
+  backward reuses the forward's probabilities and takes the softmax term `rowsum(P ∘ dP)` as one fused reduction
+  (autodiff's form of the normalization ran at ~2.4 ms per 64-query chunk on XLA:CPU); the output is not a
+  residual, so where a chunk loop rematerializes its body the recomputed forward skips `P·V` (nsa's compressed +
+  window loop 6-9% faster at 16K than with `rowsum(dO ∘ O)`, one core). `probs` (the undropped probabilities, NSA's
+  block scores) carry no gradient: callers stop it."""
   return _rows_attend_fwd(q_BxCxXxGxD, k_BxSxXxD, v_BxSxXxD, allowed, keep, scale)[0]
 
 
@@ -89,18 +92,17 @@ def _rows_attend_fwd(q, k, v, allowed, keep, scale):
   probs, _ = _softmax_rows(scores, allowed)
   weights = probs if keep is None else probs * keep
   out = jnp.einsum("bxgcs,bsxd->bcxgd", weights, v)
-  return (out, probs), (q, k, v, keep, scale, probs, weights, out)
+  return (out, probs), (q, k, v, keep, scale, probs, weights)
 
 
 def _rows_attend_bwd(res, cts):
-  q, k, v, keep, scale, probs, weights, out = res
+  q, k, v, keep, scale, probs, weights = res
   d_out = cts[0]
   dv = jnp.einsum("bxgcs,bcxgd->bsxd", weights, d_out)
   dp = jnp.einsum("bcxgd,bsxd->bxgcs", d_out, v)
   if keep is not None:
     dp = dp * keep
-  delta = jnp.moveaxis(jnp.sum(d_out * out, axis=-1), 1, -1)  # [B, Hkv, G, C]
-  ds = probs * (dp - delta[..., None]) * scale
+  ds = probs * (dp - jnp.sum(probs * dp, axis=-1, keepdims=True)) * scale
   dq = jnp.einsum("bxgcs,bsxd->bcxgd", ds, k)
   dk = jnp.einsum("bxgcs,bcxgd->bsxd", ds, q)
   return dq, dk, dv, None, None, None
