@@ -57,6 +57,14 @@ from attention.ranges import KV_HEADS_DIVIDE_HEADS, Constraint, Integer, OneOf, 
 from kernels import sequence as sequence_lib
 
 
+# Queries per chunk of nsa's compressed + window loop. Smaller than the other cores' 64: the window branch computes
+# chunk + window - 1 keys per query (16: 3% over the 512 window, 64: 12%) and the compressed branch's products stay
+# large. Measured on one core (fwd + bwd, causal, 8 / 2 heads, the paper's sizes; median of 3, two runs each):
+# 8K 1.31 / 1.25 s at 16 against 1.32 / 1.35 at 64; 16K 3.15 / 3.24 against 3.84 / 3.46; 32K 9.19 / 9.16 against
+# 10.20; compiled memory at 32K 494 MiB against 525. 8 was slower (1.36 / 1.37 s at 8K).
+QUERY_CHUNK = 16
+
+
 def coverage_matrix(num_compressed: int, num_blocks: int, *, compress_block: int, compress_stride: int,
                     select_block: int) -> np.ndarray:
   """`[Nc, Ns]` float32: how many of compressed token i's stride-d steps lie in selection block j (its overlap with
@@ -118,7 +126,7 @@ def nsa_attention(q_BxLxHxD, k_BxSxGxD, v_BxSxGxD, kc_BxNxGxD, vc_BxNxGxD, valid
                   compress_block: int, compress_stride: int, select_block: int, num_selected: int,
                   num_local_blocks: int, window: int, use_compressed: bool = True, use_selected: bool = True,
                   use_window: bool = True, causal: bool, q_offset=0, dropout_rate: float = 0.0,
-                  dropout_rng: jax.Array | None = None, query_chunk: int = core.DEFAULT_QUERY_CHUNK,
+                  dropout_rng: jax.Array | None = None, query_chunk: int = QUERY_CHUNK,
                   implementation: str = "xla") -> tuple[jax.Array, jax.Array]:
   """NSA's core on projected, padded keys (`S` a multiple of `select_block`) and their compressed tokens: the gated
   sum of the branches (float32 `[B, L, H, D]`) and the selected blocks `[B, L, Hkv, n]`."""
@@ -176,7 +184,7 @@ def _multiple_of_stride(compress_stride: int) -> Integer:
 class NativeSparseAttention(AttentionLayer):
   """Attributes (paper defaults; see the module docstring): compress_block (l=32), compress_stride (d=16),
   select_block (l'=64), num_selected (n; None = 16, or every block of a shorter sequence), num_local_blocks (2), window (w=512), num_kv_heads (None = num_heads;
-  a divisor of num_heads), use_compressed / use_selected / use_window (ablations), query_chunk (queries per chunk
+  a divisor of num_heads), use_compressed / use_selected / use_window (ablations), query_chunk (16; queries per chunk
   of the compressed and window branches' XLA forms: memory, not values), implementation (None: flex's kernels on
   tpu/cuda, the block-major XLA form elsewhere; "flex", "xla", "reference": see the module docstring)."""
 
@@ -190,7 +198,7 @@ class NativeSparseAttention(AttentionLayer):
   use_compressed: bool = True
   use_selected: bool = True
   use_window: bool = True
-  query_chunk: int = core.DEFAULT_QUERY_CHUNK
+  query_chunk: int = QUERY_CHUNK
   implementation: str | None = None
   option_ranges = {"implementation": OneOf(core.IMPLEMENTATIONS, what="nsa implementation"),
                    "compress_block": Integer(1), "compress_stride": Integer(1), "select_block": Integer(1),
