@@ -259,7 +259,7 @@ ROWS_PER_STEP = 128
 STEP_SCORES = 64 * 512
 
 
-def entries_per_step(group: int, block_size: int = 64) -> int:
+def entries_per_step(group: int, block_size: int) -> int:
   """Selections handled per step of `selected_attention`'s XLA form: about `min(ROWS_PER_STEP, STEP_SCORES /
   block_size)` query rows, at least one selection."""
   rows = max(1, min(ROWS_PER_STEP, STEP_SCORES // block_size))
@@ -605,7 +605,7 @@ def _summary_chunk(k_BxSxGxD, v_BxSxGxD, num_heads: int, n: int, *, k_pos_S, key
   return fn
 
 
-def _segmented(attend: Callable[[int], Callable], q_BxLxHxD: jax.Array, extras: tuple, *, query_chunk: int, q_offset,
+def _segmented(attend: Callable[..., Callable], q_BxLxHxD: jax.Array, extras: tuple, *, query_chunk: int, q_offset,
                num_keys: int, k_pos_S) -> tuple:
   """`_chunked(attend(num_keys), ...)` over the whole sequence (`k_pos_S` None: not causal), or over the causal
   segments (`causal_segments`), each with the summary keys its last query can see, joined. `attend(n, first, end)`
